@@ -20,6 +20,7 @@ Primitives (each a small frozen dataclass, sizes as parameters, placed by a rigi
   prim.to_mesh(segments=48) -> trimesh.Trimesh   watertight tessellation, outward normals
   prim.area(), prim.bounding_radius()           exact area; radius of a ball holding it
   prim.with_transform(rotation, translation)    a placed copy (composes with the current one)
+  prim.scaled(s)                                uniformly scaled copy about the world origin
 
 A `Part` is one component of an object: one or more primitives whose union (min of SDFs) is
 the part's solid. `Part.sdf`, `Part.sdf_grad`, `Part.to_mesh` (concatenated, not boolean-
@@ -115,8 +116,8 @@ def _revolve_sdf_grad(rho: np.ndarray, z: np.ndarray, profile: np.ndarray,
 @dataclasses.dataclass(frozen=True, eq=False)
 class Primitive:
   """Base class: rigid transform + local SDF. Subclasses define _local_sdf_grad, _mesh."""
-  rotation: np.ndarray = dataclasses.field(default_factory=lambda: np.eye(3))
-  translation: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(3))
+  rotation: np.ndarray = dataclasses.field(default_factory=lambda: np.eye(3), kw_only=True)
+  translation: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(3), kw_only=True)
 
   kind = "primitive"
 
@@ -145,6 +146,15 @@ class Primitive:
     t = np.zeros(3) if translation is None else np.asarray(translation, dtype=np.float64)
     return dataclasses.replace(self, rotation=r @ self.rotation,
                                translation=r @ self.translation + t)
+
+  def scaled(self, s: float) -> "Primitive":
+    """Uniformly scaled copy about the world origin (sizes and translation times s > 0)."""
+    if not s > 0:
+      raise ValueError(f"scale must be > 0, got {s}")
+    kw = {f.name: (np.asarray(getattr(self, f.name), dtype=np.float64) * s).tolist()
+          for f in dataclasses.fields(self) if f.name not in ("rotation", "translation")}
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kw.items()}
+    return dataclasses.replace(self, translation=self.translation * s, **kw)
 
   @property
   def matrix(self) -> np.ndarray:
@@ -423,8 +433,13 @@ class Part:
     return float(sum(p.area() for p in self.primitives))
 
   def transformed(self, rotation=None, translation=None) -> "Part":
+    """Copy placed by (rotation, translation) applied after the current poses."""
     return Part(tuple(p.with_transform(rotation, translation) for p in self.primitives),
                 self.name)
+
+  def scaled(self, s: float) -> "Part":
+    """Uniformly scaled copy about the world origin (SDF scales by s, stays exact)."""
+    return Part(tuple(p.scaled(s) for p in self.primitives), self.name)
 
   def bounds(self, segments: int = 16) -> np.ndarray:
     """[2,3] axis-aligned bounds (from a coarse mesh; curved pieces may stick out a little)."""

@@ -1,0 +1,378 @@
+"""The compositional DiT: packing, local blocks, global (MoC or dense) blocks.
+
+Paper section 3.2 as restored in shared/paper/NOTES.md, on the TripoSG / PartCrafter layout
+(timestep as an extra token, RMS norm on q and k, cross-attention to the condition in every
+block, MLP ratio 4 with GELU, optional U-ViT long skips).
+
+Tokens of component i, in this order (T_c = L + m + 2 per component):
+  [ h_i (L vecset tokens) | time token | c_i (m compressed tokens) | a_i (anchor) ] + e_{pi(i)}
+Local block mask (rows query, columns key): vecset and time tokens see vecset and time
+tokens; compressed tokens see those and the compressed tokens; the anchor sees all.
+Global block: only the vecset tokens are queries and only they are updated (attention,
+cross-attention and MLP); the time, compressed and anchor tokens pass through unchanged
+and are refreshed in the local blocks (the paper is silent; this is the documented default).
+
+Shapes: B batch, N components (padded to N_max; component_mask marks the real ones),
+L vecset tokens, C latent channels, D width, Tc condition tokens, Dc condition width.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moca_jax import layers
+from moca_jax.moc import GATHER_METHODS, GlobalAttention
+
+try:  # the GPU benchmark machine may lack ml_collections; only dit_config needs it.
+  import ml_collections
+except ImportError:  # pragma: no cover
+  ml_collections = None
+
+Array = jax.Array
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+# ----------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------
+
+_SIZES = {
+    "tiny": dict(num_blocks=4, width=64, num_heads=4, latent_tokens=16, latent_channels=8,
+                 num_compressed=4, top_k=2, cond_dim=32, router_head_dim=8),
+    "small": dict(num_blocks=12, width=384, num_heads=6, latent_tokens=256, latent_channels=64,
+                  num_compressed=32, top_k=4, cond_dim=384, router_head_dim=32),
+    "paper": dict(num_blocks=21, width=2048, num_heads=16, latent_tokens=1024,
+                  latent_channels=64, num_compressed=32, top_k=4, cond_dim=1024,
+                  router_head_dim=64),
+}
+
+
+def _defaults(size: str) -> dict:
+  if size not in _SIZES:
+    raise ValueError(f"size must be one of {sorted(_SIZES)}, got {size!r}")
+  cfg = dict(
+      mlp_ratio=4.0,
+      id_codebook=50,
+      global_blocks="even",          # 'even' | 'odd' | 'all' | 'none' | list of block indices
+      long_skips=True,               # U-ViT skips (TripoSG): blocks n//2+1.. take blocks ..n//2-1
+      global_attention="moc",        # 'moc' | 'dense' (PartCrafter baseline)
+      routing="topk",                # 'topk' | 'none'            ablation A
+      compressed_tokens=True,        # False: top-k full only     ablation B
+      gate_on="keys",                # 'keys' | 'values'          ablation C
+      router_activation="sigmoid",   # 'sigmoid' | 'softmax'      ablation D
+      train_routing="gumbel",        # 'gumbel' | 'deterministic' ablation E
+      shared_routing_across_heads=False,  #                       ablation F
+      gather="hybrid",               # 'onehot' | 'take' | 'hybrid'
+      attention_implementation="xla",  # 'xla' | 'cudnn' | None
+      dtype="float32",               # compute dtype; params stay fp32
+      remat="none",                  # 'none' | 'full' | 'dots'
+  )
+  cfg.update(_SIZES[size])
+  if size == "paper":
+    cfg.update(attention_implementation="cudnn", dtype="bfloat16")
+  return cfg
+
+
+def dit_config(size: str = "tiny"):
+  """ml_collections.ConfigDict for a DiT size: 'tiny' (tests), 'small' (bundled), 'paper'."""
+  if ml_collections is None:
+    raise ImportError("dit_config needs ml_collections (pip install ml_collections)")
+  return ml_collections.ConfigDict(_defaults(size))
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTSpec:
+  """Hashable, validated copy of a DiT config (see `dit_config` for the fields)."""
+  num_blocks: int
+  width: int
+  num_heads: int
+  latent_tokens: int
+  latent_channels: int
+  num_compressed: int
+  top_k: int
+  cond_dim: int
+  router_head_dim: int
+  mlp_ratio: float
+  id_codebook: int
+  global_blocks: Union[str, tuple]
+  long_skips: bool
+  global_attention: str
+  routing: str
+  compressed_tokens: bool
+  gate_on: str
+  router_activation: str
+  train_routing: str
+  shared_routing_across_heads: bool
+  gather: str
+  attention_implementation: Optional[str]
+  dtype: str
+  remat: str
+
+  @classmethod
+  def from_config(cls, config: Any) -> "DiTSpec":
+    if isinstance(config, DiTSpec):
+      return config
+    d = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+    names = {f.name for f in dataclasses.fields(cls)}
+    missing = names - set(d)
+    if missing:
+      raise ValueError(f"DiT config is missing fields {sorted(missing)}")
+    d = {key: d[key] for key in names}
+    if isinstance(d["global_blocks"], (list, tuple)):
+      d["global_blocks"] = tuple(int(i) for i in d["global_blocks"])
+    spec = cls(**d)
+    spec.validate()
+    return spec
+
+  def validate(self) -> None:
+    checks = [
+        ("global_attention", self.global_attention, ("moc", "dense")),
+        ("routing", self.routing, ("topk", "none")),
+        ("gate_on", self.gate_on, ("keys", "values")),
+        ("router_activation", self.router_activation, ("sigmoid", "softmax")),
+        ("train_routing", self.train_routing, ("gumbel", "deterministic")),
+        ("gather", self.gather, GATHER_METHODS),
+        ("attention_implementation", self.attention_implementation, ("xla", "cudnn", None)),
+        ("dtype", self.dtype, tuple(_DTYPES)),
+        ("remat", self.remat, ("none", "full", "dots")),
+    ]
+    for name, value, allowed in checks:
+      if value not in allowed:
+        raise ValueError(f"DiT config field {name}={value!r} is not one of {allowed}")
+    if self.width % self.num_heads:
+      raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+    if self.routing == "none" and not self.compressed_tokens:
+      raise ValueError("routing='none' with compressed_tokens=False leaves no global context")
+
+  @property
+  def compute_dtype(self):
+    return _DTYPES[self.dtype]
+
+  def global_block_ids(self) -> tuple:
+    """Indices of the global blocks."""
+    g, n = self.global_blocks, self.num_blocks
+    if isinstance(g, str):
+      table = {"even": range(0, n, 2), "odd": range(1, n, 2), "all": range(n), "none": ()}
+      if g not in table:
+        raise ValueError(f"global_blocks must be 'even', 'odd', 'all', 'none' or a list, got {g!r}")
+      return tuple(table[g])
+    if any(i < 0 or i >= n for i in g):
+      raise ValueError(f"global_blocks {g} out of range for {n} blocks")
+    return tuple(sorted(set(g)))
+
+
+# ----------------------------------------------------------------------------------------
+# Blocks
+# ----------------------------------------------------------------------------------------
+
+class LocalAttention(layers.MultiHeadAttention):
+  """Self-attention inside each component under the local mask (module docstring).
+
+  x: [B', T_c, D] tokens of one component per row, laid out [h (L) | time | c (m) | a].
+  Two attention calls: vecset + time queries over vecset + time keys (no mask), and the
+  m + 1 compressed/anchor queries over all keys with a small [m + 1, T_c] mask.
+  """
+  seq_len: int = 16
+  num_compressed: int = 4
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    g0 = self.seq_len + 1
+    q, k, v = self.project_qkv(x, x)
+    out_v = layers.attention(q[:, :g0], k[:, :g0], v[:, :g0], implementation=self.implementation)
+    cols = jnp.arange(x.shape[1])
+    rows_see = jnp.concatenate([jnp.full((self.num_compressed,), g0 + self.num_compressed),
+                                jnp.array([x.shape[1]])])
+    mask = cols[None, :] < rows_see[:, None]  # [m + 1, T_c]
+    out_ca = layers.attention(q[:, g0:], k, v, mask=mask[None, None],
+                              implementation=self.implementation)
+    return self.project_out(jnp.concatenate([out_v, out_ca], axis=1), x.shape[-1])
+
+
+def _cross(spec: DiTSpec, name: str):
+  return layers.MultiHeadAttention(spec.num_heads, implementation=spec.attention_implementation,
+                                   dtype=spec.compute_dtype, name=name)
+
+
+def _cross_attend(module, x: Array, cond: Array) -> Array:
+  """x [B, N, T, D]; cond [B, Tc, Dc] (shared) or [B, N, Tc, Dc] (per component)."""
+  b, n, t, d = x.shape
+  if cond.ndim == 3:
+    return module(x.reshape(b, n * t, d), cond).reshape(x.shape)
+  return module(x.reshape(b * n, t, d), cond.reshape(b * n, *cond.shape[2:])).reshape(x.shape)
+
+
+class DiTBlock(nn.Module):
+  """One DiT block over all components: x [B, N, T_c, D] -> ([B, N, T_c, D], aux)."""
+  spec: DiTSpec
+  is_global: bool
+  has_skip: bool
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, cond: Array, component_mask: Optional[Array],
+               skip: Optional[Array] = None):
+    s = self.spec
+    dt = s.compute_dtype
+    b, n, t, d = x.shape
+    seq_len, m = t - s.num_compressed - 2, s.num_compressed
+    if self.has_skip:
+      x = layers.dense(d, ("mlp", "embed"), dtype=dt, name="skip_linear")(
+          jnp.concatenate([x, skip], axis=-1))
+      x = layers.layer_norm(dt, "skip_norm")(x)
+    aux = {}
+    if self.is_global:
+      h, rest = x[:, :, :seq_len], x[:, :, seq_len:]
+      xn = layers.layer_norm(dt, "norm1")(x)
+      attn = GlobalAttention(
+          s.num_heads, implementation=s.attention_implementation, dtype=dt,
+          mode=s.global_attention, top_k=s.top_k, routing=s.routing,
+          compressed_tokens=s.compressed_tokens, gate_on=s.gate_on,
+          router_activation=s.router_activation, train_routing=s.train_routing,
+          shared_routing=s.shared_routing_across_heads, router_head_dim=s.router_head_dim,
+          gather=s.gather, name="global_attn")
+      update, aux = attn(xn[:, :, :seq_len], xn[:, :, seq_len + 1:seq_len + 1 + m],
+                         xn[:, :, -1], component_mask, train=self.train)
+      h = h + update
+      h = h + _cross_attend(_cross(s, "cross_attn"), layers.layer_norm(dt, "norm2")(h), cond)
+      h = h + layers.Mlp(s.mlp_ratio, dtype=dt, name="mlp")(layers.layer_norm(dt, "norm3")(h))
+      return jnp.concatenate([h, rest.astype(h.dtype)], axis=2), aux
+    local = LocalAttention(s.num_heads, implementation=s.attention_implementation, dtype=dt,
+                           seq_len=seq_len, num_compressed=m, name="local_attn")
+    x = x + local(layers.layer_norm(dt, "norm1")(x).reshape(b * n, t, d)).reshape(x.shape)
+    x = x + _cross_attend(_cross(s, "cross_attn"), layers.layer_norm(dt, "norm2")(x), cond)
+    x = x + layers.Mlp(s.mlp_ratio, dtype=dt, name="mlp")(layers.layer_norm(dt, "norm3")(x))
+    return x, aux
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class PackingAttention(layers.MultiHeadAttention):
+  """[c_i ; a_i] = CrossAttn(Q = [Q_c ; q_a], K = V = h_i) (eq. 3), queries shared.
+
+  h: [B', L, D] -> [B', m + 1, D] (the learnable queries are added back as a residual).
+  """
+  num_queries: int = 5
+
+  @nn.compact
+  def __call__(self, h: Array) -> Array:
+    init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
+    queries = self.param("queries", init, (self.num_queries, h.shape[-1]), jnp.float32)
+    queries = jnp.broadcast_to(queries.astype(h.dtype), (h.shape[0],) + queries.shape)
+    q, k, v = self.project_qkv(queries, h)
+    out = layers.attention(q, k, v, implementation=self.implementation)
+    return queries + self.project_out(out, h.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------
+
+def draw_ids(rng: Array, batch: int, num_components: int, codebook: int) -> Array:
+  """Distinct random IDs per sample: [batch, num_components] int32 from range(codebook)."""
+  keys = jax.random.split(rng, batch)
+  perm = jax.vmap(lambda key: jax.random.permutation(key, codebook))(keys)
+  return perm[:, :num_components].astype(jnp.int32)
+
+
+class CompositionalDiT(nn.Module):
+  """Compositional DiT with Mixture-of-Components (or dense) global attention.
+
+  Attributes:
+    config: a `dit_config(...)` ConfigDict (or FrozenConfigDict, dict, DiTSpec); read
+      through `DiTSpec.from_config`, so hashing the module is not required.
+  """
+  config: Any
+
+  @nn.compact
+  def __call__(self, x_t: Array, t: Array, cond: Array, component_mask: Optional[Array],
+               ids: Optional[Array] = None, *, train: bool, return_routing: bool = False):
+    """Velocity prediction.
+
+    Args:
+      x_t: [B, N, L, C] noisy latents.
+      t: [B] flow time in [0, 1] (shared by the components of a sample).
+      cond: [B, Tc, Dc] (object mode, shared) or [B, N, Tc, Dc] (scene mode).
+      component_mask: [B, N] bool, True = real component; None = all real (static).
+      ids: [B, N] int32 ID-codebook entries, distinct per sample; None -> drawn from rng
+        stream 'ids' in training, 0..N-1 at evaluation.
+      train: Gumbel routing (rng stream 'routing') and random ids when True.
+      return_routing: also return aux.
+    Returns:
+      velocity [B, N, L, C] (float32), or (velocity, aux) with aux
+      {'importances': [B, G, H, N, N], 'selections': [B, G, H, N, k]} over the G MoC
+      global blocks (G = 0 for dense global attention).
+    """
+    s = DiTSpec.from_config(self.config)
+    dt = s.compute_dtype
+    b, n, seq_len, channels = x_t.shape
+    if channels != s.latent_channels:
+      raise ValueError(f"x_t has {channels} channels, config latent_channels={s.latent_channels}")
+    if t.shape != (b,):
+      raise ValueError(f"t must have shape [B]={(b,)}, got {t.shape}")
+    if cond.ndim not in (3, 4) or cond.shape[-1] != s.cond_dim or (cond.ndim == 4 and cond.shape[1] != n):
+      raise ValueError(f"cond must be [B, Tc, {s.cond_dim}] or [B, {n}, Tc, {s.cond_dim}], got {cond.shape}")
+    if component_mask is not None and component_mask.shape != (b, n):
+      raise ValueError(f"component_mask must have shape {(b, n)}, got {component_mask.shape}")
+    if n > s.id_codebook:
+      raise ValueError(f"{n} components exceed the ID codebook of {s.id_codebook}")
+    if ids is None:
+      if train:
+        ids = draw_ids(self.make_rng("ids"), b, n, s.id_codebook)
+      else:
+        ids = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    elif ids.shape != (b, n):
+      raise ValueError(f"ids must have shape {(b, n)}, got {ids.shape}")
+
+    d, m = s.width, s.num_compressed
+    h = layers.dense(d, ("in", "embed"), dtype=dt, name="proj_in")(x_t.astype(dt))
+    packed = PackingAttention(s.num_heads, implementation=s.attention_implementation, dtype=dt,
+                              num_queries=m + 1, name="packing")(
+        layers.layer_norm(dt, "pack_norm")(h).reshape(b * n, seq_len, d)).reshape(b, n, m + 1, d)
+    temb = layers.TimestepEmbedding(d, dtype=dt, name="time_embed")(t).astype(dt)
+    temb = jnp.broadcast_to(temb[:, None, None, :], (b, n, 1, d))
+    x = jnp.concatenate([h, temb, packed.astype(dt)], axis=2)  # [B, N, L + m + 2, D]
+    id_table = nn.Embed(s.id_codebook, d, embedding_init=nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), ("vocab", "embed")), name="id_embed")
+    x = x + id_table(ids).astype(dt)[:, :, None, :]
+    cond = cond.astype(dt)
+
+    block_cls = DiTBlock
+    if s.remat != "none":
+      block_cls = nn.remat(DiTBlock, policy=_REMAT_POLICIES[s.remat], prevent_cse=True)
+    global_ids = set(s.global_block_ids())
+    n_skip = s.num_blocks // 2 if s.long_skips else 0
+    skips, importances, selections = [], [], []
+    for i in range(s.num_blocks):
+      has_skip = n_skip > 0 and i >= s.num_blocks - n_skip
+      block = block_cls(s, is_global=i in global_ids, has_skip=has_skip, train=train,
+                        name=f"block_{i}")
+      x, aux = block(x, cond, component_mask, skips.pop() if has_skip else None)
+      if i < n_skip:
+        skips.append(x)
+      if aux:
+        importances.append(aux["importance"])
+        selections.append(aux["selected"])
+
+    out = layers.layer_norm(dt, "norm_out")(x[:, :, :seq_len])
+    velocity = layers.dense(channels, ("embed", "in"), dtype=dt, name="proj_out")(out)
+    velocity = velocity.astype(jnp.float32)
+    if not return_routing:
+      return velocity
+    nh, k = s.num_heads, min(s.top_k, n - 1) if s.routing == "topk" else 0
+    aux = {
+        "importances": (jnp.stack(importances, 1) if importances
+                        else jnp.zeros((b, 0, nh, n, n), jnp.float32)),
+        "selections": (jnp.stack(selections, 1) if selections
+                       else jnp.zeros((b, 0, nh, n, k), jnp.int32)),
+    }
+    return velocity, aux

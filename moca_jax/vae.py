@@ -1,0 +1,390 @@
+"""Vecset VAE (TripoSG / 3DShape2VecSet style): surface points -> L latent tokens -> SDF.
+
+Sign convention: the decoded field is a signed distance, NEGATIVE INSIDE the solid,
+positive outside, zero on the surface (the same as `data_pipeline.primitives`); its gradient
+points outwards. Every component is encoded in its object's frame (the whole object
+normalised to [-1, 1]^3), so decoded parts land in place.
+
+Encoder (paper eq. 1):
+  P [B, P, 3] (+ normals) --FPS of a random 4x subset--> queries P_s [B, L, 3]
+  X = SelfAttn^(n)(CrossAttn(PE(P_s), PE(P)))   -> linear -> (mean, logvar) [B, L, C]
+Decoder (paper eq. 2):
+  F = SelfAttn^(m)(Linear(z)) [B, L, D]          (`decode_features`, run once per shape)
+  sdf(q) = Linear(CrossAttn(PE(q), F)) [B, Q]    (`query_sdf`, run per chunk of queries)
+
+PE is `layers.fourier_embed` (2^0..2^(F-1), no pi, with the input: 51 dims for F = 8),
+concatenated with the normal on the encoder side (54 dims), then a linear layer.
+
+Randomness (rng streams): 'fps' (random subset and random FPS start, encoder with
+deterministic=False), 'noise' (posterior sample). deterministic=True uses FPS over all input
+points from the point farthest from the centroid: the result does not depend on the order of
+the input points.
+
+Usage:
+  cfg = vae_config('tiny'); model = VecSetVAE(cfg)
+  params = model.init({'params': k0, 'fps': k1, 'noise': k2}, pts, nrm, queries)
+  mean, logvar = model.apply(params, pts, nrm, deterministic=True, method=VecSetVAE.encode)
+  sdf = model.apply(params, mean, queries, chunk_size=4096, method=VecSetVAE.decode)
+  loss, metrics = vae_loss(params, model, batch, rng, cfg)
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from moca_jax import layers
+from moca_jax.fps import farthest_from_centroid, farthest_point_sampling
+
+Array = jax.Array
+
+SIZES = ("tiny", "small", "triposg")
+
+
+# ----------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------
+
+def vae_config(size: str = "tiny", num_latents: Optional[int] = None) -> ml_collections.ConfigDict:
+  """Named VAE sizes.
+
+  Args:
+    size: 'tiny' (CPU tests, seconds), 'small' (CPU/GPU-trainable), 'triposg' (the published
+      TripoSG size). A suffix '-512' / '-1024' / '-2048' picks the number of latent tokens
+      (e.g. 'triposg-1024'); so does `num_latents`.
+  Returns:
+    ConfigDict with the architecture, the input sizes and `loss` weights.
+  """
+  base, _, suffix = size.partition("-")
+  if base not in SIZES:
+    raise ValueError(f"unknown VAE size {size!r}; expected one of {SIZES} (optionally '-<L>')")
+  c = ml_collections.ConfigDict()
+  c.size = base
+  c.num_freqs = 8
+  c.include_pi = False
+  c.subset_factor = 4            # FPS runs over a random subset of subset_factor * L points
+  c.mlp_ratio = 4.0
+  c.qk_norm = True
+  c.logvar_min = -30.0
+  c.logvar_max = 20.0
+  c.dtype = "float32"            # compute dtype; params stay fp32 ('bfloat16' on GPU)
+  c.attention_implementation = "auto"   # 'auto' -> cudnn on GPU with bf16, else xla
+  c.sample_posterior = True      # training: z = mean + sigma * eps; eval uses the mean
+  c.enc_cross_layers = 1
+  if base == "tiny":
+    c.num_latents, c.latent_channels = 32, 8
+    c.enc_width, c.enc_heads, c.enc_self_layers = 64, 2, 1
+    c.dec_width, c.dec_heads, c.dec_layers = 64, 2, 2
+    c.query_mlp = True
+    c.num_points = 512           # surface points fed to the encoder
+  elif base == "small":
+    c.num_latents, c.latent_channels = 256, 32
+    c.enc_width, c.enc_heads, c.enc_self_layers = 128, 4, 2
+    c.dec_width, c.dec_heads, c.dec_layers = 256, 4, 4
+    c.query_mlp = True
+    c.num_points = 2048
+  else:  # triposg: encoder 512 wide, 8 heads, 1 cross + 8 self; decoder 1024 wide, 16 layers.
+    c.num_latents, c.latent_channels = 2048, 64
+    c.enc_width, c.enc_heads, c.enc_self_layers = 512, 8, 8
+    c.dec_width, c.dec_heads, c.dec_layers = 1024, 8, 16
+    c.query_mlp = False
+    c.num_points = 8192
+  if suffix:
+    if not suffix.isdigit():
+      raise ValueError(f"bad VAE size suffix in {size!r}; expected e.g. 'triposg-1024'")
+    c.num_latents = int(suffix)
+  if num_latents is not None:
+    c.num_latents = int(num_latents)
+  c.decode_chunk_size = 8192
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.near_weight = 1.0        # L1 on near-surface SDF samples
+  c.loss.volume_weight = 1.0      # L1 on uniform volume SDF samples
+  c.loss.surface_weight = 1.0     # |sdf| on surface points (the zero level set)
+  c.loss.normal_weight = 0.1      # 1 - cos(grad sdf, normal) on surface points
+  c.loss.eikonal_weight = 0.01    # (|grad sdf| - 1)^2 on near + volume points
+  c.loss.kl_weight = 1e-4         # KL(q(z|x) || N(0, I)), mean over latent elements
+  c.loss.num_normal_points = 256  # surface points (the first ones) used for surface/normal terms
+  c.loss.sdf_clip = 0.0           # > 0: clip targets and predictions to [-clip, clip] for L1
+  return c
+
+
+def _dtype(config) -> Any:
+  return jnp.dtype(config.dtype)
+
+
+def _implementation(config) -> str:
+  impl = config.attention_implementation
+  if impl == "auto":
+    impl = layers.default_attention_implementation()
+    if impl == "cudnn" and _dtype(config) not in (jnp.bfloat16, jnp.float16):
+      impl = "xla"
+  return impl
+
+
+# ----------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------
+
+class PointEmbed(nn.Module):
+  """Fourier features of xyz (+ optional extra features such as normals) -> linear to width.
+
+  points [..., 3], extra [..., E] or None -> [..., width].
+  """
+  width: int
+  num_freqs: int = 8
+  include_pi: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, points: Array, extra: Optional[Array] = None) -> Array:
+    feats = layers.fourier_embed(points, self.num_freqs, include_pi=self.include_pi)
+    if extra is not None:
+      feats = jnp.concatenate([feats, extra.astype(feats.dtype)], axis=-1)
+    return layers.dense(self.width, ("in", "embed"), dtype=self.dtype, name="proj")(feats)
+
+
+class CrossAttentionBlock(nn.Module):
+  """Pre-norm cross-attention + optional MLP: x [B, T, D], context [B, S, Dc] -> [B, T, D]."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  use_mlp: bool = True
+  qk_norm: bool = True
+  implementation: Optional[str] = "xla"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, context: Array) -> Array:
+    ctx = layers.layer_norm(self.dtype, "norm_context")(context)
+    x = x + layers.MultiHeadAttention(
+        self.num_heads, qk_norm=self.qk_norm, implementation=self.implementation,
+        dtype=self.dtype, name="cross_attn")(layers.layer_norm(self.dtype, "norm1")(x), ctx)
+    if self.use_mlp:
+      x = x + layers.Mlp(self.mlp_ratio, dtype=self.dtype, name="mlp")(
+          layers.layer_norm(self.dtype, "norm2")(x))
+    return x
+
+
+class VecSetVAE(nn.Module):
+  """The vecset VAE. `config` is a `vae_config(...)` ConfigDict (or a FrozenConfigDict)."""
+  config: Any
+
+  def setup(self):
+    c = self.config
+    dt, impl = _dtype(c), _implementation(c)
+    self.point_embed = PointEmbed(c.enc_width, c.num_freqs, c.include_pi, dt)
+    self.enc_cross = [
+        CrossAttentionBlock(c.enc_heads, c.mlp_ratio, True, c.qk_norm, impl, dt,
+                            name=f"enc_cross_{i}") for i in range(c.enc_cross_layers)]
+    self.enc_blocks = [
+        layers.TransformerBlock(c.enc_heads, c.mlp_ratio, qk_norm=c.qk_norm,
+                                implementation=impl, dtype=dt, name=f"enc_self_{i}")
+        for i in range(c.enc_self_layers)]
+    self.enc_norm = layers.layer_norm(dt, "enc_norm")
+    self.enc_moments = layers.dense(2 * c.latent_channels, ("embed", "in"), dtype=dt,
+                                    name="enc_moments")
+    self.dec_in = layers.dense(c.dec_width, ("in", "embed"), dtype=dt, name="dec_in")
+    self.dec_blocks = [
+        layers.TransformerBlock(c.dec_heads, c.mlp_ratio, qk_norm=c.qk_norm,
+                                implementation=impl, dtype=dt, name=f"dec_self_{i}")
+        for i in range(c.dec_layers)]
+    self.dec_norm = layers.layer_norm(dt, "dec_norm")
+    self.query_embed = PointEmbed(c.dec_width, c.num_freqs, c.include_pi, dt)
+    self.query_cross = CrossAttentionBlock(c.dec_heads, c.mlp_ratio, c.query_mlp, c.qk_norm,
+                                           impl, dt)
+    self.out_norm = layers.layer_norm(dt, "out_norm")
+    self.out_proj = layers.dense(1, ("embed", "in"), dtype=dt, name="out_proj")
+
+  # --- encoder -------------------------------------------------------------------------
+  def select_queries(self, points: Array, normals: Array, *, deterministic: bool):
+    """FPS query points: [B, P, 3] x2 -> (query points, query normals) [B, L, 3] each.
+
+    Training (deterministic=False): FPS of a random subset of min(P, subset_factor * L)
+    points from a random start (rng stream 'fps'). Eval: FPS over all points from the point
+    farthest from the centroid (independent of the input order).
+    """
+    c = self.config
+    b, p, _ = points.shape
+    num = c.num_latents
+    if p < num:
+      raise ValueError(f"encode needs at least num_latents={num} surface points, got {p}")
+    if deterministic:
+      cand_pts, cand_nrm = points, normals
+      start = farthest_from_centroid(points)
+    else:
+      m = min(p, c.subset_factor * num)
+      k_sub, k_start = jax.random.split(self.make_rng("fps"))
+      if m < p:
+        keys = jax.random.split(k_sub, b)
+        sub = jax.vmap(lambda k: jax.random.permutation(k, p)[:m])(keys)
+        cand_pts = jnp.take_along_axis(points, sub[..., None], axis=1)
+        cand_nrm = jnp.take_along_axis(normals, sub[..., None], axis=1)
+      else:
+        cand_pts, cand_nrm = points, normals
+      start = jax.random.randint(k_start, (b,), 0, m)
+    idx = farthest_point_sampling(jax.lax.stop_gradient(cand_pts), num, start)
+    return (jnp.take_along_axis(cand_pts, idx[..., None], axis=1),
+            jnp.take_along_axis(cand_nrm, idx[..., None], axis=1))
+
+  def encode(self, points: Array, normals: Array, *, deterministic: bool = True):
+    """Surface points [B, P, 3] and unit normals [B, P, 3] -> (mean, logvar) [B, L, C] fp32.
+
+    logvar is clamped to [logvar_min, logvar_max].
+    """
+    c = self.config
+    q_pts, q_nrm = self.select_queries(points, normals, deterministic=deterministic)
+    context = self.point_embed(points, normals)
+    x = self.point_embed(q_pts, q_nrm)
+    for blk in self.enc_cross:
+      x = blk(x, context)
+    for blk in self.enc_blocks:
+      x = blk(x)
+    moments = self.enc_moments(self.enc_norm(x)).astype(jnp.float32)
+    mean, logvar = jnp.split(moments, 2, axis=-1)
+    return mean, jnp.clip(logvar, c.logvar_min, c.logvar_max)
+
+  def sample_latent(self, mean: Array, logvar: Array) -> Array:
+    """Reparameterised posterior sample mean + exp(logvar / 2) * eps (rng stream 'noise')."""
+    eps = jax.random.normal(self.make_rng("noise"), mean.shape, mean.dtype)
+    return mean + jnp.exp(0.5 * logvar) * eps
+
+  # --- decoder -------------------------------------------------------------------------
+  def decode_features(self, latents: Array) -> Array:
+    """Latents [B, L, C] -> decoder features F [B, L, dec_width] (the self-attention stack)."""
+    x = self.dec_in(latents.astype(_dtype(self.config)))
+    for blk in self.dec_blocks:
+      x = blk(x)
+    return self.dec_norm(x)
+
+  def query_sdf(self, features: Array, queries: Array) -> Array:
+    """Features [B, L, D] and query points [B, Q, 3] -> SDF [B, Q] fp32 (negative inside).
+
+    Queries do not interact: the value at one query depends on that query and F only.
+    """
+    h = self.query_embed(queries)
+    h = self.query_cross(h, features)
+    return self.out_proj(self.out_norm(h))[..., 0].astype(jnp.float32)
+
+  def decode(self, latents: Array, queries: Array, chunk_size: int = 8192) -> Array:
+    """Latents [B, L, C], queries [B, Q, 3] -> SDF [B, Q], decoded `chunk_size` queries at a
+    time (static; Q is padded to a multiple of it)."""
+    features = self.decode_features(latents)
+    return self.query_sdf_chunked(features, queries, chunk_size)
+
+  def query_sdf_chunked(self, features: Array, queries: Array, chunk_size: int) -> Array:
+    """`query_sdf` over chunks of `chunk_size` queries under one `nn.scan` (static shapes)."""
+    b, q, _ = queries.shape
+    chunk = int(min(chunk_size, q))
+    n = -(-q // chunk)
+    padded = jnp.pad(queries, ((0, 0), (0, n * chunk - q), (0, 0)))
+    chunks = padded.reshape(b, n, chunk, 3).transpose(1, 0, 2, 3)  # [n, B, chunk, 3]
+
+    def body(mdl, carry, x):
+      return carry, mdl.query_sdf(features, x)
+
+    if self.is_initializing():
+      out = jnp.stack([self.query_sdf(features, x) for x in chunks[:1]])
+      out = jnp.concatenate([out, jnp.zeros((n - 1, b, chunk), out.dtype)], axis=0)
+    else:
+      _, out = nn.scan(body, variable_broadcast="params", split_rngs={"params": False},
+                       length=n)(self, None, chunks)
+    return out.transpose(1, 0, 2).reshape(b, n * chunk)[:, :q]
+
+  # --- full pass (used by init) ----------------------------------------------------------
+  def __call__(self, points: Array, normals: Array, queries: Array, *,
+               deterministic: bool = True):
+    """Encode, (sample), decode: returns (sdf [B, Q], mean, logvar)."""
+    mean, logvar = self.encode(points, normals, deterministic=deterministic)
+    z = mean if deterministic else self.sample_latent(mean, logvar)
+    return self.query_sdf(self.decode_features(z), queries), mean, logvar
+
+
+def init_vae(model: VecSetVAE, rng: Array, batch_size: int = 1,
+             num_points: Optional[int] = None, num_queries: int = 16):
+  """Initial variables for `model` from dummy inputs (shapes only matter for P >= L)."""
+  c = model.config
+  p = num_points or max(c.num_points, c.num_latents)
+  pts = jnp.zeros((batch_size, p, 3), jnp.float32) + jnp.linspace(-1, 1, p)[None, :, None]
+  nrm = jnp.zeros((batch_size, p, 3), jnp.float32).at[..., 2].set(1.0)
+  qs = jnp.zeros((batch_size, num_queries, 3), jnp.float32)
+  k0, k1, k2 = jax.random.split(rng, 3)
+  return model.init({"params": k0, "fps": k1, "noise": k2}, pts, nrm, qs)
+
+
+def count_params(params) -> int:
+  return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+# ----------------------------------------------------------------------------------------
+# Loss
+# ----------------------------------------------------------------------------------------
+
+def kl_divergence(mean: Array, logvar: Array) -> Array:
+  """Mean over elements of KL(N(mean, exp(logvar)) || N(0, 1)); shapes [B, L, C] -> []."""
+  return jnp.mean(0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar))
+
+
+def vae_loss(params, model: VecSetVAE, batch: dict, rng: Array, config) -> tuple[Array, dict]:
+  """Training loss of the VAE.
+
+  Args:
+    params: variables ({'params': ...}).
+    model: the VecSetVAE.
+    batch: dict of float32 arrays
+      'surface_points' [B, P, 3], 'surface_normals' [B, P, 3]   encoder input (on the surface)
+      'near_points' [B, Qn, 3], 'near_sdf' [B, Qn]               near-surface SDF samples
+      'volume_points' [B, Qv, 3], 'volume_sdf' [B, Qv]           uniform SDF samples in [-1,1]^3
+      The first `loss.num_normal_points` surface points also supervise the field's zero level
+      and its gradient direction (surface points should come in random order).
+    rng: PRNG key (split into the 'fps' and 'noise' streams).
+    config: the VAE config (its `.loss` holds the weights) or the loss ConfigDict itself.
+  Returns:
+    (scalar loss, metrics dict of scalars).
+  """
+  lc = config.loss if "loss" in config else config
+  k_fps, k_noise = jax.random.split(rng)
+  mean, logvar = model.apply(params, batch["surface_points"], batch["surface_normals"],
+                             deterministic=False, method=VecSetVAE.encode, rngs={"fps": k_fps})
+  if model.config.sample_posterior:
+    z = model.apply(params, mean, logvar, method=VecSetVAE.sample_latent,
+                    rngs={"noise": k_noise})
+  else:
+    z = mean
+  features = model.apply(params, z, method=VecSetVAE.decode_features)
+
+  ns = min(int(lc.num_normal_points), batch["surface_points"].shape[1])
+  surf = batch["surface_points"][:, :ns]
+  surf_n = batch["surface_normals"][:, :ns]
+  near, vol = batch["near_points"], batch["volume_points"]
+  qn, qv = near.shape[1], vol.shape[1]
+  queries = jnp.concatenate([near, vol, surf], axis=1)
+
+  field = lambda q: model.apply(params, features, q, method=VecSetVAE.query_sdf)
+  pred, vjp = jax.vjp(field, queries)
+  (grad,) = vjp(jnp.ones_like(pred))  # each prediction depends on its own query only
+  p_near, p_vol, p_surf = pred[:, :qn], pred[:, qn:qn + qv], pred[:, qn + qv:]
+
+  def l1(p, t):
+    if lc.sdf_clip > 0:
+      p, t = jnp.clip(p, -lc.sdf_clip, lc.sdf_clip), jnp.clip(t, -lc.sdf_clip, lc.sdf_clip)
+    return jnp.mean(jnp.abs(p - t))
+
+  near_l = l1(p_near, batch["near_sdf"])
+  vol_l = l1(p_vol, batch["volume_sdf"])
+  surf_l = jnp.mean(jnp.abs(p_surf))
+  g_surf = grad[:, qn + qv:]
+  g_norm = jnp.linalg.norm(g_surf, axis=-1)
+  cos = jnp.sum(g_surf * surf_n, axis=-1) / jnp.maximum(g_norm, 1e-8)
+  normal_l = jnp.mean(1.0 - cos)
+  eik_l = jnp.mean(jnp.square(jnp.linalg.norm(grad[:, :qn + qv], axis=-1) - 1.0))
+  kl = kl_divergence(mean, logvar)
+  loss = (lc.near_weight * near_l + lc.volume_weight * vol_l + lc.surface_weight * surf_l
+          + lc.normal_weight * normal_l + lc.eikonal_weight * eik_l + lc.kl_weight * kl)
+  metrics = {"loss": loss, "near_l1": near_l, "volume_l1": vol_l, "surface_l1": surf_l,
+             "normal_cos": jnp.mean(cos), "eikonal": eik_l, "kl": kl,
+             "latent_std": jnp.std(mean)}
+  return loss, metrics

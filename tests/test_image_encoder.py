@@ -1,0 +1,117 @@
+"""ViT image encoder (DINOv2 layout): shapes, 7-channel init, LoRA identity, freezing."""
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moca_jax import image_encoder as ie
+
+
+def _init(cfg, images, seed=0):
+  model = ie.ImageEncoder(cfg)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), images)["params"])
+  return model, params
+
+
+@pytest.mark.parametrize("channels,registers", [(3, 0), (7, 4)])
+def test_shapes(channels, registers):
+  cfg = ie.encoder_config("tiny", in_channels=channels)
+  cfg.num_registers = registers
+  x = jnp.zeros((2, 56, 56, channels))
+  model, params = _init(cfg, x)
+  out = model.apply({"params": params}, x)
+  chex.assert_shape(out, (2, ie.num_tokens(cfg), cfg.width))
+  assert ie.num_tokens(cfg) == 1 + registers + 16
+  assert params["patch_embed"]["kernel"].shape == (14, 14, channels, cfg.width)
+  # another resolution: the position table is resized, token count follows the grid
+  out = model.apply({"params": params}, jnp.zeros((1, 84, 84, channels)))
+  chex.assert_shape(out, (1, 1 + registers + 36, cfg.width))
+
+
+def test_named_sizes_match_dinov2():
+  large = ie.encoder_config("large")
+  assert (large.width, large.depth, large.num_heads, large.patch_size) == (1024, 24, 16, 14)
+  assert ie.num_tokens(large) == 257
+  small = ie.encoder_config("small")
+  assert (small.width, small.depth, small.num_heads) == (384, 12, 6)
+  with pytest.raises(ValueError, match="unknown size"):
+    ie.encoder_config("huge")
+
+
+def test_seven_channel_init_copies_rgb_weights():
+  cfg = ie.encoder_config("tiny", in_channels=7)
+  _, params = _init(cfg, jnp.zeros((1, 56, 56, 7)))
+  k = params["patch_embed"]["kernel"]
+  np.testing.assert_array_equal(k[:, :, 3:6], k[:, :, 0:3])
+  np.testing.assert_array_equal(k[:, :, 6], 0.0)
+  assert float(jnp.abs(k[:, :, :3]).max()) > 0
+  # the same seed gives the RGB model's kernel in the first three channels
+  _, rgb = _init(ie.encoder_config("tiny", 3), jnp.zeros((1, 56, 56, 3)))
+  np.testing.assert_array_equal(k[:, :, :3], rgb["patch_embed"]["kernel"])
+  # hence: a 7-channel input [img, img, 0] sees twice the RGB patch response
+  img = jax.random.normal(jax.random.PRNGKey(3), (1, 14, 14, 3))
+  seven = jnp.concatenate([img, img, jnp.ones((1, 14, 14, 1))], -1)
+  np.testing.assert_allclose(jnp.einsum("bhwc,hwcd->bd", seven, k),
+                             2 * jnp.einsum("bhwc,hwcd->bd", img, k[:, :, :3]), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_lora_starts_as_identity_and_is_the_only_trainable_part_when_frozen():
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 56, 56, 3))
+  base_cfg = ie.encoder_config("tiny")
+  lora_cfg = ie.encoder_config("tiny")
+  lora_cfg.lora_rank, lora_cfg.freeze = 4, True
+  lora_cfg.lora_targets = ("qkv", "proj", "fc1", "fc2")
+  base_model, base_params = _init(base_cfg, x)
+  lora_model, lora_params = _init(lora_cfg, x)
+  # copy the base weights into the LoRA model: its output must equal the base output
+  merged = jax.tree_util.tree_map_with_path(
+      lambda path, v: v if path[-1].key in ("lora_a", "lora_b") else
+      _get(base_params, path), lora_params)
+  np.testing.assert_allclose(lora_model.apply({"params": merged}, x),
+                             base_model.apply({"params": base_params}, x), atol=1e-6)
+  assert float(jnp.abs(merged["blocks_0"]["qkv"]["lora_a"]).max()) > 0
+  mask = ie.trainable_mask(merged, lora_cfg)
+  flat = jax.tree_util.tree_flatten_with_path(mask)[0]
+  assert all(m == (p[-1].key in ("lora_a", "lora_b")) for p, m in flat)
+  assert sum(m for _, m in flat) == 2 * 4 * base_cfg.depth
+  # the adapter does change the output once B is non-zero (it is wired in)
+  bumped = jax.tree_util.tree_map_with_path(
+      lambda p, v: v + 0.1 if p[-1].key == "lora_b" else v, merged)
+  assert not np.allclose(lora_model.apply({"params": bumped}, x),
+                         lora_model.apply({"params": merged}, x), atol=1e-4)
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k.key]
+  return tree
+
+
+def test_freeze_without_lora_stops_gradient():
+  cfg = ie.encoder_config("tiny")
+  cfg.freeze = True
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, 56, 56, 3))
+  model, params = _init(cfg, x)
+  g = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x) ** 2))(params)
+  assert all(float(jnp.abs(l).max()) == 0 for l in jax.tree.leaves(g))
+  assert not any(jax.tree.leaves(ie.trainable_mask(params, cfg)))
+  cfg.freeze = False
+  g = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x) ** 2))(params)
+  assert float(jnp.abs(g["patch_embed"]["kernel"]).max()) > 0
+  assert all(jax.tree.leaves(ie.trainable_mask(params, cfg)))
+
+
+def test_preprocess():
+  img = np.full((2, 30, 40, 3), 255, np.uint8)
+  out = ie.preprocess(img, 56)
+  chex.assert_shape(out, (2, 56, 56, 3))
+  np.testing.assert_allclose(out[0, 0, 0], (1 - ie.IMAGENET_MEAN) / ie.IMAGENET_STD, rtol=1e-5)
+  seven = np.concatenate([img, img, np.full((2, 30, 40, 1), 200, np.uint8)], -1)
+  out7 = ie.preprocess(seven, 28, in_channels=7)
+  np.testing.assert_array_equal(out7[..., 6], 1.0)
+  np.testing.assert_allclose(out7[..., 3:6], out7[..., 0:3])
+  with pytest.raises(ValueError, match="expected images"):
+    ie.preprocess(img, 56, in_channels=7)
