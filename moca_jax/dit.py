@@ -174,24 +174,26 @@ class LocalAttention(layers.MultiHeadAttention):
   """Self-attention inside each component under the local mask (module docstring).
 
   x: [B', T_c, D] tokens of one component per row, laid out [h (L) | time | c (m) | a].
-  Two attention calls: vecset + time queries over vecset + time keys (no mask), and the
-  m + 1 compressed/anchor queries over all keys with a small [m + 1, T_c] mask.
+  Two attention calls: the L vecset queries over the vecset + time keys (no mask), and the
+  m + 2 time/compressed/anchor queries over all keys with a small [m + 2, T_c] mask (an
+  even query count, as cuDNN needs with a mask in training when L and m are even).
   """
   seq_len: int = 16
   num_compressed: int = 4
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    g0 = self.seq_len + 1
+    seq_len, m, t_c = self.seq_len, self.num_compressed, x.shape[1]
     q, k, v = self.project_qkv(x, x)
-    out_v = layers.attention(q[:, :g0], k[:, :g0], v[:, :g0], implementation=self.implementation)
-    cols = jnp.arange(x.shape[1])
-    rows_see = jnp.concatenate([jnp.full((self.num_compressed,), g0 + self.num_compressed),
-                                jnp.array([x.shape[1]])])
-    mask = cols[None, :] < rows_see[:, None]  # [m + 1, T_c]
-    out_ca = layers.attention(q[:, g0:], k, v, mask=mask[None, None],
-                              implementation=self.implementation)
-    return self.project_out(jnp.concatenate([out_v, out_ca], axis=1), x.shape[-1])
+    out_v = layers.attention(q[:, :seq_len], k[:, :seq_len + 1], v[:, :seq_len + 1],
+                             implementation=self.implementation)
+    rows_see = jnp.concatenate([jnp.array([seq_len + 1]), jnp.full((m,), seq_len + 1 + m),
+                                jnp.array([t_c])])
+    mask = jnp.arange(t_c)[None, :] < rows_see[:, None]  # [m + 2, T_c]
+    mask = jnp.broadcast_to(mask, (x.shape[0], 1) + mask.shape)  # explicit batch for cuDNN
+    out_rest = layers.attention(q[:, seq_len:], k, v, mask=mask,
+                                implementation=self.implementation)
+    return self.project_out(jnp.concatenate([out_v, out_rest], axis=1), x.shape[-1])
 
 
 def _cross(spec: DiTSpec, name: str):

@@ -240,27 +240,18 @@ def routed_lengths(component_mask: Array, seq_len: int, k: int, m: int,
   return jnp.broadcast_to(length[:, None], component_mask.shape).astype(jnp.int32)
 
 
-def moc_attention(q: Array, kh: Array, vh: Array, kc: Optional[Array], vc: Optional[Array],
-                  importance: Optional[Array], selected: Array, unselected: Array,
-                  component_mask: Optional[Array], *, gate_on: str = "keys",
-                  implementation: Optional[str] = "xla", gather: str = "hybrid") -> Array:
-  """Mixture-of-Components attention for all components at once.
+def routed_context(kh: Array, vh: Array, kc: Optional[Array], vc: Optional[Array],
+                   importance: Optional[Array], selected: Array, unselected: Array,
+                   component_mask: Optional[Array], *, gate_on: str = "keys",
+                   gather: str = "hybrid") -> tuple[Array, Array, Optional[Array]]:
+  """Builds every component's routed keys and values at a static length.
 
-  Args:
-    q: [B, N, L, H, d] queries of the vecset tokens.
-    kh, vh: [B, N, L, H, d] keys/values of the vecset tokens.
-    kc, vc: [B, N, m, H, d] keys/values of the compressed tokens, or None (ablation B).
-    importance: s [B, H, N, N] gates, or None (all gates 1; ablation A uses this).
-    selected: [B, H, N, k] components routed at full resolution.
-    unselected: [B, H, N, N - 1 - k] the others (used through their compressed tokens).
-    component_mask: [B, N] bool or None (all real).
-    gate_on: 'keys' (paper) or 'values' (ablation C).
-    implementation: attention backend ('xla' | 'cudnn' | None).
-    gather: see `gather_components`.
+  Args: as `moc_attention`.
   Returns:
-    [B, N, L, H, d].
+    keys, values [B * N, L + k L + (N - 1 - k) m, H, d] (the compressed part only when kc
+    is given) and valid lengths [B * N] int32 (None when component_mask is None).
   """
-  b, n, seq_len, nh, hd = q.shape
+  b, n, seq_len, nh, hd = kh.shape
   if gate_on not in ("keys", "values"):
     raise ValueError(f"gate_on must be 'keys' or 'values', got {gate_on!r}")
   use_compressed = kc is not None
@@ -279,12 +270,37 @@ def moc_attention(q: Array, kh: Array, vh: Array, kc: Optional[Array], vc: Optio
     add(unselected, kc, vc)
   flat = lambda parts: jnp.concatenate(
       [p.reshape(b * n, -1, nh, hd) for p in parts], axis=1)
-  keys, values = flat(k_parts), flat(v_parts)
   lengths = None
   if component_mask is not None:
     m = kc.shape[2] if use_compressed else 0
     lengths = routed_lengths(component_mask, seq_len, selected.shape[-1], m,
                              use_compressed).reshape(b * n)
+  return flat(k_parts), flat(v_parts), lengths
+
+
+def moc_attention(q: Array, kh: Array, vh: Array, kc: Optional[Array], vc: Optional[Array],
+                  importance: Optional[Array], selected: Array, unselected: Array,
+                  component_mask: Optional[Array], *, gate_on: str = "keys",
+                  implementation: Optional[str] = "xla", gather: str = "hybrid") -> Array:
+  """Mixture-of-Components attention for all components at once (one attention call).
+
+  Args:
+    q: [B, N, L, H, d] queries of the vecset tokens.
+    kh, vh: [B, N, L, H, d] keys/values of the vecset tokens.
+    kc, vc: [B, N, m, H, d] keys/values of the compressed tokens, or None (ablation B).
+    importance: s [B, H, N, N] gates, or None (all gates 1; ablation A uses this).
+    selected: [B, H, N, k] components routed at full resolution.
+    unselected: [B, H, N, N - 1 - k] the others (used through their compressed tokens).
+    component_mask: [B, N] bool or None (all real).
+    gate_on: 'keys' (paper) or 'values' (ablation C).
+    implementation: attention backend ('xla' | 'cudnn' | None).
+    gather: see `gather_components`.
+  Returns:
+    [B, N, L, H, d].
+  """
+  b, n, seq_len, nh, hd = q.shape
+  keys, values, lengths = routed_context(kh, vh, kc, vc, importance, selected, unselected,
+                                         component_mask, gate_on=gate_on, gather=gather)
   out = attend_prefix(q.reshape(b * n, seq_len, nh, hd), keys, values, lengths, implementation)
   return out.reshape(b, n, seq_len, nh, hd)
 

@@ -110,6 +110,9 @@ def router_heatmap_png(importances: np.ndarray, selections: Optional[np.ndarray]
           if int(j) in remap and int(j) != int(i):
             ax.add_patch(plt.Rectangle((remap[int(j)] - 0.5, remap[int(i)] - 0.5), 1, 1,
                                        fill=False, edgecolor='red', linewidth=1.5))
+    if len(keep) <= 16:
+      ax.set_xticks(range(len(keep)), [str(j) for j in keep])
+      ax.set_yticks(range(len(keep)), [str(j) for j in keep])
     ax.set_title(f'head {head}', fontsize=8)
     ax.set_xlabel('key component j', fontsize=7)
     ax.set_ylabel('query i', fontsize=7)
@@ -125,16 +128,11 @@ def router_heatmap_png(importances: np.ndarray, selections: Optional[np.ndarray]
 # Loss curves
 # ---------------------------------------------------------------------------------------
 
-def _masked_crc_ok(data: bytes, crc: int) -> bool:
-  del data, crc  # CRCs are not verified (crc32c is not in the stdlib); framing is checked.
-  return True
-
-
 def read_tensorboard_scalars(logdir: str) -> Dict[str, List[Tuple[int, float]]]:
   """Scalars of every TensorBoard event file under logdir: {tag: [(step, value), ...]}.
 
   Reads the TFRecord framing directly and decodes events with tensorboardX's protobufs.
-  A truncated last record (a writer still running) is ignored.
+  A truncated last record (a writer still running) is ignored; CRCs are not checked.
   """
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(logdir):
@@ -297,14 +295,17 @@ def mesh_grid_png(rows: Sequence[Mapping], path: str, panel_px: int = 256,
   rows: dicts with optional keys 'image' (uint8 [H,W,C]; scenes: first 3 channels shown),
     'pred' (list of trimesh parts, one colour each), 'gt' (list of trimesh parts, grey
     unless gt_colour_parts=True in the row), 'label' (str for the row).
-  The file is (3 * panel_px) x (len(rows) * panel_px + 30) pixels.
+  The file is (3 * panel_px) wide and (len(rows) * panel_px + header) tall, header = 30
+  pixels, 50 with a title.
   """
   if not rows:
     raise ValueError('rows: need at least one row')
   render_px = render_px or panel_px
   n = len(rows)
-  fig = plt.figure(figsize=(3 * panel_px / DPI, (n * panel_px + 30) / DPI), dpi=DPI)
-  top = 1 - 30 / (n * panel_px + 30)
+  header = 50 if title else 30
+  height = n * panel_px + header
+  fig = plt.figure(figsize=(3 * panel_px / DPI, height / DPI), dpi=DPI)
+  top = 1 - header / height
   headers = ('input', 'generated parts', 'ground truth')
   for r, row in enumerate(rows):
     panels = []
@@ -335,7 +336,7 @@ def mesh_grid_png(rows: Sequence[Mapping], path: str, panel_px: int = 256,
         ax.text(0.02, 0.02, str(row['label']), transform=ax.transAxes, fontsize=7,
                 color='black', backgroundcolor='white')
   if title:
-    fig.text(0.5, 1 - 8 / (n * panel_px + 30), title, ha='center', va='top', fontsize=9)
+    fig.text(0.5, 1 - 6 / height, title, ha='center', va='top', fontsize=9)
   return _save_figure(fig, path)
 
 

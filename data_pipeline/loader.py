@@ -1,0 +1,204 @@
+"""grain loaders over the ArrayRecord shards (see records.py for the stored schema).
+
+Pipeline (a `grain.MapDataset`, so it is indexable, deterministic and checkpointable):
+
+  source(ArrayRecordDataSource(shards)) -> shuffle(seed) -> [process_index::process_count]
+    -> repeat(num_epochs) -> decode -> random component order, pad to n_max + mask
+    -> batch(batch_size, drop_remainder)
+
+then `make_iterator(ds, prefetch_workers)` turns it into an iterator (optionally through
+`mp_prefetch` worker processes) whose state round-trips with `get_state()` / `set_state()`.
+Every process sees the same global permutation and takes every process_count-th element, so
+processes read disjoint covers of the data; each epoch is reshuffled (grain folds the epoch
+into the seed).
+
+Two views (per element, before batching; a batch adds a leading [B] axis):
+
+  vae_dataset(...)     'samples' shards. surface_points [n_max,Ns,3] f32, surface_normals
+                       [n_max,Ns,3] f32, sdf_points [n_max,Nq,3] f32, sdf_values [n_max,Nq] f32
+                       (Ns / Nq: random subsets of the stored points when n_surface / n_query
+                       are given), + the common keys below.
+  latent_dataset(...)  'latents' shards. latents [n_max,L,C] f32, + the common keys.
+
+  common: component_mask [n_max] bool, num_components [] int32 (after the n_max cut),
+          image [H,W,3] uint8 (one random stored view), mask [H,W] uint8 (ids remapped to the
+          new component order: 0 = background, j + 1 = padded slot j), is_scene [] bool,
+          index [] int64 (record index in the source).
+          With per_instance_cond=True also cond [n_max,H,W,7] uint8: per component
+          [instance pixels on white (3), whole image (3), binary mask * 255 (1)] (MIDI).
+
+Components are put in random order each time (objects with more than n_max parts keep a
+random n_max of them); padded slots are zeros with component_mask False.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import grain
+import numpy as np
+
+from data_pipeline import records
+
+SAMPLE_KEYS = records.SAMPLE_KEYS
+
+
+def _paths(data_dir_or_paths) -> list:
+  if isinstance(data_dir_or_paths, str):
+    return records.shard_paths(data_dir_or_paths)
+  paths = list(data_dir_or_paths)
+  for p in paths:
+    if not os.path.exists(p):
+      raise FileNotFoundError(f"{p}: no such shard")
+  return paths
+
+
+class _DecodeWithIndex(grain.transforms.Map):
+  """(index, bytes) -> decoded record dict with 'index'."""
+
+  def map(self, pair):
+    i, data = pair
+    rec = records.decode_record(data)
+    rec["index"] = np.int64(i)
+    return rec
+
+
+def _with_index(i, data):
+  return i, data
+
+
+def instance_conditions(image: np.ndarray, mask: np.ndarray, n_max: int) -> np.ndarray:
+  """[n_max,H,W,7] uint8: (instance on white, full image, binary mask*255) per slot."""
+  h, w, _ = image.shape
+  ids = np.arange(1, n_max + 1)[:, None, None]
+  m = mask[None] == ids  # [n_max,H,W]
+  inst = np.where(m[..., None], image[None], np.uint8(255))
+  full = np.broadcast_to(image[None], (n_max, h, w, 3))
+  return np.concatenate([inst, full, (m[..., None] * 255).astype(np.uint8)], axis=-1)
+
+
+class PadComponents(grain.transforms.RandomMap):
+  """Random component order, point subsets, pad to n_max + component mask, random view.
+
+  n_points: {'surface': Ns or None, 'query': Nq or None}: random subsets (the same indices
+  for every part of one element) of the stored surface / SDF points.
+  """
+
+  def __init__(self, n_max: int, keys: Sequence[str], n_points: Optional[dict] = None,
+               per_instance_cond: bool = False):
+    self.n_max = n_max
+    self.keys = tuple(keys)
+    self.n_points = dict(n_points or {})
+    self.per_instance_cond = per_instance_cond
+
+  def _point_subsets(self, rec, rng):
+    groups = {"surface": ("surface_points", "surface_normals"),
+              "query": ("sdf_points", "sdf_values")}
+    idx = {}
+    for g, ks in groups.items():
+      want = self.n_points.get(g)
+      if want is None or ks[0] not in rec:
+        continue
+      have = rec[ks[0]].shape[1]
+      if want > have:
+        raise ValueError(f"record {rec['meta'].get('key')}: asks {want} {g} points, has {have}")
+      if want < have:
+        sel = np.sort(rng.choice(have, size=want, replace=False))
+        for k in ks:
+          idx[k] = sel
+    return idx
+
+  def random_map(self, rec: dict, rng: np.random.Generator) -> dict:
+    meta = rec["meta"]
+    n = int(meta["num_parts"])
+    order = rng.permutation(n)[: self.n_max]
+    k = len(order)
+    sub = self._point_subsets(rec, rng)
+    out = {}
+    for key in self.keys:
+      arr = rec[key]
+      if arr.shape[0] != n:
+        raise ValueError(f"record {meta.get('key')}: {key} has {arr.shape[0]} parts, "
+                         f"meta says {n}")
+      take = arr[order]
+      if key in sub:
+        take = take[:, sub[key]]
+      pad = np.zeros((self.n_max,) + take.shape[1:], dtype=np.float32)
+      pad[:k] = take
+      out[key] = pad
+    mask = np.zeros(self.n_max, dtype=bool)
+    mask[:k] = True
+    out["component_mask"] = mask
+    out["num_components"] = np.int32(k)
+    v = int(rng.integers(rec["images"].shape[0]))
+    remap = np.zeros(256, dtype=np.uint8)  # old id (i + 1) -> new slot (j + 1), dropped -> 0
+    remap[order + 1] = np.arange(1, k + 1, dtype=np.uint8)
+    out["image"] = rec["images"][v]
+    out["mask"] = remap[rec["masks"][v]]
+    out["is_scene"] = np.bool_(meta.get("type") == "scene")
+    out["index"] = rec["index"]
+    if self.per_instance_cond:
+      out["cond"] = instance_conditions(out["image"], out["mask"], self.n_max)
+    return out
+
+
+def _pipeline(paths, *, keys, n_points, batch_size, n_max, seed, num_epochs, shuffle,
+              process_index, process_count, drop_remainder, per_instance_cond):
+  if (process_index is None) != (process_count is None):
+    raise ValueError("give both process_index and process_count, or neither")
+  if process_index is None:
+    import jax  # pylint: disable=g-import-not-at-top  (only to ask which process we are)
+    process_index, process_count = jax.process_index(), jax.process_count()
+  ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+  ds = ds.map_with_index(_with_index)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds[process_index::process_count]
+  if num_epochs != 1:
+    ds = ds.repeat(num_epochs)
+  ds = ds.map(_DecodeWithIndex())
+  ds = ds.random_map(PadComponents(n_max, keys, n_points, per_instance_cond), seed=seed + 1)
+  if batch_size:
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  return ds
+
+
+def vae_dataset(data_dir_or_paths, *, batch_size: int, n_max: int = 32, seed: int = 0,
+                n_surface: Optional[int] = None, n_query: Optional[int] = None,
+                num_epochs: Optional[int] = None, shuffle: bool = True,
+                process_index: Optional[int] = None, process_count: Optional[int] = None,
+                drop_remainder: bool = True, per_instance_cond: bool = False):
+  """MapDataset of padded VAE-sample batches (see the module docstring for the keys).
+
+  num_epochs=None repeats forever; process_index/count default to jax.process_index/count.
+  """
+  return _pipeline(_paths(data_dir_or_paths), keys=SAMPLE_KEYS + ("part_bounds",),
+                   n_points={"surface": n_surface, "query": n_query},
+                   batch_size=batch_size, n_max=n_max, seed=seed, num_epochs=num_epochs,
+                   shuffle=shuffle, process_index=process_index, process_count=process_count,
+                   drop_remainder=drop_remainder, per_instance_cond=per_instance_cond)
+
+
+def latent_dataset(data_dir_or_paths, *, batch_size: int, n_max: int = 32, seed: int = 0,
+                   num_epochs: Optional[int] = None, shuffle: bool = True,
+                   process_index: Optional[int] = None, process_count: Optional[int] = None,
+                   drop_remainder: bool = True, per_instance_cond: bool = False):
+  """MapDataset of padded latent batches for the DiT (see the module docstring)."""
+  return _pipeline(_paths(data_dir_or_paths), keys=("latents", "part_bounds"), n_points={},
+                   batch_size=batch_size, n_max=n_max, seed=seed, num_epochs=num_epochs,
+                   shuffle=shuffle, process_index=process_index, process_count=process_count,
+                   drop_remainder=drop_remainder, per_instance_cond=per_instance_cond)
+
+
+def make_iterator(ds: grain.MapDataset, prefetch_workers: int = 0,
+                  prefetch_buffer: int = 2):
+  """Iterator over `ds`; prefetch_workers > 0 adds grain mp_prefetch worker processes.
+
+  The returned `grain.DatasetIterator` supports get_state() / set_state(state) (a small
+  JSON-able dict) to resume exactly where it was (checkpoint it with the model).
+  """
+  it_ds = ds.to_iter_dataset()
+  if prefetch_workers > 0:
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=prefetch_workers, per_worker_buffer_size=prefetch_buffer))
+  return iter(it_ds)

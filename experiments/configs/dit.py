@@ -1,0 +1,72 @@
+"""DiT training configs: `--config=experiments/configs/dit.py:SIZE[,scene]`.
+
+SIZE: 'tiny' (tests and the CPU demo: seconds per step on 2 cores), 'small' (the bundled
+model), 'paper' (the published size: 21 blocks, width 2048, DINOv2-L-sized encoder).
+Append ',scene' for the scene model (7-channel encoder input: instance on white, scene,
+mask). Every field can be overridden on the command line (--config.optim.lr=3e-4).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from moca_jax.dit import dit_config
+from moca_jax.image_encoder import encoder_config
+from moca_jax.train_lib import default_optim_config
+
+#        DiT    encoder  batch  steps  N_max  lr     warmup  ckpt_every
+_SIZES = {
+    "tiny": ("tiny", "tiny", 8, 200, 4, 1e-3, 20, 100),
+    "small": ("small", "small", 64, 50_000, 16, 1e-4, 1000, 1000),
+    "paper": ("paper", "large", 1024, 40_000, 32, 1e-4, 1000, 1000),
+}
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  parts = [p for p in (arg or "tiny").split(",") if p]
+  size, scene = parts[0], "scene" in parts[1:]
+  if size not in _SIZES:
+    raise ValueError(f"dit config: unknown size {size!r}; expected one of {sorted(_SIZES)}")
+  dit_size, enc_size, batch, steps, n_max, lr, warmup, every = _SIZES[size]
+
+  c = ml_collections.ConfigDict()
+  c.size = size
+  c.mode = "scene" if scene else "object"
+  c.seed = 0
+  c.batch_size = batch
+  c.num_steps = steps
+  c.log_every = 10
+  c.distributed = False          # jax.distributed.initialize() before anything else
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.checkpoint = ml_collections.ConfigDict(dict(every=every, keep=3, async_save=True))
+
+  c.optim = default_optim_config()
+  c.optim.lr, c.optim.warmup_steps, c.optim.total_steps = lr, warmup, steps
+  c.optim.schedule = "constant"
+  c.optim.ema_decay = 0.999 if size == "tiny" else 0.9999
+
+  c.flow = ml_collections.ConfigDict(dict(cfg_dropout=0.1, t_mean=0.0, t_std=1.0, t_shift=1.0))
+
+  c.model = ml_collections.ConfigDict()
+  c.model.encoder = encoder_config(enc_size, in_channels=7 if scene else 3)
+  c.model.dit = dit_config(dit_size)
+  c.model.dit.cond_dim = c.model.encoder.width
+  if size == "paper":
+    c.model.encoder.dtype = "bfloat16"
+    c.model.encoder.attention_implementation = "cudnn"
+    c.model.encoder.remat = True
+    c.model.dit.remat = "dots"
+
+  # Data: 'records' reads the latent ArrayRecord shards of the data pipeline (data.dir);
+  # 'synthetic' makes deterministic random latents and images in memory (benchmarks, tests).
+  c.data = ml_collections.ConfigDict(dict(
+      source="records", dir="", split="train", max_components=n_max, image_size=0,
+      view="random", shuffle_seed=0, num_workers=0, synthetic_examples=64))
+
+  # The frozen VAE that decodes the latents (its train_vae workdir); stored in every DiT
+  # checkpoint so generation can find it.
+  c.vae = ml_collections.ConfigDict(dict(workdir=""))
+
+  c.sample = ml_collections.ConfigDict(dict(steps=50, cfg_scale=7.0, method="euler",
+                                            time_shift=1.0))
+  return c

@@ -1,0 +1,143 @@
+"""experiments/evaluate.py without a model: ground truth vs perturbed meshes."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import trimesh
+from PIL import Image
+
+from experiments import evaluate as E
+from moca_jax import metrics as M
+
+FAST = E.MetricSettings(num_samples=3000, voxel_resolution=32)
+
+
+def _item(kind='object', n=3, seed=0):
+  rng = np.random.default_rng(seed)
+  parts = []
+  for i in range(n):
+    b = trimesh.creation.box(extents=rng.uniform(0.3, 0.8, 3))
+    b.apply_translation((1.2 * i, 0, 0))
+    parts.append(b)
+  image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+  masks = np.zeros((n, 32, 32), bool) if kind == 'scene' else None
+  return E.EvalItem(name=f'{kind}{seed}', kind=kind, gt_parts=parts, image=image, masks=masks)
+
+
+@pytest.mark.parametrize('kind', ['object', 'scene'])
+def test_ground_truth_scores_perfect_and_noise_degrades(kind):
+  items = [_item(kind, seed=s) for s in range(2)]
+  exact = E.evaluate_items(items, E.perturbed_gt_predict_fn(0.0), FAST, progress=False)
+  cd_key = 'cd' if kind == 'object' else 'cd_scene'
+  f_key = 'fscore@0.1' if kind == 'object' else 'fscore_scene@0.1'
+  assert exact['mean'][cd_key] == 0.0 and exact['mean'][f_key] == 1.0
+  assert exact['mean']['self_iou'] == 0.0 and exact['mean']['count'] == 2.0
+  cds = [E.evaluate_items(items, E.perturbed_gt_predict_fn(s), FAST, progress=False)
+         ['mean'][cd_key] for s in (0.01, 0.05)]
+  assert 0.0 < cds[0] < cds[1]
+
+
+def test_scene_dropped_instance_penalised_at_object_level():
+  item = _item('scene', n=4)
+  r = E.evaluate_items([item], E.perturbed_gt_predict_fn(0.0, drop_last=True), FAST,
+                       progress=False)
+  np.testing.assert_allclose(r['rows'][0]['cd_obj'], M.EMPTY_CHAMFER / 4, rtol=1e-9)
+  assert r['rows'][0]['fscore_obj@0.1'] == pytest.approx(0.75)
+
+
+def test_failing_prediction_is_skipped_and_reported():
+  def predict(item):
+    if item.name == 'object1':
+      raise RuntimeError('boom')
+    return item.gt_parts
+  r = E.evaluate_items([_item(seed=0), _item(seed=1)], predict, FAST, progress=False)
+  assert [row['name'] for row in r['rows']] == ['object0']
+  assert r['skipped'][0]['name'] == 'object1' and 'boom' in r['skipped'][0]['reason']
+
+
+def test_tables_have_the_paper_columns():
+  t1 = E.table1_markdown({'ours': {'self_iou': 0.01, 'cd': 0.1, 'fscore@0.1': 0.9,
+                                   'fscore@0.05': 0.7, 'count': 3.0}})
+  lines = t1.strip().splitlines()
+  assert 'Self-IoU' in lines[0] and 'Fscore-0.05' in lines[0]
+  assert lines[2].startswith('| ours | 0.0100 | 0.1000 | 0.9000 | 0.7000 | 3 |')
+  assert all(l.count('|') == lines[0].count('|') for l in lines)
+  t2 = E.table2_markdown({'ours': {'self_iou': 0.0, 'cd_scene': 0.2, 'count': 1.0}})
+  lines = t2.strip().splitlines()
+  assert 'CD-Scene' in lines[0] and 'Fscore-Obj' in lines[0]
+  assert '| ours | 0.0000 | 0.2000 | - | - | - | 1 |' == lines[2]
+  assert all(l.count('|') == lines[0].count('|') for l in lines)
+
+
+def test_write_report_outputs(tmp_path):
+  items = [_item('scene', seed=0)]
+  r = E.evaluate_items(items, E.perturbed_gt_predict_fn(0.02), FAST, progress=False)
+  b, g, h, n, k = 1, 2, 4, 3, 1
+  r['routing'] = {'importances': np.random.default_rng(0).random((b, g, h, n, n)),
+                  'selections': np.zeros((b, g, h, n, k), np.int32) + 1}
+  written = E.write_report(str(tmp_path), r, 'scene', meta={'note': 'test'})
+  doc = json.load(open(written['json']))
+  assert doc['mean']['count'] == 1.0 and doc['rows'][0]['name'] == 'scene0'
+  assert doc['meta']['note'] == 'test' and 'cores' in doc['meta']['machine']
+  assert 'CD-Scene' in open(written['markdown']).read()
+  for key in ('grid', 'router'):
+    with Image.open(written[key]) as im:
+      assert im.format == 'PNG'
+  assert os.listdir(written['tensorboard'])
+
+
+def test_router_slice_layouts():
+  a = np.arange(2 * 3 * 4 * 5 * 5).reshape(2, 3, 4, 5, 5)
+  np.testing.assert_array_equal(E._router_slice(a, 1, 2, -1), a[1, 2])
+  np.testing.assert_array_equal(E._router_slice(a[None], 1, 2, 0), a[1, 2])
+  with pytest.raises(ValueError):
+    E._router_slice(a[0, 0, 0, 0], 0, 0, 0)
+
+
+def test_items_from_glb_dir(tmp_path):
+  a, b = trimesh.creation.box(), trimesh.creation.icosphere(radius=0.4)
+  b.apply_translation((1, 0, 0))
+  trimesh.Scene([a, b]).export(str(tmp_path / 'two.glb'))
+  trimesh.Scene([a]).export(str(tmp_path / 'one.glb'))
+  Image.fromarray(np.full((20, 20, 3), 7, np.uint8)).save(tmp_path / 'one.png')
+  (tmp_path / 'bad.glb').write_bytes(b'not a glb')
+  skipped = []
+  items = list(E.items_from_glb_dir(str(tmp_path), image_size=48, skipped=skipped))
+  assert [i.name for i in items] == ['one.glb', 'two.glb']
+  assert len(items[1].gt_parts) == 2
+  assert items[0].image.shape == (20, 20, 3) and np.all(items[0].image == 7)  # given render
+  assert items[1].image.shape == (48, 48, 3)  # rendered here
+  assert skipped and skipped[0]['name'] == 'bad.glb'
+  with pytest.raises(FileNotFoundError):
+    list(E.items_from_glb_dir(str(tmp_path / 'missing')))
+
+
+def test_procedural_split_items():
+  items = list(E.items_from_split('test_tiny', 'scene', limit=1, image_size=48))
+  (it,) = items
+  assert it.kind == 'scene' and it.image.shape == (48, 48, 3)
+  assert it.masks.shape == (len(it.gt_parts), 48, 48) and it.masks.any()
+
+
+def test_benchmark_nn_rows_agree():
+  rows = E.benchmark_nn(sizes=(300,), repeats=1)
+  assert {r['backend'] for r in rows} == set(M.NN_BACKENDS)
+  assert all(r['max_abs_diff'] < 1e-4 and r['median_s'] > 0 for r in rows)
+
+
+def test_cli_perturbed_run(tmp_path):
+  out = tmp_path / 'eval'
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  res = subprocess.run(
+      [sys.executable, '-m', 'experiments.evaluate', '--split=test_tiny', '--kind=object',
+       '--limit=1', '--perturb=0.01', '--num_samples=2000', '--voxel_resolution=32',
+       '--image_size=48', f'--out_dir={out}'],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+      capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-2000:]
+  doc = json.load(open(out / 'metrics.json'))
+  assert doc['mean']['count'] == 1.0 and 0 < doc['mean']['cd'] < 0.1
+  assert (out / 'grid.png').exists() and (out / 'table.md').exists()
