@@ -63,8 +63,14 @@ class _DecodeWithIndex(grain.transforms.Map):
     return rec
 
 
-def _with_index(i, data):
-  return i, data
+class _WithIndex(grain.transforms.MapWithIndex):
+  """data -> (record index, data); grain passes epoch-offset indices past len, so wrap."""
+
+  def __init__(self, n: int):
+    self.n = n
+
+  def map_with_index(self, i, data):
+    return i % self.n, data
 
 
 def instance_conditions(image: np.ndarray, mask: np.ndarray, n_max: int) -> np.ndarray:
@@ -150,7 +156,7 @@ def _pipeline(paths, *, keys, n_points, batch_size, n_max, seed, num_epochs, shu
     import jax  # pylint: disable=g-import-not-at-top  (only to ask which process we are)
     process_index, process_count = jax.process_index(), jax.process_count()
   ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
-  ds = ds.map_with_index(_with_index)
+  ds = ds.map_with_index(_WithIndex(len(ds)))
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds[process_index::process_count]
@@ -199,6 +205,9 @@ def make_iterator(ds: grain.MapDataset, prefetch_workers: int = 0,
   """
   it_ds = ds.to_iter_dataset()
   if prefetch_workers > 0:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults are fine)
+      flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=prefetch_workers, per_worker_buffer_size=prefetch_buffer))
   return iter(it_ds)

@@ -263,8 +263,9 @@ def write_atomic(path, text):
 
 def markdown(report) -> str:
   dev = report["device"]
-  lines = [f"# MoC vs dense global attention, paper-size DiT ({dev})", "",
-           f"Machine: {dev}, {report['platform']}; jax {report['jax']}; bf16, cuDNN attention, "
+  lines = [f"# MoC vs dense global attention, {report.get('size', 'paper')}-size DiT ({dev})", "",
+           f"Machine: {dev}, {report['platform']}; jax {report['jax']}; bf16, "
+           f"{report.get('implementation', 'cudnn')} attention, "
            f"random weights, B = 1 object, L = {report['seq_len']}, no CFG batch. "
            f"Median of {report['iters']} runs after warm-up, compile excluded.", ""]
   if report.get("checks"):
@@ -343,6 +344,7 @@ def main(argv=None):
             "seq_len": args.seq_len, "iters": args.iters, "gather": args.gather, "rows": {},
             "partcrafter_h100_ms_measured_by_others": PARTCRAFTER_H100}
   impl = "cudnn" if dev.platform == "gpu" else "xla"
+  report["implementation"] = impl
   spec = spec_for(args.size, attention_implementation=impl, gather=args.gather, dtype="bfloat16")
   report["size"] = args.size
 

@@ -132,6 +132,6 @@ def test_build_from_directory_skips_and_reports(user_dir, tmp_path):
   pts, d = chair["sdf_points"][seat], chair["sdf_values"][seat]
   obj = ingest.load_object(os.path.join(user_dir, "chair.glb"))
   s = obj.scale
-  np.testing.assert_allclose(s, 1.9 / 1.15, rtol=1e-6)  # longest side (y) 1.15 -> 1.9
+  np.testing.assert_allclose(s, 1.9 / 1.15, rtol=2e-3)  # longest side (y) ~1.15 -> 1.9
   box = P.Box(half_extents=(0.5 * s, 0.1 * s, 0.4 * s), translation=-obj.center * s)
   np.testing.assert_allclose(d, box.sdf(pts), atol=2e-5)

@@ -1,0 +1,116 @@
+r"""Data pipeline throughput: building (procedural, ingested) and loading, items per second.
+
+  python -m data_pipeline.benchmark [--workers=2] [--out=experiments/results]
+
+Measures on this machine, with the default BuildConfig (2048 surface + 3072 SDF points per
+part, 2 views at 224 px):
+  build_procedural   `procedural:tiny` (13 objects + 2 scenes) -> shards
+  build_ingested     12 GLB files (procedural objects exported with one node per part)
+  load               vae_dataset (batch 4, n_max 32) elements per second, with and without
+                     mp_prefetch workers
+Prints a table and writes <out>/data_pipeline.md and .json (naming the machine).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+
+import numpy as np
+import trimesh
+from absl import app, flags
+
+from data_pipeline import loader, make, procedural
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("workers", 2, "Worker processes for building and prefetching.")
+flags.DEFINE_string("out", "experiments/results", "Where to write the results.")
+flags.DEFINE_integer("load_batches", 20, "Batches to time when loading.")
+
+
+def machine() -> str:
+  cpu = platform.processor() or "cpu"
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  return f"{platform.node()} / {cpu} / {os.cpu_count()} visible cores / Python {platform.python_version()}"
+
+
+def _write_user_meshes(directory: str, n: int):
+  cats = sorted(procedural.CATEGORIES)
+  for i in range(n):
+    s = procedural.make_object(cats[i % len(cats)], np.random.default_rng(1000 + i))
+    sc = trimesh.Scene()
+    for j, p in enumerate(s.parts):
+      sc.add_geometry(p.to_mesh(32), node_name=f"{p.name}_{j}", geom_name=f"{p.name}_{j}")
+    sc.export(os.path.join(directory, f"obj{i:03d}.glb"))
+
+
+def _time_build(source, out, workers):
+  t = time.perf_counter()
+  m = make.build(source, out, num_shards=2, cfg=make.BuildConfig(), workers=workers,
+                 progress=False)
+  dt = time.perf_counter() - t
+  return {"items": m["count"], "skipped": len(m["skipped"]), "seconds": round(dt, 3),
+          "items_per_s": round(m["count"] / dt, 3), "workers": workers}
+
+
+def _time_load(data_dir, workers, batches):
+  ds = loader.vae_dataset(data_dir, batch_size=4, n_max=32, seed=0, process_index=0,
+                          process_count=1)
+  it = loader.make_iterator(ds, prefetch_workers=workers)
+  next(it)  # start-up (worker spawn) not counted
+  t = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  dt = time.perf_counter() - t
+  if hasattr(it, "close"):
+    it.close()
+  return {"elements": 4 * batches, "seconds": round(dt, 3),
+          "elements_per_s": round(4 * batches / dt, 2), "prefetch_workers": workers}
+
+
+def main(argv):
+  del argv
+  rows = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for w in sorted({0, FLAGS.workers}):
+      rows[f"build_procedural_w{w}"] = _time_build("procedural:tiny",
+                                                   os.path.join(tmp, f"proc{w}"), w)
+    user = os.path.join(tmp, "user")
+    os.makedirs(user)
+    _write_user_meshes(user, 12)
+    for w in sorted({0, FLAGS.workers}):
+      rows[f"build_ingested_w{w}"] = _time_build(user, os.path.join(tmp, f"user{w}"), w)
+    for w in sorted({0, FLAGS.workers}):
+      rows[f"load_w{w}"] = _time_load(os.path.join(tmp, "proc0"), w, FLAGS.load_batches)
+  result = {"machine": machine(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            "config": "default BuildConfig (2048 surface + 2048 near + 1024 volume points "
+                      "per part, 2 views at 224 px)", "rows": rows}
+  lines = ["# Data pipeline throughput", "", f"Machine: {result['machine']}  ",
+           f"Date (UTC): {result['date_utc']}  ", f"Config: {result['config']}", "",
+           "| measurement | workers | items | seconds | items/s |", "|---|---|---|---|---|"]
+  for name, r in rows.items():
+    if name.startswith("load"):
+      lines.append(f"| {name} (vae_dataset, batch 4, n_max 32) | {r['prefetch_workers']} | "
+                   f"{r['elements']} | {r['seconds']} | {r['elements_per_s']} |")
+    else:
+      lines.append(f"| {name} | {r['workers']} | {r['items']} | {r['seconds']} | "
+                   f"{r['items_per_s']} |")
+  text = "\n".join(lines) + "\n"
+  print(text)
+  os.makedirs(FLAGS.out, exist_ok=True)
+  from data_pipeline import records  # pylint: disable=g-import-not-at-top
+  records.atomic_write_bytes(os.path.join(FLAGS.out, "data_pipeline.md"), text.encode())
+  records.atomic_write_json(os.path.join(FLAGS.out, "data_pipeline.json"), result)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,143 @@
+"""grain loaders: shapes, padding and masks, deterministic shuffling, process covers, state."""
+import numpy as np
+import pytest
+
+from data_pipeline import loader, make, records, sampling
+
+SMALL = make.BuildConfig(
+    sample=sampling.SampleConfig(n_surface=64, n_near=48, n_volume=16, mesh_segments=16),
+    image_size=32, num_views=2, render_segments=12, num_previews=0)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("loader"))
+  make.build("procedural:tiny", out, num_shards=2, cfg=SMALL, progress=False)
+  return out
+
+
+@pytest.fixture(scope="module")
+def stored(data_dir):
+  """index in the ArrayRecordDataSource order -> decoded record."""
+  recs = [records.decode_record(r) for p in records.shard_paths(data_dir)
+          for r in records.read_shard(p)]
+  return dict(enumerate(recs))
+
+
+def _ds(data_dir, **kw):
+  args = dict(batch_size=3, n_max=8, seed=0, process_index=0, process_count=1)
+  args.update(kw)
+  return loader.vae_dataset(data_dir, **args)
+
+
+def test_shapes_padding_and_mask(data_dir, stored):
+  ds = _ds(data_dir, n_surface=32, n_query=40, num_epochs=1)
+  for batch in ds:
+    assert batch["surface_points"].shape == (3, 8, 32, 3)
+    assert batch["surface_normals"].shape == (3, 8, 32, 3)
+    assert batch["sdf_points"].shape == (3, 8, 40, 3) and batch["sdf_values"].shape == (3, 8, 40)
+    assert batch["image"].shape == (3, 32, 32, 3) and batch["mask"].shape == (3, 32, 32)
+    for b in range(3):
+      rec = stored[int(batch["index"][b])]
+      n = min(rec["meta"]["num_parts"], 8)
+      m = batch["component_mask"][b]
+      assert m.sum() == n == batch["num_components"][b] and np.all(m[:n])
+      assert np.all(batch["surface_points"][b, n:] == 0) and np.all(batch["sdf_values"][b, n:] == 0)
+      # each real slot holds one distinct stored part, with points and values still paired
+      order = []
+      for j in range(n):
+        pts = batch["surface_points"][b, j]
+        hit = [i for i in range(rec["meta"]["num_parts"])
+               if np.isin(pts[:, 0], rec["surface_points"][i][:, 0]).all()]
+        assert len(hit) == 1
+        order.append(hit[0])
+        q = batch["sdf_points"][b, j]
+        k = np.array([np.flatnonzero((rec["sdf_points"][hit[0]] == x).all(-1))[0] for x in q])
+        np.testing.assert_array_equal(batch["sdf_values"][b, j], rec["sdf_values"][hit[0]][k])
+      assert len(set(order)) == n
+      # the mask is a stored view's ids, renumbered to the new slot order
+      remap = np.zeros(256, np.uint8)
+      remap[np.array(order) + 1] = np.arange(1, n + 1)
+      assert any(np.array_equal(batch["mask"][b], remap[v]) and
+                 np.array_equal(batch["image"][b], img)
+                 for v, img in zip(rec["masks"], rec["images"]))
+
+
+def test_component_order_is_random(data_dir):
+  firsts = set()
+  for seed in range(4):
+    batch = next(iter(_ds(data_dir, seed=seed, shuffle=False, n_max=32)))
+    firsts.add(batch["surface_points"][0, 0, 0, 0].item())
+  assert len(firsts) > 1
+
+
+def test_shuffle_is_deterministic_by_seed(data_dir):
+  def order(seed):
+    return [int(i) for b in _ds(data_dir, seed=seed, num_epochs=1, batch_size=1)
+            for i in b["index"]]
+  a, b, c = order(0), order(0), order(1)
+  assert a == b and a != c and sorted(a) == sorted(c) == list(range(len(a)))
+  # a second epoch is reshuffled
+  two = [int(i) for x in _ds(data_dir, seed=0, num_epochs=2, batch_size=1) for i in x["index"]]
+  assert two[: len(a)] == a and two[len(a):] != a and sorted(two[len(a):]) == sorted(a)
+
+
+def test_two_processes_read_disjoint_covers(data_dir, stored):
+  seen = []
+  for p in range(2):
+    ds = _ds(data_dir, process_index=p, process_count=2, num_epochs=1, batch_size=1)
+    seen.append([int(b["index"][0]) for b in ds])
+  assert not set(seen[0]) & set(seen[1])
+  assert sorted(seen[0] + seen[1]) == sorted(stored)
+
+
+def test_iterator_state_round_trip(data_dir):
+  ds = _ds(data_dir)
+  it = loader.make_iterator(ds)
+  for _ in range(2):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  it2 = loader.make_iterator(_ds(data_dir))
+  it2.set_state(state)
+  for want in expected:
+    got = next(it2)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_instance_conditions():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 255, size=(5, 6, 3)).astype(np.uint8)
+  mask = rng.integers(0, 4, size=(5, 6)).astype(np.uint8)
+  c = loader.instance_conditions(image, mask, 4)
+  assert c.shape == (4, 5, 6, 7) and c.dtype == np.uint8
+  for j in range(4):
+    m = mask == j + 1
+    np.testing.assert_array_equal(c[j, ..., :3][m], image[m])
+    assert np.all(c[j, ..., :3][~m] == 255)
+    np.testing.assert_array_equal(c[j, ..., 3:6], image)
+    np.testing.assert_array_equal(c[j, ..., 6], m * 255)
+
+
+def test_latent_view_padding(tmp_path):
+  rng = np.random.default_rng(1)
+  for k, n in enumerate((3, 5)):
+    arrays = dict(latents=rng.normal(size=(n, 4, 2)).astype(np.float32),
+                  part_bounds=np.zeros((n, 2, 3), np.float32),
+                  images=np.zeros((1, 8, 8, 3), np.uint8), masks=np.zeros((1, 8, 8), np.uint8))
+    records.write_shard(str(tmp_path / f"shard-{k:05d}-of-00002.array_record"),
+                        [records.encode_record(arrays, {"num_parts": n, "type": "object"})])
+    open(tmp_path / f"shard-{k:05d}-of-00002.json", "w").write("{}")
+  ds = loader.latent_dataset(str(tmp_path), batch_size=2, n_max=4, shuffle=False,
+                             process_index=0, process_count=1, num_epochs=1)
+  (batch,) = list(ds)
+  assert batch["latents"].shape == (2, 4, 4, 2)
+  np.testing.assert_array_equal(batch["num_components"], [3, 4])  # 5 parts cut to n_max=4
+  np.testing.assert_array_equal(batch["component_mask"].sum(1), [3, 4])
+  assert np.all(batch["latents"][0, 3] == 0)
+
+
+def test_missing_data_dir_raises(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no finished shards"):
+    loader.vae_dataset(str(tmp_path), batch_size=1, process_index=0, process_count=1)
