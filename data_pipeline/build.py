@@ -4,7 +4,8 @@ r"""Build dataset shards of per-part samples and renders.
   python -m data_pipeline.build --source=/path/to/meshes --out=data/mine --num_shards=8 \
       --shard_index=3 --workers=4
 
---source: 'procedural:SPLIT' (tiny | test_tiny | small | test) or a directory of user meshes
+--source: 'procedural:SPLIT' (tiny | test_tiny | small | test; append ':objects' or ':scenes'
+for one kind only) or a directory of user meshes
 (GLB/glTF/OBJ/PLY files, each geometry a part, or sub-folders of per-part files).
 --shard_index=-1 (default) builds all unfinished shards in this process; S jobs with
 --shard_index=0..S-1 build in parallel. Finished shards are skipped (resume). Bad inputs are
@@ -19,7 +20,7 @@ from absl import app, flags
 from data_pipeline import ingest, make, sampling
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("source", None, "procedural:SPLIT or a directory of meshes.")
+flags.DEFINE_string("source", None, "procedural:SPLIT[:objects|:scenes] or a mesh directory.")
 flags.DEFINE_string("out", None, "Output directory.")
 flags.DEFINE_integer("num_shards", 1, "Number of shards S.")
 flags.DEFINE_integer("shard_index", -1, "Shard to build (0..S-1), -1 = all unfinished.")

@@ -49,11 +49,15 @@ class WorkItem:
 
 
 def resolve_source(source: str, base_seed: int = 0) -> List[WorkItem]:
-  """'procedural:SPLIT' -> the split's items; a directory -> its object inputs (sorted)."""
+  """'procedural:SPLIT[:objects|:scenes]' -> the split's items (both kinds unless one is
+  named); a directory -> its object inputs (sorted)."""
   if source.startswith("procedural:"):
-    split = source.split(":", 1)[1]
+    split, _, which = source.split(":", 1)[1].partition(":")
+    kinds = {"": ("object", "scene"), "objects": ("object",), "scenes": ("scene",)}
+    if which not in kinds:
+      raise ValueError(f"{source}: expected procedural:SPLIT[:objects|:scenes]")
     return [WorkItem(key=it.key, procedural=it)
-            for it in procedural.split_items(split, base_seed)]
+            for it in procedural.split_items(split, base_seed, kinds[which])]
   items = ingest_lib.list_inputs(source)
   root = os.path.abspath(source)
   return [WorkItem(key="user/" + os.path.relpath(os.path.abspath(p), root), path=p)

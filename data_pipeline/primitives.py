@@ -175,10 +175,17 @@ class Primitive:
     return d, g @ self.rotation.T
 
   def to_mesh(self, segments: int = 48) -> trimesh.Trimesh:
-    """Watertight triangle mesh of the placed primitive (`segments` around curves)."""
-    m = self._mesh(int(segments))
-    m.apply_transform(self.matrix)
-    return m
+    """Watertight triangle mesh of the placed primitive (`segments` around curves).
+
+    Meshes are cached per instance (primitives are immutable); a fresh copy is returned.
+    """
+    cache = self.__dict__.setdefault("_mesh_cache", {})
+    key = int(segments)
+    if key not in cache:
+      m = self._mesh(key)
+      m.apply_transform(self.matrix)
+      cache[key] = m
+    return cache[key].copy()
 
   def center(self) -> np.ndarray:
     return self.translation.copy()

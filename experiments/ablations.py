@@ -152,9 +152,14 @@ def summarize_training(result, workdir: str) -> Dict[str, float]:
   return out
 
 
-def _default_train_fn(config, workdir):
-  from experiments import train_dit  # pylint: disable=g-import-not-at-top
-  return summarize_training(train_dit.train_and_evaluate(config, workdir), workdir)
+def make_train_fn(show_progress: bool = True, eval_batches: int = 2) -> Callable:
+  """train_fn(config, workdir) -> scalars, via experiments.train_dit.train_and_evaluate."""
+  def train_fn(config, workdir):
+    from experiments import train_dit  # pylint: disable=g-import-not-at-top
+    res = train_dit.train_and_evaluate(config, workdir, show_progress=show_progress,
+                                       eval_batches=eval_batches)
+    return summarize_training(res, workdir)
+  return train_fn
 
 
 def make_generation_eval_fn(split: str = 'test_tiny', limit: Optional[int] = None,
@@ -193,13 +198,13 @@ def run_ablations(base_config, workdir: str, variants: Sequence[str] = DEFAULT_O
                   train_keys: Optional[Sequence[str]] = None) -> dict:
   """Trains and evaluates every variant; writes table3.md and ablations.json in workdir.
 
-  train_fn(config, workdir) -> dict (default experiments.train_dit.train_and_evaluate);
+  train_fn(config, workdir) -> dict of scalars (default `make_train_fn()`: train_dit);
   eval_fn(config, workdir) -> mean metrics dict or None (default: none, keep the training
   helper's own evaluation). train_keys: scalar entries of the training result to show as
   table columns (default: every scalar key whose name contains 'loss', up to 3).
   Returns {'results': {variant: {...}}, 'table': markdown}.
   """
-  train_fn = train_fn or _default_train_fn
+  train_fn = train_fn or make_train_fn()
   for v in variants:
     variant_config(base_config, v)  # validate names and fields before any training
   os.makedirs(workdir, exist_ok=True)

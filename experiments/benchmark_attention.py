@@ -213,7 +213,7 @@ def bench_core(n, seq_len, spec, iters, log):
 
 def bench_blocks(n, seq_len, spec, iters, log, size="paper"):
   """One local block and one global block (MoC / dense) of the paper DiT."""
-  t_c = seq_len + spec.num_compressed + 2
+  t_c = seq_len + spec.num_compressed + 1
   x = jax.random.normal(jax.random.key(1), (1, n, t_c, spec.width), jnp.float32).astype(jnp.bfloat16)
   cond = jax.random.normal(jax.random.key(2), (1, 257, spec.cond_dim), jnp.float32).astype(jnp.bfloat16)
   res = {}

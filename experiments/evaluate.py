@@ -4,9 +4,11 @@ Usage:
   # Held-out procedural split (objects -> Table 1, scenes -> Table 2):
   python -m experiments.evaluate --checkpoint_dir=/tmp/dit --split=test_tiny --kind=object \
       --out_dir=experiments/results/eval_test_tiny_object
-  # A folder of user meshes: every NAME.glb (or .gltf/.obj/.ply) with an optional render
-  # NAME.png/.jpg beside it (rendered here when missing); scenes also take NAME.masks.npy
-  # ([N,H,W] bool, instance i = component i of the GLB).
+  # A folder of user meshes, laid out as data_pipeline.ingest reads them (NAME.glb/.gltf/
+  # .obj/.ply = one object whose geometries are its parts; a sub-folder = one object of
+  # per-part files), with an optional render NAME.png/.jpg (sub-folder: render.png) beside
+  # it (rendered here when missing); scenes also take NAME.masks.npy ([N,H,W] bool,
+  # instance i = component i).
   python -m experiments.evaluate --checkpoint_dir=/tmp/dit --glb_dir=my_meshes --kind=object
   # Nearest-neighbour backends (scipy cKDTree vs chunked JAX) on this machine's CPU:
   python -m experiments.evaluate --benchmark_nn
@@ -45,7 +47,6 @@ import trimesh
 from moca_jax import metrics as M
 from moca_jax import viz
 
-MESH_EXTS = ('.glb', '.gltf', '.obj', '.ply')
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg')
 
 
@@ -77,7 +78,12 @@ def _render_condition(parts: Sequence[trimesh.Trimesh], kind: str, seed: int,
   if colors is None:
     colors = (np.asarray([viz.part_colour(i) for i in range(len(parts))]) * 255).astype(
         np.uint8)
-  cams = (render.object_cameras(rng, 1) if kind == 'object' else render.scene_cameras(rng, 1))
+  if kind == 'object':  # framed as data_pipeline.make frames training views
+    radius = max(float(np.linalg.norm(np.asarray(m.vertices), axis=1).max()) for m in parts
+                 if not M.is_empty(m))
+    cams = render.object_cameras(rng, 1, radius=radius)
+  else:
+    cams = render.scene_cameras(rng, 1)
   rgb, ids = render.render_views(list(parts), colors, cams, size=size, background=background)
   masks = None
   if kind == 'scene':
@@ -104,70 +110,63 @@ def items_from_split(split: str, kind: str = 'object', limit: Optional[int] = No
     yield EvalItem(name=it.key, kind=kind, gt_parts=parts, image=rgb, masks=masks)
 
 
-def load_mesh_parts(path: str) -> List[trimesh.Trimesh]:
-  """Components of a mesh file: the geometries of a GLB scene (node transforms applied)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path}: no such file')
-  try:
-    loaded = trimesh.load(path, process=False)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f'{path}: cannot be read as a mesh ({type(e).__name__}: {e})') from e
-  if isinstance(loaded, trimesh.Scene):
-    parts = [g for g in loaded.dump() if isinstance(g, trimesh.Trimesh)]
-  elif isinstance(loaded, trimesh.Trimesh):
-    parts = [loaded]
-  else:
-    raise ValueError(f'{path}: holds no triangle mesh (got {type(loaded).__name__})')
-  parts = [p for p in parts if not M.is_empty(p)]
-  if not parts:
-    raise ValueError(f'{path}: every component is empty')
-  return parts
-
-
 def _load_image(path: str) -> np.ndarray:
+  """An image file as uint8 [H,W,3], transparency composited onto white."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  with Image.open(path) as im:
-    im = im.convert('RGBA')
-    arr = np.asarray(im).astype(np.float32)
-  # Composite transparency onto white (renders in this project are on white).
+  try:
+    with Image.open(path) as im:
+      arr = np.asarray(im.convert('RGBA')).astype(np.float32)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'{path}: cannot be read as an image ({type(e).__name__}: {e})') from e
   a = arr[..., 3:4] / 255.0
   return (arr[..., :3] * a + 255.0 * (1 - a)).round().astype(np.uint8)
+
+
+def _companion(path: str, suffixes: Sequence[str]) -> Optional[str]:
+  """NAME.ext -> NAME<suffix> if it exists; a folder -> folder/render<suffix>."""
+  stem = os.path.join(path, 'render') if os.path.isdir(path) else os.path.splitext(path)[0]
+  return next((stem + e for e in suffixes if os.path.isfile(stem + e)), None)
 
 
 def items_from_glb_dir(folder: str, kind: str = 'object', limit: Optional[int] = None,
                        image_size: int = 224, skipped: Optional[list] = None
                        ) -> Iterator[EvalItem]:
-  """Items from a folder of meshes (see module docstring for the layout).
+  """Items from a folder of user meshes, read by the data pipeline's ingestion.
 
-  Unreadable files are skipped and appended to `skipped` as {'name', 'reason'}.
+  Inputs are those of data_pipeline.ingest.list_inputs: each NAME.glb/.gltf/.obj/.ply is an
+  object whose geometries are its parts; each sub-folder is an object of per-part files.
+  Optional companions: NAME.png/.jpg (folder: render.png) is the conditioning render, else
+  one is rendered here as the data pipeline renders training views; scenes: NAME.masks.npy
+  (folder: render.masks.npy), [N,H,W] bool in part order, else rendered with the image.
+  The parts are ingested like training data (normalised, > 32 parts merged; the overlap
+  filter is off). Bad inputs are skipped and appended to `skipped` as {'name', 'reason'}
+  (or raised when skipped is None).
   """
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f'{folder}: not a directory')
-  files = sorted(f for f in glob.glob(os.path.join(folder, '*'))
-                 if f.lower().endswith(MESH_EXTS))
-  if not files:
-    raise FileNotFoundError(f'{folder}: no {"/".join(MESH_EXTS)} files')
-  for i, f in enumerate(files[:limit]):
-    stem = os.path.splitext(f)[0]
+  from data_pipeline import ingest  # pylint: disable=g-import-not-at-top
+  inputs = ingest.list_inputs(folder)
+  if not inputs:
+    raise FileNotFoundError(f'{folder}: no {"/".join(ingest.FILE_EXTS)} files or part '
+                            'folders')
+  cfg = ingest.IngestConfig(max_part_iou=1.0)
+  for i, path in enumerate(inputs[:limit]):
+    name = os.path.basename(path.rstrip('/'))
     try:
-      parts = load_mesh_parts(f)
-      image = next((_load_image(stem + e) for e in IMAGE_EXTS if os.path.isfile(stem + e)),
-                   None)
+      parts = list(ingest.load_object(path, cfg).parts)
+      img_path = _companion(path, IMAGE_EXTS)
+      image = _load_image(img_path) if img_path else None
       masks = None
-      if kind == 'scene' and os.path.isfile(stem + '.masks.npy'):
-        masks = np.load(stem + '.masks.npy').astype(bool)
+      mask_path = _companion(path, ('.masks.npy',))
+      if kind == 'scene' and mask_path:
+        masks = np.load(mask_path).astype(bool)
         if masks.ndim != 3 or len(masks) != len(parts):
-          raise ValueError(f'{stem}.masks.npy: expected [{len(parts)}, H, W], '
-                           f'got {masks.shape}')
+          raise ValueError(f'{mask_path}: expected [{len(parts)}, H, W], got {masks.shape}')
       if image is None or (kind == 'scene' and masks is None):
-        norm = M.normalize_parts(parts)
-        image, masks = _render_condition(norm, kind, seed=i, size=image_size)
-      yield EvalItem(name=os.path.basename(f), kind=kind, gt_parts=parts, image=image,
-                     masks=masks)
+        image, masks = _render_condition(parts, kind, seed=i, size=image_size)
+      yield EvalItem(name=name, kind=kind, gt_parts=parts, image=image, masks=masks)
     except (ValueError, FileNotFoundError) as e:
       if skipped is None:
         raise
-      skipped.append({'name': os.path.basename(f), 'reason': str(e)})
+      skipped.append({'name': name, 'reason': str(e)})
 
 
 # ---------------------------------------------------------------------------------------
@@ -496,7 +495,8 @@ def benchmark_nn(sizes: Sequence[int] = (10_000, 30_000, 100_000), repeats: int 
       diff = 0.0 if ref is None else float(np.abs(d - ref).max())
       ref = d if ref is None else ref
       rows.append({'points': n, 'backend': backend, 'median_s': statistics.median(times),
-                   'runs': repeats, 'compile_s': compile_s, 'max_abs_diff': diff})
+                   'runs': repeats, 'compile_s': compile_s, 'max_abs_diff': diff,
+                   'load_avg_1min': os.getloadavg()[0]})
       print(f'{n:>8d} {backend:>7s} {statistics.median(times):9.3f} s  '
             f'(compile {compile_s:.2f} s, max |diff| {diff:.1e})', flush=True)
   return rows
@@ -517,11 +517,14 @@ def write_nn_benchmark(rows: List[dict], out_dir: str = 'experiments/results') -
            f"{meta['scipy']}; {meta['date_utc']} UTC.", '',
            'Both directions of one Chamfer distance (M points to M points, unit and 0.8 '
            'spheres), median wall time; JAX excludes compilation.', '',
-           '| points per set | backend | median s | runs | JAX compile s | max abs diff vs kdtree |',
-           '|---|---|---|---|---|---|']
+           'The load average (1 min) after each row shows how busy the shared machine was.',
+           '',
+           '| points per set | backend | median s | runs | JAX compile s | max abs diff vs '
+           'kdtree | load avg |', '|---|---|---|---|---|---|---|']
   for r in rows:
     lines.append(f"| {r['points']} | {r['backend']} | {r['median_s']:.3f} | {r['runs']} | "
-                 f"{r['compile_s']:.2f} | {r['max_abs_diff']:.1e} |")
+                 f"{r['compile_s']:.2f} | {r['max_abs_diff']:.1e} | "
+                 f"{r.get('load_avg_1min', float('nan')):.1f} |")
   _atomic_write_text(os.path.join(out_dir, 'nn_benchmark.md'), '\n'.join(lines) + '\n')
 
 

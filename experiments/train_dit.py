@@ -63,49 +63,48 @@ def synthetic_example(config, index: int) -> dict:
           "index": np.int64(index)}
 
 
-def record_dataset(config, split: str) -> grain.MapDataset:
-  """The data pipeline's DiT-latents view over ArrayRecord shards (padded components)."""
-  try:
-    from data_pipeline import loader  # written by the data helper
-  except ImportError as e:
-    raise ImportError("config.data.source='records' needs data_pipeline.loader; use "
-                      "--config.data.source=synthetic to train without it") from e
-  return loader.dit_latents_dataset(config.data.dir, split=split,
-                                    max_components=config.data.max_components,
-                                    image_size=_image_size(config), mode=config.mode,
-                                    view=config.data.view, seed=config.data.shuffle_seed)
+def _data_dir(config, split: str) -> str:
+  d = config.data.dir if split == "train" else (config.data.get("val_dir") or "")
+  if not d:
+    raise ValueError(f"config.data.{'dir' if split == 'train' else 'val_dir'} is empty: point "
+                     "it at the latent shards (data_pipeline.encode_latents output)")
+  return d
 
 
-def make_dataset(config, split: str = "train") -> grain.MapDataset:
-  """A grain MapDataset of single examples (dicts of numpy arrays, with an 'index')."""
-  if config.data.source == "synthetic":
-    n = config.data.synthetic_examples
-    return grain.MapDataset.range(n).map(lambda i: synthetic_example(config, int(i)))
-  if config.data.source == "records":
-    if not config.data.dir:
-      raise ValueError("config.data.dir is empty: point it at the latent shards "
-                       "(data_pipeline encode_latents output)")
-    return record_dataset(config, split)
-  raise ValueError(f"config.data.source must be 'records' or 'synthetic', got "
-                   f"{config.data.source!r}")
+def make_synthetic_dataset(config) -> grain.MapDataset:
+  """A grain MapDataset of single synthetic examples (dicts of numpy arrays, with 'index')."""
+  n = config.data.synthetic_examples
+  return grain.MapDataset.range(n).map(lambda i: synthetic_example(config, int(i)))
 
 
 def make_iterator_fn(config, split: str = "train", shuffle: bool = True
                      ) -> Callable[[], Any]:
   """() -> a checkpointable iterator of host batches for this process.
 
-  MapDataset -> shuffle (seeded) -> repeat -> shard by process -> batch (per-process share
-  of the global batch) -> iterator (get_state / set_state).
+  'records': `data_pipeline.loader.latent_dataset` (shuffle -> shard by process -> repeat
+  -> decode -> random component order + padding -> batch) and its `make_iterator`.
+  'synthetic': the same shape of pipeline over `synthetic_example`.
+  Either way the iterator has get_state / set_state (checkpointed with the model).
   """
-  ds = make_dataset(config, split)
-  if shuffle:
-    ds = ds.shuffle(seed=config.data.shuffle_seed)
-  ds = ds.repeat()
   nproc = jax.process_count()
   if config.batch_size % nproc:
     raise ValueError(f"batch_size={config.batch_size} not divisible by {nproc} processes")
+  local_batch = config.batch_size // nproc
+  if config.data.source == "records":
+    from data_pipeline import loader
+    ds = loader.latent_dataset(_data_dir(config, split), batch_size=local_batch,
+                               n_max=config.data.max_components, seed=config.data.shuffle_seed,
+                               shuffle=shuffle, per_instance_cond=config.mode == "scene")
+    return lambda: loader.make_iterator(ds, config.data.num_workers)
+  if config.data.source != "synthetic":
+    raise ValueError(f"config.data.source must be 'records' or 'synthetic', got "
+                     f"{config.data.source!r}")
+  ds = make_synthetic_dataset(config)
+  if shuffle:
+    ds = ds.shuffle(seed=config.data.shuffle_seed)
+  ds = ds.repeat()
   ds = ds[jax.process_index()::nproc] if nproc > 1 else ds
-  ds = ds.batch(config.batch_size // nproc, drop_remainder=True)
+  ds = ds.batch(local_batch, drop_remainder=True)
   iter_ds = ds.to_iter_dataset()
   if config.data.num_workers > 0:
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
@@ -113,8 +112,19 @@ def make_iterator_fn(config, split: str = "train", shuffle: bool = True
 
 
 def model_batch(batch: dict) -> dict:
-  """Drops host-only fields (record ids) before the batch goes to the devices."""
-  return {k: batch[k] for k in ("latents", "component_mask", "images")}
+  """The arrays the model needs (host-only fields such as record ids are dropped).
+
+  Accepts the loader's view (image [B,H,W,3] or, for scenes, cond [B,N,H,W,7]) and the
+  synthetic one (images).
+  """
+  if "images" in batch:
+    images = batch["images"]
+  elif "cond" in batch and batch["cond"].ndim == 5:
+    images = batch["cond"]
+  else:
+    images = batch["image"]
+  return {"latents": np.asarray(batch["latents"], np.float32),
+          "component_mask": np.asarray(batch["component_mask"], bool), "images": images}
 
 
 # ----------------------------------------------------------------------------------------
@@ -140,7 +150,7 @@ def _router_histograms(writer, step, metrics):
 
 def evaluate(config, state, loss_fn, num_batches: int = 2) -> dict:
   """Flow loss of the EMA and the raw params on `num_batches` batches (fixed noise)."""
-  split = "val" if config.data.source == "records" else "train"
+  split = "val" if config.data.source == "records" and config.data.get("val_dir") else "train"
   try:
     it = make_iterator_fn(config, split, shuffle=False)()
   except Exception as e:  # a dataset without a validation split

@@ -4,13 +4,19 @@ Paper section 3.2 as restored in shared/paper/NOTES.md, on the TripoSG / PartCra
 (timestep as an extra token, RMS norm on q and k, cross-attention to the condition in every
 block, MLP ratio 4 with GELU, optional U-ViT long skips).
 
-Tokens of component i, in this order (T_c = L + m + 2 per component):
-  [ h_i (L vecset tokens) | time token | c_i (m compressed tokens) | a_i (anchor) ] + e_{pi(i)}
-Local block mask (rows query, columns key): vecset and time tokens see vecset and time
-tokens; compressed tokens see those and the compressed tokens; the anchor sees all.
+Tokens of component i, in this order (T_c = L + m + 1 per component):
+  [ h_i (L vecset tokens) | c_i (m compressed tokens) | a_i (anchor) ] + e_{pi(i)} + tau(t)
+The timestep embedding tau(t) is added to every token (TripoSG prepends it as a token
+instead; the additive form keeps every cuDNN attention call at even lengths, which cuDNN
+needs in training, and keeps the vecset self-attention unmasked).
+Local block mask (rows query, columns key): vecset tokens see vecset tokens; compressed
+tokens see vecset and compressed tokens; the anchor sees all.
 Global block: only the vecset tokens are queries and only they are updated (attention,
-cross-attention and MLP); the time, compressed and anchor tokens pass through unchanged
-and are refreshed in the local blocks (the paper is silent; this is the documented default).
+cross-attention and MLP); the compressed and anchor tokens pass through unchanged and are
+refreshed in the local blocks (the paper is silent; this is the documented default).
+
+cuDNN (jax 0.11) needs even query and key lengths when differentiated: odd lengths are
+padded here with a dummy query (dropped) or a masked dummy key (`attention_even`).
 
 Shapes: B batch, N components (padded to N_max; component_mask marks the real ones),
 L vecset tokens, C latent channels, D width, Tc condition tokens, Dc condition width.
@@ -170,13 +176,41 @@ class DiTSpec:
 # Blocks
 # ----------------------------------------------------------------------------------------
 
+def _pad_tokens(x: Array, extra: int) -> Array:
+  return jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2)) if extra else x
+
+
+def attention_even(q: Array, k: Array, v: Array, mask: Optional[Array] = None,
+                   implementation: Optional[str] = "xla") -> Array:
+  """`layers.attention` with odd query/key lengths padded to even under cuDNN.
+
+  q: [B, Tq, H, d]; k, v: [B, Tk, H, d]; mask: None or broadcastable to [B, 1, Tq, Tk].
+  A padded query row is dropped; a padded key is masked out. Returns [B, Tq, H, d].
+  """
+  tq, tk = q.shape[1], k.shape[1]
+  pq, pk = (tq % 2, tk % 2) if implementation == "cudnn" else (0, 0)
+  if not (pq or pk):
+    return layers.attention(q, k, v, mask=mask, implementation=implementation)
+  if mask is None:
+    mask = jnp.ones((1, 1, tq, tk), bool)
+  mask = jnp.asarray(mask, bool)
+  while mask.ndim < 4:
+    mask = mask[None]
+  mask = jnp.broadcast_to(mask, mask.shape[:2] + (tq, tk))
+  mask = jnp.pad(mask, [(0, 0), (0, 0), (0, pq), (0, pk)], constant_values=False)
+  mask = mask.at[:, :, tq:, 0].set(True)  # the dummy query keeps one key
+  mask = jnp.broadcast_to(mask, (q.shape[0],) + mask.shape[1:])
+  out = layers.attention(_pad_tokens(q, pq), _pad_tokens(k, pk), _pad_tokens(v, pk),
+                         mask=mask, implementation=implementation)
+  return out[:, :tq]
+
+
 class LocalAttention(layers.MultiHeadAttention):
   """Self-attention inside each component under the local mask (module docstring).
 
-  x: [B', T_c, D] tokens of one component per row, laid out [h (L) | time | c (m) | a].
-  Two attention calls: the L vecset queries over the vecset + time keys (no mask), and the
-  m + 2 time/compressed/anchor queries over all keys with a small [m + 2, T_c] mask (an
-  even query count, as cuDNN needs with a mask in training when L and m are even).
+  x: [B', T_c, D] tokens of one component per row, laid out [h (L) | c (m) | a].
+  Two attention calls: the L vecset queries over the L vecset keys (no mask), and the
+  m + 1 compressed/anchor queries over all keys with a small [m + 1, T_c] mask.
   """
   seq_len: int = 16
   num_compressed: int = 4
@@ -185,20 +219,31 @@ class LocalAttention(layers.MultiHeadAttention):
   def __call__(self, x: Array) -> Array:
     seq_len, m, t_c = self.seq_len, self.num_compressed, x.shape[1]
     q, k, v = self.project_qkv(x, x)
-    out_v = layers.attention(q[:, :seq_len], k[:, :seq_len + 1], v[:, :seq_len + 1],
+    out_v = layers.attention(q[:, :seq_len], k[:, :seq_len], v[:, :seq_len],
                              implementation=self.implementation)
-    rows_see = jnp.concatenate([jnp.array([seq_len + 1]), jnp.full((m,), seq_len + 1 + m),
-                                jnp.array([t_c])])
-    mask = jnp.arange(t_c)[None, :] < rows_see[:, None]  # [m + 2, T_c]
+    rows_see = jnp.concatenate([jnp.full((m,), seq_len + m), jnp.array([t_c])])
+    mask = jnp.arange(t_c)[None, :] < rows_see[:, None]  # [m + 1, T_c]
     mask = jnp.broadcast_to(mask, (x.shape[0], 1) + mask.shape)  # explicit batch for cuDNN
-    out_rest = layers.attention(q[:, seq_len:], k, v, mask=mask,
-                                implementation=self.implementation)
+    out_rest = attention_even(q[:, seq_len:], k, v, mask=mask, implementation=self.implementation)
     return self.project_out(jnp.concatenate([out_v, out_rest], axis=1), x.shape[-1])
 
 
+class CrossAttention(layers.MultiHeadAttention):
+  """Cross-attention to condition tokens, odd lengths padded under cuDNN (attention_even).
+
+  x: [B', Tq, D]; context: [B', Tc, Dc]. Returns [B', Tq, D].
+  """
+
+  @nn.compact
+  def __call__(self, x: Array, context: Array) -> Array:
+    q, k, v = self.project_qkv(x, context)
+    return self.project_out(attention_even(q, k, v, implementation=self.implementation),
+                            x.shape[-1])
+
+
 def _cross(spec: DiTSpec, name: str):
-  return layers.MultiHeadAttention(spec.num_heads, implementation=spec.attention_implementation,
-                                   dtype=spec.compute_dtype, name=name)
+  return CrossAttention(spec.num_heads, implementation=spec.attention_implementation,
+                        dtype=spec.compute_dtype, name=name)
 
 
 def _cross_attend(module, x: Array, cond: Array) -> Array:
@@ -222,7 +267,7 @@ class DiTBlock(nn.Module):
     s = self.spec
     dt = s.compute_dtype
     b, n, t, d = x.shape
-    seq_len, m = t - s.num_compressed - 2, s.num_compressed
+    seq_len, m = t - s.num_compressed - 1, s.num_compressed
     if self.has_skip:
       x = layers.dense(d, ("mlp", "embed"), dtype=dt, name="skip_linear")(
           jnp.concatenate([x, skip], axis=-1))
@@ -238,7 +283,7 @@ class DiTBlock(nn.Module):
           router_activation=s.router_activation, train_routing=s.train_routing,
           shared_routing=s.shared_routing_across_heads, router_head_dim=s.router_head_dim,
           gather=s.gather, name="global_attn")
-      update, aux = attn(xn[:, :, :seq_len], xn[:, :, seq_len + 1:seq_len + 1 + m],
+      update, aux = attn(xn[:, :, :seq_len], xn[:, :, seq_len:seq_len + m],
                          xn[:, :, -1], component_mask, train=self.train)
       h = h + update
       h = h + _cross_attend(_cross(s, "cross_attn"), layers.layer_norm(dt, "norm2")(h), cond)
@@ -271,7 +316,7 @@ class PackingAttention(layers.MultiHeadAttention):
     queries = self.param("queries", init, (self.num_queries, h.shape[-1]), jnp.float32)
     queries = jnp.broadcast_to(queries.astype(h.dtype), (h.shape[0],) + queries.shape)
     q, k, v = self.project_qkv(queries, h)
-    out = layers.attention(q, k, v, implementation=self.implementation)
+    out = attention_even(q, k, v, implementation=self.implementation)
     return queries + self.project_out(out, h.shape[-1])
 
 
@@ -340,12 +385,11 @@ class CompositionalDiT(nn.Module):
     packed = PackingAttention(s.num_heads, implementation=s.attention_implementation, dtype=dt,
                               num_queries=m + 1, name="packing")(
         layers.layer_norm(dt, "pack_norm")(h).reshape(b * n, seq_len, d)).reshape(b, n, m + 1, d)
-    temb = layers.TimestepEmbedding(d, dtype=dt, name="time_embed")(t).astype(dt)
-    temb = jnp.broadcast_to(temb[:, None, None, :], (b, n, 1, d))
-    x = jnp.concatenate([h, temb, packed.astype(dt)], axis=2)  # [B, N, L + m + 2, D]
+    temb = layers.TimestepEmbedding(d, dtype=dt, name="time_embed")(t).astype(dt)  # [B, D]
+    x = jnp.concatenate([h, packed.astype(dt)], axis=2)  # [B, N, L + m + 1, D]
     id_table = nn.Embed(s.id_codebook, d, embedding_init=nn.with_logical_partitioning(
         nn.initializers.normal(0.02), ("vocab", "embed")), name="id_embed")
-    x = x + id_table(ids).astype(dt)[:, :, None, :]
+    x = x + (id_table(ids).astype(dt) + temb[:, None, :])[:, :, None, :]
     cond = cond.astype(dt)
 
     block_cls = DiTBlock

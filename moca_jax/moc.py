@@ -55,6 +55,16 @@ def attend_prefix(q: Array, k: Array, v: Array, kv_lengths: Optional[Array],
   [B, 1, Tq, Tk] (cuDNN needs the full query length in a mask).
   Returns [B, Tq, H, d].
   """
+  tq, tk = q.shape[1], k.shape[1]
+  if implementation == "cudnn" and (tq % 2 or tk % 2):
+    # cuDNN needs even lengths when differentiated: pad one query (dropped) and/or one key
+    # (beyond every valid prefix).
+    pad = lambda t, e: jnp.pad(t, [(0, 0), (0, e), (0, 0), (0, 0)]) if e else t
+    if kv_lengths is None:
+      kv_lengths = jnp.full((q.shape[0],), tk, jnp.int32)
+    out = attend_prefix(pad(q, tq % 2), pad(k, tk % 2), pad(v, tk % 2), kv_lengths,
+                        implementation)
+    return out[:, :tq]
   if kv_lengths is None:
     return layers.attention(q, k, v, implementation=implementation)
   kv_lengths = kv_lengths.astype(jnp.int32)

@@ -196,7 +196,6 @@ class VecSetVAE(nn.Module):
     self.query_embed = PointEmbed(c.dec_width, c.num_freqs, c.include_pi, dt)
     self.query_cross = CrossAttentionBlock(c.dec_heads, c.mlp_ratio, c.query_mlp, c.qk_norm,
                                            impl, dt)
-    self.out_norm = layers.layer_norm(dt, "out_norm")
     self.out_proj = layers.dense(1, ("embed", "in"), dtype=dt, name="out_proj")
 
   # --- encoder -------------------------------------------------------------------------
@@ -267,7 +266,7 @@ class VecSetVAE(nn.Module):
     """
     h = self.query_embed(queries)
     h = self.query_cross(h, features)
-    return self.out_proj(self.out_norm(h))[..., 0].astype(jnp.float32)
+    return self.out_proj(h)[..., 0].astype(jnp.float32)
 
   def decode(self, latents: Array, queries: Array, chunk_size: int = 8192) -> Array:
     """Latents [B, L, C], queries [B, Q, 3] -> SDF [B, Q], decoded `chunk_size` queries at a

@@ -48,6 +48,7 @@ def user_dir(tmp_path_factory):
   os.makedirs(d / "lamp")
   P.Box(half_extents=(0.2, 0.05, 0.2)).to_mesh().export(str(d / "lamp" / "base.stl"))
   P.Cone(0.2, 0.05, 0.2, translation=[0, 0.6, 0]).to_mesh(16).export(str(d / "lamp" / "shade.obj"))
+  open(d / "lamp" / "wire.obj", "w").write("")  # an empty part file: dropped with a reason
   # broken inputs
   data = open(d / "chair.glb", "rb").read()
   open(d / "truncated.glb", "wb").write(data[: len(data) // 2])
@@ -71,6 +72,9 @@ def test_formats_load_with_parts_and_normalisation(user_dir):
     hi = np.max([m.bounds[1] for m in obj.parts], 0)
     np.testing.assert_allclose((lo + hi) / 2, 0, atol=1e-6)
     np.testing.assert_allclose(np.max(hi - lo), 2 * ingest.IngestConfig().extent, rtol=1e-6)
+  lamp = ingest.load_object(os.path.join(user_dir, "lamp"))
+  assert lamp.names == ["base", "shade"]
+  assert lamp.dropped == [{"part": "wire", "reason": "empty geometry"}]
   chair = ingest.load_object(os.path.join(user_dir, "chair.glb"))
   assert sorted(chair.names) == ["ball", "leg", "seat"]
   assert chair.dropped == [{"part": "bad_nan", "reason": "non-finite (NaN/inf) vertices"}]

@@ -112,6 +112,16 @@ def test_resume_skips_finished_shards_without_duplicates(tmp_path):
   assert m["built_now"] == []
 
 
+def test_source_kinds():
+  objs = make.resolve_source("procedural:tiny:objects")
+  scenes = make.resolve_source("procedural:tiny:scenes")
+  both = make.resolve_source("procedural:tiny")
+  assert [w.key for w in both] == [w.key for w in objs + scenes]
+  assert all(w.procedural.kind == "scene" for w in scenes) and scenes
+  with pytest.raises(ValueError, match="expected procedural:SPLIT"):
+    make.resolve_source("procedural:tiny:chairs")
+
+
 def test_bad_source_and_sharding_raise(tmp_path):
   with pytest.raises(ValueError, match="unknown split"):
     make.build("procedural:nope", str(tmp_path / "a"), cfg=SMALL)

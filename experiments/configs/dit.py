@@ -11,13 +11,14 @@ import ml_collections
 
 from moca_jax.dit import dit_config
 from moca_jax.image_encoder import encoder_config
+from moca_jax.vae import vae_config
 from moca_jax.train_lib import default_optim_config
 
-#        DiT    encoder  batch  steps  N_max  lr     warmup  ckpt_every
+#        DiT    encoder  VAE             batch  steps  N_max  lr     warmup  ckpt_every
 _SIZES = {
-    "tiny": ("tiny", "tiny", 8, 200, 4, 1e-3, 20, 100),
-    "small": ("small", "small", 64, 50_000, 16, 1e-4, 1000, 1000),
-    "paper": ("paper", "large", 1024, 40_000, 32, 1e-4, 1000, 1000),
+    "tiny": ("tiny", "tiny", "tiny", 8, 200, 4, 1e-3, 20, 100),
+    "small": ("small", "small", "small", 64, 50_000, 16, 1e-4, 1000, 1000),
+    "paper": ("paper", "large", "triposg-1024", 1024, 40_000, 32, 1e-4, 1000, 1000),
 }
 
 
@@ -26,7 +27,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   size, scene = parts[0], "scene" in parts[1:]
   if size not in _SIZES:
     raise ValueError(f"dit config: unknown size {size!r}; expected one of {sorted(_SIZES)}")
-  dit_size, enc_size, batch, steps, n_max, lr, warmup, every = _SIZES[size]
+  dit_size, enc_size, vae_size, batch, steps, n_max, lr, warmup, every = _SIZES[size]
 
   c = ml_collections.ConfigDict()
   c.size = size
@@ -51,6 +52,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.encoder = encoder_config(enc_size, in_channels=7 if scene else 3)
   c.model.dit = dit_config(dit_size)
   c.model.dit.cond_dim = c.model.encoder.width
+  # the latents the DiT models are the VAE's: [L, C] of the matching VAE size
+  vae = vae_config(vae_size)
+  c.model.dit.latent_tokens, c.model.dit.latent_channels = vae.num_latents, vae.latent_channels
   if size == "paper":
     c.model.encoder.dtype = "bfloat16"
     c.model.encoder.attention_implementation = "cudnn"
@@ -60,12 +64,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # Data: 'records' reads the latent ArrayRecord shards of the data pipeline (data.dir);
   # 'synthetic' makes deterministic random latents and images in memory (benchmarks, tests).
   c.data = ml_collections.ConfigDict(dict(
-      source="records", dir="", split="train", max_components=n_max, image_size=0,
-      view="random", shuffle_seed=0, num_workers=0, synthetic_examples=64))
+      source="records", dir="", val_dir="", max_components=n_max, image_size=0,
+      shuffle_seed=0, num_workers=0, synthetic_examples=64))
 
   # The frozen VAE that decodes the latents (its train_vae workdir); stored in every DiT
   # checkpoint so generation can find it.
-  c.vae = ml_collections.ConfigDict(dict(workdir=""))
+  c.vae = ml_collections.ConfigDict(dict(workdir="", size=vae_size))
 
   c.sample = ml_collections.ConfigDict(dict(steps=50, cfg_scale=7.0, method="euler",
                                             time_shift=1.0))

@@ -1,0 +1,121 @@
+"""Generation CLI on a tiny checkpoint: GLB with N named parts, pictures, router maps, errors."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import trimesh
+from PIL import Image
+
+from experiments import generate, train_dit
+from experiments import train_vae
+from experiments.configs import vae as vae_configs
+from moca_jax import sharding
+
+N = 3
+
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+  """A tiny VAE workdir (untrained, saved with train_vae's own functions) and a 1-step DiT."""
+  root = tmp_path_factory.mktemp("gen")
+  vae_dir = str(root / "vae")
+  vcfg = vae_configs.get_config("tiny")
+  model = train_vae.VecSetVAE(vcfg.model)
+  state = train_vae.create_state(model, train_vae.make_optimizer(vcfg), jax.random.PRNGKey(0))
+  mngr = train_vae.checkpoint_manager(vae_dir, vcfg)
+  train_vae.save_checkpoint(mngr, 0, state, vcfg, force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+
+  from experiments.configs import dit as dit_configs
+  cfg = dit_configs.get_config("tiny")
+  cfg.data.source = "synthetic"
+  cfg.data.max_components = N
+  cfg.model.dit.num_blocks = 2
+  cfg.model.dit.latent_tokens = 16
+  cfg.model.encoder.depth = 1
+  cfg.batch_size = 2
+  cfg.vae.workdir = vae_dir
+  dit_dir = str(root / "dit")
+  train_dit.train_and_evaluate(cfg, dit_dir, num_steps=1, show_progress=False, eval_batches=0,
+                               mesh=sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
+  img = np.full((40, 40, 3), 255, np.uint8)
+  img[10:30, 5:35] = (200, 60, 30)
+  img_path = str(root / "chair.png")
+  Image.fromarray(img).save(img_path)
+  return {"root": root, "vae": vae_dir, "dit": dit_dir, "image": img_path}
+
+
+def test_cli_writes_glb_with_n_parts(checkpoints):
+  out = str(checkpoints["root"] / "out")
+  summary = generate.run(checkpoints["dit"], checkpoints["image"], N, out, steps=3, cfg=3.0,
+                         seed=0, resolution=24)
+  d = os.path.join(out, "chair")
+  for f in ("parts.glb", "preview.png", "router.png", "router.json", "latents.npy"):
+    assert os.path.getsize(os.path.join(d, f)) > 0, f
+  scene = trimesh.load(os.path.join(d, "parts.glb"), force="scene")
+  empty = summary["outputs"][checkpoints["image"]]["empty_parts"]
+  names = sorted(scene.geometry)
+  assert names == [f"part_{i:02d}" for i in range(N) if i not in empty]
+  assert len(names) == N, f"random VAE gave empty parts {empty}"
+  colours = {tuple(g.visual.face_colors[0][:3]) for g in scene.geometry.values()}
+  assert len(colours) == N                          # one colour per part
+  router = json.load(open(os.path.join(d, "router.json")))
+  imp = np.asarray(router["importances"])
+  assert imp.shape[0] == len(router["global_blocks"]) and imp.shape[-2:] == (N, N)
+  assert np.load(os.path.join(d, "latents.npy")).shape == (N, 16, 8)
+  assert Image.open(os.path.join(d, "preview.png")).size == (512, 256)
+
+
+def test_generator_api_is_seeded_and_cfg1_is_conditional(checkpoints):
+  gen = generate.load_generator(checkpoints["dit"])
+  images = np.stack([generate.load_image(checkpoints["image"])] * 2)
+  a = gen.sample_latents(images, N, steps=2, cfg=2.0, seed=1)[0]
+  b = gen.sample_latents(images, N, steps=2, cfg=2.0, seed=1)[0]
+  c = gen.sample_latents(images, N, steps=2, cfg=2.0, seed=2)[0]
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c)
+  assert a.shape == (2, N, 16, 8)
+  result = gen.generate(images[:1], 2, steps=2, cfg=1.0, seed=0)
+  assert len(result.meshes) == 1 and len(result.meshes[0]) == 2
+  assert result.routing["importances"].shape[-2:] == (2, 2)
+
+
+def test_clear_errors(checkpoints, tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    generate.load_generator(str(tmp_path / "nope"))
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    generate.load_generator(str(empty))
+  # corrupt: a checkpoint step whose files are garbage
+  bad = tmp_path / "bad" / "checkpoints" / "5"
+  (bad / "config").mkdir(parents=True)
+  (bad / "config" / "metadata").write_text("{not json")
+  with pytest.raises((ValueError, FileNotFoundError), match="bad"):
+    generate.load_generator(str(tmp_path / "bad"))
+  text = tmp_path / "notes.png"
+  text.write_text("hello")
+  with pytest.raises(ValueError, match="not an image"):
+    generate.load_image(str(text))
+  mask = np.zeros((8, 8), np.uint8)
+  mask[:4] = 1
+  mask[4:] = 2
+  generate.check_mask(mask, 2, (8, 8, 3))
+  with pytest.raises(ValueError, match="do not match num_components=3"):
+    generate.check_mask(mask, 3, (8, 8, 3))
+  gen = generate.load_generator(checkpoints["dit"])
+  with pytest.raises(ValueError, match="only for scene models"):
+    gen.sample_latents(np.zeros((1, 8, 8, 3), np.uint8), 2, masks=mask[None])
+  # batch mode: the non-image file is skipped and reported, the good one generated
+  folder = tmp_path / "imgs"
+  folder.mkdir()
+  (folder / "broken.png").write_text("not an image")
+  Image.open(checkpoints["image"]).save(folder / "good.png")
+  summary = generate.run(checkpoints["dit"], str(folder), 2, str(tmp_path / "o"), steps=1,
+                         resolution=16)
+  assert list(summary["skipped"]) == [str(folder / "broken.png")]
+  assert os.path.exists(tmp_path / "o" / "good" / "preview.png")
