@@ -12,7 +12,6 @@ Prints a table and writes <out>/data_pipeline.md and .json (naming the machine).
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import tempfile
@@ -25,9 +24,13 @@ from absl import app, flags
 from data_pipeline import loader, make, procedural
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("workers", 2, "Worker processes for building and prefetching.")
-flags.DEFINE_string("out", "experiments/results", "Where to write the results.")
-flags.DEFINE_integer("load_batches", 20, "Batches to time when loading.")
+
+
+def define_flags():
+  """Defines the CLI flags (called only when run as a program)."""
+  flags.DEFINE_integer("workers", 2, "Worker processes for building and prefetching.")
+  flags.DEFINE_string("out", "experiments/results", "Where to write the results.")
+  flags.DEFINE_integer("load_batches", 20, "Batches to time when loading.")
 
 
 def machine() -> str:
@@ -80,6 +83,7 @@ def _time_load(data_dir, workers, batches):
 def main(argv):
   del argv
   rows = {}
+  load_before = os.getloadavg()[0]
   with tempfile.TemporaryDirectory() as tmp:
     for w in sorted({0, FLAGS.workers}):
       rows[f"build_procedural_w{w}"] = _time_build("procedural:tiny",
@@ -91,11 +95,15 @@ def main(argv):
       rows[f"build_ingested_w{w}"] = _time_build(user, os.path.join(tmp, f"user{w}"), w)
     for w in sorted({0, FLAGS.workers}):
       rows[f"load_w{w}"] = _time_load(os.path.join(tmp, "proc0"), w, FLAGS.load_batches)
+  load = f"{load_before:.1f} before / {os.getloadavg()[0]:.1f} after (1-min load average)"
   result = {"machine": machine(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            "load_average": load,
             "config": "default BuildConfig (2048 surface + 2048 near + 1024 volume points "
                       "per part, 2 views at 224 px)", "rows": rows}
   lines = ["# Data pipeline throughput", "", f"Machine: {result['machine']}  ",
-           f"Date (UTC): {result['date_utc']}  ", f"Config: {result['config']}", "",
+           f"Date (UTC): {result['date_utc']}  ",
+           f"Other load on the machine: {load} (shared machine: treat as rough)  ",
+           f"Config: {result['config']}", "",
            "| measurement | workers | items | seconds | items/s |", "|---|---|---|---|---|"]
   for name, r in rows.items():
     if name.startswith("load"):
@@ -113,4 +121,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -20,23 +20,27 @@ from absl import app, flags
 from data_pipeline import ingest, make, sampling
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("source", None, "procedural:SPLIT[:objects|:scenes] or a mesh directory.")
-flags.DEFINE_string("out", None, "Output directory.")
-flags.DEFINE_integer("num_shards", 1, "Number of shards S.")
-flags.DEFINE_integer("shard_index", -1, "Shard to build (0..S-1), -1 = all unfinished.")
-flags.DEFINE_integer("workers", 0, "Worker processes (0/1 = in-process).")
-flags.DEFINE_integer("base_seed", 0, "Generator seed mixed into every item's seed.")
-flags.DEFINE_integer("n_surface", 2048, "Surface points per part.")
-flags.DEFINE_integer("n_near", 2048, "Near-surface SDF points per part.")
-flags.DEFINE_integer("n_volume", 1024, "Uniform SDF points per part.")
-flags.DEFINE_float("sharp_fraction", 0.2, "Share of surface points on sharp edges.")
-flags.DEFINE_integer("image_size", 224, "Render size (pixels).")
-flags.DEFINE_integer("num_views", 2, "Renders per item.")
-flags.DEFINE_integer("max_parts", 32, "Part limit for user meshes.")
-flags.DEFINE_enum("part_limit_policy", "merge", ["merge", "skip"], "Over the limit.")
-flags.DEFINE_float("max_part_iou", 0.5, "Skip user objects with a part pair above this IoU.")
-flags.DEFINE_integer("num_previews", 4, "PNG previews per shard.")
-flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
+def define_flags():
+  """Defines the CLI flags (called only when run as a program)."""
+  flags.DEFINE_string("source", None, "procedural:SPLIT[:objects|:scenes] or a mesh directory.")
+  flags.DEFINE_string("out", None, "Output directory.")
+  flags.DEFINE_integer("num_shards", 1, "Number of shards S.")
+  flags.DEFINE_integer("shard_index", -1, "Shard to build (0..S-1), -1 = all unfinished.")
+  flags.DEFINE_integer("workers", 0, "Worker processes (0/1 = in-process).")
+  flags.DEFINE_integer("base_seed", 0, "Generator seed mixed into every item's seed.")
+  flags.DEFINE_integer("n_surface", 2048, "Surface points per part.")
+  flags.DEFINE_integer("n_near", 2048, "Near-surface SDF points per part.")
+  flags.DEFINE_integer("n_volume", 1024, "Uniform SDF points per part.")
+  flags.DEFINE_float("sharp_fraction", 0.2, "Share of surface points on sharp edges.")
+  flags.DEFINE_integer("image_size", 224, "Render size (pixels).")
+  flags.DEFINE_integer("num_views", 2, "Renders per item.")
+  flags.DEFINE_integer("max_parts", 32, "Part limit for user meshes.")
+  flags.DEFINE_enum("part_limit_policy", "merge", ["merge", "skip"], "Over the limit.")
+  flags.DEFINE_float("max_part_iou", 0.5, "Skip user objects with a part pair above this IoU.")
+  flags.DEFINE_integer("num_previews", 4, "PNG previews per shard.")
+  flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
 def config_from_flags() -> make.BuildConfig:
@@ -63,5 +67,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["source", "out"])
   app.run(main)

@@ -14,7 +14,6 @@ seeded by (base_seed, item key), so a shard's content does not depend on workers
 from __future__ import annotations
 
 import dataclasses
-import json
 import multiprocessing
 import os
 import time

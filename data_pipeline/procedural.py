@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 import trimesh

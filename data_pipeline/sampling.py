@@ -12,10 +12,9 @@ area-uniform when a part has no sharp edge).
 
 Signed distance:
   * procedural parts (`primitives.Part`): the exact analytic SDF (min over the union).
-  * user meshes (`trimesh.Trimesh`): |d| = distance to the triangles (exact point-triangle
-    distance to the candidate faces found through a KD-tree over dense surface samples;
-    exact unless the true nearest face has none of the 16 nearest samples, then a slight
-    over-estimate), and the sign from a robust inside test:
+  * user meshes (`trimesh.Trimesh`): |d| = the exact distance to the triangles (KD-trees over
+    triangle centroids for an upper bound, then exact point-triangle tests on every triangle
+    that could be closer; see `unsigned_distance`), and the sign from a robust inside test:
       - watertight meshes: ray parity through embree (trimesh `mesh.contains`, embreex):
         exact for closed surfaces and fast (millions of rays per second);
       - open / non-manifold meshes (common in user files): the generalised winding number
@@ -122,19 +121,45 @@ def point_triangle_distance(points: np.ndarray, tris: np.ndarray) -> np.ndarray:
   return d
 
 
-def unsigned_distance(mesh: trimesh.Trimesh, points: np.ndarray, rng=None,
-                      n_ref: int = 50000, k: int = 16) -> np.ndarray:
-  """Distance [P] from points [P,3] to the mesh surface (KD-tree candidates, exact tests)."""
-  rng = np.random.default_rng(0) if rng is None else rng
-  ref, face = P.sample_mesh_surface(mesh, n_ref, rng)
-  ref = np.concatenate([ref, mesh.triangles_center])
-  face = np.concatenate([face, np.arange(len(mesh.faces))])
-  _, nb = cKDTree(ref).query(points, k=min(k, len(ref)))
-  nb = nb.reshape(len(points), -1)
-  tri = mesh.triangles
-  best = np.full(len(points), np.inf)
-  for j in range(nb.shape[1]):
-    best = np.minimum(best, point_triangle_distance(points, tri[face[nb[:, j]]]))
+def unsigned_distance(mesh: trimesh.Trimesh, points: np.ndarray, k: int = 8,
+                      chunk: int = 256) -> np.ndarray:
+  """Exact distance [P] from points [P,3] to the mesh's triangles.
+
+  A KD-tree over triangle centroids gives an upper bound U (exact distance to the triangles
+  of the k nearest centroids). A triangle f can only be closer if its centroid lies within
+  U + r_f of the point (r_f: its centroid-to-vertex radius), so triangles are grouped by r_f
+  (factor-4 buckets, one KD-tree each) and every candidate found by a ball query of radius
+  U + max r in its bucket is tested exactly. Cost ~ points x (k + local candidates).
+  """
+  pts = np.asarray(points, dtype=np.float64)
+  tri = mesh.triangles.astype(np.float64)
+  cen = tri.mean(axis=1)
+  rad = np.max(np.linalg.norm(tri - cen[:, None], axis=-1), axis=1)
+  tree = cKDTree(cen)
+  kk = min(k, len(cen))
+  _, nb = tree.query(pts, k=kk)
+  nb = nb.reshape(len(pts), kk)
+  best = np.full(len(pts), np.inf)
+  for j in range(kk):
+    best = np.minimum(best, point_triangle_distance(pts, tri[nb[:, j]]))
+  level = np.floor(np.log(np.maximum(rad, 1e-12) / max(rad.min(), 1e-12)) / np.log(4.0))
+  for lv in np.unique(level):
+    faces = np.flatnonzero(level == lv)
+    sub_tree = cKDTree(cen[faces])
+    r_b = float(rad[faces].max())
+    for s in range(0, len(pts), chunk):  # bounded memory: chunk points x local candidates
+      sl = slice(s, s + chunk)
+      cand = sub_tree.query_ball_point(pts[sl], best[sl] + r_b + 1e-12)
+      counts = np.fromiter((len(c) for c in cand), dtype=np.int64, count=len(cand))
+      if counts.sum() == 0:
+        continue
+      rows = np.repeat(np.arange(s, s + len(cand)), counts)
+      cols = faces[np.concatenate([np.asarray(c, dtype=np.int64) for c in cand])]
+      keep = np.linalg.norm(pts[rows] - cen[cols], axis=-1) - rad[cols] <= best[rows]
+      rows, cols = rows[keep], cols[keep]
+      sub = best[sl].copy()
+      np.minimum.at(sub, rows - s, point_triangle_distance(pts[rows], tri[cols]))
+      best[sl] = sub
   return best
 
 

@@ -14,7 +14,10 @@ self-IoU). Writes into --workdir:
   <variant>/       the training workdir (checkpoints, TensorBoard) and eval/ (metrics.json,
                    table.md, grid.png)
 A variant that fails is reported in the table ("failed: reason") and the others go on.
-Re-running skips variants whose <variant>/ablation_result.json exists (delete it to redo).
+Re-running skips variants whose <variant>/ablation_result.json exists (delete it to redo);
+a variant whose training finished (<variant>/train_result.json) but whose evaluation failed
+is only re-evaluated. At tiny size on CPU, generation costs about a minute per item (2
+cores): use --eval_limit, or --eval_split='' for the flow-loss comparison alone.
 """
 from __future__ import annotations
 
@@ -121,8 +124,11 @@ def table3_markdown(results: Dict[str, dict], base_config, train_keys: Sequence[
       cells += [f"failed: {r['error'][:80]}"] + [''] * (len(head) - len(cells) - 1)
     else:
       ev = r.get('eval') or {}
-      cells += [_fmt(ev.get('cd')), _fmt(ev.get('fscore@0.1')), _fmt(ev.get('fscore@0.05')),
-                _fmt(ev.get('self_iou'))]
+      if r.get('eval_error'):
+        cells += [f"eval failed: {r['eval_error'][:80]}", '', '', '']
+      else:
+        cells += [_fmt(ev.get('cd')), _fmt(ev.get('fscore@0.1')),
+                  _fmt(ev.get('fscore@0.05')), _fmt(ev.get('self_iou'))]
       cells += [_fmt((r.get('train') or {}).get(k)) for k in train_keys]
     lines.append('| ' + ' | '.join(c.replace('|', '/') for c in cells) + ' |')
   text = '\n'.join(lines) + '\n'
@@ -152,12 +158,15 @@ def summarize_training(result, workdir: str) -> Dict[str, float]:
   return out
 
 
-def make_train_fn(show_progress: bool = True, eval_batches: int = 2) -> Callable:
-  """train_fn(config, workdir) -> scalars, via experiments.train_dit.train_and_evaluate."""
+def make_train_fn(show_progress: bool = True, eval_batches: int = 2, mesh=None) -> Callable:
+  """train_fn(config, workdir) -> scalars, via experiments.train_dit.train_and_evaluate.
+
+  mesh: a jax.sharding.Mesh for training (default: train_dit's, from config.mesh).
+  """
   def train_fn(config, workdir):
     from experiments import train_dit  # pylint: disable=g-import-not-at-top
     res = train_dit.train_and_evaluate(config, workdir, show_progress=show_progress,
-                                       eval_batches=eval_batches)
+                                       eval_batches=eval_batches, mesh=mesh)
     return summarize_training(res, workdir)
   return train_fn
 
@@ -221,20 +230,31 @@ def run_ablations(base_config, workdir: str, variants: Sequence[str] = DEFAULT_O
     print(f"[ablations] {v}: {VARIANTS[v]['label']}  overrides {VARIANTS[v]['dit']}",
           flush=True)
     r = {'label': VARIANTS[v]['label'], 'overrides': VARIANTS[v]['dit'], 'error': None,
-         'train': {}, 'eval': None}
+         'eval_error': None, 'train': {}, 'eval': None}
+    os.makedirs(vdir, exist_ok=True)
+    trained = os.path.join(vdir, 'train_result.json')
     t0 = time.time()
-    try:
-      os.makedirs(vdir, exist_ok=True)
-      r['train'] = _scalar_items(train_fn(cfg, vdir))
-      r['seconds_train'] = time.time() - t0
-      if eval_fn is not None:
-        ev = eval_fn(cfg, vdir)
-        r['eval'] = None if ev is None else {k: float(x) for k, x in ev.items()}
-      r['seconds_total'] = time.time() - t0
-      _atomic_write_text(done, json.dumps(r, indent=1) + '\n')
-    except Exception as e:  # pylint: disable=broad-except  (one variant fails, others go on)
+    try:  # one variant failing must not stop the others
+      if os.path.exists(trained):  # trained earlier, evaluation failed or was interrupted
+        with open(trained) as f:
+          r['train'] = json.load(f)
+      else:
+        r['train'] = _scalar_items(train_fn(cfg, vdir))
+        r['seconds_train'] = time.time() - t0
+        _atomic_write_text(trained, json.dumps(r['train'], indent=1) + '\n')
+    except Exception as e:  # pylint: disable=broad-except
       r['error'] = f'{type(e).__name__}: {e}'
       traceback.print_exc(file=sys.stderr)
+    if r['error'] is None and eval_fn is not None:
+      try:
+        ev = eval_fn(cfg, vdir)
+        r['eval'] = None if ev is None else {k: float(x) for k, x in ev.items()}
+      except Exception as e:  # pylint: disable=broad-except
+        r['eval_error'] = f'{type(e).__name__}: {e}'
+        traceback.print_exc(file=sys.stderr)
+    r['seconds_total'] = time.time() - t0
+    if r['error'] is None and r['eval_error'] is None:
+      _atomic_write_text(done, json.dumps(r, indent=1) + '\n')
     results[v] = r
   if train_keys is None:
     keys = []
@@ -258,6 +278,10 @@ def main(argv):
   variants = [v.strip() for v in f.variants.split(',') if v.strip()]
   eval_fn = None
   if f.eval_split:
+    if not f.config.vae.get('workdir'):
+      raise ValueError('--config.vae.workdir is empty: evaluating by generation needs the '
+                       "VAE; set it, or pass --eval_split='' to keep only the training "
+                       'evaluation (flow loss)')
     eval_fn = make_generation_eval_fn(f.eval_split, f.eval_limit, f.eval_kind, f.eval_steps,
                                       f.eval_cfg, f.eval_num_samples, f.eval_voxel_resolution,
                                       seed=f.config.seed)

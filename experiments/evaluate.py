@@ -10,8 +10,16 @@ Usage:
   # it (rendered here when missing); scenes also take NAME.masks.npy ([N,H,W] bool,
   # instance i = component i).
   python -m experiments.evaluate --checkpoint_dir=/tmp/dit --glb_dir=my_meshes --kind=object
+  # No model: score the ground truth with jittered vertices (checks the pipeline and shows
+  # the scale of the numbers):
+  python -m experiments.evaluate --split=test_tiny --perturb=0.01
   # Nearest-neighbour backends (scipy cKDTree vs chunked JAX) on this machine's CPU:
   python -m experiments.evaluate --benchmark_nn
+
+Generation cost on CPU (2 cores, tiny untrained checkpoint, 3 ODE steps): about a minute
+per item, mostly VAE decoding and marching cubes; use --limit for quick looks. Scenes give
+the generator the instance masks (as an id image) and always generate one component per
+instance; objects generate --num_components parts (default: the ground-truth count).
 
 Outputs in --out_dir: metrics.json (per item rows + mean), table.md (paper-shaped table),
 grid.png (input | generated parts | ground truth, first --grid_rows items), tb/ (TensorBoard
@@ -29,7 +37,6 @@ GenerationResult(meshes, latents, routing)`.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -39,7 +46,7 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import trimesh
@@ -67,12 +74,13 @@ class EvalItem:
   gt_parts: List[trimesh.Trimesh]
   image: np.ndarray
   masks: Optional[np.ndarray] = None
+  view: Optional[Tuple[float, float]] = None  # (azimuth, elevation) deg of the render
 
 
 def _render_condition(parts: Sequence[trimesh.Trimesh], kind: str, seed: int,
                       size: int, colors: Optional[np.ndarray] = None,
                       background=()):
-  """Renders one conditioning view with the data pipeline's renderer: (rgb, masks|None)."""
+  """One conditioning view, rendered by the data pipeline: (rgb, masks | None, view)."""
   from data_pipeline import render  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   if colors is None:
@@ -88,7 +96,15 @@ def _render_condition(parts: Sequence[trimesh.Trimesh], kind: str, seed: int,
   masks = None
   if kind == 'scene':
     masks = np.stack([ids[0] == i + 1 for i in range(len(parts))])
-  return rgb[0], masks
+  return rgb[0], masks, _camera_view(cams[0].cam_to_world)
+
+
+def _camera_view(cam_to_world: np.ndarray) -> Tuple[float, float]:
+  """(azimuth, elevation) in degrees of a camera looking at the origin (y up)."""
+  eye = np.asarray(cam_to_world, np.float64)[:3, 3]
+  r = float(np.linalg.norm(eye))
+  return (float(np.degrees(np.arctan2(eye[0], eye[2]))),
+          float(np.degrees(np.arcsin(eye[1] / max(r, 1e-12)))))
 
 
 def items_from_split(split: str, kind: str = 'object', limit: Optional[int] = None,
@@ -105,9 +121,9 @@ def items_from_split(split: str, kind: str = 'object', limit: Optional[int] = No
   for it in items[:limit]:
     sample = it.generate()
     parts = [p.to_mesh() for p in sample.parts]
-    rgb, masks = _render_condition(parts, kind, seed=it.index, size=image_size,
-                                   colors=sample.colors, background=sample.background)
-    yield EvalItem(name=it.key, kind=kind, gt_parts=parts, image=rgb, masks=masks)
+    rgb, masks, view = _render_condition(parts, kind, seed=it.index, size=image_size,
+                                         colors=sample.colors, background=sample.background)
+    yield EvalItem(name=it.key, kind=kind, gt_parts=parts, image=rgb, masks=masks, view=view)
 
 
 def _load_image(path: str) -> np.ndarray:
@@ -160,9 +176,11 @@ def items_from_glb_dir(folder: str, kind: str = 'object', limit: Optional[int] =
         masks = np.load(mask_path).astype(bool)
         if masks.ndim != 3 or len(masks) != len(parts):
           raise ValueError(f'{mask_path}: expected [{len(parts)}, H, W], got {masks.shape}')
+      view = None
       if image is None or (kind == 'scene' and masks is None):
-        image, masks = _render_condition(parts, kind, seed=i, size=image_size)
-      yield EvalItem(name=name, kind=kind, gt_parts=parts, image=image, masks=masks)
+        image, masks, view = _render_condition(parts, kind, seed=i, size=image_size)
+      yield EvalItem(name=name, kind=kind, gt_parts=parts, image=image, masks=masks,
+                     view=view)
     except (ValueError, FileNotFoundError) as e:
       if skipped is None:
         raise
@@ -176,21 +194,46 @@ def items_from_glb_dir(folder: str, kind: str = 'object', limit: Optional[int] =
 PredictFn = Callable[[EvalItem], List[trimesh.Trimesh]]
 
 
+def masks_to_ids(masks: np.ndarray) -> np.ndarray:
+  """Instance masks bool [N, H, W] -> instance-id image uint8 [H, W] (0 = none, i + 1 =
+  instance i; where masks overlap the later instance wins), the form the generator takes."""
+  masks = np.asarray(masks, bool)
+  if masks.ndim != 3:
+    raise ValueError(f'masks: expected [N, H, W], got shape {masks.shape}')
+  ids = np.zeros(masks.shape[1:], np.uint8)
+  for i, m in enumerate(masks):
+    ids[m] = i + 1
+  return ids
+
+
 def generator_predict_fn(checkpoint_dir: str, steps: int = 50, cfg: float = 7.0,
-                         seed: int = 0, num_components: Optional[int] = None) -> PredictFn:
+                         seed: int = 0, num_components: Optional[int] = None,
+                         generator=None) -> PredictFn:
   """Wraps experiments.generate's Generator as predict_fn(item) -> predicted parts.
 
   num_components: parts to generate (default: the item's ground-truth count, as in the
-  paper's evaluation where the part / instance count is given).
+  paper's evaluation where the part / instance count is given; scenes always use the
+  number of instances in the mask). Scenes pass the instance masks as an id image
+  [1, H, W]; the generator rejects a mask where an instance is not visible at all (the
+  item is then skipped and reported). `generator`: an already loaded Generator (tests).
+  The routing maps of the last call are kept in predict_fn.last_routing.
   """
-  from experiments import generate  # pylint: disable=g-import-not-at-top
-  gen = generate.load_generator(checkpoint_dir)
+  if generator is None:
+    from experiments import generate  # pylint: disable=g-import-not-at-top
+    generator = generate.load_generator(checkpoint_dir)
 
   def predict(item: EvalItem) -> List[trimesh.Trimesh]:
-    n = num_components or len(item.gt_parts)
-    masks = None if item.masks is None else item.masks[None]
-    res = gen.generate(item.image[None], num_components=n, masks=masks, steps=steps,
-                       cfg=cfg, seed=seed)
+    image = np.asarray(item.image)[..., :3].astype(np.uint8)
+    if item.kind == 'scene':
+      if item.masks is None:
+        raise ValueError(f'{item.name}: a scene needs instance masks')
+      n = len(item.masks)
+      masks = masks_to_ids(item.masks)[None]
+    else:
+      n = num_components or len(item.gt_parts)
+      masks = None
+    res = generator.generate(image[None], num_components=n, masks=masks, steps=steps,
+                             cfg=cfg, seed=seed)
     predict.last_routing = getattr(res, 'routing', None)
     return list(res.meshes[0])
 
@@ -269,7 +312,7 @@ def evaluate_items(items: Iterable[EvalItem], predict_fn: PredictFn,
     if routing is None and getattr(predict_fn, 'last_routing', None) is not None:
       routing = predict_fn.last_routing
     if len(grid) < grid_rows:
-      grid.append(dict(image=item.image, pred=pred, gt=item.gt_parts,
+      grid.append(dict(image=item.image, pred=pred, gt=item.gt_parts, view=item.view,
                        label=f"{item.name}  CD {row.get('cd', row.get('cd_scene')):.3f}"))
   mean = M.mean_metrics([{k: v for k, v in r.items() if isinstance(v, float)}
                          for r in rows])
@@ -404,6 +447,8 @@ def write_report(out_dir: str, result: dict, kind: str, method: str = 'moca-jax'
     written['grid'] = viz.mesh_grid_png(result['grid'], os.path.join(out_dir, 'grid.png'),
                                         title=f'{method}: input | generated | ground truth')
   routing = result.get('routing')
+  if isinstance(routing, dict) and np.asarray(routing.get('importances', [])).size == 0:
+    routing = None  # no MoC block (dense global attention): nothing to draw
   if routing is not None:
     try:
       written['router'] = write_router_png(routing, os.path.join(out_dir, 'router.png'))
@@ -414,7 +459,7 @@ def write_report(out_dir: str, result: dict, kind: str, method: str = 'moca-jax'
     w = SummaryWriter(os.path.join(out_dir, 'tb'))
     for k, v in result['mean'].items():
       if isinstance(v, float) and not math.isnan(v):
-        w.add_scalar(f'eval/{k}', v, 0)
+        w.add_scalar('eval/' + k.replace('@', '_'), v, 0)
     w.close()
     written['tensorboard'] = os.path.join(out_dir, 'tb')
   return written
@@ -558,6 +603,7 @@ def _define_flags():
   flags.DEFINE_bool('benchmark_nn', False, 'Run the nearest-neighbour benchmark and exit.')
   flags.DEFINE_string('nn_sizes', '10000,30000,100000', 'Benchmark sizes (comma list).')
   flags.DEFINE_integer('nn_repeats', 3, 'Benchmark repeats.')
+  flags.DEFINE_integer('nn_jax_max_size', 100_000, 'Largest size timed with the JAX backend.')
   return flags.FLAGS
 
 
@@ -565,7 +611,8 @@ def main(argv):
   del argv
   f = FLAGS
   if f.benchmark_nn:
-    rows = benchmark_nn([int(s) for s in f.nn_sizes.split(',')], f.nn_repeats)
+    rows = benchmark_nn([int(s) for s in f.nn_sizes.split(',')], f.nn_repeats,
+                        jax_max_size=f.nn_jax_max_size)
     write_nn_benchmark(rows)
     return
   if (f.split is None) == (f.glb_dir is None):

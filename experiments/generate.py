@@ -184,15 +184,30 @@ def _resolve_checkpoint_dir(path: str) -> str:
   return sub if os.path.isdir(sub) else path
 
 
+_CACHE: dict = {}
+
+
 def load_generator(checkpoint_dir: str, step: Optional[int] = None,
                    vae_workdir: Optional[str] = None,
-                   extract_kwargs: Optional[dict] = None) -> Generator:
+                   extract_kwargs: Optional[dict] = None, cache: bool = True) -> Generator:
   """Loads a train_dit checkpoint (EMA params) and the VAE its config names.
 
+  With cache=True a generator already loaded for the same (checkpoint dir, step, VAE,
+  extraction settings) is returned again, compiled sampler included.
   Raises FileNotFoundError (missing checkpoint / VAE) or ValueError (corrupt, mismatched).
   """
   ckpt = _resolve_checkpoint_dir(checkpoint_dir)
   cfg_dict, step = train_lib.read_checkpoint_config(ckpt, step)
+  key = (ckpt, step, vae_workdir, json.dumps(extract_kwargs or {}, sort_keys=True))
+  if cache and key in _CACHE:
+    return _CACHE[key]
+  gen = _load_generator(ckpt, cfg_dict, step, vae_workdir, extract_kwargs)
+  if cache:
+    _CACHE[key] = gen
+  return gen
+
+
+def _load_generator(ckpt, cfg_dict, step, vae_workdir, extract_kwargs) -> Generator:
   try:
     config = ml_collections.ConfigDict(cfg_dict)
     model = train_lib.ImageConditionedDiT(config.model)

@@ -98,9 +98,10 @@ class AnalyticShapeSource:
 # ----------------------------------------------------------------------------------------
 
 def make_optimizer(config) -> optax.GradientTransformation:
+  warmup = max(min(config.warmup_steps, config.num_steps // 2), 1)
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, config.learning_rate, max(config.warmup_steps, 1), max(config.num_steps, 2),
-      end_value=0.1 * config.learning_rate)
+      0.0, config.learning_rate, warmup, max(config.num_steps, warmup + 1),
+      end_value=config.end_lr_factor * config.learning_rate)
   return optax.chain(
       optax.clip_by_global_norm(config.grad_clip),
       optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay))
@@ -376,7 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if history:
     plot_loss_curve(workdir / "loss_curve.png", history)
     outputs["loss_curve"] = str(workdir / "loss_curve.png")
-  eval_rng = np.random.default_rng([config.seed, 10_000])
+  eval_rng = np.random.default_rng([config.seed, 7, 7])  # 3 words: never a training seed
   shapes = [source.random_shape(eval_rng) for _ in range(config.eval.num_shapes)]
   result = evaluate_reconstruction(model, params, shapes, config, eval_rng)
   write_json(workdir / "eval.json", result)
@@ -402,15 +403,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           "outputs": outputs}
 
 
+def write_eval_report(stem, result: dict, config, workdir) -> None:
+  """Writes <stem>.json and <stem>.md: reconstruction quality by part size of a finished run."""
+  import platform
+  ev = json.loads((Path(workdir) / "eval.json").read_text())
+  report = {"machine": {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+                        "host": platform.node(), "cpu_count": os.cpu_count()},
+            "config": config.to_dict(), "step": result["step"], "final_train_metrics":
+            result["metrics"], "eval": ev}
+  stem = Path(stem)
+  write_json(stem.with_suffix(".json"), report)
+  ec = config.eval
+  lines = [
+      "# VAE reconstruction quality by part size", "",
+      f"`experiments/train_vae.py`, config size '{config.model.size}', {result['step']} steps of "
+      f"batch {config.batch_size} on {report['machine']['device']} "
+      f"({report['machine']['backend']}). Held-out random primitives (kinds "
+      f"{', '.join(config.data.kinds)}), bounding radius r in {tuple(config.data.size_range)} "
+      "of the [-1, 1]^3 object frame, encoded deterministically.", "",
+      f"IoU: occupancy of the decoded field on a {ec.resolution + 1}^3 grid against the exact "
+      "solid. Chamfer: mean nearest-neighbour distance (symmetric average) between 4096 "
+      "points on the extracted mesh and on the exact surface, in object-frame units.", "",
+      "| part size | count | mean IoU | mean Chamfer | empty meshes |",
+      "| --- | --- | --- | --- | --- |"]
+  names = {"small": f"small (r < {ec.small_part_radius})",
+           "medium": f"medium ({ec.small_part_radius} <= r <= {ec.large_part_radius})",
+           "large": f"large (r > {ec.large_part_radius})"}
+  for key in ("small", "medium", "large"):
+    if key in ev["by_size"]:
+      b = ev["by_size"][key]
+      lines.append(f"| {names[key]} | {b['count']} | {b['iou_mean']:.3f} | "
+                   f"{b['chamfer_mean']:.4f} | {b['empty_meshes']} |")
+  _atomic_write_bytes(stem.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if FLAGS.report:
+    write_eval_report(FLAGS.report, result, FLAGS.config, FLAGS.workdir)
   print(json.dumps({k: v for k, v in result.items()}, indent=2))
 
 
 if __name__ == "__main__":
   flags.DEFINE_string("workdir", "outputs/vae", "Where checkpoints, metrics and meshes go.")
+  flags.DEFINE_string("report", "", "If set, a path stem for the by-part-size report "
+                      "(.md and .json), e.g. experiments/results/vae_eval_by_size.")
   config_flags.DEFINE_config_file("config", "experiments/configs/vae.py:tiny",
                                   "VAE training config.", lock_config=True)
   app.run(main)

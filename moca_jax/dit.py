@@ -24,13 +24,14 @@ L vecset tokens, C latent channels, D width, Tc condition tokens, Dc condition w
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from moca_jax import layers
+from moca_jax import moc as moc_lib
 from moca_jax.moc import GATHER_METHODS, GlobalAttention
 
 try:  # the GPU benchmark machine may lack ml_collections; only dit_config needs it.
@@ -191,8 +192,8 @@ def attention_even(q: Array, k: Array, v: Array, mask: Optional[Array] = None,
   pq, pk = (tq % 2, tk % 2) if implementation == "cudnn" else (0, 0)
   if not (pq or pk):
     return layers.attention(q, k, v, mask=mask, implementation=implementation)
-  if mask is None:
-    mask = jnp.ones((1, 1, tq, tk), bool)
+  if mask is None:  # key padding only: cuDNN's padding mask where the entry point has one
+    return moc_lib.attend_prefix(q, k, v, None, implementation)
   mask = jnp.asarray(mask, bool)
   while mask.ndim < 4:
     mask = mask[None]

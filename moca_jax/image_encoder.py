@@ -113,6 +113,20 @@ def _patch_kernel_init(in_channels: int):
 # Modules
 # ----------------------------------------------------------------------------------------
 
+def encoder_attention(q: Array, k: Array, v: Array, implementation: Optional[str]) -> Array:
+  """Self-attention q, k, v [B, T, H, d] -> [B, T, H, d] through `layers.attention`.
+
+  cuDNN rejects odd sequence lengths (257 = CLS + 16 x 16 patches): there the tokens are
+  padded by one zero token whose key is masked out, and the padded query row is dropped.
+  """
+  t = q.shape[1]
+  if implementation != "cudnn" or t % 2 == 0:
+    return attention(q, k, v, implementation=implementation)
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, 1), (0, 0), (0, 0)])
+  mask = jnp.broadcast_to((jnp.arange(t + 1) < t)[None, None, None, :], (q.shape[0], 1, t + 1, t + 1))
+  return attention(pad(q), pad(k), pad(v), mask=mask, implementation=implementation)[:, :t]
+
+
 class LoRADense(nn.Module):
   """Dense layer y = x W + b (+ alpha / r * x A B when rank > 0), params fp32.
 
@@ -180,7 +194,7 @@ class EncoderBlock(nn.Module):
     h = self.num_heads
     y = layer_norm(self.dtype, "norm1")(x)
     qkv = self._dense(3 * d, ("embed", "heads"), "qkv")(y).reshape(b, t, 3, h, d // h)
-    out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=self.implementation)
+    out = encoder_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.implementation)
     y = self._dense(d, ("heads", "embed"), "proj")(out.reshape(b, t, d))
     x = x + LayerScale(self.layer_scale_init, name="ls1")(y)
     y = layer_norm(self.dtype, "norm2")(x)

@@ -19,7 +19,6 @@ Only the vecset tokens are queries in a global block (the paper is silent; see N
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from typing import Any, Optional
@@ -27,7 +26,6 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from moca_jax import layers
 
@@ -380,7 +378,6 @@ class GlobalAttention(layers.MultiHeadAttention):
     'selected': [B, H, N, k]} for MoC ({} for dense).
     """
     b, n, seq_len, width = h.shape
-    m = c.shape[2]
     nh = self.num_heads
     if self.mode == "dense":
       q, k, v = self.project_qkv(h.reshape(b, n * seq_len, width), h.reshape(b, n * seq_len, width))

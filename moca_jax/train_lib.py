@@ -178,8 +178,7 @@ def create_train_state(init_fn: InitFn, tx: optax.GradientTransformation, batch_
     batch_spec: pytree of ShapeDtypeStruct (or arrays) shaped like one global batch.
   """
   shardings, names, init_state = state_shardings(init_fn, tx, batch_spec, rng, mesh, rules)
-  with mesh:
-    state = jax.jit(init_state, out_shardings=shardings)(rng)
+  state = jax.jit(init_state, out_shardings=shardings)(rng)
   abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 jax.eval_shape(lambda: state), shardings)
   return state, StateSetup(shardings=shardings, abstract_state=abstract_state, param_names=names)
@@ -246,8 +245,7 @@ def compile_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
   batch_abs = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                            batch_spec, batch_sh)
   rng_abs = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl)
-  with mesh:
-    compiled = jitted.lower(setup.abstract_state, batch_abs, rng_abs).compile()
+  compiled = jitted.lower(setup.abstract_state, batch_abs, rng_abs).compile()
   mem = memory_summary(compiled)
   if mem:
     log.info("train step memory (MiB): %s", {k: round(v, 1) for k, v in mem.items()})

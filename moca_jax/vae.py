@@ -74,14 +74,17 @@ def vae_config(size: str = "tiny", num_latents: Optional[int] = None) -> ml_coll
   c.dtype = "float32"            # compute dtype; params stay fp32 ('bfloat16' on GPU)
   c.attention_implementation = "auto"   # 'auto' -> cudnn on GPU with bf16, else xla
   c.sample_posterior = True      # training: z = mean + sigma * eps; eval uses the mean
+  c.train_random_fps = True      # training: FPS of a random subset from a random start
   c.enc_cross_layers = 1
   if base == "tiny":
+    c.num_freqs = 4              # fewer octaves: converges in a few hundred CPU steps
     c.num_latents, c.latent_channels = 32, 8
     c.enc_width, c.enc_heads, c.enc_self_layers = 64, 2, 1
     c.dec_width, c.dec_heads, c.dec_layers = 64, 2, 2
     c.query_mlp = True
     c.num_points = 512           # surface points fed to the encoder
   elif base == "small":
+    c.num_freqs = 6
     c.num_latents, c.latent_channels = 256, 32
     c.enc_width, c.enc_heads, c.enc_self_layers = 128, 4, 2
     c.dec_width, c.dec_heads, c.dec_layers = 256, 4, 4
@@ -103,7 +106,7 @@ def vae_config(size: str = "tiny", num_latents: Optional[int] = None) -> ml_coll
 
   c.loss = ml_collections.ConfigDict()
   c.loss.near_weight = 1.0        # L1 on near-surface SDF samples
-  c.loss.volume_weight = 1.0      # L1 on uniform volume SDF samples
+  c.loss.volume_weight = 0.5      # L1 on uniform volume SDF samples
   c.loss.surface_weight = 1.0     # |sdf| on surface points (the zero level set)
   c.loss.normal_weight = 0.1      # 1 - cos(grad sdf, normal) on surface points
   c.loss.eikonal_weight = 0.01    # (|grad sdf| - 1)^2 on near + volume points
@@ -304,14 +307,14 @@ class VecSetVAE(nn.Module):
 
 def init_vae(model: VecSetVAE, rng: Array, batch_size: int = 1,
              num_points: Optional[int] = None, num_queries: int = 16):
-  """Initial variables for `model` from dummy inputs (shapes only matter for P >= L)."""
+  """Initial variables for `model` from dummy inputs (shapes only matter for P >= L); jitted."""
   c = model.config
   p = num_points or max(c.num_points, c.num_latents)
   pts = jnp.zeros((batch_size, p, 3), jnp.float32) + jnp.linspace(-1, 1, p)[None, :, None]
   nrm = jnp.zeros((batch_size, p, 3), jnp.float32).at[..., 2].set(1.0)
   qs = jnp.zeros((batch_size, num_queries, 3), jnp.float32)
   k0, k1, k2 = jax.random.split(rng, 3)
-  return model.init({"params": k0, "fps": k1, "noise": k2}, pts, nrm, qs)
+  return jax.jit(model.init)({"params": k0, "fps": k1, "noise": k2}, pts, nrm, qs)
 
 
 def count_params(params) -> int:
@@ -347,7 +350,8 @@ def vae_loss(params, model: VecSetVAE, batch: dict, rng: Array, config) -> tuple
   lc = config.loss if "loss" in config else config
   k_fps, k_noise = jax.random.split(rng)
   mean, logvar = model.apply(params, batch["surface_points"], batch["surface_normals"],
-                             deterministic=False, method=VecSetVAE.encode, rngs={"fps": k_fps})
+                             deterministic=not model.config.train_random_fps,
+                             method=VecSetVAE.encode, rngs={"fps": k_fps})
   if model.config.sample_posterior:
     z = model.apply(params, mean, logvar, method=VecSetVAE.sample_latent,
                     rngs={"noise": k_noise})

@@ -63,7 +63,8 @@ def _save_figure(fig, path: str) -> str:
 
 def router_heatmap_png(importances: np.ndarray, selections: Optional[np.ndarray], path: str,
                        component_mask: Optional[np.ndarray] = None,
-                       title: Optional[str] = None, panel_px: int = 240) -> str:
+                       title: Optional[str] = None, panel_px: int = 240,
+                       shared_scale: bool = False) -> str:
   """Heatmap per head of the router importances with the selected components outlined.
 
   Args:
@@ -74,6 +75,8 @@ def router_heatmap_png(importances: np.ndarray, selections: Optional[np.ndarray]
     title: figure title.
     panel_px: pixel size of one head's panel; the figure is (min(H,4) * panel_px) wide and
       (ceil(H/4) * panel_px + 40) tall.
+    shared_scale: one colour scale for all heads (compares heads); default: each head its
+      own scale (shows the ranking inside a head), its range in the panel title.
   """
   imp = np.asarray(importances, np.float64)
   if imp.ndim != 3 or imp.shape[1] != imp.shape[2]:
@@ -103,7 +106,11 @@ def router_heatmap_png(importances: np.ndarray, selections: Optional[np.ndarray]
   for head in range(h):
     ax = fig.add_subplot(rows, cols, head + 1)
     m = np.ma.masked_array(finite[head], mask=~off)
-    ax.imshow(m, cmap='viridis', vmin=vmin, vmax=vmax, interpolation='nearest')
+    lo, hi = vmin, vmax
+    if not shared_scale and off.any():
+      lo, hi = float(finite[head][off].min()), float(finite[head][off].max())
+      hi = max(hi, lo + 1e-6)
+    ax.imshow(m, cmap='viridis', vmin=lo, vmax=hi, interpolation='nearest')
     if selections is not None:
       for i in keep:
         for j in sel[head, i]:
@@ -113,12 +120,14 @@ def router_heatmap_png(importances: np.ndarray, selections: Optional[np.ndarray]
     if len(keep) <= 16:
       ax.set_xticks(range(len(keep)), [str(j) for j in keep])
       ax.set_yticks(range(len(keep)), [str(j) for j in keep])
-    ax.set_title(f'head {head}', fontsize=8)
+    ax.set_title(f'head {head}' + ('' if shared_scale else f' [{lo:.2f}, {hi:.2f}]'),
+                 fontsize=8)
     ax.set_xlabel('key component j', fontsize=7)
     ax.set_ylabel('query i', fontsize=7)
     ax.tick_params(labelsize=6)
-  fig.suptitle(title or f'router importance (red: selected, vmin={vmin:.2f} vmax={vmax:.2f})',
-               fontsize=9)
+  scale = (f'colour scale [{vmin:.2f}, {vmax:.2f}] for all heads' if shared_scale
+           else 'colour scale per head')
+  fig.suptitle(f"{title or 'router importance (red: selected)'}; {scale}", fontsize=9)
   fig.subplots_adjust(left=0.08, right=0.98, bottom=0.08, top=1 - 40 / (rows * panel_px + 40)
                       - 0.04, wspace=0.35, hspace=0.45)
   return _save_figure(fig, path)
@@ -239,7 +248,8 @@ def render_parts(parts: Sequence[Optional[trimesh.Trimesh]], size: int = 256,
 
   Parts are jointly normalised to [-1, 1] (as in the metrics) unless normalize=False; empty
   parts are skipped; part i gets colours[i] (default: part_colour(i)). Orthographic camera
-  on a sphere (azimuth around y, elevation above the xz plane), head light, Lambert shading.
+  on a sphere (azimuth around y, elevation above the xz plane) framing the projected
+  vertices around the origin, head light, Lambert shading.
   """
   from moca_jax import metrics  # pylint: disable=g-import-not-at-top
   parts = metrics.as_mesh_list(parts)
@@ -257,7 +267,10 @@ def render_parts(parts: Sequence[Optional[trimesh.Trimesh]], size: int = 256,
   fused = trimesh.util.concatenate(meshes) if len(meshes) > 1 else meshes[0]
   face_part = np.concatenate(ids)
   eye, forward, right, up = _camera_basis(azimuth, elevation)
-  half = 1.8  # view half-width: the [-1,1] cube's diagonal is 1.73
+  # Frame the projected vertices (with a margin); at most the [-1,1] cube's half-diagonal.
+  v = np.asarray(fused.vertices)
+  half = 1.08 * max(float(np.abs(v @ right).max()), float(np.abs(v @ up).max()), 1e-3)
+  half = min(half, 1.8)
   t = (np.arange(size) + 0.5) / size * 2 * half - half
   xs, ys = np.meshgrid(t, -t)  # row 0 at the top
   origins = (eye * 4.0)[None] + xs.reshape(-1, 1) * right + ys.reshape(-1, 1) * up
@@ -294,7 +307,9 @@ def mesh_grid_png(rows: Sequence[Mapping], path: str, panel_px: int = 256,
 
   rows: dicts with optional keys 'image' (uint8 [H,W,C]; scenes: first 3 channels shown),
     'pred' (list of trimesh parts, one colour each), 'gt' (list of trimesh parts, grey
-    unless gt_colour_parts=True in the row), 'label' (str for the row).
+    unless gt_colour_parts=True in the row), 'label' (str for the row), 'view'
+    ((azimuth, elevation) degrees of the camera for both renders, e.g. the input's;
+    default (45, 25)).
   The file is (3 * panel_px) wide and (len(rows) * panel_px + header) tall, header = 30
   pixels, 50 with a title.
   """
@@ -312,12 +327,14 @@ def mesh_grid_png(rows: Sequence[Mapping], path: str, panel_px: int = 256,
     image = row.get('image')
     panels.append(_display_image(image) if image is not None else None)
     pred = row.get('pred')
-    panels.append(render_parts(pred, render_px) if pred is not None else None)
+    az, el = row.get('view') or (45.0, 25.0)
+    panels.append(render_parts(pred, render_px, azimuth=az, elevation=el)
+                  if pred is not None else None)
     gt = row.get('gt')
     if gt is not None:
       gt_list = trimesh_list(gt)
       cols = None if row.get('gt_colour_parts') else [_GT_COLOUR] * len(gt_list)
-      panels.append(render_parts(gt_list, render_px, colours=cols))
+      panels.append(render_parts(gt_list, render_px, colours=cols, azimuth=az, elevation=el))
     else:
       panels.append(None)
     for c, im in enumerate(panels):

@@ -150,3 +150,13 @@ def test_scene_render_masks_and_background():
   assert len(present) >= 3 and max(present) <= len(meshes)
   # the floor is drawn (non-white) but is not an instance (id 0)
   assert np.any(np.all(rgb[ids == 0] != 255, axis=-1))
+
+
+def test_unsigned_distance_is_exact():
+  rng = np.random.default_rng(6)
+  mesh = P.Torus(0.5, 0.15, rotation=P.random_rotation(rng)).to_mesh(12)
+  x = np.concatenate([rng.uniform(-1, 1, size=(300, 3)),
+                      mesh.vertices[:100] + rng.normal(scale=0.01, size=(100, 3))])
+  brute = np.array([sampling.point_triangle_distance(np.repeat(p[None], len(mesh.faces), 0),
+                                                     mesh.triangles).min() for p in x])
+  np.testing.assert_allclose(sampling.unsigned_distance(mesh, x), brute, atol=1e-12)

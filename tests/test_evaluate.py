@@ -58,6 +58,44 @@ def test_failing_prediction_is_skipped_and_reported():
   assert r['skipped'][0]['name'] == 'object1' and 'boom' in r['skipped'][0]['reason']
 
 
+class _FakeGenerator:
+  """Duck-typed experiments.generate.Generator: returns the item's parts it was given."""
+
+  def __init__(self, parts):
+    self.parts, self.calls = parts, []
+
+  def generate(self, images, num_components, masks=None, steps=50, cfg=7.0, seed=0):
+    import types
+    self.calls.append(dict(images=images, n=num_components, masks=masks, steps=steps,
+                           cfg=cfg, seed=seed))
+    b, g, h, n = 1, 1, 2, num_components
+    routing = {'importances': np.zeros((b, g, h, n, n)),
+               'selections': np.zeros((b, g, h, n, 1), np.int32)}
+    return types.SimpleNamespace(meshes=[self.parts[:num_components]], routing=routing,
+                                 latents=None)
+
+
+@pytest.mark.parametrize('kind', ['object', 'scene'])
+def test_generator_predict_fn_calls_the_generation_api(kind):
+  item = _item(kind, n=3)
+  if kind == 'scene':
+    item.masks[0, :4] = item.masks[1, 4:8] = item.masks[2, 8:12] = True
+  fake = _FakeGenerator(item.gt_parts)
+  predict = E.generator_predict_fn(None, steps=7, cfg=2.0, seed=5, generator=fake)
+  r = E.evaluate_items([item], predict, FAST, progress=False)
+  (call,) = fake.calls
+  assert call['images'].shape == (1, 32, 32, 3) and call['images'].dtype == np.uint8
+  assert (call['n'], call['steps'], call['cfg'], call['seed']) == (3, 7, 2.0, 5)
+  if kind == 'scene':
+    ids = call['masks'][0]
+    assert call['masks'].shape == (1, 32, 32) and set(np.unique(ids)) == {0, 1, 2, 3}
+    assert np.all(ids[:4] == 1) and np.all(ids[8:12] == 3) and np.all(ids[12:] == 0)
+  else:
+    assert call['masks'] is None
+  assert r['rows'][0].get('cd', r['rows'][0].get('cd_scene')) == 0.0
+  assert r['routing']['importances'].shape == (1, 1, 2, 3, 3)
+
+
 def test_tables_have_the_paper_columns():
   t1 = E.table1_markdown({'ours': {'self_iou': 0.01, 'cd': 0.1, 'fscore@0.1': 0.9,
                                    'fscore@0.05': 0.7, 'count': 3.0}})
@@ -120,6 +158,8 @@ def test_procedural_split_items():
   (it,) = items
   assert it.kind == 'scene' and it.image.shape == (48, 48, 3)
   assert it.masks.shape == (len(it.gt_parts), 48, 48) and it.masks.any()
+  az, el = it.view  # scene cameras are isometric: elevation atan(1/sqrt(2))
+  assert abs(el - 35.264) < 0.01 and abs((az - 45.0) % 90.0) < 1e-6
 
 
 def test_benchmark_nn_rows_agree():
@@ -205,6 +245,14 @@ def test_run_ablations_table_failures_and_resume(tmp_path):
   calls.clear()
   A.run_ablations(base, str(tmp_path), list(A.DEFAULT_ORDER), train_fn, eval_fn)
   assert calls == ['C']
+  # An evaluation failure keeps the training result and only re-evaluates later.
+  def bad_eval(cfg, workdir):
+    raise FileNotFoundError('no VAE')
+  calls.clear()
+  out = A.run_ablations(base, str(tmp_path / 'b'), ['G'], train_fn, bad_eval)
+  assert out['results']['G']['eval_error'] and 'eval failed' in out['table']
+  A.run_ablations(base, str(tmp_path / 'b'), ['G'], train_fn, eval_fn)
+  assert calls == ['G']  # trained once
 
 
 @pytest.mark.slow
@@ -214,9 +262,13 @@ def test_ablations_train_tiny_on_cpu(tmp_path):
   One variant keeps the test near a minute of CPU; the plumbing of all eight is covered by
   the two tests above, and `python -m experiments.ablations` runs them all.
   """
+  import jax
+  from moca_jax import sharding
   base = _dit_train_config(steps=1)
-  out = A.run_ablations(base, str(tmp_path), ['A'],
-                        train_fn=A.make_train_fn(show_progress=False, eval_batches=1))
+  base.batch_size = 2
+  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  out = A.run_ablations(base, str(tmp_path), ['A'], train_fn=A.make_train_fn(
+      show_progress=False, eval_batches=1, mesh=mesh))
   for v in ('A',):
     r = out['results'][v]
     assert r['error'] is None, r['error']

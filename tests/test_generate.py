@@ -13,7 +13,7 @@ from experiments import train_vae
 from experiments.configs import vae as vae_configs
 from moca_jax import sharding
 
-N = 3
+N, STEPS, RES = 3, 2, 24   # one sampler / extractor shape for all tests (compiled once)
 
 
 
@@ -49,10 +49,17 @@ def checkpoints(tmp_path_factory):
   return {"root": root, "vae": vae_dir, "dit": dit_dir, "image": img_path}
 
 
-def test_cli_writes_glb_with_n_parts(checkpoints):
+def test_generation_end_to_end(checkpoints, tmp_path):
+  """All checks that need the checkpoint in one test: xdist builds the fixture once."""
+  _check_cli_writes_glb_with_n_parts(checkpoints)
+  _check_generator_api_is_seeded(checkpoints)
+  _check_errors_needing_a_checkpoint(checkpoints, tmp_path)
+
+
+def _check_cli_writes_glb_with_n_parts(checkpoints):
   out = str(checkpoints["root"] / "out")
-  summary = generate.run(checkpoints["dit"], checkpoints["image"], N, out, steps=3, cfg=3.0,
-                         seed=0, resolution=24)
+  summary = generate.run(checkpoints["dit"], checkpoints["image"], N, out, steps=STEPS, cfg=3.0,
+                         seed=0, resolution=RES, batch_size=1)
   d = os.path.join(out, "chair")
   for f in ("parts.glb", "preview.png", "router.png", "router.json", "latents.npy"):
     assert os.path.getsize(os.path.join(d, f)) > 0, f
@@ -70,21 +77,24 @@ def test_cli_writes_glb_with_n_parts(checkpoints):
   assert Image.open(os.path.join(d, "preview.png")).size == (512, 256)
 
 
-def test_generator_api_is_seeded_and_cfg1_is_conditional(checkpoints):
-  gen = generate.load_generator(checkpoints["dit"])
-  images = np.stack([generate.load_image(checkpoints["image"])] * 2)
-  a = gen.sample_latents(images, N, steps=2, cfg=2.0, seed=1)[0]
-  b = gen.sample_latents(images, N, steps=2, cfg=2.0, seed=1)[0]
-  c = gen.sample_latents(images, N, steps=2, cfg=2.0, seed=2)[0]
+def _check_generator_api_is_seeded(checkpoints):
+  gen = generate.load_generator(checkpoints["dit"], extract_kwargs={"resolution": RES})
+  images = generate.load_image(checkpoints["image"])[None]
+  a = gen.sample_latents(images, N, steps=STEPS, cfg=2.0, seed=1)[0]
+  b = gen.sample_latents(images, N, steps=STEPS, cfg=2.0, seed=1)[0]
+  c = gen.sample_latents(images, N, steps=STEPS, cfg=2.0, seed=2)[0]
+  d = gen.sample_latents(images, N, steps=STEPS, cfg=5.0, seed=1)[0]
   np.testing.assert_array_equal(a, b)
-  assert not np.allclose(a, c)
-  assert a.shape == (2, N, 16, 8)
-  result = gen.generate(images[:1], 2, steps=2, cfg=1.0, seed=0)
-  assert len(result.meshes) == 1 and len(result.meshes[0]) == 2
-  assert result.routing["importances"].shape[-2:] == (2, 2)
+  assert not np.allclose(a, c) and not np.allclose(a, d)
+  assert a.shape == (1, N, 16, 8)
+  result = gen.generate(images, N, steps=STEPS, cfg=1.0, seed=0)
+  assert len(result.meshes) == 1 and len(result.meshes[0]) == N
+  assert all(isinstance(m, trimesh.Trimesh) for m in result.meshes[0])
+  assert result.routing["importances"].shape[-2:] == (N, N)
+  assert result.latents.shape == (1, N, 16, 8)
 
 
-def test_clear_errors(checkpoints, tmp_path):
+def test_clear_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     generate.load_generator(str(tmp_path / "nope"))
   empty = tmp_path / "empty"
@@ -101,21 +111,31 @@ def test_clear_errors(checkpoints, tmp_path):
   text.write_text("hello")
   with pytest.raises(ValueError, match="not an image"):
     generate.load_image(str(text))
+  with pytest.raises(FileNotFoundError, match="no such image"):
+    generate.load_image(str(tmp_path / "missing.png"))
   mask = np.zeros((8, 8), np.uint8)
   mask[:4] = 1
   mask[4:] = 2
   generate.check_mask(mask, 2, (8, 8, 3))
   with pytest.raises(ValueError, match="do not match num_components=3"):
     generate.check_mask(mask, 3, (8, 8, 3))
-  gen = generate.load_generator(checkpoints["dit"])
+  with pytest.raises(ValueError, match="does not match the image"):
+    generate.check_mask(mask, 2, (9, 8, 3))
+
+
+def _check_errors_needing_a_checkpoint(checkpoints, tmp_path):
+  gen = generate.load_generator(checkpoints["dit"], extract_kwargs={"resolution": RES})
+  mask = np.ones((8, 8), np.uint8)
   with pytest.raises(ValueError, match="only for scene models"):
-    gen.sample_latents(np.zeros((1, 8, 8, 3), np.uint8), 2, masks=mask[None])
+    gen.sample_latents(np.zeros((1, 8, 8, 3), np.uint8), 1, masks=mask[None])
+  with pytest.raises(ValueError, match="expected uint8"):
+    gen.sample_latents(np.zeros((1, 8, 8), np.uint8), 2)
   # batch mode: the non-image file is skipped and reported, the good one generated
   folder = tmp_path / "imgs"
   folder.mkdir()
   (folder / "broken.png").write_text("not an image")
   Image.open(checkpoints["image"]).save(folder / "good.png")
-  summary = generate.run(checkpoints["dit"], str(folder), 2, str(tmp_path / "o"), steps=1,
-                         resolution=16)
+  summary = generate.run(checkpoints["dit"], str(folder), N, str(tmp_path / "o"), steps=STEPS,
+                         resolution=RES, batch_size=1)
   assert list(summary["skipped"]) == [str(folder / "broken.png")]
   assert os.path.exists(tmp_path / "o" / "good" / "preview.png")

@@ -115,3 +115,19 @@ def test_preprocess():
   np.testing.assert_allclose(out7[..., 3:6], out7[..., 0:3])
   with pytest.raises(ValueError, match="expected images"):
     ie.preprocess(img, 56, in_channels=7)
+
+
+def test_odd_length_padding_path_matches_plain_attention():
+  """The cuDNN path pads 257-style odd token counts by one masked token; with the XLA backend
+  standing in for cuDNN, the padded computation equals plain attention."""
+  from moca_jax import layers
+  q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 17, 2, 8)) for i in range(3))
+  ref = layers.naive_attention(q, k, v)
+  orig = ie.attention
+  try:
+    ie.attention = lambda *a, implementation=None, **kw: orig(*a, implementation="xla", **kw)
+    out = ie.encoder_attention(q, k, v, "cudnn")
+  finally:
+    ie.attention = orig
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+  np.testing.assert_allclose(ie.encoder_attention(q, k, v, "xla"), ref, atol=1e-5)

@@ -136,3 +136,4 @@ def test_frozen_params_do_not_move():
   upd, _ = tx.update(grads, opt, params)
   assert float(jnp.abs(upd["b"]["kernel"]).max()) == 0
   assert float(jnp.abs(upd["a"]["kernel"]).max()) > 0
+

@@ -33,8 +33,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # --- optimisation ---------------------------------------------------------------------
   c.batch_size = {"tiny": 8, "small": 16, "triposg": 32}[size]
   c.num_steps = {"tiny": 300, "small": 4000, "triposg": 100_000}[size]
-  c.learning_rate = {"tiny": 1e-3, "small": 5e-4, "triposg": 1e-4}[size]
-  c.warmup_steps = {"tiny": 20, "small": 200, "triposg": 2000}[size]
+  c.learning_rate = {"tiny": 2e-3, "small": 1e-3, "triposg": 1e-4}[size]
+  c.warmup_steps = {"tiny": 50, "small": 200, "triposg": 2000}[size]
+  c.end_lr_factor = 0.01               # cosine decay ends at this fraction of the peak
   c.weight_decay = 0.01
   c.b1, c.b2 = 0.9, 0.99
   c.grad_clip = 1.0

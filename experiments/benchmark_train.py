@@ -1,0 +1,268 @@
+r"""Training-step benchmark of the image-conditioned DiT on one device (the single-GPU
+baseline for the multi-GPU issue).
+
+  python -m experiments.benchmark_train --sizes=small,paper --components=16,32 \
+      --attention=moc,dense --steps=10 --budget_s=480
+
+For each (size, N, global attention) it builds the real train step (AdamW, EMA, bf16 compute
+with fp32 params, remat from the config), compiles it ahead of time and reports: compile
+time, step time (median of --steps timed steps after 2 warm-up steps), throughput in
+component tokens per second (B * N * L / step time), XLA's FLOP count of the step, MFU
+against a measured bf16 matmul peak, XLA's memory analysis and the device's peak memory.
+Each configuration runs in its own process (clean peak-memory reading; an out-of-memory
+failure is recorded instead of ending the run). Optional --sample_components times one
+50-step CFG sampling run of the largest size.
+
+Writes experiments/results/benchmark_train.{md,json} (or --out) naming the device; prints the
+table. On CPU use --sizes=tiny for a smoke test (numbers meaningless).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Optional
+
+# Batch per size so that B * N is constant across N (same number of component tokens).
+COMPONENT_BUDGET = {"tiny": 8, "small": 128, "paper": 32}
+
+
+def _measure_matmul_peak(jax, jnp, n: int = 8192, reps: int = 10) -> float:
+  """bf16 matmul TFLOP/s on the default device (median of reps)."""
+  a = jnp.ones((n, n), jnp.bfloat16)
+  b = jnp.ones((n, n), jnp.bfloat16)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, b).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a, b).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+def run_one(size: str, n: int, attention: str, steps: int, batch: Optional[int] = None) -> dict:
+  """Builds, compiles and times one configuration in this process."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from experiments.configs import dit as dit_configs
+  from moca_jax import sharding, train_lib
+
+  gpu = jax.default_backend() == "gpu"
+  cfg = dit_configs.get_config(size)
+  cfg.model.dit.global_attention = attention
+  if gpu:  # bf16 everywhere; cuDNN attention in the DiT, the encoder keeps its config's
+    cfg.model.dit.dtype = cfg.model.encoder.dtype = "bfloat16"
+    cfg.model.dit.attention_implementation = "cudnn"
+  b = batch or max(1, COMPONENT_BUDGET[size] // n)
+  dit = cfg.model.dit
+  enc = cfg.model.encoder
+  rng = np.random.default_rng(0)
+  host = {"latents": rng.normal(size=(b, n, dit.latent_tokens, dit.latent_channels)).astype(np.float32),
+          "component_mask": np.ones((b, n), bool),
+          "images": rng.integers(0, 255, size=(b, enc.image_size, enc.image_size, 3), dtype=np.uint8)}
+  spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host)
+  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  _, init_fn, loss_fn = train_lib.make_dit_task(cfg)
+  tx = train_lib.make_optimizer(cfg.optim)
+  t0 = time.perf_counter()
+  state, setup = train_lib.create_train_state(init_fn, tx, spec, jax.random.PRNGKey(0), mesh)
+  jax.block_until_ready(state)
+  t_init = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  step, mem = train_lib.compile_train_step(loss_fn, tx, train_lib.make_schedule(cfg.optim),
+                                           cfg.optim.ema_decay, setup, spec, mesh)
+  t_compile = time.perf_counter() - t0
+  try:
+    cost = step.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  except Exception:
+    flops = 0.0
+  batch_dev = sharding.shard_batch(host, mesh)
+  key = jax.random.PRNGKey(1)
+  for _ in range(2):
+    state, metrics = step(state, batch_dev, key)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, metrics = step(state, batch_dev, key)
+    jax.block_until_ready(metrics["loss"])
+    times.append(time.perf_counter() - t)
+  step_s = statistics.median(times)
+  stats = jax.devices()[0].memory_stats() or {}
+  out = dict(size=size, components=n, attention=attention, batch=b,
+             latent_tokens=dit.latent_tokens, width=dit.width, blocks=dit.num_blocks,
+             params=train_lib.count_params(state.params), init_s=t_init, compile_s=t_compile,
+             step_ms=1e3 * step_s, step_ms_min=1e3 * min(times),
+             tokens_per_s=b * n * dit.latent_tokens / step_s, flops_per_step=flops,
+             loss=float(metrics["loss"]), memory_analysis_mib=mem,
+             peak_mem_gib=stats.get("peak_bytes_in_use", 0) / 2**30)
+  return out
+
+
+def sample_one(size: str, n: int, steps: int = 50) -> dict:
+  """Latency of one 50-step CFG sampling run (batch 1) with random weights."""
+  import jax
+  import jax.numpy as jnp
+  from experiments.configs import dit as dit_configs
+  from moca_jax import train_lib
+  import flax.linen as nn
+  cfg = dit_configs.get_config(size)
+  if jax.default_backend() == "gpu":
+    cfg.model.dit.dtype = cfg.model.encoder.dtype = "bfloat16"
+    cfg.model.dit.attention_implementation = "cudnn"
+  model = train_lib.ImageConditionedDiT(cfg.model)
+  enc, dit = cfg.model.encoder, cfg.model.dit
+  images = jnp.zeros((1, enc.image_size, enc.image_size, 3))
+  x = jnp.zeros((1, n, dit.latent_tokens, dit.latent_channels))
+  params = jax.jit(lambda r: nn.meta.unbox(model.init(r, images, x, jnp.zeros((1,)),
+                                                      jnp.ones((1, n), bool))["params"]))(
+      jax.random.PRNGKey(0))
+  fn = jax.jit(lambda p, im, key, s: train_lib.dit_sample(
+      model, p, im, key, num_components=n, steps=steps, cfg_scale=s, return_routing=False)[0])
+  t0 = time.perf_counter()
+  fn(params, images, jax.random.PRNGKey(1), 7.0).block_until_ready()
+  first = time.perf_counter() - t0
+  times = []
+  for i in range(3):
+    t = time.perf_counter()
+    fn(params, images, jax.random.PRNGKey(2 + i), 7.0).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return dict(size=size, components=n, steps=steps, cfg=True, latent_tokens=dit.latent_tokens,
+              first_call_s=first, latency_s=statistics.median(times))
+
+
+def _device_name() -> str:
+  import jax
+  d = jax.devices()[0]
+  return f"{d.platform}:{getattr(d, 'device_kind', '?')} x{jax.device_count()}"
+
+
+def _write(out_dir: str, name: str, payload: dict) -> None:
+  os.makedirs(out_dir, exist_ok=True)
+  base = os.path.join(out_dir, name)
+  tmp = base + ".json.tmp"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=2)
+  os.replace(tmp, base + ".json")
+  lines = [f"# DiT training-step benchmark ({payload['device']})", "",
+           f"Host: {payload['host']}; jax {payload['jax']}; measured bf16 matmul peak "
+           f"{payload.get('matmul_peak_tflops', 0):.0f} TFLOP/s. Step = the full train step "
+           "(image encoder + DiT forward/backward, AdamW, EMA), fp32 params, bf16 compute and cuDNN "
+           "attention in the DiT on GPU (XLA attention in the image encoder; fp32/XLA on CPU); "
+           "median of timed steps after 2 warm-up steps. Tokens = B x N x L component "
+           "tokens. MFU = XLA's FLOP count of the step / step time / matmul peak (XLA may not "
+           "count FLOPs inside cuDNN attention calls, so MFU is a lower bound).", "",
+           "| size | N | attention | B | params (M) | compile s | step ms | tokens/s | "
+           "TFLOP/step | MFU | peak GiB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  peak = payload.get("matmul_peak_tflops") or 0
+  for r in payload["runs"]:
+    if "error" in r:
+      lines.append(f"| {r['size']} | {r['components']} | {r['attention']} | - | - | - | "
+                   f"failed: {r['error'][:60]} | | | | |")
+      continue
+    tf = r["flops_per_step"] / 1e12
+    mfu = (tf / (r["step_ms"] / 1e3) / peak) if peak and tf else 0
+    lines.append(f"| {r['size']} | {r['components']} | {r['attention']} | {r['batch']} | "
+                 f"{r['params'] / 1e6:.0f} | {r['compile_s']:.0f} | {r['step_ms']:.1f} | "
+                 f"{r['tokens_per_s']:.0f} | {tf:.2f} | {100 * mfu:.0f}% | "
+                 f"{r['peak_mem_gib']:.1f} |")
+  for s in payload.get("sampling", []):
+    if "error" in s:
+      lines.append(f"\nSampling {s.get('size')} N={s.get('components')}: failed: {s['error'][:100]}")
+    else:
+      lines.append(f"\nSampling ({s['size']}, N={s['components']}, L={s['latent_tokens']}, "
+                   f"{s['steps']} Euler steps with CFG, batch 1): {s['latency_s']:.2f} s "
+                   f"(first call with compile {s['first_call_s']:.0f} s).")
+  if payload.get("skipped"):
+    lines.append("\nNot run (time budget): " + ", ".join(payload["skipped"]))
+  with open(base + ".md.tmp", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  os.replace(base + ".md.tmp", base + ".md")
+  print("\n".join(lines), flush=True)
+
+
+def main(argv=None) -> None:
+  import argparse
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--sizes", default="small,paper")
+  p.add_argument("--components", default="16,32")
+  p.add_argument("--attention", default="moc,dense")
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--batch", type=int, default=0, help="0: B = budget // N (see COMPONENT_BUDGET)")
+  p.add_argument("--budget_s", type=float, default=1e9, help="start no new run after this")
+  p.add_argument("--per_run_timeout_s", type=float, default=400)
+  p.add_argument("--sample_components", type=int, default=0, help="0: no sampling benchmark")
+  p.add_argument("--out", default="experiments/results")
+  p.add_argument("--name", default="benchmark_train")
+  p.add_argument("--one", default="", help=argparse.SUPPRESS)
+  p.add_argument("--sample_one", default="", help=argparse.SUPPRESS)
+  a = p.parse_args(argv)
+  if a.one:
+    size, n, attn = a.one.split(",")
+    print("RESULT " + json.dumps(run_one(size, int(n), attn, a.steps, a.batch or None)), flush=True)
+    return
+  if a.sample_one:
+    size, n = a.sample_one.split(",")
+    print("RESULT " + json.dumps(sample_one(size, int(n))), flush=True)
+    return
+
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # children need the GPU
+  import jax
+  import jax.numpy as jnp
+  start = time.time()
+  payload = {"device": _device_name(), "host": platform.node() or "?", "jax": jax.__version__,
+             "python": platform.python_version(), "runs": [], "sampling": [], "skipped": []}
+  if jax.default_backend() == "gpu":
+    payload["matmul_peak_tflops"] = _measure_matmul_peak(jax, jnp)
+  jobs = [(s, int(n), at) for s in a.sizes.split(",") for at in a.attention.split(",")
+          for n in a.components.split(",")]
+  # MoC first, largest size first: the numbers that matter most come back even if cut short
+  # (dense: largest N first, the comparison that matters most)
+  jobs.sort(key=lambda j: (j[2] != "moc", j[0] != "paper", j[1] if j[2] == "moc" else -j[1]))
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+
+  def child(flag: str, value: str):
+    cmd = [sys.executable, "-m", "experiments.benchmark_train", flag, value,
+           f"--steps={a.steps}", f"--batch={a.batch}"]
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                            timeout=a.per_run_timeout_s)
+    except subprocess.TimeoutExpired:
+      return {"error": f"timeout after {a.per_run_timeout_s:.0f} s"}
+    for line in proc.stdout.splitlines():
+      if line.startswith("RESULT "):
+        return json.loads(line[7:])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": " | ".join(tail)[-300:] or f"exit {proc.returncode}"}
+
+  for size, n, attn in jobs:
+    if time.time() - start > a.budget_s:
+      payload["skipped"].append(f"{size}/N={n}/{attn}")
+      continue
+    r = child("--one", f"{size},{n},{attn}")
+    r.update(size=size, components=n, attention=attn)
+    payload["runs"].append(r)
+    print(json.dumps(r), flush=True)
+    _write(a.out, a.name, payload)
+  if a.sample_components:
+    size = a.sizes.split(",")[-1]
+    if time.time() - start <= a.budget_s:
+      s = child("--sample_one", f"{size},{a.sample_components}")
+      s.update(size=size, components=a.sample_components)
+      payload["sampling"].append(s)
+    else:
+      payload["skipped"].append(f"sampling {size}/N={a.sample_components}")
+  _write(a.out, a.name, payload)
+
+
+if __name__ == "__main__":
+  main()
