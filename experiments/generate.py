@@ -388,9 +388,13 @@ def main(argv):
   del argv
   from absl import flags
   F = flags.FLAGS
-  summary = run(F.checkpoint, F.image, F.num_components, F.out, masks=F.masks, steps=F.steps,
-                cfg=F.cfg, seed=F.seed, method=F.method, vae=F.vae, resolution=F.resolution,
-                batch_size=F.batch_size)
+  try:
+    summary = run(F.checkpoint, F.image, F.num_components, F.out, masks=F.masks, steps=F.steps,
+                  cfg=F.cfg, seed=F.seed, method=F.method, vae=F.vae, resolution=F.resolution,
+                  batch_size=F.batch_size)
+  except (FileNotFoundError, ValueError) as e:   # bad input: one clear line, no traceback
+    print(f"generate: error: {e}", file=sys.stderr)
+    sys.exit(2)
   n_ok, n_skip = len(summary["outputs"]), len(summary["skipped"])
   print(f"generated {n_ok} input(s) into {os.path.abspath(F.out)}"
         + (f"; skipped {n_skip} (see summary.json)" if n_skip else ""))

@@ -335,38 +335,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start = int(state["step"])
     logging.info("resumed from step %d", start)
 
+  metrics_path = workdir / "metrics.jsonl"
+  if metrics_path.exists():  # drop lines logged after the checkpoint we resume from
+    kept = [l for l in metrics_path.read_text().splitlines()
+            if l and json.loads(l)["step"] <= start]
+    _atomic_write_bytes(metrics_path, "".join(l + "\n" for l in kept).encode())
+
   source = AnalyticShapeSource(config.data, config.batch_size, config.seed)
   train_step = jax.jit(make_train_step(model, tx, config), donate_argnums=(0,))
   writer = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
-  metrics_path = workdir / "metrics.jsonl"
   last = {}
 
   # ---- loop ----
   t0 = time.time()
   bar = tqdm.tqdm(range(start, config.num_steps), initial=start, total=config.num_steps,
                   desc="train_vae", dynamic_ncols=True)
-  for step in bar:
-    batch = source.batch(step)
-    state, metrics = train_step(state, batch, jax.random.fold_in(train_rng, step))
-    loss = float(metrics["loss"])
-    if not np.isfinite(loss):
-      raise FloatingPointError(f"non-finite VAE loss {loss} at step {step}")
-    done = step + 1
-    if done % config.log_every == 0 or done == config.num_steps:
-      last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      last["step"] = done
-      last["steps_per_s"] = (done - start) / max(time.time() - t0, 1e-9)
-      for k, v in last.items():
-        if k != "step":
-          writer.add_scalar(f"train/{k}", v, done)
-      with open(metrics_path, "a") as f:
-        f.write(json.dumps(last) + "\n")
-      bar.set_postfix(loss=f"{loss:.4f}", near=f"{last['near_l1']:.4f}")
-    save_checkpoint(mngr, done, state, config, force=done == config.num_steps)
-  bar.close()
-  mngr.wait_until_finished()
-  mngr.close()
-  writer.flush()
+  try:
+    for step in bar:
+      batch = source.batch(step)
+      state, metrics = train_step(state, batch, jax.random.fold_in(train_rng, step))
+      loss = float(metrics["loss"])
+      if not np.isfinite(loss):
+        raise FloatingPointError(f"non-finite VAE loss {loss} at step {step}")
+      done = step + 1
+      if done % config.log_every == 0 or done == config.num_steps:
+        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        last["step"] = done
+        last["steps_per_s"] = (done - start) / max(time.time() - t0, 1e-9)
+        for k, v in last.items():
+          if k != "step":
+            writer.add_scalar(f"train/{k}", v, done)
+        with open(metrics_path, "a") as f:
+          f.write(json.dumps(last) + "\n")
+        bar.set_postfix(loss=f"{loss:.4f}", near=f"{last['near_l1']:.4f}")
+      save_checkpoint(mngr, done, state, config, force=done == config.num_steps)
+  finally:  # also on errors: finish pending checkpoint writes, close the files
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.flush()
 
   # ---- evaluation and outputs ----
   params = state["params"]
@@ -379,12 +386,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     outputs["loss_curve"] = str(workdir / "loss_curve.png")
   eval_rng = np.random.default_rng([config.seed, 7, 7])  # 3 words: never a training seed
   shapes = [source.random_shape(eval_rng) for _ in range(config.eval.num_shapes)]
-  result = evaluate_reconstruction(model, params, shapes, config, eval_rng)
-  write_json(workdir / "eval.json", result)
-  outputs["eval"] = str(workdir / "eval.json")
-  for key, s in result["by_size"].items():
-    writer.add_scalar(f"eval/iou_{key}", s["iou_mean"], int(state["step"]))
-  if config.eval.write_mesh:
+  result = {"by_size": {}}
+  if shapes:
+    result = evaluate_reconstruction(model, params, shapes, config, eval_rng)
+    write_json(workdir / "eval.json", result)
+    outputs["eval"] = str(workdir / "eval.json")
+    for key, s in result["by_size"].items():
+      writer.add_scalar(f"eval/iou_{key}", s["iou_mean"], int(state["step"]))
+  if config.eval.write_mesh and shapes:
     # the largest held-out shape: the one that makes the clearest picture
     shape = max(shapes, key=lambda s: s.bounding_radius())
     ex = stack_examples([example_from_shape(shape, eval_rng, config.data.num_points, 1, 1)])

@@ -14,7 +14,11 @@ Top to bottom:
                 'config' (JSON); async, every K steps, keep N; restore onto abstract sharded
                 targets
   loop          `run_training`: progress bar, TensorBoard metrics, non-finite-loss guard
-                (names the step and the batch), resume from the latest checkpoint
+                (names the step and the batch), resume from the latest checkpoint.
+                Multi-process ready: batches enter through `sharding.shard_batch`
+                (make_array_from_process_local_data), only process 0 writes events; the
+                caller runs `jax.distributed.initialize()` first (train_dit does when
+                config.distributed is set).
   DiT task      `ImageConditionedDiT` (image encoder + compositional DiT), its flow loss,
                 router statistics and the sampler used by generation.
 
@@ -384,8 +388,6 @@ def restore_params(directory: str, abstract_params: PyTree, step: Optional[int] 
     # Restore the 'state' item partially: params only.
     path = os.path.join(directory, str(step), "state")
     ckptr = ocp.PyTreeCheckpointer()
-    meta = ckptr.metadata(path)
-    del meta
     restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
         {"params": abstract_params}, restore_args=ocp.checkpoint_utils.construct_restore_args(
             {"params": abstract_params}), partial_restore=True))

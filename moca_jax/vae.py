@@ -10,10 +10,14 @@ Encoder (paper eq. 1):
   X = SelfAttn^(n)(CrossAttn(PE(P_s), PE(P)))   -> linear -> (mean, logvar) [B, L, C]
 Decoder (paper eq. 2):
   F = SelfAttn^(m)(Linear(z)) [B, L, D]          (`decode_features`, run once per shape)
-  sdf(q) = Linear(CrossAttn(PE(q), F)) [B, Q]    (`query_sdf`, run per chunk of queries)
+  sdf(q) = Linear(CrossAttn(PE(q), F) [+ MLP]) [B, Q]   (`query_sdf`, per chunk of queries;
+                                                        the MLP is config.query_mlp)
 
-PE is `layers.fourier_embed` (2^0..2^(F-1), no pi, with the input: 51 dims for F = 8),
+PE is `layers.fourier_embed` (2^0..2^(F-1), no pi, with the input: 51 dims for F = 8, the
+published size; the tiny config uses F = 4, which fits in a few hundred CPU steps),
 concatenated with the normal on the encoder side (54 dims), then a linear layer.
+All attention goes through `layers.MultiHeadAttention` / `layers.TransformerBlock`
+(q/k RMS norm, implementation 'auto' = cudnn on GPU with bf16, else xla).
 
 Randomness (rng streams): 'fps' (random subset and random FPS start, encoder with
 deterministic=False), 'noise' (posterior sample). deterministic=True uses FPS over all input
@@ -22,7 +26,8 @@ the input points.
 
 Usage:
   cfg = vae_config('tiny'); model = VecSetVAE(cfg)
-  params = model.init({'params': k0, 'fps': k1, 'noise': k2}, pts, nrm, queries)
+  params = init_vae(model, key)   # = model.init({'params', 'fps', 'noise'}, pts, nrm, queries);
+                                  # leaves are logically partitioned (nn.meta.unbox for plain)
   mean, logvar = model.apply(params, pts, nrm, deterministic=True, method=VecSetVAE.encode)
   sdf = model.apply(params, mean, queries, chunk_size=4096, method=VecSetVAE.decode)
   loss, metrics = vae_loss(params, model, batch, rng, cfg)
@@ -340,6 +345,8 @@ def vae_loss(params, model: VecSetVAE, batch: dict, rng: Array, config) -> tuple
       'surface_points' [B, P, 3], 'surface_normals' [B, P, 3]   encoder input (on the surface)
       'near_points' [B, Qn, 3], 'near_sdf' [B, Qn]               near-surface SDF samples
       'volume_points' [B, Qv, 3], 'volume_sdf' [B, Qv]           uniform SDF samples in [-1,1]^3
+      The encoder runs in training mode (random FPS) unless config.train_random_fps is False;
+      the latent is a posterior sample when config.sample_posterior, else the mean.
       The first `loss.num_normal_points` surface points also supervise the field's zero level
       and its gradient direction (surface points should come in random order).
     rng: PRNG key (split into the 'fps' and 'noise' streams).

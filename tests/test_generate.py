@@ -139,3 +139,14 @@ def _check_errors_needing_a_checkpoint(checkpoints, tmp_path):
                          resolution=RES, batch_size=1)
   assert list(summary["skipped"]) == [str(folder / "broken.png")]
   assert os.path.exists(tmp_path / "o" / "good" / "preview.png")
+
+
+def test_scene_conditions_layout():
+  img = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(1, 4, 4, 3)
+  mask = np.array([[[1, 1, 2, 2]] * 4], np.uint8)
+  cond = generate.scene_conditions(img, mask, 2)
+  assert cond.shape == (1, 2, 4, 4, 7) and cond.dtype == np.uint8
+  np.testing.assert_array_equal(cond[0, 0, :, :2, :3], img[0, :, :2])      # instance pixels
+  np.testing.assert_array_equal(cond[0, 0, :, 2:, :3], 255)                # on white
+  np.testing.assert_array_equal(cond[0, 1, ..., 3:6], img[0])              # the whole scene
+  np.testing.assert_array_equal(cond[0, 1, ..., 6], np.where(mask[0] == 2, 255, 0))

@@ -49,7 +49,7 @@ def test_orbax_checkpoint_round_trip(tmp_path):
   assert cfg.model.num_latents == 16 and model2.config.num_latents == 16
 
 
-def test_train_vae_run_writes_outputs_and_resumes(tmp_path):
+def test_train_vae_run_writes_outputs_resumes_and_stops_on_nan(tmp_path, monkeypatch):
   c = _few_step_config()
   result = train_vae.train_and_evaluate(c, str(tmp_path))
   assert result["step"] == 3
@@ -66,24 +66,21 @@ def test_train_vae_run_writes_outputs_and_resumes(tmp_path):
   assert isinstance(mesh, trimesh.Trimesh)
   assert set(json.loads((tmp_path / "eval.json").read_text())["by_size"]) <= {
       "small", "medium", "large"}
-  # resuming: more steps continue from the latest checkpoint (step 3), not from scratch
-  c.num_steps = 4
-  c.eval.write_mesh = False
-  assert train_vae.train_and_evaluate(c, str(tmp_path))["step"] == 4
-  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-  assert [json.loads(l)["step"] for l in lines] == [1, 2, 3, 4]
-
-
-def test_non_finite_loss_raises_naming_the_step(tmp_path, monkeypatch):
-  c = _few_step_config()
+  # resuming: more steps continue from the latest checkpoint (step 3), not from scratch; a
+  # non-finite loss at step index 4 stops the run, naming the step, with checkpoint 4 kept
+  c.num_steps = 6
+  c.eval.num_shapes = 0
   real = train_vae.AnalyticShapeSource.batch
 
   def poisoned(self, step):
     b = real(self, step)
-    if step == 1:
+    if step == 4:
       b["near_sdf"] = np.full_like(b["near_sdf"], np.nan)
     return b
 
   monkeypatch.setattr(train_vae.AnalyticShapeSource, "batch", poisoned)
-  with pytest.raises(FloatingPointError, match="at step 1"):
+  with pytest.raises(FloatingPointError, match="at step 4"):
     train_vae.train_and_evaluate(c, str(tmp_path))
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(l)["step"] for l in lines] == [1, 2, 3, 4]
+  assert max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == 4
