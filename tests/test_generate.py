@@ -11,7 +11,7 @@ from PIL import Image
 from experiments import generate, train_dit
 from experiments import train_vae
 from experiments.configs import vae as vae_configs
-from moca_jax import sharding
+from moca_jax import sharding, train_lib
 
 N, STEPS, RES = 3, 2, 24   # one sampler / extractor shape for all tests (compiled once)
 
@@ -40,8 +40,16 @@ def checkpoints(tmp_path_factory):
   cfg.batch_size = 2
   cfg.vae.workdir = vae_dir
   dit_dir = str(root / "dit")
-  train_dit.train_and_evaluate(cfg, dit_dir, num_steps=1, show_progress=False, eval_batches=0,
-                               mesh=sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
+  # an initial (untrained) state saved the way train_dit saves: no train step to compile
+  _, init_fn, _ = train_lib.make_dit_task(cfg)
+  batch = train_dit.model_batch(next(train_dit.make_iterator_fn(cfg)()))
+  spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+  state, _ = train_lib.create_train_state(
+      init_fn, train_lib.make_optimizer(cfg.optim), spec, jax.random.PRNGKey(0),
+      sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
+  ckpt = train_lib.Checkpointer(os.path.join(dit_dir, "checkpoints"))
+  ckpt.save(1, state, None, cfg, force=True)
+  ckpt.close()
   img = np.full((40, 40, 3), 255, np.uint8)
   img[10:30, 5:35] = (200, 60, 30)
   img_path = str(root / "chair.png")
