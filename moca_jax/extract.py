@@ -315,16 +315,35 @@ def _vae_query(params, features, queries, *, model):
   return model.apply(params, features, queries, method=VecSetVAE.query_sdf)
 
 
+def _vae_features(params, latents, *, model):
+  from moca_jax.vae import VecSetVAE
+  return model.apply(params, latents, method=VecSetVAE.decode_features)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_fns(model):
+  """Per-model query function and jitted feature function, so repeated calls hit the jit
+  caches (needs a hashable model, i.e. a FrozenConfigDict config)."""
+  return (functools.partial(_vae_query, model=model),
+          jax.jit(functools.partial(_vae_features, model=model)))
+
+
+def _fns(model):
+  try:
+    return _cached_fns(model)
+  except TypeError:  # unhashable config (a plain ConfigDict): no caching
+    return _cached_fns.__wrapped__(model)
+
+
 def vae_sdf_fn(model, params) -> jax.tree_util.Partial:
   """sdf_fn(features [B, L, D], queries [B, Q, 3]) -> [B, Q] for `extract_meshes`, with the
   parameters as traced arguments (not compile-time constants)."""
-  return jax.tree_util.Partial(functools.partial(_vae_query, model=model), params)
+  return jax.tree_util.Partial(_fns(model)[0], params)
 
 
 def extract_vae_meshes(model, params, latents, **kwargs) -> list[trimesh.Trimesh]:
   """Latents [B, L, C] -> B meshes: runs the decoder's self-attention once per component,
-  then `extract_meshes` over the query cross-attention (kwargs as there)."""
-  from moca_jax.vae import VecSetVAE
-  features = jax.jit(lambda p, z: model.apply(p, z, method=VecSetVAE.decode_features))(
-      params, latents)
+  then `extract_meshes` over the query cross-attention (kwargs as there). Build the model
+  with a FrozenConfigDict config so that repeated calls reuse the compiled functions."""
+  features = _fns(model)[1](params, latents)
   return extract_meshes(vae_sdf_fn(model, params), features, **kwargs)
