@@ -175,12 +175,13 @@ def write_results(res: dict, stem: str):
            "(full decoder cost, sphere-like surface). One section per machine and size.", ""]
   for k, r in old.items():
     m = r["machine"]
+    load = (f", load average {m['load_average_1min']:.1f} at the start"
+            if "load_average_1min" in m else "")
     lines += [f"## {m['device']} ({m['backend']}), size {r['size']}", "",
               f"dtype {r['dtype']}, attention {r['attention']}, L = {r['num_latents']} tokens, "
               f"batch {r['batch']}, {r['num_points']} surface points, "
-              f"{r['params_millions']:.1f}M parameters; host {m['host']} ({m['cpu_count']} CPUs, "
-              f"load average {m.get('load_average_1min', float('nan')):.1f} at the start), "
-              f"jax {m['jax']}", "",
+              f"{r['params_millions']:.1f}M parameters; host {m['host']} ({m['cpu_count']} CPUs"
+              f"{load}), jax {m['jax']}", "",
               "| what | time per call | throughput | note |", "| --- | --- | --- | --- |"]
     for row in r["rows"]:
       lines.append(f"| {row['name']} | {row['seconds'] * 1e3:.2f} ms | "
