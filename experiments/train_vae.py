@@ -40,6 +40,7 @@ import trimesh
 
 from data_pipeline import primitives
 from moca_jax import extract
+from moca_jax import viz
 from moca_jax.vae import VecSetVAE, count_params, init_vae, vae_loss
 
 import flax.linen as nn
@@ -221,26 +222,6 @@ def render_meshes_png(path: Path, meshes: list, titles: list, max_faces: int = 6
   os.replace(tmp, path)
 
 
-def plot_loss_curve(path: Path, history: list[dict]):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-  steps = [h["step"] for h in history]
-  for key in ("loss", "near_l1", "volume_l1"):
-    ax.plot(steps, [h[key] for h in history], label=key)
-  ax.set_yscale("log")
-  ax.set_xlabel("step")
-  ax.legend()
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  path = Path(path)
-  tmp = path.with_name(f".{path.name}.tmp.png")
-  fig.savefig(tmp)
-  plt.close(fig)
-  os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------
 # Evaluation: reconstruction quality by part size
 # ----------------------------------------------------------------------------------------
@@ -382,7 +363,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if metrics_path.exists():
     history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
   if history:
-    plot_loss_curve(workdir / "loss_curve.png", history)
+    curves = {k: [(h["step"], h[k]) for h in history] for k in ("loss", "near_l1", "volume_l1")}
+    viz.loss_curves_png(curves, str(workdir / "loss_curve.png"), log_y=True,
+                        title="VAE training")
     outputs["loss_curve"] = str(workdir / "loss_curve.png")
   eval_rng = np.random.default_rng([config.seed, 7, 7])  # 3 words: never a training seed
   shapes = [source.random_shape(eval_rng) for _ in range(config.eval.num_shapes)]
