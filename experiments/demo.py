@@ -25,9 +25,9 @@ from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "outputs", "Where everything is written.")
-flags.DEFINE_integer("vae_steps", 300, "VAE training steps.")
-flags.DEFINE_integer("dit_steps", 200, "DiT training steps.")
-flags.DEFINE_integer("eval_items", 2, "Held-out objects to generate and score.")
+flags.DEFINE_integer("vae_steps", 1000, "VAE training steps.")
+flags.DEFINE_integer("dit_steps", 500, "DiT training steps.")
+flags.DEFINE_integer("eval_items", 3, "Held-out objects to generate and score.")
 flags.DEFINE_integer("sample_steps", 20, "Euler steps of the flow sampler.")
 flags.DEFINE_float("cfg", 3.0, "Classifier-free guidance scale.")
 flags.DEFINE_integer("eval_samples", 20_000, "Surface samples per shape for the metrics.")
