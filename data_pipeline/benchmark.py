@@ -13,7 +13,6 @@ Prints a table and writes <out>/data_pipeline.md and .json (naming the machine).
 from __future__ import annotations
 
 import os
-import platform
 import tempfile
 import time
 
@@ -22,6 +21,7 @@ import trimesh
 from absl import app, flags
 
 from data_pipeline import loader, make, procedural
+from moca_jax.machine import describe_host
 
 FLAGS = flags.FLAGS
 
@@ -34,16 +34,7 @@ def define_flags():
 
 
 def machine() -> str:
-  cpu = platform.processor() or "cpu"
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  return f"{platform.node()} / {cpu} / {os.cpu_count()} visible cores / Python {platform.python_version()}"
+  return describe_host()
 
 
 def _write_user_meshes(directory: str, n: int):

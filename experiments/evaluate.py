@@ -40,7 +40,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -52,6 +51,7 @@ import numpy as np
 import trimesh
 
 from moca_jax import metrics as M
+from moca_jax.machine import describe_host
 from moca_jax import viz
 
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg')
@@ -375,19 +375,8 @@ def table2_markdown(results: Dict[str, dict], tau: float = 0.1, with_paper: bool
 
 
 def machine_description() -> str:
-  """One line naming this machine: CPU model, core count, OS, Python."""
-  cpu = platform.processor() or 'unknown cpu'
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          cpu = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-  return f'{cpu}, {cores} cores available, {platform.system()} {platform.release()}, ' \
-         f'Python {platform.python_version()}'
+  """One line naming this machine (see moca_jax.machine.describe_host)."""
+  return describe_host()
 
 
 def _atomic_write_text(path: str, text: str) -> None:
