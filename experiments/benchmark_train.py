@@ -7,11 +7,13 @@ baseline for the multi-GPU issue).
 For each (size, N, global attention) it builds the real train step (AdamW, EMA, bf16 compute
 with fp32 params, remat from the config), compiles it ahead of time and reports: compile
 time, step time (median of --steps timed steps after 2 warm-up steps), throughput in
-component tokens per second (B * N * L / step time), XLA's FLOP count of the step, MFU
-against a measured bf16 matmul peak, XLA's memory analysis and the device's peak memory.
-Each configuration runs in its own process (clean peak-memory reading; an out-of-memory
-failure is recorded instead of ending the run). Optional --sample_components times one
-50-step CFG sampling run of the largest size.
+component tokens per second (B * N * L / step time), model FLOPs per step (XLA's count of
+the unoptimised forward+backward with XLA attention and no remat), MFU against a measured
+bf16 matmul peak, XLA's memory analysis and the device's peak memory. Each configuration
+runs in its own process (clean peak-memory reading; an out-of-memory failure is recorded
+instead of ending the run). --workers K first compiles every job in K parallel processes
+into a persistent compilation cache, so the timed runs (one at a time) mostly load.
+--sample_components N times one 50-step CFG sampling run of the largest size.
 
 Writes experiments/results/benchmark_train.{md,json} (or --out) naming the device; prints the
 table. On CPU use --sizes=tiny for a smoke test (numbers meaningless).
@@ -31,18 +33,89 @@ from typing import Optional
 COMPONENT_BUDGET = {"tiny": 8, "small": 128, "paper": 32}
 
 
-def _measure_matmul_peak(jax, jnp, n: int = 8192, reps: int = 10) -> float:
-  """bf16 matmul TFLOP/s on the default device (median of reps)."""
-  a = jnp.ones((n, n), jnp.bfloat16)
-  b = jnp.ones((n, n), jnp.bfloat16)
+def _measure_matmul_peak(jax, jnp, n: int = 8192, reps: int = 20) -> float:
+  """bf16 matmul TFLOP/s on the default device: median of reps, random operands (zeros and
+  ones run faster than real data), rotating over three input pairs."""
+  keys = jax.random.split(jax.random.PRNGKey(0), 6)
+  mats = [jax.random.normal(k, (n, n), jnp.float32).astype(jnp.bfloat16) for k in keys]
   f = jax.jit(lambda x, y: x @ y)
-  f(a, b).block_until_ready()
+  f(mats[0], mats[1]).block_until_ready()
   times = []
-  for _ in range(reps):
+  for i in range(reps):
+    a, b = mats[(2 * i) % 6], mats[(2 * i + 1) % 6]
     t = time.perf_counter()
     f(a, b).block_until_ready()
     times.append(time.perf_counter() - t)
   return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+def _config(size: str, attention: str):
+  """The size's training config, set up for the benchmark device (bf16 + cuDNN on GPU)."""
+  import jax
+  from experiments.configs import dit as dit_configs
+  cfg = dit_configs.get_config(size)
+  cfg.model.dit.global_attention = attention
+  if jax.default_backend() == "gpu":  # the encoder keeps its config's attention backend
+    cfg.model.dit.dtype = cfg.model.encoder.dtype = "bfloat16"
+    cfg.model.dit.attention_implementation = "cudnn"
+  return cfg
+
+
+def _batch_spec(cfg, b: int, n: int) -> dict:
+  import jax
+  import numpy as np
+  dit, enc = cfg.model.dit, cfg.model.encoder
+  return {"latents": jax.ShapeDtypeStruct((b, n, dit.latent_tokens, dit.latent_channels), np.float32),
+          "component_mask": jax.ShapeDtypeStruct((b, n), np.bool_),
+          "images": jax.ShapeDtypeStruct((b, enc.image_size, enc.image_size, 3), np.uint8)}
+
+
+def model_flops(size: str, n: int, attention: str, b: int) -> float:
+  """FLOPs of one training step's forward+backward as the model defines them: XLA's count
+  of the unoptimised step with XLA attention and no remat (so attention is counted and
+  recomputation is not). The numerator of MFU."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from moca_jax import train_lib
+  cfg = _config(size, attention)
+  cfg.model.dit.attention_implementation = "xla"
+  cfg.model.dit.remat = "none"
+  cfg.model.encoder.remat = False
+  spec = _batch_spec(cfg, b, n)
+  _, init_fn, loss_fn = train_lib.make_dit_task(cfg)
+  rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), spec)
+  params = jax.eval_shape(lambda r: nn.meta.unbox(init_fn(r, zeros)["params"]), rng)
+  grad = jax.grad(lambda p, batch, r: loss_fn(p, batch, r)[0])
+  cost = jax.jit(grad).lower(params, spec, rng).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def compile_one(size: str, n: int, attention: str, batch: Optional[int] = None) -> dict:
+  """Compiles the init and train step from abstract values only (nothing allocated): fills
+  the persistent compilation cache for `run_one`, and counts the model FLOPs."""
+  import jax
+  from moca_jax import sharding, train_lib
+  cfg = _config(size, attention)
+  b = batch or max(1, COMPONENT_BUDGET[size] // n)
+  spec = _batch_spec(cfg, b, n)
+  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  _, init_fn, loss_fn = train_lib.make_dit_task(cfg)
+  tx = train_lib.make_optimizer(cfg.optim)
+  t0 = time.perf_counter()
+  rng = jax.random.PRNGKey(0)
+  shardings, names, init_state = train_lib.state_shardings(init_fn, tx, spec, rng, mesh)
+  jax.jit(init_state, out_shardings=shardings).lower(rng).compile()
+  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                jax.eval_shape(init_state, rng), shardings)
+  setup = train_lib.StateSetup(shardings=shardings, abstract_state=abstract_state,
+                               param_names=names)
+  _, mem = train_lib.compile_train_step(loss_fn, tx, train_lib.make_schedule(cfg.optim),
+                                        cfg.optim.ema_decay, setup, spec, mesh)
+  return dict(compile_s=time.perf_counter() - t0, memory_analysis_mib=mem,
+              model_flops=model_flops(size, n, attention, b))
 
 
 def run_one(size: str, n: int, attention: str, steps: int, batch: Optional[int] = None) -> dict:
@@ -50,15 +123,9 @@ def run_one(size: str, n: int, attention: str, steps: int, batch: Optional[int] 
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from experiments.configs import dit as dit_configs
   from moca_jax import sharding, train_lib
 
-  gpu = jax.default_backend() == "gpu"
-  cfg = dit_configs.get_config(size)
-  cfg.model.dit.global_attention = attention
-  if gpu:  # bf16 everywhere; cuDNN attention in the DiT, the encoder keeps its config's
-    cfg.model.dit.dtype = cfg.model.encoder.dtype = "bfloat16"
-    cfg.model.dit.attention_implementation = "cudnn"
+  cfg = _config(size, attention)
   b = batch or max(1, COMPONENT_BUDGET[size] // n)
   dit = cfg.model.dit
   enc = cfg.model.encoder
@@ -66,7 +133,7 @@ def run_one(size: str, n: int, attention: str, steps: int, batch: Optional[int] 
   host = {"latents": rng.normal(size=(b, n, dit.latent_tokens, dit.latent_channels)).astype(np.float32),
           "component_mask": np.ones((b, n), bool),
           "images": rng.integers(0, 255, size=(b, enc.image_size, enc.image_size, 3), dtype=np.uint8)}
-  spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host)
+  spec = _batch_spec(cfg, b, n)
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   _, init_fn, loss_fn = train_lib.make_dit_task(cfg)
   tx = train_lib.make_optimizer(cfg.optim)
@@ -107,26 +174,29 @@ def run_one(size: str, n: int, attention: str, steps: int, batch: Optional[int] 
   return out
 
 
-def sample_one(size: str, n: int, steps: int = 50) -> dict:
-  """Latency of one 50-step CFG sampling run (batch 1) with random weights."""
+def sample_one(size: str, n: int, steps: int = 50, compile_only: bool = False) -> dict:
+  """Latency of one 50-step CFG sampling run (batch 1, image encoder included), random
+  weights and a random image."""
+  import flax.linen as nn
   import jax
   import jax.numpy as jnp
-  from experiments.configs import dit as dit_configs
   from moca_jax import train_lib
-  import flax.linen as nn
-  cfg = dit_configs.get_config(size)
-  if jax.default_backend() == "gpu":
-    cfg.model.dit.dtype = cfg.model.encoder.dtype = "bfloat16"
-    cfg.model.dit.attention_implementation = "cudnn"
+  cfg = _config(size, "moc")
   model = train_lib.ImageConditionedDiT(cfg.model)
   enc, dit = cfg.model.encoder, cfg.model.dit
-  images = jnp.zeros((1, enc.image_size, enc.image_size, 3))
-  x = jnp.zeros((1, n, dit.latent_tokens, dit.latent_channels))
-  params = jax.jit(lambda r: nn.meta.unbox(model.init(r, images, x, jnp.zeros((1,)),
-                                                      jnp.ones((1, n), bool))["params"]))(
-      jax.random.PRNGKey(0))
+  images = jax.random.uniform(jax.random.PRNGKey(5), (1, enc.image_size, enc.image_size, 3))
+  x = jnp.zeros((1, n, dit.latent_tokens, dit.latent_channels))  # shape template for init
+  init = jax.jit(lambda r: nn.meta.unbox(model.init(r, images, x, jnp.zeros((1,)),
+                                                    jnp.ones((1, n), bool))["params"]))
   fn = jax.jit(lambda p, im, key, s: train_lib.dit_sample(
       model, p, im, key, num_components=n, steps=steps, cfg_scale=s, return_routing=False)[0])
+  if compile_only:
+    t0 = time.perf_counter()
+    init.lower(jax.random.PRNGKey(0)).compile()
+    params = jax.eval_shape(init, jax.random.PRNGKey(0))
+    fn.lower(params, images, jax.random.PRNGKey(1), 7.0).compile()
+    return dict(compile_s=time.perf_counter() - t0)
+  params = init(jax.random.PRNGKey(0))
   t0 = time.perf_counter()
   fn(params, images, jax.random.PRNGKey(1), 7.0).block_until_ready()
   first = time.perf_counter() - t0
@@ -136,7 +206,8 @@ def sample_one(size: str, n: int, steps: int = 50) -> dict:
     fn(params, images, jax.random.PRNGKey(2 + i), 7.0).block_until_ready()
     times.append(time.perf_counter() - t)
   return dict(size=size, components=n, steps=steps, cfg=True, latent_tokens=dit.latent_tokens,
-              first_call_s=first, latency_s=statistics.median(times))
+              first_call_s=first, latency_s=statistics.median(times),
+              per_step_ms=1e3 * statistics.median(times) / steps)
 
 
 def _device_name() -> str:
@@ -158,23 +229,34 @@ def _write(out_dir: str, name: str, payload: dict) -> None:
            "(image encoder + DiT forward/backward, AdamW, EMA), fp32 params, bf16 compute and cuDNN "
            "attention in the DiT on GPU (XLA attention in the image encoder; fp32/XLA on CPU); "
            "median of timed steps after 2 warm-up steps. Tokens = B x N x L component "
-           "tokens. MFU = XLA's FLOP count of the step / step time / matmul peak (XLA may not "
-           "count FLOPs inside cuDNN attention calls, so MFU is a lower bound).", "",
+           "tokens. MFU = model FLOPs per step / step time / measured matmul peak.", "",
            "| size | N | attention | B | params (M) | compile s | step ms | tokens/s | "
-           "TFLOP/step | MFU | peak GiB |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "model TFLOP/step | MFU | XLA TFLOP/step | peak GiB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   peak = payload.get("matmul_peak_tflops") or 0
   for r in payload["runs"]:
     if "error" in r:
       lines.append(f"| {r['size']} | {r['components']} | {r['attention']} | - | - | - | "
-                   f"failed: {r['error'][:60]} | | | | |")
+                   f"failed: {r['error'][:60]} | | | | | |")
       continue
-    tf = r["flops_per_step"] / 1e12
-    mfu = (tf / (r["step_ms"] / 1e3) / peak) if peak and tf else 0
+    mf = r.get("model_flops", 0) / 1e12
+    mfu = (mf / (r["step_ms"] / 1e3) / peak) if peak and mf else 0
     lines.append(f"| {r['size']} | {r['components']} | {r['attention']} | {r['batch']} | "
                  f"{r['params'] / 1e6:.0f} | {r['compile_s']:.0f} | {r['step_ms']:.1f} | "
-                 f"{r['tokens_per_s']:.0f} | {tf:.2f} | {100 * mfu:.0f}% | "
-                 f"{r['peak_mem_gib']:.1f} |")
+                 f"{r['tokens_per_s']:.0f} | {mf:.1f} | {100 * mfu:.0f}% | "
+                 f"{r['flops_per_step'] / 1e12:.1f} | {r['peak_mem_gib']:.1f} |")
+  pairs = {(r["size"], r["components"], r["attention"]): r for r in payload["runs"] if "error" not in r}
+  speedups = [f"{size} N={n}: {pairs[(size, n, 'dense')]['step_ms'] / r['step_ms']:.2f}x"
+              for (size, n, attn), r in sorted(pairs.items()) if attn == "moc"
+              and (size, n, "dense") in pairs]
+  if speedups:
+    lines.append("\nMoC step speed-up over dense (dense step time / MoC step time): "
+                 + "; ".join(speedups) + ".")
+  lines.append("\nModel FLOPs: XLA's count of the unoptimised forward+backward with XLA "
+               "attention and no remat (attention included, recomputation excluded). XLA "
+               "TFLOP/step: XLA's count of the compiled step (remat recomputation included, "
+               "cuDNN attention not counted). compile s: with the persistent cache filled by "
+               "the parallel compile phase when --workers is set (then mostly a cache load).")
   for s in payload.get("sampling", []):
     if "error" in s:
       lines.append(f"\nSampling {s.get('size')} N={s.get('components')}: failed: {s['error'][:100]}")
@@ -203,16 +285,22 @@ def main(argv=None) -> None:
   p.add_argument("--sample_components", type=int, default=0, help="0: no sampling benchmark")
   p.add_argument("--out", default="experiments/results")
   p.add_argument("--name", default="benchmark_train")
+  p.add_argument("--workers", type=int, default=0,
+                 help="compile every job first in this many parallel processes")
   p.add_argument("--one", default="", help=argparse.SUPPRESS)
+  p.add_argument("--compile_one", default="", help=argparse.SUPPRESS)
   p.add_argument("--sample_one", default="", help=argparse.SUPPRESS)
   a = p.parse_args(argv)
-  if a.one:
-    size, n, attn = a.one.split(",")
-    print("RESULT " + json.dumps(run_one(size, int(n), attn, a.steps, a.batch or None)), flush=True)
+  if a.one or a.compile_one:
+    size, n, attn = (a.one or a.compile_one).split(",")
+    fn = (lambda: run_one(size, int(n), attn, a.steps, a.batch or None)) if a.one else (
+        lambda: compile_one(size, int(n), attn, a.batch or None))
+    print("RESULT " + json.dumps(fn()), flush=True)
     return
   if a.sample_one:
-    size, n = a.sample_one.split(",")
-    print("RESULT " + json.dumps(sample_one(size, int(n))), flush=True)
+    size, n, *rest = a.sample_one.split(",")
+    print("RESULT " + json.dumps(sample_one(size, int(n), compile_only=rest == ["compile"])),
+          flush=True)
     return
 
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # children need the GPU
@@ -220,7 +308,8 @@ def main(argv=None) -> None:
   import jax.numpy as jnp
   start = time.time()
   payload = {"device": _device_name(), "host": platform.node() or "?", "jax": jax.__version__,
-             "python": platform.python_version(), "runs": [], "sampling": [], "skipped": []}
+             "python": platform.python_version(), "runs": [], "sampling": [], "skipped": [],
+             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
   if jax.default_backend() == "gpu":
     payload["matmul_peak_tflops"] = _measure_matmul_peak(jax, jnp)
   jobs = [(s, int(n), at) for s in a.sizes.split(",") for at in a.attention.split(",")
@@ -229,39 +318,72 @@ def main(argv=None) -> None:
   # (dense: largest N first, the comparison that matters most)
   jobs.sort(key=lambda j: (j[2] != "moc", j[0] != "paper", j[1] if j[2] == "moc" else -j[1]))
   env = dict(os.environ, PYTHONUNBUFFERED="1")
-
-  def child(flag: str, value: str):
-    cmd = [sys.executable, "-m", "experiments.benchmark_train", flag, value,
-           f"--steps={a.steps}", f"--batch={a.batch}"]
-    try:
-      proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                            timeout=a.per_run_timeout_s)
-    except subprocess.TimeoutExpired:
-      return {"error": f"timeout after {a.per_run_timeout_s:.0f} s"}
-    for line in proc.stdout.splitlines():
-      if line.startswith("RESULT "):
-        return json.loads(line[7:])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"error": " | ".join(tail)[-300:] or f"exit {proc.returncode}"}
+  sample_size = a.sizes.split(",")[-1]
+  compiled = {}
+  if a.workers:
+    import tempfile
+    env.update(JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="jax_cache_"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    flags = [("--compile_one", f"{s},{n},{at}") for s, n, at in jobs]
+    if a.sample_components:
+      flags.append(("--sample_one", f"{sample_size},{a.sample_components},compile"))
+    print(f"compiling {len(flags)} jobs in {a.workers} processes", flush=True)
+    compiled = dict(zip([v for _, v in flags], _children(flags, a, env, a.workers)))
+    for key, r in compiled.items():
+      print(f"  compiled {key}: {json.dumps(r)[:300]}", flush=True)
 
   for size, n, attn in jobs:
     if time.time() - start > a.budget_s:
       payload["skipped"].append(f"{size}/N={n}/{attn}")
       continue
-    r = child("--one", f"{size},{n},{attn}")
-    r.update(size=size, components=n, attention=attn)
+    r = _children([("--one", f"{size},{n},{attn}")], a, env, 1)[0]
+    pre = compiled.get(f"{size},{n},{attn}", {})
+    r.update(size=size, components=n, attention=attn, model_flops=pre.get("model_flops", 0.0),
+             parallel_compile_s=pre.get("compile_s"))
     payload["runs"].append(r)
     print(json.dumps(r), flush=True)
     _write(a.out, a.name, payload)
   if a.sample_components:
-    size = a.sizes.split(",")[-1]
     if time.time() - start <= a.budget_s:
-      s = child("--sample_one", f"{size},{a.sample_components}")
-      s.update(size=size, components=a.sample_components)
+      s = _children([("--sample_one", f"{sample_size},{a.sample_components}")], a, env, 1)[0]
+      s.update(size=sample_size, components=a.sample_components)
       payload["sampling"].append(s)
     else:
-      payload["skipped"].append(f"sampling {size}/N={a.sample_components}")
+      payload["skipped"].append(f"sampling {sample_size}/N={a.sample_components}")
   _write(a.out, a.name, payload)
+
+
+def _children(flags: list, a, env: dict, workers: int) -> list:
+  """Runs `python -m experiments.benchmark_train FLAG VALUE` children, `workers` at a time;
+  returns each child's RESULT dict (or {'error': ...}) in order."""
+  results: list = [None] * len(flags)
+  running: dict = {}
+  pending = list(enumerate(flags))
+  while pending or running:
+    while pending and len(running) < workers:
+      i, (flag, value) = pending.pop(0)
+      cmd = [sys.executable, "-m", "experiments.benchmark_train", flag, value,
+             f"--steps={a.steps}", f"--batch={a.batch}"]
+      running[i] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env), time.time())
+    for i, (proc, t0) in list(running.items()):
+      timed_out = time.time() - t0 > a.per_run_timeout_s
+      if proc.poll() is None and not timed_out:
+        continue
+      if proc.poll() is None:
+        proc.kill()
+      out, err = proc.communicate()
+      line = next((l for l in out.splitlines() if l.startswith("RESULT ")), None)
+      if line:
+        results[i] = json.loads(line[7:])
+      elif timed_out:
+        results[i] = {"error": f"timeout after {a.per_run_timeout_s:.0f} s"}
+      else:
+        tail = (err or out).strip().splitlines()[-3:]
+        results[i] = {"error": " | ".join(tail)[-300:] or f"exit {proc.returncode}"}
+      del running[i]
+    time.sleep(0.2)
+  return results
 
 
 if __name__ == "__main__":
