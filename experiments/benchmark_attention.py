@@ -71,25 +71,25 @@ def timeit(fn, *args, iters=10, warmup=2):
 
 
 def random_params(abstract, key, dtype):
-  """Random weights for a param tree of ShapeDtypeStructs: kernels N(0, 1/fan_in)."""
+  """Random weights for a param tree of ShapeDtypeStructs: kernels N(0, 1/fan_in).
+
+  Leaf by leaf, eagerly: one jit over all leaves of a 1.5 B-parameter model compiles
+  hundreds of large RNG expansions (minutes on a GPU); eager calls compile once per shape.
+  """
   leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-
-  def make(key):
-    out = []
-    for i, (path, leaf) in enumerate(leaves):
-      name = str(path[-1])
-      k = jax.random.fold_in(key, i)
-      if "scale" in name:
-        out.append(jnp.ones(leaf.shape, dtype))
-      elif "bias" in name:
-        out.append(jnp.zeros(leaf.shape, dtype))
-      elif len(leaf.shape) >= 2 and "embedding" not in name and "queries" not in name:
-        out.append((jax.random.normal(k, leaf.shape, jnp.float32) / math.sqrt(leaf.shape[0])).astype(dtype))
-      else:
-        out.append((0.02 * jax.random.normal(k, leaf.shape, jnp.float32)).astype(dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-  return jax.jit(make)(key)
+  out = []
+  for i, (path, leaf) in enumerate(leaves):
+    name = str(path[-1])
+    k = jax.random.fold_in(key, i)
+    if "scale" in name:
+      out.append(jnp.ones(leaf.shape, dtype))
+    elif "bias" in name:
+      out.append(jnp.zeros(leaf.shape, dtype))
+    elif len(leaf.shape) >= 2 and "embedding" not in name and "queries" not in name:
+      out.append(jax.random.normal(k, leaf.shape, dtype) * (1 / math.sqrt(leaf.shape[0])))
+    else:
+      out.append(0.02 * jax.random.normal(k, leaf.shape, dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def abstract_params(module, *args, **kwargs):
@@ -234,8 +234,12 @@ def bench_blocks(n, seq_len, spec, iters, log, size="paper"):
     block = DiTBlock(s, is_global=is_global, has_skip=False, train=False)
     params = random_params(abstract_params(block, x, cond, None), jax.random.key(3), jnp.bfloat16)
     f = lambda p, x, cond: block.apply({"params": p}, x, cond, None)[0]
-    res[f"block_{name}_ms"], _, _ = timeit(f, params, x, cond, iters=iters)
-    del params
+    res[f"block_{name}_ms"], _, out = timeit(f, params, x, cond, iters=iters)
+    ct = jax.random.normal(jax.random.key(4), out.shape, jnp.float32).astype(out.dtype)
+    grad = jax.grad(lambda p, x, cond: jnp.sum(f(p, x, cond).astype(jnp.float32) * ct),
+                    argnums=(0, 1))
+    res[f"block_{name}_fwd_bwd_ms"], _, _ = timeit(grad, params, x, cond, iters=iters)
+    del params, out
   log(f"  N={n} blocks: " + ", ".join(f"{k_}={v:.2f}" for k_, v in res.items()))
   return res
 
@@ -321,6 +325,12 @@ def bench_whole(kind, n, seq_len, mode, iters, log, *, size="paper", impl="cudnn
   """Compiles, checks the memory analysis against the device, runs and times one job."""
   compiled, compile_s, mem, make_args = compile_whole(kind, n, seq_len, mode, size, impl,
                                                       gather, remat)
+  if kind == "train" and remat != "full" and limit_gib and mem and mem["total"] > limit_gib:
+    log(f"  L={seq_len} N={n} {mode} train: remat={remat} needs {mem['total']:.1f} GiB; "
+        "trying remat=full")
+    remat = "full"
+    compiled, compile_s, mem, make_args = compile_whole(kind, n, seq_len, mode, size, impl,
+                                                        gather, remat)
   res = {"compile_s": compile_s, "memory_gib": mem, "remat": remat if kind == "train" else "none"}
   if limit_gib and mem and mem["total"] > limit_gib:
     res["fits"] = False
@@ -380,16 +390,33 @@ def precompile(jobs, workers, cache_dir, timeout_s, log):
     for key, proc in list(procs.items()):
       if proc.poll() is None and time.time() < deadline:
         continue
-      if proc.poll() is None:
+      killed = proc.poll() is None
+      if killed:
         proc.kill()
       out, err = proc.communicate()
       line = next((l for l in out.splitlines() if l.startswith("RESULT ")), None)
-      results[key] = (json.loads(line[7:]) if line else
-                      {"error": (err.strip().splitlines() or ["no output"])[-1][:300]})
+      if line:
+        results[key] = json.loads(line[7:])
+      elif killed:
+        results[key] = {"error": "deadline", "deadline": True}
+      else:
+        results[key] = {"error": (err.strip().splitlines() or ["no output"])[-1][:300]}
       log(f"  precompiled {key}: {results[key]}")
       del procs[key]
     time.sleep(0.5)
   return results
+
+
+def parse_grid(text: str, kinds: list) -> dict:
+  """'64,128' (every kind) or 'train:64,128;forward:128,512' -> {kind: [N, ...]}."""
+  if ":" not in text:
+    return {k: [int(v) for v in text.split(",") if v] for k in kinds if k}
+  out = {}
+  for part in text.split(";"):
+    kind, ns = part.split(":")
+    if kind in kinds:
+      out[kind] = [int(v) for v in ns.split(",") if v]
+  return out
 
 
 def job_key(kind, seq_len, n, mode):
@@ -484,6 +511,15 @@ def markdown(report) -> str:
           f"{r['dense_attention_ms']:.3f} | {d['core_speedup']:.2f}x | {100 * d['routing_gather_share']:.0f}% | "
           f"{_fmt(fb_m, '.3f')} | {_fmt(fb_d, '.3f')} | "
           f"{(f'{fb_d / fb_m:.2f}x' if fb_m and fb_d else '-')} | {r['context_tokens']} |")
+    fb = [(n, r) for n, r in sub if "block_local_fwd_bwd_ms" in r]
+    if fb:
+      lines += ["", f"## L = {seq_len}: one block, forward+backward (ms; gradients of weights and input)", "",
+                "| N | local block | global block MoC | global block dense | dense / MoC (global) |",
+                "|---|---|---|---|---|"]
+      for n, r in fb:
+        gm, gd = r.get("block_global_moc_fwd_bwd_ms"), r.get("block_global_dense_fwd_bwd_ms")
+        lines.append(f"| {n} | {r['block_local_fwd_bwd_ms']:.2f} | {_fmt(gm, '.2f')} | "
+                     f"{_fmt(gd, '.2f')} | {(f'{gd / gm:.2f}x' if gm and gd else '-')} |")
     lines.append("")
   lines += ["Routing+gather share = (routing + context) / MoC core, each timed alone. The core "
             "works on projected q/k/v (no projections); the blocks include projections, "
@@ -533,9 +569,13 @@ def main(argv=None):
   parser.add_argument("--checks", action="store_true", help="cudnn vs xla checks first")
   parser.add_argument("--jobs", default="core,blocks,forward,train")
   parser.add_argument("--modes", default="moc,dense")
-  parser.add_argument("--largest_grid", default="128,256,512",
-                      help="N values (besides --ns) for the largest-N search; '' to skip")
+  parser.add_argument("--largest_grid", default="64,128,256,512",
+                      help="N values (besides --ns) for the largest-N search, for every kind "
+                           "or per kind ('train:64,128;forward:128,512'); '' to skip")
   parser.add_argument("--largest_kinds", default="train,forward")
+  parser.add_argument("--largest_remat", default="full", help="train-step remat in the search")
+  parser.add_argument("--precompile_s", type=float, default=0,
+                      help="deadline of the parallel compile phase (0: budget_s / 2)")
   parser.add_argument("--workers", type=int, default=0, help="parallel precompile processes")
   parser.add_argument("--budget_s", type=float, default=1e9, help="start no new job after this")
   parser.add_argument("--resume", default="", help="earlier JSON whose finished jobs are kept")
@@ -586,10 +626,11 @@ def main(argv=None):
            for kind in ("forward", "train") if kind in jobs
            and (kind == "forward" or seq_len in train_lens) for mode in modes
            if f"{kind}_{mode}" not in report["rows"].get(f"L{seq_len}/N{n}", {})]
-  grid = [int(v) for v in args.largest_grid.split(",") if v]
-  largest_jobs = [(kind, seq_lens[0], n, mode) for kind in args.largest_kinds.split(",") if kind
+  grids = parse_grid(args.largest_grid, args.largest_kinds.split(","))
+  largest_jobs = [(kind, seq_lens[0], n, mode) for kind, grid in grids.items()
                   for mode in modes for n in grid
-                  if str(n) not in report["largest_n"].get(f"{kind}/{mode}", {}).get("grid", {})]
+                  if str(n) not in report["largest_n"].get(f"{kind}/{mode}", {}).get("grid", {})
+                  and (kind, seq_lens[0], n, mode) not in whole]
   report["largest_seq_len"] = seq_lens[0]
   precompiled = {}
   if args.workers and (whole or largest_jobs):
@@ -602,15 +643,17 @@ def main(argv=None):
     # never used for timing.
     no_tune = "--xla_gpu_autotune_level=0" if dev.platform == "gpu" else ""
     todo = [(job_key(*j), dict(kind=j[0], seq_len=j[1], n=j[2], mode=j[3], size=args.size,
-                               impl=impl, gather=args.gather, remat=args.remat,
+                               impl=impl, gather=args.gather,
+                               remat=args.remat if j in whole else args.largest_remat,
                                xla_flags="" if j in whole else no_tune))
             for j in whole + largest_jobs]
     log(f"precompiling {len(todo)} whole-model jobs in {args.workers} processes")
-    precompiled = precompile(todo, args.workers, cache, max(60.0, args.budget_s / 2), log)
+    precompiled = precompile(todo, args.workers, cache,
+                             args.precompile_s or max(60.0, args.budget_s / 2), log)
 
   for kind, seq_len, n, mode in largest_jobs:
     r = precompiled.get(job_key(kind, seq_len, n, mode))
-    if r is None:
+    if r is None or r.get("deadline"):  # not compiled in time: left for a later run
       continue
     entry = report["largest_n"].setdefault(f"{kind}/{mode}", {"grid": {}})
     mem = (r.get("memory_gib") or {}).get("total")
@@ -628,7 +671,7 @@ def main(argv=None):
       try:
         if "core" in jobs and "routing_ms" not in row:
           row.update(bench_core(n, seq_len, sp, args.iters, log, args.gather_variants))
-        if "blocks" in jobs and "block_local_ms" not in row:
+        if "blocks" in jobs and "block_local_fwd_bwd_ms" not in row:
           row.update(bench_blocks(n, seq_len, sp, args.iters, log, args.size))
       except Exception as e:  # noqa: BLE001 - record and go on
         row["core_error"] = f"{type(e).__name__}: {str(e)[:300]}"

@@ -49,12 +49,15 @@ def _measure_matmul_peak(jax, jnp, n: int = 8192, reps: int = 20) -> float:
   return 2 * n ** 3 / statistics.median(times) / 1e12
 
 
-def _config(size: str, attention: str):
-  """The size's training config, set up for the benchmark device (bf16 + cuDNN on GPU)."""
+def _config(size: str, attention: str, remat: str = ""):
+  """The size's training config, set up for the benchmark device (bf16 + cuDNN on GPU);
+  `remat` overrides the DiT's remat policy."""
   import jax
   from experiments.configs import dit as dit_configs
   cfg = dit_configs.get_config(size)
   cfg.model.dit.global_attention = attention
+  if remat:
+    cfg.model.dit.remat = remat
   if jax.default_backend() == "gpu":  # the encoder keeps its config's attention backend
     cfg.model.dit.dtype = cfg.model.encoder.dtype = "bfloat16"
     cfg.model.dit.attention_implementation = "cudnn"
@@ -93,12 +96,34 @@ def model_flops(size: str, n: int, attention: str, b: int) -> float:
   return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
+def _total_mib(mem: dict) -> float:
+  return (mem.get("argument_size_mib", 0) + mem.get("output_size_mib", 0)
+          + mem.get("temp_size_mib", 0) - mem.get("alias_size_mib", 0))
+
+
 def compile_one(size: str, n: int, attention: str, batch: Optional[int] = None) -> dict:
   """Compiles the init and train step from abstract values only (nothing allocated): fills
-  the persistent compilation cache for `run_one`, and counts the model FLOPs."""
+  the persistent compilation cache for `run_one`, and counts the model FLOPs. When XLA's
+  memory analysis of the step exceeds the device's allocator limit under the config's remat
+  policy, compiles with remat='full' instead and says so ('remat' in the result)."""
+  import jax
+  stats = jax.devices()[0].memory_stats() or {}
+  limit_mib = stats.get("bytes_limit", 0) / 2**20
+  out = _compile_step(size, n, attention, batch, "")
+  if limit_mib and _total_mib(out["memory_analysis_mib"]) > limit_mib:
+    first = out
+    out = _compile_step(size, n, attention, batch, "full")
+    out["remat_note"] = (f"config remat needs {_total_mib(first['memory_analysis_mib']) / 1024:.1f}"
+                         f" GiB > {limit_mib / 1024:.1f} GiB: remat=full")
+  b = batch or max(1, COMPONENT_BUDGET[size] // n)
+  out["model_flops"] = model_flops(size, n, attention, b)
+  return out
+
+
+def _compile_step(size: str, n: int, attention: str, batch: Optional[int], remat: str) -> dict:
   import jax
   from moca_jax import sharding, train_lib
-  cfg = _config(size, attention)
+  cfg = _config(size, attention, remat)
   b = batch or max(1, COMPONENT_BUDGET[size] // n)
   spec = _batch_spec(cfg, b, n)
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
@@ -115,17 +140,18 @@ def compile_one(size: str, n: int, attention: str, batch: Optional[int] = None) 
   _, mem = train_lib.compile_train_step(loss_fn, tx, train_lib.make_schedule(cfg.optim),
                                         cfg.optim.ema_decay, setup, spec, mesh)
   return dict(compile_s=time.perf_counter() - t0, memory_analysis_mib=mem,
-              model_flops=model_flops(size, n, attention, b))
+              remat=cfg.model.dit.remat)
 
 
-def run_one(size: str, n: int, attention: str, steps: int, batch: Optional[int] = None) -> dict:
+def run_one(size: str, n: int, attention: str, steps: int, batch: Optional[int] = None,
+            remat: str = "") -> dict:
   """Builds, compiles and times one configuration in this process."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   from moca_jax import sharding, train_lib
 
-  cfg = _config(size, attention)
+  cfg = _config(size, attention, remat)
   b = batch or max(1, COMPONENT_BUDGET[size] // n)
   dit = cfg.model.dit
   enc = cfg.model.encoder
@@ -164,7 +190,7 @@ def run_one(size: str, n: int, attention: str, steps: int, batch: Optional[int] 
     times.append(time.perf_counter() - t)
   step_s = statistics.median(times)
   stats = jax.devices()[0].memory_stats() or {}
-  out = dict(size=size, components=n, attention=attention, batch=b,
+  out = dict(size=size, components=n, attention=attention, batch=b, remat=dit.remat,
              latent_tokens=dit.latent_tokens, width=dit.width, blocks=dit.num_blocks,
              params=train_lib.count_params(state.params), init_s=t_init, compile_s=t_compile,
              step_ms=1e3 * step_s, step_ms_min=1e3 * min(times),
@@ -231,20 +257,21 @@ def _write(out_dir: str, name: str, payload: dict) -> None:
            "median of timed steps after 2 warm-up steps. Tokens = B x N x L component "
            "tokens. MFU = model FLOPs per step / step time / measured matmul peak.", "",
            "| size | N | attention | B | params (M) | compile s | step ms | tokens/s | "
-           "model TFLOP/step | MFU | XLA TFLOP/step | peak GiB |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "model TFLOP/step | MFU | XLA TFLOP/step | peak GiB | DiT remat |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   peak = payload.get("matmul_peak_tflops") or 0
   for r in payload["runs"]:
     if "error" in r:
       lines.append(f"| {r['size']} | {r['components']} | {r['attention']} | - | - | - | "
-                   f"failed: {r['error'][:60]} | | | | | |")
+                   f"failed: {r['error'][:60]} | | | | | | |")
       continue
     mf = r.get("model_flops", 0) / 1e12
     mfu = (mf / (r["step_ms"] / 1e3) / peak) if peak and mf else 0
     lines.append(f"| {r['size']} | {r['components']} | {r['attention']} | {r['batch']} | "
                  f"{r['params'] / 1e6:.0f} | {r['compile_s']:.0f} | {r['step_ms']:.1f} | "
                  f"{r['tokens_per_s']:.0f} | {mf:.1f} | {100 * mfu:.0f}% | "
-                 f"{r['flops_per_step'] / 1e12:.1f} | {r['peak_mem_gib']:.1f} |")
+                 f"{r['flops_per_step'] / 1e12:.1f} | {r['peak_mem_gib']:.1f} | "
+                 f"{r.get('remat', '-')} |")
   pairs = {(r["size"], r["components"], r["attention"]): r for r in payload["runs"] if "error" not in r}
   speedups = [f"{size} N={n}: {pairs[(size, n, 'dense')]['step_ms'] / r['step_ms']:.2f}x"
               for (size, n, attn), r in sorted(pairs.items()) if attn == "moc"
@@ -287,13 +314,14 @@ def main(argv=None) -> None:
   p.add_argument("--name", default="benchmark_train")
   p.add_argument("--workers", type=int, default=0,
                  help="compile every job first in this many parallel processes")
+  p.add_argument("--remat", default="", help="DiT remat override ('' = the config's)")
   p.add_argument("--one", default="", help=argparse.SUPPRESS)
   p.add_argument("--compile_one", default="", help=argparse.SUPPRESS)
   p.add_argument("--sample_one", default="", help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   if a.one or a.compile_one:
     size, n, attn = (a.one or a.compile_one).split(",")
-    fn = (lambda: run_one(size, int(n), attn, a.steps, a.batch or None)) if a.one else (
+    fn = (lambda: run_one(size, int(n), attn, a.steps, a.batch or None, a.remat)) if a.one else (
         lambda: compile_one(size, int(n), attn, a.batch or None))
     print("RESULT " + json.dumps(fn()), flush=True)
     return
@@ -336,10 +364,11 @@ def main(argv=None) -> None:
     if time.time() - start > a.budget_s:
       payload["skipped"].append(f"{size}/N={n}/{attn}")
       continue
-    r = _children([("--one", f"{size},{n},{attn}")], a, env, 1)[0]
     pre = compiled.get(f"{size},{n},{attn}", {})
+    r = _children([("--one", f"{size},{n},{attn}")], a, env, 1,
+                  remat=pre.get("remat") or a.remat)[0]
     r.update(size=size, components=n, attention=attn, model_flops=pre.get("model_flops", 0.0),
-             parallel_compile_s=pre.get("compile_s"))
+             parallel_compile_s=pre.get("compile_s"), remat_note=pre.get("remat_note"))
     payload["runs"].append(r)
     print(json.dumps(r), flush=True)
     _write(a.out, a.name, payload)
@@ -353,7 +382,7 @@ def main(argv=None) -> None:
   _write(a.out, a.name, payload)
 
 
-def _children(flags: list, a, env: dict, workers: int) -> list:
+def _children(flags: list, a, env: dict, workers: int, remat: str = "") -> list:
   """Runs `python -m experiments.benchmark_train FLAG VALUE` children, `workers` at a time;
   returns each child's RESULT dict (or {'error': ...}) in order."""
   results: list = [None] * len(flags)
@@ -363,7 +392,7 @@ def _children(flags: list, a, env: dict, workers: int) -> list:
     while pending and len(running) < workers:
       i, (flag, value) = pending.pop(0)
       cmd = [sys.executable, "-m", "experiments.benchmark_train", flag, value,
-             f"--steps={a.steps}", f"--batch={a.batch}"]
+             f"--steps={a.steps}", f"--batch={a.batch}", f"--remat={remat or a.remat}"]
       running[i] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=env), time.time())
     for i, (proc, t0) in list(running.items()):
