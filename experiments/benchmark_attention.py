@@ -54,11 +54,18 @@ def spec_for(size="paper", **overrides) -> DiTSpec:
   return DiTSpec.from_config(cfg)
 
 
+# Set in compile-only workers: `timeit` compiles (filling the persistent cache) and runs once
+# for the outputs later steps need, without timing.
+COMPILE_ONLY = False
+
+
 def timeit(fn, *args, iters=10, warmup=2):
   """Median wall time (ms) of a jitted fn after warm-up; returns (ms, compile_s, out)."""
   t0 = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
   compile_s = time.perf_counter() - t0
+  if COMPILE_ONLY:
+    return 0.0, compile_s, jax.block_until_ready(compiled(*args))
   out = None
   for _ in range(warmup):
     out = jax.block_until_ready(compiled(*args))
@@ -358,8 +365,24 @@ def bench_whole(kind, n, seq_len, mode, iters, log, *, size="paper", impl="cudnn
 
 
 def compile_only_main(spec_json: str) -> None:
-  """Worker: compile one whole-model job (filling the persistent cache); print its memory."""
+  """Worker: compile one whole-model job (filling the persistent cache); print its memory.
+
+  Kind 'parts' compiles the core and block functions of one (L, N) instead."""
   job = json.loads(spec_json)
+  if job["kind"] == "parts":
+    global COMPILE_ONLY
+    COMPILE_ONLY = True
+    t0 = time.perf_counter()
+    sp = spec_for(job["size"], attention_implementation=job["impl"], gather=job["gather"],
+                  dtype="bfloat16", id_codebook=max(50, job["n"]))
+    try:
+      if job.get("core", True):
+        bench_core(job["n"], job["seq_len"], sp, 1, lambda msg: None, job.get("all_gathers", False))
+      bench_blocks(job["n"], job["seq_len"], sp, 1, lambda msg: None, job["size"])
+      print("RESULT " + json.dumps({"compile_s": time.perf_counter() - t0}), flush=True)
+    except Exception as e:  # noqa: BLE001
+      print("RESULT " + json.dumps({"error": f"{type(e).__name__}: {str(e)[:300]}"}), flush=True)
+    return
   try:
     _, compile_s, mem, _ = compile_whole(job["kind"], job["n"], job["seq_len"], job["mode"],
                                          job["size"], job["impl"], job["gather"], job["remat"])
@@ -647,6 +670,16 @@ def main(argv=None):
                                remat=args.remat if j in whole else args.largest_remat,
                                xla_flags="" if j in whole else no_tune))
             for j in whole + largest_jobs]
+    # the core and block functions of every (L, N) row still to time, one worker each
+    parts = [(seq_len, n) for seq_len in seq_lens for n in ns
+             if ("core" in jobs and "routing_ms" not in report["rows"].get(f"L{seq_len}/N{n}", {}))
+             or ("blocks" in jobs and "block_local_fwd_bwd_ms" not in
+                 report["rows"].get(f"L{seq_len}/N{n}", {}))]
+    todo[:0] = [(f"parts/L{seq_len}/N{n}", dict(
+        kind="parts", seq_len=seq_len, n=n, size=args.size, impl=impl, gather=args.gather,
+        all_gathers=args.gather_variants,
+        core="core" in jobs and "routing_ms" not in report["rows"].get(f"L{seq_len}/N{n}", {})))
+        for seq_len, n in parts]
     log(f"precompiling {len(todo)} whole-model jobs in {args.workers} processes")
     precompiled = precompile(todo, args.workers, cache,
                              args.precompile_s or max(60.0, args.budget_s / 2), log)
