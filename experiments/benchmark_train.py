@@ -115,8 +115,6 @@ def compile_one(size: str, n: int, attention: str, batch: Optional[int] = None) 
     out = _compile_step(size, n, attention, batch, "full")
     out["remat_note"] = (f"config remat needs {_total_mib(first['memory_analysis_mib']) / 1024:.1f}"
                          f" GiB > {limit_mib / 1024:.1f} GiB: remat=full")
-  b = batch or max(1, COMPONENT_BUDGET[size] // n)
-  out["model_flops"] = model_flops(size, n, attention, b)
   return out
 
 
@@ -257,20 +255,20 @@ def _write(out_dir: str, name: str, payload: dict) -> None:
            "median of timed steps after 2 warm-up steps. Tokens = B x N x L component "
            "tokens. MFU = model FLOPs per step / step time / measured matmul peak.", "",
            "| size | N | attention | B | params (M) | compile s | step ms | tokens/s | "
-           "model TFLOP/step | MFU | XLA TFLOP/step | peak GiB | DiT remat |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "model TFLOP/step | MFU | peak GiB | DiT remat |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   peak = payload.get("matmul_peak_tflops") or 0
   for r in payload["runs"]:
     if "error" in r:
       lines.append(f"| {r['size']} | {r['components']} | {r['attention']} | - | - | - | "
-                   f"failed: {r['error'][:60]} | | | | | | |")
+                   f"failed: {r['error'][:60]} | | | | | |")
       continue
     mf = r.get("model_flops", 0) / 1e12
     mfu = (mf / (r["step_ms"] / 1e3) / peak) if peak and mf else 0
     lines.append(f"| {r['size']} | {r['components']} | {r['attention']} | {r['batch']} | "
                  f"{r['params'] / 1e6:.0f} | {r['compile_s']:.0f} | {r['step_ms']:.1f} | "
                  f"{r['tokens_per_s']:.0f} | {mf:.1f} | {100 * mfu:.0f}% | "
-                 f"{r['flops_per_step'] / 1e12:.1f} | {r['peak_mem_gib']:.1f} | "
+                 f"{r['peak_mem_gib']:.1f} | "
                  f"{r.get('remat', '-')} |")
   pairs = {(r["size"], r["components"], r["attention"]): r for r in payload["runs"] if "error" not in r}
   speedups = [f"{size} N={n}: {pairs[(size, n, 'dense')]['step_ms'] / r['step_ms']:.2f}x"
@@ -280,10 +278,11 @@ def _write(out_dir: str, name: str, payload: dict) -> None:
     lines.append("\nMoC step speed-up over dense (dense step time / MoC step time): "
                  + "; ".join(speedups) + ".")
   lines.append("\nModel FLOPs: XLA's count of the unoptimised forward+backward with XLA "
-               "attention and no remat (attention included, recomputation excluded). XLA "
-               "TFLOP/step: XLA's count of the compiled step (remat recomputation included, "
-               "cuDNN attention not counted). compile s: with the persistent cache filled by "
-               "the parallel compile phase when --workers is set (then mostly a cache load).")
+               "attention and no remat (attention included, recomputation excluded; "
+               "`--add_model_flops` counts it on any machine). XLA's count of the compiled GPU "
+               "step (`flops_per_step` in the JSON) misses the cuBLAS and cuDNN calls and is "
+               "not used. compile s: a cache load when the parallel compile phase "
+               "(--workers) finished first.")
   for s in payload.get("sampling", []):
     if "error" in s:
       lines.append(f"\nSampling {s.get('size')} N={s.get('components')}: failed: {s['error'][:100]}")
@@ -315,6 +314,10 @@ def main(argv=None) -> None:
   p.add_argument("--workers", type=int, default=0,
                  help="compile every job first in this many parallel processes")
   p.add_argument("--remat", default="", help="DiT remat override ('' = the config's)")
+  p.add_argument("--resume", default="", help="earlier JSON: its finished runs are kept")
+  p.add_argument("--add_model_flops", default="",
+                 help="JSON of an earlier run: count model FLOPs for its runs (CPU is fine: "
+                      "lowering only), rewrite it and its markdown, and exit")
   p.add_argument("--one", default="", help=argparse.SUPPRESS)
   p.add_argument("--compile_one", default="", help=argparse.SUPPRESS)
   p.add_argument("--sample_one", default="", help=argparse.SUPPRESS)
@@ -331,6 +334,18 @@ def main(argv=None) -> None:
           flush=True)
     return
 
+  if a.add_model_flops:
+    with open(a.add_model_flops) as f:
+      payload = json.load(f)
+    for r in payload["runs"]:
+      if "error" not in r and not r.get("model_flops"):
+        r["model_flops"] = model_flops(r["size"], r["components"], r["attention"], r["batch"])
+        print(f"{r['size']} N={r['components']} {r['attention']} B={r['batch']}: "
+              f"{r['model_flops'] / 1e12:.1f} TFLOP", flush=True)
+    _write(os.path.dirname(a.add_model_flops) or ".",
+           os.path.basename(a.add_model_flops)[:-len(".json")], payload)
+    return
+
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # children need the GPU
   import jax
   import jax.numpy as jnp
@@ -338,6 +353,14 @@ def main(argv=None) -> None:
   payload = {"device": _device_name(), "host": platform.node() or "?", "jax": jax.__version__,
              "python": platform.python_version(), "runs": [], "sampling": [], "skipped": [],
              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+  if a.resume and os.path.exists(a.resume):
+    with open(a.resume) as f:
+      old = json.load(f)
+    payload["runs"] = [r for r in old.get("runs", []) if "error" not in r]
+    payload["sampling"] = [r for r in old.get("sampling", []) if "error" not in r]
+    payload["earlier"] = {k: old.get(k) for k in ("date", "matmul_peak_tflops", "device")}
+  done = {(r["size"], r["components"], r["attention"]) for r in payload["runs"]}
+  sampled = {(r["size"], r["components"]) for r in payload["sampling"]}
   if jax.default_backend() == "gpu":
     payload["matmul_peak_tflops"] = _measure_matmul_peak(jax, jnp)
   jobs = [(s, int(n), at) for s in a.sizes.split(",") for at in a.attention.split(",")
@@ -345,6 +368,7 @@ def main(argv=None) -> None:
   # MoC first, largest size first: the numbers that matter most come back even if cut short
   # (dense: largest N first, the comparison that matters most)
   jobs.sort(key=lambda j: (j[2] != "moc", j[0] != "paper", j[1] if j[2] == "moc" else -j[1]))
+  jobs = [j for j in jobs if j not in done]
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   sample_size = a.sizes.split(",")[-1]
   compiled = {}
@@ -353,7 +377,7 @@ def main(argv=None) -> None:
     env.update(JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="jax_cache_"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     flags = [("--compile_one", f"{s},{n},{at}") for s, n, at in jobs]
-    if a.sample_components:
+    if a.sample_components and (sample_size, a.sample_components) not in sampled:
       flags.append(("--sample_one", f"{sample_size},{a.sample_components},compile"))
     print(f"compiling {len(flags)} jobs in {a.workers} processes", flush=True)
     compiled = dict(zip([v for _, v in flags], _children(flags, a, env, a.workers)))
@@ -372,7 +396,7 @@ def main(argv=None) -> None:
     payload["runs"].append(r)
     print(json.dumps(r), flush=True)
     _write(a.out, a.name, payload)
-  if a.sample_components:
+  if a.sample_components and (sample_size, a.sample_components) not in sampled:
     if time.time() - start <= a.budget_s:
       s = _children([("--sample_one", f"{sample_size},{a.sample_components}")], a, env, 1)[0]
       s.update(size=sample_size, components=a.sample_components)
