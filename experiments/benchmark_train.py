@@ -292,6 +292,8 @@ def _write(out_dir: str, name: str, payload: dict) -> None:
                    f"(first call with compile {s['first_call_s']:.0f} s).")
   if payload.get("skipped"):
     lines.append("\nNot run (time budget): " + ", ".join(payload["skipped"]))
+  if payload.get("notes"):
+    lines += ["", "## Notes", ""] + [f"- {note}" for note in payload["notes"]]
   with open(base + ".md.tmp", "w") as f:
     f.write("\n".join(lines) + "\n")
   os.replace(base + ".md.tmp", base + ".md")
