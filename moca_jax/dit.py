@@ -75,6 +75,8 @@ def _defaults(size: str) -> dict:
       train_routing="gumbel",        # 'gumbel' | 'deterministic' ablation E
       shared_routing_across_heads=False,  #                       ablation F
       gather="hybrid",               # 'onehot' | 'take' | 'hybrid'
+      moc_component_chunk=0,         # >0: MoC attention over chunks of query components
+                                     # (bounds its memory at large N; must divide N)
       attention_implementation="xla",  # 'xla' | 'cudnn' | None
       dtype="float32",               # compute dtype; params stay fp32
       remat="none",                  # 'none' | 'full' | 'dots'
@@ -119,17 +121,20 @@ class DiTSpec:
   attention_implementation: Optional[str]
   dtype: str
   remat: str
+  moc_component_chunk: int = 0  # optional: configs saved before it existed still load
 
   @classmethod
   def from_config(cls, config: Any) -> "DiTSpec":
     if isinstance(config, DiTSpec):
       return config
     d = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-    names = {f.name for f in dataclasses.fields(cls)}
-    missing = names - set(d)
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
+    optional = {f.name for f in fields if f.default is not dataclasses.MISSING}
+    missing = names - set(d) - optional
     if missing:
       raise ValueError(f"DiT config is missing fields {sorted(missing)}")
-    d = {key: d[key] for key in names}
+    d = {key: d[key] for key in names if key in d}
     if isinstance(d["global_blocks"], (list, tuple)):
       d["global_blocks"] = tuple(int(i) for i in d["global_blocks"])
     spec = cls(**d)
@@ -153,6 +158,8 @@ class DiTSpec:
         raise ValueError(f"DiT config field {name}={value!r} is not one of {allowed}")
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+    if self.moc_component_chunk < 0:
+      raise ValueError(f"moc_component_chunk must be >= 0, got {self.moc_component_chunk}")
     if self.routing == "none" and not self.compressed_tokens:
       raise ValueError("routing='none' with compressed_tokens=False leaves no global context")
 
@@ -283,7 +290,7 @@ class DiTBlock(nn.Module):
           compressed_tokens=s.compressed_tokens, gate_on=s.gate_on,
           router_activation=s.router_activation, train_routing=s.train_routing,
           shared_routing=s.shared_routing_across_heads, router_head_dim=s.router_head_dim,
-          gather=s.gather, name="global_attn")
+          gather=s.gather, component_chunk=s.moc_component_chunk, name="global_attn")
       update, aux = attn(xn[:, :, :seq_len], xn[:, :, seq_len:seq_len + m],
                          xn[:, :, -1], component_mask, train=self.train)
       h = h + update

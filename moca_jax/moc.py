@@ -251,19 +251,25 @@ def routed_lengths(component_mask: Array, seq_len: int, k: int, m: int,
 def routed_context(kh: Array, vh: Array, kc: Optional[Array], vc: Optional[Array],
                    importance: Optional[Array], selected: Array, unselected: Array,
                    component_mask: Optional[Array], *, gate_on: str = "keys",
-                   gather: str = "hybrid") -> tuple[Array, Array, Optional[Array]]:
-  """Builds every component's routed keys and values at a static length.
+                   gather: str = "hybrid",
+                   own: Optional[tuple[Array, Array]] = None) -> tuple[Array, Array, Optional[Array]]:
+  """Builds the routed keys and values of the query components at a static length.
 
-  Args: as `moc_attention`.
+  Args: as `moc_attention`, plus
+    own: (keys, values) [B, Nq, L, H, d] of the query components when they are a subset
+      (a chunk) of the N components; `importance` is then [B, H, Nq, N] and `selected` /
+      `unselected` have Nq rows. None: every component is a query (Nq = N).
   Returns:
-    keys, values [B * N, L + k L + (N - 1 - k) m, H, d] (the compressed part only when kc
-    is given) and valid lengths [B * N] int32 (None when component_mask is None).
+    keys, values [B * Nq, L + k L + (N - 1 - k) m, H, d] (the compressed part only when kc
+    is given) and valid lengths [B * Nq] int32 (None when component_mask is None).
   """
-  b, n, seq_len, nh, hd = kh.shape
+  b, _, seq_len, nh, hd = kh.shape
   if gate_on not in ("keys", "values"):
     raise ValueError(f"gate_on must be 'keys' or 'values', got {gate_on!r}")
   use_compressed = kc is not None
-  k_parts, v_parts = [kh[:, :, None]], [vh[:, :, None]]
+  own_k, own_v = own if own is not None else (kh, vh)
+  n = own_k.shape[1]
+  k_parts, v_parts = [own_k[:, :, None]], [own_v[:, :, None]]
 
   def add(idx_bhns, xk, xv):
     idx = jnp.transpose(idx_bhns, (0, 2, 3, 1))  # [B, N, S, H]
@@ -282,15 +288,21 @@ def routed_context(kh: Array, vh: Array, kc: Optional[Array], vc: Optional[Array
   if component_mask is not None:
     m = kc.shape[2] if use_compressed else 0
     lengths = routed_lengths(component_mask, seq_len, selected.shape[-1], m,
-                             use_compressed).reshape(b * n)
+                             use_compressed)[:, :n].reshape(b * n)  # equal for all rows
   return flat(k_parts), flat(v_parts), lengths
 
 
 def moc_attention(q: Array, kh: Array, vh: Array, kc: Optional[Array], vc: Optional[Array],
                   importance: Optional[Array], selected: Array, unselected: Array,
                   component_mask: Optional[Array], *, gate_on: str = "keys",
-                  implementation: Optional[str] = "xla", gather: str = "hybrid") -> Array:
+                  implementation: Optional[str] = "xla", gather: str = "hybrid",
+                  component_chunk: int = 0) -> Array:
   """Mixture-of-Components attention for all components at once (one attention call).
+
+  With `component_chunk` = c (0 < c < N, dividing N) the query components are processed
+  c at a time (`lax.map`, each chunk rematerialised in the backward pass), so the routed
+  context held in memory is c x (L + kL + (N-1-k)m) tokens instead of N x that: O(N) rather
+  than O(N^2) memory for large N, at the price of N / c sequential attention calls.
 
   Args:
     q: [B, N, L, H, d] queries of the vecset tokens.
@@ -303,14 +315,49 @@ def moc_attention(q: Array, kh: Array, vh: Array, kc: Optional[Array], vc: Optio
     gate_on: 'keys' (paper) or 'values' (ablation C).
     implementation: attention backend ('xla' | 'cudnn' | None).
     gather: see `gather_components`.
+    component_chunk: query components per chunk (0: all at once).
   Returns:
     [B, N, L, H, d].
   """
   b, n, seq_len, nh, hd = q.shape
+  if component_chunk and component_chunk < n:
+    return _moc_attention_chunked(q, kh, vh, kc, vc, importance, selected, unselected,
+                                  component_mask, gate_on=gate_on,
+                                  implementation=implementation, gather=gather,
+                                  chunk=component_chunk)
   keys, values, lengths = routed_context(kh, vh, kc, vc, importance, selected, unselected,
                                          component_mask, gate_on=gate_on, gather=gather)
   out = attend_prefix(q.reshape(b * n, seq_len, nh, hd), keys, values, lengths, implementation)
   return out.reshape(b, n, seq_len, nh, hd)
+
+
+def _moc_attention_chunked(q, kh, vh, kc, vc, importance, selected, unselected,
+                           component_mask, *, gate_on, implementation, gather, chunk):
+  """`moc_attention` over chunks of `chunk` query components (see its docstring)."""
+  b, n, seq_len, nh, hd = q.shape
+  if n % chunk:
+    raise ValueError(f"component_chunk={chunk} must divide the number of components {n}")
+  num_chunks = n // chunk
+
+  def split(x, axis):  # [..., N, ...] -> [num_chunks, ..., chunk, ...]
+    if x is None:
+      return None
+    x = x.reshape(x.shape[:axis] + (num_chunks, chunk) + x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+  @jax.checkpoint
+  def one_chunk(args):
+    q_c, own_k, own_v, imp_c, sel_c, unsel_c = args
+    keys, values, lengths = routed_context(kh, vh, kc, vc, imp_c, sel_c, unsel_c,
+                                           component_mask, gate_on=gate_on, gather=gather,
+                                           own=(own_k, own_v))
+    out = attend_prefix(q_c.reshape(b * chunk, seq_len, nh, hd), keys, values, lengths,
+                        implementation)
+    return out.reshape(b, chunk, seq_len, nh, hd)
+
+  out = jax.lax.map(one_chunk, (split(q, 1), split(kh, 1), split(vh, 1),
+                                split(importance, 2), split(selected, 2), split(unselected, 2)))
+  return jnp.moveaxis(out, 0, 1).reshape(b, n, seq_len, nh, hd)
 
 
 def dense_global_attention(q: Array, k: Array, v: Array, component_mask: Optional[Array],
@@ -357,6 +404,7 @@ class GlobalAttention(layers.MultiHeadAttention):
     shared_routing: one routing for all heads (ablation F).
     router_head_dim: d_r.
     gather: 'onehot' | 'take' | 'hybrid'.
+    component_chunk: query components per chunk of the MoC attention (0: all at once).
   """
   mode: str = "moc"
   top_k: int = 4
@@ -368,6 +416,7 @@ class GlobalAttention(layers.MultiHeadAttention):
   shared_routing: bool = False
   router_head_dim: int = 64
   gather: str = "hybrid"
+  component_chunk: int = 0
 
   @nn.compact
   def __call__(self, h: Array, c: Array, a: Array, component_mask: Optional[Array], *,
@@ -418,7 +467,7 @@ class GlobalAttention(layers.MultiHeadAttention):
       importance = heads(importance)
     out = moc_attention(q, kh, vh, kc, vc, importance, selected, unselected, component_mask,
                         gate_on=self.gate_on, implementation=self.implementation,
-                        gather=self.gather)
+                        gather=self.gather, component_chunk=self.component_chunk)
     out = self.project_out(out.reshape(b, n * seq_len, nh, -1), width).reshape(h.shape)
     if importance is None:
       importance = jnp.zeros((b, nh, n, n), jnp.float32)

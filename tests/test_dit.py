@@ -237,6 +237,14 @@ def test_remat_policies_match():
     np.testing.assert_allclose(_run(spec, x, t, cond), v, atol=1e-6)
 
 
+def test_moc_component_chunks_match():
+  x, t, cond = _inputs(8)
+  for train in (False, True):
+    v = _run(_spec(), x, t, cond, train=train, key=3)
+    got = _run(_spec(moc_component_chunk=1), x, t, cond, train=train, key=3)
+    np.testing.assert_allclose(got, v, atol=1e-5)
+
+
 def test_bad_inputs_raise():
   x, t, cond = _inputs()
   model = CompositionalDiT(_spec())
