@@ -1,30 +1,38 @@
-r"""Trains the vecset VAE on analytic shapes sampled on the fly.
+r"""Trains the vecset VAE on `moca_jax.train_lib.run_training` (the DiT's machinery).
 
   python -m experiments.train_vae --config=experiments/configs/vae.py:tiny --workdir=outputs/vae
+  python -m experiments.train_vae --config=experiments/configs/vae.py:tiny \
+      --config.data.source=records --config.data.dir=outputs/data/tiny --workdir=outputs/vae
 
 Writes under workdir:
-  checkpoints/<step>/     orbax: 'state' {step, params, opt_state} and 'config' (JSON)
-  tensorboard/            event files (tensorboardX)
-  metrics.jsonl           the logged scalars, one JSON object per log step
+  checkpoints/<step>/     orbax Composite (train_lib.Checkpointer): 'state' {step, params,
+                          opt_state}, 'ema' (EMA params), 'data' (iterator state), 'config'
+  tb/                     TensorBoard events (train/*, memory/*, eval/iou_*)
+  metrics.jsonl           the scalars of every log step, one JSON object per line ('step' =
+                          steps done)
   loss_curve.png          training loss against step
   eval.json               reconstruction of held-out shapes: IoU / Chamfer by part size
   reconstruction.glb      one extracted component (coarse-to-fine marching cubes)
   reconstruction.png      render: exact shape (left) and reconstruction (right)
-Resumes from the latest checkpoint in workdir. A non-finite loss raises FloatingPointError
-naming the step.
+A restarted job resumes from the latest checkpoint, data order included. A non-finite loss
+raises train_lib.NonFiniteLossError (a FloatingPointError) naming the step. Evaluation and
+`load_vae` use the EMA params (config.optim.ema_decay; with 0 they equal the raw params).
 
-Data: each component is one random primitive (data_pipeline.primitives) placed in the
-[-1, 1]^3 object frame with a bounding radius in data.size_range, so small and large parts
-both occur. Batch layout: see moca_jax.vae.vae_loss.
+Data (config.data.source):
+  'analytic'  each example is one random primitive (data_pipeline.primitives) placed in the
+              [-1, 1]^3 object frame with a bounding radius in data.size_range, so small and
+              large parts both occur; batch `i` is a function of (seed, i) only.
+  'records'   the data pipeline's 'samples' shards in data.dir, one (or
+              data.parts_per_element) real part per object (data_pipeline.vae_batches).
+Batch layout: see moca_jax.vae.vae_loss.
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from absl import app, flags, logging
 import jax
@@ -33,15 +41,13 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-import tensorboardX
-import tqdm
 import trimesh
 
 from data_pipeline import primitives
 from moca_jax import extract
+from moca_jax import train_lib
 from moca_jax import viz
-from moca_jax.vae import VecSetVAE, count_params, init_vae, vae_loss
+from moca_jax.vae import VecSetVAE, count_params, vae_loss
 
 import flax.linen as nn
 
@@ -72,12 +78,17 @@ def stack_examples(examples: list[dict]) -> dict:
 
 
 class AnalyticShapeSource:
-  """Infinite stream of batches of random primitives; deterministic given (seed, step)."""
+  """Infinite, checkpointable iterator of batches of random primitives.
+
+  Batch `i` depends on (seed, i) only; `get_state()` / `set_state()` carry i (JSON), so
+  train_lib checkpoints it like a grain iterator. Batches add 'index' [B] int64 (= i).
+  """
 
   def __init__(self, data_config, batch_size: int, seed: int):
     self.cfg = data_config
     self.batch_size = batch_size
     self.seed = seed
+    self.position = 0
 
   def random_shape(self, rng: np.random.Generator):
     return primitives.random_primitive(rng, kinds=tuple(self.cfg.kinds),
@@ -90,86 +101,173 @@ class AnalyticShapeSource:
 
   def batch(self, step: int) -> dict:
     rng = np.random.default_rng([self.seed, step])
-    return stack_examples([self.example(self.random_shape(rng), rng)
-                           for _ in range(self.batch_size)])
+    out = stack_examples([self.example(self.random_shape(rng), rng)
+                          for _ in range(self.batch_size)])
+    out["index"] = np.full((self.batch_size,), step, np.int64)
+    return out
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    b = self.batch(self.position)
+    self.position += 1
+    return b
+
+  def get_state(self) -> dict:
+    return {"position": self.position}
+
+  def set_state(self, state: dict) -> None:
+    self.position = int(state["position"])
+
+
+def make_iterator_fn(config, shuffle: bool = True) -> Callable[[], Any]:
+  """() -> a checkpointable iterator of host batches for this process (see module doc)."""
+  nproc = jax.process_count()
+  if config.batch_size % nproc:
+    raise ValueError(f"batch_size={config.batch_size} not divisible by {nproc} processes")
+  local_batch = config.batch_size // nproc
+  d = config.data
+  if d.source == "analytic":
+    seed = config.seed * 1000 + jax.process_index()
+    return lambda: AnalyticShapeSource(d, local_batch, seed)
+  if d.source != "records":
+    raise ValueError(f"config.data.source must be 'analytic' or 'records', got {d.source!r}")
+  if not d.dir:
+    raise ValueError("config.data.dir is empty: point it at the data pipeline's 'samples' "
+                     "shards (python -m data_pipeline.build)")
+  from data_pipeline import loader, vae_batches
+  ds = vae_batches.vae_records_dataset(
+      d.dir, batch_size=local_batch, num_points=d.num_points, num_near=d.num_near,
+      num_volume=d.num_volume, parts_per_element=d.parts_per_element,
+      n_max=d.max_components, seed=d.shuffle_seed, shuffle=shuffle)
+  return lambda: loader.make_iterator(ds, d.num_workers)
+
+
+def model_batch(batch: dict) -> dict:
+  """The float32 arrays `vae_loss` reads (host-only fields such as 'index' dropped)."""
+  keys = ("surface_points", "surface_normals", "near_points", "near_sdf", "volume_points",
+          "volume_sdf")
+  return {k: np.asarray(batch[k], np.float32) for k in keys}
 
 
 # ----------------------------------------------------------------------------------------
-# Train state, step, checkpoints
+# The task for train_lib
+# ----------------------------------------------------------------------------------------
+
+def make_vae_task(config: ml_collections.ConfigDict):
+  """(model, init_fn, loss_fn) for `train_lib.run_training`.
+
+  init_fn(rng, batch) -> flax variables (params boxed with logical names); only the batch
+    shapes are used.
+  loss_fn(params, batch, rng) -> (loss, metrics): `vae_loss` on the unboxed inner params
+    tree (train_lib's TrainState.params; `model.apply` takes {'params': params}).
+  Batch: model_batch's keys (moca_jax.vae.vae_loss), leading axis B.
+  """
+  model = VecSetVAE(ml_collections.FrozenConfigDict(config.model))
+
+  def init_fn(rng, batch):
+    return model.init(*_init_args(model, rng, *batch["surface_points"].shape[:2]))
+
+  def loss_fn(params, batch, rng):
+    return vae_loss({"params": params}, model, batch, rng, config.model)
+
+  return model, init_fn, loss_fn
+
+
+# ----------------------------------------------------------------------------------------
+# A hand-driven step and checkpoints in the run_training format (tests, notebooks)
 # ----------------------------------------------------------------------------------------
 
 def make_optimizer(config) -> optax.GradientTransformation:
-  warmup = max(min(config.warmup_steps, config.num_steps // 2), 1)
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, config.learning_rate, warmup, max(config.num_steps, warmup + 1),
-      end_value=config.end_lr_factor * config.learning_rate)
-  return optax.chain(
-      optax.clip_by_global_norm(config.grad_clip),
-      optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay))
+  """train_lib's optimizer for config.optim (what run_training uses)."""
+  return train_lib.make_optimizer(config.optim)
 
 
 def create_state(model: VecSetVAE, tx, rng) -> dict:
-  """{'step': int32 [], 'params': {'params': ...} (unboxed), 'opt_state': ...}."""
-  params = nn.meta.unbox(init_vae(model, rng))
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+  """{'step': int32 [], 'params': {'params': ...} (unboxed), 'opt_state', 'ema_params':
+  {'params': ...}}: the TrainState of run_training as a dict, params wrapped for apply."""
+  inner = nn.meta.unbox(jax.jit(model.init)(*_init_args(model, rng))["params"])
+  return {"step": jnp.zeros((), jnp.int32), "params": {"params": inner},
+          "opt_state": tx.init(inner),
+          "ema_params": {"params": jax.tree.map(jnp.copy, inner)}}  # own buffers: donatable
+
+
+def _init_args(model, rng, b: int = 1, p: Optional[int] = None):
+  """(rngs, points, normals, queries) for model.init: spread points (FPS needs p >= L)."""
+  p = p or max(model.config.num_points, model.config.num_latents)
+  pts = jnp.zeros((b, p, 3), jnp.float32) + jnp.linspace(-1.0, 1.0, p)[None, :, None]
+  nrm = jnp.zeros((b, p, 3), jnp.float32).at[..., 2].set(1.0)
+  k0, k1, k2 = jax.random.split(rng, 3)
+  return {"params": k0, "fps": k1, "noise": k2}, pts, nrm, jnp.zeros((b, 16, 3), jnp.float32)
+
+
+def _to_train_state(state: dict) -> train_lib.TrainState:
+  ema = state.get("ema_params", state["params"])
+  return train_lib.TrainState(step=state["step"], params=state["params"]["params"],
+                              opt_state=state["opt_state"], ema_params=ema["params"])
 
 
 def make_train_step(model: VecSetVAE, tx, config):
-  """Pure (state, batch, rng) -> (state, metrics); jit it (donating state)."""
+  """Pure (state dict, batch, rng) -> (state dict, metrics): `train_lib.train_step` on the
+  VAE loss (same update and EMA as run_training); jit it, donating the state."""
+  loss_fn = lambda p, b, r: vae_loss({"params": p}, model, b, r, config.model)
+  schedule = train_lib.make_schedule(config.optim)
 
-  def train_step(state, batch, rng):
-    grad_fn = jax.value_and_grad(vae_loss, has_aux=True)
-    (_, metrics), grads = grad_fn(state["params"], model, batch, rng, config.model)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
-    metrics["param_norm"] = optax.global_norm(params)
-    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+  def step(state, batch, rng):
+    new, metrics = train_lib.train_step(_to_train_state(state), batch, rng, loss_fn=loss_fn,
+                                        tx=tx, schedule=schedule,
+                                        ema_decay=config.optim.ema_decay)
+    return {"step": new.step, "params": {"params": new.params}, "opt_state": new.opt_state,
+            "ema_params": {"params": new.ema_params}}, metrics
 
-  return train_step
-
-
-def checkpoint_manager(workdir, config) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-      save_interval_steps=config.checkpoint_every, max_to_keep=config.keep_checkpoints,
-      create=True)
-  return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options,
-                               item_names=("state", "config"))
+  return step
 
 
-def save_checkpoint(mngr, step: int, state, config, force: bool = False) -> bool:
-  return mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict())),
-      force=force)
+class _Checkpointer(train_lib.Checkpointer):
+  def wait_until_finished(self) -> None:
+    self.wait()
 
 
-def restore_checkpoint(mngr, abstract_state, step: Optional[int] = None):
-  step = mngr.latest_step() if step is None else step
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state)))
-  return restored["state"]
+def checkpoint_manager(workdir, config) -> train_lib.Checkpointer:
+  """run_training's checkpointer for workdir/checkpoints (has wait_until_finished, close)."""
+  return _Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                       config.checkpoint.every, config.checkpoint.keep)
 
 
-def load_vae(workdir, step: Optional[int] = None):
+def save_checkpoint(mngr, step: int, state: dict, config, force: bool = False) -> bool:
+  """Saves a `create_state` dict in run_training's layout (no data iterator state)."""
+  return mngr.save(step, _to_train_state(state), None, config, force=force)
+
+
+def _abstract_inner_params(config) -> Any:
+  model = VecSetVAE(ml_collections.FrozenConfigDict(config.model))
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  shapes = jax.eval_shape(lambda r: nn.meta.unbox(model.init(*_init_args(model, r))["params"]),
+                          jax.random.PRNGKey(0))
+  return model, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
+                             shapes)
+
+
+def load_vae(workdir, step: Optional[int] = None, use_ema: bool = True):
   """(model, params, config) from a train_vae workdir (latest step unless given).
 
-  params is the unboxed {'params': ...} tree to pass to `model.apply`.
+  params is the unboxed {'params': ...} tree to pass to `model.apply`: the EMA params
+  (train_lib's 'ema' item) unless use_ema=False, which gives the raw trained params.
+  Checkpoints of the older train_vae layout (items 'state', 'config' only) are read too
+  (their raw params). FileNotFoundError / ValueError name the path.
   """
-  path = Path(workdir).absolute() / "checkpoints"
-  if not path.is_dir():
-    raise FileNotFoundError(f"no checkpoints directory at {path}")
-  mngr = ocp.CheckpointManager(path, item_names=("state", "config"))
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint under {path}")
-  cfg_dict = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f"no checkpoints directory at {ckpt_dir}")
+  cfg_dict, step = train_lib.read_checkpoint_config(ckpt_dir, step)
   config = ml_collections.ConfigDict(cfg_dict)
-  model = VecSetVAE(ml_collections.FrozenConfigDict(config.model))
-  abstract = jax.eval_shape(lambda: create_state(model, make_optimizer(config),
-                                                 jax.random.PRNGKey(0)))
-  state = restore_checkpoint(mngr, abstract, step)
-  mngr.close()
-  return model, state["params"], config
+  model, abstract = _abstract_inner_params(config)
+  if os.path.isdir(os.path.join(ckpt_dir, str(step), "ema")):
+    inner = train_lib.restore_params(ckpt_dir, abstract, step, item="ema" if use_ema else "state")
+  else:  # older layout: state = {step, params: {'params': ...}, opt_state}
+    inner = train_lib.restore_params(ckpt_dir, {"params": abstract}, step, item="state")["params"]
+  return model, {"params": inner}, config
 
 
 # ----------------------------------------------------------------------------------------
@@ -289,110 +387,93 @@ def evaluate_reconstruction(model, params, shapes: list, config, rng: np.random.
 
 
 # ----------------------------------------------------------------------------------------
-# Main loop
+# Train and evaluate
 # ----------------------------------------------------------------------------------------
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (resuming from the latest checkpoint), then evaluates and writes the outputs.
+def _write_metrics_jsonl(path: Path, history: list, start: int, log_every: int,
+                         num_steps: int) -> None:
+  """Keeps the lines of steps <= start, appends this run's log steps ('step' = steps done)."""
+  kept = []
+  if path.exists():
+    kept = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= start]
+  for h in history:
+    done = h["step"] + 1
+    if done % log_every == 0 or done == num_steps:
+      kept.append(json.dumps({**h, "step": done}))
+  _atomic_write_bytes(path, "".join(l + "\n" for l in kept).encode())
 
-  Returns a dict with the final step, the last logged metrics, eval summary and the paths
-  of the written files.
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       num_steps: Optional[int] = None, mesh=None,
+                       show_progress: bool = True) -> dict:
+  """Trains with `train_lib.run_training` (resuming from the latest checkpoint), then
+  evaluates the EMA params and writes the outputs (module docstring).
+
+  Returns a dict: 'step' (final), 'metrics' (last step's scalars), 'eval' (IoU / Chamfer by
+  part size), 'outputs' (paths written).
   """
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  model = VecSetVAE(ml_collections.FrozenConfigDict(config.model))
-  tx = make_optimizer(config)
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, train_rng = jax.random.split(rng)
-
-  # ---- state: fresh or restored ----
-  state = create_state(model, tx, init_rng)
-  logging.info("VAE '%s': %.2fM parameters", config.model.size,
-               count_params(state["params"]) / 1e6)
-  mngr = checkpoint_manager(workdir, config)
+  num_steps = config.num_steps if num_steps is None else num_steps
+  model, init_fn, loss_fn = make_vae_task(config)
+  ckpt_dir = workdir / "checkpoints"
   start = 0
-  if mngr.latest_step() is not None:
-    state = restore_checkpoint(mngr, jax.eval_shape(lambda: state))
-    start = int(state["step"])
-    logging.info("resumed from step %d", start)
-
+  if ckpt_dir.is_dir():
+    steps = [int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()]
+    start = max(steps, default=0)
+  result = train_lib.run_training(
+      config=config, workdir=str(workdir), init_fn=init_fn, loss_fn=loss_fn,
+      make_iterator=make_iterator_fn(config), mesh=mesh,
+      batch_id_fn=lambda b: np.asarray(b["index"]).tolist(), prepare_fn=model_batch,
+      num_steps=num_steps, show_progress=show_progress)
+  state = result.state
+  logging.info("VAE '%s': %.2fM parameters, step %d", config.model.size,
+               count_params(state.params) / 1e6, int(state.step))
   metrics_path = workdir / "metrics.jsonl"
-  if metrics_path.exists():  # drop lines logged after the checkpoint we resume from
-    kept = [l for l in metrics_path.read_text().splitlines()
-            if l and json.loads(l)["step"] <= start]
-    _atomic_write_bytes(metrics_path, "".join(l + "\n" for l in kept).encode())
-
-  source = AnalyticShapeSource(config.data, config.batch_size, config.seed)
-  train_step = jax.jit(make_train_step(model, tx, config), donate_argnums=(0,))
-  writer = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+  _write_metrics_jsonl(metrics_path, result.history, start, config.get("log_every", 10),
+                       num_steps)
   last = {}
+  if result.history:
+    last = {**result.history[-1], "step": result.history[-1]["step"] + 1}
 
-  # ---- loop ----
-  t0 = time.time()
-  bar = tqdm.tqdm(range(start, config.num_steps), initial=start, total=config.num_steps,
-                  desc="train_vae", dynamic_ncols=True)
-  try:
-    for step in bar:
-      batch = source.batch(step)
-      state, metrics = train_step(state, batch, jax.random.fold_in(train_rng, step))
-      loss = float(metrics["loss"])
-      if not np.isfinite(loss):
-        raise FloatingPointError(f"non-finite VAE loss {loss} at step {step}")
-      done = step + 1
-      if done % config.log_every == 0 or done == config.num_steps:
-        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        last["step"] = done
-        last["steps_per_s"] = (done - start) / max(time.time() - t0, 1e-9)
-        for k, v in last.items():
-          if k != "step":
-            writer.add_scalar(f"train/{k}", v, done)
-        with open(metrics_path, "a") as f:
-          f.write(json.dumps(last) + "\n")
-        bar.set_postfix(loss=f"{loss:.4f}", near=f"{last['near_l1']:.4f}")
-      save_checkpoint(mngr, done, state, config, force=done == config.num_steps)
-  finally:  # also on errors: finish pending checkpoint writes, close the files
-    bar.close()
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.flush()
-
-  # ---- evaluation and outputs ----
-  params = state["params"]
+  # ---- evaluation and outputs (EMA params) ----
+  params = {"params": jax.device_get(state.ema_params)}
   outputs = {}
-  history = []
-  if metrics_path.exists():
-    history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+  history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
   if history:
     curves = {k: [(h["step"], h[k]) for h in history] for k in ("loss", "near_l1", "volume_l1")}
     viz.loss_curves_png(curves, str(workdir / "loss_curve.png"), log_y=True,
                         title="VAE training")
     outputs["loss_curve"] = str(workdir / "loss_curve.png")
+  source = AnalyticShapeSource(config.data, 1, config.seed)
   eval_rng = np.random.default_rng([config.seed, 7, 7])  # 3 words: never a training seed
   shapes = [source.random_shape(eval_rng) for _ in range(config.eval.num_shapes)]
-  result = {"by_size": {}}
+  ev = {"by_size": {}}
   if shapes:
-    result = evaluate_reconstruction(model, params, shapes, config, eval_rng)
-    write_json(workdir / "eval.json", result)
+    ev = evaluate_reconstruction(model, params, shapes, config, eval_rng)
+    ev["params"] = "ema"
+    write_json(workdir / "eval.json", ev)
     outputs["eval"] = str(workdir / "eval.json")
-    for key, s in result["by_size"].items():
-      writer.add_scalar(f"eval/iou_{key}", s["iou_mean"], int(state["step"]))
+    if jax.process_index() == 0:
+      from tensorboardX import SummaryWriter
+      with SummaryWriter(str(workdir / "tb")) as writer:
+        for key, s in ev["by_size"].items():
+          writer.add_scalar(f"eval/iou_{key}", s["iou_mean"], int(state.step))
   if config.eval.write_mesh and shapes:
     # the largest held-out shape: the one that makes the clearest picture
     shape = max(shapes, key=lambda s: s.bounding_radius())
     ex = stack_examples([example_from_shape(shape, eval_rng, config.data.num_points, 1, 1)])
     z, _ = model.apply(params, ex["surface_points"], ex["surface_normals"], deterministic=True,
                        method=VecSetVAE.encode)
-    mesh = extract.extract_vae_meshes(model, params, z, resolution=config.eval.resolution,
-                                      fine_resolution=config.eval.fine_resolution,
-                                      chunk_size=config.eval.chunk_size)[0]
-    write_glb(workdir / "reconstruction.glb", mesh)
-    render_meshes_png(workdir / "reconstruction.png", [shape.to_mesh(48), mesh],
-                      [f"exact {shape.kind}", f"VAE ({len(mesh.faces)} faces)"])
+    mesh_out = extract.extract_vae_meshes(model, params, z, resolution=config.eval.resolution,
+                                          fine_resolution=config.eval.fine_resolution,
+                                          chunk_size=config.eval.chunk_size)[0]
+    write_glb(workdir / "reconstruction.glb", mesh_out)
+    render_meshes_png(workdir / "reconstruction.png", [shape.to_mesh(48), mesh_out],
+                      [f"exact {shape.kind}", f"VAE ({len(mesh_out.faces)} faces)"])
     outputs.update(glb=str(workdir / "reconstruction.glb"),
                    render=str(workdir / "reconstruction.png"))
-  writer.close()
-  return {"step": int(state["step"]), "metrics": last, "eval": result["by_size"],
-          "outputs": outputs}
+  return {"step": int(state.step), "metrics": last, "eval": ev["by_size"], "outputs": outputs}
 
 
 def write_eval_report(stem, result: dict, config, workdir) -> None:
@@ -410,7 +491,9 @@ def write_eval_report(stem, result: dict, config, workdir) -> None:
       "# VAE reconstruction quality by part size", "",
       f"`experiments/train_vae.py`, config size '{config.model.size}', {result['step']} steps of "
       f"batch {config.batch_size} on {report['machine']['device']} "
-      f"({report['machine']['backend']}). Held-out random primitives (kinds "
+      f"({report['machine']['backend']}), data source '{config.data.source}'"
+      f"{' (' + str(config.data.dir) + ')' if config.data.source == 'records' else ''}, "
+      "EMA params. Evaluated on held-out random primitives (kinds "
       f"{', '.join(config.data.kinds)}), bounding radius r in {tuple(config.data.size_range)} "
       "of the [-1, 1]^3 object frame, encoded deterministically.", "",
       f"IoU: occupancy of the decoded field on a {ec.resolution + 1}^3 grid against the exact "

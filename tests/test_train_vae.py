@@ -1,86 +1,177 @@
-"""train_vae: checkpoint round trip, a short run writing all outputs, non-finite guard."""
+"""train_vae on train_lib: records resume == straight, load_vae round trip (EMA and raw),
+the analytic source learns one fixed shape and writes every output, non-finite guard."""
 import json
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import trimesh
 
+from data_pipeline import make, primitives, sampling
 from experiments import train_vae
 from experiments.configs.vae import get_config
-from moca_jax.vae import VecSetVAE
+from moca_jax import sharding, train_lib
+
+SMALL = make.BuildConfig(
+    sample=sampling.SampleConfig(n_surface=64, n_near=48, n_volume=16, mesh_segments=16),
+    image_size=32, num_views=1, render_segments=12, num_previews=0)
 
 
-def _few_step_config():
+def _mesh1():
+  return sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+
+
+def _few_step_config(source="analytic", data_dir=""):
   c = get_config("tiny")
   c.batch_size = 2
   c.num_steps = 3
   c.log_every = 1
-  c.checkpoint_every = 2
-  c.keep_checkpoints = 2
+  c.checkpoint.every = 2
+  c.checkpoint.keep = 2
+  c.warmup_steps = 1
   c.model.num_latents = 16
+  c.model.enc_width = c.model.dec_width = 32
+  c.model.dec_layers = 1
   c.data.num_points = 64
-  c.data.num_near = 64
-  c.data.num_volume = 32
+  c.data.num_near = 32
+  c.data.num_volume = 16
   c.model.loss.num_normal_points = 32
-  c.eval.num_shapes = 2
-  c.eval.resolution = 16
-  c.eval.fine_resolution = 32
+  c.eval.num_shapes = 0
+  c.eval.write_mesh = False
+  c.data.source = source
+  c.data.dir = data_dir
+  c.data.max_components = 4
   return c
 
 
-def test_orbax_checkpoint_round_trip(tmp_path):
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("vae_shards"))
+  make.build("procedural:tiny", out, num_shards=1, cfg=SMALL, progress=False)
+  return out
+
+
+def _assert_trees_equal(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_records_resume_equals_straight_and_load_vae(data_dir, tmp_path):
+  c = _few_step_config("records", data_dir)
+  c.data.parts_per_element = 2
+  c.num_steps = 4
+  c.checkpoint.every = 4   # saves: a at 4; b at 2 (end of the first run) and 4
+  c.optim.ema_decay = 0.5
+  straight = train_vae.train_and_evaluate(c, str(tmp_path / "a"), mesh=_mesh1(),
+                                          show_progress=False)
+  assert straight["step"] == 4 and np.isfinite(straight["metrics"]["loss"])
+  train_vae.train_and_evaluate(c, str(tmp_path / "b"), num_steps=2, mesh=_mesh1(),
+                               show_progress=False)
+  resumed = train_vae.train_and_evaluate(c, str(tmp_path / "b"), mesh=_mesh1(),
+                                         show_progress=False)
+  assert resumed["step"] == 4
+  # the iterator state went into the checkpoint: the resumed run saw the same batches
+  assert resumed["metrics"] == straight["metrics"]
+  lines = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines] == [1, 2, 3, 4]
+  for use_ema in (True, False):
+    _, pa, _ = train_vae.load_vae(tmp_path / "a", use_ema=use_ema)
+    _, pb, cfg = train_vae.load_vae(tmp_path / "b", use_ema=use_ema)
+    _assert_trees_equal(pa, pb)
+  assert cfg.data.source == "records" and cfg.model.num_latents == 16
+  ema = train_vae.load_vae(tmp_path / "a")[1]
+  raw = train_vae.load_vae(tmp_path / "a", use_ema=False)[1]
+  assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(ema), jax.tree.leaves(raw)))
+  # the interrupted run's step-2 checkpoint holds other params than the final ones
+  early = train_vae.load_vae(tmp_path / "b", step=2, use_ema=False)[1]
+  assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(early), jax.tree.leaves(raw)))
+
+
+def test_hand_driven_step_checkpoint_and_load_vae_round_trip(tmp_path):
   c = _few_step_config()
-  model = VecSetVAE(ml_collections.FrozenConfigDict(c.model))
+  c.optim.ema_decay = 0.5
+  model, _, _ = train_vae.make_vae_task(c)
   tx = train_vae.make_optimizer(c)
   state = train_vae.create_state(model, tx, jax.random.PRNGKey(0))
-  state["step"] = jnp.int32(7)
+  step = jax.jit(train_vae.make_train_step(model, tx, c), donate_argnums=(0,))
+  source = train_vae.AnalyticShapeSource(c.data, 2, 0)
+  for i in range(2):
+    state, metrics = step(state, train_vae.model_batch(next(source)), jax.random.PRNGKey(i))
+  assert int(state["step"]) == 2 and np.isfinite(float(metrics["loss"]))
   mngr = train_vae.checkpoint_manager(tmp_path, c)
-  assert train_vae.save_checkpoint(mngr, 7, state, c, force=True)
+  assert train_vae.save_checkpoint(mngr, 2, state, c, force=True)
   mngr.wait_until_finished()
-  other = train_vae.create_state(model, tx, jax.random.PRNGKey(1))
-  restored = train_vae.restore_checkpoint(mngr, jax.eval_shape(lambda: other))
   mngr.close()
-  jax.tree_util.tree_map(np.testing.assert_array_equal, restored, state)
-  model2, params, cfg = train_vae.load_vae(tmp_path)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, params, state["params"])
+  model2, ema, cfg = train_vae.load_vae(tmp_path)
+  _, raw, _ = train_vae.load_vae(tmp_path, use_ema=False)
+  _assert_trees_equal(ema, state["ema_params"])
+  _assert_trees_equal(raw, state["params"])
   assert cfg.model.num_latents == 16 and model2.config.num_latents == 16
+  # the saved state restores as run_training's TrainState (same layout)
+  _, init_fn, _ = train_vae.make_vae_task(c)
+  spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                      train_vae.model_batch(source.batch(0)))
+  _, setup = train_lib.create_train_state(init_fn, tx, spec, jax.random.PRNGKey(1), _mesh1())
+  ck = train_lib.Checkpointer(str(tmp_path / "checkpoints"))
+  restored, data_state, _ = ck.restore(None, setup.abstract_state)
+  ck.close()
+  assert data_state is None and int(restored.step) == 2
+  _assert_trees_equal(restored.params, state["params"]["params"])
+  _assert_trees_equal(restored.opt_state, state["opt_state"])
+  with pytest.raises(FileNotFoundError, match="checkpoints"):
+    train_vae.load_vae(tmp_path / "nowhere")
 
 
-def test_train_vae_run_writes_outputs_resumes_and_stops_on_nan(tmp_path, monkeypatch):
+def test_analytic_learns_a_fixed_shape_writes_outputs_and_stops_on_nan(tmp_path, monkeypatch):
+  sphere = primitives.Sphere(radius=0.5, translation=(0.1, 0.0, -0.1))
+  monkeypatch.setattr(train_vae.AnalyticShapeSource, "random_shape", lambda self, rng: sphere)
   c = _few_step_config()
-  result = train_vae.train_and_evaluate(c, str(tmp_path))
-  assert result["step"] == 3
+  c.num_steps = 40
+  c.log_every = 5
+  c.checkpoint.every = 20
+  c.learning_rate = 3e-3
+  c.warmup_steps = 5
+  c.model.sample_posterior = False
+  c.eval.num_shapes = 2
+  c.eval.resolution = 16
+  c.eval.fine_resolution = 32
+  c.eval.write_mesh = True
+  result = train_vae.train_and_evaluate(c, str(tmp_path), mesh=_mesh1(), show_progress=False)
+  assert result["step"] == 40
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines] == list(range(5, 41, 5))
+  assert lines[-1]["loss"] < 0.5 * lines[0]["loss"], [l["loss"] for l in lines]
+  assert lines[-1]["near_l1"] < 0.5 * lines[0]["near_l1"]
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
-                if p.name.isdigit()) == [2, 3]
-  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-  assert [json.loads(l)["step"] for l in lines] == [1, 2, 3]
-  assert all(np.isfinite(json.loads(l)["loss"]) for l in lines)
-  assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
+                if p.name.isdigit()) == [20, 40]
+  assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
   for name in ("reconstruction.glb", "reconstruction.png", "loss_curve.png", "eval.json"):
     assert (tmp_path / name).stat().st_size > 0, name
   assert (tmp_path / "reconstruction.png").read_bytes()[:4] == b"\x89PNG"
-  mesh = trimesh.load(tmp_path / "reconstruction.glb", force="mesh")  # may be empty if untrained
-  assert isinstance(mesh, trimesh.Trimesh)
-  assert set(json.loads((tmp_path / "eval.json").read_text())["by_size"]) <= {
-      "small", "medium", "large"}
-  # resuming: more steps continue from the latest checkpoint (step 3), not from scratch; a
-  # non-finite loss at step index 4 stops the run, naming the step, with checkpoint 4 kept
-  c.num_steps = 6
+  assert isinstance(trimesh.load(tmp_path / "reconstruction.glb", force="mesh"), trimesh.Trimesh)
+  ev = json.loads((tmp_path / "eval.json").read_text())
+  assert ev["params"] == "ema" and set(ev["by_size"]) == {"medium"}
+  assert ev["by_size"]["medium"]["count"] == 2
+
+  # resuming with more steps continues from step 40; a NaN batch at step index 42 stops
+  # the run with an error naming the step
+  c.num_steps = 45
   c.eval.num_shapes = 0
   real = train_vae.AnalyticShapeSource.batch
 
   def poisoned(self, step):
     b = real(self, step)
-    if step == 4:
+    if step == 42:
       b["near_sdf"] = np.full_like(b["near_sdf"], np.nan)
     return b
 
   monkeypatch.setattr(train_vae.AnalyticShapeSource, "batch", poisoned)
-  with pytest.raises(FloatingPointError, match="at step 4"):
-    train_vae.train_and_evaluate(c, str(tmp_path))
-  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-  assert [json.loads(l)["step"] for l in lines] == [1, 2, 3, 4]
-  assert max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == 4
+  with pytest.raises(FloatingPointError, match="at step 42"):
+    train_vae.train_and_evaluate(c, str(tmp_path), mesh=_mesh1(), show_progress=False)
+
+
+def test_bad_data_source_is_named():
+  c = _few_step_config("nowhere")
+  with pytest.raises(ValueError, match="'analytic' or 'records'"):
+    train_vae.make_iterator_fn(c)
+  with pytest.raises(ValueError, match="data.dir is empty"):
+    train_vae.make_iterator_fn(_few_step_config("records"))

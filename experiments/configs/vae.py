@@ -3,13 +3,20 @@
 Usage: --config=experiments/configs/vae.py:tiny  (or :small, :triposg, :triposg-1024).
 Fields:
   model                the architecture and loss weights (moca_jax.vae.vae_config)
-  data                 the on-the-fly analytic shape source (data_pipeline.primitives)
-  optimizer / schedule AdamW with linear warmup and cosine decay, global-norm clipping
-  checkpoint_every, keep_checkpoints, log_every
+  data                 source 'analytic' (random primitives sampled on the fly,
+                       data_pipeline.primitives) or 'records' (the data pipeline's 'samples'
+                       ArrayRecord shards in data.dir, data_pipeline.vae_batches)
+  optim                moca_jax.train_lib optimizer: AdamW, linear warmup then cosine decay,
+                       global-norm clipping, EMA (ema_decay; 0 turns it off)
+                       optim.total_steps follows num_steps; optim.lr and optim.warmup_steps
+                       follow the older names learning_rate / warmup_steps (setting either
+                       name sets both)
+  mesh, checkpoint, log_every   as in experiments/configs/dit.py
   eval                 reconstruction after training: meshes, IoU/Chamfer by part size
 """
 import ml_collections
 
+from moca_jax.train_lib import default_optim_config
 from moca_jax.vae import vae_config
 
 
@@ -19,31 +26,45 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   size = c.model.size
   c.seed = 0
 
-  # --- data: random primitives placed in the [-1, 1]^3 object frame ---------------------
+  # --- data -----------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
-  c.data.source = "analytic"
-  c.data.kinds = ("sphere", "box", "cylinder", "capsule", "torus", "cone")
-  c.data.size_range = (0.1, 0.9)       # bounding radius of a part: small parts included
+  c.data.source = "analytic"           # 'analytic' | 'records'
   c.data.num_points = c.model.num_points
   c.data.num_near = {"tiny": 512, "small": 2048, "triposg": 8192}[size]
   c.data.num_volume = {"tiny": 256, "small": 1024, "triposg": 4096}[size]
+  # analytic: random primitives placed in the [-1, 1]^3 object frame
+  c.data.kinds = ("sphere", "box", "cylinder", "capsule", "torus", "cone")
+  c.data.size_range = (0.1, 0.9)       # bounding radius of a part: small parts included
   c.data.near_scales = (0.005, 0.05)
   c.data.mesh_segments = 32            # tessellation used before projecting onto the surface
+  # records: data_pipeline 'samples' shards (data_pipeline.build / make)
+  c.data.dir = ""
+  c.data.parts_per_element = 1         # real parts drawn from each object per batch
+  c.data.max_components = 32           # n_max of the loader (objects with more keep a random n_max)
+  c.data.shuffle_seed = 0
+  c.data.num_workers = 0               # grain mp_prefetch worker processes
 
   # --- optimisation ---------------------------------------------------------------------
   c.batch_size = {"tiny": 8, "small": 16, "triposg": 32}[size]
   c.num_steps = {"tiny": 300, "small": 4000, "triposg": 100_000}[size]
   c.learning_rate = {"tiny": 2e-3, "small": 1e-3, "triposg": 1e-4}[size]
   c.warmup_steps = {"tiny": 50, "small": 200, "triposg": 2000}[size]
-  c.end_lr_factor = 0.01               # cosine decay ends at this fraction of the peak
-  c.weight_decay = 0.01
-  c.b1, c.b2 = 0.9, 0.99
-  c.grad_clip = 1.0
+  c.optim = default_optim_config()
+  c.optim.lr = c.get_ref("learning_rate")
+  c.optim.warmup_steps = c.get_ref("warmup_steps")
+  c.optim.total_steps = c.get_ref("num_steps")
+  c.optim.schedule = "cosine"
+  c.optim.final_lr_fraction = 0.01     # cosine decay ends at this fraction of the peak
+  c.optim.weight_decay = 0.01
+  c.optim.b1, c.optim.b2 = 0.9, 0.99
+  c.optim.grad_clip = 1.0
+  c.optim.ema_decay = {"tiny": 0.999, "small": 0.9995, "triposg": 0.9999}[size]
 
   # --- bookkeeping ----------------------------------------------------------------------
   c.log_every = {"tiny": 10, "small": 50, "triposg": 100}[size]
-  c.checkpoint_every = {"tiny": 100, "small": 500, "triposg": 5000}[size]
-  c.keep_checkpoints = 3
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  every = {"tiny": 100, "small": 500, "triposg": 5000}[size]
+  c.checkpoint = ml_collections.ConfigDict(dict(every=every, keep=3, async_save=True))
 
   # --- evaluation after training ----------------------------------------------------------
   c.eval = ml_collections.ConfigDict()

@@ -1,0 +1,135 @@
+"""VAE training examples from the data pipeline's 'samples' shards.
+
+`loader.vae_dataset` yields padded multi-part elements (see data_pipeline/loader.py):
+  surface_points [n_max,Ns,3], surface_normals [n_max,Ns,3], sdf_points [n_max,Nq,3],
+  sdf_values [n_max,Nq], component_mask [n_max] bool, num_components [] int32, index [] int64
+where each real part's Nq SDF points are stored near-surface first (n_near of them) then
+uniform in the volume (Nq - n_near), as written by data_pipeline/sampling.py.
+
+`part_examples` (pure, numpy) turns one such element into `k` VAE examples, each a real part
+(never a padding slot) with the layout of `moca_jax.vae.vae_loss`:
+  surface_points [k,P,3], surface_normals [k,P,3]   a random subset in random order
+  near_points [k,Qn,3], near_sdf [k,Qn]             from the near-surface block
+  volume_points [k,Qv,3], volume_sdf [k,Qv]         from the volume block
+  index [k] int64                                   the element's record index
+
+`vae_records_dataset` is the grain pipeline: vae_dataset (unbatched) -> PartExamples (a
+RandomMap, so the draw is a function of the element's position and the seed, and a resumed
+iterator replays it) -> batch(elements) -> flatten [E,k,...] -> [E*k,...].
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import grain
+import numpy as np
+
+from data_pipeline import loader, records
+
+EXAMPLE_KEYS = ("surface_points", "surface_normals", "near_points", "near_sdf",
+                "volume_points", "volume_sdf")
+
+
+def stored_near_count(data_dir: str) -> int:
+  """The number of near-surface SDF points per part stored in a 'samples' shard set
+  (manifest.json: config.sample.n_near). FileNotFoundError / ValueError naming the path."""
+  manifest = records.load_manifest(data_dir)
+  try:
+    return int(manifest["config"]["sample"]["n_near"])
+  except (KeyError, TypeError) as e:
+    raise ValueError(f"{data_dir}/manifest.json: no config.sample.n_near (not a 'samples' "
+                     f"shard set?)") from e
+
+
+def _take(rng: np.random.Generator, have: int, want: int, what: str) -> np.ndarray:
+  if want > have:
+    raise ValueError(f"asks {want} {what} points per part, the element stores {have}")
+  return rng.permutation(have)[:want]
+
+
+def part_examples(element: dict, rng: np.random.Generator, *, stored_near: int,
+                  num_points: int, num_near: int, num_volume: int,
+                  parts_per_element: int = 1) -> dict:
+  """k = parts_per_element VAE examples from one padded element (see module docstring).
+
+  Parts are drawn among the real slots (component_mask True) without replacement when the
+  element has at least k of them, with replacement otherwise. Points are random subsets
+  (random order) of the stored surface / near / volume blocks.
+
+  Args:
+    element: one unbatched `loader.vae_dataset` element.
+    rng: numpy Generator (the only source of randomness).
+    stored_near: near-surface SDF points stored first in each part's sdf block.
+  Returns:
+    dict of float32 arrays with leading axis k, plus 'index' [k] int64.
+  Raises:
+    ValueError naming the record when it has no real part or too few stored points.
+  """
+  mask = np.asarray(element["component_mask"], bool)
+  real = np.flatnonzero(mask)
+  rid = int(np.asarray(element.get("index", -1)))
+  if real.size == 0:
+    raise ValueError(f"record {rid}: element has no real part")
+  k = parts_per_element
+  parts = rng.choice(real, size=k, replace=real.size < k)
+  nq = element["sdf_points"].shape[1]
+  if not 0 < stored_near < nq:
+    raise ValueError(f"record {rid}: stored_near={stored_near} must lie in (0, {nq})")
+  out = {key: [] for key in EXAMPLE_KEYS}
+  try:
+    for p in parts:
+      s = _take(rng, element["surface_points"].shape[1], num_points, "surface")
+      n = _take(rng, stored_near, num_near, "near-surface")
+      v = stored_near + _take(rng, nq - stored_near, num_volume, "volume")
+      out["surface_points"].append(element["surface_points"][p, s])
+      out["surface_normals"].append(element["surface_normals"][p, s])
+      out["near_points"].append(element["sdf_points"][p, n])
+      out["near_sdf"].append(element["sdf_values"][p, n])
+      out["volume_points"].append(element["sdf_points"][p, v])
+      out["volume_sdf"].append(element["sdf_values"][p, v])
+  except ValueError as e:
+    raise ValueError(f"record {rid}: {e}") from None
+  res = {key: np.stack(val).astype(np.float32) for key, val in out.items()}
+  res["index"] = np.full((k,), rid, np.int64)
+  return res
+
+
+class PartExamples(grain.transforms.RandomMap):
+  """grain RandomMap wrapper of `part_examples`."""
+
+  def __init__(self, **kwargs):
+    self.kwargs = kwargs
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    return part_examples(element, rng, **self.kwargs)
+
+
+def _flatten(batch: dict) -> dict:
+  """[E,k,...] -> [E*k,...] for every array."""
+  return {key: v.reshape((-1,) + v.shape[2:]) for key, v in batch.items()}
+
+
+def vae_records_dataset(data_dir: str, *, batch_size: int, num_points: int, num_near: int,
+                        num_volume: int, parts_per_element: int = 1, n_max: int = 32,
+                        seed: int = 0, shuffle: bool = True, num_epochs: Optional[int] = None,
+                        stored_near: Optional[int] = None,
+                        process_index: Optional[int] = None,
+                        process_count: Optional[int] = None) -> grain.MapDataset:
+  """MapDataset of VAE batches (batch_size examples = batch_size / parts_per_element
+  elements) from 'samples' shards; keys EXAMPLE_KEYS + 'index', leading axis batch_size.
+
+  stored_near defaults to the shard set's manifest (`stored_near_count`).
+  """
+  if batch_size % parts_per_element:
+    raise ValueError(f"batch_size={batch_size} must be a multiple of parts_per_element="
+                     f"{parts_per_element}")
+  if stored_near is None:
+    stored_near = stored_near_count(data_dir)
+  ds = loader.vae_dataset(data_dir, batch_size=0, n_max=n_max, seed=seed, shuffle=shuffle,
+                          num_epochs=num_epochs, process_index=process_index,
+                          process_count=process_count)
+  ds = ds.random_map(PartExamples(stored_near=stored_near, num_points=num_points,
+                                  num_near=num_near, num_volume=num_volume,
+                                  parts_per_element=parts_per_element), seed=seed + 2)
+  ds = ds.batch(batch_size // parts_per_element, drop_remainder=True)
+  return ds.map(_flatten)
