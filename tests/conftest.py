@@ -14,3 +14,30 @@ if "xla_force_host_platform_device_count" not in _flags:
 if "xla_backend_optimization_level" not in _flags:
   _flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = _flags.strip()
+
+import pytest  # noqa: E402  (after the environment is set)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+  """Factory: builds the procedural tiny split into small 'samples' shards, once per setting.
+
+  tiny_shards(num_shards=2, n_near=48, image_size=32, num_views=1) -> directory (str).
+  64 surface and 16 volume points per part; no previews.
+  """
+  from data_pipeline import make, sampling
+  built = {}
+
+  def build(num_shards=2, n_near=48, image_size=32, num_views=1):
+    key = (num_shards, n_near, image_size, num_views)
+    if key not in built:
+      cfg = make.BuildConfig(
+          sample=sampling.SampleConfig(n_surface=64, n_near=n_near, n_volume=16,
+                                       mesh_segments=16),
+          image_size=image_size, num_views=num_views, render_segments=12, num_previews=0)
+      out = str(tmp_path_factory.mktemp("shards"))
+      make.build("procedural:tiny", out, num_shards=num_shards, cfg=cfg, progress=False)
+      built[key] = out
+    return built[key]
+
+  return build

@@ -4,18 +4,12 @@ import os
 import numpy as np
 import pytest
 
-from data_pipeline import encode_latents, loader, make, records, sampling
-
-SMALL = make.BuildConfig(
-    sample=sampling.SampleConfig(n_surface=64, n_near=16, n_volume=16, mesh_segments=16),
-    image_size=24, num_views=1, render_segments=12, num_previews=0)
+from data_pipeline import encode_latents, loader, records
 
 
 @pytest.fixture(scope="module")
-def samples_dir(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("samples"))
-  make.build("procedural:tiny", out, num_shards=2, cfg=SMALL, progress=False)
-  return out
+def samples_dir(tiny_shards):
+  return tiny_shards(num_shards=2, n_near=16, image_size=24)
 
 
 def _fake_encode(pts, nrm):

@@ -2,18 +2,12 @@
 import numpy as np
 import pytest
 
-from data_pipeline import loader, make, records, sampling
-
-SMALL = make.BuildConfig(
-    sample=sampling.SampleConfig(n_surface=64, n_near=48, n_volume=16, mesh_segments=16),
-    image_size=32, num_views=2, render_segments=12, num_previews=0)
+from data_pipeline import loader, records
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("loader"))
-  make.build("procedural:tiny", out, num_shards=2, cfg=SMALL, progress=False)
-  return out
+def data_dir(tiny_shards):
+  return tiny_shards(num_shards=2, num_views=2)
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,10 @@ import numpy as np
 import pytest
 import trimesh
 
-from data_pipeline import make, primitives, sampling
+from data_pipeline import primitives
 from experiments import train_vae
 from experiments.configs.vae import get_config
 from moca_jax import sharding, train_lib
-
-SMALL = make.BuildConfig(
-    sample=sampling.SampleConfig(n_surface=64, n_near=48, n_volume=16, mesh_segments=16),
-    image_size=32, num_views=1, render_segments=12, num_previews=0)
 
 
 def _mesh1():
@@ -45,10 +41,8 @@ def _few_step_config(source="analytic", data_dir=""):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("vae_shards"))
-  make.build("procedural:tiny", out, num_shards=1, cfg=SMALL, progress=False)
-  return out
+def data_dir(tiny_shards):
+  return tiny_shards(num_shards=1)
 
 
 def _assert_trees_equal(a, b):

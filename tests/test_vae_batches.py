@@ -2,18 +2,12 @@
 import numpy as np
 import pytest
 
-from data_pipeline import loader, make, records, sampling, vae_batches
-
-SMALL = make.BuildConfig(
-    sample=sampling.SampleConfig(n_surface=64, n_near=48, n_volume=16, mesh_segments=16),
-    image_size=32, num_views=1, render_segments=12, num_previews=0)
+from data_pipeline import loader, records, vae_batches
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("vae_shards"))
-  make.build("procedural:tiny", out, num_shards=2, cfg=SMALL, progress=False)
-  return out
+def data_dir(tiny_shards):
+  return tiny_shards(num_shards=2)
 
 
 def _element(n_max=4, n_real=2, ns=10, n_near=6, n_vol=3, index=5):
