@@ -1,0 +1,178 @@
+"""File I/O shared by the library, the data pipeline and the entry points.
+
+- Atomic writes: every file this project writes goes through `atomic_path` (or the helpers
+  built on it), so a reader never sees a half-written file and a killed job leaves at most a
+  hidden temporary file, which `remove_stale_temps` deletes on the next run.
+- JSON reports: `write_json` serialises numpy scalars and arrays and can stamp the report
+  with the one-line host description of `moca_jax.machine`.
+- Images: `load_image` is the one function every image file passes through (generation,
+  evaluation, data renders); `load_mask` reads instance-id masks.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import uuid
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from moca_jax.machine import describe_host
+
+# Temporary files are hidden, in the destination's folder (so os.replace is atomic), and
+# carry the writer's pid so that a later run can tell a dead writer's leftovers.
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def temp_path_for(path: str) -> str:
+  """The hidden temporary name `atomic_path` writes before renaming onto `path`."""
+  d, base = os.path.split(os.path.abspath(os.fspath(path)))
+  return os.path.join(d, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, *, fsync: bool = True) -> Iterator[str]:
+  """Yields a temporary path to write `path`'s contents to; renames it onto `path` when the
+  block ends without an exception, deletes it otherwise. Creates parent folders.
+
+  The temporary file lives in the same folder, so the final `os.replace` is atomic on POSIX
+  file systems: readers see the old file or the new one, never a part of it.
+  """
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = temp_path_for(path)
+  try:
+    yield tmp
+    if fsync and os.path.isfile(tmp):
+      with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.lexists(tmp):
+      os.remove(tmp)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> str:
+  """Writes `data` to `path` atomically; returns `path`."""
+  with atomic_path(path) as tmp:
+    with open(tmp, "wb") as f:
+      f.write(data)
+  return os.fspath(path)
+
+
+def atomic_write_text(path: str, text: str) -> str:
+  """Writes UTF-8 `text` to `path` atomically; returns `path`."""
+  return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_default(o: Any) -> Any:
+  """`json.dumps(default=...)` for numpy scalars and arrays; TypeError for anything else."""
+  if isinstance(o, np.generic):
+    return o.item()
+  if isinstance(o, np.ndarray):
+    return o.tolist()
+  raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def to_json(obj: Any, *, indent: Optional[int] = 2) -> str:
+  """Deterministic JSON text (sorted keys, numpy-aware, trailing newline)."""
+  return json.dumps(obj, indent=indent, sort_keys=True, default=json_default) + "\n"
+
+
+def write_json(path: str, obj: Any, *, machine: bool = False, indent: Optional[int] = 2) -> str:
+  """Writes `obj` as JSON atomically. With `machine=True` and a dict, adds a "machine" field
+  holding `describe_host()` unless one is already there. Returns `path`."""
+  if machine and isinstance(obj, dict) and "machine" not in obj:
+    obj = {**obj, "machine": describe_host()}
+  return atomic_write_text(path, to_json(obj, indent=indent))
+
+
+def read_json(path: str) -> Any:
+  """Reads a JSON file; a missing file is FileNotFoundError and broken JSON a ValueError,
+  each naming the path."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def _pid_alive(pid: int) -> bool:
+  if pid == os.getpid():
+    return True
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def remove_stale_temps(directory: str, recursive: bool = False) -> list[str]:
+  """Deletes the temporary files `atomic_path` left in `directory` when their writer died
+  (killed mid-write); files of live writers are kept. Returns the paths removed."""
+  removed = []
+  if not os.path.isdir(directory):
+    return removed
+  walker = os.walk(directory) if recursive else [(directory, [], os.listdir(directory))]
+  for root, _, files in walker:
+    for name in files:
+      m = _TEMP_RE.match(name)
+      if m and not _pid_alive(int(m.group("pid"))):
+        p = os.path.join(root, name)
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(p)
+          removed.append(p)
+  return removed
+
+
+# ----------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------
+
+def load_image(path: str) -> np.ndarray:
+  """An image file -> uint8 [H, W, 3] (alpha composited on white).
+
+  Raises FileNotFoundError (missing) or ValueError (not a readable image), naming the path.
+  """
+  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such image file")
+  try:
+    with Image.open(path) as im:
+      im.load()
+      if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = np.asarray(im.convert("RGBA"), np.float32)
+        alpha = rgba[..., 3:] / 255.0
+        return np.round(rgba[..., :3] * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
+      return np.asarray(im.convert("RGB"), np.uint8)
+  except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    raise ValueError(f"{path}: not an image ({type(e).__name__}: {e})") from e
+
+
+def load_mask(path: str) -> np.ndarray:
+  """An instance-id image (0 background, i = instance i) -> uint8 [H, W].
+
+  Raises FileNotFoundError (missing) or ValueError (not a readable image), naming the path.
+  """
+  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such mask file")
+  try:
+    with Image.open(path) as im:
+      arr = np.asarray(im)
+  except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    raise ValueError(f"{path}: not a mask image ({type(e).__name__}: {e})") from e
+  if arr.ndim == 3:
+    arr = arr[..., 0]
+  return arr.astype(np.uint8)
