@@ -21,6 +21,7 @@ import trimesh
 from absl import app, flags
 
 from data_pipeline import loader, make, procedural
+from moca_jax import io as mio
 from moca_jax.machine import describe_host
 
 FLAGS = flags.FLAGS
@@ -44,7 +45,7 @@ def _write_user_meshes(directory: str, n: int):
     sc = trimesh.Scene()
     for j, p in enumerate(s.parts):
       sc.add_geometry(p.to_mesh(32), node_name=f"{p.name}_{j}", geom_name=f"{p.name}_{j}")
-    sc.export(os.path.join(directory, f"obj{i:03d}.glb"))
+    mio.atomic_write_bytes(os.path.join(directory, f"obj{i:03d}.glb"), sc.export(file_type="glb"))
 
 
 def _time_build(source, out, workers):
@@ -106,9 +107,8 @@ def main(argv):
   text = "\n".join(lines) + "\n"
   print(text)
   os.makedirs(FLAGS.out, exist_ok=True)
-  from data_pipeline import records  # pylint: disable=g-import-not-at-top
-  records.atomic_write_bytes(os.path.join(FLAGS.out, "data_pipeline.md"), text.encode())
-  records.atomic_write_json(os.path.join(FLAGS.out, "data_pipeline.json"), result)
+  mio.atomic_write_text(os.path.join(FLAGS.out, "data_pipeline.md"), text)
+  mio.write_json(os.path.join(FLAGS.out, "data_pipeline.json"), result, indent=1)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ One record = one object or scene, serialised with `numpy.savez_compressed` into 
 
 All geometry is in the item's normalised frame ([-1,1]^3, +y up); scene instances are in the
 scene's frame. Shards: `shard-IIIII-of-SSSSS.array_record` written with options
-'group_size:1' (random access) to a temporary name then renamed, each with a sidecar
+'group_size:1' (random access) to a hidden temporary name then renamed (moca_jax.io), each with a sidecar
 `shard-IIIII-of-SSSSS.json` (count, bytes, keys, skipped inputs); `manifest.json` merges them.
 """
 from __future__ import annotations
@@ -35,6 +35,8 @@ import os
 from typing import Dict, Iterable, List
 
 import numpy as np
+
+from moca_jax import io as mio
 
 SCHEMA_VERSION = 1
 SAMPLE_KEYS = ("surface_points", "surface_normals", "sdf_points", "sdf_values")
@@ -67,31 +69,31 @@ def shard_name(index: int, num_shards: int) -> str:
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  """Writes `data` to `path` atomically (moca_jax.io.atomic_write_bytes)."""
+  mio.atomic_write_bytes(path, data)
 
 
 def atomic_write_json(path: str, obj) -> None:
-  atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+  """Writes `obj` as sorted JSON (indent 1) atomically (moca_jax.io.write_json)."""
+  mio.write_json(path, obj, indent=1)
 
 
 def write_shard(path: str, records: Iterable[bytes]) -> int:
-  """Writes records to an ArrayRecord file atomically; returns the number written."""
+  """Writes records to an ArrayRecord file atomically; returns the number written.
+
+  The records go to a hidden temporary file beside `path` (moca_jax.io.atomic_path), renamed
+  onto `path` only when every record is written: a failure leaves no partial shard.
+  """
   from array_record.python.array_record_module import ArrayRecordWriter
-  tmp = f"{path}.tmp-{os.getpid()}"
-  w = ArrayRecordWriter(tmp, "group_size:1")
   n = 0
-  try:
-    for r in records:
-      w.write(r)
-      n += 1
-  finally:
-    w.close()
-  os.replace(tmp, path)
+  with mio.atomic_path(path) as tmp:
+    w = ArrayRecordWriter(tmp, "group_size:1")
+    try:
+      for r in records:
+        w.write(r)
+        n += 1
+    finally:
+      w.close()
   return n
 
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 from typing import List, Optional, Sequence
 
 import numpy as np
 import trimesh
 from PIL import Image
+
+from moca_jax import io as mio
 
 ISO_ELEVATION = float(np.degrees(np.arctan(1.0 / np.sqrt(2.0))))  # 35.26 deg
 
@@ -182,8 +183,5 @@ def png_bytes(rgb: np.ndarray) -> bytes:
 
 
 def save_png(path: str, rgb: np.ndarray) -> None:
-  """Writes an RGB (or grey) uint8 image atomically."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(png_bytes(rgb))
-  os.replace(tmp, path)
+  """Writes an RGB (or grey) uint8 image atomically (moca_jax.io)."""
+  mio.atomic_write_bytes(path, png_bytes(rgb))

@@ -30,6 +30,8 @@ import time
 import traceback
 from typing import Callable, Dict, List, Optional, Sequence
 
+from moca_jax import io as mio
+
 # Variant name -> (overrides of config.model.dit, Table 3 switches). Switch columns follow
 # the paper: Routing | Compressed | Gate on | Activation | Load balance | Multi-head.
 VARIANTS: Dict[str, dict] = {
@@ -195,13 +197,6 @@ def make_generation_eval_fn(split: str = 'test_tiny', limit: Optional[int] = Non
   return eval_fn
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def run_ablations(base_config, workdir: str, variants: Sequence[str] = DEFAULT_ORDER,
                   train_fn: Optional[Callable] = None, eval_fn: Optional[Callable] = None,
                   train_keys: Optional[Sequence[str]] = None) -> dict:
@@ -241,7 +236,7 @@ def run_ablations(base_config, workdir: str, variants: Sequence[str] = DEFAULT_O
       else:
         r['train'] = _scalar_items(train_fn(cfg, vdir))
         r['seconds_train'] = time.time() - t0
-        _atomic_write_text(trained, json.dumps(r['train'], indent=1) + '\n')
+        mio.atomic_write_text(trained, json.dumps(r['train'], indent=1) + '\n')
     except Exception as e:  # pylint: disable=broad-except
       r['error'] = f'{type(e).__name__}: {e}'
       traceback.print_exc(file=sys.stderr)
@@ -254,7 +249,7 @@ def run_ablations(base_config, workdir: str, variants: Sequence[str] = DEFAULT_O
         traceback.print_exc(file=sys.stderr)
     r['seconds_total'] = time.time() - t0
     if r['error'] is None and r['eval_error'] is None:
-      _atomic_write_text(done, json.dumps(r, indent=1) + '\n')
+      mio.atomic_write_text(done, json.dumps(r, indent=1) + '\n')
     results[v] = r
   if train_keys is None:
     keys = []
@@ -265,9 +260,9 @@ def run_ablations(base_config, workdir: str, variants: Sequence[str] = DEFAULT_O
   header = (f'# Ablations (paper Table 3) at size {base_config.get("size", "?")}\n\n'
             f'Same config, data, steps ({base_config.get("num_steps", "?")}) and seed '
             f'({base_config.get("seed", "?")}) for every variant.\n\n')
-  _atomic_write_text(os.path.join(workdir, 'table3.md'), header + table)
+  mio.atomic_write_text(os.path.join(workdir, 'table3.md'), header + table)
   doc = {'base_config': json.loads(base_config.to_json_best_effort()), 'results': results}
-  _atomic_write_text(os.path.join(workdir, 'ablations.json'), json.dumps(doc, indent=1) + '\n')
+  mio.atomic_write_text(os.path.join(workdir, 'ablations.json'), json.dumps(doc, indent=1) + '\n')
   return {'results': results, 'table': header + table}
 
 

@@ -29,7 +29,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Optional
 
@@ -40,6 +39,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from flax.core import meta  # noqa: E402
+from moca_jax import io as mio  # noqa: E402
 from moca_jax import moc  # noqa: E402
 from moca_jax.dit import CompositionalDiT, DiTBlock, DiTSpec, _defaults  # noqa: E402
 
@@ -451,11 +451,8 @@ def job_key(kind, seq_len, n, mode):
 # ----------------------------------------------------------------------------------------
 
 def write_atomic(path, text):
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp_")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  """Writes `text` to `path` atomically (moca_jax.io)."""
+  mio.atomic_write_text(path, text)
 
 
 TARGETS = (  # (name, N, field, comparison, value): the issue's targets on one H100

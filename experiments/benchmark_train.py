@@ -29,6 +29,8 @@ import sys
 import time
 from typing import Optional
 
+from moca_jax import io as mio  # numpy only: jax is imported later, per job
+
 # Batch per size so that B * N is constant across N (same number of component tokens).
 COMPONENT_BUDGET = {"tiny": 8, "small": 128, "paper": 32}
 
@@ -241,12 +243,8 @@ def _device_name() -> str:
 
 
 def _write(out_dir: str, name: str, payload: dict) -> None:
-  os.makedirs(out_dir, exist_ok=True)
   base = os.path.join(out_dir, name)
-  tmp = base + ".json.tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2)
-  os.replace(tmp, base + ".json")
+  mio.write_json(base + ".json", payload)
   lines = [f"# DiT training-step benchmark ({payload['device']})", "",
            f"Host: {payload['host']}; jax {payload['jax']}; measured bf16 matmul peak "
            f"{payload.get('matmul_peak_tflops', 0):.0f} TFLOP/s. Step = the full train step "
@@ -294,9 +292,7 @@ def _write(out_dir: str, name: str, payload: dict) -> None:
     lines.append("\nNot run (time budget): " + ", ".join(payload["skipped"]))
   if payload.get("notes"):
     lines += ["", "## Notes", ""] + [f"- {note}" for note in payload["notes"]]
-  with open(base + ".md.tmp", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  os.replace(base + ".md.tmp", base + ".md")
+  mio.atomic_write_text(base + ".md", "\n".join(lines) + "\n")
   print("\n".join(lines), flush=True)
 
 

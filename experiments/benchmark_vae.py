@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moca_jax import extract
+from moca_jax import io as mio
 from moca_jax.fps import farthest_point_sampling
 from moca_jax.vae import VecSetVAE, count_params, init_vae, vae_config
 
@@ -166,9 +167,7 @@ def write_results(res: dict, stem: str):
   if stem.with_suffix(".json").exists():
     old = json.loads(stem.with_suffix(".json").read_text())
   old[key] = res  # one entry per (backend, size): CPU and GPU runs share the files
-  tmp = stem.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(old, indent=2) + "\n")
-  os.replace(tmp, stem.with_suffix(".json"))
+  mio.atomic_write_text(stem.with_suffix(".json"), json.dumps(old, indent=2) + "\n")
   lines = ["# VAE benchmark", "",
            "Written by `experiments/benchmark_vae.py`; medians after a warm-up (compilation",
            "excluded); random parameters. Extraction field: |x| - 0.5 + 0.01 * decoder output",
@@ -187,9 +186,7 @@ def write_results(res: dict, stem: str):
       lines.append(f"| {row['name']} | {row['seconds'] * 1e3:.2f} ms | "
                    f"{row['throughput']:.4g} {row['unit']} | {row['note']} |")
     lines.append("")
-  tmp = stem.with_suffix(".md.tmp")
-  tmp.write_text("\n".join(lines))
-  os.replace(tmp, stem.with_suffix(".md"))
+  mio.atomic_write_text(stem.with_suffix(".md"), "\n".join(lines))
 
 
 def main(argv):

@@ -42,7 +42,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -50,9 +49,10 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import numpy as np
 import trimesh
 
+from moca_jax import io as mio
 from moca_jax import metrics as M
-from moca_jax.machine import describe_host
 from moca_jax import viz
+from moca_jax.machine import describe_host
 
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg')
 
@@ -126,18 +126,6 @@ def items_from_split(split: str, kind: str = 'object', limit: Optional[int] = No
     yield EvalItem(name=it.key, kind=kind, gt_parts=parts, image=rgb, masks=masks, view=view)
 
 
-def _load_image(path: str) -> np.ndarray:
-  """An image file as uint8 [H,W,3], transparency composited onto white."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  try:
-    with Image.open(path) as im:
-      arr = np.asarray(im.convert('RGBA')).astype(np.float32)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f'{path}: cannot be read as an image ({type(e).__name__}: {e})') from e
-  a = arr[..., 3:4] / 255.0
-  return (arr[..., :3] * a + 255.0 * (1 - a)).round().astype(np.uint8)
-
-
 def _companion(path: str, suffixes: Sequence[str]) -> Optional[str]:
   """NAME.ext -> NAME<suffix> if it exists; a folder -> folder/render<suffix>."""
   stem = os.path.join(path, 'render') if os.path.isdir(path) else os.path.splitext(path)[0]
@@ -169,7 +157,7 @@ def items_from_glb_dir(folder: str, kind: str = 'object', limit: Optional[int] =
     try:
       parts = list(ingest.load_object(path, cfg).parts)
       img_path = _companion(path, IMAGE_EXTS)
-      image = _load_image(img_path) if img_path else None
+      image = mio.load_image(img_path) if img_path else None
       masks = None
       mask_path = _companion(path, ('.masks.npy',))
       if kind == 'scene' and mask_path:
@@ -379,27 +367,6 @@ def machine_description() -> str:
   return describe_host()
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix='.' + os.path.basename(path) + '.')
-  try:
-    with os.fdopen(fd, 'w') as f:
-      f.write(text)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def _json_default(o):
-  if isinstance(o, np.generic):
-    return o.item()
-  if isinstance(o, np.ndarray):
-    return o.tolist()
-  raise TypeError(f'not JSON serialisable: {type(o).__name__}')
-
-
 def write_report(out_dir: str, result: dict, kind: str, method: str = 'moca-jax',
                  meta: Optional[dict] = None, grid_png: bool = True,
                  tensorboard: bool = True) -> Dict[str, str]:
@@ -415,7 +382,7 @@ def write_report(out_dir: str, result: dict, kind: str, method: str = 'moca-jax'
   doc = {'method': method, 'kind': kind, 'meta': meta, 'mean': result['mean'],
          'rows': result['rows'], 'skipped': result['skipped']}
   p = os.path.join(out_dir, 'metrics.json')
-  _atomic_write_text(p, json.dumps(doc, indent=1, default=_json_default) + '\n')
+  mio.write_json(p, doc, indent=1)
   written['json'] = p
   table = (table1_markdown({method: result['mean']}) if kind == 'object'
            else table2_markdown({method: result['mean']}))
@@ -430,7 +397,7 @@ def write_report(out_dir: str, result: dict, kind: str, method: str = 'moca-jax'
   if result['skipped']:
     lines += ['## Skipped', ''] + [f"- {s['name']}: {s['reason']}" for s in result['skipped']]
   p = os.path.join(out_dir, 'table.md')
-  _atomic_write_text(p, '\n'.join(lines) + '\n')
+  mio.atomic_write_text(p, '\n'.join(lines) + '\n')
   written['markdown'] = p
   if grid_png and result['grid']:
     written['grid'] = viz.mesh_grid_png(result['grid'], os.path.join(out_dir, 'grid.png'),
@@ -544,7 +511,7 @@ def write_nn_benchmark(rows: List[dict], out_dir: str = 'experiments/results') -
   meta = {'machine': machine, 'jax': jax.__version__, 'jax_backend': jax.default_backend(),
           'scipy': scipy.__version__,
           'date_utc': time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}
-  _atomic_write_text(os.path.join(out_dir, 'nn_benchmark.json'),
+  mio.atomic_write_text(os.path.join(out_dir, 'nn_benchmark.json'),
                      json.dumps({'meta': meta, 'rows': rows}, indent=1) + '\n')
   lines = ['# Nearest-neighbour search for Chamfer / F-score: scipy cKDTree vs chunked JAX', '',
            f"Machine: {machine}; jax {meta['jax']} ({meta['jax_backend']}), scipy "
@@ -559,7 +526,7 @@ def write_nn_benchmark(rows: List[dict], out_dir: str = 'experiments/results') -
     lines.append(f"| {r['points']} | {r['backend']} | {r['median_s']:.3f} | {r['runs']} | "
                  f"{r['compile_s']:.2f} | {r['max_abs_diff']:.1e} | "
                  f"{r.get('load_avg_1min', float('nan')):.1f} |")
-  _atomic_write_text(os.path.join(out_dir, 'nn_benchmark.md'), '\n'.join(lines) + '\n')
+  mio.atomic_write_text(os.path.join(out_dir, 'nn_benchmark.md'), '\n'.join(lines) + '\n')
 
 
 # ---------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from moca_jax import io as mio  # noqa: E402
 from moca_jax import moc  # noqa: E402
 
 
@@ -90,12 +91,9 @@ def main(argv=None):
         r = next((r for r in report["rows"] if (r["n"], r["job"], r["chunk"]) == (n, job, c)), None)
         cells.append("-" if r is None else f"{r['total_gib']:.1f}")
       lines.append(f"| {n} | {job} | " + " | ".join(cells) + " |")
-  os.makedirs(a.out, exist_ok=True)
   base = os.path.join(a.out, "moc_chunk_memory")
-  for ext, text in ((".json", json.dumps(report, indent=1)), (".md", "\n".join(lines) + "\n")):
-    with open(base + ext + ".tmp", "w") as f:
-      f.write(text)
-    os.replace(base + ext + ".tmp", base + ext)
+  mio.write_json(base + ".json", report, indent=1)
+  mio.atomic_write_text(base + ".md", "\n".join(lines) + "\n")
   print("\n".join(lines))
 
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import io as _io
 import json
 import os
 import re
@@ -132,6 +133,44 @@ def remove_stale_temps(directory: str, recursive: bool = False) -> list[str]:
           os.remove(p)
           removed.append(p)
   return removed
+
+
+def write_npy(path: str, array: Any) -> str:
+  """Writes one array as a `.npy` file (numpy's format, no pickle) atomically; returns `path`."""
+  buf = _io.BytesIO()
+  np.save(buf, np.asarray(array), allow_pickle=False)
+  return atomic_write_bytes(path, buf.getvalue())
+
+
+def write_png(path: str, image: Any) -> str:
+  """Writes a uint8 image [H, W], [H, W, 3] or [H, W, 4] as PNG atomically; returns `path`.
+
+  Raises ValueError naming `path` for another dtype or shape.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  arr = np.asarray(image)
+  if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and
+                                                          arr.shape[-1] not in (1, 3, 4)):
+    raise ValueError(f"{path}: expected a uint8 image [H, W(, 1|3|4)], got {arr.dtype} "
+                     f"{arr.shape}")
+  if arr.ndim == 3 and arr.shape[-1] == 1:
+    arr = arr[..., 0]
+  buf = _io.BytesIO()
+  Image.fromarray(arr).save(buf, format="PNG")
+  return atomic_write_bytes(path, buf.getvalue())
+
+
+def save_figure(fig: Any, path: str, **savefig_kwargs: Any) -> str:
+  """Writes a matplotlib figure atomically (format from the suffix of `path`, e.g. PNG) and
+  closes it, also when saving fails; returns `path`."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fmt = savefig_kwargs.pop("format", None) or os.path.splitext(os.fspath(path))[1][1:] or "png"
+  try:
+    with atomic_path(path) as tmp:
+      fig.savefig(tmp, format=fmt, **savefig_kwargs)
+  finally:
+    plt.close(fig)
+  return os.fspath(path)
 
 
 # ----------------------------------------------------------------------------------------

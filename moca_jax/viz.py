@@ -13,7 +13,7 @@
   mesh_grid_png(rows, path, ...)
       one row per sample: input image | generated parts in colour | ground truth.
 
-Every writer is atomic (temp file then os.replace) and returns the path. Image sizes are
+Every writer is atomic (moca_jax.io.save_figure) and returns the path. Image sizes are
 fixed by the arguments (no tight bounding boxes), so the pixel size of each file is known.
 """
 from __future__ import annotations
@@ -30,6 +30,8 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import trimesh  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from moca_jax import io as mio  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 DPI = 100
 _PALETTE = np.asarray(plt.get_cmap('tab20').colors)[[0, 2, 4, 6, 8, 10, 12, 14, 16, 18,
                                                      1, 3, 5, 7, 9, 11, 13, 15, 17, 19]]
@@ -42,19 +44,8 @@ def part_colour(i: int) -> np.ndarray:
 
 
 def _save_figure(fig, path: str) -> str:
-  """Writes a matplotlib figure as PNG atomically and closes it."""
-  path = os.fspath(path)
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  tmp = os.path.join(d, f'.{os.path.basename(path)}.tmp{os.getpid()}')
-  try:
-    fig.savefig(tmp, format='png', dpi=DPI)
-    os.replace(tmp, path)
-  finally:
-    plt.close(fig)
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return path
+  """Writes a matplotlib figure as PNG atomically (moca_jax.io) and closes it."""
+  return mio.save_figure(fig, path, format="png", dpi=DPI)
 
 
 # ---------------------------------------------------------------------------------------
