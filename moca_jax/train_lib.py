@@ -1,4 +1,4 @@
-"""Training machinery shared by the DiT and VAE trainers.
+"""The training loop shared by the DiT and VAE tasks (moca_jax.dit_task, moca_jax.vae_task).
 
 Top to bottom:
   optimizer     AdamW (warmup -> constant | cosine), global-norm clipping, weight-decay mask
@@ -9,33 +9,30 @@ Top to bottom:
   train_step    a pure module-level function; `compile_train_step` jits it with in/out
                 shardings and a donated state and compiles it ahead of the loop, logging
                 XLA's memory analysis
-  checkpoints   orbax CheckpointManager, one Composite per step with items
-                'state' (step, params, opt_state), 'ema', 'data' (iterator state, JSON),
-                'config' (JSON); async, every K steps, keep N; restore onto abstract sharded
-                targets
-  loop          `run_training`: progress bar, TensorBoard metrics, non-finite-loss guard
-                (names the step and the batch), resume from the latest checkpoint.
-                Multi-process ready: batches enter through `sharding.shard_batch`
+  loop          `run_training`: resume check and config.json (moca_jax.checkpointing),
+                progress bar, TensorBoard metrics, non-finite guard (names the step and the
+                batch; a step's loss and the params are checked before its checkpoint is
+                written, so nothing non-finite is ever saved), resume from the latest
+                checkpoint. Multi-process ready: batches enter through `sharding.shard_batch`
                 (make_array_from_process_local_data), only process 0 writes events; the
-                caller runs `jax.distributed.initialize()` first (train_dit does when
+                caller runs `jax.distributed.initialize()` first (dit_task does when
                 config.distributed is set).
-  DiT task      `ImageConditionedDiT` (image encoder + compositional DiT), its flow loss,
-                router statistics and the sampler used by generation.
+Checkpoints (orbax, the stored config and its comparison on resume) are in
+moca_jax.checkpointing.
 
-A task is two functions: `init_fn(rng, batch) -> variables` (flax init, params boxed with
-logical names) and `loss_fn(params, batch, rng) -> (loss, metrics)`. Every random draw of a
-step comes from fold_in(seed key, step), so a resumed run replays the same randomness.
+A task is `Task(model, init_fn, loss_fn)`: `init_fn(rng, batch) -> variables` (flax init,
+params boxed with logical names) and `loss_fn(params, batch, rng) -> (loss, metrics)`. Every
+random draw of a step comes from fold_in(seed key, step), so a resumed run replays the same
+randomness.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
-import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax
 import flax.linen as nn
@@ -44,14 +41,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
-from moca_jax import flow, sharding
+from moca_jax import checkpointing, sharding
 
 Array = jax.Array
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree, Array], tuple[Array, dict]]
 InitFn = Callable[[Array, PyTree], PyTree]
+
+
+class Task(NamedTuple):
+  """A model task for `run_training` (see the module docstring)."""
+  model: Any
+  init_fn: InitFn
+  loss_fn: LossFn
 
 log = logging.getLogger(__name__)
 
@@ -257,151 +260,6 @@ def compile_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
 
 
 # ----------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------
-
-ITEMS = ("state", "ema", "data", "config")
-
-
-def _encode_data_state(state: Any) -> dict:
-  if state is None:
-    return {"kind": "none"}
-  if isinstance(state, bytes):
-    return {"kind": "bytes", "value": state.decode("utf-8")}
-  return {"kind": "json", "value": state}
-
-
-def _decode_data_state(payload: dict) -> Any:
-  kind = payload.get("kind")
-  if kind == "bytes":
-    return payload["value"].encode("utf-8")
-  if kind == "json":
-    return payload["value"]
-  return None
-
-
-def config_to_json(config: ml_collections.ConfigDict) -> dict:
-  """A JSON-safe dict of the config (tuples become lists)."""
-  return json.loads(config.to_json_best_effort())
-
-
-class Checkpointer:
-  """Orbax CheckpointManager with the Composite items 'state', 'ema', 'data', 'config'.
-
-  Saves every `save_every` steps (plus forced saves), keeps the last `keep`, asynchronously.
-  Call `wait()` (or `close()`) before exiting.
-  """
-
-  def __init__(self, directory: str, save_every: int = 1000, keep: int = 3,
-               async_save: bool = True):
-    self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=max(save_every, 1),
-        enable_async_checkpointing=async_save, create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
-
-  def latest_step(self) -> Optional[int]:
-    return self.manager.latest_step()
-
-  def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
-
-  def save(self, step: int, state: TrainState, data_state: Any, config: ml_collections.ConfigDict,
-           force: bool = False) -> bool:
-    core = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(core),
-        ema=ocp.args.StandardSave(state.ema_params),
-        data=ocp.args.JsonSave(_encode_data_state(data_state)),
-        config=ocp.args.JsonSave(config_to_json(config))), force=force)
-
-  def restore(self, step: Optional[int], abstract_state: TrainState
-              ) -> tuple[TrainState, Any, dict]:
-    """Restores onto `abstract_state` (ShapeDtypeStructs with shardings).
-
-    Returns (state, data iterator state, config dict).
-    """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    a = abstract_state
-    core_abs = {"step": a.step, "params": a.params, "opt_state": a.opt_state}
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(core_abs),
-        ema=ocp.args.StandardRestore(a.ema_params),
-        data=ocp.args.JsonRestore(),
-        config=ocp.args.JsonRestore()))
-    core = out["state"]
-    state = TrainState(step=core["step"], params=core["params"], opt_state=core["opt_state"],
-                       ema_params=out["ema"])
-    return state, _decode_data_state(out["data"]), out["config"]
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
-
-
-def read_checkpoint_config(directory: str, step: Optional[int] = None) -> tuple[dict, int]:
-  """The config dict stored with a checkpoint (latest step by default).
-
-  Raises FileNotFoundError (missing dir / no checkpoint) or ValueError (unreadable).
-  """
-  directory = os.path.abspath(directory)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"checkpoint directory does not exist: {directory}")
-  manager = ocp.CheckpointManager(directory, item_names=ITEMS,
-                                  options=ocp.CheckpointManagerOptions(create=False))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint steps in {directory}")
-  try:
-    cfg = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  except Exception as e:
-    raise ValueError(f"corrupt or unreadable checkpoint config in {directory} step {step}: "
-                     f"{type(e).__name__}: {e}") from e
-  finally:
-    manager.close()
-  return cfg, step
-
-
-def restore_params(directory: str, abstract_params: PyTree, step: Optional[int] = None,
-                   item: str = "ema") -> PyTree:
-  """Restores only the params ('ema' or the raw 'state' params) onto `abstract_params`.
-
-  Raises FileNotFoundError / ValueError with the path on a missing or corrupt checkpoint.
-  """
-  directory = os.path.abspath(directory)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"checkpoint directory does not exist: {directory}")
-  manager = ocp.CheckpointManager(directory, item_names=ITEMS,
-                                  options=ocp.CheckpointManagerOptions(create=False))
-  try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint steps in {directory}")
-    if item == "ema":
-      args = ocp.args.Composite(ema=ocp.args.StandardRestore(abstract_params))
-      return manager.restore(step, args=args)["ema"]
-    # Restore the 'state' item partially: params only.
-    path = os.path.join(directory, str(step), "state")
-    ckptr = ocp.PyTreeCheckpointer()
-    restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-        {"params": abstract_params}, restore_args=ocp.checkpoint_utils.construct_restore_args(
-            {"params": abstract_params}), partial_restore=True))
-    return restored["params"]
-  except FileNotFoundError:
-    raise
-  except Exception as e:
-    raise ValueError(f"corrupt or incompatible checkpoint in {directory} step {step}: "
-                     f"{type(e).__name__}: {e}") from e
-  finally:
-    manager.close()
-
-
-# ----------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------
 
@@ -410,7 +268,15 @@ def _iterator_state(it) -> Any:
 
 
 class NonFiniteLossError(FloatingPointError):
-  """Raised when a step produces a NaN/inf loss."""
+  """Raised when a step produces a NaN/inf loss (or non-finite parameters)."""
+
+
+@jax.jit
+def all_finite(*trees: PyTree) -> Array:
+  """bool scalar: every floating-point leaf of `trees` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def _scalar_metrics(metrics: dict) -> dict[str, float]:
@@ -459,6 +325,8 @@ def run_training(*, config: ml_collections.ConfigDict, workdir: str, init_fn: In
   from tensorboardX import SummaryWriter  # local: keep the library importable without it
   from tqdm.auto import tqdm
 
+  os.makedirs(workdir, exist_ok=True)
+  checkpointing.prepare_workdir(workdir, config)  # resume check before anything is written
   num_steps = config.num_steps if num_steps is None else num_steps
   mesh = mesh or sharding.make_mesh(config.mesh.get("data", -1), config.mesh.get("fsdp", 1))
   sharding.check_batch_divisible(config.batch_size, mesh)
@@ -480,8 +348,9 @@ def run_training(*, config: ml_collections.ConfigDict, workdir: str, init_fn: In
   state, setup = create_train_state(init_fn, tx, batch_spec, init_rng, mesh)
   log.info("parameters: %d", count_params(state.params))
 
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every,
-                      config.checkpoint.keep, config.checkpoint.get("async_save", True))
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    config.checkpoint.every, config.checkpoint.keep,
+                                    config.checkpoint.get("async_save", True))
   latest = ckpt.latest_step()
   if latest is not None:
     state, data_state, _ = ckpt.restore(latest, setup.abstract_state)
@@ -533,6 +402,13 @@ def run_training(*, config: ml_collections.ConfigDict, workdir: str, init_fn: In
       bar.update(1)
       done = step_i + 1
       if done % config.checkpoint.every == 0 or done == num_steps:
+        # Nothing non-finite is ever saved: this step's loss is checked first (it raises
+        # naming the step and the batch), then the params themselves.
+        finish(pending)
+        pending = None
+        if not bool(all_finite(state.params, state.ema_params)):
+          raise NonFiniteLossError(f"non-finite parameters after step {step_i} (batch "
+                                   f"{bid if bid is not None else step_i - start}); not saved")
         ckpt.save(done, state, _iterator_state(iterator), config, force=done == num_steps)
     if pending is not None:
       finish(pending)
@@ -542,177 +418,3 @@ def run_training(*, config: ml_collections.ConfigDict, workdir: str, init_fn: In
     if writer is not None:
       writer.close()
   return LoopResult(state=state, history=history, batch_log=batch_log, memory=mem)
-
-
-# ----------------------------------------------------------------------------------------
-# DiT task: image encoder + compositional DiT trained with rectified flow
-# ----------------------------------------------------------------------------------------
-
-class ImageConditionedDiT(nn.Module):
-  """Image encoder + `CompositionalDiT` (moca_jax.dit).
-
-  config: ConfigDict with `encoder` (see `image_encoder.encoder_config`) and `dit`
-  (see `dit.dit_config`); dit.cond_dim must equal encoder.width.
-  """
-  config: Any
-
-  def setup(self):
-    from moca_jax.dit import CompositionalDiT
-    from moca_jax.image_encoder import ImageEncoder
-    if self.config.dit.cond_dim != self.config.encoder.width:
-      raise ValueError(f"dit.cond_dim={self.config.dit.cond_dim} must equal encoder.width="
-                       f"{self.config.encoder.width}")
-    self.encoder = ImageEncoder(self.config.encoder)
-    self.dit = CompositionalDiT(config=self.config.dit)
-
-  def encode(self, images: Array) -> Array:
-    """Preprocessed images -> condition tokens.
-
-    images: [B, S, S, C] (object mode, shared by all components) -> [B, T, Dc], or
-    [B, N, S, S, C] (scene mode, one input per component) -> [B, N, T, Dc].
-    """
-    if images.ndim == 5:
-      b, n = images.shape[:2]
-      tokens = self.encoder(images.reshape(b * n, *images.shape[2:]))
-      return tokens.reshape(b, n, *tokens.shape[1:])
-    return self.encoder(images)
-
-  def velocity(self, x_t: Array, t: Array, cond: Array, component_mask: Optional[Array],
-               ids: Optional[Array] = None, *, train: bool, return_routing: bool = False):
-    """See `CompositionalDiT.__call__`."""
-    return self.dit(x_t, t, cond, component_mask, ids, train=train,
-                    return_routing=return_routing)
-
-  def __call__(self, images: Array, x_t: Array, t: Array, component_mask: Array):
-    """Used for init only: encode + velocity (eval mode)."""
-    return self.velocity(x_t, t, self.encode(images), component_mask, train=False)
-
-
-def prepare_images(images: Array, encoder_cfg) -> Array:
-  """uint8 images [B, H, W, C] or [B, N, H, W, C] -> preprocessed float32 for the encoder."""
-  from moca_jax.image_encoder import preprocess
-  if images.ndim == 5:
-    b, n = images.shape[:2]
-    out = preprocess(images.reshape(b * n, *images.shape[2:]), encoder_cfg.image_size,
-                     encoder_cfg.in_channels)
-    return out.reshape(b, n, *out.shape[1:])
-  return preprocess(images, encoder_cfg.image_size, encoder_cfg.in_channels)
-
-
-def router_statistics(importances: Array, selections: Array, component_mask: Array
-                      ) -> dict[str, Array]:
-  """Load-balance statistics of MoC routing.
-
-  Args:
-    importances: [B, G, H, N, N] router importances s_ij (0 on the diagonal and padding).
-    selections: [B, G, H, N, k] indices j selected at full resolution for query i.
-    component_mask: [B, N].
-  Returns:
-    'router/selection_freq' [N]: fraction of all selections (over real queries, heads and
-      blocks) that picked component slot j (sums to 1);
-    'router/selection_max_over_uniform': max_j freq_j * (mean number of real components),
-      1 for perfectly balanced routing in a batch of equal sizes;
-    'router/importance_entropy': entropy of s_ij / sum_j s_ij over the real j != i,
-      divided by log(n_real - 1) (1 = uniform), averaged over real queries with n_real > 2.
-  """
-  b, g, h, n, k = selections.shape
-  maskf = component_mask.astype(jnp.float32)
-  q_real = jnp.broadcast_to(maskf[:, None, None, :, None], selections.shape)
-  onehot = jax.nn.one_hot(selections, n, dtype=jnp.float32) * q_real[..., None]
-  counts = jnp.sum(onehot, axis=(0, 1, 2, 3, 4))                            # [N]
-  freq = counts / jnp.maximum(jnp.sum(counts), 1.0)
-  n_real = jnp.sum(maskf, axis=1)                                           # [B]
-  p = importances / jnp.maximum(jnp.sum(importances, axis=-1, keepdims=True), 1e-12)
-  ent = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0), axis=-1)
-  norm = jnp.log(jnp.maximum(n_real - 1.0, 2.0))[:, None, None, None]
-  ent = ent / norm                                                          # [B, G, H, N]
-  valid = (maskf[:, None, None, :] * (n_real > 2)[:, None, None, None]) * jnp.ones_like(ent)
-  mean_ent = jnp.sum(ent * valid) / jnp.maximum(jnp.sum(valid), 1.0)
-  return {"router/selection_freq": freq,
-          "router/selection_max_over_uniform": jnp.max(freq) * jnp.mean(n_real),
-          "router/importance_entropy": mean_ent}
-
-
-def make_dit_task(config: ml_collections.ConfigDict):
-  """(model, init_fn, loss_fn) for the image-conditioned DiT.
-
-  Batch (host numpy, leading axis = global batch B):
-    latents         f32 [B, N, L, C]   clean component latents (padding rows arbitrary)
-    component_mask  bool [B, N]
-    images          uint8 [B, H, W, 3] (objects) or [B, N, H, W, 7] (scenes)
-  Config: model.encoder, model.dit, flow.{cfg_dropout, t_mean, t_std, t_shift}.
-  The loss uses rng streams noise (t, eps), cfg (condition dropout), ids, routing.
-  """
-  model = ImageConditionedDiT(config.model)
-  fcfg = config.flow
-
-  def init_fn(rng, batch):
-    images = prepare_images(batch["images"], config.model.encoder)
-    x = batch["latents"]
-    return model.init(rng, images, x, jnp.full((x.shape[0],), 0.5), batch["component_mask"])
-
-  def loss_fn(params, batch, rng):
-    noise_rng, cfg_rng, ids_rng, routing_rng = jax.random.split(rng, 4)
-    variables = {"params": params}
-    mask = batch["component_mask"]
-    cond = model.apply(variables, prepare_images(batch["images"], config.model.encoder),
-                       method=ImageConditionedDiT.encode)
-    routing = {}
-
-    def velocity_fn(x_t, t, c):
-      v, aux = model.apply(variables, x_t, t, c, mask, train=True, return_routing=True,
-                           rngs={"ids": ids_rng, "routing": routing_rng},
-                           method=ImageConditionedDiT.velocity)
-      routing.update(aux)
-      return v
-
-    loss, faux = flow.flow_loss(velocity_fn, batch["latents"].astype(jnp.float32), cond, mask,
-                                noise_rng=noise_rng, cfg_rng=cfg_rng,
-                                cfg_dropout=fcfg.cfg_dropout, t_mean=fcfg.t_mean,
-                                t_std=fcfg.t_std, t_shift=fcfg.t_shift)
-    metrics = {"t_mean": jnp.mean(faux["t"]),
-               "cond_kept": jnp.mean(faux["cond_kept"].astype(jnp.float32)),
-               "components": jnp.mean(jnp.sum(mask.astype(jnp.float32), axis=1))}
-    if routing and routing["selections"].shape[1] > 0:
-      metrics.update(router_statistics(routing["importances"], routing["selections"], mask))
-    return loss, metrics
-
-  return model, init_fn, loss_fn
-
-
-def dit_sample(model: ImageConditionedDiT, params: PyTree, images: Array, rng: Array, *,
-               num_components: int, component_mask: Optional[Array] = None, steps: int = 50,
-               cfg_scale: Optional[float] = 7.0, method: str = "euler",
-               time_shift: float = 1.0, return_routing: bool = True):
-  """Generates component latents for preprocessed images (jit this whole function with
-  `steps`, `num_components`, `method`, `return_routing` static).
-
-  Args:
-    images: preprocessed [B, S, S, C] (objects) or [B, N, S, S, C] (scenes).
-    component_mask: [B, N] bool (default all True).
-  Returns:
-    (latents [B, N, L, C], routing) where routing is the DiT aux {'importances'
-    [B, G, H, N, N], 'selections' [B, G, H, N, k]} of the conditional model on the final
-    sample at the last step's time 1 / steps (empty dict when return_routing is False).
-  """
-  spec = model.config.dit
-  variables = {"params": params}
-  b = images.shape[0]
-  mask = (jnp.ones((b, num_components), bool) if component_mask is None
-          else component_mask.astype(bool))
-  ids = jnp.broadcast_to(jnp.arange(num_components, dtype=jnp.int32), (b, num_components))
-  cond = model.apply(variables, images, method=ImageConditionedDiT.encode)
-
-  def velocity_fn(x, t, c):
-    reps = x.shape[0] // b
-    return model.apply(variables, x, t, c, jnp.tile(mask, (reps, 1)), jnp.tile(ids, (reps, 1)),
-                       train=False, method=ImageConditionedDiT.velocity)
-
-  shape = (b, num_components, spec.latent_tokens, spec.latent_channels)
-  z = flow.sample(velocity_fn, rng, shape, cond, steps=steps, method=method,
-                  cfg_scale=cfg_scale, time_shift=time_shift)
-  routing = {}
-  if return_routing:
-    _, routing = model.apply(variables, z, jnp.full((b,), 1.0 / steps), cond, mask, ids,
-                             train=False, return_routing=True, method=ImageConditionedDiT.velocity)
-  return z, routing
