@@ -4,7 +4,7 @@ r"""Encode every part of a 'samples' dataset with the frozen VAE into 'latents' 
       --input=data/tiny --output=data/tiny_latents [--batch_size=64] [--step=N]
 
 --vae_checkpoint is an `experiments/train_vae.py` workdir (its orbax checkpoints are read with
-`experiments.train_vae.load_vae`). Each input shard becomes an output shard of the same name
+`moca_jax.vae_task.load_vae`). Each input shard becomes an output shard of the same name
 holding, per record, `latents` [N,L,C] f32 (the posterior mean, `VecSetVAE.encode` with
 deterministic=True) plus the renders, masks, cameras, colours, bounds and metadata of the
 input record (the point samples are dropped); meta.kind becomes 'latents' and meta.vae
@@ -168,7 +168,7 @@ def vae_encode_fn(model, params) -> EncodeFn:
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from experiments.train_vae import load_vae  # pylint: disable=g-import-not-at-top
+  from moca_jax.vae_task import load_vae  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   model, params, config = load_vae(f.vae_checkpoint, f.step)
   if "params" not in params:

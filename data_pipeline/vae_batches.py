@@ -16,6 +16,10 @@ uniform in the volume (Nq - n_near), as written by data_pipeline/sampling.py.
 `vae_records_dataset` is the grain pipeline: vae_dataset (unbatched) -> PartExamples (a
 RandomMap, so the draw is a function of the element's position and the seed, and a resumed
 iterator replays it) -> batch(elements) -> flatten [E,k,...] -> [E*k,...].
+
+`AnalyticShapeSource` is the other VAE data source: random primitives
+(data_pipeline.primitives) sampled on the fly, each example made by `example_from_shape` with
+the same keys (batch `i` is a function of (seed, i) only).
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from typing import Optional
 import grain
 import numpy as np
 
-from data_pipeline import loader, records
+from data_pipeline import loader, primitives, records
 
 EXAMPLE_KEYS = ("surface_points", "surface_normals", "near_points", "near_sdf",
                 "volume_points", "volume_sdf")
@@ -133,3 +137,71 @@ def vae_records_dataset(data_dir: str, *, batch_size: int, num_points: int, num_
                                   parts_per_element=parts_per_element), seed=seed + 2)
   ds = ds.batch(batch_size // parts_per_element, drop_remainder=True)
   return ds.map(_flatten)
+
+
+# ----------------------------------------------------------------------------------------
+# Analytic source: random primitives sampled on the fly
+# ----------------------------------------------------------------------------------------
+
+def example_from_shape(shape, rng: np.random.Generator, num_points: int, num_near: int,
+                       num_volume: int, near_scales=(0.005, 0.05), segments: int = 32) -> dict:
+  """One training example of an analytic shape (a Primitive or Part); arrays float32.
+
+  Returns dict with 'surface_points' [P,3], 'surface_normals' [P,3], 'near_points' [Qn,3],
+  'near_sdf' [Qn], 'volume_points' [Qv,3], 'volume_sdf' [Qv] (SDF negative inside).
+  """
+  pts, nrm = primitives.sample_surface(shape, num_points, rng, segments=segments)
+  q, d = primitives.sample_sdf_points(shape.sdf, pts, rng, num_near, num_volume,
+                                      scales=near_scales)
+  return {"surface_points": pts, "surface_normals": nrm,
+          "near_points": q[:num_near], "near_sdf": d[:num_near],
+          "volume_points": q[num_near:], "volume_sdf": d[num_near:]}
+
+
+def stack_examples(examples: list[dict]) -> dict:
+  """A list of `example_from_shape` dicts -> one dict of arrays with a leading batch axis."""
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+class AnalyticShapeSource:
+  """Infinite, checkpointable iterator of batches of random primitives.
+
+  Batch `i` depends on (seed, i) only; `get_state()` / `set_state()` carry i (JSON), so
+  train_lib checkpoints it like a grain iterator. Batches add 'index' [B] int64 (= i).
+  """
+
+  def __init__(self, data_config, batch_size: int, seed: int):
+    self.cfg = data_config
+    self.batch_size = batch_size
+    self.seed = seed
+    self.position = 0
+
+  def random_shape(self, rng: np.random.Generator):
+    return primitives.random_primitive(rng, kinds=tuple(self.cfg.kinds),
+                                       size_range=tuple(self.cfg.size_range))
+
+  def example(self, shape, rng: np.random.Generator) -> dict:
+    c = self.cfg
+    return example_from_shape(shape, rng, c.num_points, c.num_near, c.num_volume,
+                              tuple(c.near_scales), c.mesh_segments)
+
+  def batch(self, step: int) -> dict:
+    rng = np.random.default_rng([self.seed, step])
+    out = stack_examples([self.example(self.random_shape(rng), rng)
+                          for _ in range(self.batch_size)])
+    out["index"] = np.full((self.batch_size,), step, np.int64)
+    return out
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    b = self.batch(self.position)
+    self.position += 1
+    return b
+
+  def get_state(self) -> dict:
+    return {"position": self.position}
+
+  def set_state(self, state: dict) -> None:
+    self.position = int(state["position"])

@@ -82,13 +82,13 @@ def model_flops(size: str, n: int, attention: str, b: int) -> float:
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
-  from moca_jax import train_lib
+  from moca_jax import dit_task
   cfg = _config(size, attention)
   cfg.model.dit.attention_implementation = "xla"
   cfg.model.dit.remat = "none"
   cfg.model.encoder.remat = False
   spec = _batch_spec(cfg, b, n)
-  _, init_fn, loss_fn = train_lib.make_dit_task(cfg)
+  _, init_fn, loss_fn = dit_task.make_task(cfg)
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
   zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), spec)
   params = jax.eval_shape(lambda r: nn.meta.unbox(init_fn(r, zeros)["params"]), rng)
@@ -122,12 +122,12 @@ def compile_one(size: str, n: int, attention: str, batch: Optional[int] = None) 
 
 def _compile_step(size: str, n: int, attention: str, batch: Optional[int], remat: str) -> dict:
   import jax
-  from moca_jax import sharding, train_lib
+  from moca_jax import dit_task, sharding, train_lib
   cfg = _config(size, attention, remat)
   b = batch or max(1, COMPONENT_BUDGET[size] // n)
   spec = _batch_spec(cfg, b, n)
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-  _, init_fn, loss_fn = train_lib.make_dit_task(cfg)
+  _, init_fn, loss_fn = dit_task.make_task(cfg)
   tx = train_lib.make_optimizer(cfg.optim)
   t0 = time.perf_counter()
   rng = jax.random.PRNGKey(0)
@@ -147,9 +147,8 @@ def run_one(size: str, n: int, attention: str, steps: int, batch: Optional[int] 
             remat: str = "") -> dict:
   """Builds, compiles and times one configuration in this process."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
-  from moca_jax import sharding, train_lib
+  from moca_jax import dit_task, sharding, train_lib
 
   cfg = _config(size, attention, remat)
   b = batch or max(1, COMPONENT_BUDGET[size] // n)
@@ -161,7 +160,7 @@ def run_one(size: str, n: int, attention: str, steps: int, batch: Optional[int] 
           "images": rng.integers(0, 255, size=(b, enc.image_size, enc.image_size, 3), dtype=np.uint8)}
   spec = _batch_spec(cfg, b, n)
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-  _, init_fn, loss_fn = train_lib.make_dit_task(cfg)
+  _, init_fn, loss_fn = dit_task.make_task(cfg)
   tx = train_lib.make_optimizer(cfg.optim)
   t0 = time.perf_counter()
   state, setup = train_lib.create_train_state(init_fn, tx, spec, jax.random.PRNGKey(0), mesh)
@@ -206,15 +205,15 @@ def sample_one(size: str, n: int, steps: int = 50, compile_only: bool = False) -
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
-  from moca_jax import train_lib
+  from moca_jax import dit_task, pipeline
   cfg = _config(size, "moc")
-  model = train_lib.ImageConditionedDiT(cfg.model)
+  model = dit_task.ImageConditionedDiT(cfg.model)
   enc, dit = cfg.model.encoder, cfg.model.dit
   images = jax.random.uniform(jax.random.PRNGKey(5), (1, enc.image_size, enc.image_size, 3))
   x = jnp.zeros((1, n, dit.latent_tokens, dit.latent_channels))  # shape template for init
   init = jax.jit(lambda r: nn.meta.unbox(model.init(r, images, x, jnp.zeros((1,)),
                                                     jnp.ones((1, n), bool))["params"]))
-  fn = jax.jit(lambda p, im, key, s: train_lib.dit_sample(
+  fn = jax.jit(lambda p, im, key, s: pipeline.sample_latents(
       model, p, im, key, num_components=n, steps=steps, cfg_scale=s, return_routing=False)[0])
   if compile_only:
     t0 = time.perf_counter()

@@ -12,6 +12,8 @@
       one colour per part, Lambert shading, orthographic camera.
   mesh_grid_png(rows, path, ...)
       one row per sample: input image | generated parts in colour | ground truth.
+  meshes_png(meshes, titles, path)
+      flat-shaded matplotlib render of a few meshes side by side (VAE reconstructions).
 
 Every writer is atomic (moca_jax.io.save_figure) and returns the path. Image sizes are
 fixed by the arguments (no tight bounding boxes), so the pixel size of each file is known.
@@ -345,6 +347,34 @@ def mesh_grid_png(rows: Sequence[Mapping], path: str, panel_px: int = 256,
                 color='black', backgroundcolor='white')
   if title:
     fig.text(0.5, 1 - 6 / height, title, ha='center', va='top', fontsize=9)
+  return _save_figure(fig, path)
+
+
+def meshes_png(meshes: Sequence[trimesh.Trimesh], titles: Sequence[str], path: str,
+               max_faces: int = 60000) -> str:
+  """Flat-shaded matplotlib render of meshes side by side in [-1, 1]^3 (400 x 400 px each).
+
+  Meshes above `max_faces` faces are drawn with a uniform random subset of their faces.
+  Returns `path`.
+  """
+  from mpl_toolkits.mplot3d.art3d import Poly3DCollection  # pylint: disable=g-import-not-at-top
+  fig = plt.figure(figsize=(4 * len(meshes), 4), dpi=100)
+  light = np.array([0.4, -0.5, 0.8]) / np.linalg.norm([0.4, -0.5, 0.8])
+  for i, (mesh, title) in enumerate(zip(meshes, titles)):
+    ax = fig.add_subplot(1, len(meshes), i + 1, projection="3d")
+    if len(mesh.faces):
+      faces = np.arange(len(mesh.faces))
+      if len(faces) > max_faces:  # keep the render fast; drops faces uniformly
+        faces = np.random.default_rng(0).choice(faces, max_faces, replace=False)
+      tris = mesh.triangles[faces]
+      shade = 0.25 + 0.75 * np.clip(mesh.face_normals[faces] @ light, 0, 1)
+      colors = np.stack([0.55 * shade, 0.65 * shade, 0.85 * shade, np.ones_like(shade)], -1)
+      ax.add_collection3d(Poly3DCollection(tris, facecolors=colors, edgecolors="none"))
+    ax.set_xlim(-1, 1), ax.set_ylim(-1, 1), ax.set_zlim(-1, 1)
+    ax.set_box_aspect((1, 1, 1))
+    ax.set_title(title)
+    ax.set_axis_off()
+  fig.tight_layout()
   return _save_figure(fig, path)
 
 

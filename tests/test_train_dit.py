@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from experiments import train_dit
 from experiments.configs import dit as dit_configs
-from moca_jax import sharding, train_lib
+from moca_jax import checkpointing, dit_task, sharding, train_lib
 
 K = 3
 
@@ -65,14 +64,14 @@ def test_resume_is_exact(tmp_path):
 def _check_resume_is_exact(tmp_path):
   cfg = micro_config()
   a_dir, b_dir = str(tmp_path / "a"), str(tmp_path / "b")
-  straight = train_dit.train_and_evaluate(cfg, a_dir, num_steps=2 * K, mesh=_mesh1(),
+  straight = dit_task.train_and_evaluate(cfg, a_dir, num_steps=2 * K, mesh=_mesh1(),
                                           show_progress=False, eval_batches=0)
   assert sorted(os.listdir(os.path.join(a_dir, "checkpoints"))) == [str(K), str(2 * K)]
   # the job "died" after step K: only that checkpoint exists in b
   os.makedirs(os.path.join(b_dir, "checkpoints"))
   shutil.copytree(os.path.join(a_dir, "checkpoints", str(K)),
                   os.path.join(b_dir, "checkpoints", str(K)))
-  resumed = train_dit.train_and_evaluate(cfg, b_dir, num_steps=2 * K, mesh=_mesh1(),
+  resumed = dit_task.train_and_evaluate(cfg, b_dir, num_steps=2 * K, mesh=_mesh1(),
                                          show_progress=False, eval_batches=1)
   assert int(resumed.state.step) == 2 * K
   assert resumed.batch_log == straight.batch_log[K:]              # same data order
@@ -86,7 +85,7 @@ def _check_resume_is_exact(tmp_path):
   # metrics, eval and the stored config are written
   assert os.listdir(os.path.join(b_dir, "tb"))
   assert os.path.exists(os.path.join(b_dir, "eval.json"))
-  stored, step = train_lib.read_checkpoint_config(os.path.join(b_dir, "checkpoints"))
+  stored, step = checkpointing.read_checkpoint_config(os.path.join(b_dir, "checkpoints"))
   assert step == 2 * K and stored["model"]["dit"]["num_blocks"] == 2
   assert "router/importance_entropy" in straight.history[0]
 
@@ -103,9 +102,9 @@ def dit_step():
   # moves by ~lr. A larger eps keeps such updates proportional to the gradient, so the
   # sharded-vs-single comparison tests the sharding, not the sign of rounding noise.
   cfg.optim.eps = 1e-4
-  _, init_fn, noisy_loss_fn = train_lib.make_dit_task(cfg)
+  _, init_fn, noisy_loss_fn = dit_task.make_task(cfg)
   loss_fn = lambda p, b, r: noisy_loss_fn(p, b, jax.random.PRNGKey(5))
-  batch = train_dit.model_batch(next(train_dit.make_iterator_fn(cfg, shuffle=False)()))
+  batch = dit_task.model_batch(next(dit_task.make_iterator_fn(cfg, shuffle=False)()))
   spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
   tx = train_lib.make_optimizer(cfg.optim)
   sched = train_lib.make_schedule(cfg.optim)
@@ -203,7 +202,7 @@ def test_router_statistics_reference():
     for i in range(n):
       imp[bi, ..., i, i] = 0
   sel = np.argsort(-imp, axis=-1)[..., :k]
-  out = jax.device_get(train_lib.router_statistics(imp, sel, mask))
+  out = jax.device_get(dit_task.router_statistics(imp, sel, mask))
   counts = np.zeros(n)
   ents = []
   for bi in range(b):
@@ -223,7 +222,7 @@ def test_router_statistics_reference():
   np.testing.assert_allclose(out["router/importance_entropy"], np.mean(ents), rtol=1e-5)
   # uniform importances have normalised entropy 1
   uni = np.where(np.eye(n, dtype=bool), 0.0, 1.0)[None, None, None].repeat(2, 0).astype(np.float32)
-  out = train_lib.router_statistics(uni, sel[:, :1, :1], np.ones((2, n), bool))
+  out = dit_task.router_statistics(uni, sel[:, :1, :1], np.ones((2, n), bool))
   np.testing.assert_allclose(out["router/importance_entropy"], 1.0, rtol=1e-6)
 
 
@@ -237,7 +236,7 @@ def test_config_sizes_and_errors():
   c = micro_config()
   c.data.source = "records"
   with pytest.raises(ValueError, match="data.dir"):
-    train_dit.make_iterator_fn(c)
+    dit_task.make_iterator_fn(c)
 
 
 def test_records_source_reads_latent_shards(tmp_path):
@@ -265,9 +264,9 @@ def test_records_source_reads_latent_shards(tmp_path):
     cfg = micro_config()
     cfg.mode = mode
     cfg.data.source, cfg.data.dir, cfg.data.max_components = "records", str(tmp_path), 4
-    it = train_dit.make_iterator_fn(cfg)()
+    it = dit_task.make_iterator_fn(cfg)()
     raw = next(it)
-    batch = train_dit.model_batch(raw)
+    batch = dit_task.model_batch(raw)
     assert batch["latents"].shape == (2, 4, 16, 8)
     assert batch["images"].shape == shape and batch["images"].dtype == np.uint8
     n_real = batch["component_mask"].sum(1)
@@ -276,7 +275,7 @@ def test_records_source_reads_latent_shards(tmp_path):
       assert np.all(batch["latents"][b, n_real[b]:] == 0)
     state = it.get_state()
     nxt = next(it)
-    it2 = train_dit.make_iterator_fn(cfg)()
+    it2 = dit_task.make_iterator_fn(cfg)()
     it2.set_state(state)
     np.testing.assert_array_equal(next(it2)["index"], nxt["index"])  # checkpointable order
 
@@ -287,8 +286,8 @@ def test_scene_mode_loss_traces_with_per_component_conditions():
   cfg = micro_config()
   cfg.mode = "scene"
   cfg.model.encoder.in_channels = 7
-  _, init_fn, loss_fn = train_lib.make_dit_task(cfg)
-  batch = train_dit.model_batch(next(train_dit.make_iterator_fn(cfg)()))
+  _, init_fn, loss_fn = dit_task.make_task(cfg)
+  batch = dit_task.model_batch(next(dit_task.make_iterator_fn(cfg)()))
   assert batch["images"].shape == (2, 3, 56, 56, 7)
   variables = jax.eval_shape(init_fn, jax.random.PRNGKey(0), batch)
   import flax.linen as nn

@@ -1,5 +1,6 @@
-"""train_vae on train_lib: records resume == straight, load_vae round trip (EMA and raw),
-the analytic source learns one fixed shape and writes every output, non-finite guard."""
+"""The VAE task (moca_jax.vae_task) on train_lib: records resume == straight, load_vae round
+trip (EMA and raw), the analytic source learns one fixed shape and writes every output,
+non-finite guard."""
 import json
 
 import jax
@@ -7,10 +8,9 @@ import numpy as np
 import pytest
 import trimesh
 
-from data_pipeline import primitives
-from experiments import train_vae
+from data_pipeline import primitives, vae_batches
 from experiments.configs.vae import get_config
-from moca_jax import sharding, train_lib
+from moca_jax import checkpointing, sharding, train_lib, vae_task
 
 
 def _mesh1():
@@ -55,12 +55,12 @@ def test_records_resume_equals_straight_and_load_vae(data_dir, tmp_path):
   c.num_steps = 4
   c.checkpoint.every = 4   # saves: a at 4; b at 2 (end of the first run) and 4
   c.optim.ema_decay = 0.5
-  straight = train_vae.train_and_evaluate(c, str(tmp_path / "a"), mesh=_mesh1(),
+  straight = vae_task.train_and_evaluate(c, str(tmp_path / "a"), mesh=_mesh1(),
                                           show_progress=False)
   assert straight["step"] == 4 and np.isfinite(straight["metrics"]["loss"])
-  train_vae.train_and_evaluate(c, str(tmp_path / "b"), num_steps=2, mesh=_mesh1(),
+  vae_task.train_and_evaluate(c, str(tmp_path / "b"), num_steps=2, mesh=_mesh1(),
                                show_progress=False)
-  resumed = train_vae.train_and_evaluate(c, str(tmp_path / "b"), mesh=_mesh1(),
+  resumed = vae_task.train_and_evaluate(c, str(tmp_path / "b"), mesh=_mesh1(),
                                          show_progress=False)
   assert resumed["step"] == 4
   # the iterator state went into the checkpoint: the resumed run saw the same batches
@@ -68,56 +68,57 @@ def test_records_resume_equals_straight_and_load_vae(data_dir, tmp_path):
   lines = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
   assert [l["step"] for l in lines] == [1, 2, 3, 4]
   for use_ema in (True, False):
-    _, pa, _ = train_vae.load_vae(tmp_path / "a", use_ema=use_ema)
-    _, pb, cfg = train_vae.load_vae(tmp_path / "b", use_ema=use_ema)
+    _, pa, _ = vae_task.load_vae(tmp_path / "a", use_ema=use_ema)
+    _, pb, cfg = vae_task.load_vae(tmp_path / "b", use_ema=use_ema)
     _assert_trees_equal(pa, pb)
   assert cfg.data.source == "records" and cfg.model.num_latents == 16
-  ema = train_vae.load_vae(tmp_path / "a")[1]
-  raw = train_vae.load_vae(tmp_path / "a", use_ema=False)[1]
+  ema = vae_task.load_vae(tmp_path / "a")[1]
+  raw = vae_task.load_vae(tmp_path / "a", use_ema=False)[1]
   assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(ema), jax.tree.leaves(raw)))
   # the interrupted run's step-2 checkpoint holds other params than the final ones
-  early = train_vae.load_vae(tmp_path / "b", step=2, use_ema=False)[1]
+  early = vae_task.load_vae(tmp_path / "b", step=2, use_ema=False)[1]
   assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(early), jax.tree.leaves(raw)))
 
 
 def test_hand_driven_step_checkpoint_and_load_vae_round_trip(tmp_path):
   c = _few_step_config()
   c.optim.ema_decay = 0.5
-  model, _, _ = train_vae.make_vae_task(c)
-  tx = train_vae.make_optimizer(c)
-  state = train_vae.create_state(model, tx, jax.random.PRNGKey(0))
-  step = jax.jit(train_vae.make_train_step(model, tx, c), donate_argnums=(0,))
-  source = train_vae.AnalyticShapeSource(c.data, 2, 0)
-  for i in range(2):
-    state, metrics = step(state, train_vae.model_batch(next(source)), jax.random.PRNGKey(i))
-  assert int(state["step"]) == 2 and np.isfinite(float(metrics["loss"]))
-  mngr = train_vae.checkpoint_manager(tmp_path, c)
-  assert train_vae.save_checkpoint(mngr, 2, state, c, force=True)
-  mngr.wait_until_finished()
-  mngr.close()
-  model2, ema, cfg = train_vae.load_vae(tmp_path)
-  _, raw, _ = train_vae.load_vae(tmp_path, use_ema=False)
-  _assert_trees_equal(ema, state["ema_params"])
-  _assert_trees_equal(raw, state["params"])
+  _, init_fn, loss_fn = vae_task.make_task(c)
+  tx = train_lib.make_optimizer(c.optim)
+  source = vae_batches.AnalyticShapeSource(c.data, 2, 0)
+  spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                      vae_task.model_batch(source.batch(0)))
+  state, setup = train_lib.create_train_state(init_fn, tx, spec, jax.random.PRNGKey(0),
+                                              _mesh1())
+  step, _ = train_lib.compile_train_step(loss_fn, tx, train_lib.make_schedule(c.optim),
+                                         c.optim.ema_decay, setup, spec, _mesh1())
+  for _ in range(2):
+    state, metrics = step(state, vae_task.model_batch(next(source)), jax.random.PRNGKey(1))
+  assert int(state.step) == 2 and np.isfinite(float(metrics["loss"]))
+  ck = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
+  assert ck.save(2, state, None, c, force=True)
+  ck.close()
+  model2, ema, cfg = vae_task.load_vae(tmp_path)
+  _, raw, _ = vae_task.load_vae(tmp_path, use_ema=False)
+  _assert_trees_equal(ema, {"params": state.ema_params})
+  _assert_trees_equal(raw, {"params": state.params})
+  assert any(not np.array_equal(x, y)                                    # EMA != raw
+             for x, y in zip(jax.tree.leaves(ema), jax.tree.leaves(raw)))
   assert cfg.model.num_latents == 16 and model2.config.num_latents == 16
   # the saved state restores as run_training's TrainState (same layout)
-  _, init_fn, _ = train_vae.make_vae_task(c)
-  spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                      train_vae.model_batch(source.batch(0)))
-  _, setup = train_lib.create_train_state(init_fn, tx, spec, jax.random.PRNGKey(1), _mesh1())
-  ck = train_lib.Checkpointer(str(tmp_path / "checkpoints"))
+  ck = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
   restored, data_state, _ = ck.restore(None, setup.abstract_state)
   ck.close()
   assert data_state is None and int(restored.step) == 2
-  _assert_trees_equal(restored.params, state["params"]["params"])
-  _assert_trees_equal(restored.opt_state, state["opt_state"])
+  _assert_trees_equal(restored.params, state.params)
+  _assert_trees_equal(restored.opt_state, state.opt_state)
   with pytest.raises(FileNotFoundError, match="checkpoints"):
-    train_vae.load_vae(tmp_path / "nowhere")
+    vae_task.load_vae(tmp_path / "nowhere")
 
 
 def test_analytic_learns_a_fixed_shape_writes_outputs_and_stops_on_nan(tmp_path, monkeypatch):
   sphere = primitives.Sphere(radius=0.5, translation=(0.1, 0.0, -0.1))
-  monkeypatch.setattr(train_vae.AnalyticShapeSource, "random_shape", lambda self, rng: sphere)
+  monkeypatch.setattr(vae_batches.AnalyticShapeSource, "random_shape", lambda self, rng: sphere)
   c = _few_step_config()
   c.num_steps = 40
   c.log_every = 5
@@ -129,7 +130,7 @@ def test_analytic_learns_a_fixed_shape_writes_outputs_and_stops_on_nan(tmp_path,
   c.eval.resolution = 16
   c.eval.fine_resolution = 32
   c.eval.write_mesh = True
-  result = train_vae.train_and_evaluate(c, str(tmp_path), mesh=_mesh1(), show_progress=False)
+  result = vae_task.train_and_evaluate(c, str(tmp_path), mesh=_mesh1(), show_progress=False)
   assert result["step"] == 40
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [l["step"] for l in lines] == list(range(5, 41, 5))
@@ -150,7 +151,7 @@ def test_analytic_learns_a_fixed_shape_writes_outputs_and_stops_on_nan(tmp_path,
   # the run with an error naming the step
   c.num_steps = 45
   c.eval.num_shapes = 0
-  real = train_vae.AnalyticShapeSource.batch
+  real = vae_batches.AnalyticShapeSource.batch
 
   def poisoned(self, step):
     b = real(self, step)
@@ -158,14 +159,14 @@ def test_analytic_learns_a_fixed_shape_writes_outputs_and_stops_on_nan(tmp_path,
       b["near_sdf"] = np.full_like(b["near_sdf"], np.nan)
     return b
 
-  monkeypatch.setattr(train_vae.AnalyticShapeSource, "batch", poisoned)
+  monkeypatch.setattr(vae_batches.AnalyticShapeSource, "batch", poisoned)
   with pytest.raises(FloatingPointError, match="at step 42"):
-    train_vae.train_and_evaluate(c, str(tmp_path), mesh=_mesh1(), show_progress=False)
+    vae_task.train_and_evaluate(c, str(tmp_path), mesh=_mesh1(), show_progress=False)
 
 
 def test_bad_data_source_is_named():
   c = _few_step_config("nowhere")
   with pytest.raises(ValueError, match="'analytic' or 'records'"):
-    train_vae.make_iterator_fn(c)
+    vae_task.make_iterator_fn(c)
   with pytest.raises(ValueError, match="data.dir is empty"):
-    train_vae.make_iterator_fn(_few_step_config("records"))
+    vae_task.make_iterator_fn(_few_step_config("records"))

@@ -125,10 +125,9 @@ def test_loss_terms_are_finite_and_match_definitions(tiny):
 def test_tiny_vae_overfits_a_box_and_a_sphere():
   """Trains the tiny VAE (real train step) on two fixed shapes; voxel IoU of the extracted
   meshes against the exact solids >= 0.9."""
-  from data_pipeline import primitives
-  from experiments import train_vae
+  from data_pipeline import primitives, vae_batches
   from experiments.configs.vae import get_config
-  from moca_jax import extract
+  from moca_jax import extract, sharding, train_lib, vae_task
 
   c = get_config("tiny")
   c.num_steps, c.learning_rate, c.warmup_steps = 800, 3e-3, 100
@@ -137,20 +136,25 @@ def test_tiny_vae_overfits_a_box_and_a_sphere():
   rot = primitives.random_rotation(np.random.default_rng(3))
   shapes = [primitives.Sphere(radius=0.6, translation=(0.05, -0.1, 0.0)),
             primitives.Box(half_extents=(0.55, 0.5, 0.45), rotation=rot)]
-  model = VecSetVAE(ml_collections.FrozenConfigDict(c.model))
-  tx = train_vae.make_optimizer(c)
-  state = train_vae.create_state(model, tx, jax.random.PRNGKey(0))
-  step = jax.jit(train_vae.make_train_step(model, tx, c), donate_argnums=(0,))
+  model, init_fn, loss_fn = vae_task.make_task(c)
   rng = np.random.default_rng(0)
-  for i in range(c.num_steps):
-    batch = train_vae.stack_examples(
-        [train_vae.example_from_shape(s, rng, 512, 256, 128) for s in shapes])
-    state, metrics = step(state, batch, jax.random.PRNGKey(i))
+
+  def make_batch(num_near, num_volume):
+    return vae_batches.stack_examples(
+        [vae_batches.example_from_shape(s, rng, 512, num_near, num_volume) for s in shapes])
+
+  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  tx = train_lib.make_optimizer(c.optim)
+  spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_batch(256, 128))
+  state, setup = train_lib.create_train_state(init_fn, tx, spec, jax.random.PRNGKey(0), mesh)
+  step, _ = train_lib.compile_train_step(loss_fn, tx, train_lib.make_schedule(c.optim),
+                                         c.optim.ema_decay, setup, spec, mesh)
+  for _ in range(c.num_steps):
+    state, metrics = step(state, make_batch(256, 128), jax.random.PRNGKey(1))
   assert float(metrics["near_l1"]) < 0.03
 
-  batch = train_vae.stack_examples([train_vae.example_from_shape(s, rng, 512, 1, 1)
-                                    for s in shapes])
-  params = state["params"]
+  batch = make_batch(1, 1)
+  params = {"params": state.params}
   z, _ = _apply(model, VecSetVAE.encode, deterministic=True)(
       params, batch["surface_points"], batch["surface_normals"])
   meshes = extract.extract_vae_meshes(model, params, z, resolution=48, fine_resolution=None,

@@ -1,0 +1,330 @@
+"""The DiT task: image encoder + compositional DiT trained with rectified flow.
+
+Same shape as `moca_jax.vae_task`:
+  make_task(config)          -> train_lib.Task(model, init_fn, loss_fn)
+  make_iterator_fn(config)   -> () -> checkpointable iterator of host batches
+  model_batch(batch)         -> the arrays the model reads
+  train_and_evaluate(config, workdir, ...)   the run: `train_lib.run_training` + evaluation
+
+Batch (host numpy, leading axis = global batch B):
+  latents         f32 [B, N, L, C]   clean component latents (padding rows arbitrary)
+  component_mask  bool [B, N]
+  images          uint8 [B, H, W, 3] (objects) or [B, N, H, W, 7] (scenes: instance on white,
+                  whole scene, mask; MIDI's per-instance condition)
+Data (config.data.source): 'records' reads the latent shards of
+`data_pipeline.encode_latents` through `data_pipeline.loader`; 'synthetic' makes
+deterministic random latents and images in memory (benchmarks, tests).
+
+Writes under workdir (besides run_training's checkpoints/, tb/, config.json):
+  eval.json   flow loss of the EMA and the raw params on held-out batches (fixed noise)
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from moca_jax import flow, image_encoder, train_lib
+from moca_jax import io as mio
+from moca_jax.dit import CompositionalDiT
+
+Array = jax.Array
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------
+# Model, loss
+# ----------------------------------------------------------------------------------------
+
+class ImageConditionedDiT(nn.Module):
+  """Image encoder + `CompositionalDiT` (moca_jax.dit).
+
+  config: ConfigDict with `encoder` (see `image_encoder.encoder_config`) and `dit`
+  (see `dit.dit_config`); dit.cond_dim must equal encoder.width.
+  """
+  config: Any
+
+  def setup(self):
+    if self.config.dit.cond_dim != self.config.encoder.width:
+      raise ValueError(f"dit.cond_dim={self.config.dit.cond_dim} must equal encoder.width="
+                       f"{self.config.encoder.width}")
+    self.encoder = image_encoder.ImageEncoder(self.config.encoder)
+    self.dit = CompositionalDiT(config=self.config.dit)
+
+  def encode(self, images: Array) -> Array:
+    """Preprocessed images -> condition tokens.
+
+    images: [B, S, S, C] (object mode, shared by all components) -> [B, T, Dc], or
+    [B, N, S, S, C] (scene mode, one input per component) -> [B, N, T, Dc].
+    """
+    if images.ndim == 5:
+      b, n = images.shape[:2]
+      tokens = self.encoder(images.reshape(b * n, *images.shape[2:]))
+      return tokens.reshape(b, n, *tokens.shape[1:])
+    return self.encoder(images)
+
+  def velocity(self, x_t: Array, t: Array, cond: Array, component_mask: Optional[Array],
+               ids: Optional[Array] = None, *, train: bool, return_routing: bool = False):
+    """See `CompositionalDiT.__call__`."""
+    return self.dit(x_t, t, cond, component_mask, ids, train=train,
+                    return_routing=return_routing)
+
+  def __call__(self, images: Array, x_t: Array, t: Array, component_mask: Array):
+    """Used for init only: encode + velocity (eval mode)."""
+    return self.velocity(x_t, t, self.encode(images), component_mask, train=False)
+
+
+def prepare_images(images: Array, encoder_cfg) -> Array:
+  """uint8 images [B, H, W, C] or [B, N, H, W, C] -> preprocessed float32 for the encoder."""
+  if images.ndim == 5:
+    b, n = images.shape[:2]
+    out = image_encoder.preprocess(images.reshape(b * n, *images.shape[2:]), encoder_cfg.image_size,
+                     encoder_cfg.in_channels)
+    return out.reshape(b, n, *out.shape[1:])
+  return image_encoder.preprocess(images, encoder_cfg.image_size, encoder_cfg.in_channels)
+
+
+def router_statistics(importances: Array, selections: Array, component_mask: Array
+                      ) -> dict[str, Array]:
+  """Load-balance statistics of MoC routing.
+
+  Args:
+    importances: [B, G, H, N, N] router importances s_ij (0 on the diagonal and padding).
+    selections: [B, G, H, N, k] indices j selected at full resolution for query i.
+    component_mask: [B, N].
+  Returns:
+    'router/selection_freq' [N]: fraction of all selections (over real queries, heads and
+      blocks) that picked component slot j (sums to 1);
+    'router/selection_max_over_uniform': max_j freq_j * (mean number of real components),
+      1 for perfectly balanced routing in a batch of equal sizes;
+    'router/importance_entropy': entropy of s_ij / sum_j s_ij over the real j != i,
+      divided by log(n_real - 1) (1 = uniform), averaged over real queries with n_real > 2.
+  """
+  b, g, h, n, k = selections.shape
+  maskf = component_mask.astype(jnp.float32)
+  q_real = jnp.broadcast_to(maskf[:, None, None, :, None], selections.shape)
+  onehot = jax.nn.one_hot(selections, n, dtype=jnp.float32) * q_real[..., None]
+  counts = jnp.sum(onehot, axis=(0, 1, 2, 3, 4))                            # [N]
+  freq = counts / jnp.maximum(jnp.sum(counts), 1.0)
+  n_real = jnp.sum(maskf, axis=1)                                           # [B]
+  p = importances / jnp.maximum(jnp.sum(importances, axis=-1, keepdims=True), 1e-12)
+  ent = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0), axis=-1)
+  norm = jnp.log(jnp.maximum(n_real - 1.0, 2.0))[:, None, None, None]
+  ent = ent / norm                                                          # [B, G, H, N]
+  valid = (maskf[:, None, None, :] * (n_real > 2)[:, None, None, None]) * jnp.ones_like(ent)
+  mean_ent = jnp.sum(ent * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+  return {"router/selection_freq": freq,
+          "router/selection_max_over_uniform": jnp.max(freq) * jnp.mean(n_real),
+          "router/importance_entropy": mean_ent}
+
+
+def make_task(config: ml_collections.ConfigDict) -> train_lib.Task:
+  """Task(model, init_fn, loss_fn) of the image-conditioned DiT for `train_lib.run_training`.
+
+  Batch (host numpy, leading axis = global batch B):
+    latents         f32 [B, N, L, C]   clean component latents (padding rows arbitrary)
+    component_mask  bool [B, N]
+    images          uint8 [B, H, W, 3] (objects) or [B, N, H, W, 7] (scenes)
+  Config: model.encoder, model.dit, flow.{cfg_dropout, t_mean, t_std, t_shift}.
+  The loss uses rng streams noise (t, eps), cfg (condition dropout), ids, routing.
+  """
+  model = ImageConditionedDiT(config.model)
+  fcfg = config.flow
+
+  def init_fn(rng, batch):
+    images = prepare_images(batch["images"], config.model.encoder)
+    x = batch["latents"]
+    return model.init(rng, images, x, jnp.full((x.shape[0],), 0.5), batch["component_mask"])
+
+  def loss_fn(params, batch, rng):
+    noise_rng, cfg_rng, ids_rng, routing_rng = jax.random.split(rng, 4)
+    variables = {"params": params}
+    mask = batch["component_mask"]
+    cond = model.apply(variables, prepare_images(batch["images"], config.model.encoder),
+                       method=ImageConditionedDiT.encode)
+    routing = {}
+
+    def velocity_fn(x_t, t, c):
+      v, aux = model.apply(variables, x_t, t, c, mask, train=True, return_routing=True,
+                           rngs={"ids": ids_rng, "routing": routing_rng},
+                           method=ImageConditionedDiT.velocity)
+      routing.update(aux)
+      return v
+
+    loss, faux = flow.flow_loss(velocity_fn, batch["latents"].astype(jnp.float32), cond, mask,
+                                noise_rng=noise_rng, cfg_rng=cfg_rng,
+                                cfg_dropout=fcfg.cfg_dropout, t_mean=fcfg.t_mean,
+                                t_std=fcfg.t_std, t_shift=fcfg.t_shift)
+    metrics = {"t_mean": jnp.mean(faux["t"]),
+               "cond_kept": jnp.mean(faux["cond_kept"].astype(jnp.float32)),
+               "components": jnp.mean(jnp.sum(mask.astype(jnp.float32), axis=1))}
+    if routing and routing["selections"].shape[1] > 0:
+      metrics.update(router_statistics(routing["importances"], routing["selections"], mask))
+    return loss, metrics
+
+  return train_lib.Task(model, init_fn, loss_fn)
+
+
+# ----------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------
+
+def _image_size(config) -> int:
+  return config.data.image_size or config.model.encoder.image_size
+
+
+def synthetic_example(config, index: int) -> dict:
+  """Deterministic random example `index`: 2..N_max real components; padded latents are 0.
+
+  The image is a coarse function of the latents (mean of each component's first channel
+  painted into a vertical stripe) so that the condition carries information.
+  """
+  n_max = config.data.max_components
+  dit = config.model.dit
+  rng = np.random.default_rng([config.data.shuffle_seed, 7919, index])
+  n_real = int(rng.integers(min(2, n_max), n_max + 1))
+  latents = np.zeros((n_max, dit.latent_tokens, dit.latent_channels), np.float32)
+  latents[:n_real] = rng.normal(size=(n_real, dit.latent_tokens, dit.latent_channels))
+  mask = np.arange(n_max) < n_real
+  size = _image_size(config)
+  stripes = np.clip(128 + 64 * latents[:, :, 0].mean(axis=1), 0, 255)
+  cols = np.repeat(stripes, -(-size // n_max))[:size]
+  image = np.broadcast_to(cols[None, :, None], (size, size, 3)).astype(np.uint8)
+  if config.mode == "scene":
+    image = np.concatenate([image, image, np.full((size, size, 1), 255, np.uint8)], -1)
+    image = np.broadcast_to(image, (n_max,) + image.shape).copy()
+  return {"latents": latents, "component_mask": mask, "images": image,
+          "index": np.int64(index)}
+
+
+def _data_dir(config, split: str) -> str:
+  d = config.data.dir if split == "train" else (config.data.get("val_dir") or "")
+  if not d:
+    raise ValueError(f"config.data.{'dir' if split == 'train' else 'val_dir'} is empty: point "
+                     "it at the latent shards (data_pipeline.encode_latents output)")
+  return d
+
+
+def make_synthetic_dataset(config) -> grain.MapDataset:
+  """A grain MapDataset of single synthetic examples (dicts of numpy arrays, with 'index')."""
+  n = config.data.synthetic_examples
+  return grain.MapDataset.range(n).map(lambda i: synthetic_example(config, int(i)))
+
+
+def make_iterator_fn(config, split: str = "train", shuffle: bool = True
+                     ) -> Callable[[], Any]:
+  """() -> a checkpointable iterator of host batches for this process.
+
+  'records': `data_pipeline.loader.latent_dataset` (shuffle -> shard by process -> repeat
+  -> decode -> random component order + padding -> batch) and its `make_iterator`.
+  'synthetic': the same shape of pipeline over `synthetic_example`.
+  Either way the iterator has get_state / set_state (checkpointed with the model).
+  """
+  nproc = jax.process_count()
+  if config.batch_size % nproc:
+    raise ValueError(f"batch_size={config.batch_size} not divisible by {nproc} processes")
+  local_batch = config.batch_size // nproc
+  if config.data.source == "records":
+    from data_pipeline import loader
+    ds = loader.latent_dataset(_data_dir(config, split), batch_size=local_batch,
+                               n_max=config.data.max_components, seed=config.data.shuffle_seed,
+                               shuffle=shuffle, per_instance_cond=config.mode == "scene")
+    return lambda: loader.make_iterator(ds, config.data.num_workers)
+  if config.data.source != "synthetic":
+    raise ValueError(f"config.data.source must be 'records' or 'synthetic', got "
+                     f"{config.data.source!r}")
+  ds = make_synthetic_dataset(config)
+  if shuffle:
+    ds = ds.shuffle(seed=config.data.shuffle_seed)
+  ds = ds.repeat()
+  ds = ds[jax.process_index()::nproc] if nproc > 1 else ds
+  ds = ds.batch(local_batch, drop_remainder=True)
+  iter_ds = ds.to_iter_dataset()
+  if config.data.num_workers > 0:
+    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
+  return lambda: iter(iter_ds)
+
+
+def model_batch(batch: dict) -> dict:
+  """The arrays the model needs (host-only fields such as record ids are dropped).
+
+  Accepts the loader's view (image [B,H,W,3] or, for scenes, cond [B,N,H,W,7]) and the
+  synthetic one (images).
+  """
+  if "images" in batch:
+    images = batch["images"]
+  elif "cond" in batch and batch["cond"].ndim == 5:
+    images = batch["cond"]
+  else:
+    images = batch["image"]
+  return {"latents": np.asarray(batch["latents"], np.float32),
+          "component_mask": np.asarray(batch["component_mask"], bool), "images": images}
+
+
+# ----------------------------------------------------------------------------------------
+# Train and evaluate
+# ----------------------------------------------------------------------------------------
+
+def trainable_fn(config):
+  """params -> bool tree: the encoder's freeze/LoRA switches, everything else trainable."""
+  def fn(params):
+    mask = jax.tree.map(lambda _: True, params)
+    mask["encoder"] = image_encoder.trainable_mask(params["encoder"], config.model.encoder)
+    return mask
+  return fn
+
+
+def _router_histograms(writer, step, metrics):
+  freq = metrics.get("router/selection_freq")
+  if freq is not None:
+    writer.add_histogram("router/selection_freq", np.asarray(freq), step)
+    for j, f in enumerate(np.asarray(freq)):
+      writer.add_scalar(f"router_slot/{j:02d}", float(f), step)
+
+
+def evaluate(config, state, loss_fn, num_batches: int = 2) -> dict:
+  """Flow loss of the EMA and the raw params on `num_batches` batches (fixed noise)."""
+  split = "val" if config.data.source == "records" and config.data.get("val_dir") else "train"
+  try:
+    it = make_iterator_fn(config, split, shuffle=False)()
+  except Exception as e:  # a dataset without a validation split
+    log.warning("evaluation on the train split (%s)", e)
+    it = make_iterator_fn(config, "train", shuffle=False)()
+  jit_loss = jax.jit(lambda p, b, r: loss_fn(p, b, r)[0])
+  losses = {"ema": [], "params": []}
+  for i in range(num_batches):
+    batch = model_batch(next(it))
+    rng = jax.random.PRNGKey(10_000 + i)
+    losses["ema"].append(float(jit_loss(state.ema_params, batch, rng)))
+    losses["params"].append(float(jit_loss(state.params, batch, rng)))
+  return {f"eval_loss_{k}": float(np.mean(v)) for k, v in losses.items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       num_steps: Optional[int] = None, mesh=None,
+                       show_progress: bool = True, eval_batches: int = 2
+                       ) -> train_lib.LoopResult:
+  """Trains (resuming from workdir's latest checkpoint) and evaluates the EMA params."""
+  if config.distributed:
+    jax.distributed.initialize()
+  _, init_fn, loss_fn = make_task(config)
+  result = train_lib.run_training(
+      config=config, workdir=workdir, init_fn=init_fn, loss_fn=loss_fn,
+      make_iterator=make_iterator_fn(config), mesh=mesh, trainable_fn=trainable_fn(config),
+      batch_id_fn=lambda b: np.asarray(b["index"]).tolist() if "index" in b else None,
+      prepare_fn=model_batch, num_steps=num_steps, array_metrics_fn=_router_histograms,
+      show_progress=show_progress)
+  if eval_batches and jax.process_index() == 0:
+    ev = evaluate(config, result.state, loss_fn, eval_batches)
+    ev["step"] = int(result.state.step)
+    mio.write_json(os.path.join(workdir, "eval.json"), ev)
+    log.info("eval: %s", ev)
+  return result
