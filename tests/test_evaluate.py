@@ -1,4 +1,4 @@
-"""experiments/evaluate.py without a model: ground truth vs perturbed meshes."""
+"""moca_jax.evaluation without a model: ground truth vs perturbed meshes; the CLI."""
 import json
 import os
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 import trimesh
 from PIL import Image
 
-from experiments import evaluate as E
+from moca_jax import evaluation as E
 from moca_jax import metrics as M
 
 FAST = E.MetricSettings(num_samples=3000, voxel_resolution=32)
@@ -58,16 +58,17 @@ def test_failing_prediction_is_skipped_and_reported():
   assert r['skipped'][0]['name'] == 'object1' and 'boom' in r['skipped'][0]['reason']
 
 
-class _FakeGenerator:
-  """Duck-typed experiments.generate.Generator: returns the item's parts it was given."""
+class _FakePipeline:
+  """Duck-typed moca_jax.pipeline.Pipeline: returns the item's parts it was given."""
 
   def __init__(self, parts):
     self.parts, self.calls = parts, []
 
-  def generate(self, images, num_components, masks=None, steps=50, cfg=7.0, seed=0):
+  def __call__(self, images, num_components, masks=None, *, steps=None, cfg_scale=None,
+               method=None, seed=0):
     import types
     self.calls.append(dict(images=images, n=num_components, masks=masks, steps=steps,
-                           cfg=cfg, seed=seed))
+                           cfg=cfg_scale, seed=seed))
     b, g, h, n = 1, 1, 2, num_components
     routing = {'importances': np.zeros((b, g, h, n, n)),
                'selections': np.zeros((b, g, h, n, 1), np.int32)}
@@ -76,12 +77,14 @@ class _FakeGenerator:
 
 
 @pytest.mark.parametrize('kind', ['object', 'scene'])
-def test_generator_predict_fn_calls_the_generation_api(kind):
+def test_pipeline_predict_fn_calls_the_pipeline(kind):
   item = _item(kind, n=3)
   if kind == 'scene':
     item.masks[0, :4] = item.masks[1, 4:8] = item.masks[2, 8:12] = True
-  fake = _FakeGenerator(item.gt_parts)
-  predict = E.generator_predict_fn(None, steps=7, cfg=2.0, seed=5, generator=fake)
+  fake = _FakePipeline(item.gt_parts)
+  seen = []
+  predict = E.pipeline_predict_fn(None, steps=7, cfg=2.0, seed=5, pipe=fake,
+                                  on_result=lambda it, res: seen.append((it.name, res)))
   r = E.evaluate_items([item], predict, FAST, progress=False)
   (call,) = fake.calls
   assert call['images'].shape == (1, 32, 32, 3) and call['images'].dtype == np.uint8
@@ -94,6 +97,7 @@ def test_generator_predict_fn_calls_the_generation_api(kind):
     assert call['masks'] is None
   assert r['rows'][0].get('cd', r['rows'][0].get('cd_scene')) == 0.0
   assert r['routing']['importances'].shape == (1, 1, 2, 3, 3)
+  assert [name for name, _ in seen] == [item.name]
 
 
 def test_tables_have_the_paper_columns():
@@ -257,7 +261,7 @@ def test_run_ablations_table_failures_and_resume(tmp_path):
 
 @pytest.mark.slow
 def test_ablations_train_tiny_on_cpu(tmp_path):
-  """Real training (experiments.train_dit) of a variant at tiny size, one step.
+  """Real training (moca_jax.dit_task) of a variant at tiny size, one step.
 
   One variant keeps the test near a minute of CPU; the plumbing of all eight is covered by
   the two tests above, and `python -m experiments.ablations` runs them all.

@@ -1,4 +1,5 @@
-"""Generation CLI on a tiny checkpoint: GLB with N named parts, pictures, router maps, errors."""
+"""The pipeline (moca_jax.pipeline) and the generation CLI on a tiny checkpoint: GLB with N
+named parts, pictures, router maps, seeding, config.sample defaults, errors."""
 import json
 import os
 
@@ -8,10 +9,13 @@ import pytest
 import trimesh
 from PIL import Image
 
-from experiments import generate, train_dit
-from experiments import train_vae
+from data_pipeline import vae_batches
+
+from experiments import generate
 from experiments.configs import vae as vae_configs
-from moca_jax import sharding, train_lib
+from moca_jax import checkpointing, dit_task, sharding, train_lib, vae_task
+from moca_jax import io as mio
+from moca_jax import pipeline
 
 N, STEPS, RES = 3, 2, 24   # one sampler / extractor shape for all tests (compiled once)
 
@@ -19,16 +23,20 @@ N, STEPS, RES = 3, 2, 24   # one sampler / extractor shape for all tests (compil
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-  """A tiny VAE workdir (untrained, saved with train_vae's own functions) and a 1-step DiT."""
+  """A tiny VAE workdir and a DiT workdir, both untrained, saved the way run_training saves."""
   root = tmp_path_factory.mktemp("gen")
+  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   vae_dir = str(root / "vae")
   vcfg = vae_configs.get_config("tiny")
-  model = train_vae.VecSetVAE(vcfg.model)
-  state = train_vae.create_state(model, train_vae.make_optimizer(vcfg), jax.random.PRNGKey(0))
-  mngr = train_vae.checkpoint_manager(vae_dir, vcfg)
-  train_vae.save_checkpoint(mngr, 0, state, vcfg, force=True)
-  mngr.wait_until_finished()
-  mngr.close()
+  vcfg.model.num_latents = 16                      # the DiT's latent_tokens below
+  _, init_fn, _ = vae_task.make_task(vcfg)
+  batch = vae_task.model_batch(vae_batches.AnalyticShapeSource(vcfg.data, 1, 0).batch(0))
+  spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+  state, _ = train_lib.create_train_state(init_fn, train_lib.make_optimizer(vcfg.optim), spec,
+                                          jax.random.PRNGKey(0), mesh)
+  ckpt = checkpointing.Checkpointer(os.path.join(vae_dir, "checkpoints"))
+  ckpt.save(0, state, None, vcfg, force=True)
+  ckpt.close()
 
   from experiments.configs import dit as dit_configs
   cfg = dit_configs.get_config("tiny")
@@ -41,13 +49,13 @@ def checkpoints(tmp_path_factory):
   cfg.vae.workdir = vae_dir
   dit_dir = str(root / "dit")
   # an initial (untrained) state saved the way train_dit saves: no train step to compile
-  _, init_fn, _ = train_lib.make_dit_task(cfg)
-  batch = train_dit.model_batch(next(train_dit.make_iterator_fn(cfg)()))
+  cfg.sample.steps, cfg.sample.cfg_scale = STEPS, 2.0   # the defaults of generate
+  _, init_fn, _ = dit_task.make_task(cfg)
+  batch = dit_task.model_batch(next(dit_task.make_iterator_fn(cfg)()))
   spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
   state, _ = train_lib.create_train_state(
-      init_fn, train_lib.make_optimizer(cfg.optim), spec, jax.random.PRNGKey(0),
-      sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
-  ckpt = train_lib.Checkpointer(os.path.join(dit_dir, "checkpoints"))
+      init_fn, train_lib.make_optimizer(cfg.optim), spec, jax.random.PRNGKey(0), mesh)
+  ckpt = checkpointing.Checkpointer(os.path.join(dit_dir, "checkpoints"))
   ckpt.save(1, state, None, cfg, force=True)
   ckpt.close()
   img = np.full((40, 40, 3), 255, np.uint8)
@@ -60,14 +68,15 @@ def checkpoints(tmp_path_factory):
 def test_generation_end_to_end(checkpoints, tmp_path):
   """All checks that need the checkpoint in one test: xdist builds the fixture once."""
   _check_cli_writes_glb_with_n_parts(checkpoints)
-  _check_generator_api_is_seeded(checkpoints)
+  _check_pipeline_is_seeded_and_takes_any_image_form(checkpoints)
   _check_errors_needing_a_checkpoint(checkpoints, tmp_path)
 
 
 def _check_cli_writes_glb_with_n_parts(checkpoints):
   out = str(checkpoints["root"] / "out")
-  summary = generate.run(checkpoints["dit"], checkpoints["image"], N, out, steps=STEPS, cfg=3.0,
+  summary = generate.run(checkpoints["dit"], checkpoints["image"], N, out, cfg=3.0,
                          seed=0, resolution=RES, batch_size=1)
+  assert (summary["steps"], summary["cfg"]) == (STEPS, 3.0)  # config.sample, then the flag
   d = os.path.join(out, "chair")
   for f in ("parts.glb", "preview.png", "router.png", "router.json", "latents.npy"):
     assert os.path.getsize(os.path.join(d, f)) > 0, f
@@ -85,17 +94,24 @@ def _check_cli_writes_glb_with_n_parts(checkpoints):
   assert Image.open(os.path.join(d, "preview.png")).size == (512, 256)
 
 
-def _check_generator_api_is_seeded(checkpoints):
-  gen = generate.load_generator(checkpoints["dit"], extract_kwargs={"resolution": RES})
-  images = generate.load_image(checkpoints["image"])[None]
-  a = gen.sample_latents(images, N, steps=STEPS, cfg=2.0, seed=1)[0]
-  b = gen.sample_latents(images, N, steps=STEPS, cfg=2.0, seed=1)[0]
-  c = gen.sample_latents(images, N, steps=STEPS, cfg=2.0, seed=2)[0]
-  d = gen.sample_latents(images, N, steps=STEPS, cfg=5.0, seed=1)[0]
+def _check_pipeline_is_seeded_and_takes_any_image_form(checkpoints):
+  pipe = pipeline.load_pipeline(checkpoints["dit"], extract_kwargs={"resolution": RES})
+  images = mio.load_image(checkpoints["image"])[None]
+  a = pipe.sample_latents(images, N, steps=STEPS, cfg_scale=2.0, seed=1)[0]
+  b = pipe.sample_latents(images, N, steps=STEPS, cfg_scale=2.0, seed=1)[0]
+  c = pipe.sample_latents(images, N, steps=STEPS, cfg_scale=2.0, seed=2)[0]
+  d = pipe.sample_latents(images, N, steps=STEPS, cfg_scale=5.0, seed=1)[0]
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(a, c) and not np.allclose(a, d)
   assert a.shape == (1, N, 16, 8)
-  result = gen.generate(images, N, steps=STEPS, cfg=1.0, seed=0)
+  # config.sample (steps=STEPS, cfg_scale=2) is the default; a path, one [H, W, 3] image and
+  # a list give the same latents
+  np.testing.assert_array_equal(pipe.sample_latents(checkpoints["image"], N, seed=1)[0], a)
+  np.testing.assert_array_equal(pipe.sample_latents(images[0], N, seed=1)[0], a)
+  np.testing.assert_array_equal(pipe.sample_latents([images[0]], N, seed=1)[0], a)
+  assert pipe.sample_settings() == {"steps": STEPS, "cfg_scale": 2.0, "method": "euler",
+                                    "time_shift": 1.0}
+  result = pipe(images, N, steps=STEPS, cfg_scale=1.0, seed=0)
   assert len(result.meshes) == 1 and len(result.meshes[0]) == N
   assert all(isinstance(m, trimesh.Trimesh) for m in result.meshes[0])
   assert result.routing["importances"].shape[-2:] == (N, N)
@@ -104,40 +120,43 @@ def _check_generator_api_is_seeded(checkpoints):
 
 def test_clear_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    generate.load_generator(str(tmp_path / "nope"))
+    pipeline.load_pipeline(str(tmp_path / "nope"))
   empty = tmp_path / "empty"
   empty.mkdir()
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    generate.load_generator(str(empty))
+    pipeline.load_pipeline(str(empty))
   # corrupt: a checkpoint step whose files are garbage
   bad = tmp_path / "bad" / "checkpoints" / "5"
   (bad / "config").mkdir(parents=True)
   (bad / "config" / "metadata").write_text("{not json")
-  with pytest.raises((ValueError, FileNotFoundError), match="bad"):
-    generate.load_generator(str(tmp_path / "bad"))
+  with pytest.raises(ValueError, match=r"corrupt or unreadable checkpoint config in \S+/bad/"
+                     r"checkpoints step 5"):
+    pipeline.load_pipeline(str(tmp_path / "bad"))
   text = tmp_path / "notes.png"
   text.write_text("hello")
-  with pytest.raises(ValueError, match="not an image"):
-    generate.load_image(str(text))
-  with pytest.raises(FileNotFoundError, match="no such image"):
-    generate.load_image(str(tmp_path / "missing.png"))
+  with pytest.raises(ValueError, match="notes.png: not an image"):
+    mio.load_image(str(text))
+  with pytest.raises(FileNotFoundError, match="missing.png: no such image"):
+    mio.load_image(str(tmp_path / "missing.png"))
   mask = np.zeros((8, 8), np.uint8)
   mask[:4] = 1
   mask[4:] = 2
-  generate.check_mask(mask, 2, (8, 8, 3))
+  pipeline.check_mask(mask, 2, (8, 8, 3))
   with pytest.raises(ValueError, match="do not match num_components=3"):
-    generate.check_mask(mask, 3, (8, 8, 3))
+    pipeline.check_mask(mask, 3, (8, 8, 3))
   with pytest.raises(ValueError, match="does not match the image"):
-    generate.check_mask(mask, 2, (9, 8, 3))
+    pipeline.check_mask(mask, 2, (9, 8, 3))
 
 
 def _check_errors_needing_a_checkpoint(checkpoints, tmp_path):
-  gen = generate.load_generator(checkpoints["dit"], extract_kwargs={"resolution": RES})
+  pipe = pipeline.load_pipeline(checkpoints["dit"], extract_kwargs={"resolution": RES})
   mask = np.ones((8, 8), np.uint8)
   with pytest.raises(ValueError, match="only for scene models"):
-    gen.sample_latents(np.zeros((1, 8, 8, 3), np.uint8), 1, masks=mask[None])
+    pipe.sample_latents(np.zeros((1, 8, 8, 3), np.uint8), 1, masks=mask[None])
   with pytest.raises(ValueError, match="expected uint8"):
-    gen.sample_latents(np.zeros((1, 8, 8), np.uint8), 2)
+    pipe.sample_latents(np.zeros((1, 8, 8), np.uint8), 2)
+  with pytest.raises(ValueError, match=r"num_components=99 must be in 1\.\.\d+"):
+    pipe.sample_latents(np.zeros((1, 8, 8, 3), np.uint8), 99)
   # batch mode: the non-image file is skipped and reported, the good one generated
   folder = tmp_path / "imgs"
   folder.mkdir()
@@ -152,7 +171,7 @@ def _check_errors_needing_a_checkpoint(checkpoints, tmp_path):
 def test_scene_conditions_layout():
   img = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(1, 4, 4, 3)
   mask = np.array([[[1, 1, 2, 2]] * 4], np.uint8)
-  cond = generate.scene_conditions(img, mask, 2)
+  cond = pipeline.scene_conditions(img, mask, 2)
   assert cond.shape == (1, 2, 4, 4, 7) and cond.dtype == np.uint8
   np.testing.assert_array_equal(cond[0, 0, :, :2, :3], img[0, :, :2])      # instance pixels
   np.testing.assert_array_equal(cond[0, 0, :, 2:, :3], 255)                # on white

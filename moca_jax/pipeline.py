@@ -1,0 +1,461 @@
+"""Image -> compositional 3D: the inference pipeline of a trained DiT and its VAE.
+
+  from moca_jax.pipeline import Pipeline
+  pipe = Pipeline.from_checkpoint("outputs/dit")       # a train_dit workdir
+  out = pipe("chair.png", num_components=4)            # or uint8 [H, W, 3], [B, H, W, 3], a list
+  out.meshes[0][i]      # trimesh.Trimesh of part i of image 0
+  out.latents           # [B, N, L, C] float32
+  out.routing           # {'importances': [B, G, H, N, N], 'selections': [B, G, H, N, k]}
+  pipe(room, num_components=5, masks=room_ids)         # scene model: instance ids 1..N
+
+The DiT checkpoint's stored config names its image encoder (config.model.encoder, whose
+weights are in the DiT checkpoint) and its VAE (config.vae.workdir, a train_vae workdir), so
+one directory builds the whole pipeline. Steps inside `__call__`:
+  1. `preprocess`: each image (and scene mask) to the encoder's square size; scenes become
+     MIDI's per-instance 7-channel conditions (`scene_conditions`)
+  2. `sample_latents`: image encoder + rectified-flow ODE with classifier-free guidance, the
+     whole loop one jitted `lax.scan` (moca_jax.flow.sample), routing maps of the last step
+  3. `decode`: VAE decoder + coarse-to-fine marching cubes (moca_jax.extract), one mesh per
+     component
+Sampling defaults (steps, cfg_scale, method, time_shift) are the checkpoint's config.sample;
+arguments of `__call__` override them. `write_outputs` writes one result as files (GLB with
+one node per part, preview, router maps, latents). experiments/generate.py, evaluate.py,
+demo.py and ablations.py are front-ends of this module.
+
+Errors: FileNotFoundError (missing checkpoint, VAE or image) and ValueError (corrupt or
+mismatched checkpoints, bad inputs), each naming the path or the input.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import trimesh
+
+from moca_jax import checkpointing, dit_task, flow
+from moca_jax import io as mio
+from moca_jax.dit import DiTSpec
+
+Array = jax.Array
+PyTree = Any
+ImageInput = Union[str, os.PathLike, np.ndarray, Sequence[Any]]
+
+# Sampling settings used when neither the call nor the checkpoint's config.sample gives one.
+SAMPLE_DEFAULTS = {"steps": 50, "cfg_scale": 7.0, "method": "euler", "time_shift": 1.0}
+
+
+# ----------------------------------------------------------------------------------------
+# Sampling: the one function that runs the flow ODE
+# ----------------------------------------------------------------------------------------
+
+def sample_latents(model: dit_task.ImageConditionedDiT, params: PyTree, images: Array,
+                   rng: Array, *, num_components: int, component_mask: Optional[Array] = None,
+                   steps: int = 50, cfg_scale: Optional[float] = 7.0, method: str = "euler",
+                   time_shift: float = 1.0, return_routing: bool = True
+                   ) -> tuple[Array, dict]:
+  """Generates component latents for preprocessed images.
+
+  Jit the whole function with `num_components`, `steps`, `method`, `time_shift` and
+  `return_routing` static: the ODE loop is one `lax.scan` (moca_jax.flow.sample), with CFG
+  as one batched pass over [conditional; null condition].
+
+  Args:
+    images: preprocessed float32 [B, S, S, C] (objects) or [B, N, S, S, C] (scenes).
+    rng: key of the starting noise.
+    component_mask: [B, N] bool (default all True).
+    cfg_scale: guidance scale (None: no guidance, one pass per step).
+  Returns:
+    (latents [B, N, L, C], routing) where routing is the DiT aux {'importances'
+    [B, G, H, N, N], 'selections' [B, G, H, N, k]} of the conditional model on the final
+    sample at the last step's time 1 / steps (empty dict when return_routing is False).
+  """
+  spec = model.config.dit
+  variables = {"params": params}
+  b = images.shape[0]
+  mask = (jnp.ones((b, num_components), bool) if component_mask is None
+          else component_mask.astype(bool))
+  ids = jnp.broadcast_to(jnp.arange(num_components, dtype=jnp.int32), (b, num_components))
+  cond = model.apply(variables, images, method=dit_task.ImageConditionedDiT.encode)
+
+  def velocity_fn(x, t, c):
+    reps = x.shape[0] // b
+    return model.apply(variables, x, t, c, jnp.tile(mask, (reps, 1)), jnp.tile(ids, (reps, 1)),
+                       train=False, method=dit_task.ImageConditionedDiT.velocity)
+
+  shape = (b, num_components, spec.latent_tokens, spec.latent_channels)
+  z = flow.sample(velocity_fn, rng, shape, cond, steps=steps, method=method,
+                  cfg_scale=cfg_scale, time_shift=time_shift)
+  routing = {}
+  if return_routing:
+    _, routing = model.apply(variables, z, jnp.full((b,), 1.0 / steps), cond, mask, ids,
+                             train=False, return_routing=True,
+                             method=dit_task.ImageConditionedDiT.velocity)
+  return z, routing
+
+
+# ----------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------
+
+def check_mask(mask: np.ndarray, num_components: int, image_shape: Sequence[int],
+               name: str = "masks") -> None:
+  """A scene mask must hold exactly the ids 1..N (0 = background) at the image's size.
+
+  Raises ValueError naming `name`.
+  """
+  if mask.shape != tuple(image_shape[:2]):
+    raise ValueError(f"{name}: mask shape {mask.shape} does not match the image "
+                     f"{tuple(image_shape[:2])}")
+  ids = sorted(int(i) for i in np.unique(mask) if i != 0)
+  if ids != list(range(1, num_components + 1)):
+    raise ValueError(f"{name}: instance ids {ids} do not match num_components="
+                     f"{num_components} (expected 1..{num_components})")
+
+
+def scene_conditions(images: np.ndarray, masks: np.ndarray, num_components: int) -> np.ndarray:
+  """[B, H, W, 3] + instance ids [B, H, W] -> [B, N, H, W, 7] (MIDI layout: instance on
+  white, whole image, binary mask * 255), the data loader's per-instance condition."""
+  from data_pipeline.loader import instance_conditions  # pylint: disable=g-import-not-at-top
+  return np.stack([instance_conditions(im, m, num_components) for im, m in zip(images, masks)])
+
+
+def masks_to_ids(masks: np.ndarray) -> np.ndarray:
+  """Instance masks bool [N, H, W] -> instance-id image uint8 [H, W] (0 = none, i + 1 =
+  instance i; where masks overlap the later instance wins), the form the pipeline takes."""
+  masks = np.asarray(masks, bool)
+  if masks.ndim != 3:
+    raise ValueError(f"masks: expected [N, H, W], got shape {masks.shape}")
+  ids = np.zeros(masks.shape[1:], np.uint8)
+  for i, m in enumerate(masks):
+    ids[m] = i + 1
+  return ids
+
+
+def _as_image_list(images: ImageInput) -> list[np.ndarray]:
+  """A path, uint8 [H, W, 3], [B, H, W, 3] or a sequence of paths / [H, W, 3] -> list of
+  uint8 [H, W, 3]."""
+  if isinstance(images, (str, os.PathLike)):
+    return [mio.load_image(images)]
+  if not isinstance(images, (list, tuple)):
+    arr = np.asarray(images)
+    if arr.ndim == 3:
+      arr = arr[None]
+    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+      raise ValueError(f"images: expected uint8 [H, W, 3] or [B, H, W, 3], got {arr.dtype} "
+                       f"{arr.shape}")
+    return list(arr)
+  out = []
+  for i, im in enumerate(images):
+    if isinstance(im, (str, os.PathLike)):
+      out.append(mio.load_image(im))
+      continue
+    arr = np.asarray(im)
+    if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+      raise ValueError(f"images[{i}]: expected uint8 [H, W, 3], got {arr.dtype} {arr.shape}")
+    out.append(arr)
+  if not out:
+    raise ValueError("images: no image given")
+  return out
+
+
+def _resize(arr: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if arr.shape[:2] == (size, size):
+    return arr
+  method = Image.NEAREST if nearest else Image.BILINEAR
+  return np.asarray(Image.fromarray(arr).resize((size, size), method))
+
+
+# ----------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PipelineOutput:
+  latents: np.ndarray     # [B, N, L, C] float32
+  meshes: list            # [B][N] trimesh.Trimesh (possibly empty meshes)
+  routing: dict           # importances [B, G, H, N, N], selections [B, G, H, N, k]
+
+
+class Pipeline:
+  """A trained DiT (EMA params, image encoder included) + its VAE: image(s) -> parts.
+
+  Build it with `Pipeline.from_checkpoint` (or `load_pipeline`, cached); the constructor
+  takes already loaded models, so weights from elsewhere (e.g. converted published
+  checkpoints) plug in the same way: `config` is a DiT config (model.encoder, model.dit,
+  sample), `params` the ImageConditionedDiT params, `vae_model` / `vae_params` a VecSetVAE
+  and its {'params': ...} tree.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, params: PyTree, vae_model: Any,
+               vae_params: PyTree, extract_kwargs: Optional[dict] = None):
+    self.config = config
+    self.params = params
+    self.model = dit_task.ImageConditionedDiT(config.model)
+    self.vae_model = vae_model
+    self.vae_params = vae_params
+    self.extract_kwargs = dict(resolution=64, fine_resolution=None, chunk_size=32768)
+    self.extract_kwargs.update(extract_kwargs or {})
+    self._sample = jax.jit(
+        functools.partial(sample_latents, self.model),
+        static_argnames=("num_components", "steps", "method", "time_shift", "return_routing"))
+
+  # --- properties of the checkpoint ---------------------------------------------------
+
+  @property
+  def scene(self) -> bool:
+    """True for a scene model (7-channel encoder input; needs instance masks)."""
+    return self.config.model.encoder.in_channels == 7
+
+  @property
+  def image_size(self) -> int:
+    return int(self.config.model.encoder.image_size)
+
+  @property
+  def max_components(self) -> int:
+    """The most components one call may ask for (the DiT's component-ID codebook)."""
+    return int(self.config.model.dit.id_codebook)
+
+  @property
+  def global_blocks(self) -> list[int]:
+    """Indices of the DiT blocks with MoC global attention (the routing maps' G axis)."""
+    spec = DiTSpec.from_config(self.config.model.dit)
+    return list(spec.global_block_ids()) if spec.global_attention == "moc" else []
+
+  def sample_settings(self, **overrides: Any) -> dict:
+    """steps, cfg_scale, method, time_shift: overrides (those not None), else the
+    checkpoint's config.sample, else SAMPLE_DEFAULTS."""
+    stored = self.config.get("sample", None) or {}
+    out = {k: stored.get(k, v) for k, v in SAMPLE_DEFAULTS.items()}
+    out.update({k: v for k, v in overrides.items() if v is not None})
+    return out
+
+  # --- the steps ----------------------------------------------------------------------
+
+  def preprocess(self, images: ImageInput, num_components: int,
+                 masks: Optional[Any] = None) -> np.ndarray:
+    """Images (+ scene masks) -> the encoder's uint8 input at image_size x image_size:
+    [B, S, S, 3] for objects, [B, N, S, S, 7] for scenes (see `scene_conditions`).
+
+    Raises ValueError for a wrong number of components, a mask on an object model, a
+    missing mask on a scene model or a mask whose ids are not 1..N.
+    """
+    if not 1 <= num_components <= self.max_components:
+      raise ValueError(f"num_components={num_components} must be in 1..{self.max_components}")
+    ims = _as_image_list(images)
+    size = self.image_size
+    if not self.scene:
+      if masks is not None:
+        raise ValueError("masks are only for scene models (7-channel encoder); this "
+                         "checkpoint is an object model")
+      return np.stack([_resize(im, size) for im in ims])
+    if masks is None:
+      raise ValueError("this is a scene model: give instance masks (ids 1..N) per image")
+    ms = [mio.load_mask(m) if isinstance(m, (str, os.PathLike)) else np.asarray(m, np.uint8)
+          for m in (masks if isinstance(masks, (list, tuple)) or np.ndim(masks) == 3
+                    else [masks])]
+    if len(ms) != len(ims):
+      raise ValueError(f"masks: {len(ms)} masks for {len(ims)} images")
+    small_ims, small_ms = [], []
+    for i, (im, m) in enumerate(zip(ims, ms)):
+      check_mask(m, num_components, im.shape, name=f"masks[{i}]")
+      small_ims.append(_resize(im, size))
+      small_ms.append(_resize(m, size, nearest=True))
+      check_mask(small_ms[-1], num_components, (size, size),
+                 name=f"masks[{i}] at the encoder's {size}x{size}")
+    return scene_conditions(np.stack(small_ims), np.stack(small_ms), num_components)
+
+  def sample_latents(self, images: ImageInput, num_components: int, masks: Optional[Any] = None,
+                     *, steps: Optional[int] = None, cfg_scale: Optional[float] = None,
+                     method: Optional[str] = None, seed: int = 0
+                     ) -> tuple[np.ndarray, dict]:
+    """Images -> (latents [B, N, L, C], routing) as numpy (see `sample_latents`)."""
+    cond_images = self.preprocess(images, num_components, masks)
+    s = self.sample_settings(steps=steps, cfg_scale=cfg_scale, method=method)
+    prepared = dit_task.prepare_images(jnp.asarray(cond_images), self.config.model.encoder)
+    z, routing = self._sample(self.params, prepared, jax.random.PRNGKey(seed),
+                              num_components=num_components, steps=int(s["steps"]),
+                              cfg_scale=jnp.float32(s["cfg_scale"]), method=str(s["method"]),
+                              time_shift=float(s["time_shift"]), return_routing=True)
+    return np.asarray(z), jax.tree.map(np.asarray, routing)
+
+  def decode(self, latents: np.ndarray) -> list:
+    """Latents [B, N, L, C] -> [B][N] meshes (VAE decode + coarse-to-fine marching cubes)."""
+    from moca_jax.extract import extract_vae_meshes  # pylint: disable=g-import-not-at-top
+    b, n = latents.shape[:2]
+    flat = jnp.asarray(latents.reshape(b * n, *latents.shape[2:]))
+    meshes = extract_vae_meshes(self.vae_model, self.vae_params, flat, **self.extract_kwargs)
+    return [meshes[i * n:(i + 1) * n] for i in range(b)]
+
+  def __call__(self, images: ImageInput, num_components: int, masks: Optional[Any] = None, *,
+               steps: Optional[int] = None, cfg_scale: Optional[float] = None,
+               method: Optional[str] = None, seed: int = 0) -> PipelineOutput:
+    """Image(s) -> PipelineOutput(latents [B, N, L, C], meshes [B][N], routing).
+
+    images: a path, uint8 [H, W, 3], [B, H, W, 3] or a sequence of paths / [H, W, 3] (any
+    sizes); masks (scene models): instance-id images [H, W] (0 background, 1..N), one per
+    image, as arrays or paths. steps / cfg_scale / method default to the checkpoint's
+    config.sample; `seed` fixes the starting noise.
+    """
+    z, routing = self.sample_latents(images, num_components, masks, steps=steps,
+                                     cfg_scale=cfg_scale, method=method, seed=seed)
+    return PipelineOutput(latents=z, meshes=self.decode(z), routing=routing)
+
+  # --- loading --------------------------------------------------------------------------
+
+  @classmethod
+  def from_checkpoint(cls, checkpoint_dir: str, step: Optional[int] = None,
+                      vae_workdir: Optional[str] = None,
+                      extract_kwargs: Optional[dict] = None) -> "Pipeline":
+    """Loads a train_dit checkpoint (EMA params) and the VAE its config names (or
+    `vae_workdir`). Raises FileNotFoundError / ValueError naming the path."""
+    ckpt = resolve_checkpoint_dir(checkpoint_dir)
+    cfg_dict, step = checkpointing.read_checkpoint_config(ckpt, step)
+    return _load(cls, ckpt, cfg_dict, step, vae_workdir, extract_kwargs)
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+  """A train_dit workdir or its checkpoints/ folder -> the orbax checkpoints folder."""
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: checkpoint directory does not exist")
+  sub = os.path.join(path, "checkpoints")
+  return sub if os.path.isdir(sub) else path
+
+
+def _abstract_dit_params(model: dit_task.ImageConditionedDiT, config) -> PyTree:
+  enc, dit = config.model.encoder, config.model.dit
+  s = enc.image_size
+  images = (jnp.zeros((1, 2, s, s, enc.in_channels)) if enc.in_channels == 7
+            else jnp.zeros((1, s, s, enc.in_channels)))
+  x = jnp.zeros((1, 2, dit.latent_tokens, dit.latent_channels))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, x, jnp.zeros((1,)),
+                                             jnp.ones((1, 2), bool))["params"])
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
+                      nn.meta.unbox(shapes))
+
+
+def check_vae_pairing(vae_config, dit_config, vae_dir: str) -> None:
+  """The VAE must decode the DiT's latents: same tokens L and channels C.
+
+  Raises ValueError naming the VAE workdir and the differing fields.
+  """
+  vm, dm = vae_config.model, dit_config.model.dit
+  diffs = [f"{name} {a} vs {b}" for name, a, b in (
+      ("latent tokens", vm.num_latents, dm.latent_tokens),
+      ("latent channels", vm.latent_channels, dm.latent_channels)) if a != b]
+  if diffs:
+    raise ValueError(f"VAE {vae_dir} does not match the DiT: {', '.join(diffs)} (VAE vs DiT)")
+
+
+def _load(cls, ckpt: str, cfg_dict: dict, step: int, vae_workdir: Optional[str],
+          extract_kwargs: Optional[dict]) -> Pipeline:
+  from moca_jax.vae_task import load_vae  # pylint: disable=g-import-not-at-top
+  try:
+    config = ml_collections.ConfigDict(cfg_dict)
+    model = dit_task.ImageConditionedDiT(config.model)
+    abstract = _abstract_dit_params(model, config)
+  except Exception as e:  # pylint: disable=broad-except  (any malformed stored config)
+    raise ValueError(f"{ckpt}: checkpoint config is not a DiT config ({e})") from e
+  params = checkpointing.restore_params(ckpt, abstract, step, item="ema")
+  vae_dir = vae_workdir or config.get("vae", {}).get("workdir", "")
+  if not vae_dir:
+    raise FileNotFoundError(f"{ckpt}: its config names no VAE (vae.workdir is empty); pass "
+                            "the VAE workdir explicitly (--vae)")
+  try:
+    vae_model, vae_params, vae_cfg = load_vae(vae_dir)
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"{vae_dir}: cannot load the VAE checkpoint ({type(e).__name__}: {e})") from e
+  check_vae_pairing(vae_cfg, config, vae_dir)
+  return cls(config, params, vae_model, vae_params, extract_kwargs)
+
+
+_CACHE: dict = {}
+
+
+def load_pipeline(checkpoint_dir: str, step: Optional[int] = None,
+                  vae_workdir: Optional[str] = None, extract_kwargs: Optional[dict] = None,
+                  cache: bool = True) -> Pipeline:
+  """`Pipeline.from_checkpoint`, cached: a pipeline already loaded for the same (checkpoint
+  dir, step, VAE, extraction settings) is returned again, compiled sampler included."""
+  ckpt = resolve_checkpoint_dir(checkpoint_dir)
+  cfg_dict, step = checkpointing.read_checkpoint_config(ckpt, step)
+  key = (ckpt, step, vae_workdir, json.dumps(extract_kwargs or {}, sort_keys=True))
+  if cache and key in _CACHE:
+    return _CACHE[key]
+  pipe = _load(Pipeline, ckpt, cfg_dict, step, vae_workdir, extract_kwargs)
+  if cache:
+    _CACHE[key] = pipe
+  return pipe
+
+
+# ----------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------
+
+def parts_scene(meshes: Sequence[Optional[trimesh.Trimesh]]) -> tuple[trimesh.Scene, list[int]]:
+  """A scene with one node per non-empty part (named part_XX, coloured); returns also the
+  indices of the empty parts that were left out."""
+  from moca_jax.viz import part_colour  # pylint: disable=g-import-not-at-top
+  scene = trimesh.Scene()
+  empty = []
+  for i, m in enumerate(meshes):
+    if m is None or len(m.faces) == 0:
+      empty.append(i)
+      continue
+    part = trimesh.Trimesh(vertices=np.asarray(m.vertices), faces=np.asarray(m.faces),
+                           process=False)
+    rgba = np.append(np.round(part_colour(i)[:3] * 255), 255).astype(np.uint8)
+    part.visual = trimesh.visual.ColorVisuals(part,
+                                              face_colors=np.tile(rgba, (len(part.faces), 1)))
+    scene.add_geometry(part, node_name=f"part_{i:02d}", geom_name=f"part_{i:02d}")
+  return scene, empty
+
+
+def write_outputs(out_dir: str, meshes: Sequence[trimesh.Trimesh], latents: np.ndarray,
+                  routing: dict, image: Optional[np.ndarray] = None,
+                  global_blocks: Optional[Sequence[int]] = None) -> dict:
+  """Writes one result into out_dir (each file atomically, moca_jax.io):
+    parts.glb      one node per non-empty component, named part_00.., each its own colour
+    preview.png    ray-cast render of the coloured parts (input image on the left if given)
+    router.png     router importances (per head) of the last MoC block, selections outlined
+    router.json    importances [G, H, N, N] and selections [G, H, N, k] of all MoC blocks
+    latents.npy    the sampled latents [N, L, C]
+  Returns a summary {'num_components', 'empty_parts', 'files'}.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from moca_jax import viz  # pylint: disable=g-import-not-at-top
+  scene, empty = parts_scene(meshes)
+  summary = {"num_components": len(meshes), "empty_parts": empty, "files": []}
+  if len(scene.geometry):
+    mio.atomic_write_bytes(os.path.join(out_dir, "parts.glb"), scene.export(file_type="glb"))
+    summary["files"].append("parts.glb")
+  preview = viz.render_parts(list(meshes), size=256)
+  if image is not None:
+    im = Image.fromarray(np.asarray(image)[..., :3]).resize((256, 256))
+    preview = np.concatenate([np.asarray(im), preview], axis=1)
+  mio.write_png(os.path.join(out_dir, "preview.png"), preview)
+  summary["files"].append("preview.png")
+  imp, sel = routing.get("importances"), routing.get("selections")
+  if imp is not None and imp.shape[0] > 0:
+    viz.router_heatmap_png(imp[-1], sel[-1], os.path.join(out_dir, "router.png"),
+                           title="router importance, last MoC block (red: selected)")
+    summary["files"].append("router.png")
+  router = {"importances": None if imp is None else np.round(imp, 5),
+            "selections": sel, "global_blocks": list(global_blocks or []),
+            "layout": "importances [G, H, N, N] (query i, key j); selections [G, H, N, k]"}
+  mio.write_json(os.path.join(out_dir, "router.json"), router, indent=None)
+  mio.write_npy(os.path.join(out_dir, "latents.npy"), latents)
+  summary["files"] += ["router.json", "latents.npy"]
+  return summary
