@@ -5,8 +5,8 @@ r"""The paper's Table 3 ablation study, plus the dense global-attention baseline
 
 Every variant is the SAME config (data, steps, seeds, sizes) with one field of
 config.model.dit changed (see VARIANTS); each is trained with
-experiments.train_dit.train_and_evaluate(config, workdir/<variant>), then evaluated on a
-held-out procedural split with experiments.evaluate (generation -> CD, F-score@0.1/0.05,
+moca_jax.dit_task.train_and_evaluate(config, workdir/<variant>), then evaluated on a
+held-out procedural split with moca_jax.evaluation and moca_jax.pipeline (generation -> CD, F-score@0.1/0.05,
 self-IoU). Writes into --workdir:
   table3.md        Table-3-shaped markdown (the variant's switches, then the metrics, then
                    the training helper's own scalar results, e.g. its validation loss)
@@ -29,6 +29,9 @@ import sys
 import time
 import traceback
 from typing import Callable, Dict, List, Optional, Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
 
 from moca_jax import io as mio
 
@@ -161,14 +164,14 @@ def summarize_training(result, workdir: str) -> Dict[str, float]:
 
 
 def make_train_fn(show_progress: bool = True, eval_batches: int = 2, mesh=None) -> Callable:
-  """train_fn(config, workdir) -> scalars, via experiments.train_dit.train_and_evaluate.
+  """train_fn(config, workdir) -> scalars, via moca_jax.dit_task.train_and_evaluate.
 
-  mesh: a jax.sharding.Mesh for training (default: train_dit's, from config.mesh).
+  mesh: a jax.sharding.Mesh for training (default: dit_task's, from config.mesh).
   """
   def train_fn(config, workdir):
-    from experiments import train_dit  # pylint: disable=g-import-not-at-top
-    res = train_dit.train_and_evaluate(config, workdir, show_progress=show_progress,
-                                       eval_batches=eval_batches, mesh=mesh)
+    from moca_jax import dit_task  # pylint: disable=g-import-not-at-top
+    res = dit_task.train_and_evaluate(config, workdir, show_progress=show_progress,
+                                      eval_batches=eval_batches, mesh=mesh)
     return summarize_training(res, workdir)
   return train_fn
 
@@ -183,9 +186,9 @@ def make_generation_eval_fn(split: str = 'test_tiny', limit: Optional[int] = Non
   """
   def eval_fn(config, workdir):
     del config
-    from experiments import evaluate as E  # pylint: disable=g-import-not-at-top
+    from moca_jax import evaluation as E  # pylint: disable=g-import-not-at-top
     items = E.items_from_split(split, kind, limit, image_size)
-    predict = E.generator_predict_fn(workdir, steps=steps, cfg=cfg_scale, seed=seed)
+    predict = E.pipeline_predict_fn(workdir, steps=steps, cfg=cfg_scale, seed=seed)
     settings = E.MetricSettings(num_samples=num_samples, seed=seed,
                                 voxel_resolution=voxel_resolution)
     res = E.evaluate_items(items, predict, settings)
@@ -202,7 +205,7 @@ def run_ablations(base_config, workdir: str, variants: Sequence[str] = DEFAULT_O
                   train_keys: Optional[Sequence[str]] = None) -> dict:
   """Trains and evaluates every variant; writes table3.md and ablations.json in workdir.
 
-  train_fn(config, workdir) -> dict of scalars (default `make_train_fn()`: train_dit);
+  train_fn(config, workdir) -> dict of scalars (default `make_train_fn()`: dit_task);
   eval_fn(config, workdir) -> mean metrics dict or None (default: none, keep the training
   helper's own evaluation). train_keys: scalar entries of the training result to show as
   table columns (default: every scalar key whose name contains 'loss', up to 3).
@@ -266,29 +269,10 @@ def run_ablations(base_config, workdir: str, variants: Sequence[str] = DEFAULT_O
   return {'results': results, 'table': header + table}
 
 
-def main(argv):
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  f = flags.FLAGS
-  variants = [v.strip() for v in f.variants.split(',') if v.strip()]
-  eval_fn = None
-  if f.eval_split:
-    if not f.config.vae.get('workdir'):
-      raise ValueError('--config.vae.workdir is empty: evaluating by generation needs the '
-                       "VAE; set it, or pass --eval_split='' to keep only the training "
-                       'evaluation (flow loss)')
-    eval_fn = make_generation_eval_fn(f.eval_split, f.eval_limit, f.eval_kind, f.eval_steps,
-                                      f.eval_cfg, f.eval_num_samples, f.eval_voxel_resolution,
-                                      seed=f.config.seed)
-  out = run_ablations(f.config, f.workdir, variants, eval_fn=eval_fn)
-  print(out['table'])
-
-
-if __name__ == '__main__':
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+def define_flags() -> None:
   config_flags.DEFINE_config_file('config', 'experiments/configs/dit.py:tiny',
-                                  'Base DiT training config (all variants share it).')
+                                  'Base DiT training config (all variants share it).',
+                                  lock_config=False)
   flags.DEFINE_string('workdir', 'outputs/ablations', 'Output folder.')
   flags.DEFINE_string('variants', ','.join(DEFAULT_ORDER), 'Comma list of ' +
                       '/'.join(VARIANTS))
@@ -300,4 +284,26 @@ if __name__ == '__main__':
   flags.DEFINE_float('eval_cfg', 7.0, 'CFG scale at evaluation.')
   flags.DEFINE_integer('eval_num_samples', 100_000, 'Surface samples per shape.')
   flags.DEFINE_integer('eval_voxel_resolution', 64, 'Self-IoU grid.')
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError('Too many command-line arguments.')
+  f = flags.FLAGS
+  variants = [v.strip() for v in f.variants.split(',') if v.strip()]
+  eval_fn = None
+  if f.eval_split:
+    if not f.config.vae.get('workdir'):
+      raise app.UsageError('--config.vae.workdir is empty: evaluating by generation needs '
+                           "the VAE; set it, or pass --eval_split='' to keep only the "
+                           'training evaluation (flow loss)')
+    eval_fn = make_generation_eval_fn(f.eval_split, f.eval_limit, f.eval_kind, f.eval_steps,
+                                      f.eval_cfg, f.eval_num_samples, f.eval_voxel_resolution,
+                                      seed=f.config.seed)
+  out = run_ablations(f.config, f.workdir, variants, eval_fn=eval_fn)
+  print(out['table'])
+
+
+if __name__ == '__main__':
+  define_flags()
   app.run(main)

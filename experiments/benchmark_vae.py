@@ -36,19 +36,22 @@ from moca_jax import io as mio
 from moca_jax.fps import farthest_point_sampling
 from moca_jax.vae import VecSetVAE, count_params, init_vae, vae_config
 
-flags.DEFINE_string("size", "triposg-1024", "VAE size (moca_jax.vae.vae_config).")
-flags.DEFINE_string("dtype", "auto", "Compute dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.")
-flags.DEFINE_string("attention", "auto", "Attention implementation: auto, xla, cudnn.")
-flags.DEFINE_integer("batch", 8, "Components per encode/decode call.")
-flags.DEFINE_integer("num_points", 8192, "Surface points per component for the encoder.")
-flags.DEFINE_integer("num_queries", 65536, "Queries per component for the query benchmark.")
-flags.DEFINE_integer("chunk_size", 65536, "Queries per decoder call in extraction.")
-flags.DEFINE_integer("resolution", 256, "Coarse extraction grid (cells per axis).")
-flags.DEFINE_integer("fine_resolution", 512, "Refined band resolution (0: skip).")
-flags.DEFINE_integer("repeats", 5, "Timed repeats (median reported).")
-flags.DEFINE_integer("extract_repeats", 2, "Timed repeats for extraction.")
-flags.DEFINE_string("out", "experiments/results/vae_benchmark", "Output path stem (.json, .md).")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("size", "triposg-1024", "VAE size (moca_jax.vae.vae_config).")
+  flags.DEFINE_string("dtype", "auto", "Compute dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.")
+  flags.DEFINE_string("attention", "auto", "Attention implementation: auto, xla, cudnn.")
+  flags.DEFINE_integer("batch", 8, "Components per encode/decode call.")
+  flags.DEFINE_integer("num_points", 8192, "Surface points per component for the encoder.")
+  flags.DEFINE_integer("num_queries", 65536, "Queries per component for the query benchmark.")
+  flags.DEFINE_integer("chunk_size", 65536, "Queries per decoder call in extraction.")
+  flags.DEFINE_integer("resolution", 256, "Coarse extraction grid (cells per axis).")
+  flags.DEFINE_integer("fine_resolution", 512, "Refined band resolution (0: skip).")
+  flags.DEFINE_integer("repeats", 5, "Timed repeats (median reported).")
+  flags.DEFINE_integer("extract_repeats", 2, "Timed repeats for extraction.")
+  flags.DEFINE_string("out", "experiments/results/vae_benchmark", "Output path stem (.json, .md).")
 
 
 def _time(fn, repeats):
@@ -196,4 +199,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

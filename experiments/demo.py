@@ -23,15 +23,7 @@ import time
 
 from absl import app, flags, logging
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "outputs", "Where everything is written.")
-flags.DEFINE_integer("vae_steps", 1000, "VAE training steps.")
-flags.DEFINE_integer("dit_steps", 500, "DiT training steps.")
-flags.DEFINE_integer("eval_items", 3, "Held-out objects to generate and score.")
-flags.DEFINE_integer("sample_steps", 20, "Euler steps of the flow sampler.")
-flags.DEFINE_float("cfg", 3.0, "Classifier-free guidance scale.")
-flags.DEFINE_integer("eval_samples", 20_000, "Surface samples per shape for the metrics.")
-
+from moca_jax import io as mio
 
 def _banner(title: str) -> float:
   print(f"\n==== {title} " + "=" * max(0, 70 - len(title)), flush=True)
@@ -51,19 +43,19 @@ def build_data(workdir: str) -> dict:
 
 def train_vae(workdir: str, steps: int) -> str:
   """Stage 2: the tiny VAE; returns its workdir."""
-  from experiments import train_vae
   from experiments.configs import vae as vae_configs
+  from moca_jax import vae_task
   config = vae_configs.get_config("tiny")
   config.num_steps = steps
   vae_dir = os.path.join(workdir, "vae")
-  train_vae.train_and_evaluate(config, vae_dir)
+  vae_task.train_and_evaluate(config, vae_dir)
   return vae_dir
 
 
 def encode_latents(workdir: str, data_dir: str, vae_dir: str) -> str:
   """Stage 3: every part of the tiny split through the frozen VAE encoder."""
   from data_pipeline import encode_latents as enc
-  from experiments.train_vae import load_vae
+  from moca_jax.vae_task import load_vae
   model, params, vae_cfg = load_vae(vae_dir)
   out = os.path.join(workdir, "data", "tiny_latents")
   enc.encode_dataset(data_dir, out, enc.vae_encode_fn(model, params),
@@ -74,8 +66,8 @@ def encode_latents(workdir: str, data_dir: str, vae_dir: str) -> str:
 
 def train_dit(workdir: str, latents_dir: str, vae_dir: str, image_size: int, steps: int) -> str:
   """Stage 4: the tiny MoC DiT on the latent shards; returns its workdir."""
-  from experiments import train_dit
   from experiments.configs import dit as dit_configs
+  from moca_jax import dit_task
   config = dit_configs.get_config("tiny")
   config.data.dir = latents_dir
   config.data.image_size = image_size
@@ -84,34 +76,32 @@ def train_dit(workdir: str, latents_dir: str, vae_dir: str, image_size: int, ste
   config.optim.total_steps = steps
   config.checkpoint.every = steps
   dit_dir = os.path.join(workdir, "dit")
-  train_dit.train_and_evaluate(config, dit_dir)
+  dit_task.train_and_evaluate(config, dit_dir)
   return dit_dir
 
 
 def evaluate(workdir: str, dit_dir: str, image_size: int, items: int, steps: int, cfg: float,
              num_samples: int) -> dict:
   """Stage 5: generate from held-out renders, write GLB/PNG/router maps, score vs ground truth."""
-  from experiments import evaluate as ev
-  from experiments import generate
-  gen = generate.load_generator(dit_dir)
-  block_ids = generate._moc_block_ids(gen.config)  # pylint: disable=protected-access
+  from moca_jax import evaluation, pipeline
+  pipe = pipeline.load_pipeline(dit_dir)
   samples = []
 
-  def predict(item):
-    res = gen.generate(item.image[None], num_components=len(item.gt_parts), steps=steps,
-                       cfg=cfg, seed=0)
-    first = {k: v[0] for k, v in res.routing.items()}
+  def write_sample(item, res):
     out = os.path.join(workdir, "samples", item.name.replace("/", "_"))
-    generate.write_outputs(out, res.meshes[0], res.latents[0], first, item.image, block_ids)
+    first = {k: v[0] for k, v in res.routing.items()}
+    pipeline.write_outputs(out, res.meshes[0], res.latents[0], first, item.image,
+                           pipe.global_blocks)
     samples.append(out)
-    predict.last_routing = res.routing
-    return list(res.meshes[0])
 
-  predict.last_routing = None
-  test_items = ev.items_from_split("test_tiny", kind="object", limit=items, image_size=image_size)
-  result = ev.evaluate_items(test_items, predict, ev.MetricSettings(num_samples=num_samples))
-  written = ev.write_report(os.path.join(workdir, "eval"), result, kind="object",
-                            meta={"stage": "make demo (tiny, CPU)"})
+  predict = evaluation.pipeline_predict_fn(None, steps=steps, cfg=cfg, seed=0, pipe=pipe,
+                                           on_result=write_sample)
+  test_items = evaluation.items_from_split("test_tiny", kind="object", limit=items,
+                                           image_size=image_size)
+  result = evaluation.evaluate_items(test_items, predict,
+                                     evaluation.MetricSettings(num_samples=num_samples))
+  written = evaluation.write_report(os.path.join(workdir, "eval"), result, kind="object",
+                                    meta={"stage": "make demo (tiny, CPU)"})
   return {"mean": result["mean"], "skipped": result["skipped"], "written": written,
           "samples": samples}
 
@@ -139,9 +129,7 @@ def run_demo(workdir: str, vae_steps: int, dit_steps: int, eval_items: int, samp
   summary = {"data": data, "vae_dir": vae_dir, "latents_dir": latents_dir, "dit_dir": dit_dir,
              "metrics": ev["mean"], "skipped": ev["skipped"], "outputs": ev["written"],
              "samples": ev["samples"], "seconds": {k: round(v, 1) for k, v in timings.items()}}
-  with open(os.path.join(workdir, "summary.json.tmp"), "w") as f:
-    json.dump(summary, f, indent=1, default=str)
-  os.replace(os.path.join(workdir, "summary.json.tmp"), os.path.join(workdir, "summary.json"))
+  mio.write_json(os.path.join(workdir, "summary.json"), summary, indent=1)
   _print_table(summary)
   return summary
 
@@ -159,12 +147,25 @@ def _print_table(summary: dict) -> None:
   print("\noutputs:", json.dumps(summary["outputs"], indent=1, default=str))
 
 
-def main(argv):
-  del argv
+def define_flags() -> None:
+  flags.DEFINE_string("workdir", "outputs", "Where everything is written.")
+  flags.DEFINE_integer("vae_steps", 1000, "VAE training steps.")
+  flags.DEFINE_integer("dit_steps", 500, "DiT training steps.")
+  flags.DEFINE_integer("eval_items", 3, "Held-out objects to generate and score.")
+  flags.DEFINE_integer("sample_steps", 20, "Euler steps of the flow sampler.")
+  flags.DEFINE_float("cfg", 3.0, "Classifier-free guidance scale.")
+  flags.DEFINE_integer("eval_samples", 20_000, "Surface samples per shape for the metrics.")
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
   logging.set_verbosity(logging.WARNING)
-  run_demo(FLAGS.workdir, FLAGS.vae_steps, FLAGS.dit_steps, FLAGS.eval_items, FLAGS.sample_steps,
-           FLAGS.cfg, FLAGS.eval_samples)
+  f = flags.FLAGS
+  run_demo(f.workdir, f.vae_steps, f.dit_steps, f.eval_items, f.sample_steps, f.cfg,
+           f.eval_samples)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -1,4 +1,5 @@
-r"""Evaluates a generator the way the paper does (Tables 1 and 2), and benchmarks NN search.
+r"""Evaluates a checkpoint the way the paper does (Tables 1 and 2): a front-end of
+moca_jax.evaluation and moca_jax.pipeline; also benchmarks the NN search of the metrics.
 
 Usage:
   # Held-out procedural split (objects -> Table 1, scenes -> Table 2):
@@ -16,525 +17,28 @@ Usage:
   # Nearest-neighbour backends (scipy cKDTree vs chunked JAX) on this machine's CPU:
   python -m experiments.evaluate --benchmark_nn
 
-Generation cost on CPU (2 cores, tiny untrained checkpoint, 3 ODE steps): about a minute
-per item, mostly VAE decoding and marching cubes; use --limit for quick looks. Scenes give
-the generator the instance masks (as an id image) and always generate one component per
-instance; objects generate --num_components parts (default: the ground-truth count).
-
 Outputs in --out_dir: metrics.json (per item rows + mean), table.md (paper-shaped table),
 grid.png (input | generated parts | ground truth, first --grid_rows items), tb/ (TensorBoard
 scalars of the means). Items that fail (unreadable file, generation error) are skipped and
-listed under "skipped" in metrics.json and table.md.
-
-The metric, table and picture logic lives in plain functions (`evaluate_items`,
-`table1_markdown`, `table2_markdown`, `write_report`) that take any `predict_fn(item) ->
-list of trimesh parts`, so they are tested on ground truth vs perturbed meshes without a
-model. The model enters through `generator_predict_fn`, which calls the generation API of
-experiments/generate.py: `load_generator(checkpoint_dir) -> Generator` and
-`Generator.generate(images, num_components, masks=None, steps, cfg, seed) ->
-GenerationResult(meshes, latents, routing)`.
+listed under "skipped" in metrics.json and table.md. --steps and --cfg default to the
+checkpoint's config.sample. Bad arguments: one line on stderr, exit code 2.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import os
-import statistics
 import sys
-import time
-import traceback
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
-import trimesh
+from absl import app, flags
 
-from moca_jax import io as mio
+from moca_jax import evaluation as E
 from moca_jax import metrics as M
-from moca_jax import viz
-from moca_jax.machine import describe_host
-
-IMAGE_EXTS = ('.png', '.jpg', '.jpeg')
-
-
-# ---------------------------------------------------------------------------------------
-# Items
-# ---------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class EvalItem:
-  """One evaluation case.
-
-  name: identifier; kind: 'object' | 'scene'; gt_parts: N trimesh components (parts or
-  instances); image: uint8 [H,W,3] conditioning render (object: the object; scene: the
-  scene); masks: scenes only, bool [N,H,W] instance masks in component order.
-  """
-  name: str
-  kind: str
-  gt_parts: List[trimesh.Trimesh]
-  image: np.ndarray
-  masks: Optional[np.ndarray] = None
-  view: Optional[Tuple[float, float]] = None  # (azimuth, elevation) deg of the render
-
-
-def _render_condition(parts: Sequence[trimesh.Trimesh], kind: str, seed: int,
-                      size: int, colors: Optional[np.ndarray] = None,
-                      background=()):
-  """One conditioning view, rendered by the data pipeline: (rgb, masks | None, view)."""
-  from data_pipeline import render  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(seed)
-  if colors is None:
-    colors = (np.asarray([viz.part_colour(i) for i in range(len(parts))]) * 255).astype(
-        np.uint8)
-  if kind == 'object':  # framed as data_pipeline.make frames training views
-    radius = max(float(np.linalg.norm(np.asarray(m.vertices), axis=1).max()) for m in parts
-                 if not M.is_empty(m))
-    cams = render.object_cameras(rng, 1, radius=radius)
-  else:
-    cams = render.scene_cameras(rng, 1)
-  rgb, ids = render.render_views(list(parts), colors, cams, size=size, background=background)
-  masks = None
-  if kind == 'scene':
-    masks = np.stack([ids[0] == i + 1 for i in range(len(parts))])
-  return rgb[0], masks, _camera_view(cams[0].cam_to_world)
-
-
-def _camera_view(cam_to_world: np.ndarray) -> Tuple[float, float]:
-  """(azimuth, elevation) in degrees of a camera looking at the origin (y up)."""
-  eye = np.asarray(cam_to_world, np.float64)[:3, 3]
-  r = float(np.linalg.norm(eye))
-  return (float(np.degrees(np.arctan2(eye[0], eye[2]))),
-          float(np.degrees(np.arcsin(eye[1] / max(r, 1e-12)))))
-
-
-def items_from_split(split: str, kind: str = 'object', limit: Optional[int] = None,
-                     image_size: int = 224, base_seed: int = 0) -> Iterator[EvalItem]:
-  """Items of a procedural split (data_pipeline.procedural.split_items) of one kind.
-
-  The ground-truth component meshes are the parts' tessellations; the conditioning image is
-  one view rendered with data_pipeline.render (seeded by the item index).
-  """
-  from data_pipeline import procedural  # pylint: disable=g-import-not-at-top
-  if kind not in ('object', 'scene'):
-    raise ValueError(f"kind: expected 'object' or 'scene', got {kind!r}")
-  items = procedural.split_items(split, base_seed=base_seed, kinds=(kind,))
-  for it in items[:limit]:
-    sample = it.generate()
-    parts = [p.to_mesh() for p in sample.parts]
-    rgb, masks, view = _render_condition(parts, kind, seed=it.index, size=image_size,
-                                         colors=sample.colors, background=sample.background)
-    yield EvalItem(name=it.key, kind=kind, gt_parts=parts, image=rgb, masks=masks, view=view)
-
-
-def _companion(path: str, suffixes: Sequence[str]) -> Optional[str]:
-  """NAME.ext -> NAME<suffix> if it exists; a folder -> folder/render<suffix>."""
-  stem = os.path.join(path, 'render') if os.path.isdir(path) else os.path.splitext(path)[0]
-  return next((stem + e for e in suffixes if os.path.isfile(stem + e)), None)
-
-
-def items_from_glb_dir(folder: str, kind: str = 'object', limit: Optional[int] = None,
-                       image_size: int = 224, skipped: Optional[list] = None
-                       ) -> Iterator[EvalItem]:
-  """Items from a folder of user meshes, read by the data pipeline's ingestion.
-
-  Inputs are those of data_pipeline.ingest.list_inputs: each NAME.glb/.gltf/.obj/.ply is an
-  object whose geometries are its parts; each sub-folder is an object of per-part files.
-  Optional companions: NAME.png/.jpg (folder: render.png) is the conditioning render, else
-  one is rendered here as the data pipeline renders training views; scenes: NAME.masks.npy
-  (folder: render.masks.npy), [N,H,W] bool in part order, else rendered with the image.
-  The parts are ingested like training data (normalised, > 32 parts merged; the overlap
-  filter is off). Bad inputs are skipped and appended to `skipped` as {'name', 'reason'}
-  (or raised when skipped is None).
-  """
-  from data_pipeline import ingest  # pylint: disable=g-import-not-at-top
-  inputs = ingest.list_inputs(folder)
-  if not inputs:
-    raise FileNotFoundError(f'{folder}: no {"/".join(ingest.FILE_EXTS)} files or part '
-                            'folders')
-  cfg = ingest.IngestConfig(max_part_iou=1.0)
-  for i, path in enumerate(inputs[:limit]):
-    name = os.path.basename(path.rstrip('/'))
-    try:
-      parts = list(ingest.load_object(path, cfg).parts)
-      img_path = _companion(path, IMAGE_EXTS)
-      image = mio.load_image(img_path) if img_path else None
-      masks = None
-      mask_path = _companion(path, ('.masks.npy',))
-      if kind == 'scene' and mask_path:
-        masks = np.load(mask_path).astype(bool)
-        if masks.ndim != 3 or len(masks) != len(parts):
-          raise ValueError(f'{mask_path}: expected [{len(parts)}, H, W], got {masks.shape}')
-      view = None
-      if image is None or (kind == 'scene' and masks is None):
-        image, masks, view = _render_condition(parts, kind, seed=i, size=image_size)
-      yield EvalItem(name=name, kind=kind, gt_parts=parts, image=image, masks=masks,
-                     view=view)
-    except (ValueError, FileNotFoundError) as e:
-      if skipped is None:
-        raise
-      skipped.append({'name': name, 'reason': str(e)})
-
-
-# ---------------------------------------------------------------------------------------
-# Predictors
-# ---------------------------------------------------------------------------------------
-
-PredictFn = Callable[[EvalItem], List[trimesh.Trimesh]]
-
-
-def masks_to_ids(masks: np.ndarray) -> np.ndarray:
-  """Instance masks bool [N, H, W] -> instance-id image uint8 [H, W] (0 = none, i + 1 =
-  instance i; where masks overlap the later instance wins), the form the generator takes."""
-  masks = np.asarray(masks, bool)
-  if masks.ndim != 3:
-    raise ValueError(f'masks: expected [N, H, W], got shape {masks.shape}')
-  ids = np.zeros(masks.shape[1:], np.uint8)
-  for i, m in enumerate(masks):
-    ids[m] = i + 1
-  return ids
-
-
-def generator_predict_fn(checkpoint_dir: str, steps: int = 50, cfg: float = 7.0,
-                         seed: int = 0, num_components: Optional[int] = None,
-                         generator=None) -> PredictFn:
-  """Wraps experiments.generate's Generator as predict_fn(item) -> predicted parts.
-
-  num_components: parts to generate (default: the item's ground-truth count, as in the
-  paper's evaluation where the part / instance count is given; scenes always use the
-  number of instances in the mask). Scenes pass the instance masks as an id image
-  [1, H, W]; the generator rejects a mask where an instance is not visible at all (the
-  item is then skipped and reported). `generator`: an already loaded Generator (tests).
-  The routing maps of the last call are kept in predict_fn.last_routing.
-  """
-  if generator is None:
-    from experiments import generate  # pylint: disable=g-import-not-at-top
-    generator = generate.load_generator(checkpoint_dir)
-
-  def predict(item: EvalItem) -> List[trimesh.Trimesh]:
-    image = np.asarray(item.image)[..., :3].astype(np.uint8)
-    if item.kind == 'scene':
-      if item.masks is None:
-        raise ValueError(f'{item.name}: a scene needs instance masks')
-      n = len(item.masks)
-      masks = masks_to_ids(item.masks)[None]
-    else:
-      n = num_components or len(item.gt_parts)
-      masks = None
-    res = generator.generate(image[None], num_components=n, masks=masks, steps=steps,
-                             cfg=cfg, seed=seed)
-    predict.last_routing = getattr(res, 'routing', None)
-    return list(res.meshes[0])
-
-  predict.last_routing = None
-  return predict
-
-
-def perturbed_gt_predict_fn(noise: float = 0.0, drop_last: bool = False, seed: int = 0
-                            ) -> PredictFn:
-  """A model-free predictor for tests and sanity checks: the ground truth, jittered.
-
-  Each vertex moves by Gaussian noise of std `noise` (in the item's units); drop_last
-  replaces the last part with an empty mesh.
-  """
-  def predict(item: EvalItem) -> List[trimesh.Trimesh]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for p in item.gt_parts:
-      v = np.asarray(p.vertices) + rng.normal(scale=noise, size=p.vertices.shape)
-      out.append(trimesh.Trimesh(v, np.asarray(p.faces), process=False))
-    if drop_last and out:
-      out[-1] = trimesh.Trimesh()
-    return out
-  return predict
-
-
-# ---------------------------------------------------------------------------------------
-# Scoring, tables, report
-# ---------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class MetricSettings:
-  num_samples: int = M.DEFAULT_NUM_SAMPLES
-  seed: int = 0
-  taus: Sequence[float] = M.DEFAULT_TAUS
-  voxel_resolution: int = M.DEFAULT_VOXEL_RESOLUTION
-  nn_backend: str = 'kdtree'
-  object_frame: str = 'instance'
-
-
-def score(pred_parts, item: EvalItem, settings: MetricSettings) -> Dict[str, float]:
-  """Metrics of one item: Table 1 keys for objects, Table 2 keys for scenes."""
-  kw = dict(num_samples=settings.num_samples, seed=settings.seed, taus=settings.taus,
-            voxel_resolution=settings.voxel_resolution, nn_backend=settings.nn_backend)
-  if item.kind == 'object':
-    return M.object_metrics(pred_parts, item.gt_parts, **kw)
-  return M.scene_metrics(pred_parts, item.gt_parts, object_frame=settings.object_frame, **kw)
-
-
-def evaluate_items(items: Iterable[EvalItem], predict_fn: PredictFn,
-                   settings: MetricSettings = MetricSettings(), grid_rows: int = 4,
-                   skipped: Optional[list] = None, progress: bool = True) -> dict:
-  """Predicts and scores every item; failing items are skipped and reported.
-
-  Returns {'rows': [{'name', ...metrics, 'seconds_predict'}], 'mean': {...}, 'skipped':
-  [{'name', 'reason'}], 'grid': [viz.mesh_grid_png rows], 'routing': first routing maps}.
-  """
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  rows, grid, routing = [], [], None
-  skipped = [] if skipped is None else skipped
-  it = tqdm(items, desc='evaluate', unit='item', disable=not progress)
-  for item in it:
-    try:
-      t0 = time.perf_counter()
-      pred = M.as_mesh_list(predict_fn(item))
-      dt = time.perf_counter() - t0
-    except Exception as e:  # pylint: disable=broad-except  (batch job: skip and report)
-      skipped.append({'name': item.name, 'reason': f'prediction failed: '
-                                                   f'{type(e).__name__}: {e}'})
-      traceback.print_exc(file=sys.stderr)
-      continue
-    row = {'name': item.name, 'kind': item.kind}
-    row.update(score(pred, item, settings))
-    row['seconds_predict'] = dt
-    rows.append(row)
-    if routing is None and getattr(predict_fn, 'last_routing', None) is not None:
-      routing = predict_fn.last_routing
-    if len(grid) < grid_rows:
-      grid.append(dict(image=item.image, pred=pred, gt=item.gt_parts, view=item.view,
-                       label=f"{item.name}  CD {row.get('cd', row.get('cd_scene')):.3f}"))
-  mean = M.mean_metrics([{k: v for k, v in r.items() if isinstance(v, float)}
-                         for r in rows])
-  return {'rows': rows, 'mean': mean, 'skipped': skipped, 'grid': grid, 'routing': routing}
-
-
-def _fmt(v) -> str:
-  return '-' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{v:.4f}'
-
-
-# The paper's rows, for reading our numbers beside theirs (different data: PartObjaverse-Tiny
-# and 3D-FRONT, not our procedural splits, so the numbers are not comparable one to one).
-PAPER_TABLE1 = {'MoCA (paper, PartObjaverse-Tiny)': dict(self_iou=0.0125, cd=0.1010,
-                                                         f1=0.8708, f05=0.6882),
-                'PartCrafter (paper)': dict(self_iou=0.0224, cd=0.1195, f1=0.8169,
-                                            f05=0.6236)}
-PAPER_TABLE2 = {'MoCA (paper, 3D-FRONT)': dict(self_iou=0.0006, cd_scene=0.1201,
-                                                f_scene=0.8637, cd_obj=0.1163, f_obj=0.8380),
-                'MIDI (paper)': dict(self_iou=0.0011, cd_scene=0.1548, f_scene=0.8238,
-                                     cd_obj=0.1442, f_obj=0.7996)}
-
-
-def table1_markdown(results: Dict[str, dict], with_paper: bool = True) -> str:
-  """Paper Table 1 shape: Method | Self-IoU | CD | Fscore-0.1 | Fscore-0.05.
-
-  results: {method name: mean metrics dict (keys self_iou, cd, fscore@0.1, fscore@0.05)}.
-  Lower is better for Self-IoU and CD, higher for F-scores.
-  """
-  lines = ['| Method | Self-IoU ↓ | CD ↓ | Fscore-0.1 ↑ | Fscore-0.05 ↑ | N |',
-           '|---|---|---|---|---|---|']
-  for name, m in results.items():
-    lines.append(f"| {name} | {_fmt(m.get('self_iou'))} | {_fmt(m.get('cd'))} | "
-                 f"{_fmt(m.get('fscore@0.1'))} | {_fmt(m.get('fscore@0.05'))} | "
-                 f"{int(m.get('count', 0))} |")
-  if with_paper:
-    for name, p in PAPER_TABLE1.items():
-      lines.append(f"| {name} | {p['self_iou']:.4f} | {p['cd']:.4f} | {p['f1']:.4f} | "
-                   f"{p['f05']:.4f} | 200 |")
-  return '\n'.join(lines) + '\n'
-
-
-def table2_markdown(results: Dict[str, dict], tau: float = 0.1, with_paper: bool = True
-                    ) -> str:
-  """Paper Table 2 shape: Method | Self-IoU | CD-Scene | Fscore-Scene | CD-Obj | Fscore-Obj.
-
-  F-scores at `tau` (0.1 by default).
-  """
-  t = f'{tau:g}'
-  lines = ['| Method | Self-IoU ↓ | CD-Scene ↓ | Fscore-Scene ↑ | CD-Obj ↓ | Fscore-Obj ↑ '
-           '| N |', '|---|---|---|---|---|---|---|']
-  for name, m in results.items():
-    lines.append(f"| {name} | {_fmt(m.get('self_iou'))} | {_fmt(m.get('cd_scene'))} | "
-                 f"{_fmt(m.get('fscore_scene@' + t))} | {_fmt(m.get('cd_obj'))} | "
-                 f"{_fmt(m.get('fscore_obj@' + t))} | {int(m.get('count', 0))} |")
-  if with_paper:
-    for name, p in PAPER_TABLE2.items():
-      lines.append(f"| {name} | {p['self_iou']:.4f} | {p['cd_scene']:.4f} | "
-                   f"{p['f_scene']:.4f} | {p['cd_obj']:.4f} | {p['f_obj']:.4f} | - |")
-  return '\n'.join(lines) + '\n'
-
-
-def machine_description() -> str:
-  """One line naming this machine (see moca_jax.machine.describe_host)."""
-  return describe_host()
-
-
-def write_report(out_dir: str, result: dict, kind: str, method: str = 'moca-jax',
-                 meta: Optional[dict] = None, grid_png: bool = True,
-                 tensorboard: bool = True) -> Dict[str, str]:
-  """Writes metrics.json, table.md, grid.png (and router.png, tb/) into out_dir.
-
-  result: the dict of `evaluate_items`. Returns {name: path} of what was written.
-  """
-  os.makedirs(out_dir, exist_ok=True)
-  meta = dict(meta or {})
-  meta.setdefault('machine', machine_description())
-  meta.setdefault('date_utc', time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime()))
-  written = {}
-  doc = {'method': method, 'kind': kind, 'meta': meta, 'mean': result['mean'],
-         'rows': result['rows'], 'skipped': result['skipped']}
-  p = os.path.join(out_dir, 'metrics.json')
-  mio.write_json(p, doc, indent=1)
-  written['json'] = p
-  table = (table1_markdown({method: result['mean']}) if kind == 'object'
-           else table2_markdown({method: result['mean']}))
-  lines = [f'# Evaluation: {method} ({kind}s)', '',
-           ', '.join(f'{k}: {v}' for k, v in meta.items()), '', table]
-  if kind == 'scene':
-    lines += [f"Fscore-Scene/Obj at tau = 0.1; at 0.05: scene "
-              f"{_fmt(result['mean'].get('fscore_scene@0.05'))}, obj "
-              f"{_fmt(result['mean'].get('fscore_obj@0.05'))}.", '']
-  lines += ['Paper rows are on different data (PartObjaverse-Tiny / 3D-FRONT) and are shown '
-            'only for scale.', '']
-  if result['skipped']:
-    lines += ['## Skipped', ''] + [f"- {s['name']}: {s['reason']}" for s in result['skipped']]
-  p = os.path.join(out_dir, 'table.md')
-  mio.atomic_write_text(p, '\n'.join(lines) + '\n')
-  written['markdown'] = p
-  if grid_png and result['grid']:
-    written['grid'] = viz.mesh_grid_png(result['grid'], os.path.join(out_dir, 'grid.png'),
-                                        title=f'{method}: input | generated | ground truth')
-  routing = result.get('routing')
-  if isinstance(routing, dict) and np.asarray(routing.get('importances', [])).size == 0:
-    routing = None  # no MoC block (dense global attention): nothing to draw
-  if routing is not None:
-    try:
-      written['router'] = write_router_png(routing, os.path.join(out_dir, 'router.png'))
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-      print(f'router.png not written: {e}', file=sys.stderr)
-  if tensorboard:
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    w = SummaryWriter(os.path.join(out_dir, 'tb'))
-    for k, v in result['mean'].items():
-      if isinstance(v, float) and not math.isnan(v):
-        w.add_scalar('eval/' + k.replace('@', '_'), v, 0)
-    w.close()
-    written['tensorboard'] = os.path.join(out_dir, 'tb')
-  return written
-
-
-def _router_slice(a: np.ndarray, sample: int, block: int, step: int) -> np.ndarray:
-  """[S, B, G, H, ...] / [B, G, H, ...] / [G, H, ...] / [H, ...] -> [H, ...] (3-D result)."""
-  if a.ndim == 6:
-    a = a[step]
-  if a.ndim == 5:
-    a = a[sample]
-  if a.ndim == 4:
-    a = a[block]
-  if a.ndim != 3:
-    raise ValueError(f'routing array: expected 3 to 6 dims, got shape {a.shape}')
-  return a
-
-
-def write_router_png(routing, path: str, sample: int = 0, block: int = 0, step: int = -1
-                     ) -> str:
-  """Router heatmap of one sample from a GenerationResult.routing.
-
-  routing: a dict with 'importances' [B, G, H, N, N] and 'selections' [B, G, H, N, k] (the
-  DiT's aux over its G MoC blocks; an extra leading ODE-step axis S is allowed, and
-  `step` picks one), and optionally 'component_mask' [B, N]. Picks batch `sample`, MoC
-  block `block`.
-  """
-  if not isinstance(routing, dict) or 'importances' not in routing:
-    raise ValueError('routing: expected a dict with importances [B, G, H, N, N]')
-  imp = _router_slice(np.asarray(routing['importances']), sample, block, step)
-  sel = routing.get('selections')
-  if sel is not None:
-    sel = np.asarray(sel)
-    sel = _router_slice(sel, sample, block, step) if sel.size else None
-  mask = routing.get('component_mask')
-  if mask is not None:
-    mask = np.asarray(mask)
-    mask = mask[sample] if mask.ndim == 2 else mask
-  return viz.router_heatmap_png(imp, sel, path, component_mask=mask,
-                                title=f'router importance, sample {sample}, MoC block {block} '
-                                      '(red: selected)')
-
-
-# ---------------------------------------------------------------------------------------
-# Nearest-neighbour benchmark
-# ---------------------------------------------------------------------------------------
-
-def benchmark_nn(sizes: Sequence[int] = (10_000, 30_000, 100_000), repeats: int = 3,
-                 jax_max_size: int = 100_000, seed: int = 0) -> List[dict]:
-  """Times the Chamfer distance's two NN searches (M points each way) with both backends.
-
-  Returns rows {'points', 'backend', 'median_s', 'runs', 'compile_s', 'max_abs_diff'}; the
-  JAX timing excludes compilation (reported separately) and includes host transfers.
-  """
-  rows = []
-  rng = np.random.default_rng(seed)
-  for n in sizes:
-    a = rng.normal(size=(n, 3))
-    a /= np.linalg.norm(a, axis=1, keepdims=True)
-    b = rng.normal(size=(n, 3))
-    b *= 0.8 / np.linalg.norm(b, axis=1, keepdims=True)
-    ref = None
-    for backend in M.NN_BACKENDS:
-      if backend == 'jax' and n > jax_max_size:
-        continue
-      compile_s = 0.0
-      if backend == 'jax':
-        t0 = time.perf_counter()
-        M.nn_distances(a[:8], b, backend)  # compile for this ref size and chunk
-        compile_s = time.perf_counter() - t0
-      times = []
-      for _ in range(repeats):
-        t0 = time.perf_counter()
-        d1 = M.nn_distances(a, b, backend)
-        d2 = M.nn_distances(b, a, backend)
-        times.append(time.perf_counter() - t0)
-      d = np.concatenate([d1, d2])
-      diff = 0.0 if ref is None else float(np.abs(d - ref).max())
-      ref = d if ref is None else ref
-      rows.append({'points': n, 'backend': backend, 'median_s': statistics.median(times),
-                   'runs': repeats, 'compile_s': compile_s, 'max_abs_diff': diff,
-                   'load_avg_1min': os.getloadavg()[0]})
-      print(f'{n:>8d} {backend:>7s} {statistics.median(times):9.3f} s  '
-            f'(compile {compile_s:.2f} s, max |diff| {diff:.1e})', flush=True)
-  return rows
-
-
-def write_nn_benchmark(rows: List[dict], out_dir: str = 'experiments/results') -> None:
-  """experiments/results/nn_benchmark.{md,json}, naming the machine."""
-  machine = machine_description()
-  import jax  # pylint: disable=g-import-not-at-top
-  import scipy  # pylint: disable=g-import-not-at-top
-  meta = {'machine': machine, 'jax': jax.__version__, 'jax_backend': jax.default_backend(),
-          'scipy': scipy.__version__,
-          'date_utc': time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}
-  mio.atomic_write_text(os.path.join(out_dir, 'nn_benchmark.json'),
-                     json.dumps({'meta': meta, 'rows': rows}, indent=1) + '\n')
-  lines = ['# Nearest-neighbour search for Chamfer / F-score: scipy cKDTree vs chunked JAX', '',
-           f"Machine: {machine}; jax {meta['jax']} ({meta['jax_backend']}), scipy "
-           f"{meta['scipy']}; {meta['date_utc']} UTC.", '',
-           'Both directions of one Chamfer distance (M points to M points, unit and 0.8 '
-           'spheres), median wall time; JAX excludes compilation.', '',
-           'The load average (1 min) after each row shows how busy the shared machine was.',
-           '',
-           '| points per set | backend | median s | runs | JAX compile s | max abs diff vs '
-           'kdtree | load avg |', '|---|---|---|---|---|---|---|']
-  for r in rows:
-    lines.append(f"| {r['points']} | {r['backend']} | {r['median_s']:.3f} | {r['runs']} | "
-                 f"{r['compile_s']:.2f} | {r['max_abs_diff']:.1e} | "
-                 f"{r.get('load_avg_1min', float('nan')):.1f} |")
-  mio.atomic_write_text(os.path.join(out_dir, 'nn_benchmark.md'), '\n'.join(lines) + '\n')
 
 
 # ---------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------
 
-def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
+def define_flags() -> None:
   flags.DEFINE_string('checkpoint_dir', None, 'Generator checkpoint (experiments/generate).')
   flags.DEFINE_string('split', None, 'Procedural split (e.g. test, test_tiny).')
   flags.DEFINE_string('glb_dir', None, 'Folder of user meshes (see module docstring).')
@@ -543,8 +47,9 @@ def _define_flags():
   flags.DEFINE_string('out_dir', None, 'Output folder (default experiments/results/eval_*).')
   flags.DEFINE_integer('limit', None, 'Evaluate at most this many items.')
   flags.DEFINE_integer('num_components', None, 'Parts to generate (default: GT count).')
-  flags.DEFINE_integer('steps', 50, 'Flow ODE steps.')
-  flags.DEFINE_float('cfg', 7.0, 'Classifier-free guidance scale.')
+  flags.DEFINE_integer('steps', None, 'Flow ODE steps (default: the checkpoint config).')
+  flags.DEFINE_float('cfg', None, 'Classifier-free guidance scale (default: the checkpoint '
+                    'config).')
   flags.DEFINE_integer('seed', 0, 'Generation and sampling seed.')
   flags.DEFINE_integer('num_samples', M.DEFAULT_NUM_SAMPLES, 'Surface samples per shape.')
   flags.DEFINE_integer('voxel_resolution', M.DEFAULT_VOXEL_RESOLUTION, 'Self-IoU grid.')
@@ -560,51 +65,60 @@ def _define_flags():
   flags.DEFINE_string('nn_sizes', '10000,30000,100000', 'Benchmark sizes (comma list).')
   flags.DEFINE_integer('nn_repeats', 3, 'Benchmark repeats.')
   flags.DEFINE_integer('nn_jax_max_size', 100_000, 'Largest size timed with the JAX backend.')
-  return flags.FLAGS
 
 
-def main(argv):
-  del argv
-  f = FLAGS
+def run(f) -> dict:
+  """The CLI as a function of the parsed flags; returns what `write_report` wrote."""
   if f.benchmark_nn:
-    rows = benchmark_nn([int(s) for s in f.nn_sizes.split(',')], f.nn_repeats,
-                        jax_max_size=f.nn_jax_max_size)
-    write_nn_benchmark(rows)
-    return
+    rows = E.benchmark_nn([int(s) for s in f.nn_sizes.split(',')], f.nn_repeats,
+                          jax_max_size=f.nn_jax_max_size)
+    E.write_nn_benchmark(rows)
+    return {}
   if (f.split is None) == (f.glb_dir is None):
     raise ValueError('give exactly one of --split or --glb_dir')
   skipped: list = []
   if f.split is not None:
-    items = items_from_split(f.split, f.kind, f.limit, f.image_size)
+    items = E.items_from_split(f.split, f.kind, f.limit, f.image_size)
     source = f'split {f.split}'
   else:
-    items = items_from_glb_dir(f.glb_dir, f.kind, f.limit, f.image_size, skipped)
+    items = E.items_from_glb_dir(f.glb_dir, f.kind, f.limit, f.image_size, skipped)
     source = f'folder {f.glb_dir}'
   if f.perturb is not None:
-    predict = perturbed_gt_predict_fn(f.perturb, seed=f.seed)
+    predict = E.perturbed_gt_predict_fn(f.perturb, seed=f.seed)
     method = f'ground truth + noise {f.perturb:g}'
   else:
     if f.checkpoint_dir is None:
       raise ValueError('--checkpoint_dir is required (or --perturb for a model-free check)')
-    predict = generator_predict_fn(f.checkpoint_dir, f.steps, f.cfg, f.seed, f.num_components)
+    predict = E.pipeline_predict_fn(f.checkpoint_dir, f.steps, f.cfg, f.seed, f.num_components)
     method = f.method
-  settings = MetricSettings(num_samples=f.num_samples, seed=f.seed,
-                            voxel_resolution=f.voxel_resolution, nn_backend=f.nn_backend,
-                            object_frame=f.object_frame)
-  result = evaluate_items(items, predict, settings, grid_rows=f.grid_rows, skipped=skipped)
+  settings = E.MetricSettings(num_samples=f.num_samples, seed=f.seed,
+                              voxel_resolution=f.voxel_resolution, nn_backend=f.nn_backend,
+                              object_frame=f.object_frame)
+  result = E.evaluate_items(items, predict, settings, grid_rows=f.grid_rows, skipped=skipped)
   out_dir = f.out_dir or os.path.join(
       'experiments/results', f"eval_{(f.split or os.path.basename(f.glb_dir.rstrip('/')))}"
       f'_{f.kind}')
   meta = {'source': source, 'checkpoint': f.checkpoint_dir, 'steps': f.steps, 'cfg': f.cfg,
           'seed': f.seed, 'num_samples': f.num_samples, 'voxel_resolution':
           f.voxel_resolution, 'object_frame': f.object_frame}
-  written = write_report(out_dir, result, f.kind, method, meta)
-  print(open(written['markdown']).read())
+  return E.write_report(out_dir, result, f.kind, method, meta)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError('Too many command-line arguments.')
+  try:
+    written = run(flags.FLAGS)
+  except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
+    print(f'evaluate: error: {e}', file=sys.stderr)
+    sys.exit(2)
+  if 'markdown' in written:
+    with open(written['markdown'], encoding='utf-8') as fh:
+      print(fh.read())
   for k, v in written.items():
     print(f'{k}: {v}')
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  FLAGS = _define_flags()
+  define_flags()
   app.run(main)
