@@ -10,6 +10,7 @@ part, 2 views at 224 px):
                      mp_prefetch workers
 Prints a table and writes <out>/data_pipeline.md and .json (naming the machine).
 """
+
 from __future__ import annotations
 
 import os
@@ -50,16 +51,21 @@ def _write_user_meshes(directory: str, n: int):
 
 def _time_build(source, out, workers):
   t = time.perf_counter()
-  m = make.build(source, out, num_shards=2, cfg=make.BuildConfig(), workers=workers,
-                 progress=False)
+  m = make.build(source, out, num_shards=2, cfg=make.BuildConfig(), workers=workers, progress=False)
   dt = time.perf_counter() - t
-  return {"items": m["count"], "skipped": len(m["skipped"]), "seconds": round(dt, 3),
-          "items_per_s": round(m["count"] / dt, 3), "workers": workers}
+  return {
+      "items": m["count"],
+      "skipped": len(m["skipped"]),
+      "seconds": round(dt, 3),
+      "items_per_s": round(m["count"] / dt, 3),
+      "workers": workers,
+  }
 
 
 def _time_load(data_dir, workers, batches):
-  ds = loader.vae_dataset(data_dir, batch_size=4, n_max=32, seed=0, process_index=0,
-                          process_count=1)
+  ds = loader.vae_dataset(
+      data_dir, batch_size=4, n_max=32, seed=0, process_index=0, process_count=1
+  )
   it = loader.make_iterator(ds, prefetch_workers=workers)
   next(it)  # start-up (worker spawn) not counted
   t = time.perf_counter()
@@ -68,8 +74,12 @@ def _time_load(data_dir, workers, batches):
   dt = time.perf_counter() - t
   if hasattr(it, "close"):
     it.close()
-  return {"elements": 4 * batches, "seconds": round(dt, 3),
-          "elements_per_s": round(4 * batches / dt, 2), "prefetch_workers": workers}
+  return {
+      "elements": 4 * batches,
+      "seconds": round(dt, 3),
+      "elements_per_s": round(4 * batches / dt, 2),
+      "prefetch_workers": workers,
+  }
 
 
 def main(argv):
@@ -78,8 +88,9 @@ def main(argv):
   load_before = os.getloadavg()[0]
   with tempfile.TemporaryDirectory() as tmp:
     for w in sorted({0, FLAGS.workers}):
-      rows[f"build_procedural_w{w}"] = _time_build("procedural:tiny",
-                                                   os.path.join(tmp, f"proc{w}"), w)
+      rows[f"build_procedural_w{w}"] = _time_build(
+          "procedural:tiny", os.path.join(tmp, f"proc{w}"), w
+      )
     user = os.path.join(tmp, "user")
     os.makedirs(user)
     _write_user_meshes(user, 12)
@@ -88,22 +99,35 @@ def main(argv):
     for w in sorted({0, FLAGS.workers}):
       rows[f"load_w{w}"] = _time_load(os.path.join(tmp, "proc0"), w, FLAGS.load_batches)
   load = f"{load_before:.1f} before / {os.getloadavg()[0]:.1f} after (1-min load average)"
-  result = {"machine": machine(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-            "load_average": load,
-            "config": "default BuildConfig (2048 surface + 2048 near + 1024 volume points "
-                      "per part, 2 views at 224 px)", "rows": rows}
-  lines = ["# Data pipeline throughput", "", f"Machine: {result['machine']}  ",
-           f"Date (UTC): {result['date_utc']}  ",
-           f"Other load on the machine: {load} (shared machine: treat as rough)  ",
-           f"Config: {result['config']}", "",
-           "| measurement | workers | items | seconds | items/s |", "|---|---|---|---|---|"]
+  result = {
+      "machine": machine(),
+      "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+      "load_average": load,
+      "config": "default BuildConfig (2048 surface + 2048 near + 1024 volume points "
+      "per part, 2 views at 224 px)",
+      "rows": rows,
+  }
+  lines = [
+      "# Data pipeline throughput",
+      "",
+      f"Machine: {result['machine']}  ",
+      f"Date (UTC): {result['date_utc']}  ",
+      f"Other load on the machine: {load} (shared machine: treat as rough)  ",
+      f"Config: {result['config']}",
+      "",
+      "| measurement | workers | items | seconds | items/s |",
+      "|---|---|---|---|---|",
+  ]
   for name, r in rows.items():
     if name.startswith("load"):
-      lines.append(f"| {name} (vae_dataset, batch 4, n_max 32) | {r['prefetch_workers']} | "
-                   f"{r['elements']} | {r['seconds']} | {r['elements_per_s']} |")
+      lines.append(
+          f"| {name} (vae_dataset, batch 4, n_max 32) | {r['prefetch_workers']} | "
+          f"{r['elements']} | {r['seconds']} | {r['elements_per_s']} |"
+      )
     else:
-      lines.append(f"| {name} | {r['workers']} | {r['items']} | {r['seconds']} | "
-                   f"{r['items_per_s']} |")
+      lines.append(
+          f"| {name} | {r['workers']} | {r['items']} | {r['seconds']} | {r['items_per_s']} |"
+      )
   text = "\n".join(lines) + "\n"
   print(text)
   os.makedirs(FLAGS.out, exist_ok=True)

@@ -21,6 +21,7 @@ iterator replays it) -> batch(elements) -> flatten [E,k,...] -> [E*k,...].
 (data_pipeline.primitives) sampled on the fly, each example made by `example_from_shape` with
 the same keys (batch `i` is a function of (seed, i) only).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -30,8 +31,14 @@ import numpy as np
 
 from data_pipeline import loader, primitives, records
 
-EXAMPLE_KEYS = ("surface_points", "surface_normals", "near_points", "near_sdf",
-                "volume_points", "volume_sdf")
+EXAMPLE_KEYS = (
+    "surface_points",
+    "surface_normals",
+    "near_points",
+    "near_sdf",
+    "volume_points",
+    "volume_sdf",
+)
 
 
 def stored_near_count(data_dir: str) -> int:
@@ -41,8 +48,9 @@ def stored_near_count(data_dir: str) -> int:
   try:
     return int(manifest["config"]["sample"]["n_near"])
   except (KeyError, TypeError) as e:
-    raise ValueError(f"{data_dir}/manifest.json: no config.sample.n_near (not a 'samples' "
-                     f"shard set?)") from e
+    raise ValueError(
+        f"{data_dir}/manifest.json: no config.sample.n_near (not a 'samples' shard set?)"
+    ) from e
 
 
 def _take(rng: np.random.Generator, have: int, want: int, what: str) -> np.ndarray:
@@ -51,9 +59,16 @@ def _take(rng: np.random.Generator, have: int, want: int, what: str) -> np.ndarr
   return rng.permutation(have)[:want]
 
 
-def part_examples(element: dict, rng: np.random.Generator, *, stored_near: int,
-                  num_points: int, num_near: int, num_volume: int,
-                  parts_per_element: int = 1) -> dict:
+def part_examples(
+    element: dict,
+    rng: np.random.Generator,
+    *,
+    stored_near: int,
+    num_points: int,
+    num_near: int,
+    num_volume: int,
+    parts_per_element: int = 1,
+) -> dict:
   """k = parts_per_element VAE examples from one padded element (see module docstring).
 
   Parts are drawn among the real slots (component_mask True) without replacement when the
@@ -113,28 +128,53 @@ def _flatten(batch: dict) -> dict:
   return {key: v.reshape((-1,) + v.shape[2:]) for key, v in batch.items()}
 
 
-def vae_records_dataset(data_dir: str, *, batch_size: int, num_points: int, num_near: int,
-                        num_volume: int, parts_per_element: int = 1, n_max: int = 32,
-                        seed: int = 0, shuffle: bool = True, num_epochs: Optional[int] = None,
-                        stored_near: Optional[int] = None,
-                        process_index: Optional[int] = None,
-                        process_count: Optional[int] = None) -> grain.MapDataset:
+def vae_records_dataset(
+    data_dir: str,
+    *,
+    batch_size: int,
+    num_points: int,
+    num_near: int,
+    num_volume: int,
+    parts_per_element: int = 1,
+    n_max: int = 32,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: Optional[int] = None,
+    stored_near: Optional[int] = None,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+) -> grain.MapDataset:
   """MapDataset of VAE batches (batch_size examples = batch_size / parts_per_element
   elements) from 'samples' shards; keys EXAMPLE_KEYS + 'index', leading axis batch_size.
 
   stored_near defaults to the shard set's manifest (`stored_near_count`).
   """
   if batch_size % parts_per_element:
-    raise ValueError(f"batch_size={batch_size} must be a multiple of parts_per_element="
-                     f"{parts_per_element}")
+    raise ValueError(
+        f"batch_size={batch_size} must be a multiple of parts_per_element={parts_per_element}"
+    )
   if stored_near is None:
     stored_near = stored_near_count(data_dir)
-  ds = loader.vae_dataset(data_dir, batch_size=0, n_max=n_max, seed=seed, shuffle=shuffle,
-                          num_epochs=num_epochs, process_index=process_index,
-                          process_count=process_count)
-  ds = ds.random_map(PartExamples(stored_near=stored_near, num_points=num_points,
-                                  num_near=num_near, num_volume=num_volume,
-                                  parts_per_element=parts_per_element), seed=seed + 2)
+  ds = loader.vae_dataset(
+      data_dir,
+      batch_size=0,
+      n_max=n_max,
+      seed=seed,
+      shuffle=shuffle,
+      num_epochs=num_epochs,
+      process_index=process_index,
+      process_count=process_count,
+  )
+  ds = ds.random_map(
+      PartExamples(
+          stored_near=stored_near,
+          num_points=num_points,
+          num_near=num_near,
+          num_volume=num_volume,
+          parts_per_element=parts_per_element,
+      ),
+      seed=seed + 2,
+  )
   ds = ds.batch(batch_size // parts_per_element, drop_remainder=True)
   return ds.map(_flatten)
 
@@ -143,19 +183,31 @@ def vae_records_dataset(data_dir: str, *, batch_size: int, num_points: int, num_
 # Analytic source: random primitives sampled on the fly
 # ----------------------------------------------------------------------------------------
 
-def example_from_shape(shape, rng: np.random.Generator, num_points: int, num_near: int,
-                       num_volume: int, near_scales=(0.005, 0.05), segments: int = 32) -> dict:
+
+def example_from_shape(
+    shape,
+    rng: np.random.Generator,
+    num_points: int,
+    num_near: int,
+    num_volume: int,
+    near_scales=(0.005, 0.05),
+    segments: int = 32,
+) -> dict:
   """One training example of an analytic shape (a Primitive or Part); arrays float32.
 
   Returns dict with 'surface_points' [P,3], 'surface_normals' [P,3], 'near_points' [Qn,3],
   'near_sdf' [Qn], 'volume_points' [Qv,3], 'volume_sdf' [Qv] (SDF negative inside).
   """
   pts, nrm = primitives.sample_surface(shape, num_points, rng, segments=segments)
-  q, d = primitives.sample_sdf_points(shape.sdf, pts, rng, num_near, num_volume,
-                                      scales=near_scales)
-  return {"surface_points": pts, "surface_normals": nrm,
-          "near_points": q[:num_near], "near_sdf": d[:num_near],
-          "volume_points": q[num_near:], "volume_sdf": d[num_near:]}
+  q, d = primitives.sample_sdf_points(shape.sdf, pts, rng, num_near, num_volume, scales=near_scales)
+  return {
+      "surface_points": pts,
+      "surface_normals": nrm,
+      "near_points": q[:num_near],
+      "near_sdf": d[:num_near],
+      "volume_points": q[num_near:],
+      "volume_sdf": d[num_near:],
+  }
 
 
 def stack_examples(examples: list[dict]) -> dict:
@@ -177,18 +229,21 @@ class AnalyticShapeSource:
     self.position = 0
 
   def random_shape(self, rng: np.random.Generator):
-    return primitives.random_primitive(rng, kinds=tuple(self.cfg.kinds),
-                                       size_range=tuple(self.cfg.size_range))
+    return primitives.random_primitive(
+        rng, kinds=tuple(self.cfg.kinds), size_range=tuple(self.cfg.size_range)
+    )
 
   def example(self, shape, rng: np.random.Generator) -> dict:
     c = self.cfg
-    return example_from_shape(shape, rng, c.num_points, c.num_near, c.num_volume,
-                              tuple(c.near_scales), c.mesh_segments)
+    return example_from_shape(
+        shape, rng, c.num_points, c.num_near, c.num_volume, tuple(c.near_scales), c.mesh_segments
+    )
 
   def batch(self, step: int) -> dict:
     rng = np.random.default_rng([self.seed, step])
-    out = stack_examples([self.example(self.random_shape(rng), rng)
-                          for _ in range(self.batch_size)])
+    out = stack_examples(
+        [self.example(self.random_shape(rng), rng) for _ in range(self.batch_size)]
+    )
     out["index"] = np.full((self.batch_size,), step, np.int64)
     return out
 

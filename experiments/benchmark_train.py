@@ -18,6 +18,7 @@ into a persistent compilation cache, so the timed runs (one at a time) mostly lo
 Writes experiments/results/benchmark_train.{md,json} (or --out) naming the device; prints the
 table. On CPU use --sizes=tiny for a smoke test (numbers meaningless).
 """
+
 from __future__ import annotations
 
 import json
@@ -48,7 +49,7 @@ def _measure_matmul_peak(jax, jnp, n: int = 8192, reps: int = 20) -> float:
     t = time.perf_counter()
     f(a, b).block_until_ready()
     times.append(time.perf_counter() - t)
-  return 2 * n ** 3 / statistics.median(times) / 1e12
+  return 2 * n**3 / statistics.median(times) / 1e12
 
 
 def _config(size: str, attention: str, remat: str = ""):
@@ -56,6 +57,7 @@ def _config(size: str, attention: str, remat: str = ""):
   `remat` overrides the DiT's remat policy."""
   import jax
   from experiments.configs import dit as dit_configs
+
   cfg = dit_configs.get_config(size)
   cfg.model.dit.global_attention = attention
   if remat:
@@ -69,10 +71,13 @@ def _config(size: str, attention: str, remat: str = ""):
 def _batch_spec(cfg, b: int, n: int) -> dict:
   import jax
   import numpy as np
+
   dit, enc = cfg.model.dit, cfg.model.encoder
-  return {"latents": jax.ShapeDtypeStruct((b, n, dit.latent_tokens, dit.latent_channels), np.float32),
-          "component_mask": jax.ShapeDtypeStruct((b, n), np.bool_),
-          "images": jax.ShapeDtypeStruct((b, enc.image_size, enc.image_size, 3), np.uint8)}
+  return {
+      "latents": jax.ShapeDtypeStruct((b, n, dit.latent_tokens, dit.latent_channels), np.float32),
+      "component_mask": jax.ShapeDtypeStruct((b, n), np.bool_),
+      "images": jax.ShapeDtypeStruct((b, enc.image_size, enc.image_size, 3), np.uint8),
+  }
 
 
 def model_flops(size: str, n: int, attention: str, b: int) -> float:
@@ -83,6 +88,7 @@ def model_flops(size: str, n: int, attention: str, b: int) -> float:
   import jax
   import jax.numpy as jnp
   from moca_jax import dit_task
+
   cfg = _config(size, attention)
   cfg.model.dit.attention_implementation = "xla"
   cfg.model.dit.remat = "none"
@@ -99,8 +105,12 @@ def model_flops(size: str, n: int, attention: str, b: int) -> float:
 
 
 def _total_mib(mem: dict) -> float:
-  return (mem.get("argument_size_mib", 0) + mem.get("output_size_mib", 0)
-          + mem.get("temp_size_mib", 0) - mem.get("alias_size_mib", 0))
+  return (
+      mem.get("argument_size_mib", 0)
+      + mem.get("output_size_mib", 0)
+      + mem.get("temp_size_mib", 0)
+      - mem.get("alias_size_mib", 0)
+  )
 
 
 def compile_one(size: str, n: int, attention: str, batch: Optional[int] = None) -> dict:
@@ -109,20 +119,24 @@ def compile_one(size: str, n: int, attention: str, batch: Optional[int] = None) 
   memory analysis of the step exceeds the device's allocator limit under the config's remat
   policy, compiles with remat='full' instead and says so ('remat' in the result)."""
   import jax
+
   stats = jax.devices()[0].memory_stats() or {}
   limit_mib = stats.get("bytes_limit", 0) / 2**20
   out = _compile_step(size, n, attention, batch, "")
   if limit_mib and _total_mib(out["memory_analysis_mib"]) > limit_mib:
     first = out
     out = _compile_step(size, n, attention, batch, "full")
-    out["remat_note"] = (f"config remat needs {_total_mib(first['memory_analysis_mib']) / 1024:.1f}"
-                         f" GiB > {limit_mib / 1024:.1f} GiB: remat=full")
+    out["remat_note"] = (
+        f"config remat needs {_total_mib(first['memory_analysis_mib']) / 1024:.1f}"
+        f" GiB > {limit_mib / 1024:.1f} GiB: remat=full"
+    )
   return out
 
 
 def _compile_step(size: str, n: int, attention: str, batch: Optional[int], remat: str) -> dict:
   import jax
   from moca_jax import dit_task, sharding, train_lib
+
   cfg = _config(size, attention, remat)
   b = batch or max(1, COMPONENT_BUDGET[size] // n)
   spec = _batch_spec(cfg, b, n)
@@ -133,18 +147,25 @@ def _compile_step(size: str, n: int, attention: str, batch: Optional[int], remat
   rng = jax.random.PRNGKey(0)
   shardings, names, init_state = train_lib.state_shardings(init_fn, tx, spec, rng, mesh)
   jax.jit(init_state, out_shardings=shardings).lower(rng).compile()
-  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                jax.eval_shape(init_state, rng), shardings)
-  setup = train_lib.StateSetup(shardings=shardings, abstract_state=abstract_state,
-                               param_names=names)
-  _, mem = train_lib.compile_train_step(loss_fn, tx, train_lib.make_schedule(cfg.optim),
-                                        cfg.optim.ema_decay, setup, spec, mesh)
-  return dict(compile_s=time.perf_counter() - t0, memory_analysis_mib=mem,
-              remat=cfg.model.dit.remat)
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      jax.eval_shape(init_state, rng),
+      shardings,
+  )
+  setup = train_lib.StateSetup(
+      shardings=shardings, abstract_state=abstract_state, param_names=names
+  )
+  _, mem = train_lib.compile_train_step(
+      loss_fn, tx, train_lib.make_schedule(cfg.optim), cfg.optim.ema_decay, setup, spec, mesh
+  )
+  return dict(
+      compile_s=time.perf_counter() - t0, memory_analysis_mib=mem, remat=cfg.model.dit.remat
+  )
 
 
-def run_one(size: str, n: int, attention: str, steps: int, batch: Optional[int] = None,
-            remat: str = "") -> dict:
+def run_one(
+    size: str, n: int, attention: str, steps: int, batch: Optional[int] = None, remat: str = ""
+) -> dict:
   """Builds, compiles and times one configuration in this process."""
   import jax
   import numpy as np
@@ -155,9 +176,11 @@ def run_one(size: str, n: int, attention: str, steps: int, batch: Optional[int] 
   dit = cfg.model.dit
   enc = cfg.model.encoder
   rng = np.random.default_rng(0)
-  host = {"latents": rng.normal(size=(b, n, dit.latent_tokens, dit.latent_channels)).astype(np.float32),
-          "component_mask": np.ones((b, n), bool),
-          "images": rng.integers(0, 255, size=(b, enc.image_size, enc.image_size, 3), dtype=np.uint8)}
+  host = {
+      "latents": rng.normal(size=(b, n, dit.latent_tokens, dit.latent_channels)).astype(np.float32),
+      "component_mask": np.ones((b, n), bool),
+      "images": rng.integers(0, 255, size=(b, enc.image_size, enc.image_size, 3), dtype=np.uint8),
+  }
   spec = _batch_spec(cfg, b, n)
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   _, init_fn, loss_fn = dit_task.make_task(cfg)
@@ -167,8 +190,9 @@ def run_one(size: str, n: int, attention: str, steps: int, batch: Optional[int] 
   jax.block_until_ready(state)
   t_init = time.perf_counter() - t0
   t0 = time.perf_counter()
-  step, mem = train_lib.compile_train_step(loss_fn, tx, train_lib.make_schedule(cfg.optim),
-                                           cfg.optim.ema_decay, setup, spec, mesh)
+  step, mem = train_lib.compile_train_step(
+      loss_fn, tx, train_lib.make_schedule(cfg.optim), cfg.optim.ema_decay, setup, spec, mesh
+  )
   t_compile = time.perf_counter() - t0
   try:
     cost = step.cost_analysis()
@@ -189,13 +213,26 @@ def run_one(size: str, n: int, attention: str, steps: int, batch: Optional[int] 
     times.append(time.perf_counter() - t)
   step_s = statistics.median(times)
   stats = jax.devices()[0].memory_stats() or {}
-  out = dict(size=size, components=n, attention=attention, batch=b, remat=dit.remat,
-             latent_tokens=dit.latent_tokens, width=dit.width, blocks=dit.num_blocks,
-             params=train_lib.count_params(state.params), init_s=t_init, compile_s=t_compile,
-             step_ms=1e3 * step_s, step_ms_min=1e3 * min(times),
-             tokens_per_s=b * n * dit.latent_tokens / step_s, flops_per_step=flops,
-             loss=float(metrics["loss"]), memory_analysis_mib=mem,
-             peak_mem_gib=stats.get("peak_bytes_in_use", 0) / 2**30)
+  out = dict(
+      size=size,
+      components=n,
+      attention=attention,
+      batch=b,
+      remat=dit.remat,
+      latent_tokens=dit.latent_tokens,
+      width=dit.width,
+      blocks=dit.num_blocks,
+      params=train_lib.count_params(state.params),
+      init_s=t_init,
+      compile_s=t_compile,
+      step_ms=1e3 * step_s,
+      step_ms_min=1e3 * min(times),
+      tokens_per_s=b * n * dit.latent_tokens / step_s,
+      flops_per_step=flops,
+      loss=float(metrics["loss"]),
+      memory_analysis_mib=mem,
+      peak_mem_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
+  )
   return out
 
 
@@ -206,15 +243,22 @@ def sample_one(size: str, n: int, steps: int = 50, compile_only: bool = False) -
   import jax
   import jax.numpy as jnp
   from moca_jax import dit_task, pipeline
+
   cfg = _config(size, "moc")
   model = dit_task.ImageConditionedDiT(cfg.model)
   enc, dit = cfg.model.encoder, cfg.model.dit
   images = jax.random.uniform(jax.random.PRNGKey(5), (1, enc.image_size, enc.image_size, 3))
   x = jnp.zeros((1, n, dit.latent_tokens, dit.latent_channels))  # shape template for init
-  init = jax.jit(lambda r: nn.meta.unbox(model.init(r, images, x, jnp.zeros((1,)),
-                                                    jnp.ones((1, n), bool))["params"]))
-  fn = jax.jit(lambda p, im, key, s: pipeline.sample_latents(
-      model, p, im, key, num_components=n, steps=steps, cfg_scale=s, return_routing=False)[0])
+  init = jax.jit(
+      lambda r: nn.meta.unbox(
+          model.init(r, images, x, jnp.zeros((1,)), jnp.ones((1, n), bool))["params"]
+      )
+  )
+  fn = jax.jit(
+      lambda p, im, key, s: pipeline.sample_latents(
+          model, p, im, key, num_components=n, steps=steps, cfg_scale=s, return_routing=False
+      )[0]
+  )
   if compile_only:
     t0 = time.perf_counter()
     init.lower(jax.random.PRNGKey(0)).compile()
@@ -230,13 +274,21 @@ def sample_one(size: str, n: int, steps: int = 50, compile_only: bool = False) -
     t = time.perf_counter()
     fn(params, images, jax.random.PRNGKey(2 + i), 7.0).block_until_ready()
     times.append(time.perf_counter() - t)
-  return dict(size=size, components=n, steps=steps, cfg=True, latent_tokens=dit.latent_tokens,
-              first_call_s=first, latency_s=statistics.median(times),
-              per_step_ms=1e3 * statistics.median(times) / steps)
+  return dict(
+      size=size,
+      components=n,
+      steps=steps,
+      cfg=True,
+      latent_tokens=dit.latent_tokens,
+      first_call_s=first,
+      latency_s=statistics.median(times),
+      per_step_ms=1e3 * statistics.median(times) / steps,
+  )
 
 
 def _device_name() -> str:
   import jax
+
   d = jax.devices()[0]
   return f"{d.platform}:{getattr(d, 'device_kind', '?')} x{jax.device_count()}"
 
@@ -244,49 +296,70 @@ def _device_name() -> str:
 def _write(out_dir: str, name: str, payload: dict) -> None:
   base = os.path.join(out_dir, name)
   mio.write_json(base + ".json", payload)
-  lines = [f"# DiT training-step benchmark ({payload['device']})", "",
-           f"Host: {payload['host']}; jax {payload['jax']}; measured bf16 matmul peak "
-           f"{payload.get('matmul_peak_tflops', 0):.0f} TFLOP/s. Step = the full train step "
-           "(image encoder + DiT forward/backward, AdamW, EMA), fp32 params, bf16 compute and cuDNN "
-           "attention in the DiT on GPU (XLA attention in the image encoder; fp32/XLA on CPU); "
-           "median of timed steps after 2 warm-up steps. Tokens = B x N x L component "
-           "tokens. MFU = model FLOPs per step / step time / measured matmul peak.", "",
-           "| size | N | attention | B | params (M) | compile s | step ms | tokens/s | "
-           "model TFLOP/step | MFU | peak GiB | DiT remat |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  lines = [
+      f"# DiT training-step benchmark ({payload['device']})",
+      "",
+      f"Host: {payload['host']}; jax {payload['jax']}; measured bf16 matmul peak "
+      f"{payload.get('matmul_peak_tflops', 0):.0f} TFLOP/s. Step = the full train step "
+      "(image encoder + DiT forward/backward, AdamW, EMA), fp32 params, bf16 compute and cuDNN "
+      "attention in the DiT on GPU (XLA attention in the image encoder; fp32/XLA on CPU); "
+      "median of timed steps after 2 warm-up steps. Tokens = B x N x L component "
+      "tokens. MFU = model FLOPs per step / step time / measured matmul peak.",
+      "",
+      "| size | N | attention | B | params (M) | compile s | step ms | tokens/s | "
+      "model TFLOP/step | MFU | peak GiB | DiT remat |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
   peak = payload.get("matmul_peak_tflops") or 0
   for r in payload["runs"]:
     if "error" in r:
-      lines.append(f"| {r['size']} | {r['components']} | {r['attention']} | - | - | - | "
-                   f"failed: {r['error'][:60]} | | | | | |")
+      lines.append(
+          f"| {r['size']} | {r['components']} | {r['attention']} | - | - | - | "
+          f"failed: {r['error'][:60]} | | | | | |"
+      )
       continue
     mf = r.get("model_flops", 0) / 1e12
     mfu = (mf / (r["step_ms"] / 1e3) / peak) if peak and mf else 0
-    lines.append(f"| {r['size']} | {r['components']} | {r['attention']} | {r['batch']} | "
-                 f"{r['params'] / 1e6:.0f} | {r['compile_s']:.0f} | {r['step_ms']:.1f} | "
-                 f"{r['tokens_per_s']:.0f} | {mf:.1f} | {100 * mfu:.0f}% | "
-                 f"{r['peak_mem_gib']:.1f} | "
-                 f"{r.get('remat', '-')} |")
-  pairs = {(r["size"], r["components"], r["attention"]): r for r in payload["runs"] if "error" not in r}
-  speedups = [f"{size} N={n}: {pairs[(size, n, 'dense')]['step_ms'] / r['step_ms']:.2f}x"
-              for (size, n, attn), r in sorted(pairs.items()) if attn == "moc"
-              and (size, n, "dense") in pairs]
+    lines.append(
+        f"| {r['size']} | {r['components']} | {r['attention']} | {r['batch']} | "
+        f"{r['params'] / 1e6:.0f} | {r['compile_s']:.0f} | {r['step_ms']:.1f} | "
+        f"{r['tokens_per_s']:.0f} | {mf:.1f} | {100 * mfu:.0f}% | "
+        f"{r['peak_mem_gib']:.1f} | "
+        f"{r.get('remat', '-')} |"
+    )
+  pairs = {
+      (r["size"], r["components"], r["attention"]): r for r in payload["runs"] if "error" not in r
+  }
+  speedups = [
+      f"{size} N={n}: {pairs[(size, n, 'dense')]['step_ms'] / r['step_ms']:.2f}x"
+      for (size, n, attn), r in sorted(pairs.items())
+      if attn == "moc" and (size, n, "dense") in pairs
+  ]
   if speedups:
-    lines.append("\nMoC step speed-up over dense (dense step time / MoC step time): "
-                 + "; ".join(speedups) + ".")
-  lines.append("\nModel FLOPs: XLA's count of the unoptimised forward+backward with XLA "
-               "attention and no remat (attention included, recomputation excluded; "
-               "`--add_model_flops` counts it on any machine). XLA's count of the compiled GPU "
-               "step (`flops_per_step` in the JSON) misses the cuBLAS and cuDNN calls and is "
-               "not used. compile s: a cache load when the parallel compile phase "
-               "(--workers) finished first.")
+    lines.append(
+        "\nMoC step speed-up over dense (dense step time / MoC step time): "
+        + "; ".join(speedups)
+        + "."
+    )
+  lines.append(
+      "\nModel FLOPs: XLA's count of the unoptimised forward+backward with XLA "
+      "attention and no remat (attention included, recomputation excluded; "
+      "`--add_model_flops` counts it on any machine). XLA's count of the compiled GPU "
+      "step (`flops_per_step` in the JSON) misses the cuBLAS and cuDNN calls and is "
+      "not used. compile s: a cache load when the parallel compile phase "
+      "(--workers) finished first."
+  )
   for s in payload.get("sampling", []):
     if "error" in s:
-      lines.append(f"\nSampling {s.get('size')} N={s.get('components')}: failed: {s['error'][:100]}")
+      lines.append(
+          f"\nSampling {s.get('size')} N={s.get('components')}: failed: {s['error'][:100]}"
+      )
     else:
-      lines.append(f"\nSampling ({s['size']}, N={s['components']}, L={s['latent_tokens']}, "
-                   f"{s['steps']} Euler steps with CFG, batch 1): {s['latency_s']:.2f} s "
-                   f"(first call with compile {s['first_call_s']:.0f} s).")
+      lines.append(
+          f"\nSampling ({s['size']}, N={s['components']}, L={s['latent_tokens']}, "
+          f"{s['steps']} Euler steps with CFG, batch 1): {s['latency_s']:.2f} s "
+          f"(first call with compile {s['first_call_s']:.0f} s)."
+      )
   if payload.get("skipped"):
     lines.append("\nNot run (time budget): " + ", ".join(payload["skipped"]))
   if payload.get("notes"):
@@ -297,6 +370,7 @@ def _write(out_dir: str, name: str, payload: dict) -> None:
 
 def main(argv=None) -> None:
   import argparse
+
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--sizes", default="small,paper")
   p.add_argument("--components", default="16,32")
@@ -308,27 +382,39 @@ def main(argv=None) -> None:
   p.add_argument("--sample_components", type=int, default=0, help="0: no sampling benchmark")
   p.add_argument("--out", default="experiments/results")
   p.add_argument("--name", default="benchmark_train")
-  p.add_argument("--workers", type=int, default=0,
-                 help="compile every job first in this many parallel processes")
+  p.add_argument(
+      "--workers",
+      type=int,
+      default=0,
+      help="compile every job first in this many parallel processes",
+  )
   p.add_argument("--remat", default="", help="DiT remat override ('' = the config's)")
   p.add_argument("--resume", default="", help="earlier JSON: its finished runs are kept")
-  p.add_argument("--add_model_flops", default="",
-                 help="JSON of an earlier run: count model FLOPs for its runs (CPU is fine: "
-                      "lowering only), rewrite it and its markdown, and exit")
+  p.add_argument(
+      "--add_model_flops",
+      default="",
+      help="JSON of an earlier run: count model FLOPs for its runs (CPU is fine: "
+      "lowering only), rewrite it and its markdown, and exit",
+  )
   p.add_argument("--one", default="", help=argparse.SUPPRESS)
   p.add_argument("--compile_one", default="", help=argparse.SUPPRESS)
   p.add_argument("--sample_one", default="", help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   if a.one or a.compile_one:
     size, n, attn = (a.one or a.compile_one).split(",")
-    fn = (lambda: run_one(size, int(n), attn, a.steps, a.batch or None, a.remat)) if a.one else (
-        lambda: compile_one(size, int(n), attn, a.batch or None))
+    fn = (
+        (lambda: run_one(size, int(n), attn, a.steps, a.batch or None, a.remat))
+        if a.one
+        else (lambda: compile_one(size, int(n), attn, a.batch or None))
+    )
     print("RESULT " + json.dumps(fn()), flush=True)
     return
   if a.sample_one:
     size, n, *rest = a.sample_one.split(",")
-    print("RESULT " + json.dumps(sample_one(size, int(n), compile_only=rest == ["compile"])),
-          flush=True)
+    print(
+        "RESULT " + json.dumps(sample_one(size, int(n), compile_only=rest == ["compile"])),
+        flush=True,
+    )
     return
 
   if a.add_model_flops:
@@ -337,19 +423,33 @@ def main(argv=None) -> None:
     for r in payload["runs"]:
       if "error" not in r and not r.get("model_flops"):
         r["model_flops"] = model_flops(r["size"], r["components"], r["attention"], r["batch"])
-        print(f"{r['size']} N={r['components']} {r['attention']} B={r['batch']}: "
-              f"{r['model_flops'] / 1e12:.1f} TFLOP", flush=True)
-    _write(os.path.dirname(a.add_model_flops) or ".",
-           os.path.basename(a.add_model_flops)[:-len(".json")], payload)
+        print(
+            f"{r['size']} N={r['components']} {r['attention']} B={r['batch']}: "
+            f"{r['model_flops'] / 1e12:.1f} TFLOP",
+            flush=True,
+        )
+    _write(
+        os.path.dirname(a.add_model_flops) or ".",
+        os.path.basename(a.add_model_flops)[: -len(".json")],
+        payload,
+    )
     return
 
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # children need the GPU
   import jax
   import jax.numpy as jnp
+
   start = time.time()
-  payload = {"device": _device_name(), "host": platform.node() or "?", "jax": jax.__version__,
-             "python": platform.python_version(), "runs": [], "sampling": [], "skipped": [],
-             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+  payload = {
+      "device": _device_name(),
+      "host": platform.node() or "?",
+      "jax": jax.__version__,
+      "python": platform.python_version(),
+      "runs": [],
+      "sampling": [],
+      "skipped": [],
+      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+  }
   if a.resume and os.path.exists(a.resume):
     with open(a.resume) as f:
       old = json.load(f)
@@ -360,8 +460,12 @@ def main(argv=None) -> None:
   sampled = {(r["size"], r["components"]) for r in payload["sampling"]}
   if jax.default_backend() == "gpu":
     payload["matmul_peak_tflops"] = _measure_matmul_peak(jax, jnp)
-  jobs = [(s, int(n), at) for s in a.sizes.split(",") for at in a.attention.split(",")
-          for n in a.components.split(",")]
+  jobs = [
+      (s, int(n), at)
+      for s in a.sizes.split(",")
+      for at in a.attention.split(",")
+      for n in a.components.split(",")
+  ]
   # MoC first, largest size first: the numbers that matter most come back even if cut short
   # (dense: largest N first, the comparison that matters most)
   jobs.sort(key=lambda j: (j[2] != "moc", j[0] != "paper", j[1] if j[2] == "moc" else -j[1]))
@@ -371,8 +475,11 @@ def main(argv=None) -> None:
   compiled = {}
   if a.workers:
     import tempfile
-    env.update(JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="jax_cache_"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+    env.update(
+        JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="jax_cache_"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
     flags = [("--compile_one", f"{s},{n},{at}") for s, n, at in jobs]
     if a.sample_components and (sample_size, a.sample_components) not in sampled:
       flags.append(("--sample_one", f"{sample_size},{a.sample_components},compile"))
@@ -386,10 +493,17 @@ def main(argv=None) -> None:
       payload["skipped"].append(f"{size}/N={n}/{attn}")
       continue
     pre = compiled.get(f"{size},{n},{attn}", {})
-    r = _children([("--one", f"{size},{n},{attn}")], a, env, 1,
-                  remat=pre.get("remat") or a.remat)[0]
-    r.update(size=size, components=n, attention=attn, model_flops=pre.get("model_flops", 0.0),
-             parallel_compile_s=pre.get("compile_s"), remat_note=pre.get("remat_note"))
+    r = _children([("--one", f"{size},{n},{attn}")], a, env, 1, remat=pre.get("remat") or a.remat)[
+        0
+    ]
+    r.update(
+        size=size,
+        components=n,
+        attention=attn,
+        model_flops=pre.get("model_flops", 0.0),
+        parallel_compile_s=pre.get("compile_s"),
+        remat_note=pre.get("remat_note"),
+    )
     payload["runs"].append(r)
     print(json.dumps(r), flush=True)
     _write(a.out, a.name, payload)
@@ -412,10 +526,20 @@ def _children(flags: list, a, env: dict, workers: int, remat: str = "") -> list:
   while pending or running:
     while pending and len(running) < workers:
       i, (flag, value) = pending.pop(0)
-      cmd = [sys.executable, "-m", "experiments.benchmark_train", flag, value,
-             f"--steps={a.steps}", f"--batch={a.batch}", f"--remat={remat or a.remat}"]
-      running[i] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=env), time.time())
+      cmd = [
+          sys.executable,
+          "-m",
+          "experiments.benchmark_train",
+          flag,
+          value,
+          f"--steps={a.steps}",
+          f"--batch={a.batch}",
+          f"--remat={remat or a.remat}",
+      ]
+      running[i] = (
+          subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env),
+          time.time(),
+      )
     for i, (proc, t0) in list(running.items()):
       timed_out = time.time() - t0 > a.per_run_timeout_s
       if proc.poll() is None and not timed_out:

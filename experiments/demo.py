@@ -15,6 +15,7 @@ router.png), samples/ (one GLB + PNG per evaluated item) and summary.json; print
 The tiny models train for minutes on two CPU cores: the numbers show the pipeline works
 end to end, not the quality of a trained MoCA.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ from absl import app, flags, logging
 
 from moca_jax import io as mio
 
+
 def _banner(title: str) -> float:
   print(f"\n==== {title} " + "=" * max(0, 70 - len(title)), flush=True)
   return time.time()
@@ -33,18 +35,28 @@ def _banner(title: str) -> float:
 def build_data(workdir: str) -> dict:
   """Stage 1: the procedural tiny split (train) and test_tiny (held out)."""
   from data_pipeline import make, sampling
-  cfg = make.BuildConfig(sample=sampling.SampleConfig(n_surface=1024, n_near=1024, n_volume=512),
-                         image_size=112, num_views=1, num_previews=2)
+
+  cfg = make.BuildConfig(
+      sample=sampling.SampleConfig(n_surface=1024, n_near=1024, n_volume=512),
+      image_size=112,
+      num_views=1,
+      num_previews=2,
+  )
   out = os.path.join(workdir, "data", "tiny")
   manifest = make.build("procedural:tiny", out, num_shards=2, shard_index=-1, cfg=cfg, workers=0)
-  return {"dir": out, "count": manifest["count"], "skipped": len(manifest["skipped"]),
-          "image_size": cfg.image_size}
+  return {
+      "dir": out,
+      "count": manifest["count"],
+      "skipped": len(manifest["skipped"]),
+      "image_size": cfg.image_size,
+  }
 
 
 def train_vae(workdir: str, steps: int) -> str:
   """Stage 2: the tiny VAE; returns its workdir."""
   from experiments.configs import vae as vae_configs
   from moca_jax import vae_task
+
   config = vae_configs.get_config("tiny")
   config.num_steps = steps
   vae_dir = os.path.join(workdir, "vae")
@@ -56,11 +68,17 @@ def encode_latents(workdir: str, data_dir: str, vae_dir: str) -> str:
   """Stage 3: every part of the tiny split through the frozen VAE encoder."""
   from data_pipeline import encode_latents as enc
   from moca_jax.vae_task import load_vae
+
   model, params, vae_cfg = load_vae(vae_dir)
   out = os.path.join(workdir, "data", "tiny_latents")
-  enc.encode_dataset(data_dir, out, enc.vae_encode_fn(model, params),
-                     num_points=int(vae_cfg.model.num_points), batch_size=32,
-                     vae_info={"workdir": os.path.abspath(vae_dir)})
+  enc.encode_dataset(
+      data_dir,
+      out,
+      enc.vae_encode_fn(model, params),
+      num_points=int(vae_cfg.model.num_points),
+      batch_size=32,
+      vae_info={"workdir": os.path.abspath(vae_dir)},
+  )
   return out
 
 
@@ -68,6 +86,7 @@ def train_dit(workdir: str, latents_dir: str, vae_dir: str, image_size: int, ste
   """Stage 4: the tiny MoC DiT on the latent shards; returns its workdir."""
   from experiments.configs import dit as dit_configs
   from moca_jax import dit_task
+
   config = dit_configs.get_config("tiny")
   config.data.dir = latents_dir
   config.data.image_size = image_size
@@ -80,34 +99,58 @@ def train_dit(workdir: str, latents_dir: str, vae_dir: str, image_size: int, ste
   return dit_dir
 
 
-def evaluate(workdir: str, dit_dir: str, image_size: int, items: int, steps: int, cfg: float,
-             num_samples: int) -> dict:
+def evaluate(
+    workdir: str,
+    dit_dir: str,
+    image_size: int,
+    items: int,
+    steps: int,
+    cfg: float,
+    num_samples: int,
+) -> dict:
   """Stage 5: generate from held-out renders, write GLB/PNG/router maps, score vs ground truth."""
   from moca_jax import evaluation, pipeline
+
   pipe = pipeline.load_pipeline(dit_dir)
   samples = []
 
   def write_sample(item, res):
     out = os.path.join(workdir, "samples", item.name.replace("/", "_"))
     first = {k: v[0] for k, v in res.routing.items()}
-    pipeline.write_outputs(out, res.meshes[0], res.latents[0], first, item.image,
-                           pipe.global_blocks)
+    pipeline.write_outputs(
+        out, res.meshes[0], res.latents[0], first, item.image, pipe.global_blocks
+    )
     samples.append(out)
 
-  predict = evaluation.pipeline_predict_fn(None, steps=steps, cfg=cfg, seed=0, pipe=pipe,
-                                           on_result=write_sample)
-  test_items = evaluation.items_from_split("test_tiny", kind="object", limit=items,
-                                           image_size=image_size)
-  result = evaluation.evaluate_items(test_items, predict,
-                                     evaluation.MetricSettings(num_samples=num_samples))
-  written = evaluation.write_report(os.path.join(workdir, "eval"), result, kind="object",
-                                    meta={"stage": "make demo (tiny, CPU)"})
-  return {"mean": result["mean"], "skipped": result["skipped"], "written": written,
-          "samples": samples}
+  predict = evaluation.pipeline_predict_fn(
+      None, steps=steps, cfg=cfg, seed=0, pipe=pipe, on_result=write_sample
+  )
+  test_items = evaluation.items_from_split(
+      "test_tiny", kind="object", limit=items, image_size=image_size
+  )
+  result = evaluation.evaluate_items(
+      test_items, predict, evaluation.MetricSettings(num_samples=num_samples)
+  )
+  written = evaluation.write_report(
+      os.path.join(workdir, "eval"), result, kind="object", meta={"stage": "make demo (tiny, CPU)"}
+  )
+  return {
+      "mean": result["mean"],
+      "skipped": result["skipped"],
+      "written": written,
+      "samples": samples,
+  }
 
 
-def run_demo(workdir: str, vae_steps: int, dit_steps: int, eval_items: int, sample_steps: int,
-             cfg: float, eval_samples: int) -> dict:
+def run_demo(
+    workdir: str,
+    vae_steps: int,
+    dit_steps: int,
+    eval_items: int,
+    sample_steps: int,
+    cfg: float,
+    eval_samples: int,
+) -> dict:
   """Runs the five stages; returns the summary (also written to workdir/summary.json)."""
   os.makedirs(workdir, exist_ok=True)
   timings = {}
@@ -126,9 +169,17 @@ def run_demo(workdir: str, vae_steps: int, dit_steps: int, eval_items: int, samp
   t = _banner("5/5 evaluate: generate from held-out renders, score, write pictures")
   ev = evaluate(workdir, dit_dir, data["image_size"], eval_items, sample_steps, cfg, eval_samples)
   timings["evaluate"] = time.time() - t
-  summary = {"data": data, "vae_dir": vae_dir, "latents_dir": latents_dir, "dit_dir": dit_dir,
-             "metrics": ev["mean"], "skipped": ev["skipped"], "outputs": ev["written"],
-             "samples": ev["samples"], "seconds": {k: round(v, 1) for k, v in timings.items()}}
+  summary = {
+      "data": data,
+      "vae_dir": vae_dir,
+      "latents_dir": latents_dir,
+      "dit_dir": dit_dir,
+      "metrics": ev["mean"],
+      "skipped": ev["skipped"],
+      "outputs": ev["written"],
+      "samples": ev["samples"],
+      "seconds": {k: round(v, 1) for k, v in timings.items()},
+  }
   mio.write_json(os.path.join(workdir, "summary.json"), summary, indent=1)
   _print_table(summary)
   return summary
@@ -162,8 +213,7 @@ def main(argv) -> None:
     raise app.UsageError("Too many command-line arguments.")
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
-  run_demo(f.workdir, f.vae_steps, f.dit_steps, f.eval_items, f.sample_steps, f.cfg,
-           f.eval_samples)
+  run_demo(f.workdir, f.vae_steps, f.dit_steps, f.eval_items, f.sample_steps, f.cfg, f.eval_samples)
 
 
 if __name__ == "__main__":

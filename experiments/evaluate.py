@@ -23,6 +23,7 @@ scalars of the means). Items that fail (unreadable file, generation error) are s
 listed under "skipped" in metrics.json and table.md. --steps and --cfg default to the
 checkpoint's config.sample. Bad arguments: one line on stderr, exit code 2.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,92 +34,113 @@ from absl import app, flags
 from moca_jax import evaluation as E
 from moca_jax import metrics as M
 
-
 # ---------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------
 
+
 def define_flags() -> None:
-  flags.DEFINE_string('checkpoint_dir', None, 'Generator checkpoint (experiments/generate).')
-  flags.DEFINE_string('split', None, 'Procedural split (e.g. test, test_tiny).')
-  flags.DEFINE_string('glb_dir', None, 'Folder of user meshes (see module docstring).')
-  flags.DEFINE_enum('kind', 'object', ['object', 'scene'], 'Objects (Table 1) or scenes '
-                    '(Table 2).')
-  flags.DEFINE_string('out_dir', None, 'Output folder (default experiments/results/eval_*).')
-  flags.DEFINE_integer('limit', None, 'Evaluate at most this many items.')
-  flags.DEFINE_integer('num_components', None, 'Parts to generate (default: GT count).')
-  flags.DEFINE_integer('steps', None, 'Flow ODE steps (default: the checkpoint config).')
-  flags.DEFINE_float('cfg', None, 'Classifier-free guidance scale (default: the checkpoint '
-                    'config).')
-  flags.DEFINE_integer('seed', 0, 'Generation and sampling seed.')
-  flags.DEFINE_integer('num_samples', M.DEFAULT_NUM_SAMPLES, 'Surface samples per shape.')
-  flags.DEFINE_integer('voxel_resolution', M.DEFAULT_VOXEL_RESOLUTION, 'Self-IoU grid.')
-  flags.DEFINE_enum('nn_backend', 'kdtree', list(M.NN_BACKENDS), 'Nearest-neighbour search.')
-  flags.DEFINE_enum('object_frame', 'instance', ['instance', 'scene'],
-                    'Scene object-level metrics: per-instance or scene normalisation.')
-  flags.DEFINE_integer('image_size', 224, 'Conditioning render size when rendering here.')
-  flags.DEFINE_integer('grid_rows', 4, 'Rows in grid.png.')
-  flags.DEFINE_string('method', 'moca-jax', 'Method name in the table.')
-  flags.DEFINE_float('perturb', None, 'No model: score the ground truth jittered by this '
-                     'vertex noise (a sanity check of the pipeline).')
-  flags.DEFINE_bool('benchmark_nn', False, 'Run the nearest-neighbour benchmark and exit.')
-  flags.DEFINE_string('nn_sizes', '10000,30000,100000', 'Benchmark sizes (comma list).')
-  flags.DEFINE_integer('nn_repeats', 3, 'Benchmark repeats.')
-  flags.DEFINE_integer('nn_jax_max_size', 100_000, 'Largest size timed with the JAX backend.')
+  flags.DEFINE_string("checkpoint_dir", None, "Generator checkpoint (experiments/generate).")
+  flags.DEFINE_string("split", None, "Procedural split (e.g. test, test_tiny).")
+  flags.DEFINE_string("glb_dir", None, "Folder of user meshes (see module docstring).")
+  flags.DEFINE_enum("kind", "object", ["object", "scene"], "Objects (Table 1) or scenes (Table 2).")
+  flags.DEFINE_string("out_dir", None, "Output folder (default experiments/results/eval_*).")
+  flags.DEFINE_integer("limit", None, "Evaluate at most this many items.")
+  flags.DEFINE_integer("num_components", None, "Parts to generate (default: GT count).")
+  flags.DEFINE_integer("steps", None, "Flow ODE steps (default: the checkpoint config).")
+  flags.DEFINE_float(
+      "cfg", None, "Classifier-free guidance scale (default: the checkpoint config)."
+  )
+  flags.DEFINE_integer("seed", 0, "Generation and sampling seed.")
+  flags.DEFINE_integer("num_samples", M.DEFAULT_NUM_SAMPLES, "Surface samples per shape.")
+  flags.DEFINE_integer("voxel_resolution", M.DEFAULT_VOXEL_RESOLUTION, "Self-IoU grid.")
+  flags.DEFINE_enum("nn_backend", "kdtree", list(M.NN_BACKENDS), "Nearest-neighbour search.")
+  flags.DEFINE_enum(
+      "object_frame",
+      "instance",
+      ["instance", "scene"],
+      "Scene object-level metrics: per-instance or scene normalisation.",
+  )
+  flags.DEFINE_integer("image_size", 224, "Conditioning render size when rendering here.")
+  flags.DEFINE_integer("grid_rows", 4, "Rows in grid.png.")
+  flags.DEFINE_string("method", "moca-jax", "Method name in the table.")
+  flags.DEFINE_float(
+      "perturb",
+      None,
+      "No model: score the ground truth jittered by this "
+      "vertex noise (a sanity check of the pipeline).",
+  )
+  flags.DEFINE_bool("benchmark_nn", False, "Run the nearest-neighbour benchmark and exit.")
+  flags.DEFINE_string("nn_sizes", "10000,30000,100000", "Benchmark sizes (comma list).")
+  flags.DEFINE_integer("nn_repeats", 3, "Benchmark repeats.")
+  flags.DEFINE_integer("nn_jax_max_size", 100_000, "Largest size timed with the JAX backend.")
 
 
 def run(f) -> dict:
   """The CLI as a function of the parsed flags; returns what `write_report` wrote."""
   if f.benchmark_nn:
-    rows = E.benchmark_nn([int(s) for s in f.nn_sizes.split(',')], f.nn_repeats,
-                          jax_max_size=f.nn_jax_max_size)
+    rows = E.benchmark_nn(
+        [int(s) for s in f.nn_sizes.split(",")], f.nn_repeats, jax_max_size=f.nn_jax_max_size
+    )
     E.write_nn_benchmark(rows)
     return {}
   if (f.split is None) == (f.glb_dir is None):
-    raise ValueError('give exactly one of --split or --glb_dir')
+    raise ValueError("give exactly one of --split or --glb_dir")
   skipped: list = []
   if f.split is not None:
     items = E.items_from_split(f.split, f.kind, f.limit, f.image_size)
-    source = f'split {f.split}'
+    source = f"split {f.split}"
   else:
     items = E.items_from_glb_dir(f.glb_dir, f.kind, f.limit, f.image_size, skipped)
-    source = f'folder {f.glb_dir}'
+    source = f"folder {f.glb_dir}"
   if f.perturb is not None:
     predict = E.perturbed_gt_predict_fn(f.perturb, seed=f.seed)
-    method = f'ground truth + noise {f.perturb:g}'
+    method = f"ground truth + noise {f.perturb:g}"
   else:
     if f.checkpoint_dir is None:
-      raise ValueError('--checkpoint_dir is required (or --perturb for a model-free check)')
+      raise ValueError("--checkpoint_dir is required (or --perturb for a model-free check)")
     predict = E.pipeline_predict_fn(f.checkpoint_dir, f.steps, f.cfg, f.seed, f.num_components)
     method = f.method
-  settings = E.MetricSettings(num_samples=f.num_samples, seed=f.seed,
-                              voxel_resolution=f.voxel_resolution, nn_backend=f.nn_backend,
-                              object_frame=f.object_frame)
+  settings = E.MetricSettings(
+      num_samples=f.num_samples,
+      seed=f.seed,
+      voxel_resolution=f.voxel_resolution,
+      nn_backend=f.nn_backend,
+      object_frame=f.object_frame,
+  )
   result = E.evaluate_items(items, predict, settings, grid_rows=f.grid_rows, skipped=skipped)
   out_dir = f.out_dir or os.path.join(
-      'experiments/results', f"eval_{(f.split or os.path.basename(f.glb_dir.rstrip('/')))}"
-      f'_{f.kind}')
-  meta = {'source': source, 'checkpoint': f.checkpoint_dir, 'steps': f.steps, 'cfg': f.cfg,
-          'seed': f.seed, 'num_samples': f.num_samples, 'voxel_resolution':
-          f.voxel_resolution, 'object_frame': f.object_frame}
+      "experiments/results",
+      f"eval_{(f.split or os.path.basename(f.glb_dir.rstrip('/')))}_{f.kind}",
+  )
+  meta = {
+      "source": source,
+      "checkpoint": f.checkpoint_dir,
+      "steps": f.steps,
+      "cfg": f.cfg,
+      "seed": f.seed,
+      "num_samples": f.num_samples,
+      "voxel_resolution": f.voxel_resolution,
+      "object_frame": f.object_frame,
+  }
   return E.write_report(out_dir, result, f.kind, method, meta)
 
 
 def main(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError('Too many command-line arguments.')
+    raise app.UsageError("Too many command-line arguments.")
   try:
     written = run(flags.FLAGS)
   except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
-    print(f'evaluate: error: {e}', file=sys.stderr)
+    print(f"evaluate: error: {e}", file=sys.stderr)
     sys.exit(2)
-  if 'markdown' in written:
-    with open(written['markdown'], encoding='utf-8') as fh:
+  if "markdown" in written:
+    with open(written["markdown"], encoding="utf-8") as fh:
       print(fh.read())
   for k, v in written.items():
-    print(f'{k}: {v}')
+    print(f"{k}: {v}")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   define_flags()
   app.run(main)

@@ -9,6 +9,7 @@ number of components N and chunk size (0 = every query component at once). Compi
 it runs on a CPU in seconds; on a GPU the figures also include the GPU's own buffers.
 Writes <out>/moc_chunk_memory.{md,json} naming the backend.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,15 +28,22 @@ from moca_jax import io as mio  # noqa: E402
 from moca_jax import moc  # noqa: E402
 
 
-def core_memory(n: int, chunk: int, backward: bool, seq_len=1024, heads=16, head_dim=128,
-                k=4, m=32) -> dict:
+def core_memory(
+    n: int, chunk: int, backward: bool, seq_len=1024, heads=16, head_dim=128, k=4, m=32
+) -> dict:
   """Compiles the MoC core for N components; returns XLA's memory analysis in GiB."""
   bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-  args = (bf16(1, n, seq_len, heads, head_dim), bf16(1, n, seq_len, heads, head_dim),
-          bf16(1, n, seq_len, heads, head_dim), bf16(1, n, m, heads, head_dim),
-          bf16(1, n, m, heads, head_dim), jax.ShapeDtypeStruct((1, heads, n, n), jnp.float32),
-          i32(1, heads, n, k), i32(1, heads, n, n - 1 - k))
+  args = (
+      bf16(1, n, seq_len, heads, head_dim),
+      bf16(1, n, seq_len, heads, head_dim),
+      bf16(1, n, seq_len, heads, head_dim),
+      bf16(1, n, m, heads, head_dim),
+      bf16(1, n, m, heads, head_dim),
+      jax.ShapeDtypeStruct((1, heads, n, n), jnp.float32),
+      i32(1, heads, n, k),
+      i32(1, heads, n, n - 1 - k),
+  )
 
   def forward(q, kh, vh, kc, vc, s, sel, unsel):
     return moc.moc_attention(q, kh, vh, kc, vc, s, sel, unsel, None, component_chunk=chunk)
@@ -48,10 +56,17 @@ def core_memory(n: int, chunk: int, backward: bool, seq_len=1024, heads=16, head
   compiled = jax.jit(train if backward else forward).lower(*args).compile()
   mem = compiled.memory_analysis()
   gib = lambda v: float(v) / 2**30
-  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-           - getattr(mem, "alias_size_in_bytes", 0))
-  return {"total_gib": gib(total), "temp_gib": gib(mem.temp_size_in_bytes),
-          "compile_s": time.perf_counter() - t0}
+  total = (
+      mem.argument_size_in_bytes
+      + mem.output_size_in_bytes
+      + mem.temp_size_in_bytes
+      - getattr(mem, "alias_size_in_bytes", 0)
+  )
+  return {
+      "total_gib": gib(total),
+      "temp_gib": gib(mem.temp_size_in_bytes),
+      "compile_s": time.perf_counter() - t0,
+  }
 
 
 def main(argv=None):
@@ -61,8 +76,12 @@ def main(argv=None):
   p.add_argument("--out", default="experiments/results")
   a = p.parse_args(argv)
   dev = jax.devices()[0]
-  report = {"backend": f"{dev.platform} ({getattr(dev, 'device_kind', '?')})",
-            "jax": jax.__version__, "platform": platform.platform(), "rows": []}
+  report = {
+      "backend": f"{dev.platform} ({getattr(dev, 'device_kind', '?')})",
+      "jax": jax.__version__,
+      "platform": platform.platform(),
+      "rows": [],
+  }
   for n in [int(v) for v in a.ns.split(",")]:
     for chunk in [int(v) for v in a.chunks.split(",")]:
       if chunk and n % chunk:
@@ -72,18 +91,23 @@ def main(argv=None):
         r.update(n=n, chunk=chunk, job="forward+backward" if backward else "forward")
         report["rows"].append(r)
         print(json.dumps(r), flush=True)
-  lines = [f"# MoC attention memory with component chunks ({report['backend']})", "",
-           f"XLA's memory analysis of the compiled MoC global-attention core (not run): one "
-           f"object, L = 1024, 16 heads x 128, k = 4, m = 32, bf16; jax {report['jax']}. "
-           "Total = arguments + outputs + temporaries, GiB. Chunk 0 = every query component "
-           "at once (the default); chunk c = `moc_component_chunk` c.", "",
-           "On a CPU the attention is XLA's own, which materialises the scores of every query "
-           "against its routed context; cuDNN on a GPU does not, so GPU totals are lower "
-           "(attention_scaling.md has the GPU's for chunk 0). The point here is the ratio: "
-           "one call holds N contexts of L + kL + (N-1-k)m tokens (O(N^2)), a chunk holds c "
-           "of them (O(N)).", "",
-           "| N | job | chunk 0 | " + " | ".join(f"chunk {c}" for c in a.chunks.split(",")[1:])
-           + " |", "|---|---|---|" + "---|" * (len(a.chunks.split(",")) - 1)]
+  lines = [
+      f"# MoC attention memory with component chunks ({report['backend']})",
+      "",
+      f"XLA's memory analysis of the compiled MoC global-attention core (not run): one "
+      f"object, L = 1024, 16 heads x 128, k = 4, m = 32, bf16; jax {report['jax']}. "
+      "Total = arguments + outputs + temporaries, GiB. Chunk 0 = every query component "
+      "at once (the default); chunk c = `moc_component_chunk` c.",
+      "",
+      "On a CPU the attention is XLA's own, which materialises the scores of every query "
+      "against its routed context; cuDNN on a GPU does not, so GPU totals are lower "
+      "(attention_scaling.md has the GPU's for chunk 0). The point here is the ratio: "
+      "one call holds N contexts of L + kL + (N-1-k)m tokens (O(N^2)), a chunk holds c "
+      "of them (O(N)).",
+      "",
+      "| N | job | chunk 0 | " + " | ".join(f"chunk {c}" for c in a.chunks.split(",")[1:]) + " |",
+      "|---|---|---|" + "---|" * (len(a.chunks.split(",")) - 1),
+  ]
   for n in sorted({r["n"] for r in report["rows"]}):
     for job in ("forward", "forward+backward"):
       cells = []

@@ -7,27 +7,37 @@ Writes under workdir: checkpoints/<step>/ (orbax; the stored config names the VA
 generation), tb/ (TensorBoard), config.json, eval.json. A restarted job resumes from the
 latest checkpoint, data order included; a config that differs from the stored one outside
 the fields that may change on resume (moca_jax.checkpointing) is refused before anything is
-written.
+written; a resume with another config exits with code 2 and one line.
 """
+
 from __future__ import annotations
+
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from moca_jax import dit_task
+from moca_jax import checkpointing, dit_task
 
 
 def define_flags() -> None:
-  config_flags.DEFINE_config_file("config", "experiments/configs/dit.py:tiny",
-                                  "DiT config file (:tiny | :small | :paper [,scene]).",
-                                  lock_config=False)
+  config_flags.DEFINE_config_file(
+      "config",
+      "experiments/configs/dit.py:tiny",
+      "DiT config file (:tiny | :small | :paper [,scene]).",
+      lock_config=False,
+  )
   flags.DEFINE_string("workdir", "outputs/dit", "Checkpoints, TensorBoard events, eval.json.")
 
 
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  dit_task.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  try:
+    dit_task.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  except checkpointing.ConfigMismatchError as e:  # a resume with another config: one line
+    print(f"train_dit: error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

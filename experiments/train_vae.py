@@ -8,29 +8,40 @@ Writes under workdir: checkpoints/<step>/ (orbax), tb/, config.json, metrics.jso
 loss_curve.png, eval.json (IoU / Chamfer by part size), reconstruction.glb / .png; with
 --report also <report>.md / .json. A restarted job resumes from the latest checkpoint.
 """
+
 from __future__ import annotations
 
 import json
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from moca_jax import vae_task
+from moca_jax import checkpointing, vae_task
 
 
 def define_flags() -> None:
-  config_flags.DEFINE_config_file("config", "experiments/configs/vae.py:tiny",
-                                  "VAE training config.", lock_config=False)
+  config_flags.DEFINE_config_file(
+      "config", "experiments/configs/vae.py:tiny", "VAE training config.", lock_config=False
+  )
   flags.DEFINE_string("workdir", "outputs/vae", "Where checkpoints, metrics and meshes go.")
-  flags.DEFINE_string("report", "", "If set, a path stem for the by-part-size report "
-                      "(.md and .json), e.g. experiments/results/vae_eval_by_size.")
+  flags.DEFINE_string(
+      "report",
+      "",
+      "If set, a path stem for the by-part-size report "
+      "(.md and .json), e.g. experiments/results/vae_eval_by_size.",
+  )
 
 
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   f = flags.FLAGS
-  result = vae_task.train_and_evaluate(f.config, f.workdir)
+  try:
+    result = vae_task.train_and_evaluate(f.config, f.workdir)
+  except checkpointing.ConfigMismatchError as e:  # a resume with another config: one line
+    print(f"train_vae: error: {e}", file=sys.stderr)
+    sys.exit(2)
   if f.report:
     vae_task.write_eval_report(f.report, result, f.config, f.workdir)
   print(json.dumps(result, indent=2))

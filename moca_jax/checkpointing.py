@@ -27,6 +27,7 @@ may change on resume:
 Everything else (model shapes, optimizer, data source and folders, seeds, the VAE a DiT
 names) must match: use a new workdir to train another model.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,12 +77,16 @@ class Checkpointer:
   Call `wait()` (or `close()`) before exiting.
   """
 
-  def __init__(self, directory: str, save_every: int = 1000, keep: int = 3,
-               async_save: bool = True):
+  def __init__(
+      self, directory: str, save_every: int = 1000, keep: int = 3, async_save: bool = True
+  ):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=max(save_every, 1),
-        enable_async_checkpointing=async_save, create=True)
+        max_to_keep=keep,
+        save_interval_steps=max(save_every, 1),
+        enable_async_checkpointing=async_save,
+        create=True,
+    )
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
   def latest_step(self) -> Optional[int]:
@@ -90,17 +95,28 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state: Any, data_state: Any, config: ml_collections.ConfigDict,
-           force: bool = False) -> bool:
+  def save(
+      self,
+      step: int,
+      state: Any,
+      data_state: Any,
+      config: ml_collections.ConfigDict,
+      force: bool = False,
+  ) -> bool:
     """Saves a `train_lib.TrainState` (step, params, opt_state, ema_params), the data
     iterator's state (JSON or bytes, None for none) and the config; returns whether orbax
     saved (False between `save_every` steps unless forced)."""
     core = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(core),
-        ema=ocp.args.StandardSave(state.ema_params),
-        data=ocp.args.JsonSave(_encode_data_state(data_state)),
-        config=ocp.args.JsonSave(config_to_json(config))), force=force)
+    return self.manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(core),
+            ema=ocp.args.StandardSave(state.ema_params),
+            data=ocp.args.JsonSave(_encode_data_state(data_state)),
+            config=ocp.args.JsonSave(config_to_json(config)),
+        ),
+        force=force,
+    )
 
   def restore(self, step: Optional[int], abstract_state: Any) -> tuple[Any, Any, dict]:
     """Restores onto `abstract_state` (a `train_lib.TrainState` of ShapeDtypeStructs with
@@ -113,14 +129,19 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     a = abstract_state
     core_abs = {"step": a.step, "params": a.params, "opt_state": a.opt_state}
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(core_abs),
-        ema=ocp.args.StandardRestore(a.ema_params),
-        data=ocp.args.JsonRestore(),
-        config=ocp.args.JsonRestore()))
+    out = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(core_abs),
+            ema=ocp.args.StandardRestore(a.ema_params),
+            data=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore(),
+        ),
+    )
     core = out["state"]
-    state = abstract_state.replace(step=core["step"], params=core["params"],
-                                   opt_state=core["opt_state"], ema_params=out["ema"])
+    state = abstract_state.replace(
+        step=core["step"], params=core["params"], opt_state=core["opt_state"], ema_params=out["ema"]
+    )
     return state, _decode_data_state(out["data"]), out["config"]
 
   def wait(self) -> None:
@@ -139,23 +160,27 @@ def read_checkpoint_config(directory: str, step: Optional[int] = None) -> tuple[
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint directory does not exist: {directory}")
-  manager = ocp.CheckpointManager(directory, item_names=ITEMS,
-                                  options=ocp.CheckpointManagerOptions(create=False))
+  manager = ocp.CheckpointManager(
+      directory, item_names=ITEMS, options=ocp.CheckpointManagerOptions(create=False)
+  )
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint steps in {directory}")
   try:
     cfg = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
   except Exception as e:
-    raise ValueError(f"corrupt or unreadable checkpoint config in {directory} step {step}: "
-                     f"{type(e).__name__}: {e}") from e
+    raise ValueError(
+        f"corrupt or unreadable checkpoint config in {directory} step {step}: "
+        f"{type(e).__name__}: {e}"
+    ) from e
   finally:
     manager.close()
   return cfg, step
 
 
-def restore_params(directory: str, abstract_params: PyTree, step: Optional[int] = None,
-                   item: str = "ema") -> PyTree:
+def restore_params(
+    directory: str, abstract_params: PyTree, step: Optional[int] = None, item: str = "ema"
+) -> PyTree:
   """Restores only the params ('ema' or the raw 'state' params) onto `abstract_params`.
 
   Raises FileNotFoundError / ValueError with the path on a missing or corrupt checkpoint.
@@ -163,8 +188,9 @@ def restore_params(directory: str, abstract_params: PyTree, step: Optional[int] 
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint directory does not exist: {directory}")
-  manager = ocp.CheckpointManager(directory, item_names=ITEMS,
-                                  options=ocp.CheckpointManagerOptions(create=False))
+  manager = ocp.CheckpointManager(
+      directory, item_names=ITEMS, options=ocp.CheckpointManagerOptions(create=False)
+  )
   try:
     step = manager.latest_step() if step is None else step
     if step is None:
@@ -175,15 +201,22 @@ def restore_params(directory: str, abstract_params: PyTree, step: Optional[int] 
     # Restore the 'state' item partially: params only.
     path = os.path.join(directory, str(step), "state")
     ckptr = ocp.PyTreeCheckpointer()
-    restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-        {"params": abstract_params}, restore_args=ocp.checkpoint_utils.construct_restore_args(
-            {"params": abstract_params}), partial_restore=True))
+    restored = ckptr.restore(
+        path,
+        args=ocp.args.PyTreeRestore(
+            {"params": abstract_params},
+            restore_args=ocp.checkpoint_utils.construct_restore_args({"params": abstract_params}),
+            partial_restore=True,
+        ),
+    )
     return restored["params"]
   except FileNotFoundError:
     raise
   except Exception as e:
-    raise ValueError(f"corrupt or incompatible checkpoint in {directory} step {step}: "
-                     f"{type(e).__name__}: {e}") from e
+    raise ValueError(
+        f"corrupt or incompatible checkpoint in {directory} step {step}: "
+        f"{type(e).__name__}: {e}"
+    ) from e
   finally:
     manager.close()
 
@@ -193,8 +226,16 @@ def restore_params(directory: str, abstract_params: PyTree, step: Optional[int] 
 # ----------------------------------------------------------------------------------------
 
 # Dotted config keys (a key or a prefix of keys) that may differ from the stored config.
-RESUMABLE_FIELDS = ("num_steps", "optim.total_steps", "log_every", "checkpoint", "eval",
-                    "data.num_workers", "mesh", "distributed")
+RESUMABLE_FIELDS = (
+    "num_steps",
+    "optim.total_steps",
+    "log_every",
+    "checkpoint",
+    "eval",
+    "data.num_workers",
+    "mesh",
+    "distributed",
+)
 # May differ, with a warning.
 WARN_FIELDS = ("batch_size",)
 
@@ -241,11 +282,19 @@ def check_resume_config(directory: str, config: ml_collections.ConfigDict) -> Op
     raise ConfigMismatchError(
         f"{directory}: cannot resume from step {step}: the config differs from the stored "
         f"one in {fields}; only {', '.join(RESUMABLE_FIELDS + WARN_FIELDS)} may change on "
-        "resume (use a new workdir to train another model)")
+        "resume (use a new workdir to train another model)"
+    )
   for k, old, new in diffs:
     if _matches(k, WARN_FIELDS):
-      log.warning("%s: resuming from step %d with %s %r (was %r): the data order and the "
-                  "loss scale change", directory, step, k, new, old)
+      log.warning(
+          "%s: resuming from step %d with %s %r (was %r): the data order and the "
+          "loss scale change",
+          directory,
+          step,
+          k,
+          new,
+          old,
+      )
   return step
 
 

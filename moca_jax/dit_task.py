@@ -18,6 +18,7 @@ deterministic random latents and images in memory (benchmarks, tests).
 Writes under workdir (besides run_training's checkpoints/, tb/, config.json):
   eval.json   flow loss of the EMA and the raw params on held-out batches (fixed noise)
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,18 +45,22 @@ log = logging.getLogger(__name__)
 # Model, loss
 # ----------------------------------------------------------------------------------------
 
+
 class ImageConditionedDiT(nn.Module):
   """Image encoder + `CompositionalDiT` (moca_jax.dit).
 
   config: ConfigDict with `encoder` (see `image_encoder.encoder_config`) and `dit`
   (see `dit.dit_config`); dit.cond_dim must equal encoder.width.
   """
+
   config: Any
 
   def setup(self):
     if self.config.dit.cond_dim != self.config.encoder.width:
-      raise ValueError(f"dit.cond_dim={self.config.dit.cond_dim} must equal encoder.width="
-                       f"{self.config.encoder.width}")
+      raise ValueError(
+          f"dit.cond_dim={self.config.dit.cond_dim} must equal encoder.width="
+          f"{self.config.encoder.width}"
+      )
     self.encoder = image_encoder.ImageEncoder(self.config.encoder)
     self.dit = CompositionalDiT(config=self.config.dit)
 
@@ -71,11 +76,19 @@ class ImageConditionedDiT(nn.Module):
       return tokens.reshape(b, n, *tokens.shape[1:])
     return self.encoder(images)
 
-  def velocity(self, x_t: Array, t: Array, cond: Array, component_mask: Optional[Array],
-               ids: Optional[Array] = None, *, train: bool, return_routing: bool = False):
+  def velocity(
+      self,
+      x_t: Array,
+      t: Array,
+      cond: Array,
+      component_mask: Optional[Array],
+      ids: Optional[Array] = None,
+      *,
+      train: bool,
+      return_routing: bool = False,
+  ):
     """See `CompositionalDiT.__call__`."""
-    return self.dit(x_t, t, cond, component_mask, ids, train=train,
-                    return_routing=return_routing)
+    return self.dit(x_t, t, cond, component_mask, ids, train=train, return_routing=return_routing)
 
   def __call__(self, images: Array, x_t: Array, t: Array, component_mask: Array):
     """Used for init only: encode + velocity (eval mode)."""
@@ -86,14 +99,16 @@ def prepare_images(images: Array, encoder_cfg) -> Array:
   """uint8 images [B, H, W, C] or [B, N, H, W, C] -> preprocessed float32 for the encoder."""
   if images.ndim == 5:
     b, n = images.shape[:2]
-    out = image_encoder.preprocess(images.reshape(b * n, *images.shape[2:]), encoder_cfg.image_size,
-                     encoder_cfg.in_channels)
+    out = image_encoder.preprocess(
+        images.reshape(b * n, *images.shape[2:]), encoder_cfg.image_size, encoder_cfg.in_channels
+    )
     return out.reshape(b, n, *out.shape[1:])
   return image_encoder.preprocess(images, encoder_cfg.image_size, encoder_cfg.in_channels)
 
 
-def router_statistics(importances: Array, selections: Array, component_mask: Array
-                      ) -> dict[str, Array]:
+def router_statistics(
+    importances: Array, selections: Array, component_mask: Array
+) -> dict[str, Array]:
   """Load-balance statistics of MoC routing.
 
   Args:
@@ -112,18 +127,20 @@ def router_statistics(importances: Array, selections: Array, component_mask: Arr
   maskf = component_mask.astype(jnp.float32)
   q_real = jnp.broadcast_to(maskf[:, None, None, :, None], selections.shape)
   onehot = jax.nn.one_hot(selections, n, dtype=jnp.float32) * q_real[..., None]
-  counts = jnp.sum(onehot, axis=(0, 1, 2, 3, 4))                            # [N]
+  counts = jnp.sum(onehot, axis=(0, 1, 2, 3, 4))  # [N]
   freq = counts / jnp.maximum(jnp.sum(counts), 1.0)
-  n_real = jnp.sum(maskf, axis=1)                                           # [B]
+  n_real = jnp.sum(maskf, axis=1)  # [B]
   p = importances / jnp.maximum(jnp.sum(importances, axis=-1, keepdims=True), 1e-12)
   ent = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0), axis=-1)
   norm = jnp.log(jnp.maximum(n_real - 1.0, 2.0))[:, None, None, None]
-  ent = ent / norm                                                          # [B, G, H, N]
+  ent = ent / norm  # [B, G, H, N]
   valid = (maskf[:, None, None, :] * (n_real > 2)[:, None, None, None]) * jnp.ones_like(ent)
   mean_ent = jnp.sum(ent * valid) / jnp.maximum(jnp.sum(valid), 1.0)
-  return {"router/selection_freq": freq,
-          "router/selection_max_over_uniform": jnp.max(freq) * jnp.mean(n_real),
-          "router/importance_entropy": mean_ent}
+  return {
+      "router/selection_freq": freq,
+      "router/selection_max_over_uniform": jnp.max(freq) * jnp.mean(n_real),
+      "router/importance_entropy": mean_ent,
+  }
 
 
 def make_task(config: ml_collections.ConfigDict) -> train_lib.Task:
@@ -148,24 +165,45 @@ def make_task(config: ml_collections.ConfigDict) -> train_lib.Task:
     noise_rng, cfg_rng, ids_rng, routing_rng = jax.random.split(rng, 4)
     variables = {"params": params}
     mask = batch["component_mask"]
-    cond = model.apply(variables, prepare_images(batch["images"], config.model.encoder),
-                       method=ImageConditionedDiT.encode)
+    cond = model.apply(
+        variables,
+        prepare_images(batch["images"], config.model.encoder),
+        method=ImageConditionedDiT.encode,
+    )
     routing = {}
 
     def velocity_fn(x_t, t, c):
-      v, aux = model.apply(variables, x_t, t, c, mask, train=True, return_routing=True,
-                           rngs={"ids": ids_rng, "routing": routing_rng},
-                           method=ImageConditionedDiT.velocity)
+      v, aux = model.apply(
+          variables,
+          x_t,
+          t,
+          c,
+          mask,
+          train=True,
+          return_routing=True,
+          rngs={"ids": ids_rng, "routing": routing_rng},
+          method=ImageConditionedDiT.velocity,
+      )
       routing.update(aux)
       return v
 
-    loss, faux = flow.flow_loss(velocity_fn, batch["latents"].astype(jnp.float32), cond, mask,
-                                noise_rng=noise_rng, cfg_rng=cfg_rng,
-                                cfg_dropout=fcfg.cfg_dropout, t_mean=fcfg.t_mean,
-                                t_std=fcfg.t_std, t_shift=fcfg.t_shift)
-    metrics = {"t_mean": jnp.mean(faux["t"]),
-               "cond_kept": jnp.mean(faux["cond_kept"].astype(jnp.float32)),
-               "components": jnp.mean(jnp.sum(mask.astype(jnp.float32), axis=1))}
+    loss, faux = flow.flow_loss(
+        velocity_fn,
+        batch["latents"].astype(jnp.float32),
+        cond,
+        mask,
+        noise_rng=noise_rng,
+        cfg_rng=cfg_rng,
+        cfg_dropout=fcfg.cfg_dropout,
+        t_mean=fcfg.t_mean,
+        t_std=fcfg.t_std,
+        t_shift=fcfg.t_shift,
+    )
+    metrics = {
+        "t_mean": jnp.mean(faux["t"]),
+        "cond_kept": jnp.mean(faux["cond_kept"].astype(jnp.float32)),
+        "components": jnp.mean(jnp.sum(mask.astype(jnp.float32), axis=1)),
+    }
     if routing and routing["selections"].shape[1] > 0:
       metrics.update(router_statistics(routing["importances"], routing["selections"], mask))
     return loss, metrics
@@ -176,6 +214,7 @@ def make_task(config: ml_collections.ConfigDict) -> train_lib.Task:
 # ----------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------
+
 
 def _image_size(config) -> int:
   return config.data.image_size or config.model.encoder.image_size
@@ -201,15 +240,16 @@ def synthetic_example(config, index: int) -> dict:
   if config.mode == "scene":
     image = np.concatenate([image, image, np.full((size, size, 1), 255, np.uint8)], -1)
     image = np.broadcast_to(image, (n_max,) + image.shape).copy()
-  return {"latents": latents, "component_mask": mask, "images": image,
-          "index": np.int64(index)}
+  return {"latents": latents, "component_mask": mask, "images": image, "index": np.int64(index)}
 
 
 def _data_dir(config, split: str) -> str:
   d = config.data.dir if split == "train" else (config.data.get("val_dir") or "")
   if not d:
-    raise ValueError(f"config.data.{'dir' if split == 'train' else 'val_dir'} is empty: point "
-                     "it at the latent shards (data_pipeline.encode_latents output)")
+    raise ValueError(
+        f"config.data.{'dir' if split == 'train' else 'val_dir'} is empty: point "
+        "it at the latent shards (data_pipeline.encode_latents output)"
+    )
   return d
 
 
@@ -219,8 +259,7 @@ def make_synthetic_dataset(config) -> grain.MapDataset:
   return grain.MapDataset.range(n).map(lambda i: synthetic_example(config, int(i)))
 
 
-def make_iterator_fn(config, split: str = "train", shuffle: bool = True
-                     ) -> Callable[[], Any]:
+def make_iterator_fn(config, split: str = "train", shuffle: bool = True) -> Callable[[], Any]:
   """() -> a checkpointable iterator of host batches for this process.
 
   'records': `data_pipeline.loader.latent_dataset` (shuffle -> shard by process -> repeat
@@ -234,18 +273,25 @@ def make_iterator_fn(config, split: str = "train", shuffle: bool = True
   local_batch = config.batch_size // nproc
   if config.data.source == "records":
     from data_pipeline import loader
-    ds = loader.latent_dataset(_data_dir(config, split), batch_size=local_batch,
-                               n_max=config.data.max_components, seed=config.data.shuffle_seed,
-                               shuffle=shuffle, per_instance_cond=config.mode == "scene")
+
+    ds = loader.latent_dataset(
+        _data_dir(config, split),
+        batch_size=local_batch,
+        n_max=config.data.max_components,
+        seed=config.data.shuffle_seed,
+        shuffle=shuffle,
+        per_instance_cond=config.mode == "scene",
+    )
     return lambda: loader.make_iterator(ds, config.data.num_workers)
   if config.data.source != "synthetic":
-    raise ValueError(f"config.data.source must be 'records' or 'synthetic', got "
-                     f"{config.data.source!r}")
+    raise ValueError(
+        f"config.data.source must be 'records' or 'synthetic', got {config.data.source!r}"
+    )
   ds = make_synthetic_dataset(config)
   if shuffle:
     ds = ds.shuffle(seed=config.data.shuffle_seed)
   ds = ds.repeat()
-  ds = ds[jax.process_index()::nproc] if nproc > 1 else ds
+  ds = ds[jax.process_index() :: nproc] if nproc > 1 else ds
   ds = ds.batch(local_batch, drop_remainder=True)
   iter_ds = ds.to_iter_dataset()
   if config.data.num_workers > 0:
@@ -265,20 +311,26 @@ def model_batch(batch: dict) -> dict:
     images = batch["cond"]
   else:
     images = batch["image"]
-  return {"latents": np.asarray(batch["latents"], np.float32),
-          "component_mask": np.asarray(batch["component_mask"], bool), "images": images}
+  return {
+      "latents": np.asarray(batch["latents"], np.float32),
+      "component_mask": np.asarray(batch["component_mask"], bool),
+      "images": images,
+  }
 
 
 # ----------------------------------------------------------------------------------------
 # Train and evaluate
 # ----------------------------------------------------------------------------------------
 
+
 def trainable_fn(config):
   """params -> bool tree: the encoder's freeze/LoRA switches, everything else trainable."""
+
   def fn(params):
     mask = jax.tree.map(lambda _: True, params)
     mask["encoder"] = image_encoder.trainable_mask(params["encoder"], config.model.encoder)
     return mask
+
   return fn
 
 
@@ -308,20 +360,32 @@ def evaluate(config, state, loss_fn, num_batches: int = 2) -> dict:
   return {f"eval_loss_{k}": float(np.mean(v)) for k, v in losses.items()}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       num_steps: Optional[int] = None, mesh=None,
-                       show_progress: bool = True, eval_batches: int = 2
-                       ) -> train_lib.LoopResult:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    num_steps: Optional[int] = None,
+    mesh=None,
+    show_progress: bool = True,
+    eval_batches: int = 2,
+) -> train_lib.LoopResult:
   """Trains (resuming from workdir's latest checkpoint) and evaluates the EMA params."""
   if config.distributed:
     jax.distributed.initialize()
   _, init_fn, loss_fn = make_task(config)
   result = train_lib.run_training(
-      config=config, workdir=workdir, init_fn=init_fn, loss_fn=loss_fn,
-      make_iterator=make_iterator_fn(config), mesh=mesh, trainable_fn=trainable_fn(config),
+      config=config,
+      workdir=workdir,
+      init_fn=init_fn,
+      loss_fn=loss_fn,
+      make_iterator=make_iterator_fn(config),
+      mesh=mesh,
+      trainable_fn=trainable_fn(config),
       batch_id_fn=lambda b: np.asarray(b["index"]).tolist() if "index" in b else None,
-      prepare_fn=model_batch, num_steps=num_steps, array_metrics_fn=_router_histograms,
-      show_progress=show_progress)
+      prepare_fn=model_batch,
+      num_steps=num_steps,
+      array_metrics_fn=_router_histograms,
+      show_progress=show_progress,
+  )
   if eval_batches and jax.process_index() == 0:
     ev = evaluate(config, result.state, loss_fn, eval_batches)
     ev["step"] = int(result.state.step)

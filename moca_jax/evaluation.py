@@ -16,6 +16,7 @@ per item, mostly VAE decoding and marching cubes. Scenes give the pipeline the i
 (as an id image) and always generate one component per instance; objects generate
 `num_components` parts (default: the ground-truth count).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,12 +38,13 @@ from moca_jax import pipeline
 from moca_jax import viz
 from moca_jax.machine import describe_host
 
-IMAGE_EXTS = ('.png', '.jpg', '.jpeg')
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
 
 # ---------------------------------------------------------------------------------------
 # Items
 # ---------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class EvalItem:
@@ -52,6 +54,7 @@ class EvalItem:
   instances); image: uint8 [H,W,3] conditioning render (object: the object; scene: the
   scene); masks: scenes only, bool [N,H,W] instance masks in component order.
   """
+
   name: str
   kind: str
   gt_parts: List[trimesh.Trimesh]
@@ -60,24 +63,32 @@ class EvalItem:
   view: Optional[Tuple[float, float]] = None  # (azimuth, elevation) deg of the render
 
 
-def _render_condition(parts: Sequence[trimesh.Trimesh], kind: str, seed: int,
-                      size: int, colors: Optional[np.ndarray] = None,
-                      background=()):
+def _render_condition(
+    parts: Sequence[trimesh.Trimesh],
+    kind: str,
+    seed: int,
+    size: int,
+    colors: Optional[np.ndarray] = None,
+    background=(),
+):
   """One conditioning view, rendered by the data pipeline: (rgb, masks | None, view)."""
   from data_pipeline import render  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(seed)
   if colors is None:
-    colors = (np.asarray([viz.part_colour(i) for i in range(len(parts))]) * 255).astype(
-        np.uint8)
-  if kind == 'object':  # framed as data_pipeline.make frames training views
-    radius = max(float(np.linalg.norm(np.asarray(m.vertices), axis=1).max()) for m in parts
-                 if not M.is_empty(m))
+    colors = (np.asarray([viz.part_colour(i) for i in range(len(parts))]) * 255).astype(np.uint8)
+  if kind == "object":  # framed as data_pipeline.make frames training views
+    radius = max(
+        float(np.linalg.norm(np.asarray(m.vertices), axis=1).max())
+        for m in parts
+        if not M.is_empty(m)
+    )
     cams = render.object_cameras(rng, 1, radius=radius)
   else:
     cams = render.scene_cameras(rng, 1)
   rgb, ids = render.render_views(list(parts), colors, cams, size=size, background=background)
   masks = None
-  if kind == 'scene':
+  if kind == "scene":
     masks = np.stack([ids[0] == i + 1 for i in range(len(parts))])
   return rgb[0], masks, _camera_view(cams[0].cam_to_world)
 
@@ -86,38 +97,56 @@ def _camera_view(cam_to_world: np.ndarray) -> Tuple[float, float]:
   """(azimuth, elevation) in degrees of a camera looking at the origin (y up)."""
   eye = np.asarray(cam_to_world, np.float64)[:3, 3]
   r = float(np.linalg.norm(eye))
-  return (float(np.degrees(np.arctan2(eye[0], eye[2]))),
-          float(np.degrees(np.arcsin(eye[1] / max(r, 1e-12)))))
+  return (
+      float(np.degrees(np.arctan2(eye[0], eye[2]))),
+      float(np.degrees(np.arcsin(eye[1] / max(r, 1e-12)))),
+  )
 
 
-def items_from_split(split: str, kind: str = 'object', limit: Optional[int] = None,
-                     image_size: int = 224, base_seed: int = 0) -> Iterator[EvalItem]:
+def items_from_split(
+    split: str,
+    kind: str = "object",
+    limit: Optional[int] = None,
+    image_size: int = 224,
+    base_seed: int = 0,
+) -> Iterator[EvalItem]:
   """Items of a procedural split (data_pipeline.procedural.split_items) of one kind.
 
   The ground-truth component meshes are the parts' tessellations; the conditioning image is
   one view rendered with data_pipeline.render (seeded by the item index).
   """
   from data_pipeline import procedural  # pylint: disable=g-import-not-at-top
-  if kind not in ('object', 'scene'):
+
+  if kind not in ("object", "scene"):
     raise ValueError(f"kind: expected 'object' or 'scene', got {kind!r}")
   items = procedural.split_items(split, base_seed=base_seed, kinds=(kind,))
   for it in items[:limit]:
     sample = it.generate()
     parts = [p.to_mesh() for p in sample.parts]
-    rgb, masks, view = _render_condition(parts, kind, seed=it.index, size=image_size,
-                                         colors=sample.colors, background=sample.background)
+    rgb, masks, view = _render_condition(
+        parts,
+        kind,
+        seed=it.index,
+        size=image_size,
+        colors=sample.colors,
+        background=sample.background,
+    )
     yield EvalItem(name=it.key, kind=kind, gt_parts=parts, image=rgb, masks=masks, view=view)
 
 
 def _companion(path: str, suffixes: Sequence[str]) -> Optional[str]:
   """NAME.ext -> NAME<suffix> if it exists; a folder -> folder/render<suffix>."""
-  stem = os.path.join(path, 'render') if os.path.isdir(path) else os.path.splitext(path)[0]
+  stem = os.path.join(path, "render") if os.path.isdir(path) else os.path.splitext(path)[0]
   return next((stem + e for e in suffixes if os.path.isfile(stem + e)), None)
 
 
-def items_from_glb_dir(folder: str, kind: str = 'object', limit: Optional[int] = None,
-                       image_size: int = 224, skipped: Optional[list] = None
-                       ) -> Iterator[EvalItem]:
+def items_from_glb_dir(
+    folder: str,
+    kind: str = "object",
+    limit: Optional[int] = None,
+    image_size: int = 224,
+    skipped: Optional[list] = None,
+) -> Iterator[EvalItem]:
   """Items from a folder of user meshes, read by the data pipeline's ingestion.
 
   Inputs are those of data_pipeline.ingest.list_inputs: each NAME.glb/.gltf/.obj/.ply is an
@@ -130,32 +159,32 @@ def items_from_glb_dir(folder: str, kind: str = 'object', limit: Optional[int] =
   (or raised when skipped is None).
   """
   from data_pipeline import ingest  # pylint: disable=g-import-not-at-top
+
   inputs = ingest.list_inputs(folder)
   if not inputs:
-    raise FileNotFoundError(f'{folder}: no {"/".join(ingest.FILE_EXTS)} files or part '
-                            'folders')
+    exts = "/".join(ingest.FILE_EXTS)
+    raise FileNotFoundError(f"{folder}: no {exts} files or part folders")
   cfg = ingest.IngestConfig(max_part_iou=1.0)
   for i, path in enumerate(inputs[:limit]):
-    name = os.path.basename(path.rstrip('/'))
+    name = os.path.basename(path.rstrip("/"))
     try:
       parts = list(ingest.load_object(path, cfg).parts)
       img_path = _companion(path, IMAGE_EXTS)
       image = mio.load_image(img_path) if img_path else None
       masks = None
-      mask_path = _companion(path, ('.masks.npy',))
-      if kind == 'scene' and mask_path:
+      mask_path = _companion(path, (".masks.npy",))
+      if kind == "scene" and mask_path:
         masks = np.load(mask_path).astype(bool)
         if masks.ndim != 3 or len(masks) != len(parts):
-          raise ValueError(f'{mask_path}: expected [{len(parts)}, H, W], got {masks.shape}')
+          raise ValueError(f"{mask_path}: expected [{len(parts)}, H, W], got {masks.shape}")
       view = None
-      if image is None or (kind == 'scene' and masks is None):
+      if image is None or (kind == "scene" and masks is None):
         image, masks, view = _render_condition(parts, kind, seed=i, size=image_size)
-      yield EvalItem(name=name, kind=kind, gt_parts=parts, image=image, masks=masks,
-                     view=view)
+      yield EvalItem(name=name, kind=kind, gt_parts=parts, image=image, masks=masks, view=view)
     except (ValueError, FileNotFoundError) as e:
       if skipped is None:
         raise
-      skipped.append({'name': name, 'reason': str(e)})
+      skipped.append({"name": name, "reason": str(e)})
 
 
 # ---------------------------------------------------------------------------------------
@@ -165,10 +194,15 @@ def items_from_glb_dir(folder: str, kind: str = 'object', limit: Optional[int] =
 PredictFn = Callable[[EvalItem], List[trimesh.Trimesh]]
 
 
-def pipeline_predict_fn(checkpoint_dir: Optional[str], steps: Optional[int] = None,
-                        cfg: Optional[float] = None, seed: int = 0,
-                        num_components: Optional[int] = None, pipe=None,
-                        on_result: Optional[Callable] = None) -> PredictFn:
+def pipeline_predict_fn(
+    checkpoint_dir: Optional[str],
+    steps: Optional[int] = None,
+    cfg: Optional[float] = None,
+    seed: int = 0,
+    num_components: Optional[int] = None,
+    pipe=None,
+    on_result: Optional[Callable] = None,
+) -> PredictFn:
   """Wraps `moca_jax.pipeline.Pipeline` as predict_fn(item) -> predicted parts.
 
   num_components: parts to generate (default: the item's ground-truth count, as in the
@@ -185,32 +219,33 @@ def pipeline_predict_fn(checkpoint_dir: Optional[str], steps: Optional[int] = No
 
   def predict(item: EvalItem) -> List[trimesh.Trimesh]:
     image = np.asarray(item.image)[..., :3].astype(np.uint8)
-    if item.kind == 'scene':
+    if item.kind == "scene":
       if item.masks is None:
-        raise ValueError(f'{item.name}: a scene needs instance masks')
+        raise ValueError(f"{item.name}: a scene needs instance masks")
       n = len(item.masks)
       masks = pipeline.masks_to_ids(item.masks)[None]
     else:
       n = num_components or len(item.gt_parts)
       masks = None
-    res = pipe(image[None], num_components=n, masks=masks, steps=steps, cfg_scale=cfg,
-               seed=seed)
+    res = pipe(image[None], num_components=n, masks=masks, steps=steps, cfg_scale=cfg, seed=seed)
     if on_result is not None:
       on_result(item, res)
-    predict.last_routing = getattr(res, 'routing', None)
+    predict.last_routing = getattr(res, "routing", None)
     return list(res.meshes[0])
 
   predict.last_routing = None
   return predict
 
 
-def perturbed_gt_predict_fn(noise: float = 0.0, drop_last: bool = False, seed: int = 0
-                            ) -> PredictFn:
+def perturbed_gt_predict_fn(
+    noise: float = 0.0, drop_last: bool = False, seed: int = 0
+) -> PredictFn:
   """A model-free predictor for tests and sanity checks: the ground truth, jittered.
 
   Each vertex moves by Gaussian noise of std `noise` (in the item's units); drop_last
   replaces the last part with an empty mesh.
   """
+
   def predict(item: EvalItem) -> List[trimesh.Trimesh]:
     rng = np.random.default_rng(seed)
     out = []
@@ -220,6 +255,7 @@ def perturbed_gt_predict_fn(noise: float = 0.0, drop_last: bool = False, seed: i
     if drop_last and out:
       out[-1] = trimesh.Trimesh()
     return out
+
   return predict
 
 
@@ -227,75 +263,96 @@ def perturbed_gt_predict_fn(noise: float = 0.0, drop_last: bool = False, seed: i
 # Scoring, tables, report
 # ---------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class MetricSettings:
   num_samples: int = M.DEFAULT_NUM_SAMPLES
   seed: int = 0
   taus: Sequence[float] = M.DEFAULT_TAUS
   voxel_resolution: int = M.DEFAULT_VOXEL_RESOLUTION
-  nn_backend: str = 'kdtree'
-  object_frame: str = 'instance'
+  nn_backend: str = "kdtree"
+  object_frame: str = "instance"
 
 
 def score(pred_parts, item: EvalItem, settings: MetricSettings) -> Dict[str, float]:
   """Metrics of one item: Table 1 keys for objects, Table 2 keys for scenes."""
-  kw = dict(num_samples=settings.num_samples, seed=settings.seed, taus=settings.taus,
-            voxel_resolution=settings.voxel_resolution, nn_backend=settings.nn_backend)
-  if item.kind == 'object':
+  kw = dict(
+      num_samples=settings.num_samples,
+      seed=settings.seed,
+      taus=settings.taus,
+      voxel_resolution=settings.voxel_resolution,
+      nn_backend=settings.nn_backend,
+  )
+  if item.kind == "object":
     return M.object_metrics(pred_parts, item.gt_parts, **kw)
   return M.scene_metrics(pred_parts, item.gt_parts, object_frame=settings.object_frame, **kw)
 
 
-def evaluate_items(items: Iterable[EvalItem], predict_fn: PredictFn,
-                   settings: MetricSettings = MetricSettings(), grid_rows: int = 4,
-                   skipped: Optional[list] = None, progress: bool = True) -> dict:
+def evaluate_items(
+    items: Iterable[EvalItem],
+    predict_fn: PredictFn,
+    settings: MetricSettings = MetricSettings(),
+    grid_rows: int = 4,
+    skipped: Optional[list] = None,
+    progress: bool = True,
+) -> dict:
   """Predicts and scores every item; failing items are skipped and reported.
 
   Returns {'rows': [{'name', ...metrics, 'seconds_predict'}], 'mean': {...}, 'skipped':
   [{'name', 'reason'}], 'grid': [viz.mesh_grid_png rows], 'routing': first routing maps}.
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
   rows, grid, routing = [], [], None
   skipped = [] if skipped is None else skipped
-  it = tqdm(items, desc='evaluate', unit='item', disable=not progress)
+  it = tqdm(items, desc="evaluate", unit="item", disable=not progress)
   for item in it:
     try:
       t0 = time.perf_counter()
       pred = M.as_mesh_list(predict_fn(item))
       dt = time.perf_counter() - t0
     except Exception as e:  # pylint: disable=broad-except  (batch job: skip and report)
-      skipped.append({'name': item.name, 'reason': f'prediction failed: '
-                                                   f'{type(e).__name__}: {e}'})
+      skipped.append({"name": item.name, "reason": f"prediction failed: {type(e).__name__}: {e}"})
       traceback.print_exc(file=sys.stderr)
       continue
-    row = {'name': item.name, 'kind': item.kind}
+    row = {"name": item.name, "kind": item.kind}
     row.update(score(pred, item, settings))
-    row['seconds_predict'] = dt
+    row["seconds_predict"] = dt
     rows.append(row)
-    if routing is None and getattr(predict_fn, 'last_routing', None) is not None:
+    if routing is None and getattr(predict_fn, "last_routing", None) is not None:
       routing = predict_fn.last_routing
     if len(grid) < grid_rows:
-      grid.append(dict(image=item.image, pred=pred, gt=item.gt_parts, view=item.view,
-                       label=f"{item.name}  CD {row.get('cd', row.get('cd_scene')):.3f}"))
-  mean = M.mean_metrics([{k: v for k, v in r.items() if isinstance(v, float)}
-                         for r in rows])
-  return {'rows': rows, 'mean': mean, 'skipped': skipped, 'grid': grid, 'routing': routing}
+      grid.append(
+          dict(
+              image=item.image,
+              pred=pred,
+              gt=item.gt_parts,
+              view=item.view,
+              label=f"{item.name}  CD {row.get('cd', row.get('cd_scene')):.3f}",
+          )
+      )
+  mean = M.mean_metrics([{k: v for k, v in r.items() if isinstance(v, float)} for r in rows])
+  return {"rows": rows, "mean": mean, "skipped": skipped, "grid": grid, "routing": routing}
 
 
 def _fmt(v) -> str:
-  return '-' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{v:.4f}'
+  return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
 
 # The paper's rows, for reading our numbers beside theirs (different data: PartObjaverse-Tiny
 # and 3D-FRONT, not our procedural splits, so the numbers are not comparable one to one).
-PAPER_TABLE1 = {'MoCA (paper, PartObjaverse-Tiny)': dict(self_iou=0.0125, cd=0.1010,
-                                                         f1=0.8708, f05=0.6882),
-                'PartCrafter (paper)': dict(self_iou=0.0224, cd=0.1195, f1=0.8169,
-                                            f05=0.6236)}
-PAPER_TABLE2 = {'MoCA (paper, 3D-FRONT)': dict(self_iou=0.0006, cd_scene=0.1201,
-                                                f_scene=0.8637, cd_obj=0.1163, f_obj=0.8380),
-                'MIDI (paper)': dict(self_iou=0.0011, cd_scene=0.1548, f_scene=0.8238,
-                                     cd_obj=0.1442, f_obj=0.7996)}
+PAPER_TABLE1 = {
+    "MoCA (paper, PartObjaverse-Tiny)": dict(self_iou=0.0125, cd=0.1010, f1=0.8708, f05=0.6882),
+    "PartCrafter (paper)": dict(self_iou=0.0224, cd=0.1195, f1=0.8169, f05=0.6236),
+}
+PAPER_TABLE2 = {
+    "MoCA (paper, 3D-FRONT)": dict(
+        self_iou=0.0006, cd_scene=0.1201, f_scene=0.8637, cd_obj=0.1163, f_obj=0.8380
+    ),
+    "MIDI (paper)": dict(
+        self_iou=0.0011, cd_scene=0.1548, f_scene=0.8238, cd_obj=0.1442, f_obj=0.7996
+    ),
+}
 
 
 def table1_markdown(results: Dict[str, dict], with_paper: bool = True) -> str:
@@ -304,37 +361,48 @@ def table1_markdown(results: Dict[str, dict], with_paper: bool = True) -> str:
   results: {method name: mean metrics dict (keys self_iou, cd, fscore@0.1, fscore@0.05)}.
   Lower is better for Self-IoU and CD, higher for F-scores.
   """
-  lines = ['| Method | Self-IoU ↓ | CD ↓ | Fscore-0.1 ↑ | Fscore-0.05 ↑ | N |',
-           '|---|---|---|---|---|---|']
+  lines = [
+      "| Method | Self-IoU ↓ | CD ↓ | Fscore-0.1 ↑ | Fscore-0.05 ↑ | N |",
+      "|---|---|---|---|---|---|",
+  ]
   for name, m in results.items():
-    lines.append(f"| {name} | {_fmt(m.get('self_iou'))} | {_fmt(m.get('cd'))} | "
-                 f"{_fmt(m.get('fscore@0.1'))} | {_fmt(m.get('fscore@0.05'))} | "
-                 f"{int(m.get('count', 0))} |")
+    lines.append(
+        f"| {name} | {_fmt(m.get('self_iou'))} | {_fmt(m.get('cd'))} | "
+        f"{_fmt(m.get('fscore@0.1'))} | {_fmt(m.get('fscore@0.05'))} | "
+        f"{int(m.get('count', 0))} |"
+    )
   if with_paper:
     for name, p in PAPER_TABLE1.items():
-      lines.append(f"| {name} | {p['self_iou']:.4f} | {p['cd']:.4f} | {p['f1']:.4f} | "
-                   f"{p['f05']:.4f} | 200 |")
-  return '\n'.join(lines) + '\n'
+      lines.append(
+          f"| {name} | {p['self_iou']:.4f} | {p['cd']:.4f} | {p['f1']:.4f} | "
+          f"{p['f05']:.4f} | 200 |"
+      )
+  return "\n".join(lines) + "\n"
 
 
-def table2_markdown(results: Dict[str, dict], tau: float = 0.1, with_paper: bool = True
-                    ) -> str:
+def table2_markdown(results: Dict[str, dict], tau: float = 0.1, with_paper: bool = True) -> str:
   """Paper Table 2 shape: Method | Self-IoU | CD-Scene | Fscore-Scene | CD-Obj | Fscore-Obj.
 
   F-scores at `tau` (0.1 by default).
   """
-  t = f'{tau:g}'
-  lines = ['| Method | Self-IoU ↓ | CD-Scene ↓ | Fscore-Scene ↑ | CD-Obj ↓ | Fscore-Obj ↑ '
-           '| N |', '|---|---|---|---|---|---|---|']
+  t = f"{tau:g}"
+  lines = [
+      "| Method | Self-IoU ↓ | CD-Scene ↓ | Fscore-Scene ↑ | CD-Obj ↓ | Fscore-Obj ↑ | N |",
+      "|---|---|---|---|---|---|---|",
+  ]
   for name, m in results.items():
-    lines.append(f"| {name} | {_fmt(m.get('self_iou'))} | {_fmt(m.get('cd_scene'))} | "
-                 f"{_fmt(m.get('fscore_scene@' + t))} | {_fmt(m.get('cd_obj'))} | "
-                 f"{_fmt(m.get('fscore_obj@' + t))} | {int(m.get('count', 0))} |")
+    lines.append(
+        f"| {name} | {_fmt(m.get('self_iou'))} | {_fmt(m.get('cd_scene'))} | "
+        f"{_fmt(m.get('fscore_scene@' + t))} | {_fmt(m.get('cd_obj'))} | "
+        f"{_fmt(m.get('fscore_obj@' + t))} | {int(m.get('count', 0))} |"
+    )
   if with_paper:
     for name, p in PAPER_TABLE2.items():
-      lines.append(f"| {name} | {p['self_iou']:.4f} | {p['cd_scene']:.4f} | "
-                   f"{p['f_scene']:.4f} | {p['cd_obj']:.4f} | {p['f_obj']:.4f} | - |")
-  return '\n'.join(lines) + '\n'
+      lines.append(
+          f"| {name} | {p['self_iou']:.4f} | {p['cd_scene']:.4f} | "
+          f"{p['f_scene']:.4f} | {p['cd_obj']:.4f} | {p['f_obj']:.4f} | - |"
+      )
+  return "\n".join(lines) + "\n"
 
 
 def machine_description() -> str:
@@ -342,57 +410,87 @@ def machine_description() -> str:
   return describe_host()
 
 
-def write_report(out_dir: str, result: dict, kind: str, method: str = 'moca-jax',
-                 meta: Optional[dict] = None, grid_png: bool = True,
-                 tensorboard: bool = True) -> Dict[str, str]:
+def write_report(
+    out_dir: str,
+    result: dict,
+    kind: str,
+    method: str = "moca-jax",
+    meta: Optional[dict] = None,
+    grid_png: bool = True,
+    tensorboard: bool = True,
+) -> Dict[str, str]:
   """Writes metrics.json, table.md, grid.png (and router.png, tb/) into out_dir.
 
   result: the dict of `evaluate_items`. Returns {name: path} of what was written.
   """
   os.makedirs(out_dir, exist_ok=True)
   meta = dict(meta or {})
-  meta.setdefault('machine', machine_description())
-  meta.setdefault('date_utc', time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime()))
+  meta.setdefault("machine", machine_description())
+  meta.setdefault("date_utc", time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
   written = {}
-  doc = {'method': method, 'kind': kind, 'meta': meta, 'mean': result['mean'],
-         'rows': result['rows'], 'skipped': result['skipped']}
-  p = os.path.join(out_dir, 'metrics.json')
+  doc = {
+      "method": method,
+      "kind": kind,
+      "meta": meta,
+      "mean": result["mean"],
+      "rows": result["rows"],
+      "skipped": result["skipped"],
+  }
+  p = os.path.join(out_dir, "metrics.json")
   mio.write_json(p, doc, indent=1)
-  written['json'] = p
-  table = (table1_markdown({method: result['mean']}) if kind == 'object'
-           else table2_markdown({method: result['mean']}))
-  lines = [f'# Evaluation: {method} ({kind}s)', '',
-           ', '.join(f'{k}: {v}' for k, v in meta.items()), '', table]
-  if kind == 'scene':
-    lines += [f"Fscore-Scene/Obj at tau = 0.1; at 0.05: scene "
-              f"{_fmt(result['mean'].get('fscore_scene@0.05'))}, obj "
-              f"{_fmt(result['mean'].get('fscore_obj@0.05'))}.", '']
-  lines += ['Paper rows are on different data (PartObjaverse-Tiny / 3D-FRONT) and are shown '
-            'only for scale.', '']
-  if result['skipped']:
-    lines += ['## Skipped', ''] + [f"- {s['name']}: {s['reason']}" for s in result['skipped']]
-  p = os.path.join(out_dir, 'table.md')
-  mio.atomic_write_text(p, '\n'.join(lines) + '\n')
-  written['markdown'] = p
-  if grid_png and result['grid']:
-    written['grid'] = viz.mesh_grid_png(result['grid'], os.path.join(out_dir, 'grid.png'),
-                                        title=f'{method}: input | generated | ground truth')
-  routing = result.get('routing')
-  if isinstance(routing, dict) and np.asarray(routing.get('importances', [])).size == 0:
+  written["json"] = p
+  table = (
+      table1_markdown({method: result["mean"]})
+      if kind == "object"
+      else table2_markdown({method: result["mean"]})
+  )
+  lines = [
+      f"# Evaluation: {method} ({kind}s)",
+      "",
+      ", ".join(f"{k}: {v}" for k, v in meta.items()),
+      "",
+      table,
+  ]
+  if kind == "scene":
+    lines += [
+        f"Fscore-Scene/Obj at tau = 0.1; at 0.05: scene "
+        f"{_fmt(result['mean'].get('fscore_scene@0.05'))}, obj "
+        f"{_fmt(result['mean'].get('fscore_obj@0.05'))}.",
+        "",
+    ]
+  lines += [
+      "Paper rows are on different data (PartObjaverse-Tiny / 3D-FRONT) and are shown "
+      "only for scale.",
+      "",
+  ]
+  if result["skipped"]:
+    lines += ["## Skipped", ""] + [f"- {s['name']}: {s['reason']}" for s in result["skipped"]]
+  p = os.path.join(out_dir, "table.md")
+  mio.atomic_write_text(p, "\n".join(lines) + "\n")
+  written["markdown"] = p
+  if grid_png and result["grid"]:
+    written["grid"] = viz.mesh_grid_png(
+        result["grid"],
+        os.path.join(out_dir, "grid.png"),
+        title=f"{method}: input | generated | ground truth",
+    )
+  routing = result.get("routing")
+  if isinstance(routing, dict) and np.asarray(routing.get("importances", [])).size == 0:
     routing = None  # no MoC block (dense global attention): nothing to draw
   if routing is not None:
     try:
-      written['router'] = write_router_png(routing, os.path.join(out_dir, 'router.png'))
+      written["router"] = write_router_png(routing, os.path.join(out_dir, "router.png"))
     except (ValueError, KeyError, TypeError, IndexError) as e:
-      print(f'router.png not written: {e}', file=sys.stderr)
+      print(f"router.png not written: {e}", file=sys.stderr)
   if tensorboard:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    w = SummaryWriter(os.path.join(out_dir, 'tb'))
-    for k, v in result['mean'].items():
+
+    w = SummaryWriter(os.path.join(out_dir, "tb"))
+    for k, v in result["mean"].items():
       if isinstance(v, float) and not math.isnan(v):
-        w.add_scalar('eval/' + k.replace('@', '_'), v, 0)
+        w.add_scalar("eval/" + k.replace("@", "_"), v, 0)
     w.close()
-    written['tensorboard'] = os.path.join(out_dir, 'tb')
+    written["tensorboard"] = os.path.join(out_dir, "tb")
   return written
 
 
@@ -405,12 +503,11 @@ def _router_slice(a: np.ndarray, sample: int, block: int, step: int) -> np.ndarr
   if a.ndim == 4:
     a = a[block]
   if a.ndim != 3:
-    raise ValueError(f'routing array: expected 3 to 6 dims, got shape {a.shape}')
+    raise ValueError(f"routing array: expected 3 to 6 dims, got shape {a.shape}")
   return a
 
 
-def write_router_png(routing, path: str, sample: int = 0, block: int = 0, step: int = -1
-                     ) -> str:
+def write_router_png(routing, path: str, sample: int = 0, block: int = 0, step: int = -1) -> str:
   """Router heatmap of one sample from a GenerationResult.routing.
 
   routing: a dict with 'importances' [B, G, H, N, N] and 'selections' [B, G, H, N, k] (the
@@ -418,28 +515,37 @@ def write_router_png(routing, path: str, sample: int = 0, block: int = 0, step: 
   `step` picks one), and optionally 'component_mask' [B, N]. Picks batch `sample`, MoC
   block `block`.
   """
-  if not isinstance(routing, dict) or 'importances' not in routing:
-    raise ValueError('routing: expected a dict with importances [B, G, H, N, N]')
-  imp = _router_slice(np.asarray(routing['importances']), sample, block, step)
-  sel = routing.get('selections')
+  if not isinstance(routing, dict) or "importances" not in routing:
+    raise ValueError("routing: expected a dict with importances [B, G, H, N, N]")
+  imp = _router_slice(np.asarray(routing["importances"]), sample, block, step)
+  sel = routing.get("selections")
   if sel is not None:
     sel = np.asarray(sel)
     sel = _router_slice(sel, sample, block, step) if sel.size else None
-  mask = routing.get('component_mask')
+  mask = routing.get("component_mask")
   if mask is not None:
     mask = np.asarray(mask)
     mask = mask[sample] if mask.ndim == 2 else mask
-  return viz.router_heatmap_png(imp, sel, path, component_mask=mask,
-                                title=f'router importance, sample {sample}, MoC block {block} '
-                                      '(red: selected)')
+  return viz.router_heatmap_png(
+      imp,
+      sel,
+      path,
+      component_mask=mask,
+      title=f"router importance, sample {sample}, MoC block {block} (red: selected)",
+  )
 
 
 # ---------------------------------------------------------------------------------------
 # Nearest-neighbour benchmark
 # ---------------------------------------------------------------------------------------
 
-def benchmark_nn(sizes: Sequence[int] = (10_000, 30_000, 100_000), repeats: int = 3,
-                 jax_max_size: int = 100_000, seed: int = 0) -> List[dict]:
+
+def benchmark_nn(
+    sizes: Sequence[int] = (10_000, 30_000, 100_000),
+    repeats: int = 3,
+    jax_max_size: int = 100_000,
+    seed: int = 0,
+) -> List[dict]:
   """Times the Chamfer distance's two NN searches (M points each way) with both backends.
 
   Returns rows {'points', 'backend', 'median_s', 'runs', 'compile_s', 'max_abs_diff'}; the
@@ -454,10 +560,10 @@ def benchmark_nn(sizes: Sequence[int] = (10_000, 30_000, 100_000), repeats: int 
     b *= 0.8 / np.linalg.norm(b, axis=1, keepdims=True)
     ref = None
     for backend in M.NN_BACKENDS:
-      if backend == 'jax' and n > jax_max_size:
+      if backend == "jax" and n > jax_max_size:
         continue
       compile_s = 0.0
-      if backend == 'jax':
+      if backend == "jax":
         t0 = time.perf_counter()
         M.nn_distances(a[:8], b, backend)  # compile for this ref size and chunk
         compile_s = time.perf_counter() - t0
@@ -470,35 +576,61 @@ def benchmark_nn(sizes: Sequence[int] = (10_000, 30_000, 100_000), repeats: int 
       d = np.concatenate([d1, d2])
       diff = 0.0 if ref is None else float(np.abs(d - ref).max())
       ref = d if ref is None else ref
-      rows.append({'points': n, 'backend': backend, 'median_s': statistics.median(times),
-                   'runs': repeats, 'compile_s': compile_s, 'max_abs_diff': diff,
-                   'load_avg_1min': os.getloadavg()[0]})
-      print(f'{n:>8d} {backend:>7s} {statistics.median(times):9.3f} s  '
-            f'(compile {compile_s:.2f} s, max |diff| {diff:.1e})', flush=True)
+      rows.append(
+          {
+              "points": n,
+              "backend": backend,
+              "median_s": statistics.median(times),
+              "runs": repeats,
+              "compile_s": compile_s,
+              "max_abs_diff": diff,
+              "load_avg_1min": os.getloadavg()[0],
+          }
+      )
+      print(
+          f"{n:>8d} {backend:>7s} {statistics.median(times):9.3f} s  "
+          f"(compile {compile_s:.2f} s, max |diff| {diff:.1e})",
+          flush=True,
+      )
   return rows
 
 
-def write_nn_benchmark(rows: List[dict], out_dir: str = 'experiments/results') -> None:
+def write_nn_benchmark(rows: List[dict], out_dir: str = "experiments/results") -> None:
   """experiments/results/nn_benchmark.{md,json}, naming the machine."""
   machine = machine_description()
   import jax  # pylint: disable=g-import-not-at-top
   import scipy  # pylint: disable=g-import-not-at-top
-  meta = {'machine': machine, 'jax': jax.__version__, 'jax_backend': jax.default_backend(),
-          'scipy': scipy.__version__,
-          'date_utc': time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}
-  mio.atomic_write_text(os.path.join(out_dir, 'nn_benchmark.json'),
-                     json.dumps({'meta': meta, 'rows': rows}, indent=1) + '\n')
-  lines = ['# Nearest-neighbour search for Chamfer / F-score: scipy cKDTree vs chunked JAX', '',
-           f"Machine: {machine}; jax {meta['jax']} ({meta['jax_backend']}), scipy "
-           f"{meta['scipy']}; {meta['date_utc']} UTC.", '',
-           'Both directions of one Chamfer distance (M points to M points, unit and 0.8 '
-           'spheres), median wall time; JAX excludes compilation.', '',
-           'The load average (1 min) after each row shows how busy the shared machine was.',
-           '',
-           '| points per set | backend | median s | runs | JAX compile s | max abs diff vs '
-           'kdtree | load avg |', '|---|---|---|---|---|---|---|']
+
+  meta = {
+      "machine": machine,
+      "jax": jax.__version__,
+      "jax_backend": jax.default_backend(),
+      "scipy": scipy.__version__,
+      "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+  }
+  mio.atomic_write_text(
+      os.path.join(out_dir, "nn_benchmark.json"),
+      json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n",
+  )
+  lines = [
+      "# Nearest-neighbour search for Chamfer / F-score: scipy cKDTree vs chunked JAX",
+      "",
+      f"Machine: {machine}; jax {meta['jax']} ({meta['jax_backend']}), scipy "
+      f"{meta['scipy']}; {meta['date_utc']} UTC.",
+      "",
+      "Both directions of one Chamfer distance (M points to M points, unit and 0.8 "
+      "spheres), median wall time; JAX excludes compilation.",
+      "",
+      "The load average (1 min) after each row shows how busy the shared machine was.",
+      "",
+      "| points per set | backend | median s | runs | JAX compile s | max abs diff vs "
+      "kdtree | load avg |",
+      "|---|---|---|---|---|---|---|",
+  ]
   for r in rows:
-    lines.append(f"| {r['points']} | {r['backend']} | {r['median_s']:.3f} | {r['runs']} | "
-                 f"{r['compile_s']:.2f} | {r['max_abs_diff']:.1e} | "
-                 f"{r.get('load_avg_1min', float('nan')):.1f} |")
-  mio.atomic_write_text(os.path.join(out_dir, 'nn_benchmark.md'), '\n'.join(lines) + '\n')
+    lines.append(
+        f"| {r['points']} | {r['backend']} | {r['median_s']:.3f} | {r['runs']} | "
+        f"{r['compile_s']:.2f} | {r['max_abs_diff']:.1e} | "
+        f"{r.get('load_avg_1min', float('nan')):.1f} |"
+    )
+  mio.atomic_write_text(os.path.join(out_dir, "nn_benchmark.md"), "\n".join(lines) + "\n")

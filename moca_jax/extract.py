@@ -19,6 +19,7 @@ Entry points:
 An empty or degenerate field (no sign change, non-finite values) gives an empty
 `trimesh.Trimesh` and a warning, never an exception.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,8 +41,7 @@ class EmptyFieldWarning(UserWarning):
 
 
 def empty_mesh() -> trimesh.Trimesh:
-  return trimesh.Trimesh(vertices=np.zeros((0, 3)), faces=np.zeros((0, 3), np.int64),
-                         process=False)
+  return trimesh.Trimesh(vertices=np.zeros((0, 3)), faces=np.zeros((0, 3), np.int64), process=False)
 
 
 def grid_coordinates(flat_index, resolution: int, bounds: float, xp=np):
@@ -55,6 +55,7 @@ def grid_coordinates(flat_index, resolution: int, bounds: float, xp=np):
 # ----------------------------------------------------------------------------------------
 # Grid evaluation
 # ----------------------------------------------------------------------------------------
+
 
 def _as_partial(sdf_fn) -> jax.tree_util.Partial:
   """Wraps `sdf_fn` so that the arrays it closes over via Partial are traced, not baked in."""
@@ -77,8 +78,9 @@ def _points_chunk(sdf_fn, inputs, pts):
   return sdf_fn(inputs, pts[None])[0].astype(jnp.float32)
 
 
-def decode_dense_grid(sdf_fn, inputs, resolution: int, bounds: float = 1.005,
-                      chunk_size: int = 65536) -> np.ndarray:
+def decode_dense_grid(
+    sdf_fn, inputs, resolution: int, bounds: float = 1.005, chunk_size: int = 65536
+) -> np.ndarray:
   """Decodes a batch of fields on the dense grid.
 
   Args:
@@ -91,8 +93,12 @@ def decode_dense_grid(sdf_fn, inputs, resolution: int, bounds: float = 1.005,
   fn = _as_partial(sdf_fn)
   total = (resolution + 1) ** 3
   chunk = int(min(chunk_size, total))
-  outs = [_dense_chunk(fn, inputs, jnp.int32(s), chunk=chunk, resolution=resolution,
-                       bounds=float(bounds)) for s in range(0, total, chunk)]
+  outs = [
+      _dense_chunk(
+          fn, inputs, jnp.int32(s), chunk=chunk, resolution=resolution, bounds=float(bounds)
+      )
+      for s in range(0, total, chunk)
+  ]
   vals = np.concatenate([np.asarray(o) for o in outs], axis=1)[:, :total]
   n = resolution + 1
   return vals.reshape(-1, n, n, n)
@@ -107,20 +113,25 @@ def _eval_points_jax(sdf_fn, inputs_one, pts: np.ndarray, chunk_size: int) -> np
   chunk = int(min(chunk_size, n))
   pad = (-n) % chunk
   pts = np.concatenate([pts, np.zeros((pad, 3), np.float32)]) if pad else pts
-  outs = [_points_chunk(fn, inputs_one, jnp.asarray(pts[s:s + chunk]))
-          for s in range(0, len(pts), chunk)]
+  outs = [
+      _points_chunk(fn, inputs_one, jnp.asarray(pts[s : s + chunk]))
+      for s in range(0, len(pts), chunk)
+  ]
   return np.concatenate([np.asarray(o) for o in outs])[:n]
 
 
 def _eval_points_numpy(fn, pts: np.ndarray, chunk_size: int) -> np.ndarray:
-  out = [np.asarray(fn(pts[s:s + chunk_size]), dtype=np.float32).reshape(-1)
-         for s in range(0, len(pts), chunk_size)]
+  out = [
+      np.asarray(fn(pts[s : s + chunk_size]), dtype=np.float32).reshape(-1)
+      for s in range(0, len(pts), chunk_size)
+  ]
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 # ----------------------------------------------------------------------------------------
 # Coarse to fine
 # ----------------------------------------------------------------------------------------
+
 
 def _cell_corner_reduce(v: np.ndarray, op) -> np.ndarray:
   """[n, n, n] point values -> [n-1]^3 reduction over each cell's 8 corners."""
@@ -129,12 +140,15 @@ def _cell_corner_reduce(v: np.ndarray, op) -> np.ndarray:
     for dj in (0, 1):
       for dk in (0, 1):
         if di or dj or dk:
-          out = op(out, v[di:v.shape[0] - 1 + di, dj:v.shape[1] - 1 + dj, dk:v.shape[2] - 1 + dk])
+          out = op(
+              out, v[di : v.shape[0] - 1 + di, dj : v.shape[1] - 1 + dj, dk : v.shape[2] - 1 + dk]
+          )
   return out
 
 
-def near_surface_cells(coarse: np.ndarray, resolution: int, bounds: float, band: float = 1.0,
-                       dilate: int = 1) -> np.ndarray:
+def near_surface_cells(
+    coarse: np.ndarray, resolution: int, bounds: float, band: float = 1.0, dilate: int = 1
+) -> np.ndarray:
   """Coarse cells [R, R, R] bool that the fine pass refines (see module docstring)."""
   spacing = 2.0 * bounds / resolution
   cmin = _cell_corner_reduce(coarse, np.minimum)
@@ -169,14 +183,23 @@ def _fine_point_mask(cells: np.ndarray, factor: int) -> np.ndarray:
   for di in (0, 1):
     for dj in (0, 1):
       for dk in (0, 1):
-        m[di:di + fine_cells.shape[0], dj:dj + fine_cells.shape[1],
-          dk:dk + fine_cells.shape[2]] |= fine_cells
+        m[
+            di : di + fine_cells.shape[0],
+            dj : dj + fine_cells.shape[1],
+            dk : dk + fine_cells.shape[2],
+        ] |= fine_cells
   return m
 
 
-def refine_grid(coarse: np.ndarray, eval_points: Callable[[np.ndarray], np.ndarray],
-                resolution: int, fine_resolution: int, bounds: float, band: float = 1.0,
-                dilate: int = 1):
+def refine_grid(
+    coarse: np.ndarray,
+    eval_points: Callable[[np.ndarray], np.ndarray],
+    resolution: int,
+    fine_resolution: int,
+    bounds: float,
+    band: float = 1.0,
+    dilate: int = 1,
+):
   """Fine grid from a coarse one, decoding only the near-surface band.
 
   Args:
@@ -186,8 +209,9 @@ def refine_grid(coarse: np.ndarray, eval_points: Callable[[np.ndarray], np.ndarr
     (fine values [Rf+1]^3 float32, band mask [Rf+1]^3 bool: the points actually decoded).
   """
   if fine_resolution % resolution:
-    raise ValueError(f"fine_resolution={fine_resolution} must be a multiple of "
-                     f"resolution={resolution}")
+    raise ValueError(
+        f"fine_resolution={fine_resolution} must be a multiple of resolution={resolution}"
+    )
   factor = fine_resolution // resolution
   cells = near_surface_cells(coarse, resolution, bounds, band, dilate)
   mask = _fine_point_mask(cells, factor)
@@ -203,8 +227,14 @@ def refine_grid(coarse: np.ndarray, eval_points: Callable[[np.ndarray], np.ndarr
 # Marching cubes
 # ----------------------------------------------------------------------------------------
 
-def mesh_from_grid(values: np.ndarray, resolution: int, bounds: float = 1.005,
-                   mask: Optional[np.ndarray] = None, name: str = "field") -> trimesh.Trimesh:
+
+def mesh_from_grid(
+    values: np.ndarray,
+    resolution: int,
+    bounds: float = 1.005,
+    mask: Optional[np.ndarray] = None,
+    name: str = "field",
+) -> trimesh.Trimesh:
   """Marching cubes at level 0 on grid values [R+1]^3 -> mesh in world coordinates.
 
   Returns an empty mesh (with an `EmptyFieldWarning`) when the field is non-finite or has no
@@ -213,47 +243,68 @@ def mesh_from_grid(values: np.ndarray, resolution: int, bounds: float = 1.005,
   values = np.asarray(values, dtype=np.float32)
   check = values if mask is None else values[mask]
   if not np.all(np.isfinite(check)):
-    warnings.warn(f"{name}: the field has non-finite values; returning an empty mesh",
-                  EmptyFieldWarning, stacklevel=2)
+    warnings.warn(
+        f"{name}: the field has non-finite values; returning an empty mesh",
+        EmptyFieldWarning,
+        stacklevel=2,
+    )
     return empty_mesh()
   if check.size == 0 or check.min() >= 0 or check.max() <= 0:
-    warnings.warn(f"{name}: the field has no zero crossing (min {check.min() if check.size else 'n/a'},"
-                  f" max {check.max() if check.size else 'n/a'}); returning an empty mesh",
-                  EmptyFieldWarning, stacklevel=2)
+    warnings.warn(
+        f"{name}: the field has no zero crossing (min {check.min() if check.size else 'n/a'},"
+        f" max {check.max() if check.size else 'n/a'}); returning an empty mesh",
+        EmptyFieldWarning,
+        stacklevel=2,
+    )
     return empty_mesh()
   try:
     verts, faces, _, _ = skimage.measure.marching_cubes(
-        values, level=0.0, gradient_direction="descent", mask=mask)
+        values, level=0.0, gradient_direction="descent", mask=mask
+    )
   except (ValueError, RuntimeError) as e:
-    warnings.warn(f"{name}: marching cubes failed ({e}); returning an empty mesh",
-                  EmptyFieldWarning, stacklevel=2)
+    warnings.warn(
+        f"{name}: marching cubes failed ({e}); returning an empty mesh",
+        EmptyFieldWarning,
+        stacklevel=2,
+    )
     return empty_mesh()
   verts = verts * (2.0 * bounds / resolution) - bounds
   mesh = trimesh.Trimesh(vertices=verts, faces=faces, process=True)
   if len(mesh.faces) == 0:
-    warnings.warn(f"{name}: marching cubes produced no faces; returning an empty mesh",
-                  EmptyFieldWarning, stacklevel=2)
+    warnings.warn(
+        f"{name}: marching cubes produced no faces; returning an empty mesh",
+        EmptyFieldWarning,
+        stacklevel=2,
+    )
   return mesh
 
 
-def _mesh_from_coarse(coarse, eval_points, resolution, fine_resolution, bounds, band, dilate,
-                      name):
+def _mesh_from_coarse(coarse, eval_points, resolution, fine_resolution, bounds, band, dilate, name):
   if not np.all(np.isfinite(coarse)):
-    warnings.warn(f"{name}: the field has non-finite values; returning an empty mesh",
-                  EmptyFieldWarning, stacklevel=3)
+    warnings.warn(
+        f"{name}: the field has non-finite values; returning an empty mesh",
+        EmptyFieldWarning,
+        stacklevel=3,
+    )
     return empty_mesh()
   if fine_resolution is None or fine_resolution == resolution:
     return mesh_from_grid(coarse, resolution, bounds, name=name)
   if coarse.min() >= 0 or coarse.max() <= 0:
     return mesh_from_grid(coarse, resolution, bounds, name=name)  # warns, empty
-  fine, mask = refine_grid(coarse, eval_points, resolution, fine_resolution, bounds, band,
-                           dilate)
+  fine, mask = refine_grid(coarse, eval_points, resolution, fine_resolution, bounds, band, dilate)
   return mesh_from_grid(fine, fine_resolution, bounds, mask=mask, name=name)
 
 
-def extract_meshes(sdf_fn, inputs, resolution: int = 256, fine_resolution: Optional[int] = 512,
-                   chunk_size: int = 65536, bounds: float = 1.005, band: float = 1.0,
-                   dilate: int = 1) -> list[trimesh.Trimesh]:
+def extract_meshes(
+    sdf_fn,
+    inputs,
+    resolution: int = 256,
+    fine_resolution: Optional[int] = 512,
+    chunk_size: int = 65536,
+    bounds: float = 1.005,
+    band: float = 1.0,
+    dilate: int = 1,
+) -> list[trimesh.Trimesh]:
   """One mesh per component of a batch of JAX fields.
 
   Args:
@@ -273,36 +324,58 @@ def extract_meshes(sdf_fn, inputs, resolution: int = 256, fine_resolution: Optio
   coarse = decode_dense_grid(sdf_fn, inputs, resolution, bounds, chunk_size)
   meshes = []
   for b in range(coarse.shape[0]):
-    one = jax.tree_util.tree_map(lambda x, b=b: x[b:b + 1], inputs)
+    one = jax.tree_util.tree_map(lambda x, b=b: x[b : b + 1], inputs)
     eval_points = lambda pts, one=one: _eval_points_jax(sdf_fn, one, pts, chunk_size)
-    meshes.append(_mesh_from_coarse(coarse[b], eval_points, resolution, fine_resolution,
-                                    bounds, band, dilate, name=f"component {b}"))
+    meshes.append(
+        _mesh_from_coarse(
+            coarse[b],
+            eval_points,
+            resolution,
+            fine_resolution,
+            bounds,
+            band,
+            dilate,
+            name=f"component {b}",
+        )
+    )
   return meshes
 
 
-def extract_mesh_from_fn(fn: Callable[[Any], Any], resolution: int = 256,
-                         fine_resolution: Optional[int] = 512, chunk_size: int = 262144,
-                         bounds: float = 1.005, band: float = 1.0, dilate: int = 1,
-                         return_grid: bool = False):
+def extract_mesh_from_fn(
+    fn: Callable[[Any], Any],
+    resolution: int = 256,
+    fine_resolution: Optional[int] = 512,
+    chunk_size: int = 262144,
+    bounds: float = 1.005,
+    band: float = 1.0,
+    dilate: int = 1,
+    return_grid: bool = False,
+):
   """Mesh of a plain SDF callable: points [N, 3] float32 numpy -> values [N] (numpy or JAX).
 
   Same grids and coarse-to-fine scheme as `extract_meshes`. With return_grid=True also
   returns (values, mask) of the grid that was meshed (mask None for a dense grid).
   """
   total = (resolution + 1) ** 3
-  coarse = np.concatenate([
-      _eval_points_numpy(fn, grid_coordinates(np.arange(s, min(s + chunk_size, total)),
-                                              resolution, bounds), chunk_size)
-      for s in range(0, total, chunk_size)]).reshape((resolution + 1,) * 3)
+  coarse = np.concatenate(
+      [
+          _eval_points_numpy(
+              fn,
+              grid_coordinates(np.arange(s, min(s + chunk_size, total)), resolution, bounds),
+              chunk_size,
+          )
+          for s in range(0, total, chunk_size)
+      ]
+  ).reshape((resolution + 1,) * 3)
   eval_points = lambda pts: _eval_points_numpy(fn, pts, chunk_size)
-  mesh = _mesh_from_coarse(coarse, eval_points, resolution, fine_resolution, bounds, band,
-                           dilate, name="field")
+  mesh = _mesh_from_coarse(
+      coarse, eval_points, resolution, fine_resolution, bounds, band, dilate, name="field"
+  )
   if not return_grid:
     return mesh
   if fine_resolution is None or fine_resolution == resolution:
     return mesh, coarse, None
-  fine, mask = refine_grid(coarse, eval_points, resolution, fine_resolution, bounds, band,
-                           dilate)
+  fine, mask = refine_grid(coarse, eval_points, resolution, fine_resolution, bounds, band, dilate)
   return mesh, fine, mask
 
 
@@ -310,13 +383,16 @@ def extract_mesh_from_fn(fn: Callable[[Any], Any], resolution: int = 256,
 # VecSetVAE helpers
 # ----------------------------------------------------------------------------------------
 
+
 def _vae_query(params, features, queries, *, model):
   from moca_jax.vae import VecSetVAE  # local import: extract does not need the VAE otherwise
+
   return model.apply(params, features, queries, method=VecSetVAE.query_sdf)
 
 
 def _vae_features(params, latents, *, model):
   from moca_jax.vae import VecSetVAE
+
   return model.apply(params, latents, method=VecSetVAE.decode_features)
 
 
@@ -324,8 +400,10 @@ def _vae_features(params, latents, *, model):
 def _cached_fns(model):
   """Per-model query function and jitted feature function, so repeated calls hit the jit
   caches (needs a hashable model, i.e. a FrozenConfigDict config)."""
-  return (functools.partial(_vae_query, model=model),
-          jax.jit(functools.partial(_vae_features, model=model)))
+  return (
+      functools.partial(_vae_query, model=model),
+      jax.jit(functools.partial(_vae_features, model=model)),
+  )
 
 
 def _fns(model):

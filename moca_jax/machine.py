@@ -1,4 +1,5 @@
 """One line naming the host, for benchmark and evaluation reports."""
+
 import os
 import platform
 
@@ -16,5 +17,7 @@ def describe_host() -> str:
   except OSError:
     pass
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return (f"{cpu}, {cores} cores available, {platform.system()} {platform.release()}, "
-          f"Python {platform.python_version()}")
+  return (
+      f"{cpu}, {cores} cores available, {platform.system()} {platform.release()}, "
+      f"Python {platform.python_version()}"
+  )

@@ -59,6 +59,7 @@ Scene metrics (Table 2)
   (measures shape); `object_frame='scene'` keeps both in their scene's normalised frame
   (measures shape and placement).
 """
+
 from __future__ import annotations
 
 import functools
@@ -74,19 +75,20 @@ DEFAULT_NUM_SAMPLES = 100_000
 DEFAULT_TAUS = (0.1, 0.05)
 DEFAULT_VOXEL_RESOLUTION = 64
 EMPTY_CHAMFER = 4.0 * math.sqrt(3.0)
-NN_BACKENDS = ('kdtree', 'jax')
+NN_BACKENDS = ("kdtree", "jax")
 
 
 # ---------------------------------------------------------------------------------------
 # Meshes: emptiness, normalisation, fusion, sampling
 # ---------------------------------------------------------------------------------------
 
+
 def is_empty(mesh: Optional[trimesh.Trimesh]) -> bool:
   """True if `mesh` is None or has no faces or zero surface area."""
   if mesh is None:
     return True
   if not isinstance(mesh, trimesh.Trimesh):
-    raise ValueError(f'mesh: expected trimesh.Trimesh, got {type(mesh).__name__}')
+    raise ValueError(f"mesh: expected trimesh.Trimesh, got {type(mesh).__name__}")
   if len(mesh.faces) == 0 or len(mesh.vertices) == 0:
     return True
   return not float(mesh.area) > 0.0
@@ -101,8 +103,7 @@ def as_mesh_list(meshes) -> List[trimesh.Trimesh]:
   out = []
   for i, m in enumerate(meshes):
     if m is not None and not isinstance(m, trimesh.Trimesh):
-      raise ValueError(f'meshes[{i}]: expected trimesh.Trimesh or None, '
-                       f'got {type(m).__name__}')
+      raise ValueError(f"meshes[{i}]: expected trimesh.Trimesh or None, got {type(m).__name__}")
     out.append(m)
   return out
 
@@ -151,14 +152,15 @@ def fuse(parts: Sequence[trimesh.Trimesh]) -> trimesh.Trimesh:
   return trimesh.util.concatenate(parts)
 
 
-def sample_points(parts: Sequence[trimesh.Trimesh], num_samples: int = DEFAULT_NUM_SAMPLES,
-                  seed: int = 0) -> np.ndarray:
+def sample_points(
+    parts: Sequence[trimesh.Trimesh], num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0
+) -> np.ndarray:
   """Area-uniform samples of the fused surface of `parts`: [num_samples, 3] float64.
 
   Deterministic given `seed`. Returns a [0, 3] array when every part is empty.
   """
   if num_samples <= 0:
-    raise ValueError(f'num_samples: must be positive, got {num_samples}')
+    raise ValueError(f"num_samples: must be positive, got {num_samples}")
   mesh = fuse(parts)
   if is_empty(mesh):
     return np.zeros((0, 3))
@@ -178,6 +180,7 @@ def sample_points(parts: Sequence[trimesh.Trimesh], num_samples: int = DEFAULT_N
 # Nearest neighbours
 # ---------------------------------------------------------------------------------------
 
+
 def nn_distances_kdtree(query: np.ndarray, ref: np.ndarray, workers: int = -1) -> np.ndarray:
   """Euclidean distance from each query point [M,3] to its nearest ref point [K,3] -> [M].
 
@@ -185,8 +188,9 @@ def nn_distances_kdtree(query: np.ndarray, ref: np.ndarray, workers: int = -1) -
   surface samples this was ~3x faster than scipy's defaults when the two shapes are far
   apart (a poor generation: 2.3 s vs 7.8 s for 100k points, 2 cores) and equal when close.
   """
-  tree = scipy.spatial.cKDTree(np.asarray(ref, np.float64), leafsize=64, balanced_tree=False,
-                               compact_nodes=False)
+  tree = scipy.spatial.cKDTree(
+      np.asarray(ref, np.float64), leafsize=64, balanced_tree=False, compact_nodes=False
+  )
   d, _ = tree.query(np.asarray(query, np.float64), k=1, workers=workers)
   return np.asarray(d, np.float64)
 
@@ -216,8 +220,7 @@ def _jax_nn_fn(chunk: int):
   return nn
 
 
-def nn_distances_jax(query: np.ndarray, ref: np.ndarray, chunk: Optional[int] = None
-                     ) -> np.ndarray:
+def nn_distances_jax(query: np.ndarray, ref: np.ndarray, chunk: Optional[int] = None) -> np.ndarray:
   """Chunked brute-force JAX version of `nn_distances_kdtree` (float32 on device).
 
   `chunk` query rows are compared with all refs at once (memory ~ chunk * K * 4 bytes);
@@ -227,37 +230,42 @@ def nn_distances_jax(query: np.ndarray, ref: np.ndarray, chunk: Optional[int] = 
   ref = np.asarray(ref, np.float32)
   m = len(query)
   if chunk is None:
-    chunk = int(max(8, min(4096, (16 * 2 ** 20) // max(len(ref), 1))))
+    chunk = int(max(8, min(4096, (16 * 2**20) // max(len(ref), 1))))
   pad = (-m) % chunk
   q = np.concatenate([query, np.zeros((pad, 3), np.float32)]) if pad else query
   d = np.asarray(_jax_nn_fn(chunk)(q, ref))
   return d[:m].astype(np.float64)
 
 
-def nn_distances(query: np.ndarray, ref: np.ndarray, backend: str = 'kdtree') -> np.ndarray:
+def nn_distances(query: np.ndarray, ref: np.ndarray, backend: str = "kdtree") -> np.ndarray:
   """Nearest-neighbour distances [M] of query [M,3] into ref [K,3] with the chosen backend.
 
   'kdtree' (default; scipy cKDTree, all cores) was measured faster than 'jax' on CPU: see
   experiments/results/nn_benchmark.md.
   """
-  if backend == 'kdtree':
+  if backend == "kdtree":
     return nn_distances_kdtree(query, ref)
-  if backend == 'jax':
+  if backend == "jax":
     return nn_distances_jax(query, ref)
-  raise ValueError(f'nn_backend: expected one of {NN_BACKENDS}, got {backend!r}')
+  raise ValueError(f"nn_backend: expected one of {NN_BACKENDS}, got {backend!r}")
 
 
 # ---------------------------------------------------------------------------------------
 # Chamfer / F-score
 # ---------------------------------------------------------------------------------------
 
+
 def _f_from_pr(precision: float, recall: float) -> float:
   s = precision + recall
   return 0.0 if s <= 0.0 else 2.0 * precision * recall / s
 
 
-def point_metrics(pred: np.ndarray, gt: np.ndarray, taus: Iterable[float] = DEFAULT_TAUS,
-                  nn_backend: str = 'kdtree') -> Dict[str, float]:
+def point_metrics(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    taus: Iterable[float] = DEFAULT_TAUS,
+    nn_backend: str = "kdtree",
+) -> Dict[str, float]:
   """Chamfer distance and F-scores between two point sets pred [M,3], gt [K,3].
 
   Returns {'cd': float, 'fscore@<tau>': float for each tau}. Empty sets follow the module
@@ -268,12 +276,12 @@ def point_metrics(pred: np.ndarray, gt: np.ndarray, taus: Iterable[float] = DEFA
   gt = np.asarray(gt, np.float64).reshape(-1, 3)
   if len(pred) == 0 or len(gt) == 0:
     same = len(pred) == 0 and len(gt) == 0
-    out = {'cd': 0.0 if same else EMPTY_CHAMFER}
+    out = {"cd": 0.0 if same else EMPTY_CHAMFER}
     out.update({fscore_key(t): 1.0 if same else 0.0 for t in taus})
     return out
   d_pg = nn_distances(pred, gt, nn_backend)  # precision side
   d_gp = nn_distances(gt, pred, nn_backend)  # recall side
-  out = {'cd': float(d_pg.mean() + d_gp.mean())}
+  out = {"cd": float(d_pg.mean() + d_gp.mean())}
   for t in taus:
     out[fscore_key(t)] = _f_from_pr(float(np.mean(d_pg < t)), float(np.mean(d_gp < t)))
   return out
@@ -281,22 +289,28 @@ def point_metrics(pred: np.ndarray, gt: np.ndarray, taus: Iterable[float] = DEFA
 
 def fscore_key(tau: float) -> str:
   """Name of the F-score entry for threshold tau, e.g. 'fscore@0.1'."""
-  return f'fscore@{float(tau):g}'
+  return f"fscore@{float(tau):g}"
 
 
-def chamfer_distance(pred: np.ndarray, gt: np.ndarray, nn_backend: str = 'kdtree') -> float:
+def chamfer_distance(pred: np.ndarray, gt: np.ndarray, nn_backend: str = "kdtree") -> float:
   """Chamfer distance (sum of both mean NN distances, not squared) of two point sets."""
-  return point_metrics(pred, gt, taus=(), nn_backend=nn_backend)['cd']
+  return point_metrics(pred, gt, taus=(), nn_backend=nn_backend)["cd"]
 
 
-def f_score(pred: np.ndarray, gt: np.ndarray, tau: float, nn_backend: str = 'kdtree') -> float:
+def f_score(pred: np.ndarray, gt: np.ndarray, tau: float, nn_backend: str = "kdtree") -> float:
   """F-score at threshold tau of two point sets."""
   return point_metrics(pred, gt, taus=(tau,), nn_backend=nn_backend)[fscore_key(tau)]
 
 
-def shape_metrics(pred_parts, gt_parts, num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0,
-                  taus: Iterable[float] = DEFAULT_TAUS, nn_backend: str = 'kdtree',
-                  normalize: bool = True) -> Dict[str, float]:
+def shape_metrics(
+    pred_parts,
+    gt_parts,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    seed: int = 0,
+    taus: Iterable[float] = DEFAULT_TAUS,
+    nn_backend: str = "kdtree",
+    normalize: bool = True,
+) -> Dict[str, float]:
   """CD and F-scores between two objects given as lists of parts (fused, normalised)."""
   pred_parts, gt_parts = as_mesh_list(pred_parts), as_mesh_list(gt_parts)
   if normalize:
@@ -310,8 +324,10 @@ def shape_metrics(pred_parts, gt_parts, num_samples: int = DEFAULT_NUM_SAMPLES, 
 # Self-IoU
 # ---------------------------------------------------------------------------------------
 
-def voxelize_filled(mesh: trimesh.Trimesh, resolution: int = DEFAULT_VOXEL_RESOLUTION
-                    ) -> np.ndarray:
+
+def voxelize_filled(
+    mesh: trimesh.Trimesh, resolution: int = DEFAULT_VOXEL_RESOLUTION
+) -> np.ndarray:
   """Filled occupancy of a mesh already in [-1, 1]^3: bool [resolution + 1]^3.
 
   Voxel (a, b, c) has centre ((a, b, c) - resolution / 2) * pitch, pitch = 2 / resolution
@@ -319,14 +335,17 @@ def voxelize_filled(mesh: trimesh.Trimesh, resolution: int = DEFAULT_VOXEL_RESOL
   Points outside [-1 - pitch/2, 1 + pitch/2] are clipped to the border voxels.
   """
   if resolution < 2 or resolution % 2:
-    raise ValueError(f'resolution: must be an even integer >= 2, got {resolution}')
+    raise ValueError(f"resolution: must be an even integer >= 2, got {resolution}")
   n = resolution + 1
   if is_empty(mesh):
     return np.zeros((n, n, n), bool)
   pitch = 2.0 / resolution
   v, _ = trimesh.remesh.subdivide_to_size(
-      np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces), max_edge=0.5 * pitch,
-      max_iter=16)
+      np.asarray(mesh.vertices, np.float64),
+      np.asarray(mesh.faces),
+      max_edge=0.5 * pitch,
+      max_iter=16,
+  )
   idx = np.clip(np.round(v / pitch).astype(np.int64) + resolution // 2, 0, resolution)
   # One empty voxel of margin on every side so the fill sees the outside as connected.
   grid = np.zeros((n + 2, n + 2, n + 2), bool)
@@ -346,8 +365,7 @@ def pairwise_iou(occupancies: Sequence[np.ndarray]) -> np.ndarray:
   return np.where(union > 0, inter / np.maximum(union, 1), 0.0).astype(np.float64)
 
 
-def self_iou(parts, resolution: int = DEFAULT_VOXEL_RESOLUTION, normalize: bool = True
-             ) -> float:
+def self_iou(parts, resolution: int = DEFAULT_VOXEL_RESOLUTION, normalize: bool = True) -> float:
   """Mean pairwise IoU of the filled voxelisations of the non-empty parts of one object.
 
   Fewer than two non-empty parts -> 0.0. With normalize=False the parts must already lie in
@@ -368,27 +386,38 @@ def self_iou(parts, resolution: int = DEFAULT_VOXEL_RESOLUTION, normalize: bool 
 # Table rows
 # ---------------------------------------------------------------------------------------
 
-def object_metrics(pred_parts, gt_parts, num_samples: int = DEFAULT_NUM_SAMPLES,
-                   seed: int = 0, taus: Iterable[float] = DEFAULT_TAUS,
-                   voxel_resolution: int = DEFAULT_VOXEL_RESOLUTION,
-                   nn_backend: str = 'kdtree') -> Dict[str, float]:
+
+def object_metrics(
+    pred_parts,
+    gt_parts,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    seed: int = 0,
+    taus: Iterable[float] = DEFAULT_TAUS,
+    voxel_resolution: int = DEFAULT_VOXEL_RESOLUTION,
+    nn_backend: str = "kdtree",
+) -> Dict[str, float]:
   """Paper Table 1 row for one object: {'self_iou', 'cd', 'fscore@0.1', 'fscore@0.05'}.
 
   pred_parts / gt_parts: lists of trimesh parts (no part correspondence is needed: CD and F
   use the fused surfaces; self-IoU uses the predicted parts only).
   """
-  out = {'self_iou': self_iou(pred_parts, voxel_resolution)}
+  out = {"self_iou": self_iou(pred_parts, voxel_resolution)}
   out.update(shape_metrics(pred_parts, gt_parts, num_samples, seed, taus, nn_backend))
-  out['num_parts_pred'] = float(sum(not is_empty(p) for p in as_mesh_list(pred_parts)))
-  out['num_parts_gt'] = float(sum(not is_empty(p) for p in as_mesh_list(gt_parts)))
+  out["num_parts_pred"] = float(sum(not is_empty(p) for p in as_mesh_list(pred_parts)))
+  out["num_parts_gt"] = float(sum(not is_empty(p) for p in as_mesh_list(gt_parts)))
   return out
 
 
-def scene_metrics(pred_instances, gt_instances, num_samples: int = DEFAULT_NUM_SAMPLES,
-                  seed: int = 0, taus: Iterable[float] = DEFAULT_TAUS,
-                  voxel_resolution: int = DEFAULT_VOXEL_RESOLUTION,
-                  nn_backend: str = 'kdtree', object_frame: str = 'instance'
-                  ) -> Dict[str, float]:
+def scene_metrics(
+    pred_instances,
+    gt_instances,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    seed: int = 0,
+    taus: Iterable[float] = DEFAULT_TAUS,
+    voxel_resolution: int = DEFAULT_VOXEL_RESOLUTION,
+    nn_backend: str = "kdtree",
+    object_frame: str = "instance",
+) -> Dict[str, float]:
   """Paper Table 2 row for one scene.
 
   Returns {'self_iou', 'cd_scene', 'fscore_scene@tau'..., 'cd_obj', 'fscore_obj@tau'...}.
@@ -396,33 +425,36 @@ def scene_metrics(pred_instances, gt_instances, num_samples: int = DEFAULT_NUM_S
   object_frame: 'instance' (each pair normalised by its own boxes) or 'scene' (both kept in
   their scene-normalised frames).
   """
-  if object_frame not in ('instance', 'scene'):
+  if object_frame not in ("instance", "scene"):
     raise ValueError(f"object_frame: expected 'instance' or 'scene', got {object_frame!r}")
   taus = tuple(taus)
   pred, gt = as_mesh_list(pred_instances), as_mesh_list(gt_instances)
-  out = {'self_iou': self_iou(pred, voxel_resolution)}
+  out = {"self_iou": self_iou(pred, voxel_resolution)}
   scene = shape_metrics(pred, gt, num_samples, seed, taus, nn_backend)
-  out['cd_scene'] = scene['cd']
+  out["cd_scene"] = scene["cd"]
   for t in taus:
-    out['fscore_scene@' + f'{t:g}'] = scene[fscore_key(t)]
+    out["fscore_scene@" + f"{t:g}"] = scene[fscore_key(t)]
   n = max(len(pred), len(gt))
   pred = pred + [None] * (n - len(pred))
   gt = gt + [None] * (n - len(gt))
-  if object_frame == 'scene':
+  if object_frame == "scene":
     pred_n = normalize_parts([p if p is not None else trimesh.Trimesh() for p in pred])
     gt_n = normalize_parts([g if g is not None else trimesh.Trimesh() for g in gt])
   rows = []
   for i in range(n):
-    if object_frame == 'scene':
-      rows.append(shape_metrics([pred_n[i]], [gt_n[i]], num_samples, seed + i, taus,
-                                nn_backend, normalize=False))
+    if object_frame == "scene":
+      rows.append(
+          shape_metrics(
+              [pred_n[i]], [gt_n[i]], num_samples, seed + i, taus, nn_backend, normalize=False
+          )
+      )
     else:
       rows.append(shape_metrics([pred[i]], [gt[i]], num_samples, seed + i, taus, nn_backend))
   if rows:
-    out['cd_obj'] = float(np.mean([r['cd'] for r in rows]))
+    out["cd_obj"] = float(np.mean([r["cd"] for r in rows]))
     for t in taus:
-      out['fscore_obj@' + f'{t:g}'] = float(np.mean([r[fscore_key(t)] for r in rows]))
-  out['num_instances'] = float(n)
+      out["fscore_obj@" + f"{t:g}"] = float(np.mean([r[fscore_key(t)] for r in rows]))
+  out["num_instances"] = float(n)
   return out
 
 
@@ -434,6 +466,6 @@ def mean_metrics(rows: Sequence[Dict[str, float]]) -> Dict[str, float]:
   out = {}
   for k in keys:
     vals = [float(r[k]) for r in rows if k in r and not math.isnan(float(r[k]))]
-    out[k] = float(np.mean(vals)) if vals else float('nan')
-  out['count'] = float(len(rows))
+    out[k] = float(np.mean(vals)) if vals else float("nan")
+  out["count"] = float(len(rows))
   return out

@@ -25,6 +25,7 @@ demo.py and ablations.py are front-ends of this module.
 Errors: FileNotFoundError (missing checkpoint, VAE or image) and ValueError (corrupt or
 mismatched checkpoints, bad inputs), each naming the path or the input.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,11 +57,21 @@ SAMPLE_DEFAULTS = {"steps": 50, "cfg_scale": 7.0, "method": "euler", "time_shift
 # Sampling: the one function that runs the flow ODE
 # ----------------------------------------------------------------------------------------
 
-def sample_latents(model: dit_task.ImageConditionedDiT, params: PyTree, images: Array,
-                   rng: Array, *, num_components: int, component_mask: Optional[Array] = None,
-                   steps: int = 50, cfg_scale: Optional[float] = 7.0, method: str = "euler",
-                   time_shift: float = 1.0, return_routing: bool = True
-                   ) -> tuple[Array, dict]:
+
+def sample_latents(
+    model: dit_task.ImageConditionedDiT,
+    params: PyTree,
+    images: Array,
+    rng: Array,
+    *,
+    num_components: int,
+    component_mask: Optional[Array] = None,
+    steps: int = 50,
+    cfg_scale: Optional[float] = 7.0,
+    method: str = "euler",
+    time_shift: float = 1.0,
+    return_routing: bool = True,
+) -> tuple[Array, dict]:
   """Generates component latents for preprocessed images.
 
   Jit the whole function with `num_components`, `steps`, `method`, `time_shift` and
@@ -80,24 +91,49 @@ def sample_latents(model: dit_task.ImageConditionedDiT, params: PyTree, images: 
   spec = model.config.dit
   variables = {"params": params}
   b = images.shape[0]
-  mask = (jnp.ones((b, num_components), bool) if component_mask is None
-          else component_mask.astype(bool))
+  mask = (
+      jnp.ones((b, num_components), bool) if component_mask is None else component_mask.astype(bool)
+  )
   ids = jnp.broadcast_to(jnp.arange(num_components, dtype=jnp.int32), (b, num_components))
   cond = model.apply(variables, images, method=dit_task.ImageConditionedDiT.encode)
 
   def velocity_fn(x, t, c):
     reps = x.shape[0] // b
-    return model.apply(variables, x, t, c, jnp.tile(mask, (reps, 1)), jnp.tile(ids, (reps, 1)),
-                       train=False, method=dit_task.ImageConditionedDiT.velocity)
+    return model.apply(
+        variables,
+        x,
+        t,
+        c,
+        jnp.tile(mask, (reps, 1)),
+        jnp.tile(ids, (reps, 1)),
+        train=False,
+        method=dit_task.ImageConditionedDiT.velocity,
+    )
 
   shape = (b, num_components, spec.latent_tokens, spec.latent_channels)
-  z = flow.sample(velocity_fn, rng, shape, cond, steps=steps, method=method,
-                  cfg_scale=cfg_scale, time_shift=time_shift)
+  z = flow.sample(
+      velocity_fn,
+      rng,
+      shape,
+      cond,
+      steps=steps,
+      method=method,
+      cfg_scale=cfg_scale,
+      time_shift=time_shift,
+  )
   routing = {}
   if return_routing:
-    _, routing = model.apply(variables, z, jnp.full((b,), 1.0 / steps), cond, mask, ids,
-                             train=False, return_routing=True,
-                             method=dit_task.ImageConditionedDiT.velocity)
+    _, routing = model.apply(
+        variables,
+        z,
+        jnp.full((b,), 1.0 / steps),
+        cond,
+        mask,
+        ids,
+        train=False,
+        return_routing=True,
+        method=dit_task.ImageConditionedDiT.velocity,
+    )
   return z, routing
 
 
@@ -105,25 +141,31 @@ def sample_latents(model: dit_task.ImageConditionedDiT, params: PyTree, images: 
 # Inputs
 # ----------------------------------------------------------------------------------------
 
-def check_mask(mask: np.ndarray, num_components: int, image_shape: Sequence[int],
-               name: str = "masks") -> None:
+
+def check_mask(
+    mask: np.ndarray, num_components: int, image_shape: Sequence[int], name: str = "masks"
+) -> None:
   """A scene mask must hold exactly the ids 1..N (0 = background) at the image's size.
 
   Raises ValueError naming `name`.
   """
   if mask.shape != tuple(image_shape[:2]):
-    raise ValueError(f"{name}: mask shape {mask.shape} does not match the image "
-                     f"{tuple(image_shape[:2])}")
+    raise ValueError(
+        f"{name}: mask shape {mask.shape} does not match the image {tuple(image_shape[:2])}"
+    )
   ids = sorted(int(i) for i in np.unique(mask) if i != 0)
   if ids != list(range(1, num_components + 1)):
-    raise ValueError(f"{name}: instance ids {ids} do not match num_components="
-                     f"{num_components} (expected 1..{num_components})")
+    raise ValueError(
+        f"{name}: instance ids {ids} do not match num_components="
+        f"{num_components} (expected 1..{num_components})"
+    )
 
 
 def scene_conditions(images: np.ndarray, masks: np.ndarray, num_components: int) -> np.ndarray:
   """[B, H, W, 3] + instance ids [B, H, W] -> [B, N, H, W, 7] (MIDI layout: instance on
   white, whole image, binary mask * 255), the data loader's per-instance condition."""
   from data_pipeline.loader import instance_conditions  # pylint: disable=g-import-not-at-top
+
   return np.stack([instance_conditions(im, m, num_components) for im, m in zip(images, masks)])
 
 
@@ -149,8 +191,9 @@ def _as_image_list(images: ImageInput) -> list[np.ndarray]:
     if arr.ndim == 3:
       arr = arr[None]
     if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
-      raise ValueError(f"images: expected uint8 [H, W, 3] or [B, H, W, 3], got {arr.dtype} "
-                       f"{arr.shape}")
+      raise ValueError(
+          f"images: expected uint8 [H, W, 3] or [B, H, W, 3], got {arr.dtype} {arr.shape}"
+      )
     return list(arr)
   out = []
   for i, im in enumerate(images):
@@ -168,6 +211,7 @@ def _as_image_list(images: ImageInput) -> list[np.ndarray]:
 
 def _resize(arr: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   if arr.shape[:2] == (size, size):
     return arr
   method = Image.NEAREST if nearest else Image.BILINEAR
@@ -178,11 +222,12 @@ def _resize(arr: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
 # The pipeline
 # ----------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class PipelineOutput:
-  latents: np.ndarray     # [B, N, L, C] float32
-  meshes: list            # [B][N] trimesh.Trimesh (possibly empty meshes)
-  routing: dict           # importances [B, G, H, N, N], selections [B, G, H, N, k]
+  latents: np.ndarray  # [B, N, L, C] float32
+  meshes: list  # [B][N] trimesh.Trimesh (possibly empty meshes)
+  routing: dict  # importances [B, G, H, N, N], selections [B, G, H, N, k]
 
 
 class Pipeline:
@@ -195,8 +240,14 @@ class Pipeline:
   and its {'params': ...} tree.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, params: PyTree, vae_model: Any,
-               vae_params: PyTree, extract_kwargs: Optional[dict] = None):
+  def __init__(
+      self,
+      config: ml_collections.ConfigDict,
+      params: PyTree,
+      vae_model: Any,
+      vae_params: PyTree,
+      extract_kwargs: Optional[dict] = None,
+  ):
     self.config = config
     self.params = params
     self.model = dit_task.ImageConditionedDiT(config.model)
@@ -206,7 +257,8 @@ class Pipeline:
     self.extract_kwargs.update(extract_kwargs or {})
     self._sample = jax.jit(
         functools.partial(sample_latents, self.model),
-        static_argnames=("num_components", "steps", "method", "time_shift", "return_routing"))
+        static_argnames=("num_components", "steps", "method", "time_shift", "return_routing"),
+    )
 
   # --- properties of the checkpoint ---------------------------------------------------
 
@@ -240,8 +292,9 @@ class Pipeline:
 
   # --- the steps ----------------------------------------------------------------------
 
-  def preprocess(self, images: ImageInput, num_components: int,
-                 masks: Optional[Any] = None) -> np.ndarray:
+  def preprocess(
+      self, images: ImageInput, num_components: int, masks: Optional[Any] = None
+  ) -> np.ndarray:
     """Images (+ scene masks) -> the encoder's uint8 input at image_size x image_size:
     [B, S, S, 3] for objects, [B, N, S, S, 7] for scenes (see `scene_conditions`).
 
@@ -254,14 +307,17 @@ class Pipeline:
     size = self.image_size
     if not self.scene:
       if masks is not None:
-        raise ValueError("masks are only for scene models (7-channel encoder); this "
-                         "checkpoint is an object model")
+        raise ValueError(
+            "masks are only for scene models (7-channel encoder); this "
+            "checkpoint is an object model"
+        )
       return np.stack([_resize(im, size) for im in ims])
     if masks is None:
       raise ValueError("this is a scene model: give instance masks (ids 1..N) per image")
-    ms = [mio.load_mask(m) if isinstance(m, (str, os.PathLike)) else np.asarray(m, np.uint8)
-          for m in (masks if isinstance(masks, (list, tuple)) or np.ndim(masks) == 3
-                    else [masks])]
+    ms = [
+        mio.load_mask(m) if isinstance(m, (str, os.PathLike)) else np.asarray(m, np.uint8)
+        for m in (masks if isinstance(masks, (list, tuple)) or np.ndim(masks) == 3 else [masks])
+    ]
     if len(ms) != len(ims):
       raise ValueError(f"masks: {len(ms)} masks for {len(ims)} images")
     small_ims, small_ms = [], []
@@ -269,35 +325,62 @@ class Pipeline:
       check_mask(m, num_components, im.shape, name=f"masks[{i}]")
       small_ims.append(_resize(im, size))
       small_ms.append(_resize(m, size, nearest=True))
-      check_mask(small_ms[-1], num_components, (size, size),
-                 name=f"masks[{i}] at the encoder's {size}x{size}")
+      check_mask(
+          small_ms[-1],
+          num_components,
+          (size, size),
+          name=f"masks[{i}] at the encoder's {size}x{size}",
+      )
     return scene_conditions(np.stack(small_ims), np.stack(small_ms), num_components)
 
-  def sample_latents(self, images: ImageInput, num_components: int, masks: Optional[Any] = None,
-                     *, steps: Optional[int] = None, cfg_scale: Optional[float] = None,
-                     method: Optional[str] = None, seed: int = 0
-                     ) -> tuple[np.ndarray, dict]:
+  def sample_latents(
+      self,
+      images: ImageInput,
+      num_components: int,
+      masks: Optional[Any] = None,
+      *,
+      steps: Optional[int] = None,
+      cfg_scale: Optional[float] = None,
+      method: Optional[str] = None,
+      seed: int = 0,
+  ) -> tuple[np.ndarray, dict]:
     """Images -> (latents [B, N, L, C], routing) as numpy (see `sample_latents`)."""
     cond_images = self.preprocess(images, num_components, masks)
     s = self.sample_settings(steps=steps, cfg_scale=cfg_scale, method=method)
     prepared = dit_task.prepare_images(jnp.asarray(cond_images), self.config.model.encoder)
-    z, routing = self._sample(self.params, prepared, jax.random.PRNGKey(seed),
-                              num_components=num_components, steps=int(s["steps"]),
-                              cfg_scale=jnp.float32(s["cfg_scale"]), method=str(s["method"]),
-                              time_shift=float(s["time_shift"]), return_routing=True)
+    z, routing = self._sample(
+        self.params,
+        prepared,
+        jax.random.PRNGKey(seed),
+        num_components=num_components,
+        steps=int(s["steps"]),
+        cfg_scale=jnp.float32(s["cfg_scale"]),
+        method=str(s["method"]),
+        time_shift=float(s["time_shift"]),
+        return_routing=True,
+    )
     return np.asarray(z), jax.tree.map(np.asarray, routing)
 
   def decode(self, latents: np.ndarray) -> list:
     """Latents [B, N, L, C] -> [B][N] meshes (VAE decode + coarse-to-fine marching cubes)."""
     from moca_jax.extract import extract_vae_meshes  # pylint: disable=g-import-not-at-top
+
     b, n = latents.shape[:2]
     flat = jnp.asarray(latents.reshape(b * n, *latents.shape[2:]))
     meshes = extract_vae_meshes(self.vae_model, self.vae_params, flat, **self.extract_kwargs)
-    return [meshes[i * n:(i + 1) * n] for i in range(b)]
+    return [meshes[i * n : (i + 1) * n] for i in range(b)]
 
-  def __call__(self, images: ImageInput, num_components: int, masks: Optional[Any] = None, *,
-               steps: Optional[int] = None, cfg_scale: Optional[float] = None,
-               method: Optional[str] = None, seed: int = 0) -> PipelineOutput:
+  def __call__(
+      self,
+      images: ImageInput,
+      num_components: int,
+      masks: Optional[Any] = None,
+      *,
+      steps: Optional[int] = None,
+      cfg_scale: Optional[float] = None,
+      method: Optional[str] = None,
+      seed: int = 0,
+  ) -> PipelineOutput:
     """Image(s) -> PipelineOutput(latents [B, N, L, C], meshes [B][N], routing).
 
     images: a path, uint8 [H, W, 3], [B, H, W, 3] or a sequence of paths / [H, W, 3] (any
@@ -305,16 +388,21 @@ class Pipeline:
     image, as arrays or paths. steps / cfg_scale / method default to the checkpoint's
     config.sample; `seed` fixes the starting noise.
     """
-    z, routing = self.sample_latents(images, num_components, masks, steps=steps,
-                                     cfg_scale=cfg_scale, method=method, seed=seed)
+    z, routing = self.sample_latents(
+        images, num_components, masks, steps=steps, cfg_scale=cfg_scale, method=method, seed=seed
+    )
     return PipelineOutput(latents=z, meshes=self.decode(z), routing=routing)
 
   # --- loading --------------------------------------------------------------------------
 
   @classmethod
-  def from_checkpoint(cls, checkpoint_dir: str, step: Optional[int] = None,
-                      vae_workdir: Optional[str] = None,
-                      extract_kwargs: Optional[dict] = None) -> "Pipeline":
+  def from_checkpoint(
+      cls,
+      checkpoint_dir: str,
+      step: Optional[int] = None,
+      vae_workdir: Optional[str] = None,
+      extract_kwargs: Optional[dict] = None,
+  ) -> "Pipeline":
     """Loads a train_dit checkpoint (EMA params) and the VAE its config names (or
     `vae_workdir`). Raises FileNotFoundError / ValueError naming the path."""
     ckpt = resolve_checkpoint_dir(checkpoint_dir)
@@ -334,14 +422,21 @@ def resolve_checkpoint_dir(path: str) -> str:
 def _abstract_dit_params(model: dit_task.ImageConditionedDiT, config) -> PyTree:
   enc, dit = config.model.encoder, config.model.dit
   s = enc.image_size
-  images = (jnp.zeros((1, 2, s, s, enc.in_channels)) if enc.in_channels == 7
-            else jnp.zeros((1, s, s, enc.in_channels)))
+  images = (
+      jnp.zeros((1, 2, s, s, enc.in_channels))
+      if enc.in_channels == 7
+      else jnp.zeros((1, s, s, enc.in_channels))
+  )
   x = jnp.zeros((1, 2, dit.latent_tokens, dit.latent_channels))
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, x, jnp.zeros((1,)),
-                                             jnp.ones((1, 2), bool))["params"])
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), images, x, jnp.zeros((1,)), jnp.ones((1, 2), bool))[
+          "params"
+      ]
+  )
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
-                      nn.meta.unbox(shapes))
+  return jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), nn.meta.unbox(shapes)
+  )
 
 
 def check_vae_pairing(vae_config, dit_config, vae_dir: str) -> None:
@@ -350,16 +445,28 @@ def check_vae_pairing(vae_config, dit_config, vae_dir: str) -> None:
   Raises ValueError naming the VAE workdir and the differing fields.
   """
   vm, dm = vae_config.model, dit_config.model.dit
-  diffs = [f"{name} {a} vs {b}" for name, a, b in (
-      ("latent tokens", vm.num_latents, dm.latent_tokens),
-      ("latent channels", vm.latent_channels, dm.latent_channels)) if a != b]
+  diffs = [
+      f"{name} {a} vs {b}"
+      for name, a, b in (
+          ("latent tokens", vm.num_latents, dm.latent_tokens),
+          ("latent channels", vm.latent_channels, dm.latent_channels),
+      )
+      if a != b
+  ]
   if diffs:
     raise ValueError(f"VAE {vae_dir} does not match the DiT: {', '.join(diffs)} (VAE vs DiT)")
 
 
-def _load(cls, ckpt: str, cfg_dict: dict, step: int, vae_workdir: Optional[str],
-          extract_kwargs: Optional[dict]) -> Pipeline:
+def _load(
+    cls,
+    ckpt: str,
+    cfg_dict: dict,
+    step: int,
+    vae_workdir: Optional[str],
+    extract_kwargs: Optional[dict],
+) -> Pipeline:
   from moca_jax.vae_task import load_vae  # pylint: disable=g-import-not-at-top
+
   try:
     config = ml_collections.ConfigDict(cfg_dict)
     model = dit_task.ImageConditionedDiT(config.model)
@@ -369,8 +476,10 @@ def _load(cls, ckpt: str, cfg_dict: dict, step: int, vae_workdir: Optional[str],
   params = checkpointing.restore_params(ckpt, abstract, step, item="ema")
   vae_dir = vae_workdir or config.get("vae", {}).get("workdir", "")
   if not vae_dir:
-    raise FileNotFoundError(f"{ckpt}: its config names no VAE (vae.workdir is empty); pass "
-                            "the VAE workdir explicitly (--vae)")
+    raise FileNotFoundError(
+        f"{ckpt}: its config names no VAE (vae.workdir is empty); pass "
+        "the VAE workdir explicitly (--vae)"
+    )
   try:
     vae_model, vae_params, vae_cfg = load_vae(vae_dir)
   except FileNotFoundError:
@@ -384,9 +493,13 @@ def _load(cls, ckpt: str, cfg_dict: dict, step: int, vae_workdir: Optional[str],
 _CACHE: dict = {}
 
 
-def load_pipeline(checkpoint_dir: str, step: Optional[int] = None,
-                  vae_workdir: Optional[str] = None, extract_kwargs: Optional[dict] = None,
-                  cache: bool = True) -> Pipeline:
+def load_pipeline(
+    checkpoint_dir: str,
+    step: Optional[int] = None,
+    vae_workdir: Optional[str] = None,
+    extract_kwargs: Optional[dict] = None,
+    cache: bool = True,
+) -> Pipeline:
   """`Pipeline.from_checkpoint`, cached: a pipeline already loaded for the same (checkpoint
   dir, step, VAE, extraction settings) is returned again, compiled sampler included."""
   ckpt = resolve_checkpoint_dir(checkpoint_dir)
@@ -404,28 +517,35 @@ def load_pipeline(checkpoint_dir: str, step: Optional[int] = None,
 # Outputs
 # ----------------------------------------------------------------------------------------
 
+
 def parts_scene(meshes: Sequence[Optional[trimesh.Trimesh]]) -> tuple[trimesh.Scene, list[int]]:
   """A scene with one node per non-empty part (named part_XX, coloured); returns also the
   indices of the empty parts that were left out."""
   from moca_jax.viz import part_colour  # pylint: disable=g-import-not-at-top
+
   scene = trimesh.Scene()
   empty = []
   for i, m in enumerate(meshes):
     if m is None or len(m.faces) == 0:
       empty.append(i)
       continue
-    part = trimesh.Trimesh(vertices=np.asarray(m.vertices), faces=np.asarray(m.faces),
-                           process=False)
+    part = trimesh.Trimesh(
+        vertices=np.asarray(m.vertices), faces=np.asarray(m.faces), process=False
+    )
     rgba = np.append(np.round(part_colour(i)[:3] * 255), 255).astype(np.uint8)
-    part.visual = trimesh.visual.ColorVisuals(part,
-                                              face_colors=np.tile(rgba, (len(part.faces), 1)))
+    part.visual = trimesh.visual.ColorVisuals(part, face_colors=np.tile(rgba, (len(part.faces), 1)))
     scene.add_geometry(part, node_name=f"part_{i:02d}", geom_name=f"part_{i:02d}")
   return scene, empty
 
 
-def write_outputs(out_dir: str, meshes: Sequence[trimesh.Trimesh], latents: np.ndarray,
-                  routing: dict, image: Optional[np.ndarray] = None,
-                  global_blocks: Optional[Sequence[int]] = None) -> dict:
+def write_outputs(
+    out_dir: str,
+    meshes: Sequence[trimesh.Trimesh],
+    latents: np.ndarray,
+    routing: dict,
+    image: Optional[np.ndarray] = None,
+    global_blocks: Optional[Sequence[int]] = None,
+) -> dict:
   """Writes one result into out_dir (each file atomically, moca_jax.io):
     parts.glb      one node per non-empty component, named part_00.., each its own colour
     preview.png    ray-cast render of the coloured parts (input image on the left if given)
@@ -436,6 +556,7 @@ def write_outputs(out_dir: str, meshes: Sequence[trimesh.Trimesh], latents: np.n
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from moca_jax import viz  # pylint: disable=g-import-not-at-top
+
   scene, empty = parts_scene(meshes)
   summary = {"num_components": len(meshes), "empty_parts": empty, "files": []}
   if len(scene.geometry):
@@ -449,12 +570,19 @@ def write_outputs(out_dir: str, meshes: Sequence[trimesh.Trimesh], latents: np.n
   summary["files"].append("preview.png")
   imp, sel = routing.get("importances"), routing.get("selections")
   if imp is not None and imp.shape[0] > 0:
-    viz.router_heatmap_png(imp[-1], sel[-1], os.path.join(out_dir, "router.png"),
-                           title="router importance, last MoC block (red: selected)")
+    viz.router_heatmap_png(
+        imp[-1],
+        sel[-1],
+        os.path.join(out_dir, "router.png"),
+        title="router importance, last MoC block (red: selected)",
+    )
     summary["files"].append("router.png")
-  router = {"importances": None if imp is None else np.round(imp, 5),
-            "selections": sel, "global_blocks": list(global_blocks or []),
-            "layout": "importances [G, H, N, N] (query i, key j); selections [G, H, N, k]"}
+  router = {
+      "importances": None if imp is None else np.round(imp, 5),
+      "selections": sel,
+      "global_blocks": list(global_blocks or []),
+      "layout": "importances [G, H, N, N] (query i, key j); selections [G, H, N, k]",
+  }
   mio.write_json(os.path.join(out_dir, "router.json"), router, indent=None)
   mio.write_npy(os.path.join(out_dir, "latents.npy"), latents)
   summary["files"] += ["router.json", "latents.npy"]

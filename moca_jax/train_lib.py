@@ -25,6 +25,7 @@ params boxed with logical names) and `loss_fn(params, batch, rng) -> (loss, metr
 random draw of a step comes from fold_in(seed key, step), so a resumed run replays the same
 randomness.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,9 +53,11 @@ InitFn = Callable[[Array, PyTree], PyTree]
 
 class Task(NamedTuple):
   """A model task for `run_training` (see the module docstring)."""
+
   model: Any
   init_fn: InitFn
   loss_fn: LossFn
+
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +66,24 @@ log = logging.getLogger(__name__)
 # Optimizer
 # ----------------------------------------------------------------------------------------
 
+
 def default_optim_config() -> ml_collections.ConfigDict:
   """Optimizer fields read by `make_schedule` / `make_optimizer`."""
-  return ml_collections.ConfigDict(dict(
-      lr=1e-4, warmup_steps=100, schedule="constant", total_steps=10_000,
-      final_lr_fraction=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
-      grad_clip=1.0, ema_decay=0.9999))
+  return ml_collections.ConfigDict(
+      dict(
+          lr=1e-4,
+          warmup_steps=100,
+          schedule="constant",
+          total_steps=10_000,
+          final_lr_fraction=0.1,
+          b1=0.9,
+          b2=0.999,
+          eps=1e-8,
+          weight_decay=0.01,
+          grad_clip=1.0,
+          ema_decay=0.9999,
+      )
+  )
 
 
 def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
@@ -78,8 +93,9 @@ def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
   if cfg.schedule == "constant":
     after = optax.constant_schedule(cfg.lr)
   elif cfg.schedule == "cosine":
-    after = optax.cosine_decay_schedule(cfg.lr, max(cfg.total_steps - cfg.warmup_steps, 1),
-                                        alpha=cfg.final_lr_fraction)
+    after = optax.cosine_decay_schedule(
+        cfg.lr, max(cfg.total_steps - cfg.warmup_steps, 1), alpha=cfg.final_lr_fraction
+    )
   else:
     raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
   return optax.join_schedules([warm, after], [cfg.warmup_steps])
@@ -91,20 +107,30 @@ _DECAYED = ("kernel", "lora_a", "lora_b")
 def weight_decay_mask(params: PyTree) -> PyTree:
   """True for dense/conv kernels (and LoRA factors); False for biases, norm scales,
   embeddings, position tables, learned tokens and layer-scale gammas."""
+
   def one(path, leaf):
     name = getattr(path[-1], "key", None) if path else None
     return name in _DECAYED and np.ndim(leaf) >= 2
+
   return jax.tree_util.tree_map_with_path(one, params)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, trainable: Optional[PyTree] = None
-                   ) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: ml_collections.ConfigDict, trainable: Optional[PyTree] = None
+) -> optax.GradientTransformation:
   """clip_by_global_norm -> AdamW(schedule, decay mask). `trainable` (bool pytree like the
   params) zeroes the updates of frozen params (they get no Adam state either)."""
   tx = optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
-      optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                  weight_decay=cfg.weight_decay, mask=weight_decay_mask))
+      optax.adamw(
+          make_schedule(cfg),
+          b1=cfg.b1,
+          b2=cfg.b2,
+          eps=cfg.eps,
+          weight_decay=cfg.weight_decay,
+          mask=weight_decay_mask,
+      ),
+  )
   if trainable is None:
     return tx
   labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
@@ -122,9 +148,11 @@ def ema_decay_at(step: Array, decay: float) -> Array:
 # Train state, created abstract-first
 # ----------------------------------------------------------------------------------------
 
+
 @flax.struct.dataclass
 class TrainState:
   """step: int32 scalar; params, ema_params: fp32 pytrees; opt_state: optax state."""
+
   step: Array
   params: PyTree
   opt_state: PyTree
@@ -137,47 +165,66 @@ def _zeros_like_spec(tree: PyTree) -> PyTree:
 
 def abstract(tree: PyTree) -> PyTree:
   """ShapeDtypeStructs (with shardings where known) for a tree of arrays or specs."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                     sharding=getattr(x, "sharding", None)), tree)
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+  )
 
 
 @dataclasses.dataclass
 class StateSetup:
   """What `create_train_state` returns besides the state."""
-  shardings: TrainState                   # NamedSharding tree like the state
-  abstract_state: TrainState              # ShapeDtypeStructs with shardings
-  param_names: PyTree                     # logical names per parameter (None: unannotated)
+
+  shardings: TrainState  # NamedSharding tree like the state
+  abstract_state: TrainState  # ShapeDtypeStructs with shardings
+  param_names: PyTree  # logical names per parameter (None: unannotated)
 
 
-def state_shardings(init_fn: InitFn, tx: optax.GradientTransformation, batch_spec: PyTree,
-                    rng: Array, mesh: jax.sharding.Mesh,
-                    rules=sharding.LOGICAL_AXIS_RULES) -> tuple[TrainState, PyTree, Callable]:
+def state_shardings(
+    init_fn: InitFn,
+    tx: optax.GradientTransformation,
+    batch_spec: PyTree,
+    rng: Array,
+    mesh: jax.sharding.Mesh,
+    rules=sharding.LOGICAL_AXIS_RULES,
+) -> tuple[TrainState, PyTree, Callable]:
   """Shardings of the TrainState, from `jax.eval_shape` only (nothing is allocated).
 
   Returns (state shardings, logical names of the params, init function rng -> TrainState).
   """
+
   def init_params(r):
     return init_fn(r, _zeros_like_spec(batch_spec))["params"]
 
   def init_state(r):
     params = nn.meta.unbox(init_params(r))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema_params=params)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=params
+    )
 
   boxed = jax.eval_shape(init_params, rng)
   param_sh = sharding.tree_shardings(boxed, mesh, rules)
   abstract_state = jax.eval_shape(init_state, rng)
   repl = sharding.replicated(mesh)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_sh,
-                                 transform_non_params=lambda _: repl,
-                                 is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  opt_sh = optax.tree_map_params(
+      tx,
+      lambda _, s: s,
+      abstract_state.opt_state,
+      param_sh,
+      transform_non_params=lambda _: repl,
+      is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+  )
   shardings = TrainState(step=repl, params=param_sh, opt_state=opt_sh, ema_params=param_sh)
   return shardings, sharding.logical_names(boxed), init_state
 
 
-def create_train_state(init_fn: InitFn, tx: optax.GradientTransformation, batch_spec: PyTree,
-                       rng: Array, mesh: jax.sharding.Mesh,
-                       rules=sharding.LOGICAL_AXIS_RULES) -> tuple[TrainState, StateSetup]:
+def create_train_state(
+    init_fn: InitFn,
+    tx: optax.GradientTransformation,
+    batch_spec: PyTree,
+    rng: Array,
+    mesh: jax.sharding.Mesh,
+    rules=sharding.LOGICAL_AXIS_RULES,
+) -> tuple[TrainState, StateSetup]:
   """Abstract-first creation: eval_shape -> shardings -> jit(init, out_shardings).
 
   Args:
@@ -186,8 +233,11 @@ def create_train_state(init_fn: InitFn, tx: optax.GradientTransformation, batch_
   """
   shardings, names, init_state = state_shardings(init_fn, tx, batch_spec, rng, mesh, rules)
   state = jax.jit(init_state, out_shardings=shardings)(rng)
-  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                jax.eval_shape(lambda: state), shardings)
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      jax.eval_shape(lambda: state),
+      shardings,
+  )
   return state, StateSetup(shardings=shardings, abstract_state=abstract_state, param_names=names)
 
 
@@ -199,9 +249,17 @@ def count_params(params: PyTree) -> int:
 # Train step
 # ----------------------------------------------------------------------------------------
 
-def train_step(state: TrainState, batch: PyTree, rng: Array, *, loss_fn: LossFn,
-               tx: optax.GradientTransformation, schedule: optax.Schedule,
-               ema_decay: float) -> tuple[TrainState, dict]:
+
+def train_step(
+    state: TrainState,
+    batch: PyTree,
+    rng: Array,
+    *,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    ema_decay: float,
+) -> tuple[TrainState, dict]:
   """One optimizer step (pure). The step's key is fold_in(rng, state.step).
 
   Returns (new state, metrics): loss, grad_norm, param_norm, lr, ema_decay and the loss
@@ -213,9 +271,14 @@ def train_step(state: TrainState, batch: PyTree, rng: Array, *, loss_fn: LossFn,
   params = optax.apply_updates(state.params, updates)
   decay = ema_decay_at(state.step, ema_decay)
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-             "param_norm": optax.global_norm(params), "lr": schedule(state.step),
-             "ema_decay": decay, **aux}
+  metrics = {
+      "loss": loss,
+      "grad_norm": optax.global_norm(grads),
+      "param_norm": optax.global_norm(params),
+      "lr": schedule(state.step),
+      "ema_decay": decay,
+      **aux,
+  }
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
   return new_state, metrics
 
@@ -228,29 +291,47 @@ def memory_summary(compiled) -> dict[str, float]:
     return {}
   if mem is None:
     return {}
-  fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-            "alias_size_in_bytes", "generated_code_size_in_bytes")
-  return {f.replace("_in_bytes", "_mib"): getattr(mem, f) / 2**20 for f in fields
-          if hasattr(mem, f)}
+  fields = (
+      "argument_size_in_bytes",
+      "output_size_in_bytes",
+      "temp_size_in_bytes",
+      "alias_size_in_bytes",
+      "generated_code_size_in_bytes",
+  )
+  return {
+      f.replace("_in_bytes", "_mib"): getattr(mem, f) / 2**20 for f in fields if hasattr(mem, f)
+  }
 
 
-def compile_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
-                       schedule: optax.Schedule, ema_decay: float, setup: StateSetup,
-                       batch_spec: PyTree, mesh: jax.sharding.Mesh,
-                       rules=sharding.LOGICAL_AXIS_RULES, donate: bool = True):
+def compile_train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    ema_decay: float,
+    setup: StateSetup,
+    batch_spec: PyTree,
+    mesh: jax.sharding.Mesh,
+    rules=sharding.LOGICAL_AXIS_RULES,
+    donate: bool = True,
+):
   """Jits `train_step` with in/out shardings (state donated) and compiles it ahead of time.
 
   Returns (compiled step (state, batch, rng) -> (state, metrics), memory summary dict).
   """
-  step = functools.partial(train_step, loss_fn=loss_fn, tx=tx, schedule=schedule,
-                           ema_decay=ema_decay)
+  step = functools.partial(
+      train_step, loss_fn=loss_fn, tx=tx, schedule=schedule, ema_decay=ema_decay
+  )
   repl = sharding.replicated(mesh)
   batch_sh = sharding.batch_shardings(batch_spec, mesh, rules)
-  jitted = jax.jit(step, in_shardings=(setup.shardings, batch_sh, repl),
-                   out_shardings=(setup.shardings, repl),
-                   donate_argnums=(0,) if donate else ())
-  batch_abs = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                           batch_spec, batch_sh)
+  jitted = jax.jit(
+      step,
+      in_shardings=(setup.shardings, batch_sh, repl),
+      out_shardings=(setup.shardings, repl),
+      donate_argnums=(0,) if donate else (),
+  )
+  batch_abs = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), batch_spec, batch_sh
+  )
   rng_abs = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl)
   compiled = jitted.lower(setup.abstract_state, batch_abs, rng_abs).compile()
   mem = memory_summary(compiled)
@@ -263,6 +344,7 @@ def compile_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
 # The loop
 # ----------------------------------------------------------------------------------------
 
+
 def _iterator_state(it) -> Any:
   return it.get_state() if hasattr(it, "get_state") else None
 
@@ -274,8 +356,11 @@ class NonFiniteLossError(FloatingPointError):
 @jax.jit
 def all_finite(*trees: PyTree) -> Array:
   """bool scalar: every floating-point leaf of `trees` is finite."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)
-            if jnp.issubdtype(x.dtype, jnp.floating)]
+  leaves = [
+      jnp.all(jnp.isfinite(x))
+      for x in jax.tree.leaves(trees)
+      if jnp.issubdtype(x.dtype, jnp.floating)
+  ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
@@ -291,18 +376,26 @@ def _scalar_metrics(metrics: dict) -> dict[str, float]:
 @dataclasses.dataclass
 class LoopResult:
   state: TrainState
-  history: list[dict]            # scalar metrics per step (host floats)
-  batch_log: list[Any]           # what `batch_id_fn` returned per step (data order)
+  history: list[dict]  # scalar metrics per step (host floats)
+  batch_log: list[Any]  # what `batch_id_fn` returned per step (data order)
   memory: dict[str, float]
 
 
-def run_training(*, config: ml_collections.ConfigDict, workdir: str, init_fn: InitFn,
-                 loss_fn: LossFn, make_iterator: Callable[[], Any],
-                 mesh: Optional[jax.sharding.Mesh] = None, trainable_fn=None,
-                 batch_id_fn: Optional[Callable[[Any], Any]] = None,
-                 num_steps: Optional[int] = None, array_metrics_fn=None,
-                 prepare_fn: Optional[Callable[[Any], PyTree]] = None,
-                 show_progress: bool = True) -> LoopResult:
+def run_training(
+    *,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    init_fn: InitFn,
+    loss_fn: LossFn,
+    make_iterator: Callable[[], Any],
+    mesh: Optional[jax.sharding.Mesh] = None,
+    trainable_fn=None,
+    batch_id_fn: Optional[Callable[[Any], Any]] = None,
+    num_steps: Optional[int] = None,
+    array_metrics_fn=None,
+    prepare_fn: Optional[Callable[[Any], PyTree]] = None,
+    show_progress: bool = True,
+) -> LoopResult:
   """The generic training loop (DiT and VAE).
 
   Config fields read: seed, batch_size, num_steps, optim (see `default_optim_config`),
@@ -341,16 +434,20 @@ def run_training(*, config: ml_collections.ConfigDict, workdir: str, init_fn: In
   schedule = make_schedule(config.optim)
   trainable = None
   if trainable_fn is not None:
-    abstract_params = nn.meta.unbox(jax.eval_shape(
-        lambda r: init_fn(r, _zeros_like_spec(batch_spec))["params"], init_rng))
+    abstract_params = nn.meta.unbox(
+        jax.eval_shape(lambda r: init_fn(r, _zeros_like_spec(batch_spec))["params"], init_rng)
+    )
     trainable = trainable_fn(abstract_params)
   tx = make_optimizer(config.optim, trainable)
   state, setup = create_train_state(init_fn, tx, batch_spec, init_rng, mesh)
   log.info("parameters: %d", count_params(state.params))
 
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    config.checkpoint.every, config.checkpoint.keep,
-                                    config.checkpoint.get("async_save", True))
+  ckpt = checkpointing.Checkpointer(
+      os.path.join(workdir, "checkpoints"),
+      config.checkpoint.every,
+      config.checkpoint.keep,
+      config.checkpoint.get("async_save", True),
+  )
   latest = ckpt.latest_step()
   if latest is not None:
     state, data_state, _ = ckpt.restore(latest, setup.abstract_state)
@@ -358,8 +455,9 @@ def run_training(*, config: ml_collections.ConfigDict, workdir: str, init_fn: In
       iterator.set_state(data_state)
     log.info("resumed from step %d", latest)
 
-  compiled, mem = compile_train_step(loss_fn, tx, schedule, config.optim.ema_decay, setup,
-                                     batch_spec, mesh)
+  compiled, mem = compile_train_step(
+      loss_fn, tx, schedule, config.optim.ema_decay, setup, batch_spec, mesh
+  )
   writer = SummaryWriter(os.path.join(workdir, "tb")) if jax.process_index() == 0 else None
   if writer is not None:
     writer.add_text("config", "```\n" + str(config) + "\n```", int(state.step))
@@ -370,16 +468,19 @@ def run_training(*, config: ml_collections.ConfigDict, workdir: str, init_fn: In
   history, batch_log = [], []
   pending = None  # (step, batch_id, metrics): checked one step late, keeps dispatch async
   log_every = config.get("log_every", 10)
-  bar = tqdm(total=num_steps, initial=start, desc="train", disable=not show_progress,
-             dynamic_ncols=True)
+  bar = tqdm(
+      total=num_steps, initial=start, desc="train", disable=not show_progress, dynamic_ncols=True
+  )
 
   def finish(p):
     step_i, bid, metrics = p
     host = jax.device_get(metrics)
     loss = float(host["loss"])
     if not math.isfinite(loss):
-      raise NonFiniteLossError(f"non-finite loss {loss} at step {step_i} "
-                               f"(batch {bid if bid is not None else step_i - start})")
+      raise NonFiniteLossError(
+          f"non-finite loss {loss} at step {step_i} "
+          f"(batch {bid if bid is not None else step_i - start})"
+      )
     scalars = _scalar_metrics(host)
     history.append({"step": step_i, **scalars})
     if writer is not None and (step_i % log_every == 0 or step_i == num_steps - 1):
@@ -407,8 +508,10 @@ def run_training(*, config: ml_collections.ConfigDict, workdir: str, init_fn: In
         finish(pending)
         pending = None
         if not bool(all_finite(state.params, state.ema_params)):
-          raise NonFiniteLossError(f"non-finite parameters after step {step_i} (batch "
-                                   f"{bid if bid is not None else step_i - start}); not saved")
+          raise NonFiniteLossError(
+              f"non-finite parameters after step {step_i} (batch "
+              f"{bid if bid is not None else step_i - start}); not saved"
+          )
         ckpt.save(done, state, _iterator_state(iterator), config, force=done == num_steps)
     if pending is not None:
       finish(pending)

@@ -27,6 +27,7 @@ A non-finite loss raises train_lib.NonFiniteLossError (a FloatingPointError) nam
 Evaluation and `load_vae` use the EMA params (config.optim.ema_decay; with 0 they equal the
 raw params).
 """
+
 from __future__ import annotations
 
 import json
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------
 # Model, loss
 # ----------------------------------------------------------------------------------------
+
 
 def make_task(config: ml_collections.ConfigDict) -> train_lib.Task:
   """Task(model, init_fn, loss_fn) of the vecset VAE for `train_lib.run_training`.
@@ -88,6 +90,7 @@ def init_args(model, rng, b: int = 1, p: Optional[int] = None):
 # Data
 # ----------------------------------------------------------------------------------------
 
+
 def make_iterator_fn(config, split: str = "train", shuffle: bool = True) -> Callable[[], Any]:
   """() -> a checkpointable iterator of host batches for this process (see module doc).
 
@@ -106,19 +109,34 @@ def make_iterator_fn(config, split: str = "train", shuffle: bool = True) -> Call
   if d.source != "records":
     raise ValueError(f"config.data.source must be 'analytic' or 'records', got {d.source!r}")
   if not d.dir:
-    raise ValueError("config.data.dir is empty: point it at the data pipeline's 'samples' "
-                     "shards (python -m data_pipeline.build)")
+    raise ValueError(
+        "config.data.dir is empty: point it at the data pipeline's 'samples' "
+        "shards (python -m data_pipeline.build)"
+    )
   ds = vae_batches.vae_records_dataset(
-      d.dir, batch_size=local_batch, num_points=d.num_points, num_near=d.num_near,
-      num_volume=d.num_volume, parts_per_element=d.parts_per_element,
-      n_max=d.max_components, seed=d.shuffle_seed, shuffle=shuffle)
+      d.dir,
+      batch_size=local_batch,
+      num_points=d.num_points,
+      num_near=d.num_near,
+      num_volume=d.num_volume,
+      parts_per_element=d.parts_per_element,
+      n_max=d.max_components,
+      seed=d.shuffle_seed,
+      shuffle=shuffle,
+  )
   return lambda: loader.make_iterator(ds, d.num_workers)
 
 
 def model_batch(batch: dict) -> dict:
   """The float32 arrays `vae_loss` reads (host-only fields such as 'index' dropped)."""
-  keys = ("surface_points", "surface_normals", "near_points", "near_sdf", "volume_points",
-          "volume_sdf")
+  keys = (
+      "surface_points",
+      "surface_normals",
+      "near_points",
+      "near_sdf",
+      "volume_points",
+      "volume_sdf",
+  )
   return {k: np.asarray(batch[k], np.float32) for k in keys}
 
 
@@ -126,13 +144,14 @@ def model_batch(batch: dict) -> dict:
 # Loading a trained VAE (params only)
 # ----------------------------------------------------------------------------------------
 
+
 def _abstract_inner_params(config) -> Any:
   model = VecSetVAE(ml_collections.FrozenConfigDict(config.model))
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  shapes = jax.eval_shape(lambda r: nn.meta.unbox(model.init(*init_args(model, r))["params"]),
-                          jax.random.PRNGKey(0))
-  return model, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
-                             shapes)
+  shapes = jax.eval_shape(
+      lambda r: nn.meta.unbox(model.init(*init_args(model, r))["params"]), jax.random.PRNGKey(0)
+  )
+  return model, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), shapes)
 
 
 def load_vae(workdir, step: Optional[int] = None, use_ema: bool = True):
@@ -150,9 +169,13 @@ def load_vae(workdir, step: Optional[int] = None, use_ema: bool = True):
   config = ml_collections.ConfigDict(cfg_dict)
   model, abstract = _abstract_inner_params(config)
   if os.path.isdir(os.path.join(ckpt_dir, str(step), "ema")):
-    inner = checkpointing.restore_params(ckpt_dir, abstract, step, item="ema" if use_ema else "state")
+    inner = checkpointing.restore_params(
+        ckpt_dir, abstract, step, item="ema" if use_ema else "state"
+    )
   else:  # older layout: state = {step, params: {'params': ...}, opt_state}
-    inner = checkpointing.restore_params(ckpt_dir, {"params": abstract}, step, item="state")["params"]
+    inner = checkpointing.restore_params(ckpt_dir, {"params": abstract}, step, item="state")[
+        "params"
+    ]
   return model, {"params": inner}, config
 
 
@@ -160,8 +183,10 @@ def load_vae(workdir, step: Optional[int] = None, use_ema: bool = True):
 # Evaluation: reconstruction quality by part size
 # ----------------------------------------------------------------------------------------
 
-def evaluate_reconstruction(model, params, shapes: list, config, rng: np.random.Generator,
-                            batch_size: int = 8) -> dict:
+
+def evaluate_reconstruction(
+    model, params, shapes: list, config, rng: np.random.Generator, batch_size: int = 8
+) -> dict:
   """Encodes (deterministic) and decodes analytic shapes; metrics per shape and by size.
 
   Per shape: voxel IoU of the decoded occupancy (sdf < 0) against the exact one at the grid
@@ -172,14 +197,15 @@ def evaluate_reconstruction(model, params, shapes: list, config, rng: np.random.
   """
   ec = config.eval
   res, bounds = ec.resolution, 1.005
-  encode = jax.jit(lambda p, x, n: model.apply(p, x, n, deterministic=True,
-                                               method=VecSetVAE.encode)[0])
+  encode = jax.jit(
+      lambda p, x, n: model.apply(p, x, n, deterministic=True, method=VecSetVAE.encode)[0]
+  )
   feats = jax.jit(lambda p, z: model.apply(p, z, method=VecSetVAE.decode_features))
   sdf_fn = extract.vae_sdf_fn(model, params)
   grid_pts = extract.grid_coordinates(np.arange((res + 1) ** 3), res, bounds)
   records = []
   for s in range(0, len(shapes), batch_size):
-    group = shapes[s:s + batch_size]
+    group = shapes[s : s + batch_size]
     exs = [vae_batches.example_from_shape(sh, rng, config.data.num_points, 1, 1) for sh in group]
     batch = vae_batches.stack_examples(exs)
     z = encode(params, batch["surface_points"], batch["surface_normals"])
@@ -196,35 +222,52 @@ def evaluate_reconstruction(model, params, shapes: list, config, rng: np.random.
         cd = metrics.chamfer_distance(np.asarray(mesh_pts), ref_pts)
       else:
         cd = float("nan")
-      records.append({"kind": sh.kind, "radius": float(sh.bounding_radius()), "iou": iou,
-                      "chamfer": cd})
+      records.append(
+          {"kind": sh.kind, "radius": float(sh.bounding_radius()), "iou": iou, "chamfer": cd}
+      )
   buckets = {"small": [], "medium": [], "large": []}
   for r in records:
-    key = ("small" if r["radius"] < ec.small_part_radius else
-           "large" if r["radius"] > ec.large_part_radius else "medium")
+    key = (
+        "small"
+        if r["radius"] < ec.small_part_radius
+        else "large"
+        if r["radius"] > ec.large_part_radius
+        else "medium"
+    )
     buckets[key].append(r)
   summary = {}
   for key, rs in buckets.items():
     if rs:
       cds = [r["chamfer"] for r in rs if np.isfinite(r["chamfer"])]
-      summary[key] = {"count": len(rs), "iou_mean": float(np.mean([r["iou"] for r in rs])),
-                      "chamfer_mean": float(np.mean(cds)) if cds else float("nan"),
-                      "empty_meshes": len(rs) - len(cds)}
-  return {"by_size": summary, "shapes": records, "resolution": res,
-          "small_part_radius": ec.small_part_radius, "large_part_radius": ec.large_part_radius}
+      summary[key] = {
+          "count": len(rs),
+          "iou_mean": float(np.mean([r["iou"] for r in rs])),
+          "chamfer_mean": float(np.mean(cds)) if cds else float("nan"),
+          "empty_meshes": len(rs) - len(cds),
+      }
+  return {
+      "by_size": summary,
+      "shapes": records,
+      "resolution": res,
+      "small_part_radius": ec.small_part_radius,
+      "large_part_radius": ec.large_part_radius,
+  }
 
 
 # ----------------------------------------------------------------------------------------
 # Train and evaluate
 # ----------------------------------------------------------------------------------------
 
-def _write_metrics_jsonl(path: Path, history: list, start: int, log_every: int,
-                         num_steps: int) -> None:
+
+def _write_metrics_jsonl(
+    path: Path, history: list, start: int, log_every: int, num_steps: int
+) -> None:
   """Keeps the lines of steps <= start, appends this run's log steps ('step' = steps done)."""
   kept = []
   if path.exists():
-    kept = [line for line in path.read_text().splitlines()
-            if line and json.loads(line)["step"] <= start]
+    kept = [
+        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start
+    ]
   for h in history:
     done = h["step"] + 1
     if done % log_every == 0 or done == num_steps:
@@ -232,9 +275,13 @@ def _write_metrics_jsonl(path: Path, history: list, start: int, log_every: int,
   mio.atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       num_steps: Optional[int] = None, mesh=None,
-                       show_progress: bool = True) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    num_steps: Optional[int] = None,
+    mesh=None,
+    show_progress: bool = True,
+) -> dict:
   """Trains with `train_lib.run_training` (resuming from the latest checkpoint), then
   evaluates the EMA params and writes the outputs (module docstring).
 
@@ -251,16 +298,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     steps = [int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()]
     start = max(steps, default=0)
   result = train_lib.run_training(
-      config=config, workdir=str(workdir), init_fn=init_fn, loss_fn=loss_fn,
-      make_iterator=make_iterator_fn(config), mesh=mesh,
-      batch_id_fn=lambda b: np.asarray(b["index"]).tolist(), prepare_fn=model_batch,
-      num_steps=num_steps, show_progress=show_progress)
+      config=config,
+      workdir=str(workdir),
+      init_fn=init_fn,
+      loss_fn=loss_fn,
+      make_iterator=make_iterator_fn(config),
+      mesh=mesh,
+      batch_id_fn=lambda b: np.asarray(b["index"]).tolist(),
+      prepare_fn=model_batch,
+      num_steps=num_steps,
+      show_progress=show_progress,
+  )
   state = result.state
-  log.info("VAE '%s': %.2fM parameters, step %d", config.model.size,
-               count_params(state.params) / 1e6, int(state.step))
+  log.info(
+      "VAE '%s': %.2fM parameters, step %d",
+      config.model.size,
+      count_params(state.params) / 1e6,
+      int(state.step),
+  )
   metrics_path = workdir / "metrics.jsonl"
-  _write_metrics_jsonl(metrics_path, result.history, start, config.get("log_every", 10),
-                       num_steps)
+  _write_metrics_jsonl(metrics_path, result.history, start, config.get("log_every", 10), num_steps)
   last = {}
   if result.history:
     last = {**result.history[-1], "step": result.history[-1]["step"] + 1}
@@ -271,8 +328,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
   if history:
     curves = {k: [(h["step"], h[k]) for h in history] for k in ("loss", "near_l1", "volume_l1")}
-    viz.loss_curves_png(curves, str(workdir / "loss_curve.png"), log_y=True,
-                        title="VAE training")
+    viz.loss_curves_png(curves, str(workdir / "loss_curve.png"), log_y=True, title="VAE training")
     outputs["loss_curve"] = str(workdir / "loss_curve.png")
   source = vae_batches.AnalyticShapeSource(config.data, 1, config.seed)
   eval_rng = np.random.default_rng([config.seed, 7, 7])  # 3 words: never a training seed
@@ -285,6 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     outputs["eval"] = str(workdir / "eval.json")
     if jax.process_index() == 0:
       from tensorboardX import SummaryWriter
+
       with SummaryWriter(str(workdir / "tb")) as writer:
         for key, s in ev["by_size"].items():
           writer.add_scalar(f"eval/iou_{key}", s["iou_mean"], int(state.step))
@@ -292,52 +349,82 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # the largest held-out shape: the one that makes the clearest picture
     shape = max(shapes, key=lambda s: s.bounding_radius())
     ex = vae_batches.stack_examples(
-        [vae_batches.example_from_shape(shape, eval_rng, config.data.num_points, 1, 1)])
-    z, _ = model.apply(params, ex["surface_points"], ex["surface_normals"], deterministic=True,
-                       method=VecSetVAE.encode)
-    mesh_out = extract.extract_vae_meshes(model, params, z, resolution=config.eval.resolution,
-                                          fine_resolution=config.eval.fine_resolution,
-                                          chunk_size=config.eval.chunk_size)[0]
+        [vae_batches.example_from_shape(shape, eval_rng, config.data.num_points, 1, 1)]
+    )
+    z, _ = model.apply(
+        params,
+        ex["surface_points"],
+        ex["surface_normals"],
+        deterministic=True,
+        method=VecSetVAE.encode,
+    )
+    mesh_out = extract.extract_vae_meshes(
+        model,
+        params,
+        z,
+        resolution=config.eval.resolution,
+        fine_resolution=config.eval.fine_resolution,
+        chunk_size=config.eval.chunk_size,
+    )[0]
     mio.atomic_write_bytes(workdir / "reconstruction.glb", mesh_out.export(file_type="glb"))
-    viz.meshes_png([shape.to_mesh(48), mesh_out],
-                   [f"exact {shape.kind}", f"VAE ({len(mesh_out.faces)} faces)"],
-                   workdir / "reconstruction.png")
-    outputs.update(glb=str(workdir / "reconstruction.glb"),
-                   render=str(workdir / "reconstruction.png"))
+    viz.meshes_png(
+        [shape.to_mesh(48), mesh_out],
+        [f"exact {shape.kind}", f"VAE ({len(mesh_out.faces)} faces)"],
+        workdir / "reconstruction.png",
+    )
+    outputs.update(
+        glb=str(workdir / "reconstruction.glb"), render=str(workdir / "reconstruction.png")
+    )
   return {"step": int(state.step), "metrics": last, "eval": ev["by_size"], "outputs": outputs}
 
 
 def write_eval_report(stem, result: dict, config, workdir) -> None:
   """Writes <stem>.json and <stem>.md: reconstruction quality by part size of a finished run."""
   ev = mio.read_json(Path(workdir) / "eval.json")
-  report = {"machine": {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-                        "host": describe_host(), "cpu_count": os.cpu_count()},
-            "config": config.to_dict(), "step": result["step"], "final_train_metrics":
-            result["metrics"], "eval": ev}
+  report = {
+      "machine": {
+          "backend": jax.default_backend(),
+          "device": jax.devices()[0].device_kind,
+          "host": describe_host(),
+          "cpu_count": os.cpu_count(),
+      },
+      "config": config.to_dict(),
+      "step": result["step"],
+      "final_train_metrics": result["metrics"],
+      "eval": ev,
+  }
   stem = Path(stem)
   mio.write_json(stem.with_suffix(".json"), report)
   ec = config.eval
   lines = [
-      "# VAE reconstruction quality by part size", "",
+      "# VAE reconstruction quality by part size",
+      "",
       f"`experiments/train_vae.py`, config size '{config.model.size}', {result['step']} steps of "
       f"batch {config.batch_size} on {report['machine']['device']} "
       f"({report['machine']['backend']}), data source '{config.data.source}'"
       f"{' (' + str(config.data.dir) + ')' if config.data.source == 'records' else ''}, "
       "EMA params. Evaluated on held-out random primitives (kinds "
       f"{', '.join(config.data.kinds)}), bounding radius r in {tuple(config.data.size_range)} "
-      "of the [-1, 1]^3 object frame, encoded deterministically.", "",
+      "of the [-1, 1]^3 object frame, encoded deterministically.",
+      "",
       f"IoU: occupancy of the decoded field on a {ec.resolution + 1}^3 grid against the exact "
       "solid. Chamfer: moca_jax.metrics.chamfer_distance (sum of both mean nearest-neighbour "
       "distances) between 4096 points on the extracted mesh and on the exact surface, in "
-      "object-frame units.", "",
+      "object-frame units.",
+      "",
       "| part size | count | mean IoU | mean Chamfer | empty meshes |",
-      "| --- | --- | --- | --- | --- |"]
-  names = {"small": f"small (r < {ec.small_part_radius})",
-           "medium": f"medium ({ec.small_part_radius} <= r <= {ec.large_part_radius})",
-           "large": f"large (r > {ec.large_part_radius})"}
+      "| --- | --- | --- | --- | --- |",
+  ]
+  names = {
+      "small": f"small (r < {ec.small_part_radius})",
+      "medium": f"medium ({ec.small_part_radius} <= r <= {ec.large_part_radius})",
+      "large": f"large (r > {ec.large_part_radius})",
+  }
   for key in ("small", "medium", "large"):
     if key in ev["by_size"]:
       b = ev["by_size"][key]
-      lines.append(f"| {names[key]} | {b['count']} | {b['iou_mean']:.3f} | "
-                   f"{b['chamfer_mean']:.4f} | {b['empty_meshes']} |")
+      lines.append(
+          f"| {names[key]} | {b['count']} | {b['iou_mean']:.3f} | "
+          f"{b['chamfer_mean']:.4f} | {b['empty_meshes']} |"
+      )
   mio.atomic_write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")

@@ -18,6 +18,7 @@
 Every writer is atomic (moca_jax.io.save_figure) and returns the path. Image sizes are
 fixed by the arguments (no tight bounding boxes), so the pixel size of each file is known.
 """
+
 from __future__ import annotations
 
 import glob
@@ -27,7 +28,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import matplotlib
 
-matplotlib.use('Agg')
+matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import trimesh  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -35,8 +36,9 @@ import trimesh  # pylint: disable=g-import-not-at-top,wrong-import-position
 from moca_jax import io as mio  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DPI = 100
-_PALETTE = np.asarray(plt.get_cmap('tab20').colors)[[0, 2, 4, 6, 8, 10, 12, 14, 16, 18,
-                                                     1, 3, 5, 7, 9, 11, 13, 15, 17, 19]]
+_PALETTE = np.asarray(plt.get_cmap("tab20").colors)[
+    [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19]
+]
 _GT_COLOUR = np.array([0.75, 0.75, 0.75])
 
 
@@ -54,10 +56,16 @@ def _save_figure(fig, path: str) -> str:
 # Router heatmaps
 # ---------------------------------------------------------------------------------------
 
-def router_heatmap_png(importances: np.ndarray, selections: Optional[np.ndarray], path: str,
-                       component_mask: Optional[np.ndarray] = None,
-                       title: Optional[str] = None, panel_px: int = 240,
-                       shared_scale: bool = False) -> str:
+
+def router_heatmap_png(
+    importances: np.ndarray,
+    selections: Optional[np.ndarray],
+    path: str,
+    component_mask: Optional[np.ndarray] = None,
+    title: Optional[str] = None,
+    panel_px: int = 240,
+    shared_scale: bool = False,
+) -> str:
   """Heatmap per head of the router importances with the selected components outlined.
 
   Args:
@@ -73,18 +81,18 @@ def router_heatmap_png(importances: np.ndarray, selections: Optional[np.ndarray]
   """
   imp = np.asarray(importances, np.float64)
   if imp.ndim != 3 or imp.shape[1] != imp.shape[2]:
-    raise ValueError(f'importances: expected [H, N, N], got shape {imp.shape}')
+    raise ValueError(f"importances: expected [H, N, N], got shape {imp.shape}")
   h, n, _ = imp.shape
   if selections is not None:
     sel = np.asarray(selections)
     if sel.ndim != 3 or sel.shape[:2] != (h, n):
-      raise ValueError(f'selections: expected [{h}, {n}, k], got shape {sel.shape}')
+      raise ValueError(f"selections: expected [{h}, {n}, k], got shape {sel.shape}")
   if component_mask is None:
     keep = np.arange(n)
   else:
     cm = np.asarray(component_mask, bool)
     if cm.shape != (n,):
-      raise ValueError(f'component_mask: expected [{n}], got shape {cm.shape}')
+      raise ValueError(f"component_mask: expected [{n}], got shape {cm.shape}")
     keep = np.flatnonzero(cm)
   remap = {int(j): a for a, j in enumerate(keep)}
   cols = min(h, 4)
@@ -103,32 +111,49 @@ def router_heatmap_png(importances: np.ndarray, selections: Optional[np.ndarray]
     if not shared_scale and off.any():
       lo, hi = float(finite[head][off].min()), float(finite[head][off].max())
       hi = max(hi, lo + 1e-6)
-    ax.imshow(m, cmap='viridis', vmin=lo, vmax=hi, interpolation='nearest')
+    ax.imshow(m, cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
     if selections is not None:
       for i in keep:
         for j in sel[head, i]:
           if int(j) in remap and int(j) != int(i):
-            ax.add_patch(plt.Rectangle((remap[int(j)] - 0.5, remap[int(i)] - 0.5), 1, 1,
-                                       fill=False, edgecolor='red', linewidth=1.5))
+            ax.add_patch(
+                plt.Rectangle(
+                    (remap[int(j)] - 0.5, remap[int(i)] - 0.5),
+                    1,
+                    1,
+                    fill=False,
+                    edgecolor="red",
+                    linewidth=1.5,
+                )
+            )
     if len(keep) <= 16:
       ax.set_xticks(range(len(keep)), [str(j) for j in keep])
       ax.set_yticks(range(len(keep)), [str(j) for j in keep])
-    ax.set_title(f'head {head}' + ('' if shared_scale else f' [{lo:.2f}, {hi:.2f}]'),
-                 fontsize=8)
-    ax.set_xlabel('key component j', fontsize=7)
-    ax.set_ylabel('query i', fontsize=7)
+    ax.set_title(f"head {head}" + ("" if shared_scale else f" [{lo:.2f}, {hi:.2f}]"), fontsize=8)
+    ax.set_xlabel("key component j", fontsize=7)
+    ax.set_ylabel("query i", fontsize=7)
     ax.tick_params(labelsize=6)
-  scale = (f'colour scale [{vmin:.2f}, {vmax:.2f}] for all heads' if shared_scale
-           else 'colour scale per head')
+  scale = (
+      f"colour scale [{vmin:.2f}, {vmax:.2f}] for all heads"
+      if shared_scale
+      else "colour scale per head"
+  )
   fig.suptitle(f"{title or 'router importance (red: selected)'}; {scale}", fontsize=9)
-  fig.subplots_adjust(left=0.08, right=0.98, bottom=0.08, top=1 - 40 / (rows * panel_px + 40)
-                      - 0.04, wspace=0.35, hspace=0.45)
+  fig.subplots_adjust(
+      left=0.08,
+      right=0.98,
+      bottom=0.08,
+      top=1 - 40 / (rows * panel_px + 40) - 0.04,
+      wspace=0.35,
+      hspace=0.45,
+  )
   return _save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------
 # Loss curves
 # ---------------------------------------------------------------------------------------
+
 
 def read_tensorboard_scalars(logdir: str) -> Dict[str, List[Tuple[int, float]]]:
   """Scalars of every TensorBoard event file under logdir: {tag: [(step, value), ...]}.
@@ -137,26 +162,26 @@ def read_tensorboard_scalars(logdir: str) -> Dict[str, List[Tuple[int, float]]]:
   A truncated last record (a writer still running) is ignored; CRCs are not checked.
   """
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+
   if not os.path.isdir(logdir):
-    raise FileNotFoundError(f'{logdir}: not a directory of TensorBoard event files')
-  files = sorted(glob.glob(os.path.join(logdir, '**', 'events.out.tfevents.*'),
-                           recursive=True))
+    raise FileNotFoundError(f"{logdir}: not a directory of TensorBoard event files")
+  files = sorted(glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True))
   out: Dict[str, List[Tuple[int, float]]] = {}
   for f in files:
-    with open(f, 'rb') as fh:
+    with open(f, "rb") as fh:
       data = fh.read()
     pos = 0
     while pos + 12 <= len(data):
-      (length,) = struct.unpack('<Q', data[pos:pos + 8])
+      (length,) = struct.unpack("<Q", data[pos : pos + 8])
       end = pos + 12 + length + 4
       if end > len(data):
         break
-      ev = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      ev = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
       pos = end
       for v in ev.summary.value:
-        if v.HasField('simple_value'):
+        if v.HasField("simple_value"):
           val = float(v.simple_value)
-        elif v.HasField('tensor') and v.tensor.float_val:
+        elif v.HasField("tensor") and v.tensor.float_val:
           val = float(v.tensor.float_val[0])
         else:
           continue
@@ -166,11 +191,15 @@ def read_tensorboard_scalars(logdir: str) -> Dict[str, List[Tuple[int, float]]]:
   return out
 
 
-def loss_curves_png(curves: Union[str, Sequence[Tuple[int, float]],
-                                  Mapping[str, Sequence[Tuple[int, float]]]],
-                    path: str, tags: Optional[Iterable[str]] = None, log_y: bool = False,
-                    title: Optional[str] = None, width_px: int = 640,
-                    height_px: int = 400) -> str:
+def loss_curves_png(
+    curves: Union[str, Sequence[Tuple[int, float]], Mapping[str, Sequence[Tuple[int, float]]]],
+    path: str,
+    tags: Optional[Iterable[str]] = None,
+    log_y: bool = False,
+    title: Optional[str] = None,
+    width_px: int = 640,
+    height_px: int = 400,
+) -> str:
   """Line plot of one or more (step, value) series; width_px x height_px PNG.
 
   curves: {name: [(step, value), ...]}, one [(step, value), ...] list (named 'loss'), or a
@@ -179,16 +208,16 @@ def loss_curves_png(curves: Union[str, Sequence[Tuple[int, float]],
   if isinstance(curves, (str, os.PathLike)):
     series = read_tensorboard_scalars(os.fspath(curves))
     if not series:
-      raise ValueError(f'{curves}: no scalar summaries found')
+      raise ValueError(f"{curves}: no scalar summaries found")
   elif isinstance(curves, Mapping):
     series = {k: list(v) for k, v in curves.items()}
   else:
-    series = {'loss': list(curves)}
+    series = {"loss": list(curves)}
   if tags is not None:
     tags = list(tags)
     missing = [t for t in tags if t not in series]
     if missing:
-      raise ValueError(f'tags: {missing} not among {sorted(series)}')
+      raise ValueError(f"tags: {missing} not among {sorted(series)}")
     series = {t: series[t] for t in tags}
   fig = plt.figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
   ax = fig.add_subplot(1, 1, 1)
@@ -198,13 +227,13 @@ def loss_curves_png(curves: Union[str, Sequence[Tuple[int, float]],
     arr = np.asarray(pts, np.float64).reshape(-1, 2)
     ax.plot(arr[:, 0], arr[:, 1], label=name, linewidth=1.2)
   if log_y:
-    ax.set_yscale('log')
-  ax.set_xlabel('step')
-  ax.set_ylabel('value')
+    ax.set_yscale("log")
+  ax.set_xlabel("step")
+  ax.set_ylabel("value")
   ax.grid(True, alpha=0.3)
   if len(series) > 0:
     ax.legend(fontsize=8)
-  ax.set_title(title or 'training curves', fontsize=10)
+  ax.set_title(title or "training curves", fontsize=10)
   fig.subplots_adjust(left=0.12, right=0.97, bottom=0.13, top=0.9)
   return _save_figure(fig, path)
 
@@ -212,6 +241,7 @@ def loss_curves_png(curves: Union[str, Sequence[Tuple[int, float]],
 # ---------------------------------------------------------------------------------------
 # Mesh rendering (CPU ray casting)
 # ---------------------------------------------------------------------------------------
+
 
 def _camera_basis(azimuth_deg: float, elevation_deg: float):
   az, el = np.deg2rad(azimuth_deg), np.deg2rad(elevation_deg)
@@ -227,16 +257,23 @@ def _camera_basis(azimuth_deg: float, elevation_deg: float):
 def _intersector(mesh: trimesh.Trimesh):
   try:
     from trimesh.ray import ray_pyembree  # pylint: disable=g-import-not-at-top
+
     return ray_pyembree.RayMeshIntersector(mesh)
   except Exception:  # pylint: disable=broad-except
     from trimesh.ray import ray_triangle  # pylint: disable=g-import-not-at-top
+
     return ray_triangle.RayMeshIntersector(mesh)
 
 
-def render_parts(parts: Sequence[Optional[trimesh.Trimesh]], size: int = 256,
-                 colours: Optional[Sequence[np.ndarray]] = None, azimuth: float = 45.0,
-                 elevation: float = 25.0, normalize: bool = True,
-                 background: Tuple[float, float, float] = (1.0, 1.0, 1.0)) -> np.ndarray:
+def render_parts(
+    parts: Sequence[Optional[trimesh.Trimesh]],
+    size: int = 256,
+    colours: Optional[Sequence[np.ndarray]] = None,
+    azimuth: float = 45.0,
+    elevation: float = 25.0,
+    normalize: bool = True,
+    background: Tuple[float, float, float] = (1.0, 1.0, 1.0),
+) -> np.ndarray:
   """Ray-cast picture of the parts: uint8 [size, size, 3].
 
   Parts are jointly normalised to [-1, 1] (as in the metrics) unless normalize=False; empty
@@ -245,6 +282,7 @@ def render_parts(parts: Sequence[Optional[trimesh.Trimesh]], size: int = 256,
   vertices around the origin, head light, Lambert shading.
   """
   from moca_jax import metrics  # pylint: disable=g-import-not-at-top
+
   parts = metrics.as_mesh_list(parts)
   if normalize:
     parts = metrics.normalize_parts(parts)
@@ -274,8 +312,11 @@ def render_parts(parts: Sequence[Optional[trimesh.Trimesh]], size: int = 256,
     normals = np.asarray(fused.face_normals)[tri[hit]]
     shade = 0.25 + 0.75 * np.abs(normals @ forward)
     pidx = face_part[tri[hit]]
-    cols = np.stack([np.asarray(colours[k]) if colours is not None else part_colour(k)
-                     for k in pidx]) if len(pidx) else np.zeros((0, 3))
+    cols = (
+        np.stack([np.asarray(colours[k]) if colours is not None else part_colour(k) for k in pidx])
+        if len(pidx)
+        else np.zeros((0, 3))
+    )
     img.reshape(-1, 3)[hit] = cols[:, :3] * shade[:, None]
   return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
 
@@ -286,16 +327,21 @@ def _display_image(image: np.ndarray) -> np.ndarray:
   if im.ndim == 2:
     return im
   if im.ndim != 3:
-    raise ValueError(f'image: expected [H, W, C], got shape {im.shape}')
+    raise ValueError(f"image: expected [H, W, C], got shape {im.shape}")
   if im.shape[-1] == 1:
     return im[..., 0]
   if im.shape[-1] >= 3:
     return im[..., :3]
-  raise ValueError(f'image: expected 1, 3, 4 or 7 channels, got {im.shape[-1]}')
+  raise ValueError(f"image: expected 1, 3, 4 or 7 channels, got {im.shape[-1]}")
 
 
-def mesh_grid_png(rows: Sequence[Mapping], path: str, panel_px: int = 256,
-                  render_px: Optional[int] = None, title: Optional[str] = None) -> str:
+def mesh_grid_png(
+    rows: Sequence[Mapping],
+    path: str,
+    panel_px: int = 256,
+    render_px: Optional[int] = None,
+    title: Optional[str] = None,
+) -> str:
   """Grid PNG: one row per sample, columns input image | generated parts | ground truth.
 
   rows: dicts with optional keys 'image' (uint8 [H,W,C]; scenes: first 3 channels shown),
@@ -307,26 +353,27 @@ def mesh_grid_png(rows: Sequence[Mapping], path: str, panel_px: int = 256,
   pixels, 50 with a title.
   """
   if not rows:
-    raise ValueError('rows: need at least one row')
+    raise ValueError("rows: need at least one row")
   render_px = render_px or panel_px
   n = len(rows)
   header = 50 if title else 30
   height = n * panel_px + header
   fig = plt.figure(figsize=(3 * panel_px / DPI, height / DPI), dpi=DPI)
   top = 1 - header / height
-  headers = ('input', 'generated parts', 'ground truth')
+  headers = ("input", "generated parts", "ground truth")
   for r, row in enumerate(rows):
     panels = []
-    image = row.get('image')
+    image = row.get("image")
     panels.append(_display_image(image) if image is not None else None)
-    pred = row.get('pred')
-    az, el = row.get('view') or (45.0, 25.0)
-    panels.append(render_parts(pred, render_px, azimuth=az, elevation=el)
-                  if pred is not None else None)
-    gt = row.get('gt')
+    pred = row.get("pred")
+    az, el = row.get("view") or (45.0, 25.0)
+    panels.append(
+        render_parts(pred, render_px, azimuth=az, elevation=el) if pred is not None else None
+    )
+    gt = row.get("gt")
     if gt is not None:
       gt_list = trimesh_list(gt)
-      cols = None if row.get('gt_colour_parts') else [_GT_COLOUR] * len(gt_list)
+      cols = None if row.get("gt_colour_parts") else [_GT_COLOUR] * len(gt_list)
       panels.append(render_parts(gt_list, render_px, colours=cols, azimuth=az, elevation=el))
     else:
       panels.append(None)
@@ -337,27 +384,36 @@ def mesh_grid_png(rows: Sequence[Mapping], path: str, panel_px: int = 256,
       for s in ax.spines.values():
         s.set_visible(False)
       if im is None:
-        ax.text(0.5, 0.5, 'n/a', ha='center', va='center', fontsize=9, color='grey')
+        ax.text(0.5, 0.5, "n/a", ha="center", va="center", fontsize=9, color="grey")
       else:
-        ax.imshow(im, cmap='gray' if np.ndim(im) == 2 else None, interpolation='nearest')
+        ax.imshow(im, cmap="gray" if np.ndim(im) == 2 else None, interpolation="nearest")
       if r == 0:
         ax.set_title(headers[c], fontsize=9)
-      if c == 0 and row.get('label'):
-        ax.text(0.02, 0.02, str(row['label']), transform=ax.transAxes, fontsize=7,
-                color='black', backgroundcolor='white')
+      if c == 0 and row.get("label"):
+        ax.text(
+            0.02,
+            0.02,
+            str(row["label"]),
+            transform=ax.transAxes,
+            fontsize=7,
+            color="black",
+            backgroundcolor="white",
+        )
   if title:
-    fig.text(0.5, 1 - 6 / height, title, ha='center', va='top', fontsize=9)
+    fig.text(0.5, 1 - 6 / height, title, ha="center", va="top", fontsize=9)
   return _save_figure(fig, path)
 
 
-def meshes_png(meshes: Sequence[trimesh.Trimesh], titles: Sequence[str], path: str,
-               max_faces: int = 60000) -> str:
+def meshes_png(
+    meshes: Sequence[trimesh.Trimesh], titles: Sequence[str], path: str, max_faces: int = 60000
+) -> str:
   """Flat-shaded matplotlib render of meshes side by side in [-1, 1]^3 (400 x 400 px each).
 
   Meshes above `max_faces` faces are drawn with a uniform random subset of their faces.
   Returns `path`.
   """
   from mpl_toolkits.mplot3d.art3d import Poly3DCollection  # pylint: disable=g-import-not-at-top
+
   fig = plt.figure(figsize=(4 * len(meshes), 4), dpi=100)
   light = np.array([0.4, -0.5, 0.8]) / np.linalg.norm([0.4, -0.5, 0.8])
   for i, (mesh, title) in enumerate(zip(meshes, titles)):
@@ -381,4 +437,5 @@ def meshes_png(meshes: Sequence[trimesh.Trimesh], titles: Sequence[str], path: s
 def trimesh_list(meshes) -> List[trimesh.Trimesh]:
   """A Trimesh / Scene / sequence -> list of parts (see metrics.as_mesh_list)."""
   from moca_jax import metrics  # pylint: disable=g-import-not-at-top
+
   return metrics.as_mesh_list(meshes)

@@ -1,5 +1,6 @@
 """The layering the README describes: data flows down (moca_jax <- data_pipeline <-
 experiments), never up; one atomic-write helper and one image decoder (moca_jax.io)."""
+
 import ast
 import os
 import subprocess
@@ -39,19 +40,26 @@ def test_import_parser_sees_function_level_imports(tmp_path):
 
 @pytest.mark.parametrize("package", LIBRARY_PACKAGES)
 def test_library_never_imports_experiments(package):
-  upward = [(os.path.relpath(p, ROOT), m) for p in _python_files(package)
-            for m in _imported_modules(p) if m == "experiments" or m.startswith("experiments.")]
+  upward = [
+      (os.path.relpath(p, ROOT), m)
+      for p in _python_files(package)
+      for m in _imported_modules(p)
+      if m == "experiments" or m.startswith("experiments.")
+  ]
   assert upward == []
 
 
 def test_pipeline_imports_without_experiments():
-  code = ("import sys, moca_jax.pipeline, moca_jax.dit_task, moca_jax.vae_task, "
-          "moca_jax.evaluation, data_pipeline.encode_latents\n"
-          "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'experiments')\n"
-          "assert not bad, bad\n")
+  code = (
+      "import sys, moca_jax.pipeline, moca_jax.dit_task, moca_jax.vae_task, "
+      "moca_jax.evaluation, data_pipeline.encode_latents\n"
+      "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'experiments')\n"
+      "assert not bad, bad\n"
+  )
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
+  res = subprocess.run(
+      [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
   assert res.returncode == 0, res.stderr[-2000:]
 
 

@@ -1,5 +1,6 @@
 """Checkpoints and the loop's guards: the resume config check runs before anything is
 written and names every differing field; nothing non-finite is ever saved."""
+
 import logging
 import os
 
@@ -15,10 +16,18 @@ from test_sharding import StandIn
 
 
 def _config(**over):
-  c = ml_collections.ConfigDict(dict(
-      seed=0, batch_size=2, num_steps=2, log_every=1,
-      mesh=dict(data=-1, fsdp=1), checkpoint=dict(every=2, keep=2, async_save=False),
-      model=dict(width=32), data=dict(num_workers=0, dir="/data/a")))
+  c = ml_collections.ConfigDict(
+      dict(
+          seed=0,
+          batch_size=2,
+          num_steps=2,
+          log_every=1,
+          mesh=dict(data=-1, fsdp=1),
+          checkpoint=dict(every=2, keep=2, async_save=False),
+          model=dict(width=32),
+          data=dict(num_workers=0, dir="/data/a"),
+      )
+  )
   c.optim = train_lib.default_optim_config()
   c.optim.warmup_steps, c.optim.lr = 1, 1e-3
   for k, v in over.items():
@@ -44,10 +53,16 @@ def _run(config, workdir, nan_at=None):
   ds = grain.MapDataset.range(100).map(example)
   make = lambda: iter(ds.batch(1).to_iter_dataset())
   return train_lib.run_training(
-      config=config, workdir=str(workdir), init_fn=init_fn, loss_fn=loss_fn,
-      make_iterator=make, mesh=sharding.make_mesh(1, 1, devices=jax.devices()[:1]),
-      batch_id_fn=lambda b: b["index"].tolist(), prepare_fn=lambda b: {"x": b["x"]},
-      show_progress=False)
+      config=config,
+      workdir=str(workdir),
+      init_fn=init_fn,
+      loss_fn=loss_fn,
+      make_iterator=make,
+      mesh=sharding.make_mesh(1, 1, devices=jax.devices()[:1]),
+      batch_id_fn=lambda b: b["index"].tolist(),
+      prepare_fn=lambda b: {"x": b["x"]},
+      show_progress=False,
+  )
 
 
 def test_nan_batch_at_step_1_is_never_saved(tmp_path):
@@ -58,7 +73,7 @@ def test_nan_batch_at_step_1_is_never_saved(tmp_path):
     _run(c, tmp_path, nan_at=1)
   ckpt_dir = tmp_path / "checkpoints"
   assert not [p for p in os.listdir(ckpt_dir) if p.isdigit()]
-  result = _run(c, tmp_path)                   # the restart trains from scratch
+  result = _run(c, tmp_path)  # the restart trains from scratch
   assert result.batch_log == [[0], [1]] and int(result.state.step) == 2
   assert bool(train_lib.all_finite(result.state.params))
 
@@ -74,7 +89,11 @@ def test_config_differences_flatten_and_sort():
   stored = {"a": 1, "m": {"w": 32, "d": [1, 2]}, "gone": 0}
   new = {"a": 1, "m": {"w": 64, "d": [1, 3]}, "added": {"x": 1}}
   assert checkpointing.config_differences(stored, new) == [
-      ("added.x", None, 1), ("gone", 0, None), ("m.d", [1, 2], [1, 3]), ("m.w", 32, 64)]
+      ("added.x", None, 1),
+      ("gone", 0, None),
+      ("m.d", [1, 2], [1, 3]),
+      ("m.w", 32, 64),
+  ]
   assert checkpointing.config_differences(stored, stored) == []
 
 
@@ -92,8 +111,8 @@ def test_resume_with_another_model_is_refused_before_anything_is_written(tmp_pat
   msg = str(e.value)
   assert "\n" not in msg and "cannot resume from step 2" in msg
   assert "data.dir ('/data/a' -> '/data/b'), model.width (32 -> 64);" in msg
-  assert "num_steps" not in msg.split(";")[0]           # allowed to change: not listed
-  assert (tmp_path / "config.json").read_bytes() == config_json   # nothing written
+  assert "num_steps" not in msg.split(";")[0]  # allowed to change: not listed
+  assert (tmp_path / "config.json").read_bytes() == config_json  # nothing written
   assert sorted(os.listdir(tmp_path / "checkpoints")) == steps
 
   # steps, logging and checkpoint cadence may change; batch size too, with a warning

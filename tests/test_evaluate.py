@@ -1,4 +1,5 @@
 """moca_jax.evaluation without a model: ground truth vs perturbed meshes; the CLI."""
+
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ from moca_jax import metrics as M
 FAST = E.MetricSettings(num_samples=3000, voxel_resolution=32)
 
 
-def _item(kind='object', n=3, seed=0):
+def _item(kind="object", n=3, seed=0):
   rng = np.random.default_rng(seed)
   parts = []
   for i in range(n):
@@ -23,39 +24,41 @@ def _item(kind='object', n=3, seed=0):
     b.apply_translation((1.2 * i, 0, 0))
     parts.append(b)
   image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-  masks = np.zeros((n, 32, 32), bool) if kind == 'scene' else None
-  return E.EvalItem(name=f'{kind}{seed}', kind=kind, gt_parts=parts, image=image, masks=masks)
+  masks = np.zeros((n, 32, 32), bool) if kind == "scene" else None
+  return E.EvalItem(name=f"{kind}{seed}", kind=kind, gt_parts=parts, image=image, masks=masks)
 
 
-@pytest.mark.parametrize('kind', ['object', 'scene'])
+@pytest.mark.parametrize("kind", ["object", "scene"])
 def test_ground_truth_scores_perfect_and_noise_degrades(kind):
   items = [_item(kind, seed=s) for s in range(2)]
   exact = E.evaluate_items(items, E.perturbed_gt_predict_fn(0.0), FAST, progress=False)
-  cd_key = 'cd' if kind == 'object' else 'cd_scene'
-  f_key = 'fscore@0.1' if kind == 'object' else 'fscore_scene@0.1'
-  assert exact['mean'][cd_key] == 0.0 and exact['mean'][f_key] == 1.0
-  assert exact['mean']['self_iou'] == 0.0 and exact['mean']['count'] == 2.0
-  cds = [E.evaluate_items(items, E.perturbed_gt_predict_fn(s), FAST, progress=False)
-         ['mean'][cd_key] for s in (0.01, 0.05)]
+  cd_key = "cd" if kind == "object" else "cd_scene"
+  f_key = "fscore@0.1" if kind == "object" else "fscore_scene@0.1"
+  assert exact["mean"][cd_key] == 0.0 and exact["mean"][f_key] == 1.0
+  assert exact["mean"]["self_iou"] == 0.0 and exact["mean"]["count"] == 2.0
+  cds = [
+      E.evaluate_items(items, E.perturbed_gt_predict_fn(s), FAST, progress=False)["mean"][cd_key]
+      for s in (0.01, 0.05)
+  ]
   assert 0.0 < cds[0] < cds[1]
 
 
 def test_scene_dropped_instance_penalised_at_object_level():
-  item = _item('scene', n=4)
-  r = E.evaluate_items([item], E.perturbed_gt_predict_fn(0.0, drop_last=True), FAST,
-                       progress=False)
-  np.testing.assert_allclose(r['rows'][0]['cd_obj'], M.EMPTY_CHAMFER / 4, rtol=1e-9)
-  assert r['rows'][0]['fscore_obj@0.1'] == pytest.approx(0.75)
+  item = _item("scene", n=4)
+  r = E.evaluate_items([item], E.perturbed_gt_predict_fn(0.0, drop_last=True), FAST, progress=False)
+  np.testing.assert_allclose(r["rows"][0]["cd_obj"], M.EMPTY_CHAMFER / 4, rtol=1e-9)
+  assert r["rows"][0]["fscore_obj@0.1"] == pytest.approx(0.75)
 
 
 def test_failing_prediction_is_skipped_and_reported():
   def predict(item):
-    if item.name == 'object1':
-      raise RuntimeError('boom')
+    if item.name == "object1":
+      raise RuntimeError("boom")
     return item.gt_parts
+
   r = E.evaluate_items([_item(seed=0), _item(seed=1)], predict, FAST, progress=False)
-  assert [row['name'] for row in r['rows']] == ['object0']
-  assert r['skipped'][0]['name'] == 'object1' and 'boom' in r['skipped'][0]['reason']
+  assert [row["name"] for row in r["rows"]] == ["object0"]
+  assert r["skipped"][0]["name"] == "object1" and "boom" in r["skipped"][0]["reason"]
 
 
 class _FakePipeline:
@@ -64,71 +67,86 @@ class _FakePipeline:
   def __init__(self, parts):
     self.parts, self.calls = parts, []
 
-  def __call__(self, images, num_components, masks=None, *, steps=None, cfg_scale=None,
-               method=None, seed=0):
+  def __call__(
+      self, images, num_components, masks=None, *, steps=None, cfg_scale=None, method=None, seed=0
+  ):
     import types
-    self.calls.append(dict(images=images, n=num_components, masks=masks, steps=steps,
-                           cfg=cfg_scale, seed=seed))
+
+    self.calls.append(
+        dict(images=images, n=num_components, masks=masks, steps=steps, cfg=cfg_scale, seed=seed)
+    )
     b, g, h, n = 1, 1, 2, num_components
-    routing = {'importances': np.zeros((b, g, h, n, n)),
-               'selections': np.zeros((b, g, h, n, 1), np.int32)}
-    return types.SimpleNamespace(meshes=[self.parts[:num_components]], routing=routing,
-                                 latents=None)
+    routing = {
+        "importances": np.zeros((b, g, h, n, n)),
+        "selections": np.zeros((b, g, h, n, 1), np.int32),
+    }
+    return types.SimpleNamespace(
+        meshes=[self.parts[:num_components]], routing=routing, latents=None
+    )
 
 
-@pytest.mark.parametrize('kind', ['object', 'scene'])
+@pytest.mark.parametrize("kind", ["object", "scene"])
 def test_pipeline_predict_fn_calls_the_pipeline(kind):
   item = _item(kind, n=3)
-  if kind == 'scene':
+  if kind == "scene":
     item.masks[0, :4] = item.masks[1, 4:8] = item.masks[2, 8:12] = True
   fake = _FakePipeline(item.gt_parts)
   seen = []
-  predict = E.pipeline_predict_fn(None, steps=7, cfg=2.0, seed=5, pipe=fake,
-                                  on_result=lambda it, res: seen.append((it.name, res)))
+  predict = E.pipeline_predict_fn(
+      None,
+      steps=7,
+      cfg=2.0,
+      seed=5,
+      pipe=fake,
+      on_result=lambda it, res: seen.append((it.name, res)),
+  )
   r = E.evaluate_items([item], predict, FAST, progress=False)
   (call,) = fake.calls
-  assert call['images'].shape == (1, 32, 32, 3) and call['images'].dtype == np.uint8
-  assert (call['n'], call['steps'], call['cfg'], call['seed']) == (3, 7, 2.0, 5)
-  if kind == 'scene':
-    ids = call['masks'][0]
-    assert call['masks'].shape == (1, 32, 32) and set(np.unique(ids)) == {0, 1, 2, 3}
+  assert call["images"].shape == (1, 32, 32, 3) and call["images"].dtype == np.uint8
+  assert (call["n"], call["steps"], call["cfg"], call["seed"]) == (3, 7, 2.0, 5)
+  if kind == "scene":
+    ids = call["masks"][0]
+    assert call["masks"].shape == (1, 32, 32) and set(np.unique(ids)) == {0, 1, 2, 3}
     assert np.all(ids[:4] == 1) and np.all(ids[8:12] == 3) and np.all(ids[12:] == 0)
   else:
-    assert call['masks'] is None
-  assert r['rows'][0].get('cd', r['rows'][0].get('cd_scene')) == 0.0
-  assert r['routing']['importances'].shape == (1, 1, 2, 3, 3)
+    assert call["masks"] is None
+  assert r["rows"][0].get("cd", r["rows"][0].get("cd_scene")) == 0.0
+  assert r["routing"]["importances"].shape == (1, 1, 2, 3, 3)
   assert [name for name, _ in seen] == [item.name]
 
 
 def test_tables_have_the_paper_columns():
-  t1 = E.table1_markdown({'ours': {'self_iou': 0.01, 'cd': 0.1, 'fscore@0.1': 0.9,
-                                   'fscore@0.05': 0.7, 'count': 3.0}})
+  t1 = E.table1_markdown(
+      {"ours": {"self_iou": 0.01, "cd": 0.1, "fscore@0.1": 0.9, "fscore@0.05": 0.7, "count": 3.0}}
+  )
   lines = t1.strip().splitlines()
-  assert 'Self-IoU' in lines[0] and 'Fscore-0.05' in lines[0]
-  assert lines[2].startswith('| ours | 0.0100 | 0.1000 | 0.9000 | 0.7000 | 3 |')
-  assert all(l.count('|') == lines[0].count('|') for l in lines)
-  t2 = E.table2_markdown({'ours': {'self_iou': 0.0, 'cd_scene': 0.2, 'count': 1.0}})
+  assert "Self-IoU" in lines[0] and "Fscore-0.05" in lines[0]
+  assert lines[2].startswith("| ours | 0.0100 | 0.1000 | 0.9000 | 0.7000 | 3 |")
+  assert all(l.count("|") == lines[0].count("|") for l in lines)
+  t2 = E.table2_markdown({"ours": {"self_iou": 0.0, "cd_scene": 0.2, "count": 1.0}})
   lines = t2.strip().splitlines()
-  assert 'CD-Scene' in lines[0] and 'Fscore-Obj' in lines[0]
-  assert '| ours | 0.0000 | 0.2000 | - | - | - | 1 |' == lines[2]
-  assert all(l.count('|') == lines[0].count('|') for l in lines)
+  assert "CD-Scene" in lines[0] and "Fscore-Obj" in lines[0]
+  assert "| ours | 0.0000 | 0.2000 | - | - | - | 1 |" == lines[2]
+  assert all(l.count("|") == lines[0].count("|") for l in lines)
 
 
 def test_write_report_outputs(tmp_path):
-  items = [_item('scene', seed=0)]
+  items = [_item("scene", seed=0)]
   r = E.evaluate_items(items, E.perturbed_gt_predict_fn(0.02), FAST, progress=False)
   b, g, h, n, k = 1, 2, 4, 3, 1
-  r['routing'] = {'importances': np.random.default_rng(0).random((b, g, h, n, n)),
-                  'selections': np.zeros((b, g, h, n, k), np.int32) + 1}
-  written = E.write_report(str(tmp_path), r, 'scene', meta={'note': 'test'})
-  doc = json.load(open(written['json']))
-  assert doc['mean']['count'] == 1.0 and doc['rows'][0]['name'] == 'scene0'
-  assert doc['meta']['note'] == 'test' and 'cores' in doc['meta']['machine']
-  assert 'CD-Scene' in open(written['markdown']).read()
-  for key in ('grid', 'router'):
+  r["routing"] = {
+      "importances": np.random.default_rng(0).random((b, g, h, n, n)),
+      "selections": np.zeros((b, g, h, n, k), np.int32) + 1,
+  }
+  written = E.write_report(str(tmp_path), r, "scene", meta={"note": "test"})
+  doc = json.load(open(written["json"]))
+  assert doc["mean"]["count"] == 1.0 and doc["rows"][0]["name"] == "scene0"
+  assert doc["meta"]["note"] == "test" and "cores" in doc["meta"]["machine"]
+  assert "CD-Scene" in open(written["markdown"]).read()
+  for key in ("grid", "router"):
     with Image.open(written[key]) as im:
-      assert im.format == 'PNG'
-  assert os.listdir(written['tensorboard'])
+      assert im.format == "PNG"
+  assert os.listdir(written["tensorboard"])
 
 
 def test_router_slice_layouts():
@@ -142,25 +160,25 @@ def test_router_slice_layouts():
 def test_items_from_glb_dir(tmp_path):
   a, b = trimesh.creation.box(), trimesh.creation.icosphere(radius=0.4)
   b.apply_translation((1, 0, 0))
-  trimesh.Scene([a, b]).export(str(tmp_path / 'two.glb'))
-  trimesh.Scene([a]).export(str(tmp_path / 'one.glb'))
-  Image.fromarray(np.full((20, 20, 3), 7, np.uint8)).save(tmp_path / 'one.png')
-  (tmp_path / 'bad.glb').write_bytes(b'not a glb')
+  trimesh.Scene([a, b]).export(str(tmp_path / "two.glb"))
+  trimesh.Scene([a]).export(str(tmp_path / "one.glb"))
+  Image.fromarray(np.full((20, 20, 3), 7, np.uint8)).save(tmp_path / "one.png")
+  (tmp_path / "bad.glb").write_bytes(b"not a glb")
   skipped = []
   items = list(E.items_from_glb_dir(str(tmp_path), image_size=48, skipped=skipped))
-  assert [i.name for i in items] == ['one.glb', 'two.glb']
+  assert [i.name for i in items] == ["one.glb", "two.glb"]
   assert len(items[1].gt_parts) == 2
   assert items[0].image.shape == (20, 20, 3) and np.all(items[0].image == 7)  # given render
   assert items[1].image.shape == (48, 48, 3)  # rendered here
-  assert skipped and skipped[0]['name'] == 'bad.glb'
+  assert skipped and skipped[0]["name"] == "bad.glb"
   with pytest.raises(FileNotFoundError):
-    list(E.items_from_glb_dir(str(tmp_path / 'missing')))
+    list(E.items_from_glb_dir(str(tmp_path / "missing")))
 
 
 def test_procedural_split_items():
-  items = list(E.items_from_split('test_tiny', 'scene', limit=1, image_size=48))
+  items = list(E.items_from_split("test_tiny", "scene", limit=1, image_size=48))
   (it,) = items
-  assert it.kind == 'scene' and it.image.shape == (48, 48, 3)
+  assert it.kind == "scene" and it.image.shape == (48, 48, 3)
   assert it.masks.shape == (len(it.gt_parts), 48, 48) and it.masks.any()
   az, el = it.view  # scene cameras are isometric: elevation atan(1/sqrt(2))
   assert abs(el - 35.264) < 0.01 and abs((az - 45.0) % 90.0) < 1e-6
@@ -168,23 +186,37 @@ def test_procedural_split_items():
 
 def test_benchmark_nn_rows_agree():
   rows = E.benchmark_nn(sizes=(300,), repeats=1)
-  assert {r['backend'] for r in rows} == set(M.NN_BACKENDS)
-  assert all(r['max_abs_diff'] < 1e-4 and r['median_s'] > 0 for r in rows)
+  assert {r["backend"] for r in rows} == set(M.NN_BACKENDS)
+  assert all(r["max_abs_diff"] < 1e-4 and r["median_s"] > 0 for r in rows)
 
 
 def test_cli_perturbed_run(tmp_path):
-  out = tmp_path / 'eval'
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  out = tmp_path / "eval"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
   res = subprocess.run(
-      [sys.executable, '-m', 'experiments.evaluate', '--split=test_tiny', '--kind=object',
-       '--limit=1', '--perturb=0.01', '--num_samples=2000', '--voxel_resolution=32',
-       '--image_size=48', f'--out_dir={out}'],
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
-      capture_output=True, text=True, timeout=300)
+      [
+          sys.executable,
+          "-m",
+          "experiments.evaluate",
+          "--split=test_tiny",
+          "--kind=object",
+          "--limit=1",
+          "--perturb=0.01",
+          "--num_samples=2000",
+          "--voxel_resolution=32",
+          "--image_size=48",
+          f"--out_dir={out}",
+      ],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert res.returncode == 0, res.stderr[-2000:]
-  doc = json.load(open(out / 'metrics.json'))
-  assert doc['mean']['count'] == 1.0 and 0 < doc['mean']['cd'] < 0.1
-  assert (out / 'grid.png').exists() and (out / 'table.md').exists()
+  doc = json.load(open(out / "metrics.json"))
+  assert doc["mean"]["count"] == 1.0 and 0 < doc["mean"]["cd"] < 0.1
+  assert (out / "grid.png").exists() and (out / "table.md").exists()
 
 
 # ----------------------------------------------------------------------------- Ablations
@@ -194,8 +226,9 @@ from experiments import ablations as A  # noqa: E402
 
 def _dit_train_config(steps=1):
   from experiments.configs import dit as dc
-  c = dc.get_config('tiny')
-  c.data.source = 'synthetic'
+
+  c = dc.get_config("tiny")
+  c.data.source = "synthetic"
   c.num_steps = steps
   c.batch_size = 8  # divisible by the 8 simulated test devices
   c.log_every = 1
@@ -206,18 +239,19 @@ def _dit_train_config(steps=1):
 
 def test_variant_configs_change_exactly_one_switch():
   from moca_jax.dit import DiTSpec
+
   base = _dit_train_config()
   base_dit = base.model.dit.to_dict()
   for name, v in A.VARIANTS.items():
     cfg = A.variant_config(base, name)
     DiTSpec.from_config(cfg.model.dit)  # every variant is a valid DiT config
     diff = {k for k, x in cfg.model.dit.to_dict().items() if base_dit[k] != x}
-    assert diff == set(v['dit']), name
-    rest = {k: x for k, x in cfg.to_dict().items() if k != 'model'}
-    assert rest == {k: x for k, x in base.to_dict().items() if k != 'model'}, name
+    assert diff == set(v["dit"]), name
+    rest = {k: x for k, x in cfg.to_dict().items() if k != "model"}
+    assert rest == {k: x for k, x in base.to_dict().items() if k != "model"}, name
   assert base.model.dit.to_dict() == base_dit  # the base is not modified
-  with pytest.raises(ValueError, match='variant'):
-    A.variant_config(base, 'Z')
+  with pytest.raises(ValueError, match="variant"):
+    A.variant_config(base, "Z")
 
 
 def test_run_ablations_table_failures_and_resume(tmp_path):
@@ -226,37 +260,39 @@ def test_run_ablations_table_failures_and_resume(tmp_path):
 
   def train_fn(cfg, workdir):
     calls.append(os.path.basename(workdir))
-    if cfg.model.dit.gate_on == 'values':
-      raise RuntimeError('diverged')
-    return {'loss': 1.0 + len(calls), 'nested': {'eval_loss_ema': 0.5}}
+    if cfg.model.dit.gate_on == "values":
+      raise RuntimeError("diverged")
+    return {"loss": 1.0 + len(calls), "nested": {"eval_loss_ema": 0.5}}
 
   def eval_fn(cfg, workdir):
-    return {'cd': 0.1, 'fscore@0.1': 0.9, 'fscore@0.05': 0.7, 'self_iou': 0.01}
+    return {"cd": 0.1, "fscore@0.1": 0.9, "fscore@0.05": 0.7, "self_iou": 0.01}
 
   out = A.run_ablations(base, str(tmp_path), list(A.DEFAULT_ORDER), train_fn, eval_fn)
   assert calls == list(A.DEFAULT_ORDER)
-  table = (tmp_path / 'table3.md').read_text()
-  lines = [l for l in table.splitlines() if l.startswith('| ')]
+  table = (tmp_path / "table3.md").read_text()
+  lines = [l for l in table.splitlines() if l.startswith("| ")]
   assert len(lines) == 1 + len(A.DEFAULT_ORDER)
-  assert 'Load balance' in lines[0] and 'eval_loss_ema' in lines[0].replace('nested/', '')
-  row_c = next(l for l in lines if l.startswith('| C:'))
-  assert 'failed: RuntimeError: diverged' in row_c
-  row_a = next(l for l in lines if l.startswith('| A:'))
-  assert row_a.split('|')[2].strip() == '✗' and '0.1000' in row_a
-  doc = json.load(open(tmp_path / 'ablations.json'))
-  assert doc['results']['G']['train']['loss'] > 0 and doc['results']['C']['error']
+  assert "Load balance" in lines[0] and "eval_loss_ema" in lines[0].replace("nested/", "")
+  row_c = next(l for l in lines if l.startswith("| C:"))
+  assert "failed: RuntimeError: diverged" in row_c
+  row_a = next(l for l in lines if l.startswith("| A:"))
+  assert row_a.split("|")[2].strip() == "✗" and "0.1000" in row_a
+  doc = json.load(open(tmp_path / "ablations.json"))
+  assert doc["results"]["G"]["train"]["loss"] > 0 and doc["results"]["C"]["error"]
   # Resume: finished variants are reused, the failed one is retried.
   calls.clear()
   A.run_ablations(base, str(tmp_path), list(A.DEFAULT_ORDER), train_fn, eval_fn)
-  assert calls == ['C']
+  assert calls == ["C"]
+
   # An evaluation failure keeps the training result and only re-evaluates later.
   def bad_eval(cfg, workdir):
-    raise FileNotFoundError('no VAE')
+    raise FileNotFoundError("no VAE")
+
   calls.clear()
-  out = A.run_ablations(base, str(tmp_path / 'b'), ['G'], train_fn, bad_eval)
-  assert out['results']['G']['eval_error'] and 'eval failed' in out['table']
-  A.run_ablations(base, str(tmp_path / 'b'), ['G'], train_fn, eval_fn)
-  assert calls == ['G']  # trained once
+  out = A.run_ablations(base, str(tmp_path / "b"), ["G"], train_fn, bad_eval)
+  assert out["results"]["G"]["eval_error"] and "eval failed" in out["table"]
+  A.run_ablations(base, str(tmp_path / "b"), ["G"], train_fn, eval_fn)
+  assert calls == ["G"]  # trained once
 
 
 @pytest.mark.slow
@@ -268,14 +304,19 @@ def test_ablations_train_tiny_on_cpu(tmp_path):
   """
   import jax
   from moca_jax import sharding
+
   base = _dit_train_config(steps=1)
   base.batch_size = 2
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-  out = A.run_ablations(base, str(tmp_path), ['A'], train_fn=A.make_train_fn(
-      show_progress=False, eval_batches=1, mesh=mesh))
-  for v in ('A',):
-    r = out['results'][v]
-    assert r['error'] is None, r['error']
-    assert np.isfinite(r['train']['final_train_loss'])
-    assert np.isfinite(r['train']['eval_loss_ema'])
-  assert 'eval_loss_ema' in (tmp_path / 'table3.md').read_text()
+  out = A.run_ablations(
+      base,
+      str(tmp_path),
+      ["A"],
+      train_fn=A.make_train_fn(show_progress=False, eval_batches=1, mesh=mesh),
+  )
+  for v in ("A",):
+    r = out["results"][v]
+    assert r["error"] is None, r["error"]
+    assert np.isfinite(r["train"]["final_train_loss"])
+    assert np.isfinite(r["train"]["eval_loss_ema"])
+  assert "eval_loss_ema" in (tmp_path / "table3.md").read_text()

@@ -1,4 +1,5 @@
 """Mesh extraction: analytic spheres, coarse-to-fine against the dense fine grid, bad fields."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,8 +23,8 @@ def test_sphere_area_and_volume_within_one_percent(resolution, fine):
   r = 0.6
   mesh = extract.extract_mesh_from_fn(_sphere([0.1, -0.05, 0.2], r), resolution, fine)
   assert mesh.is_watertight
-  np.testing.assert_allclose(mesh.area, 4 * np.pi * r ** 2, rtol=0.01)
-  np.testing.assert_allclose(mesh.volume, 4 / 3 * np.pi * r ** 3, rtol=0.01)  # > 0: outward
+  np.testing.assert_allclose(mesh.area, 4 * np.pi * r**2, rtol=0.01)
+  np.testing.assert_allclose(mesh.volume, 4 / 3 * np.pi * r**3, rtol=0.01)  # > 0: outward
   np.testing.assert_allclose(mesh.centroid, [0.1, -0.05, 0.2], atol=0.01)
 
 
@@ -34,14 +35,16 @@ def test_coarse_to_fine_equals_dense_fine_grid_near_surface():
   np.testing.assert_allclose(fine_cf[mask], fine_d[mask], rtol=0, atol=1e-6)
   # ... and covers every fine cell the surface passes through
   sign_change = (extract._cell_corner_reduce(fine_d, np.minimum) <= 0) & (
-      extract._cell_corner_reduce(fine_d, np.maximum) >= 0)
+      extract._cell_corner_reduce(fine_d, np.maximum) >= 0
+  )
   corners_in_band = extract._cell_corner_reduce(mask, np.logical_and)
   assert sign_change.sum() > 1000 and np.all(corners_in_band[sign_change])
   assert mask.mean() < 0.5  # the point of the scheme: most of the fine grid is not decoded
   # so the meshes are the same triangles
   assert len(mesh_cf.faces) == len(mesh_d.faces)
-  np.testing.assert_allclose(np.sort(mesh_cf.vertices, axis=0), np.sort(mesh_d.vertices, axis=0),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      np.sort(mesh_cf.vertices, axis=0), np.sort(mesh_d.vertices, axis=0), atol=1e-6
+  )
   np.testing.assert_allclose(mesh_cf.area, mesh_d.area, rtol=1e-9)
 
 
@@ -51,11 +54,12 @@ def test_extract_meshes_batch_of_jax_fields_with_empty_component():
 
   spheres = jnp.array([[0.0, 0.0, 0.0, 0.5], [0.3, -0.2, 0.1, 0.25], [0.0, 0.0, 0.0, 5.0]])
   with pytest.warns(extract.EmptyFieldWarning, match="component 2"):
-    meshes = extract.extract_meshes(sdf_fn, spheres, resolution=48, fine_resolution=96,
-                                    chunk_size=5000)
+    meshes = extract.extract_meshes(
+        sdf_fn, spheres, resolution=48, fine_resolution=96, chunk_size=5000
+    )
   assert len(meshes) == 3 and len(meshes[2].faces) == 0
   for mesh, (x, y, z, r) in zip(meshes[:2], np.asarray(spheres[:2])):
-    np.testing.assert_allclose(mesh.volume, 4 / 3 * np.pi * r ** 3, rtol=0.01)
+    np.testing.assert_allclose(mesh.volume, 4 / 3 * np.pi * r**3, rtol=0.01)
     np.testing.assert_allclose(mesh.centroid, [x, y, z], atol=0.01)
   # the same as extracting each field alone from a numpy callable
   alone = extract.extract_mesh_from_fn(_sphere([0.3, -0.2, 0.1], 0.25), 48, 96)

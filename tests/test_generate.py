@@ -1,5 +1,6 @@
 """The pipeline (moca_jax.pipeline) and the generation CLI on a tiny checkpoint: GLB with N
 named parts, pictures, router maps, seeding, config.sample defaults, errors."""
+
 import json
 import os
 
@@ -17,8 +18,7 @@ from moca_jax import checkpointing, dit_task, sharding, train_lib, vae_task
 from moca_jax import io as mio
 from moca_jax import pipeline
 
-N, STEPS, RES = 3, 2, 24   # one sampler / extractor shape for all tests (compiled once)
-
+N, STEPS, RES = 3, 2, 24  # one sampler / extractor shape for all tests (compiled once)
 
 
 @pytest.fixture(scope="module")
@@ -28,17 +28,19 @@ def checkpoints(tmp_path_factory):
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   vae_dir = str(root / "vae")
   vcfg = vae_configs.get_config("tiny")
-  vcfg.model.num_latents = 16                      # the DiT's latent_tokens below
+  vcfg.model.num_latents = 16  # the DiT's latent_tokens below
   _, init_fn, _ = vae_task.make_task(vcfg)
   batch = vae_task.model_batch(vae_batches.AnalyticShapeSource(vcfg.data, 1, 0).batch(0))
   spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
-  state, _ = train_lib.create_train_state(init_fn, train_lib.make_optimizer(vcfg.optim), spec,
-                                          jax.random.PRNGKey(0), mesh)
+  state, _ = train_lib.create_train_state(
+      init_fn, train_lib.make_optimizer(vcfg.optim), spec, jax.random.PRNGKey(0), mesh
+  )
   ckpt = checkpointing.Checkpointer(os.path.join(vae_dir, "checkpoints"))
   ckpt.save(0, state, None, vcfg, force=True)
   ckpt.close()
 
   from experiments.configs import dit as dit_configs
+
   cfg = dit_configs.get_config("tiny")
   cfg.data.source = "synthetic"
   cfg.data.max_components = N
@@ -49,12 +51,13 @@ def checkpoints(tmp_path_factory):
   cfg.vae.workdir = vae_dir
   dit_dir = str(root / "dit")
   # an initial (untrained) state saved the way train_dit saves: no train step to compile
-  cfg.sample.steps, cfg.sample.cfg_scale = STEPS, 2.0   # the defaults of generate
+  cfg.sample.steps, cfg.sample.cfg_scale = STEPS, 2.0  # the defaults of generate
   _, init_fn, _ = dit_task.make_task(cfg)
   batch = dit_task.model_batch(next(dit_task.make_iterator_fn(cfg)()))
   spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
   state, _ = train_lib.create_train_state(
-      init_fn, train_lib.make_optimizer(cfg.optim), spec, jax.random.PRNGKey(0), mesh)
+      init_fn, train_lib.make_optimizer(cfg.optim), spec, jax.random.PRNGKey(0), mesh
+  )
   ckpt = checkpointing.Checkpointer(os.path.join(dit_dir, "checkpoints"))
   ckpt.save(1, state, None, cfg, force=True)
   ckpt.close()
@@ -74,8 +77,16 @@ def test_generation_end_to_end(checkpoints, tmp_path):
 
 def _check_cli_writes_glb_with_n_parts(checkpoints):
   out = str(checkpoints["root"] / "out")
-  summary = generate.run(checkpoints["dit"], checkpoints["image"], N, out, cfg=3.0,
-                         seed=0, resolution=RES, batch_size=1)
+  summary = generate.run(
+      checkpoints["dit"],
+      checkpoints["image"],
+      N,
+      out,
+      cfg=3.0,
+      seed=0,
+      resolution=RES,
+      batch_size=1,
+  )
   assert (summary["steps"], summary["cfg"]) == (STEPS, 3.0)  # config.sample, then the flag
   d = os.path.join(out, "chair")
   for f in ("parts.glb", "preview.png", "router.png", "router.json", "latents.npy"):
@@ -86,7 +97,7 @@ def _check_cli_writes_glb_with_n_parts(checkpoints):
   assert names == [f"part_{i:02d}" for i in range(N) if i not in empty]
   assert len(names) == N, f"random VAE gave empty parts {empty}"
   colours = {tuple(g.visual.face_colors[0][:3]) for g in scene.geometry.values()}
-  assert len(colours) == N                          # one colour per part
+  assert len(colours) == N  # one colour per part
   router = json.load(open(os.path.join(d, "router.json")))
   imp = np.asarray(router["importances"])
   assert imp.shape[0] == len(router["global_blocks"]) and imp.shape[-2:] == (N, N)
@@ -109,8 +120,12 @@ def _check_pipeline_is_seeded_and_takes_any_image_form(checkpoints):
   np.testing.assert_array_equal(pipe.sample_latents(checkpoints["image"], N, seed=1)[0], a)
   np.testing.assert_array_equal(pipe.sample_latents(images[0], N, seed=1)[0], a)
   np.testing.assert_array_equal(pipe.sample_latents([images[0]], N, seed=1)[0], a)
-  assert pipe.sample_settings() == {"steps": STEPS, "cfg_scale": 2.0, "method": "euler",
-                                    "time_shift": 1.0}
+  assert pipe.sample_settings() == {
+      "steps": STEPS,
+      "cfg_scale": 2.0,
+      "method": "euler",
+      "time_shift": 1.0,
+  }
   result = pipe(images, N, steps=STEPS, cfg_scale=1.0, seed=0)
   assert len(result.meshes) == 1 and len(result.meshes[0]) == N
   assert all(isinstance(m, trimesh.Trimesh) for m in result.meshes[0])
@@ -129,8 +144,9 @@ def test_clear_errors(tmp_path):
   bad = tmp_path / "bad" / "checkpoints" / "5"
   (bad / "config").mkdir(parents=True)
   (bad / "config" / "metadata").write_text("{not json")
-  with pytest.raises(ValueError, match=r"corrupt or unreadable checkpoint config in \S+/bad/"
-                     r"checkpoints step 5"):
+  with pytest.raises(
+      ValueError, match=r"corrupt or unreadable checkpoint config in \S+/bad/" r"checkpoints step 5"
+  ):
     pipeline.load_pipeline(str(tmp_path / "bad"))
   text = tmp_path / "notes.png"
   text.write_text("hello")
@@ -162,8 +178,15 @@ def _check_errors_needing_a_checkpoint(checkpoints, tmp_path):
   folder.mkdir()
   (folder / "broken.png").write_text("not an image")
   Image.open(checkpoints["image"]).save(folder / "good.png")
-  summary = generate.run(checkpoints["dit"], str(folder), N, str(tmp_path / "o"), steps=STEPS,
-                         resolution=RES, batch_size=1)
+  summary = generate.run(
+      checkpoints["dit"],
+      str(folder),
+      N,
+      str(tmp_path / "o"),
+      steps=STEPS,
+      resolution=RES,
+      batch_size=1,
+  )
   assert list(summary["skipped"]) == [str(folder / "broken.png")]
   assert os.path.exists(tmp_path / "o" / "good" / "preview.png")
 
@@ -173,7 +196,24 @@ def test_scene_conditions_layout():
   mask = np.array([[[1, 1, 2, 2]] * 4], np.uint8)
   cond = pipeline.scene_conditions(img, mask, 2)
   assert cond.shape == (1, 2, 4, 4, 7) and cond.dtype == np.uint8
-  np.testing.assert_array_equal(cond[0, 0, :, :2, :3], img[0, :, :2])      # instance pixels
-  np.testing.assert_array_equal(cond[0, 0, :, 2:, :3], 255)                # on white
-  np.testing.assert_array_equal(cond[0, 1, ..., 3:6], img[0])              # the whole scene
+  np.testing.assert_array_equal(cond[0, 0, :, :2, :3], img[0, :, :2])  # instance pixels
+  np.testing.assert_array_equal(cond[0, 0, :, 2:, :3], 255)  # on white
+  np.testing.assert_array_equal(cond[0, 1, ..., 3:6], img[0])  # the whole scene
   np.testing.assert_array_equal(cond[0, 1, ..., 6], np.where(mask[0] == 2, 255, 0))
+
+
+def test_vae_pairing_names_every_differing_field():
+  from experiments.configs import dit as dit_configs
+
+  dit = dit_configs.get_config("tiny")
+  vae = vae_configs.get_config("tiny")
+  vae.model.num_latents = dit.model.dit.latent_tokens
+  pipeline.check_vae_pairing(vae, dit, "v")  # matching: no error
+  vae.model.num_latents = dit.model.dit.latent_tokens * 2
+  vae.model.latent_channels = dit.model.dit.latent_channels + 1
+  with pytest.raises(
+      ValueError,
+      match=r"VAE v does not match the DiT: latent tokens "
+      r"\d+ vs \d+, latent channels \d+ vs \d+ \(VAE vs DiT\)",
+  ):
+    pipeline.check_vae_pairing(vae, dit, "v")

@@ -1,4 +1,5 @@
 """Properties of moca_jax.metrics: Chamfer, F-score, self-IoU, scene metrics, empties."""
+
 import math
 
 import numpy as np
@@ -22,7 +23,7 @@ def _box(extents=(1.0, 1.0, 1.0), offset=(0.0, 0.0, 0.0)):
 def _naive(pred, gt, taus):
   d = np.linalg.norm(pred[:, None, :] - gt[None, :, :], axis=-1)
   d_pg, d_gp = d.min(1), d.min(0)
-  out = {'cd': d_pg.mean() + d_gp.mean()}
+  out = {"cd": d_pg.mean() + d_gp.mean()}
   for t in taus:
     p, r = np.mean(d_pg < t), np.mean(d_gp < t)
     out[M.fscore_key(t)] = 0.0 if p + r == 0 else 2 * p * r / (p + r)
@@ -31,7 +32,8 @@ def _naive(pred, gt, taus):
 
 # ----------------------------------------------------------------- Chamfer and F-score
 
-@pytest.mark.parametrize('backend', ['kdtree', 'jax'])
+
+@pytest.mark.parametrize("backend", ["kdtree", "jax"])
 def test_point_metrics_match_naive_reference(backend):
   rng = np.random.default_rng(0)
   pred = rng.uniform(-1, 1, (300, 3))
@@ -45,22 +47,23 @@ def test_point_metrics_match_naive_reference(backend):
 def test_jax_nn_matches_kdtree_with_padding_and_chunks():
   rng = np.random.default_rng(1)
   q, r = rng.normal(size=(1001, 3)), rng.normal(size=(777, 3))
-  np.testing.assert_allclose(M.nn_distances_jax(q, r, chunk=64), M.nn_distances_kdtree(q, r),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      M.nn_distances_jax(q, r, chunk=64), M.nn_distances_kdtree(q, r), atol=1e-5
+  )
 
 
 def test_chamfer_of_mesh_with_itself_is_zero():
   mesh = trimesh.creation.icosphere(subdivisions=3)
   out = M.shape_metrics([mesh], [mesh.copy()], num_samples=20_000, seed=3)
-  assert out['cd'] == 0.0
-  assert out['fscore@0.1'] == 1.0 and out['fscore@0.05'] == 1.0
+  assert out["cd"] == 0.0
+  assert out["fscore@0.1"] == 1.0 and out["fscore@0.05"] == 1.0
   # Independent samples of the same surface: near zero (about the sample spacing).
   p = M.sample_points([mesh], 20_000, seed=1)
   g = M.sample_points([mesh], 20_000, seed=2)
   assert 0.0 < M.chamfer_distance(p, g) < 0.03
 
 
-@pytest.mark.parametrize('r1,r2', [(1.0, 0.8), (0.5, 0.9), (1.0, 0.95)])
+@pytest.mark.parametrize("r1,r2", [(1.0, 0.8), (0.5, 0.9), (1.0, 0.95)])
 def test_chamfer_concentric_spheres_is_twice_radius_gap(r1, r2):
   # Exact sphere samples: the only error is the sample spacing (~0.015 at 20k points).
   cd = M.chamfer_distance(_sphere_points(20_000, r1, 0), _sphere_points(20_000, r2, 1))
@@ -69,7 +72,7 @@ def test_chamfer_concentric_spheres_is_twice_radius_gap(r1, r2):
   s1 = trimesh.creation.icosphere(subdivisions=5, radius=r1)
   s2 = trimesh.creation.icosphere(subdivisions=5, radius=r2)
   out = M.shape_metrics([s1], [s2], num_samples=20_000, normalize=False)
-  assert abs(out['cd'] - 2 * abs(r1 - r2)) < 0.01
+  assert abs(out["cd"] - 2 * abs(r1 - r2)) < 0.01
 
 
 def test_fscore_zero_when_every_point_is_farther_than_tau():
@@ -120,6 +123,7 @@ def test_sampling_is_seeded():
 
 # ----------------------------------------------------------------------------- Self-IoU
 
+
 def test_self_iou_disjoint_boxes_is_zero():
   assert M.self_iou([_box(), _box(offset=(1.5, 0, 0))]) == 0.0
 
@@ -128,7 +132,7 @@ def test_self_iou_identical_boxes_is_one():
   assert M.self_iou([_box(), _box()]) == 1.0
 
 
-@pytest.mark.parametrize('shift', [0.5, 0.25])
+@pytest.mark.parametrize("shift", [0.5, 0.25])
 def test_self_iou_overlapping_boxes_matches_analytic(shift):
   # Unit cubes shifted along x: intersection 1 - s, union 1 + s.
   iou = M.self_iou([_box(), _box(offset=(shift, 0, 0))])
@@ -173,55 +177,60 @@ def test_pairwise_iou_matches_sets():
 
 # ------------------------------------------------------------------------------ Empties
 
+
 def test_empty_meshes_have_defined_values():
   empty = trimesh.Trimesh()
   box = _box()
   out = M.shape_metrics([empty], [box], num_samples=1000)
-  assert out['cd'] == M.EMPTY_CHAMFER and out['fscore@0.1'] == 0.0
+  assert out["cd"] == M.EMPTY_CHAMFER and out["fscore@0.1"] == 0.0
   out = M.shape_metrics([empty], [empty], num_samples=1000)
-  assert out['cd'] == 0.0 and out['fscore@0.1'] == 1.0
+  assert out["cd"] == 0.0 and out["fscore@0.1"] == 1.0
   # An empty part is ignored: sampling, normalisation and self-IoU pairs.
   assert M.self_iou([box, empty]) == 0.0
   assert M.self_iou([box, empty, box.copy()]) == 1.0
   a = M.object_metrics([box, empty], [box], num_samples=1000)
-  assert a['cd'] == 0.0 and a['num_parts_pred'] == 1.0
+  assert a["cd"] == 0.0 and a["num_parts_pred"] == 1.0
 
 
 def test_bad_input_is_named():
-  with pytest.raises(ValueError, match='meshes\\[1\\]'):
-    M.as_mesh_list([_box(), 'not a mesh'])
-  with pytest.raises(ValueError, match='nn_backend'):
-    M.nn_distances(np.zeros((1, 3)), np.zeros((1, 3)), backend='faiss')
+  with pytest.raises(ValueError, match="meshes\\[1\\]"):
+    M.as_mesh_list([_box(), "not a mesh"])
+  with pytest.raises(ValueError, match="nn_backend"):
+    M.nn_distances(np.zeros((1, 3)), np.zeros((1, 3)), backend="faiss")
 
 
 # ------------------------------------------------------------------------------- Scenes
 
+
 def _scene():
-  return [_box((1, 1, 1)), _box((0.5, 2, 0.5), (2, 0, 0)),
-          trimesh.creation.icosphere(radius=0.5).apply_translation((0, 0, 2))]
+  return [
+      _box((1, 1, 1)),
+      _box((0.5, 2, 0.5), (2, 0, 0)),
+      trimesh.creation.icosphere(radius=0.5).apply_translation((0, 0, 2)),
+  ]
 
 
-@pytest.mark.parametrize('frame', ['instance', 'scene'])
+@pytest.mark.parametrize("frame", ["instance", "scene"])
 def test_scene_metrics_identical_and_index_matching(frame):
   gt = _scene()
   same = M.scene_metrics(gt, [m.copy() for m in gt], num_samples=4000, object_frame=frame)
-  assert same['cd_scene'] == 0.0 and same['cd_obj'] == 0.0
-  assert same['fscore_scene@0.1'] == 1.0 and same['fscore_obj@0.1'] == 1.0
-  assert same['self_iou'] == 0.0
+  assert same["cd_scene"] == 0.0 and same["cd_obj"] == 0.0
+  assert same["fscore_scene@0.1"] == 1.0 and same["fscore_obj@0.1"] == 1.0
+  assert same["self_iou"] == 0.0
   # Permuting the instances leaves the fused scene alone but breaks index matching.
   perm = [gt[1], gt[2], gt[0]]
   out = M.scene_metrics(perm, gt, num_samples=4000, object_frame=frame)
-  assert out['cd_scene'] < 0.05
-  assert out['cd_obj'] > 0.1
+  assert out["cd_scene"] < 0.05
+  assert out["cd_obj"] > 0.1
 
 
 def test_scene_missing_instance_counts_as_empty():
   gt = _scene()
   out = M.scene_metrics(gt[:2], gt, num_samples=2000)
-  np.testing.assert_allclose(out['cd_obj'], M.EMPTY_CHAMFER / 3, rtol=1e-9)
-  assert out['num_instances'] == 3.0
+  np.testing.assert_allclose(out["cd_obj"], M.EMPTY_CHAMFER / 3, rtol=1e-9)
+  assert out["num_instances"] == 3.0
 
 
 def test_mean_metrics_skips_nan():
-  out = M.mean_metrics([{'a': 1.0, 'b': float('nan')}, {'a': 3.0, 'b': 2.0}])
-  assert out == {'a': 2.0, 'b': 2.0, 'count': 2.0}
+  out = M.mean_metrics([{"a": 1.0, "b": float("nan")}, {"a": 3.0, "b": 2.0}])
+  assert out == {"a": 2.0, "b": 2.0, "count": 2.0}

@@ -1,4 +1,5 @@
 """DiT training end to end on a micro config: resume exactness, overfitting, guards."""
+
 import contextlib
 import os
 import shutil
@@ -40,8 +41,12 @@ def _compilation_cache(path):
   """A persistent XLA cache for the duration (the resumed run reuses the first run's
   executables, as a restarted job on a real cluster would); restored afterwards."""
   from jax._src import compilation_cache as cc
-  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs,
-         jax.config.jax_persistent_cache_min_entry_size_bytes)
+
+  old = (
+      jax.config.jax_compilation_cache_dir,
+      jax.config.jax_persistent_cache_min_compile_time_secs,
+      jax.config.jax_persistent_cache_min_entry_size_bytes,
+  )
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -64,24 +69,30 @@ def test_resume_is_exact(tmp_path):
 def _check_resume_is_exact(tmp_path):
   cfg = micro_config()
   a_dir, b_dir = str(tmp_path / "a"), str(tmp_path / "b")
-  straight = dit_task.train_and_evaluate(cfg, a_dir, num_steps=2 * K, mesh=_mesh1(),
-                                          show_progress=False, eval_batches=0)
+  straight = dit_task.train_and_evaluate(
+      cfg, a_dir, num_steps=2 * K, mesh=_mesh1(), show_progress=False, eval_batches=0
+  )
   assert sorted(os.listdir(os.path.join(a_dir, "checkpoints"))) == [str(K), str(2 * K)]
   # the job "died" after step K: only that checkpoint exists in b
   os.makedirs(os.path.join(b_dir, "checkpoints"))
-  shutil.copytree(os.path.join(a_dir, "checkpoints", str(K)),
-                  os.path.join(b_dir, "checkpoints", str(K)))
-  resumed = dit_task.train_and_evaluate(cfg, b_dir, num_steps=2 * K, mesh=_mesh1(),
-                                         show_progress=False, eval_batches=1)
+  shutil.copytree(
+      os.path.join(a_dir, "checkpoints", str(K)), os.path.join(b_dir, "checkpoints", str(K))
+  )
+  resumed = dit_task.train_and_evaluate(
+      cfg, b_dir, num_steps=2 * K, mesh=_mesh1(), show_progress=False, eval_batches=1
+  )
   assert int(resumed.state.step) == 2 * K
-  assert resumed.batch_log == straight.batch_log[K:]              # same data order
-  assert len({tuple(b) for b in straight.batch_log}) > 1          # and it is not trivial
+  assert resumed.batch_log == straight.batch_log[K:]  # same data order
+  assert len({tuple(b) for b in straight.batch_log}) > 1  # and it is not trivial
   for tree in ("params", "ema_params"):
-    for x, y in zip(jax.tree.leaves(getattr(straight.state, tree)),
-                    jax.tree.leaves(getattr(resumed.state, tree))):
+    for x, y in zip(
+        jax.tree.leaves(getattr(straight.state, tree)),
+        jax.tree.leaves(getattr(resumed.state, tree)),
+    ):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=1e-6)
-  np.testing.assert_allclose([h["loss"] for h in resumed.history],
-                             [h["loss"] for h in straight.history[K:]], rtol=1e-6)
+  np.testing.assert_allclose(
+      [h["loss"] for h in resumed.history], [h["loss"] for h in straight.history[K:]], rtol=1e-6
+  )
   # metrics, eval and the stored config are written
   assert os.listdir(os.path.join(b_dir, "tb"))
   assert os.path.exists(os.path.join(b_dir, "eval.json"))
@@ -111,8 +122,19 @@ def dit_step():
   mesh = _mesh1()
   state, setup = train_lib.create_train_state(init_fn, tx, spec, jax.random.PRNGKey(0), mesh)
   step, mem = train_lib.compile_train_step(loss_fn, tx, sched, 0.9, setup, spec, mesh)
-  return dict(cfg=cfg, init_fn=init_fn, loss_fn=loss_fn, batch=batch, spec=spec, tx=tx,
-              sched=sched, host_state=jax.device_get(state), setup=setup, step=step, mem=mem)
+  return dict(
+      cfg=cfg,
+      init_fn=init_fn,
+      loss_fn=loss_fn,
+      batch=batch,
+      spec=spec,
+      tx=tx,
+      sched=sched,
+      host_state=jax.device_get(state),
+      setup=setup,
+      step=step,
+      mem=mem,
+  )
 
 
 def _fresh(d):
@@ -147,10 +169,12 @@ def _check_sharded_dit_step_equals_single_device_step(dit_step):
   params (1e-5) after two steps (step 0 has lr 0 in warmup; step 1 moves the params)."""
   d = dit_step
   mesh8 = sharding.make_mesh(4, 2)
-  s8, setup8 = train_lib.create_train_state(d["init_fn"], d["tx"], d["spec"],
-                                            jax.random.PRNGKey(0), mesh8)
-  step8, _ = train_lib.compile_train_step(d["loss_fn"], d["tx"], d["sched"], 0.9, setup8,
-                                          d["spec"], mesh8)
+  s8, setup8 = train_lib.create_train_state(
+      d["init_fn"], d["tx"], d["spec"], jax.random.PRNGKey(0), mesh8
+  )
+  step8, _ = train_lib.compile_train_step(
+      d["loss_fn"], d["tx"], d["sched"], 0.9, setup8, d["spec"], mesh8
+  )
   s1 = _fresh(d)
   for _ in range(2):
     s8, m8 = step8(s8, sharding.shard_batch(d["batch"], mesh8), jax.random.PRNGKey(3))
@@ -162,8 +186,10 @@ def _check_sharded_dit_step_equals_single_device_step(dit_step):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=str(path))
   k = s8.params["dit"]["block_0"]["mlp"]["fc1"]["kernel"]
   assert k.sharding.spec == P("fsdp") and len(k.addressable_shards) == 8
-  moved = (jax.device_get(s1.params)["dit"]["block_0"]["mlp"]["fc1"]["kernel"]
-           - d["host_state"].params["dit"]["block_0"]["mlp"]["fc1"]["kernel"])
+  moved = (
+      jax.device_get(s1.params)["dit"]["block_0"]["mlp"]["fc1"]["kernel"]
+      - d["host_state"].params["dit"]["block_0"]["mlp"]["fc1"]["kernel"]
+  )
   assert float(np.abs(moved).max()) > 0
 
 
@@ -171,6 +197,7 @@ def test_nonfinite_loss_names_step_and_batch(tmp_path):
   """The loop stops at the first non-finite loss, naming the step and the batch's records."""
   import grain
   from test_sharding import StandIn
+
   model = StandIn()
   cfg = micro_config()
   cfg.optim.lr, cfg.optim.grad_clip, cfg.checkpoint.every = 1e30, 0.0, 100
@@ -181,15 +208,26 @@ def test_nonfinite_loss_names_step_and_batch(tmp_path):
   def loss_fn(params, batch, rng):
     return jnp.mean((model.apply({"params": params}, batch["x"]) - 1.0) ** 2), {}
 
-  ds = grain.MapDataset.range(6).map(
-      lambda i: {"x": np.full((3, 5), i, np.float32), "index": np.int64(i)}).repeat()
+  ds = (
+      grain.MapDataset.range(6)
+      .map(lambda i: {"x": np.full((3, 5), i, np.float32), "index": np.int64(i)})
+      .repeat()
+  )
   make = lambda: iter(ds.batch(2).to_iter_dataset())
-  with pytest.raises(train_lib.NonFiniteLossError,
-                     match=r"non-finite loss \S+ at step 2 \(batch \[4, 5\]\)"):
-    train_lib.run_training(config=cfg, workdir=str(tmp_path), init_fn=init_fn, loss_fn=loss_fn,
-                           make_iterator=make, mesh=_mesh1(),
-                           batch_id_fn=lambda b: b["index"].tolist(),
-                           prepare_fn=lambda b: {"x": b["x"]}, show_progress=False)
+  with pytest.raises(
+      train_lib.NonFiniteLossError, match=r"non-finite loss \S+ at step 2 \(batch \[4, 5\]\)"
+  ):
+    train_lib.run_training(
+        config=cfg,
+        workdir=str(tmp_path),
+        init_fn=init_fn,
+        loss_fn=loss_fn,
+        make_iterator=make,
+        mesh=_mesh1(),
+        batch_id_fn=lambda b: b["index"].tolist(),
+        prepare_fn=lambda b: {"x": b["x"]},
+        show_progress=False,
+    )
 
 
 def test_router_statistics_reference():
@@ -244,19 +282,26 @@ def test_records_source_reads_latent_shards(tmp_path):
   padded components, mask and images in the model batch layout; scene mode gives the
   per-instance 7-channel conditions."""
   from data_pipeline import records
+
   rng = np.random.default_rng(0)
   recs = []
   for i, n in enumerate([2, 5, 3]):
     masks = np.zeros((2, 20, 20), np.uint8)
     for j in range(n):
-      masks[:, j * 3:(j + 1) * 3] = j + 1
-    arrays = {"latents": rng.normal(size=(n, 16, 8)).astype(np.float32),
-              "images": rng.integers(0, 255, (2, 20, 20, 3), dtype=np.uint8), "masks": masks,
-              "part_colors": np.zeros((n, 3), np.uint8),
-              "part_bounds": np.zeros((n, 2, 3), np.float32),
-              "cameras": np.zeros((2, 18), np.float32)}
-    recs.append(records.encode_record(arrays, {"kind": "latents", "key": f"r{i}",
-                                               "num_parts": n, "type": "object"}))
+      masks[:, j * 3 : (j + 1) * 3] = j + 1
+    arrays = {
+        "latents": rng.normal(size=(n, 16, 8)).astype(np.float32),
+        "images": rng.integers(0, 255, (2, 20, 20, 3), dtype=np.uint8),
+        "masks": masks,
+        "part_colors": np.zeros((n, 3), np.uint8),
+        "part_bounds": np.zeros((n, 2, 3), np.float32),
+        "cameras": np.zeros((2, 18), np.float32),
+    }
+    recs.append(
+        records.encode_record(
+            arrays, {"kind": "latents", "key": f"r{i}", "num_parts": n, "type": "object"}
+        )
+    )
   base = tmp_path / records.shard_name(0, 1)
   records.write_shard(str(base) + ".array_record", recs)
   records.atomic_write_json(str(base) + ".json", {"count": len(recs)})
@@ -270,9 +315,9 @@ def test_records_source_reads_latent_shards(tmp_path):
     assert batch["latents"].shape == (2, 4, 16, 8)
     assert batch["images"].shape == shape and batch["images"].dtype == np.uint8
     n_real = batch["component_mask"].sum(1)
-    assert set(n_real.tolist()) <= {2, 3, 4}                        # 5 parts are cut to 4
+    assert set(n_real.tolist()) <= {2, 3, 4}  # 5 parts are cut to 4
     for b in range(2):
-      assert np.all(batch["latents"][b, n_real[b]:] == 0)
+      assert np.all(batch["latents"][b, n_real[b] :] == 0)
     state = it.get_state()
     nxt = next(it)
     it2 = dit_task.make_iterator_fn(cfg)()
@@ -291,6 +336,7 @@ def test_scene_mode_loss_traces_with_per_component_conditions():
   assert batch["images"].shape == (2, 3, 56, 56, 7)
   variables = jax.eval_shape(init_fn, jax.random.PRNGKey(0), batch)
   import flax.linen as nn
+
   params = nn.meta.unbox(variables["params"])
   assert params["encoder"]["patch_embed"]["kernel"].shape[2] == 7
   loss, metrics = jax.eval_shape(loss_fn, params, batch, jax.random.PRNGKey(1))

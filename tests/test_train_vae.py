@@ -1,6 +1,7 @@
 """The VAE task (moca_jax.vae_task) on train_lib: records resume == straight, load_vae round
 trip (EMA and raw), the analytic source learns one fixed shape and writes every output,
 non-finite guard."""
+
 import json
 
 import jax
@@ -53,15 +54,14 @@ def test_records_resume_equals_straight_and_load_vae(data_dir, tmp_path):
   c = _few_step_config("records", data_dir)
   c.data.parts_per_element = 2
   c.num_steps = 4
-  c.checkpoint.every = 4   # saves: a at 4; b at 2 (end of the first run) and 4
+  c.checkpoint.every = 4  # saves: a at 4; b at 2 (end of the first run) and 4
   c.optim.ema_decay = 0.5
-  straight = vae_task.train_and_evaluate(c, str(tmp_path / "a"), mesh=_mesh1(),
-                                          show_progress=False)
+  straight = vae_task.train_and_evaluate(c, str(tmp_path / "a"), mesh=_mesh1(), show_progress=False)
   assert straight["step"] == 4 and np.isfinite(straight["metrics"]["loss"])
-  vae_task.train_and_evaluate(c, str(tmp_path / "b"), num_steps=2, mesh=_mesh1(),
-                               show_progress=False)
-  resumed = vae_task.train_and_evaluate(c, str(tmp_path / "b"), mesh=_mesh1(),
-                                         show_progress=False)
+  vae_task.train_and_evaluate(
+      c, str(tmp_path / "b"), num_steps=2, mesh=_mesh1(), show_progress=False
+  )
+  resumed = vae_task.train_and_evaluate(c, str(tmp_path / "b"), mesh=_mesh1(), show_progress=False)
   assert resumed["step"] == 4
   # the iterator state went into the checkpoint: the resumed run saw the same batches
   assert resumed["metrics"] == straight["metrics"]
@@ -86,12 +86,13 @@ def test_hand_driven_step_checkpoint_and_load_vae_round_trip(tmp_path):
   _, init_fn, loss_fn = vae_task.make_task(c)
   tx = train_lib.make_optimizer(c.optim)
   source = vae_batches.AnalyticShapeSource(c.data, 2, 0)
-  spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                      vae_task.model_batch(source.batch(0)))
-  state, setup = train_lib.create_train_state(init_fn, tx, spec, jax.random.PRNGKey(0),
-                                              _mesh1())
-  step, _ = train_lib.compile_train_step(loss_fn, tx, train_lib.make_schedule(c.optim),
-                                         c.optim.ema_decay, setup, spec, _mesh1())
+  spec = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), vae_task.model_batch(source.batch(0))
+  )
+  state, setup = train_lib.create_train_state(init_fn, tx, spec, jax.random.PRNGKey(0), _mesh1())
+  step, _ = train_lib.compile_train_step(
+      loss_fn, tx, train_lib.make_schedule(c.optim), c.optim.ema_decay, setup, spec, _mesh1()
+  )
   for _ in range(2):
     state, metrics = step(state, vae_task.model_batch(next(source)), jax.random.PRNGKey(1))
   assert int(state.step) == 2 and np.isfinite(float(metrics["loss"]))
@@ -102,8 +103,10 @@ def test_hand_driven_step_checkpoint_and_load_vae_round_trip(tmp_path):
   _, raw, _ = vae_task.load_vae(tmp_path, use_ema=False)
   _assert_trees_equal(ema, {"params": state.ema_params})
   _assert_trees_equal(raw, {"params": state.params})
-  assert any(not np.array_equal(x, y)                                    # EMA != raw
-             for x, y in zip(jax.tree.leaves(ema), jax.tree.leaves(raw)))
+  assert any(
+      not np.array_equal(x, y)  # EMA != raw
+      for x, y in zip(jax.tree.leaves(ema), jax.tree.leaves(raw))
+  )
   assert cfg.model.num_latents == 16 and model2.config.num_latents == 16
   # the saved state restores as run_training's TrainState (same layout)
   ck = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
@@ -136,8 +139,10 @@ def test_analytic_learns_a_fixed_shape_writes_outputs_and_stops_on_nan(tmp_path,
   assert [l["step"] for l in lines] == list(range(5, 41, 5))
   assert lines[-1]["loss"] < 0.5 * lines[0]["loss"], [l["loss"] for l in lines]
   assert lines[-1]["near_l1"] < 0.5 * lines[0]["near_l1"]
-  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
-                if p.name.isdigit()) == [20, 40]
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [
+      20,
+      40,
+  ]
   assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
   for name in ("reconstruction.glb", "reconstruction.png", "loss_curve.png", "eval.json"):
     assert (tmp_path / name).stat().st_size > 0, name

@@ -1,4 +1,5 @@
 """vae_batches: real parts only, near / volume split, shapes, pairing, grain pipeline state."""
+
 import numpy as np
 import pytest
 
@@ -23,9 +24,15 @@ def _element(n_max=4, n_real=2, ns=10, n_near=6, n_vol=3, index=5):
     sn[p, :, 2] = p + 1
     q[p, :, 0], q[p, :, 1], q[p, :, 2] = p + 1, np.arange(n_near + n_vol), 1
     v[p] = (p + 1) * 100 + np.arange(n_near + n_vol)
-  return {"surface_points": sp, "surface_normals": sn, "sdf_points": q, "sdf_values": v,
-          "component_mask": np.arange(n_max) < n_real, "num_components": np.int32(n_real),
-          "index": np.int64(index)}
+  return {
+      "surface_points": sp,
+      "surface_normals": sn,
+      "sdf_points": q,
+      "sdf_values": v,
+      "component_mask": np.arange(n_max) < n_real,
+      "num_components": np.int32(n_real),
+      "index": np.int64(index),
+  }
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -33,8 +40,15 @@ def test_part_examples_real_parts_splits_and_pairing(k):
   el = _element()
   seen_parts = set()
   for seed in range(6):
-    ex = vae_batches.part_examples(el, np.random.default_rng(seed), stored_near=6, num_points=7,
-                                   num_near=4, num_volume=2, parts_per_element=k)
+    ex = vae_batches.part_examples(
+        el,
+        np.random.default_rng(seed),
+        stored_near=6,
+        num_points=7,
+        num_near=4,
+        num_volume=2,
+        parts_per_element=k,
+    )
     assert ex["surface_points"].shape == ex["surface_normals"].shape == (k, 7, 3)
     assert ex["near_points"].shape == (k, 4, 3) and ex["near_sdf"].shape == (k, 4)
     assert ex["volume_points"].shape == (k, 2, 3) and ex["volume_sdf"].shape == (k, 2)
@@ -44,11 +58,11 @@ def test_part_examples_real_parts_splits_and_pairing(k):
     if k == 2:  # as many real parts as asked: drawn without replacement
       assert sorted(parts) == [0, 1]
     for e, p in enumerate(parts):
-      assert p in (0, 1)                     # never a padding slot (those are all zero)
+      assert p in (0, 1)  # never a padding slot (those are all zero)
       seen_parts.add(int(p))
       sp = ex["surface_points"][e]
       assert np.all(sp[:, 0] == p + 1) and np.all(ex["surface_normals"][e][:, 2] == p + 1)
-      assert len(set(sp[:, 1].tolist())) == 7            # distinct stored points
+      assert len(set(sp[:, 1].tolist())) == 7  # distinct stored points
       for kind, lo, hi in (("near", 0, 6), ("volume", 6, 9)):
         pts, sdf = ex[f"{kind}_points"][e], ex[f"{kind}_sdf"][e]
         assert np.all(pts[:, 0] == p + 1) and np.all(pts[:, 2] == 1)
@@ -80,11 +94,21 @@ def test_part_examples_bad_input_names_the_record():
 
 def test_records_dataset_on_real_shards(data_dir):
   assert vae_batches.stored_near_count(data_dir) == 48
-  stored = [records.decode_record(r) for p in records.shard_paths(data_dir)
-            for r in records.read_shard(p)]
-  ds = vae_batches.vae_records_dataset(data_dir, batch_size=4, num_points=32, num_near=24,
-                                       num_volume=8, parts_per_element=2, n_max=4, seed=1,
-                                       process_index=0, process_count=1)
+  stored = [
+      records.decode_record(r) for p in records.shard_paths(data_dir) for r in records.read_shard(p)
+  ]
+  ds = vae_batches.vae_records_dataset(
+      data_dir,
+      batch_size=4,
+      num_points=32,
+      num_near=24,
+      num_volume=8,
+      parts_per_element=2,
+      n_max=4,
+      seed=1,
+      process_index=0,
+      process_count=1,
+  )
   for bi in range(3):
     batch = ds[bi]
     assert batch["surface_points"].shape == (4, 32, 3) and batch["volume_sdf"].shape == (4, 8)
@@ -92,8 +116,11 @@ def test_records_dataset_on_real_shards(data_dir):
     for e in range(4):
       rec = stored[int(batch["index"][e])]
       # the example is one stored part: its surface points and both SDF blocks
-      hits = [p for p in range(rec["meta"]["num_parts"])
-              if np.isin(batch["surface_points"][e][:, 0], rec["surface_points"][p][:, 0]).all()]
+      hits = [
+          p
+          for p in range(rec["meta"]["num_parts"])
+          if np.isin(batch["surface_points"][e][:, 0], rec["surface_points"][p][:, 0]).all()
+      ]
       assert len(hits) == 1
       part_q, part_v = rec["sdf_points"][hits[0]], rec["sdf_values"][hits[0]]
       for kind, lo, hi in (("near", 0, 48), ("volume", 48, 64)):
@@ -104,9 +131,18 @@ def test_records_dataset_on_real_shards(data_dir):
 
 def test_records_iterator_state_round_trip(data_dir):
   def ds():
-    return vae_batches.vae_records_dataset(data_dir, batch_size=2, num_points=16, num_near=8,
-                                           num_volume=4, n_max=4, seed=0, process_index=0,
-                                           process_count=1)
+    return vae_batches.vae_records_dataset(
+        data_dir,
+        batch_size=2,
+        num_points=16,
+        num_near=8,
+        num_volume=4,
+        n_max=4,
+        seed=0,
+        process_index=0,
+        process_count=1,
+    )
+
   it = loader.make_iterator(ds())
   next(it)
   state = it.get_state()
@@ -118,5 +154,12 @@ def test_records_iterator_state_round_trip(data_dir):
     for key in w:
       np.testing.assert_array_equal(got[key], w[key])
   with pytest.raises(ValueError, match="multiple of parts_per_element"):
-    vae_batches.vae_records_dataset(data_dir, batch_size=3, num_points=16, num_near=8,
-                                    num_volume=4, parts_per_element=2, stored_near=48)
+    vae_batches.vae_records_dataset(
+        data_dir,
+        batch_size=3,
+        num_points=16,
+        num_near=8,
+        num_volume=4,
+        parts_per_element=2,
+        stored_near=48,
+    )

@@ -5,6 +5,7 @@ model), 'paper' (the published size: 21 blocks, width 2048, DINOv2-L-sized encod
 Append ',scene' for the scene model (7-channel encoder input: instance on white, scene,
 mask). Every field can be overridden on the command line (--config.optim.lr=3e-4).
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -36,7 +37,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.batch_size = batch
   c.num_steps = steps
   c.log_every = 10
-  c.distributed = False          # jax.distributed.initialize() before anything else
+  c.distributed = False  # jax.distributed.initialize() before anything else
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.checkpoint = ml_collections.ConfigDict(dict(every=every, keep=3, async_save=True))
@@ -65,14 +66,24 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
   # Data: 'records' reads the latent ArrayRecord shards of the data pipeline (data.dir);
   # 'synthetic' makes deterministic random latents and images in memory (benchmarks, tests).
-  c.data = ml_collections.ConfigDict(dict(
-      source="records", dir="", val_dir="", max_components=n_max, image_size=0,
-      shuffle_seed=0, num_workers=0, synthetic_examples=64))
+  c.data = ml_collections.ConfigDict(
+      dict(
+          source="records",
+          dir="",
+          val_dir="",
+          max_components=n_max,
+          image_size=0,
+          shuffle_seed=0,
+          num_workers=0,
+          synthetic_examples=64,
+      )
+  )
 
   # The frozen VAE that decodes the latents (its train_vae workdir); stored in every DiT
   # checkpoint so generation can find it.
   c.vae = ml_collections.ConfigDict(dict(workdir="", size=vae_size))
 
-  c.sample = ml_collections.ConfigDict(dict(steps=50, cfg_scale=7.0, method="euler",
-                                            time_shift=1.0))
+  c.sample = ml_collections.ConfigDict(
+      dict(steps=50, cfg_scale=7.0, method="euler", time_shift=1.0)
+  )
   return c

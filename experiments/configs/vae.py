@@ -14,6 +14,7 @@ Fields:
   mesh, checkpoint, log_every   as in experiments/configs/dit.py
   eval                 reconstruction after training: meshes, IoU/Chamfer by part size
 """
+
 import ml_collections
 
 from moca_jax.train_lib import default_optim_config
@@ -28,21 +29,21 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
   # --- data -----------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
-  c.data.source = "analytic"           # 'analytic' | 'records'
+  c.data.source = "analytic"  # 'analytic' | 'records'
   c.data.num_points = c.model.num_points
   c.data.num_near = {"tiny": 512, "small": 2048, "triposg": 8192}[size]
   c.data.num_volume = {"tiny": 256, "small": 1024, "triposg": 4096}[size]
   # analytic: random primitives placed in the [-1, 1]^3 object frame
   c.data.kinds = ("sphere", "box", "cylinder", "capsule", "torus", "cone")
-  c.data.size_range = (0.1, 0.9)       # bounding radius of a part: small parts included
+  c.data.size_range = (0.1, 0.9)  # bounding radius of a part: small parts included
   c.data.near_scales = (0.005, 0.05)
-  c.data.mesh_segments = 32            # tessellation used before projecting onto the surface
+  c.data.mesh_segments = 32  # tessellation used before projecting onto the surface
   # records: data_pipeline 'samples' shards (data_pipeline.build / make)
   c.data.dir = ""
-  c.data.parts_per_element = 1         # real parts drawn from each object per batch
-  c.data.max_components = 32           # n_max of the loader (objects with more keep a random n_max)
+  c.data.parts_per_element = 1  # real parts drawn from each object per batch
+  c.data.max_components = 32  # n_max of the loader (objects with more keep a random n_max)
   c.data.shuffle_seed = 0
-  c.data.num_workers = 0               # grain mp_prefetch worker processes
+  c.data.num_workers = 0  # grain mp_prefetch worker processes
 
   # --- optimisation ---------------------------------------------------------------------
   c.batch_size = {"tiny": 8, "small": 16, "triposg": 32}[size]
@@ -54,7 +55,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.optim.warmup_steps = c.get_ref("warmup_steps")
   c.optim.total_steps = c.get_ref("num_steps")
   c.optim.schedule = "cosine"
-  c.optim.final_lr_fraction = 0.01     # cosine decay ends at this fraction of the peak
+  c.optim.final_lr_fraction = 0.01  # cosine decay ends at this fraction of the peak
   c.optim.weight_decay = 0.01
   c.optim.b1, c.optim.b2 = 0.9, 0.99
   c.optim.grad_clip = 1.0
@@ -72,7 +73,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.eval.resolution = {"tiny": 48, "small": 96, "triposg": 256}[size]
   c.eval.fine_resolution = {"tiny": 96, "small": 192, "triposg": 512}[size]  # demo mesh only
   c.eval.chunk_size = 16384
-  c.eval.small_part_radius = 0.3       # bounding radius below which a part counts as small
-  c.eval.large_part_radius = 0.6       # ... and above which it counts as large
-  c.eval.write_mesh = True             # GLB + PNG render of one reconstructed component
+  c.eval.small_part_radius = 0.3  # bounding radius below which a part counts as small
+  c.eval.large_part_radius = 0.6  # ... and above which it counts as large
+  c.eval.write_mesh = True  # GLB + PNG render of one reconstructed component
   return c
