@@ -33,6 +33,7 @@ from absl import app, flags
 
 from moca_jax import evaluation as E
 from moca_jax import metrics as M
+from moca_jax import pipeline
 
 # ---------------------------------------------------------------------------------------
 # CLI
@@ -93,13 +94,19 @@ def run(f) -> dict:
   else:
     items = E.items_from_glb_dir(f.glb_dir, f.kind, f.limit, f.image_size, skipped)
     source = f"folder {f.glb_dir}"
+  sample = {"steps": f.steps, "cfg": f.cfg}
   if f.perturb is not None:
     predict = E.perturbed_gt_predict_fn(f.perturb, seed=f.seed)
     method = f"ground truth + noise {f.perturb:g}"
   else:
     if f.checkpoint_dir is None:
       raise ValueError("--checkpoint_dir is required (or --perturb for a model-free check)")
-    predict = E.pipeline_predict_fn(f.checkpoint_dir, f.steps, f.cfg, f.seed, f.num_components)
+    pipe = pipeline.load_pipeline(f.checkpoint_dir)
+    resolved = pipe.sample_settings(steps=f.steps, cfg_scale=f.cfg)
+    sample = {"steps": resolved["steps"], "cfg": resolved["cfg_scale"]}
+    predict = E.pipeline_predict_fn(
+        f.checkpoint_dir, f.steps, f.cfg, f.seed, f.num_components, pipe=pipe
+    )
     method = f.method
   settings = E.MetricSettings(
       num_samples=f.num_samples,
@@ -116,8 +123,7 @@ def run(f) -> dict:
   meta = {
       "source": source,
       "checkpoint": f.checkpoint_dir,
-      "steps": f.steps,
-      "cfg": f.cfg,
+      **sample,
       "seed": f.seed,
       "num_samples": f.num_samples,
       "voxel_resolution": f.voxel_resolution,
