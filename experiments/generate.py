@@ -86,7 +86,10 @@ def run(
     try:
       img, mask_path = mio.load_image(f), _mask_for(masks, f)
       mask = None if mask_path is None else mio.load_mask(mask_path)
-      pipe.preprocess([img], num_components, None if mask is None else [mask])  # checks
+      try:  # the pipeline's checks, before any sampling
+        pipe.preprocess([img], num_components, None if mask is None else [mask])
+      except ValueError as e:
+        raise ValueError(f"{f}: {e}") from e
       loaded.append((f, img, mask))
     except (ValueError, FileNotFoundError) as e:
       if not batch_mode:

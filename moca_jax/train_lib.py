@@ -401,6 +401,11 @@ def run_training(
   Config fields read: seed, batch_size, num_steps, optim (see `default_optim_config`),
   mesh.{data, fsdp}, checkpoint.{every, keep, async_save}, log_every.
 
+  Before anything is written, the config is compared with the one stored in the latest
+  checkpoint (`checkpointing.prepare_workdir`: ConfigMismatchError naming the fields), then
+  workdir/config.json is written. Every save first checks that step's loss and the params,
+  so no checkpoint ever holds non-finite values.
+
   Args:
     init_fn / loss_fn: the task (see module docstring).
     make_iterator: () -> iterator of host batches (numpy pytrees) with `get_state()` /
@@ -413,7 +418,10 @@ def run_training(
     prepare_fn: optional host batch -> model batch (e.g. drops record ids), applied after
       `batch_id_fn`.
   Returns:
-    LoopResult. Raises NonFiniteLossError naming the step and the batch.
+    LoopResult.
+  Raises:
+    checkpointing.ConfigMismatchError: a resume with a config that must not change.
+    NonFiniteLossError: a non-finite loss (or params), naming the step and the batch.
   """
   from tensorboardX import SummaryWriter  # local: keep the library importable without it
   from tqdm.auto import tqdm
