@@ -36,6 +36,11 @@ def test_named_sizes_match_dinov2():
   assert ie.num_tokens(large) == 257
   small = ie.encoder_config("small")
   assert (small.width, small.depth, small.num_heads) == (384, 12, 6)
+  published = ie.encoder_config("dinov2-large")
+  assert (published.width, published.depth, published.num_heads) == (1024, 24, 16)
+  assert (published.image_size, published.pos_image_size, published.layer_scale_init) == (
+      224, 518, 1.0)
+  assert ie.num_tokens(published) == 257
   with pytest.raises(ValueError, match="unknown size"):
     ie.encoder_config("huge")
 
