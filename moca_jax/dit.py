@@ -548,7 +548,7 @@ class CompositionalDiT(nn.Module):
                         name=f"block_{i}")
       x, aux = block(x, cond, component_mask, skips.pop() if has_skip else None)
       # Per-block activations for parity debugging: apply(..., mutable=["intermediates"]).
-      self.sow("intermediates", f"block_{i}", x)
+      self.sow("intermediates", f"block_{i}_out", x)
       if i < n_skip:
         skips.append(x)
       if aux:
