@@ -119,3 +119,16 @@ def test_bad_folders(tmp_path):
   os.remove(os.path.join(ints, "config.json"))
   with pytest.raises(common.ConversionError, match="no config.json"):
     triposg_vae.load(ints)
+
+
+def test_common_helpers():
+  assert common.nest({"a/b/kernel": 1, "a/c": 2}) == {"a": {"b": {"kernel": 1}, "c": 2}}
+  with pytest.raises(ValueError, match="a/b/kernel: b is already a leaf"):
+    common.nest({"a/b": 1, "a/b/kernel": 2})
+  tm = common.TensorMap({"x": np.zeros((2, 3), np.float32)}, "src")
+  assert tm.take("x", (2, 3)).shape == (2, 3)
+  tm.finish()
+  zeros = common.zero_tensors({"w": (1024, 1024)})
+  assert zeros["w"].strides == (0, 0) and zeros["w"].shape == (1024, 1024)
+  with pytest.raises(common.ConversionError, match="not a readable shape manifest"):
+    common.fullsize_shapes(FIXTURE + "/config.json")

@@ -170,3 +170,15 @@ def fullsize_config(json_path: str) -> dict:
 def zero_tensors(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
   """Zero-stride float32 arrays of the given shapes (no memory), for shape-only conversion."""
   return {name: np.broadcast_to(np.float32(0), shape) for name, shape in shapes.items()}
+
+
+def read_fixture_io(fixture_dir: str) -> dict[str, np.ndarray]:
+  """The arrays of a golden fixture's io.npz; ConversionError when missing or unreadable."""
+  path = os.path.join(os.fspath(fixture_dir), "io.npz")
+  if not os.path.isfile(path):
+    raise ConversionError(f"{fixture_dir}: no io.npz")
+  try:
+    with np.load(path) as data:
+      return {name: data[name] for name in data.files}
+  except (OSError, ValueError) as e:
+    raise ConversionError(f"{path}: not a readable npz file ({e})") from e

@@ -25,7 +25,8 @@ import ml_collections
 import numpy as np
 
 from moca_jax import image_encoder
-from moca_jax.convert.common import ConversionError, TensorMap, nest, read_component
+from moca_jax.convert.common import (ConversionError, TensorMap, nest, read_component,
+                                     read_fixture_io)
 
 CLASS_NAMES = ("Dinov2Model",)
 
@@ -98,7 +99,7 @@ def parity(fixture_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   Returns:
     {array name: (ours, reference)} for every stored output (debug arrays included).
   """
-  io = dict(np.load(os.path.join(fixture_dir, "io.npz")))
+  io = read_fixture_io(fixture_dir)
   pixels = io["pixel_values"]
   config, variables = load(fixture_dir, image_size=pixels.shape[-1])
   model = image_encoder.ImageEncoder(config)

@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from moca_jax import preprocess as pp
-from moca_jax.convert.common import ConversionError
+from moca_jax.convert.common import ConversionError, read_fixture_io
 
 
 def parity(fixture_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -20,7 +20,7 @@ def parity(fixture_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   Returns:
     {array name: (ours, reference)} for every stored output (uint8 arrays as float32).
   """
-  io = dict(np.load(os.path.join(fixture_dir, "io.npz")))
+  io = read_fixture_io(fixture_dir)
   processor = pp.ProcessorConfig.from_file(os.path.join(fixture_dir, "preprocessor_config.json"))
   with open(os.path.join(fixture_dir, "config.json"), encoding="utf-8") as f:
     call = json.load(f)["prepare_image"]

@@ -27,7 +27,8 @@ import ml_collections
 import numpy as np
 
 from moca_jax import layers
-from moca_jax.convert.common import ConversionError, TensorMap, nest, read_component
+from moca_jax.convert.common import (ConversionError, TensorMap, nest, read_component,
+                                     read_fixture_io)
 from moca_jax.vae import VecSetVAE, vae_config_from_triposg
 
 CLASS_NAMES = ("TripoSGVAEModel",)
@@ -164,7 +165,7 @@ def parity(fixture_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   config, variables = load(fixture_dir)
   config.attention_implementation = "xla"
   model = VecSetVAE(config)
-  io = dict(np.load(os.path.join(fixture_dir, "io.npz")))
+  io = read_fixture_io(fixture_dir)
   surface = jnp.asarray(io["surface"])
   pts, nrm = surface[..., :3], surface[..., 3:]
   index = jnp.asarray(io["sample_indices"].astype(np.int32))
