@@ -169,15 +169,15 @@ def _open_image(path: str, max_pixels: int):
 def _to_uint8_rgba(im) -> np.ndarray:
   """A decoded PIL image of any mode -> uint8 [H, W, 4], straight (not premultiplied) alpha.
 
-  16-bit and 32-bit integer grey levels are scaled to 8 bits (x / 257, rounded: 65535 ->
-  255); float ('F') images are taken as [0, 1] when their maximum is <= 1, else [0, 255].
+  16-bit grey levels (modes I;16*) are scaled to 8 bits (x / 257, rounded: 65535 -> 255);
+  32-bit integer grey (mode I) likewise when it exceeds 255, else taken as 8-bit levels;
+  float ('F') images are taken as [0, 1] when their maximum is <= 1, else [0, 255].
   """
   mode = im.mode
   if mode.startswith("I;16") or mode == "I":
     grey = np.asarray(im, dtype=np.float64)
-    if mode == "I":
-      grey = np.clip(grey, 0, 65535)
-    grey = np.round(grey / 257.0)
+    if mode.startswith("I;16") or (grey.size and grey.max() > 255):
+      grey = np.round(np.clip(grey, 0, 65535) / 257.0)
   elif mode == "F":
     grey = np.asarray(im, dtype=np.float64)
     grey = np.nan_to_num(grey)

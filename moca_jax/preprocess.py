@@ -234,8 +234,8 @@ def _limit_size(image: np.ndarray) -> np.ndarray:
   if scale >= 1:
     return image
   size = (int(w * scale), int(h * scale))
-  mode = "RGBA" if image.shape[-1] == 4 else "RGB"
-  return np.asarray(Image.fromarray(image, mode).resize(size, Image.BOX), np.uint8)
+  return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(size, Image.BOX),
+                    np.uint8)
 
 
 def prepare_image_float(image: np.ndarray, bg_color: Sequence[float] = (1.0, 1.0, 1.0),

@@ -132,3 +132,16 @@ def test_bad_files_name_the_path(tmp_path):
   truncated.write_bytes(full.getvalue()[:60])
   with pytest.raises(ValueError, match=r"cut\.png: not an image"):
     io.load_image(str(truncated))
+
+
+def test_32_bit_and_float_grey(tmp_path):
+  wide = np.full((4, 4), 65535, np.int32)
+  wide[0, 0] = 23130
+  img = io.load_image(_save(tmp_path, "i32.tif", Image.fromarray(wide, "I")))
+  assert img[0, 0].tolist() == [90] * 3 and img[1, 1].tolist() == [255] * 3
+  narrow = np.full((4, 4), 200, np.int32)
+  img = io.load_image(_save(tmp_path, "i8.tif", Image.fromarray(narrow, "I")))
+  assert img[0, 0].tolist() == [200] * 3
+  unit = np.full((4, 4), 0.5, np.float32)
+  img = io.load_image(_save(tmp_path, "f.tif", Image.fromarray(unit, "F")))
+  assert img[0, 0].tolist() == [127] * 3

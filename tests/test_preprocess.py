@@ -127,3 +127,12 @@ def test_processor_config_rules(tmp_path):
     pp.ProcessorConfig.from_file(str(tmp_path / "none.json"))
   assert (DINO.shortest_edge, DINO.crop_height, DINO.resample) == (256, 224, 3)
   assert DINO.image_mean == (0.485, 0.456, 0.406)
+
+
+def test_very_large_images_are_downsized_first():
+  """TripoSG downsizes a long side above 2000 px before cropping; the crop box follows."""
+  img = np.full((10, 2100, 3), 255, np.uint8)
+  img[:, 1000:1100] = 0
+  prepared = pp.prepare_image(img)
+  # at 2000 / 2100 the 100 px object is 95-97 px wide (edges blend); the pad is 9 per side
+  assert 95 + 2 * 9 <= prepared.shape[1] <= 97 + 2 * 9
