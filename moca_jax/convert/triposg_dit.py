@@ -237,25 +237,30 @@ def flow_time(timestep: np.ndarray) -> np.ndarray:
   return np.asarray(timestep, np.float32) / np.float32(1000.0)
 
 
-def upstream_velocity(model: dit_lib.CompositionalDiT, variables: dict, x: np.ndarray,
-                      timestep: np.ndarray, cond: np.ndarray,
-                      component_mask: Optional[np.ndarray] = None, *, train: bool = False
-                      ) -> tuple[np.ndarray, list[np.ndarray]]:
-  """Runs an imported DiT like upstream: (output in upstream's sign [B, N, L, C], per-block
-  activations in upstream's token order [B, N, 1 + L, D] (time token first)).
+class UpstreamRunner:
+  """Runs an imported DiT like upstream, compiled once per input shape.
 
-  x: [B, N, L, C]; timestep: [B] on the 0..1000 scale; cond: [B, Tc, Dc] or [B, N, Tc, Dc].
+  `__call__(x, timestep, cond, component_mask=None)` ->
+  (output in upstream's sign [B, N, L, C], per-block activations in upstream's token order
+  [B, N, 1 + L, D] (time token first)), with x [B, N, L, C], timestep [B] on the 0..1000
+  scale, cond [B, Tc, Dc] or [B, N, Tc, Dc], component_mask [B, N] or None.
   """
-  t = flow_time(timestep)
-  v, state = jax.jit(
-      lambda p, x, t, c, mk: model.apply(p, x, t, c, mk, train=train,
-                                         mutable=["intermediates"]))(
-      variables, jnp.asarray(x), t, jnp.asarray(cond),
-      None if component_mask is None else jnp.asarray(component_mask))
-  inter = state["intermediates"]
-  blocks = [np.asarray(inter[f"block_{i}_out"][0]) for i in range(len(inter))]
-  blocks = [np.concatenate([a[:, :, -1:], a[:, :, :-1]], axis=2) for a in blocks]
-  return -np.asarray(v), blocks
+
+  def __init__(self, model: dit_lib.CompositionalDiT, variables: dict, train: bool = False):
+    self.variables = variables
+    self._apply = jax.jit(lambda p, x, t, c, mk: model.apply(
+        p, x, t, c, mk, train=train, mutable=["intermediates"]))
+
+  def __call__(self, x: np.ndarray, timestep: np.ndarray, cond: np.ndarray,
+               component_mask: Optional[np.ndarray] = None
+               ) -> tuple[np.ndarray, list[np.ndarray]]:
+    v, state = self._apply(self.variables, jnp.asarray(x), flow_time(timestep),
+                           jnp.asarray(cond),
+                           None if component_mask is None else jnp.asarray(component_mask))
+    inter = state["intermediates"]
+    blocks = [np.asarray(inter[f"block_{i}_out"][0]) for i in range(len(inter))]
+    blocks = [np.concatenate([a[:, :, -1:], a[:, :, :-1]], axis=2) for a in blocks]
+    return -np.asarray(v), blocks
 
 
 def _time_token(model_cfg: Any, params: dict, timestep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -283,18 +288,17 @@ def parity_triposg(fixture_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]
   """
   config, params = load(fixture_dir, expected_classes=TRIPOSG_CLASSES)
   io = np.load(os.path.join(fixture_dir, "io.npz"))
-  model = dit_lib.CompositionalDiT(config)
+  run = UpstreamRunner(dit_lib.CompositionalDiT(config), params)
   out = {}
-  v, blocks = upstream_velocity(model, params, io["hidden_states"][:, None], io["timestep"],
-                                io["encoder_hidden_states"])
+  v, blocks = run(io["hidden_states"][:, None], io["timestep"], io["encoder_hidden_states"])
   out["output"] = (v[:, 0], io["output"])
   sinusoid, token = _time_token(config, params, io["timestep"])
   out["dbg_time_sinusoid"] = (sinusoid, io["dbg_time_sinusoid"])
   out["dbg_time_token"] = (token, io["dbg_time_token"])
   for i, block in enumerate(blocks):
     out[f"dbg_block{i}_out"] = (block[:, 0], io[f"dbg_block{i}_out"])
-  v_cfg, _ = upstream_velocity(model, params, io["cfg_hidden_states"][:, None],
-                               io["cfg_timestep"], io["cfg_encoder_hidden_states"])
+  v_cfg, _ = run(io["cfg_hidden_states"][:, None], io["cfg_timestep"],
+                 io["cfg_encoder_hidden_states"])
   out["cfg_output"] = (v_cfg[:, 0], io["cfg_output"])
   out["cfg_guided_7"] = (_guided(v_cfg[:, 0], 7.0), io["cfg_guided_7"])
   return out
@@ -315,14 +319,14 @@ def parity_partcrafter(fixture_dir: str) -> dict[str, tuple[np.ndarray, np.ndarr
   config, params = load(fixture_dir, expected_classes=PARTCRAFTER_CLASSES)
   spec = dit_lib.DiTSpec.from_config(config)
   io = np.load(os.path.join(fixture_dir, "io.npz"))
-  model = dit_lib.CompositionalDiT(config)
+  run = UpstreamRunner(dit_lib.CompositionalDiT(config), params)
   n = io["a_hidden_states"].shape[0]
   out = {}
   ids = lambda b, k, train: np.asarray(dit_lib.default_ids(spec, b, k, train))
 
   # a: one object, N parts (each row's own copy of the image tokens, as the pipeline sends).
-  v, blocks = upstream_velocity(model, params, io["a_hidden_states"][None], io["a_timestep"][:1],
-                                io["a_encoder_hidden_states"][None])
+  v, blocks = run(io["a_hidden_states"][None], io["a_timestep"][:1],
+                  io["a_encoder_hidden_states"][None])
   out["a_output"] = (v[0], io["a_output"])
   out["a_part_ids"] = (ids(1, n, False).reshape(-1), io["a_part_ids"])
   out["a_dbg_time_token"] = (np.repeat(_time_token(config, params, io["a_timestep"][:1])[1], n, 0),
@@ -332,8 +336,8 @@ def parity_partcrafter(fixture_dir: str) -> dict[str, tuple[np.ndarray, np.ndarr
 
   # b: the CFG batch [uncond; cond] -> 2 objects; ids number the rows of the whole batch.
   shape = lambda a: a.reshape(2, n, *a.shape[1:])
-  v, blocks = upstream_velocity(model, params, shape(io["b_hidden_states"]), io["b_timestep"][::n],
-                                shape(io["b_encoder_hidden_states"]))
+  v, blocks = run(shape(io["b_hidden_states"]), io["b_timestep"][::n],
+                  shape(io["b_encoder_hidden_states"]))
   out["b_output"] = (v.reshape(2 * n, *v.shape[2:]), io["b_output"])
   out["b_part_ids"] = (ids(2, n, False).reshape(-1), io["b_part_ids"])
   out["b_guided_7"] = (_guided(v, 7.0)[0], io["b_guided_7"])
@@ -341,8 +345,8 @@ def parity_partcrafter(fixture_dir: str) -> dict[str, tuple[np.ndarray, np.ndarr
     out[f"b_dbg_block{i}_out"] = (block.reshape(2 * n, *block.shape[2:]), io[f"b_dbg_block{i}_out"])
 
   # c: a different condition per part: global blocks read the first part's.
-  v, _ = upstream_velocity(model, params, io["a_hidden_states"][None], io["a_timestep"][:1],
-                           io["c_encoder_hidden_states"][None])
+  v, _ = run(io["a_hidden_states"][None], io["a_timestep"][:1],
+             io["c_encoder_hidden_states"][None])
   out["c_output"] = (v[0], io["c_output"])
 
   # d: training layout, objects of d_num_parts parts, padded to the largest.
@@ -353,8 +357,8 @@ def parity_partcrafter(fixture_dir: str) -> dict[str, tuple[np.ndarray, np.ndarr
   for o, (start, k) in enumerate(zip(starts, counts)):
     x[o, :k] = io["d_hidden_states"][start:start + k]
     mask[o, :k] = True
-  v, _ = upstream_velocity(model, params, x, io["d_timestep"][starts],
-                           io["d_encoder_hidden_states"][starts], mask, train=True)
+  run_train = UpstreamRunner(dit_lib.CompositionalDiT(config), params, train=True)
+  v, _ = run_train(x, io["d_timestep"][starts], io["d_encoder_hidden_states"][starts], mask)
   out["d_output"] = (v[mask], io["d_output"])
   out["d_part_ids"] = (ids(len(counts), n_max, True)[mask], io["d_part_ids"])
   return out
