@@ -153,14 +153,27 @@ def bicubic_resize_torch(grid: Array, out_hw: tuple[int, int]) -> Array:
 def preprocess(images: Array, image_size: int, in_channels: int = 3) -> Array:
   """uint8 (or [0, 1] float) images [B, H, W, C] -> float32 [B, S, S, C] for the encoder.
 
-  Bilinear resize to S = image_size; RGB triples normalised with the ImageNet statistics;
-  for C = 7 the last channel is a mask and is thresholded to {0, 1}.
+  A non-square batch is first padded to a square (centred; white for the RGB channels, 0 for
+  a mask channel) so nothing is stretched; then bilinear resize to S = image_size; RGB
+  triples normalised with the ImageNet statistics; for C = 7 the last channel is a mask and
+  is thresholded to {0, 1}. (The published pipelines' exact preprocessing, with the crop to
+  the foreground, is `moca_jax.preprocess`.)
   """
   if images.ndim != 4 or images.shape[-1] != in_channels:
     raise ValueError(f"preprocess: expected images [B, H, W, {in_channels}], got {images.shape}")
   x = jnp.asarray(images, jnp.float32)
   if jnp.issubdtype(images.dtype, jnp.integer):
     x = x / 255.0
+  h, w = x.shape[1:3]
+  if h != w:
+    side = max(h, w)
+    pads = ((0, 0), ((side - h) // 2, side - h - (side - h) // 2),
+            ((side - w) // 2, side - w - (side - w) // 2))
+    rgb = 3 * (in_channels // 3)
+    parts = [jnp.pad(x[..., :rgb], pads + ((0, 0),), constant_values=1.0)]
+    if in_channels > rgb:
+      parts.append(jnp.pad(x[..., rgb:], pads + ((0, 0),), constant_values=0.0))
+    x = jnp.concatenate(parts, axis=-1)
   x = jax.image.resize(x, (x.shape[0], image_size, image_size, in_channels), "bilinear")
   rgb_groups = in_channels // 3
   parts = [(x[..., 3 * g:3 * g + 3] - IMAGENET_MEAN) / IMAGENET_STD for g in range(rgb_groups)]
