@@ -224,7 +224,8 @@ def encoder_attention(q: Array, k: Array, v: Array, implementation: Optional[str
   if implementation != "cudnn" or t % 2 == 0:
     return attention(q, k, v, implementation=implementation)
   pad = lambda x: jnp.pad(x, [(0, 0), (0, 1), (0, 0), (0, 0)])
-  mask = jnp.broadcast_to((jnp.arange(t + 1) < t)[None, None, None, :], (q.shape[0], 1, t + 1, t + 1))
+  mask = jnp.broadcast_to((jnp.arange(t + 1) < t)[None, None, None, :],
+                          (q.shape[0], 1, t + 1, t + 1))
   return attention(pad(q), pad(k), pad(v), mask=mask, implementation=implementation)[:, :t]
 
 
@@ -345,7 +346,8 @@ class ImageEncoder(nn.Module):
                                        (gh, gw)).reshape(1, gh * gw, d)
     tokens = [jnp.broadcast_to(cls + pos[:, :1], (b, 1, d)).astype(dtype)]
     if cfg.num_registers:
-      regs = self.param("register_tokens", part(nn.initializers.normal(1e-6), ("in", "in", "embed")),
+      regs = self.param("register_tokens",
+                        part(nn.initializers.normal(1e-6), ("in", "in", "embed")),
                         (1, cfg.num_registers, d), jnp.float32)
       tokens.append(jnp.broadcast_to(regs, (b, cfg.num_registers, d)).astype(dtype))
     tokens.append(x + patch_pos.astype(dtype))

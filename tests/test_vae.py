@@ -161,9 +161,8 @@ def test_loss_terms_are_finite_and_match_definitions(tiny):
   det_cfg = ml_collections.ConfigDict(loss_cfg.to_dict())
   det_cfg.train_random_fps, det_cfg.sample_posterior = False, False
   det_model = VecSetVAE(det_cfg)
-  det_loss = lambda c: jax.jit(lambda p, b, r: vae.vae_loss(p, det_model, b, r, c))(
+  _, m_det = jax.jit(lambda p, b, r: vae.vae_loss(p, det_model, b, r, det_cfg))(
       params, batch, jax.random.PRNGKey(5))
-  loss_det, m_det = det_loss(det_cfg)
   mean, _ = _apply(det_model, VecSetVAE.encode, deterministic=True)(
       params, batch["surface_points"], batch["surface_normals"])
   feats = _apply(det_model, VecSetVAE.decode_features)(params, mean)
@@ -174,11 +173,7 @@ def test_loss_terms_are_finite_and_match_definitions(tiny):
                   for e in jnp.eye(3)], axis=-1)
   eik_fd = float(jnp.mean(jnp.square(jnp.linalg.norm(fd, axis=-1) - 1.0)))
   assert float(m_det["eikonal"]) == pytest.approx(eik_fd, rel=0.02)
-  # ... and it enters the loss with its weight
-  heavy = ml_collections.ConfigDict(det_cfg.to_dict())
-  heavy.loss.eikonal_weight = det_cfg.loss.eikonal_weight + 1.0
-  loss_heavy, _ = det_loss(heavy)
-  np.testing.assert_allclose(loss_heavy - loss_det, m_det["eikonal"], rtol=1e-4)
+  # (that it enters the loss with its weight is the `total` check above)
   # KL: zero for the prior, positive otherwise
   assert float(vae.kl_divergence(jnp.zeros((1, 2, 3)), jnp.zeros((1, 2, 3)))) == 0.0
   assert float(vae.kl_divergence(jnp.ones((1, 2, 3)), jnp.zeros((1, 2, 3)))) == pytest.approx(0.5)
