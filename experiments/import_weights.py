@@ -51,7 +51,8 @@ def build_config(imported: snapshot.ImportedModel, out_dir: str, path: str
   return c
 
 
-def run(source: str, path: str, out: str, progress: bool = True) -> str:
+def run(source: str, path: str, out: str, progress: bool = True,
+        latent_tokens: Optional[int] = None) -> str:
   """Imports `path` into `out`; returns `out`. Raises ConversionError / FileExistsError."""
   out = os.path.abspath(out)
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
@@ -62,7 +63,7 @@ def run(source: str, path: str, out: str, progress: bool = True) -> str:
     def done(component, size):
       bar.set_postfix_str(component)
       bar.update(size)
-    imported = snapshot.read_snapshot(path, source, progress=done)
+    imported = snapshot.read_snapshot(path, source, progress=done, latent_tokens=latent_tokens)
     bar.set_postfix_str("writing checkpoint")
     return snapshot.write_checkpoint(out, build_config(imported, out, path), imported)
 
@@ -81,7 +82,8 @@ def main(argv) -> Optional[int]:
           f"{', '.join(snapshot.SOURCES)}", file=sys.stderr)
     return 2
   try:
-    out = run(FLAGS.source, FLAGS.path, FLAGS.out, progress=FLAGS.progress)
+    out = run(FLAGS.source, FLAGS.path, FLAGS.out, progress=FLAGS.progress,
+              latent_tokens=FLAGS.latent_tokens)
   except (ConversionError, FileExistsError) as e:
     print(f"import_weights: error: {e}", file=sys.stderr)
     return 2
@@ -94,6 +96,8 @@ def _define_flags():
   flags.DEFINE_string("path", None, "Local snapshot folder (transformer/, vae/, ...).")
   flags.DEFINE_string("out", None, "Output checkpoint folder (must not exist or be empty).")
   flags.DEFINE_bool("progress", True, "Show a progress bar over the weight files.")
+  flags.DEFINE_integer("latent_tokens", None, "Vecset tokens per part to generate (default: "
+                       "the upstream pipeline's, 2048 TripoSG, 1024 PartCrafter).")
 
 
 if __name__ == "__main__":
