@@ -1,6 +1,7 @@
 r"""Imports a published TripoSG or PartCrafter snapshot as this project's checkpoint.
 
-  python -m experiments.import_weights --source=partcrafter --path=PartCrafter --out=outputs/partcrafter
+  python -m experiments.import_weights --source=partcrafter --path=PartCrafter \
+      --out=outputs/partcrafter
   python -m experiments.import_weights --source=triposg --path=TripoSG --out=outputs/triposg
 
 --path is a local snapshot laid out as published (VAST-AI/TripoSG, wgsxm/PartCrafter on the

@@ -23,6 +23,11 @@ def _rel_errors(result):
           for name, (ours, ref) in result.items()}
 
 
+def _manifest(path):
+  with open(path) as f:
+    return json.load(f)
+
+
 def _stored_arrays(fixture):
   return set(np.load(os.path.join(GOLDEN, fixture, "io.npz")).files)
 
@@ -81,7 +86,7 @@ def test_fullsize_coverage_without_weights(name):
   shape of our model at the converted config (zero-stride arrays, jax.eval_shape)."""
   manifest = os.path.join(GOLDEN, "fullsize", f"{name}.json")
   upstream = common.fullsize_config(manifest)
-  upstream["_class_name"] = json.load(open(manifest))["class"]
+  upstream["_class_name"] = _manifest(manifest)["class"]
   config = triposg_dit.dit_config_from_upstream(upstream)
   params = triposg_dit.convert(common.zero_tensors(common.fullsize_shapes(manifest)), config,
                                source=name)
@@ -93,8 +98,8 @@ def test_fullsize_coverage_without_weights(name):
   want = jax.tree.map(lambda a: a.shape, meta.unbox(abstract)["params"])
   got = jax.tree.map(np.shape, params)
   assert got == want
-  count = sum(int(np.prod(s)) for s in jax.tree.leaves(want, is_leaf=lambda x: isinstance(x, tuple)))
-  assert count == json.load(open(manifest))["num_params"]
+  shapes = jax.tree.leaves(want, is_leaf=lambda x: isinstance(x, tuple))
+  assert sum(int(np.prod(s)) for s in shapes) == _manifest(manifest)["num_params"]
 
 
 def test_config_from_upstream():
@@ -103,12 +108,14 @@ def test_config_from_upstream():
   cfg = triposg_dit.dit_config_from_upstream(upstream)
   spec = dit_lib.DiTSpec.from_config(cfg)
   assert spec.global_block_ids() == (0, 2, 4) and spec.id_codebook == 16
-  assert (spec.packing, spec.time_embedding, spec.norm_eps, spec.gelu) == (False, "token", 1e-5, "erf")
+  assert (spec.packing, spec.time_embedding, spec.norm_eps, spec.gelu) == (
+      False, "token", 1e-5, "erf")
   ranged = dict(upstream, global_attn_block_ids=None, global_attn_block_id_range=[1, 3])
   assert dit_lib.DiTSpec.from_config(
       triposg_dit.dit_config_from_upstream(ranged)).global_block_ids() == (1, 2, 3)
   cases = [
-      (dict(upstream, num_layers=4), "num_layers=4: the U-ViT skip layout needs an odd block count"),
+      (dict(upstream, num_layers=4),
+       "num_layers=4: the U-ViT skip layout needs an odd block count"),
       (dict(upstream, enable_local_cross_attn=False),
        "enable_local_cross_attn=false (blocks without the image condition) is not supported"),
       (dict(upstream, _class_name="UNet2DModel"),

@@ -319,13 +319,15 @@ def test_batch_row_ids_reproduce_partcrafter():
   spec = _upstream_spec()
   np.testing.assert_array_equal(dit.default_ids(spec, 2, 4, False), np.arange(8).reshape(2, 4))
   np.testing.assert_array_equal(dit.default_ids(spec, 2, 3, True), [[0, 1, 2]] * 2)
-  with pytest.raises(ValueError, match=r"3 x 6 = 18 batch rows exceed the part-embedding table of 16"):
+  with pytest.raises(ValueError,
+                     match=r"3 x 6 = 18 batch rows exceed the part-embedding table of 16"):
     dit.default_ids(spec, 3, 6, False)
   x, t, cond = _inputs(3)
   v = _upstream_run(spec, x, t, cond)
   given = _upstream_run(spec, x, t, cond, ids=jnp.arange(2 * N, dtype=jnp.int32).reshape(2, N))
   np.testing.assert_array_equal(v, given)
-  restart = _upstream_run(spec, x, t, cond, ids=jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (2, N)))
+  restart = _upstream_run(spec, x, t, cond,
+                          ids=jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (2, N)))
   np.testing.assert_array_equal(restart[0], v[0])   # row 0 has ids 0..N-1 either way
   assert not np.allclose(restart[1], v[1])
 

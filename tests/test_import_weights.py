@@ -97,7 +97,8 @@ def test_triposg_snapshot_imports(tmp_path):
     if ".attn2.to_k." in name or ".attn2.to_v." in name:
       tensors[name] = rng.normal(0, 0.125, (64, 64)).astype(np.float32)
   save_file(tensors, str(snap / "transformer" / "diffusion_pytorch_model.safetensors"))
-  (snap / "transformer" / "config.json").write_text(json.dumps(dict(config, cross_attention_dim=64)))
+  (snap / "transformer" / "config.json").write_text(
+      json.dumps(dict(config, cross_attention_dim=64)))
   out = import_weights.run("triposg", str(snap), str(tmp_path / "out"), progress=False,
                            latent_tokens=32)
   cfg_dict, step = train_lib.read_checkpoint_config(os.path.join(out, "checkpoints"))

@@ -84,7 +84,8 @@ def read_snapshot(path: str, source: str,
     raise ConversionError(f"{path}: missing component folders: {', '.join(missing)}")
   done = progress or (lambda component, size: None)
   folder = lambda c: os.path.join(path, c)
-  size = lambda c: sum(os.path.getsize(f) for f in glob.glob(os.path.join(folder(c), "*.safetensors")))
+  size = lambda c: sum(os.path.getsize(f)
+                       for f in glob.glob(os.path.join(folder(c), "*.safetensors")))
 
   processor_path = os.path.join(folder("feature_extractor_dinov2"), PREPROCESSOR_FILE)
   try:

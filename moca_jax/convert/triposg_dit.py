@@ -66,7 +66,9 @@ def dit_config_from_upstream(upstream: dict, latent_tokens: Optional[int] = None
     raise ValueError(f"class {name!r} is not one of "
                      f"{', '.join(TRIPOSG_CLASSES + PARTCRAFTER_CLASSES)}")
   partcrafter = name in PARTCRAFTER_CLASSES
-  get = lambda key, default: upstream.get(key, default) if upstream.get(key) is not None else default
+  def get(key, default):
+    value = upstream.get(key)
+    return default if value is None else value
   heads, width = int(get("num_attention_heads", 16)), int(get("width", 2048))
   layers_n = int(get("num_layers", 21))
   if layers_n % 2 == 0:
@@ -263,7 +265,8 @@ class UpstreamRunner:
     return -np.asarray(v), blocks
 
 
-def _time_token(model_cfg: Any, params: dict, timestep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _time_token(model_cfg: Any, params: dict, timestep: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
   """(sinusoid [B, D], time token [B, D]) of the imported time embedding."""
   s = dit_lib.DiTSpec.from_config(model_cfg)
   t = flow_time(timestep)
