@@ -18,7 +18,10 @@ import numpy as np
 
 from moca_jax import dit as dit_lib
 from moca_jax import flow
-from moca_jax.convert import triposg_dit
+from moca_jax import image_encoder
+from moca_jax import io as io_lib
+from moca_jax import preprocess
+from moca_jax.convert import dinov2, triposg_dit
 from moca_jax.convert.scheduler import settings_from_config
 
 
@@ -45,16 +48,19 @@ def sample_latents(model: dit_lib.CompositionalDiT, variables: dict, noise: np.n
 def parity(fixture_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """This project's PartCrafter sampling vs tests/golden/partcrafter_pipeline_e2e.
 
-  Reads the DiT from the sibling `partcrafter_dit/` folder and the call (steps, guidance
-  scale, parts) and scheduler settings from the fixture's config.json. Starts from the stored
-  `image_embeds_cond` and `initial_noise` (the image encoder has its own fixture).
+  Reads the DiT from the sibling `partcrafter_dit/` folder, the image encoder from `dinov2/`,
+  the prepared image and processor settings from `image_preproc/`, and the call (steps,
+  guidance scale, parts) and scheduler settings from the fixture's config.json. The loop
+  starts from the stored `image_embeds_cond` and `initial_noise`.
 
   Returns:
-    {array name: (ours, reference)} for every stored array after the inputs:
-    `timesteps`, `encoder_hidden_states_cfg`, `step_transformer_timestep`, and from the full
-    loop `step_transformer_input`, `step_latents_after`, `final_latents`; the per-step model
-    arrays `step_transformer_output` and `step_guided` come from our DiT on the stored step
-    inputs (so that a model error and loop drift are told apart).
+    {array name: (ours, reference)} for every stored array but `initial_noise`:
+    `pixel_values_row0` (our processor on image_preproc/prepared_rgb.png), `image_embeds_cond`
+    (our DINOv2 on those pixels, one row per part), `timesteps`, `encoder_hidden_states_cfg`,
+    `step_transformer_timestep`, and from the full loop `step_transformer_input`,
+    `step_latents_after`, `final_latents`; the per-step model arrays `step_transformer_output`
+    and `step_guided` come from our DiT on the stored step inputs (so that a model error and
+    loop drift are told apart).
   """
   with open(os.path.join(fixture_dir, "config.json"), encoding="utf-8") as f:
     call = json.load(f)
@@ -73,6 +79,16 @@ def parity(fixture_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                                      cfg_scale=scale, time_shift=shift)
 
   out = {}
+  golden = os.path.dirname(os.path.abspath(fixture_dir))
+  processor = preprocess.ProcessorConfig.from_file(
+      os.path.join(golden, "image_preproc", "preprocessor_config.json"))
+  image = io_lib.load_image(os.path.join(golden, "image_preproc", "prepared_rgb.png"))
+  pixels = preprocess.bit_image_processor(image, processor)[None]  # [1, 224, 224, 3]
+  out["pixel_values_row0"] = (pixels.transpose(0, 3, 1, 2), io["pixel_values_row0"])
+  enc_config, enc_params = dinov2.load(os.path.join(golden, "dinov2"),
+                                       image_size=pixels.shape[1])
+  tokens = image_encoder.ImageEncoder(enc_config).apply(enc_params, jnp.asarray(pixels))
+  out["image_embeds_cond"] = (np.repeat(np.asarray(tokens), n, axis=0), io["image_embeds_cond"])
   sigmas = np.asarray(flow.time_grid(steps, shift))
   timesteps = flow.timesteps_from_sigmas(sigmas[:-1])
   out["timesteps"] = (timesteps, io["timesteps"])
