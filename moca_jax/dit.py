@@ -18,6 +18,22 @@ refreshed in the local blocks (the paper is silent; this is the documented defau
 cuDNN (jax 0.11) needs even query and key lengths when differentiated: odd lengths are
 padded here with a dummy query (dropped) or a masked dummy key (`attention_even`).
 
+Upstream layouts (config switches; `moca_jax.convert.triposg_dit` builds these configs from
+a published `transformer/config.json`):
+  TripoSG (`TripoSGDiTModel`, VAST-AI-Research/TripoSG): packing=False, id_codebook=0,
+    global_blocks='none', time_embedding='token' (the timestep is one extra token
+    [sin | cos] -> Linear(D, 4D) -> GELU -> Linear(4D, D), kept after the vecset tokens here
+    ([h | tau]; TripoSG prepends it: attention does not depend on token order), the output
+    read from the L vecset tokens after the final norm), norm_eps=1e-5 with fp32 LayerNorms,
+    exact erf GELU, U-ViT long skips, cross-attention of every token in every block.
+  PartCrafter (`PartCrafterDiTModel`, wgsxm/PartCrafter): the same plus the part-embedding
+    table (id_codebook = max_num_parts, id_assignment='batch_rows') and dense global blocks
+    (global_attention='dense', global_condition='first_component') in which every token of
+    every part (time tokens included) attends to all tokens of its object's parts, and the
+    cross-attention reads the condition of the object's first part.
+  Without packing a local block is plain self-attention over the T_c = L + 1 tokens of a
+  component and a global block updates every token.
+
 Shapes: B batch, N components (padded to N_max; component_mask marks the real ones),
 L vecset tokens, C latent channels, D width, Tc condition tokens, Dc condition width.
 """
@@ -29,15 +45,11 @@ from typing import Any, Optional, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from moca_jax import layers
 from moca_jax import moc as moc_lib
 from moca_jax.moc import GATHER_METHODS, GlobalAttention
-
-try:  # the GPU benchmark machine may lack ml_collections; only dit_config needs it.
-  import ml_collections
-except ImportError:  # pragma: no cover
-  ml_collections = None
 
 Array = jax.Array
 
@@ -80,6 +92,16 @@ def _defaults(size: str) -> dict:
       attention_implementation="xla",  # 'xla' | 'cudnn' | None
       dtype="float32",               # compute dtype; params stay fp32
       remat="none",                  # 'none' | 'full' | 'dots'
+      # Layout switches (module docstring); the defaults are the MoCA model.
+      packing=True,                  # packing queries, compressed tokens, anchor (MoC needs them)
+      time_embedding="additive",     # 'additive' (added to every token) | 'token' (TripoSG)
+      id_assignment="random",        # 'random' (distinct random ids in training, 0..N-1 at
+                                     # eval) | 'batch_rows' (PartCrafter: eval ids number the
+                                     # rows of the whole batch, 0..B*N-1; 0..N-1 in training)
+      global_condition="per_component",  # 'per_component' | 'first_component' (PartCrafter)
+      norm_eps=1e-6,                 # LayerNorm epsilon (TripoSG: 1e-5)
+      norm_fp32=False,               # LayerNorms computed in fp32 (TripoSG's FP32LayerNorm)
+      gelu="tanh",                   # 'tanh' | 'erf' (exact; TripoSG)
   )
   cfg.update(_SIZES[size])
   if size == "paper":
@@ -89,8 +111,6 @@ def _defaults(size: str) -> dict:
 
 def dit_config(size: str = "tiny"):
   """ml_collections.ConfigDict for a DiT size: 'tiny' (tests), 'small' (bundled), 'paper'."""
-  if ml_collections is None:
-    raise ImportError("dit_config needs ml_collections (pip install ml_collections)")
   return ml_collections.ConfigDict(_defaults(size))
 
 
@@ -122,6 +142,14 @@ class DiTSpec:
   dtype: str
   remat: str
   moc_component_chunk: int = 0  # optional: configs saved before it existed still load
+  # Layout switches (defaults: the MoCA model; configs saved before them still load).
+  packing: bool = True
+  time_embedding: str = "additive"
+  id_assignment: str = "random"
+  global_condition: str = "per_component"
+  norm_eps: float = 1e-6
+  norm_fp32: bool = False
+  gelu: str = "tanh"
 
   @classmethod
   def from_config(cls, config: Any) -> "DiTSpec":
@@ -152,6 +180,10 @@ class DiTSpec:
         ("attention_implementation", self.attention_implementation, ("xla", "cudnn", None)),
         ("dtype", self.dtype, tuple(_DTYPES)),
         ("remat", self.remat, ("none", "full", "dots")),
+        ("time_embedding", self.time_embedding, ("additive", "token")),
+        ("id_assignment", self.id_assignment, ("random", "batch_rows")),
+        ("global_condition", self.global_condition, ("per_component", "first_component")),
+        ("gelu", self.gelu, ("tanh", "erf")),
     ]
     for name, value, allowed in checks:
       if value not in allowed:
@@ -162,10 +194,32 @@ class DiTSpec:
       raise ValueError(f"moc_component_chunk must be >= 0, got {self.moc_component_chunk}")
     if self.routing == "none" and not self.compressed_tokens:
       raise ValueError("routing='none' with compressed_tokens=False leaves no global context")
+    if not self.packing and self.global_attention == "moc" and self.global_block_ids():
+      raise ValueError("global_attention='moc' needs packing=True (compressed and anchor tokens)")
+    if self.packing == (self.time_embedding == "token"):
+      raise ValueError("packing=True goes with time_embedding='additive', packing=False with "
+                       f"'token'; got packing={self.packing}, time_embedding="
+                       f"{self.time_embedding!r}")
+    if self.id_codebook < 0:
+      raise ValueError(f"id_codebook must be >= 0 (0: no ID embedding), got {self.id_codebook}")
 
   @property
   def compute_dtype(self):
     return _DTYPES[self.dtype]
+
+  def norm(self, name: str) -> layers.LayerNorm:
+    """A LayerNorm with this config's epsilon and precision."""
+    return layers.layer_norm(self.compute_dtype, name, epsilon=self.norm_eps, fp32=self.norm_fp32)
+
+  def mlp(self, name: str = "mlp") -> layers.Mlp:
+    """The block MLP (ratio `mlp_ratio`, GELU form `gelu`)."""
+    return layers.Mlp(self.mlp_ratio, approximate_gelu=self.gelu == "tanh",
+                      dtype=self.compute_dtype, name=name)
+
+  @property
+  def extra_tokens(self) -> int:
+    """Tokens per component after the L vecset tokens: m + 1 (packing) or 1 (time token)."""
+    return self.num_compressed + 1 if self.packing else 1
 
   def global_block_ids(self) -> tuple:
     """Indices of the global blocks."""
@@ -262,6 +316,16 @@ def _cross_attend(module, x: Array, cond: Array) -> Array:
   return module(x.reshape(b * n, t, d), cond.reshape(b * n, *cond.shape[2:])).reshape(x.shape)
 
 
+class SelfAttention(layers.MultiHeadAttention):
+  """Unmasked self-attention, odd lengths padded under cuDNN: x [B', T, D] -> [B', T, D]."""
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    q, k, v = self.project_qkv(x, x)
+    return self.project_out(attention_even(q, k, v, implementation=self.implementation),
+                            x.shape[-1])
+
+
 class DiTBlock(nn.Module):
   """One DiT block over all components: x [B, N, T_c, D] -> ([B, N, T_c, D], aux)."""
   spec: DiTSpec
@@ -275,15 +339,20 @@ class DiTBlock(nn.Module):
     s = self.spec
     dt = s.compute_dtype
     b, n, t, d = x.shape
-    seq_len, m = t - s.num_compressed - 1, s.num_compressed
+    seq_len = t - s.extra_tokens
     if self.has_skip:
+      # U-ViT long skip: Linear(concat[x, skip]) then LayerNorm (TripoSG's [skip, x] order is
+      # reordered at import, moca_jax.convert.triposg_dit).
       x = layers.dense(d, ("mlp", "embed"), dtype=dt, name="skip_linear")(
           jnp.concatenate([x, skip], axis=-1))
-      x = layers.layer_norm(dt, "skip_norm")(x)
+      x = s.norm("skip_norm")(x)
+    if not s.packing:
+      return self._plain(x, cond, component_mask), {}
+    m = s.num_compressed
     aux = {}
     if self.is_global:
       h, rest = x[:, :, :seq_len], x[:, :, seq_len:]
-      xn = layers.layer_norm(dt, "norm1")(x)
+      xn = s.norm("norm1")(x)
       attn = GlobalAttention(
           s.num_heads, implementation=s.attention_implementation, dtype=dt,
           mode=s.global_attention, top_k=s.top_k, routing=s.routing,
@@ -294,15 +363,48 @@ class DiTBlock(nn.Module):
       update, aux = attn(xn[:, :, :seq_len], xn[:, :, seq_len:seq_len + m],
                          xn[:, :, -1], component_mask, train=self.train)
       h = h + update
-      h = h + _cross_attend(_cross(s, "cross_attn"), layers.layer_norm(dt, "norm2")(h), cond)
-      h = h + layers.Mlp(s.mlp_ratio, dtype=dt, name="mlp")(layers.layer_norm(dt, "norm3")(h))
+      h = h + _cross_attend(_cross(s, "cross_attn"), s.norm("norm2")(h),
+                            _global_condition(s, cond))
+      h = h + s.mlp()(s.norm("norm3")(h))
       return jnp.concatenate([h, rest.astype(h.dtype)], axis=2), aux
     local = LocalAttention(s.num_heads, implementation=s.attention_implementation, dtype=dt,
                            seq_len=seq_len, num_compressed=m, name="local_attn")
-    x = x + local(layers.layer_norm(dt, "norm1")(x).reshape(b * n, t, d)).reshape(x.shape)
-    x = x + _cross_attend(_cross(s, "cross_attn"), layers.layer_norm(dt, "norm2")(x), cond)
-    x = x + layers.Mlp(s.mlp_ratio, dtype=dt, name="mlp")(layers.layer_norm(dt, "norm3")(x))
+    x = x + local(s.norm("norm1")(x).reshape(b * n, t, d)).reshape(x.shape)
+    x = x + _cross_attend(_cross(s, "cross_attn"), s.norm("norm2")(x), cond)
+    x = x + s.mlp()(s.norm("norm3")(x))
     return x, aux
+
+  def _plain(self, x: Array, cond: Array, component_mask: Optional[Array]) -> Array:
+    """TripoSG / PartCrafter block (no packing): every token is a query everywhere.
+
+    Local: self-attention within each component, cross-attention to its condition.
+    Global (dense): self-attention over all tokens of all real components of a sample,
+    cross-attention per `global_condition`.
+    """
+    s = self.spec
+    dt = s.compute_dtype
+    b, n, t, d = x.shape
+    xn = s.norm("norm1")(x)
+    if self.is_global:
+      attn = GlobalAttention(s.num_heads, implementation=s.attention_implementation, dtype=dt,
+                             mode="dense", name="global_attn")
+      update, _ = attn(xn, None, None, component_mask, train=self.train)
+      x = x + update
+      cond = _global_condition(s, cond)
+    else:
+      local = SelfAttention(s.num_heads, implementation=s.attention_implementation, dtype=dt,
+                            name="local_attn")
+      x = x + local(xn.reshape(b * n, t, d)).reshape(x.shape)
+    x = x + _cross_attend(_cross(s, "cross_attn"), s.norm("norm2")(x), cond)
+    return x + s.mlp()(s.norm("norm3")(x))
+
+
+def _global_condition(spec: DiTSpec, cond: Array) -> Array:
+  """The condition of a global block: per component, or (PartCrafter, 'first_component')
+  the first component's condition for all of a sample's components ([B, Tc, Dc])."""
+  if spec.global_condition == "first_component" and cond.ndim == 4:
+    return cond[:, 0]
+  return cond
 
 
 _REMAT_POLICIES = {
@@ -339,6 +441,27 @@ def draw_ids(rng: Array, batch: int, num_components: int, codebook: int) -> Arra
   return perm[:, :num_components].astype(jnp.int32)
 
 
+def default_ids(spec: DiTSpec, batch: int, n: int, train: bool,
+                rng: Optional[Array] = None) -> Array:
+  """The ID-codebook entries [batch, n] int32 used when none are given (see
+  `CompositionalDiT.__call__`, `id_assignment`).
+
+  Raises:
+    ValueError: the ids needed exceed the codebook (for 'batch_rows' at evaluation, batch * n
+      must fit: PartCrafter's CFG batch of N parts needs max_num_parts >= 2N).
+  """
+  if spec.id_assignment == "batch_rows" and not train:
+    if batch * n > spec.id_codebook:
+      raise ValueError(f"{batch} x {n} = {batch * n} batch rows exceed the part-embedding table "
+                       f"of {spec.id_codebook} (id_assignment='batch_rows' numbers every row)")
+    return jnp.arange(batch * n, dtype=jnp.int32).reshape(batch, n)
+  if n > spec.id_codebook:
+    raise ValueError(f"{n} components exceed the ID codebook of {spec.id_codebook}")
+  if train and spec.id_assignment == "random":
+    return draw_ids(rng, batch, n, spec.id_codebook)
+  return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, n))
+
+
 class CompositionalDiT(nn.Module):
   """Compositional DiT with Mixture-of-Components (or dense) global attention.
 
@@ -358,8 +481,12 @@ class CompositionalDiT(nn.Module):
       t: [B] flow time in [0, 1] (shared by the components of a sample).
       cond: [B, Tc, Dc] (object mode, shared) or [B, N, Tc, Dc] (scene mode).
       component_mask: [B, N] bool, True = real component; None = all real (static).
-      ids: [B, N] int32 ID-codebook entries, distinct per sample; None -> drawn from rng
-        stream 'ids' in training, 0..N-1 at evaluation.
+      ids: [B, N] int32 ID-codebook entries, distinct per sample; None -> per
+        `id_assignment`: 'random' draws them from rng stream 'ids' in training and uses
+        0..N-1 at evaluation; 'batch_rows' (PartCrafter) uses 0..N-1 in training and numbers
+        the rows of the whole batch at evaluation, row-major (0..B*N-1: in a CFG batch
+        [uncond; cond] of one object the conditional half gets N..2N-1, as upstream does).
+        Ignored when id_codebook = 0 (no ID embedding).
       train: Gumbel routing (rng stream 'routing') and random ids when True.
       return_routing: also return aux.
     Returns:
@@ -378,26 +505,35 @@ class CompositionalDiT(nn.Module):
       raise ValueError(f"cond must be [B, Tc, {s.cond_dim}] or [B, {n}, Tc, {s.cond_dim}], got {cond.shape}")
     if component_mask is not None and component_mask.shape != (b, n):
       raise ValueError(f"component_mask must have shape {(b, n)}, got {component_mask.shape}")
-    if n > s.id_codebook:
-      raise ValueError(f"{n} components exceed the ID codebook of {s.id_codebook}")
-    if ids is None:
-      if train:
-        ids = draw_ids(self.make_rng("ids"), b, n, s.id_codebook)
-      else:
-        ids = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-    elif ids.shape != (b, n):
+    if ids is not None and ids.shape != (b, n):
       raise ValueError(f"ids must have shape {(b, n)}, got {ids.shape}")
+    if s.id_codebook and n > s.id_codebook:
+      raise ValueError(f"{n} components exceed the ID codebook of {s.id_codebook}")
+    if s.id_codebook and ids is None:
+      draw = train and s.id_assignment == "random"
+      ids = default_ids(s, b, n, train, self.make_rng("ids") if draw else None)
 
     d, m = s.width, s.num_compressed
     h = layers.dense(d, ("in", "embed"), dtype=dt, name="proj_in")(x_t.astype(dt))
-    packed = PackingAttention(s.num_heads, implementation=s.attention_implementation, dtype=dt,
-                              num_queries=m + 1, name="packing")(
-        layers.layer_norm(dt, "pack_norm")(h).reshape(b * n, seq_len, d)).reshape(b, n, m + 1, d)
-    temb = layers.TimestepEmbedding(d, dtype=dt, name="time_embed")(t).astype(dt)  # [B, D]
-    x = jnp.concatenate([h, packed.astype(dt)], axis=2)  # [B, N, L + m + 1, D]
-    id_table = nn.Embed(s.id_codebook, d, embedding_init=nn.with_logical_partitioning(
-        nn.initializers.normal(0.02), ("vocab", "embed")), name="id_embed")
-    x = x + (id_table(ids).astype(dt) + temb[:, None, :])[:, :, None, :]
+    if s.time_embedding == "token":  # TripoSG: [sin | cos] -> Linear(D, 4D) -> GELU -> Linear
+      temb = layers.TimestepEmbedding(d, frequency_dim=d, hidden_dim=4 * d, activation="gelu",
+                                      order="sin_cos", dtype=dt, name="time_embed")(t)
+      x = jnp.concatenate([h, jnp.broadcast_to(temb.astype(dt)[:, None, None, :],
+                                               (b, n, 1, d))], axis=2)  # [B, N, L + 1, D]
+      add = 0.0
+    else:
+      packed = PackingAttention(s.num_heads, implementation=s.attention_implementation,
+                                dtype=dt, num_queries=m + 1, name="packing")(
+          s.norm("pack_norm")(h).reshape(b * n, seq_len, d)).reshape(b, n, m + 1, d)
+      temb = layers.TimestepEmbedding(d, dtype=dt, name="time_embed")(t).astype(dt)  # [B, D]
+      x = jnp.concatenate([h, packed.astype(dt)], axis=2)  # [B, N, L + m + 1, D]
+      add = temb[:, None, :]
+    if s.id_codebook:
+      id_table = nn.Embed(s.id_codebook, d, embedding_init=nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), ("vocab", "embed")), name="id_embed")
+      add = id_table(ids).astype(dt) + add
+    if s.id_codebook or s.time_embedding == "additive":
+      x = x + jnp.broadcast_to(add, (b, n, d))[:, :, None, :]
     cond = cond.astype(dt)
 
     block_cls = DiTBlock
@@ -411,13 +547,15 @@ class CompositionalDiT(nn.Module):
       block = block_cls(s, is_global=i in global_ids, has_skip=has_skip, train=train,
                         name=f"block_{i}")
       x, aux = block(x, cond, component_mask, skips.pop() if has_skip else None)
+      # Per-block activations for parity debugging: apply(..., mutable=["intermediates"]).
+      self.sow("intermediates", f"block_{i}_out", x)
       if i < n_skip:
         skips.append(x)
       if aux:
         importances.append(aux["importance"])
         selections.append(aux["selected"])
 
-    out = layers.layer_norm(dt, "norm_out")(x[:, :, :seq_len])
+    out = s.norm("norm_out")(x[:, :, :seq_len])
     velocity = layers.dense(channels, ("embed", "in"), dtype=dt, name="proj_out")(out)
     velocity = velocity.astype(jnp.float32)
     if not return_routing:

@@ -11,6 +11,15 @@ The module is model-agnostic: a *velocity function* `velocity_fn(x_t, t, cond) -
 x_t [B, N, L, C], t [B], cond any pytree with leading batch axis B) is all it needs. The
 DiT-specific wiring (rng streams, ids, component mask) lives in `moca_jax.train_lib`.
 
+Sampling schedule (`time_grid`): the rectified-flow scheduler of TripoSG / PartCrafter
+(`RectifiedFlowScheduler`, VAST-AI-Research/TripoSG triposg/schedulers/
+scheduling_rectified_flow.py): sigma_i = shift s / (1 + (shift - 1) s), s = 1 - i / n, computed
+in float64 and cast to float32, with a trailing 0; the DiT sees timestep 1000 sigma. Its step
+x <- x + (sigma_i - sigma_{i+1}) v_up, with v_up = z - eps, is this module's Euler step
+x <- x + (t_{i+1} - t_i) v with v = eps - z = -v_up (the same numbers up to the rounding of a
+fused multiply-add; imported DiTs have their output projection negated,
+moca_jax.convert.triposg_dit).
+
 Null condition for classifier-free guidance (defined once, here: `null_condition`):
   zeros of the condition's shape. Chosen over a learned null token because (i) it is what
   the public neighbours (TripoSG, PartCrafter) use, so their weights/recipes transfer;
@@ -28,6 +37,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 VelocityFn = Callable[[Array, Array, Any], Array]
@@ -153,29 +163,73 @@ def guided(v_cond: Array, v_uncond: Array, scale) -> Array:
   return v_cond + (scale - 1.0) * (v_cond - v_uncond)
 
 
+def cfg_batch(x: Array, t: Array, cond: Any) -> tuple[Array, Array, Any]:
+  """The doubled batch of classifier-free guidance, unconditional half first (as TripoSG /
+  PartCrafter build it): x [2B, ...], t [2B], cond [null_condition(cond); cond]."""
+  x2 = jnp.concatenate([x, x], axis=0)
+  t2 = jnp.concatenate([t, t], axis=0)
+  c2 = jax.tree.map(lambda c, n: jnp.concatenate([n, c], axis=0), cond, null_condition(cond))
+  return x2, t2, c2
+
+
 def cfg_velocity(velocity_fn: VelocityFn, cfg_scale) -> VelocityFn:
   """Wraps a velocity function with classifier-free guidance.
 
-  The conditional and unconditional passes run as one forward on a doubled batch
-  [cond ; null_condition(cond)].
+  The unconditional and conditional passes run as one forward on the doubled batch of
+  `cfg_batch` ([null_condition(cond); cond], unconditional half first: a model whose output
+  depends on the batch row, such as PartCrafter's part ids, sees upstream's layout).
   """
   def fn(x: Array, t: Array, cond: Any) -> Array:
-    x2 = jnp.concatenate([x, x], axis=0)
-    t2 = jnp.concatenate([t, t], axis=0)
-    c2 = jax.tree.map(lambda c, n: jnp.concatenate([c, n], axis=0), cond, null_condition(cond))
-    v = velocity_fn(x2, t2, c2)
-    v_c, v_u = jnp.split(v, 2, axis=0)
+    v = velocity_fn(*cfg_batch(x, t, cond))
+    v_u, v_c = jnp.split(v, 2, axis=0)
     return guided(v_c, v_u, cfg_scale)
   return fn
 
 
+def rectified_flow_sigmas(steps: int, shift: float = 1.0) -> np.ndarray:
+  """The sampling grid of TripoSG's rectified-flow scheduler: float32 [steps + 1], from 1 down
+  to a trailing 0 (module docstring; `set_timesteps(steps).sigmas` upstream).
+
+  Raises:
+    ValueError: steps < 1 or a non-positive / non-finite shift.
+  """
+  steps, shift = int(steps), float(shift)
+  if steps < 1:
+    raise ValueError(f"steps must be >= 1, got {steps}")
+  if not np.isfinite(shift) or shift <= 0:
+    raise ValueError(f"shift must be a positive number, got {shift}")
+  s = 1.0 - np.arange(steps, dtype=np.float64) / steps
+  s = shift * s / (1.0 + (shift - 1.0) * s)
+  return np.append(s.astype(np.float32), np.float32(0.0))
+
+
+def rectified_flow_train_sigmas(num_train_timesteps: int = 1000, shift: float = 1.0
+                                ) -> np.ndarray:
+  """The scheduler's training table after construction: float32 [num_train_timesteps],
+  sigma_j = shift s / (1 + (shift - 1) s), s = (num_train_timesteps - j) / num_train_timesteps,
+  in float32 as upstream (timesteps = 1000 sigma, `timesteps_from_sigmas`)."""
+  n = int(num_train_timesteps)
+  s = np.linspace(1, n, n, dtype=np.float32)[::-1] / np.float32(n)
+  if float(shift) != 1.0:
+    shift = np.float32(shift)
+    s = shift * s / (np.float32(1.0) + (shift - np.float32(1.0)) * s)
+  return s.astype(np.float32)
+
+
+def timesteps_from_sigmas(sigmas: np.ndarray, num_train_timesteps: int = 1000) -> np.ndarray:
+  """Upstream timesteps (0..1000 scale) of float32 sigmas: float32(sigma * 1000)."""
+  return np.asarray(sigmas, np.float32) * np.float32(num_train_timesteps)
+
+
 def time_grid(steps: int, shift: float = 1.0) -> Array:
-  """Decreasing times [steps + 1] from 1 to 0 (uniform, then `shift_time`)."""
-  return shift_time(jnp.linspace(1.0, 0.0, steps + 1, dtype=jnp.float32), shift)
+  """Decreasing flow times [steps + 1] from 1 to 0: `rectified_flow_sigmas` (uniform, then
+  `shift_time` in float64, cast to float32). `steps` and `shift` must be static."""
+  return jnp.asarray(rectified_flow_sigmas(steps, shift))
 
 
 def sample_ode(velocity_fn: VelocityFn, x1: Array, cond: Any, *, steps: int = 50,
-               method: str = "euler", cfg_scale=None, time_shift: float = 1.0) -> Array:
+               method: str = "euler", cfg_scale=None, time_shift: float = 1.0,
+               return_trajectory: bool = False):
   """Integrates dx/dt = v(x, t, cond) from t = 1 (noise x1) to t = 0 (data).
 
   Args:
@@ -186,10 +240,13 @@ def sample_ode(velocity_fn: VelocityFn, x1: Array, cond: Any, *, steps: int = 50
     steps: number of intervals (static).
     method: 'euler' (1 evaluation per step) or 'heun' (2 per step, second order; the
       final step to t = 0 is Euler: 2 * steps - 1 evaluations).
-    cfg_scale: None = no guidance (one pass); else the guidance scale (may be traced).
-    time_shift: `shift_time` applied to the uniform grid.
+    cfg_scale: None = no guidance (one pass); else the guidance scale (may be traced);
+      the doubled batch is `cfg_batch`'s.
+    time_shift: `shift_time` applied to the uniform grid (`time_grid`; static).
+    return_trajectory: also return the state after every step.
   Returns:
-    x0 [B, ...] in x1's dtype.
+    x0 [B, ...] in x1's dtype, or (x0, trajectory [steps, B, ...] float32) where
+    trajectory[i] is the state at time grid[i + 1] (trajectory[-1] == x0 before the cast).
   """
   if method not in ("euler", "heun"):
     raise ValueError(f"sample_ode: method must be 'euler' or 'heun', got {method!r}")
@@ -205,27 +262,31 @@ def sample_ode(velocity_fn: VelocityFn, x1: Array, cond: Any, *, steps: int = 50
     dt = t_next - t                                    # negative
     v = vel(x, t)
     x_euler = x + dt * v
-    if method == "euler":
-      return x_euler, None
-    v_next = vel(x_euler, t_next)
-    return x + dt * 0.5 * (v + v_next), None
+    if method == "heun":
+      v_next = vel(x_euler, t_next)
+      x_euler = x + dt * 0.5 * (v + v_next)
+    return x_euler, (x_euler if return_trajectory else None)
 
   pairs = jnp.stack([grid[:-1], grid[1:]], axis=1)    # [steps, 2]
   if method == "euler":
-    x0, _ = jax.lax.scan(step, x1.astype(jnp.float32), pairs)
+    x0, traj = jax.lax.scan(step, x1.astype(jnp.float32), pairs)
   else:
     # Heun on all but the last interval; the last one (ending at t = 0, where some exact
     # fields are singular) is an Euler step, as in EDM.
-    x, _ = jax.lax.scan(step, x1.astype(jnp.float32), pairs[:-1])
+    x, traj = jax.lax.scan(step, x1.astype(jnp.float32), pairs[:-1])
     t, t_next = pairs[-1, 0], pairs[-1, 1]
     x0 = x + (t_next - t) * vel(x, t)
+    if return_trajectory:
+      traj = jnp.concatenate([traj, x0[None]], axis=0)
+  if return_trajectory:
+    return x0.astype(x1.dtype), traj
   return x0.astype(x1.dtype)
 
 
 def sample(velocity_fn: VelocityFn, rng: Array, shape: tuple[int, ...], cond: Any, *,
            steps: int = 50, method: str = "euler", cfg_scale=None,
-           time_shift: float = 1.0) -> Array:
+           time_shift: float = 1.0, return_trajectory: bool = False):
   """Seeded sampling: x1 ~ N(0, I) of `shape` from `rng`, then `sample_ode`."""
   x1 = jax.random.normal(rng, shape, jnp.float32)
   return sample_ode(velocity_fn, x1, cond, steps=steps, method=method, cfg_scale=cfg_scale,
-                    time_shift=time_shift)
+                    time_shift=time_shift, return_trajectory=return_trajectory)

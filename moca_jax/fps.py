@@ -8,9 +8,11 @@ distance to the nearest already picked point is largest (ties: the lowest index,
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -59,3 +61,26 @@ def farthest_from_centroid(points: Array) -> Array:
   """
   centroid = jnp.mean(points.astype(jnp.float32), axis=1, keepdims=True)
   return jnp.argmax(jnp.sum(jnp.square(points - centroid), axis=-1), axis=1).astype(jnp.int32)
+
+
+def triposg_query_index(points: Array, num_tokens: int, seed: Optional[int] = None) -> Array:
+  """The encoder query points TripoSG's VAE picks in eval mode, as indices.
+
+  TripoSGVAEModel._sample_features: `np.random.default_rng(seed).choice(N, 4 * num_tokens,
+  replace=4 * num_tokens > N)` (one subset for the whole batch), then FPS with ratio 1/4 over
+  that subset starting at its first point (torch_cluster's `random_start=False`). Feed the
+  result to `VecSetVAE.encode(..., query_index=...)` to reproduce upstream's encoding.
+
+  Args:
+    points: [B, N, 3] surface points.
+    num_tokens: L, the number of latent tokens.
+    seed: numpy seed (None: fresh entropy, as upstream with seed=None).
+  Returns:
+    [B, L] int32 indices into the N points.
+  """
+  b, n = points.shape[0], points.shape[1]
+  subset = np.random.default_rng(seed).choice(n, 4 * num_tokens, replace=4 * num_tokens > n)
+  subset = jnp.asarray(subset, jnp.int32)
+  cand = jnp.take(jnp.asarray(points), subset, axis=1)
+  picked = farthest_point_sampling(cand, num_tokens, jnp.zeros((b,), jnp.int32))
+  return subset[picked]

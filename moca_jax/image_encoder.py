@@ -3,14 +3,20 @@
 Layout (names follow DINOv2's modules so a converter is a renaming):
   patch_embed   Conv 14x14 stride 14, in_channels -> D (kernel [14, 14, C_in, D], bias)
   cls_token     [1, 1, D];  register_tokens [1, R, D] (optional, R = num_registers)
-  pos_embed     [1, 1 + G*G, D] for the configured grid G = image_size // 14 (CLS + patches;
-                registers carry no position, as in DINOv2-reg); bicubically resized when
-                the input grid differs
+  pos_embed     [1, 1 + G*G, D] for the grid G = pos_image_size // 14 (CLS + patches;
+                registers carry no position, as in DINOv2-reg); when the input grid differs
+                the patch part is resized with torch's bicubic (Keys a = -0.75,
+                align_corners off, size-based, fp32, no antialias), exactly as transformers'
+                `Dinov2Embeddings.interpolate_pos_encoding` does (`bicubic_resize_torch`)
   blocks_i      x += ls1 * attn(norm1(x));  x += ls2 * mlp(norm2(x))
                 attn: fused qkv (with bias) -> [B, T, 3, H, d] -> attention -> proj
                 mlp: fc1 -> exact GELU -> fc2;  ls1/ls2: layer scale 'gamma' [D]
-  norm          final LayerNorm
-Output: tokens [B, 1 + R + G*G, D] (CLS, registers, patches), all normed.
+  norm          final LayerNorm (all LayerNorms use config.norm_eps, 1e-6 as in DINOv2)
+Output: tokens [B, 1 + R + g*g, D] (CLS, registers, patches; g = input size // 14), all normed:
+the `last_hidden_state` of transformers' Dinov2Model. Size 'dinov2-large' (or
+`encoder_config_from_dinov2` on a transformers config.json) is the published DINOv2-L/14 fed
+224 x 224 crops, the image encoder of TripoSG and PartCrafter; its weights are imported by
+`moca_jax.convert.dinov2`.
 
 Inputs: float images [B, H, W, C] already normalised by `preprocess` (RGB channels with the
 ImageNet mean/std; a mask channel in {0, 1}). C = 3 for objects, 7 for scenes in MIDI's
@@ -31,7 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moca_jax.layers import attention, layer_norm
+from moca_jax.layers import attention
 
 Array = jax.Array
 
@@ -41,21 +47,103 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def encoder_config(size: str = "tiny", in_channels: int = 3) -> ml_collections.ConfigDict:
-  """Named sizes: 'tiny' (tests, CPU demo), 'small' (ViT-S/14), 'large' (ViT-L/14, DINOv2-L)."""
+  """Named sizes: 'tiny' (tests, CPU demo), 'small' (ViT-S/14), 'large' (ViT-L/14, DINOv2-L
+  shape with its position table at 224), 'dinov2-large' (the published DINOv2-L/14: position
+  table for 518 x 518, fed 224 x 224, layer scale 1.0 at init)."""
   sizes = {
-      #        width depth heads image registers layer_scale
-      "tiny": (64, 2, 2, 56, 0, 0.1),
-      "small": (384, 12, 6, 224, 0, 1e-5),
-      "large": (1024, 24, 16, 224, 0, 1e-5),
+      #               width depth heads image pos_image registers layer_scale
+      "tiny": (64, 2, 2, 56, 56, 0, 0.1),
+      "small": (384, 12, 6, 224, 224, 0, 1e-5),
+      "large": (1024, 24, 16, 224, 224, 0, 1e-5),
+      "dinov2-large": (1024, 24, 16, 224, 518, 0, 1.0),
   }
   if size not in sizes:
     raise ValueError(f"encoder_config: unknown size {size!r}; expected one of {sorted(sizes)}")
-  width, depth, heads, image, regs, ls = sizes[size]
+  width, depth, heads, image, pos_image, regs, ls = sizes[size]
   return ml_collections.ConfigDict(dict(
       size=size, width=width, depth=depth, num_heads=heads, mlp_ratio=4.0, patch_size=PATCH,
-      image_size=image, num_registers=regs, layer_scale_init=ls, in_channels=in_channels,
-      lora_rank=0, lora_alpha=16.0, lora_targets=("qkv", "proj"), freeze=False, remat=False,
-      dtype="float32", attention_implementation="xla"))
+      image_size=image, pos_image_size=pos_image, num_registers=regs, layer_scale_init=ls,
+      norm_eps=1e-6, in_channels=in_channels, lora_rank=0, lora_alpha=16.0,
+      lora_targets=("qkv", "proj"), freeze=False, remat=False, dtype="float32",
+      attention_implementation="xla"))
+
+
+def encoder_config_from_dinov2(hf_config: dict, image_size: int = 224,
+                               in_channels: int = 3) -> ml_collections.ConfigDict:
+  """The config of a transformers `Dinov2Model` config.json (e.g. the pipelines'
+  `image_encoder_dinov2/config.json`), fed `image_size` x `image_size` images.
+
+  Raises:
+    ValueError: a variant this module does not implement (SwiGLU FFN, an activation other
+      than exact GELU, a patch size other than 14, no q/k/v bias) or bad sizes.
+  """
+  get = hf_config.get
+  if get("use_swiglu_ffn", False):
+    raise ValueError("DINOv2 with use_swiglu_ffn=True (ViT-g) is not supported")
+  if get("hidden_act", "gelu") != "gelu":
+    raise ValueError(f"DINOv2 hidden_act {get('hidden_act')!r} is not supported (only 'gelu')")
+  if get("patch_size", PATCH) != PATCH:
+    raise ValueError(f"DINOv2 patch_size must be {PATCH}, got {get('patch_size')}")
+  if not get("qkv_bias", True):
+    raise ValueError("DINOv2 with qkv_bias=False is not supported")
+  width, heads = int(get("hidden_size", 768)), int(get("num_attention_heads", 12))
+  if width % heads:
+    raise ValueError(f"DINOv2 hidden_size {width} is not divisible by {heads} heads")
+  if image_size % PATCH:
+    raise ValueError(f"image_size must be a multiple of {PATCH}, got {image_size}")
+  c = encoder_config("dinov2-large", in_channels=in_channels)
+  c.size = "dinov2"
+  c.width, c.num_heads = width, heads
+  c.depth = int(get("num_hidden_layers", 12))
+  c.mlp_ratio = float(get("mlp_ratio", 4))
+  c.pos_image_size = int(get("image_size", 518))
+  c.image_size = int(image_size)
+  c.layer_scale_init = float(get("layerscale_value", 1.0))
+  c.norm_eps = float(get("layer_norm_eps", 1e-6))
+  return c
+
+
+# ----------------------------------------------------------------------------------------
+# Torch-compatible bicubic resize (position-embedding interpolation)
+# ----------------------------------------------------------------------------------------
+
+def _keys_cubic(x: np.ndarray, a: float) -> np.ndarray:
+  """Keys' cubic convolution kernel with parameter `a` (torch uses a = -0.75)."""
+  x = np.abs(x)
+  near = ((a + 2) * x - (a + 3)) * x * x + 1
+  far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+
+def bicubic_weights_torch(in_size: int, out_size: int, a: float = -0.75) -> np.ndarray:
+  """[out_size, in_size] float32 matrix of `torch.nn.functional.interpolate(mode='bicubic',
+  align_corners=False, size=...)` along one axis (no antialias).
+
+  Output sample o reads source position (o + 0.5) * in/out - 0.5 (not clamped), its 4
+  neighbours floor-1 .. floor+2 with indices clamped to the border, weighted by the Keys
+  kernel. (jax.image.resize's 'bicubic' uses a = -0.5 and other border handling.)
+  """
+  scale = in_size / out_size
+  src = (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5
+  base = np.floor(src)
+  t = src - base
+  w = np.zeros((out_size, in_size), np.float64)
+  rows = np.arange(out_size)
+  for k in range(-1, 3):
+    idx = np.clip(base.astype(np.int64) + k, 0, in_size - 1)
+    np.add.at(w, (rows, idx), _keys_cubic(t - k, a))
+  return w.astype(np.float32)
+
+
+def bicubic_resize_torch(grid: Array, out_hw: tuple[int, int]) -> Array:
+  """Resizes grid [..., H, W, D] to [..., out_h, out_w, D] like torch's bicubic interpolate
+  (align_corners off, size-based, fp32 math)."""
+  h, w = grid.shape[-3], grid.shape[-2]
+  wh = jnp.asarray(bicubic_weights_torch(h, out_hw[0]))
+  ww = jnp.asarray(bicubic_weights_torch(w, out_hw[1]))
+  g = grid.astype(jnp.float32)
+  g = jnp.einsum("oh,...hwd->...owd", wh, g, precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum("pw,...owd->...opd", ww, g, precision=jax.lax.Precision.HIGHEST)
 
 
 # ----------------------------------------------------------------------------------------
@@ -65,14 +153,27 @@ def encoder_config(size: str = "tiny", in_channels: int = 3) -> ml_collections.C
 def preprocess(images: Array, image_size: int, in_channels: int = 3) -> Array:
   """uint8 (or [0, 1] float) images [B, H, W, C] -> float32 [B, S, S, C] for the encoder.
 
-  Bilinear resize to S = image_size; RGB triples normalised with the ImageNet statistics;
-  for C = 7 the last channel is a mask and is thresholded to {0, 1}.
+  A non-square batch is first padded to a square (centred; white for the RGB channels, 0 for
+  a mask channel) so nothing is stretched; then bilinear resize to S = image_size; RGB
+  triples normalised with the ImageNet statistics; for C = 7 the last channel is a mask and
+  is thresholded to {0, 1}. (The published pipelines' exact preprocessing, with the crop to
+  the foreground, is `moca_jax.preprocess`.)
   """
   if images.ndim != 4 or images.shape[-1] != in_channels:
     raise ValueError(f"preprocess: expected images [B, H, W, {in_channels}], got {images.shape}")
   x = jnp.asarray(images, jnp.float32)
   if jnp.issubdtype(images.dtype, jnp.integer):
     x = x / 255.0
+  h, w = x.shape[1:3]
+  if h != w:
+    side = max(h, w)
+    pads = ((0, 0), ((side - h) // 2, side - h - (side - h) // 2),
+            ((side - w) // 2, side - w - (side - w) // 2))
+    rgb = 3 * (in_channels // 3)
+    parts = [jnp.pad(x[..., :rgb], pads + ((0, 0),), constant_values=1.0)]
+    if in_channels > rgb:
+      parts.append(jnp.pad(x[..., rgb:], pads + ((0, 0),), constant_values=0.0))
+    x = jnp.concatenate(parts, axis=-1)
   x = jax.image.resize(x, (x.shape[0], image_size, image_size, in_channels), "bilinear")
   rgb_groups = in_channels // 3
   parts = [(x[..., 3 * g:3 * g + 3] - IMAGENET_MEAN) / IMAGENET_STD for g in range(rgb_groups)]
@@ -123,7 +224,8 @@ def encoder_attention(q: Array, k: Array, v: Array, implementation: Optional[str
   if implementation != "cudnn" or t % 2 == 0:
     return attention(q, k, v, implementation=implementation)
   pad = lambda x: jnp.pad(x, [(0, 0), (0, 1), (0, 0), (0, 0)])
-  mask = jnp.broadcast_to((jnp.arange(t + 1) < t)[None, None, None, :], (q.shape[0], 1, t + 1, t + 1))
+  mask = jnp.broadcast_to((jnp.arange(t + 1) < t)[None, None, None, :],
+                          (q.shape[0], 1, t + 1, t + 1))
   return attention(pad(q), pad(k), pad(v), mask=mask, implementation=implementation)[:, :t]
 
 
@@ -172,6 +274,14 @@ class LayerScale(nn.Module):
     return x * gamma.astype(x.dtype)
 
 
+def _layer_norm(dtype: Any, eps: float, name: str) -> nn.LayerNorm:
+  """LayerNorm with learned scale and bias (fp32 params, axis 'embed')."""
+  part = nn.with_logical_partitioning
+  return nn.LayerNorm(dtype=dtype, param_dtype=jnp.float32, epsilon=eps,
+                      scale_init=part(nn.initializers.ones_init(), ("embed",)),
+                      bias_init=part(nn.initializers.zeros_init(), ("embed",)), name=name)
+
+
 class EncoderBlock(nn.Module):
   """DINOv2 block on x [B, T, D] -> [B, T, D]."""
   num_heads: int
@@ -182,6 +292,7 @@ class EncoderBlock(nn.Module):
   lora_targets: Sequence[str] = ("qkv", "proj")
   implementation: Optional[str] = "xla"
   dtype: Any = jnp.float32
+  norm_eps: float = 1e-6
 
   def _dense(self, features, axes, name):
     rank = self.lora_rank if name in self.lora_targets else 0
@@ -192,12 +303,12 @@ class EncoderBlock(nn.Module):
   def __call__(self, x: Array) -> Array:
     b, t, d = x.shape
     h = self.num_heads
-    y = layer_norm(self.dtype, "norm1")(x)
+    y = _layer_norm(self.dtype, self.norm_eps, "norm1")(x)
     qkv = self._dense(3 * d, ("embed", "heads"), "qkv")(y).reshape(b, t, 3, h, d // h)
     out = encoder_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.implementation)
     y = self._dense(d, ("heads", "embed"), "proj")(out.reshape(b, t, d))
     x = x + LayerScale(self.layer_scale_init, name="ls1")(y)
-    y = layer_norm(self.dtype, "norm2")(x)
+    y = _layer_norm(self.dtype, self.norm_eps, "norm2")(x)
     y = self._dense(int(d * self.mlp_ratio), ("embed", "mlp"), "fc1")(y)
     y = self._dense(d, ("mlp", "embed"), "fc2")(nn.gelu(y, approximate=False))
     return x + LayerScale(self.layer_scale_init, name="ls2")(y)
@@ -224,29 +335,32 @@ class ImageEncoder(nn.Module):
                 name="patch_embed")(images.astype(dtype))
     b, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d)
-    grid = cfg.image_size // p
+    grid = cfg.get("pos_image_size", cfg.image_size) // p
     pos = self.param("pos_embed", part(nn.initializers.normal(0.02), ("in", "in", "embed")),
                      (1, 1 + grid * grid, d), jnp.float32)
     cls = self.param("cls_token", part(nn.initializers.normal(1e-6), ("in", "in", "embed")),
                      (1, 1, d), jnp.float32)
     patch_pos = pos[:, 1:]
     if (gh, gw) != (grid, grid):
-      patch_pos = jax.image.resize(patch_pos.reshape(1, grid, grid, d), (1, gh, gw, d),
-                                   "bicubic").reshape(1, gh * gw, d)
+      patch_pos = bicubic_resize_torch(patch_pos.reshape(1, grid, grid, d),
+                                       (gh, gw)).reshape(1, gh * gw, d)
     tokens = [jnp.broadcast_to(cls + pos[:, :1], (b, 1, d)).astype(dtype)]
     if cfg.num_registers:
-      regs = self.param("register_tokens", part(nn.initializers.normal(1e-6), ("in", "in", "embed")),
+      regs = self.param("register_tokens",
+                        part(nn.initializers.normal(1e-6), ("in", "in", "embed")),
                         (1, cfg.num_registers, d), jnp.float32)
       tokens.append(jnp.broadcast_to(regs, (b, cfg.num_registers, d)).astype(dtype))
     tokens.append(x + patch_pos.astype(dtype))
     x = jnp.concatenate(tokens, axis=1)
+    self.sow("intermediates", "pos_embed", jnp.concatenate([pos[:, :1], patch_pos], axis=1))
+    self.sow("intermediates", "embeddings", x)
     block = nn.remat(EncoderBlock) if cfg.remat else EncoderBlock
     for i in range(cfg.depth):
       x = block(cfg.num_heads, cfg.mlp_ratio, cfg.layer_scale_init, lora_rank=cfg.lora_rank,
                 lora_alpha=cfg.lora_alpha, lora_targets=tuple(cfg.lora_targets),
                 implementation=cfg.attention_implementation, dtype=dtype,
-                name=f"blocks_{i}")(x)
-    x = layer_norm(dtype, "norm")(x)
+                norm_eps=cfg.get("norm_eps", 1e-6), name=f"blocks_{i}")(x)
+    x = _layer_norm(dtype, cfg.get("norm_eps", 1e-6), "norm")(x)
     if cfg.freeze and cfg.lora_rank == 0:
       x = jax.lax.stop_gradient(x)
     return x

@@ -15,6 +15,7 @@ import io as _io
 import json
 import os
 import re
+import threading
 import uuid
 from typing import Any, Iterator, Optional
 
@@ -177,25 +178,102 @@ def save_figure(fig: Any, path: str, **savefig_kwargs: Any) -> str:
 # Images
 # ----------------------------------------------------------------------------------------
 
-def load_image(path: str) -> np.ndarray:
-  """An image file -> uint8 [H, W, 3] (alpha composited on white).
+# Largest image `load_image` decodes, in pixels (a 15000 x 15000 PNG of 45 KB is 225 Mpx).
+MAX_IMAGE_PIXELS = 100_000_000
+_PIL_LIMIT_LOCK = threading.Lock()
 
-  Raises FileNotFoundError (missing) or ValueError (not a readable image), naming the path.
+
+class ImageTooLargeError(ValueError):
+  """An image file whose pixel count exceeds the decoding limit (a decompression bomb)."""
+
+
+def _open_image(path: str, max_pixels: int):
+  """PIL.Image.open with this module's size limit in place of PIL's bomb check."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with _PIL_LIMIT_LOCK:  # PIL's limit is a module global: lift it for the header read only
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+      im = Image.open(path)
+    finally:
+      Image.MAX_IMAGE_PIXELS = saved
+  w, h = im.size
+  if w * h > max_pixels:
+    im.close()
+    raise ImageTooLargeError(f"{path}: image too large ({w * h / 1e6:.0f} Mpx > "
+                             f"{max_pixels / 1e6:.0f} Mpx limit; {w} x {h})")
+  return im
+
+
+def _to_uint8_rgba(im) -> np.ndarray:
+  """A decoded PIL image of any mode -> uint8 [H, W, 4], straight (not premultiplied) alpha.
+
+  16-bit grey levels (modes I;16*) are scaled to 8 bits (x / 257, rounded: 65535 -> 255);
+  32-bit integer grey (mode I) likewise when it exceeds 255, else taken as 8-bit levels;
+  float ('F') images are taken as [0, 1] when their maximum is <= 1, else [0, 255].
   """
-  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  mode = im.mode
+  if mode.startswith("I;16") or mode == "I":
+    grey = np.asarray(im, dtype=np.float64)
+    if mode.startswith("I;16") or (grey.size and grey.max() > 255):
+      grey = np.round(np.clip(grey, 0, 65535) / 257.0)
+  elif mode == "F":
+    grey = np.asarray(im, dtype=np.float64)
+    grey = np.nan_to_num(grey)
+    grey = grey * 255.0 if grey.size and grey.max() <= 1.0 else grey
+  else:
+    grey = None
+  if grey is not None:
+    g = np.clip(grey, 0, 255).astype(np.uint8)
+    return np.dstack([g, g, g, np.full_like(g, 255)])
+  # PIL converts palette (with its transparency), LA / La / RGBa (premultiplied: un-multiplied
+  # here), CMYK, YCbCr, LAB, HSV and 1-bit images to straight RGBA.
+  return np.asarray(im.convert("RGBA"), np.uint8)
+
+
+def load_image(path: str, *, keep_alpha: bool = False,
+               max_pixels: Optional[int] = None) -> np.ndarray:
+  """An image file -> uint8 [H, W, 3] (alpha composited on white) or, with `keep_alpha`,
+  uint8 [H, W, 4] with straight alpha (255 where the file has none).
+
+  The one function every image file passes through (generation, evaluation, data renders):
+  every PIL mode (1-bit, grey, 16-bit grey, palette with transparency, grey+alpha, RGB(A),
+  premultiplied alpha, CMYK, YCbCr, ...), the EXIF orientation tag applied (phone photos),
+  the first frame of an animation (GIF, APNG, WebP).
+
+  Args:
+    path: image file.
+    keep_alpha: return RGBA instead of compositing on white (the TripoSG preprocessing crops
+      to the alpha; see `moca_jax.preprocess`).
+    max_pixels: decoding limit (default MAX_IMAGE_PIXELS), checked from the header before any
+      pixel is decoded.
+  Raises:
+    FileNotFoundError: missing file.
+    ImageTooLargeError (a ValueError): more than `max_pixels` pixels, "image too large
+      (N Mpx > limit)".
+    ValueError: not a readable image; all name the path.
+  """
+  from PIL import ImageOps, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such image file")
+  limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
   try:
-    with Image.open(path) as im:
+    with _open_image(path, limit) as im:
+      if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)
       im.load()
-      if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = np.asarray(im.convert("RGBA"), np.float32)
-        alpha = rgba[..., 3:] / 255.0
-        return np.round(rgba[..., :3] * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
-      return np.asarray(im.convert("RGB"), np.uint8)
-  except (UnidentifiedImageError, OSError, SyntaxError) as e:
+      oriented = ImageOps.exif_transpose(im)
+      rgba = _to_uint8_rgba(oriented)
+  except ImageTooLargeError:
+    raise
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
     raise ValueError(f"{path}: not an image ({type(e).__name__}: {e})") from e
+  if keep_alpha:
+    return rgba
+  alpha = rgba[..., 3:].astype(np.float32) / 255.0
+  rgb = rgba[..., :3].astype(np.float32)
+  return np.round(rgb * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
 
 
 def load_mask(path: str) -> np.ndarray:

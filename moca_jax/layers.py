@@ -46,12 +46,38 @@ def rms_norm(dtype: Dtype = jnp.float32, name: Optional[str] = None, axes: str =
                     name=name)
 
 
-def layer_norm(dtype: Dtype = jnp.float32, name: Optional[str] = None) -> nn.LayerNorm:
-  """Layer norm with learned scale and bias (fp32 params, axis 'embed')."""
-  return nn.LayerNorm(dtype=dtype, param_dtype=jnp.float32, epsilon=1e-6,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-                      name=name)
+class LayerNorm(nn.Module):
+  """Layer norm with learned scale and bias (fp32 params, logical axis 'embed').
+
+  Attributes:
+    epsilon: added to the variance (1e-6 here by default; TripoSG / PartCrafter use 1e-5).
+    fp32: compute in float32 and cast the result back to `dtype` (TripoSG's FP32LayerNorm);
+      False computes in `dtype` (Flax's default handling).
+    dtype: output dtype.
+  [..., D] -> [..., D]; params `scale` and `bias` [D].
+  """
+  epsilon: float = 1e-6
+  fp32: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    norm = nn.LayerNorm(
+        dtype=jnp.float32 if self.fp32 else self.dtype, param_dtype=jnp.float32,
+        epsilon=self.epsilon,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+        name="norm")
+    # Flax's LayerNorm keeps its params at the top of this module's scope (see `share_scope`).
+    nn.share_scope(self, norm)
+    out = norm(x.astype(jnp.float32) if self.fp32 else x)
+    return out.astype(self.dtype)
+
+
+def layer_norm(dtype: Dtype = jnp.float32, name: Optional[str] = None, epsilon: float = 1e-6,
+               fp32: bool = False) -> LayerNorm:
+  """`LayerNorm` with learned scale and bias (params `scale`, `bias` [D], axis 'embed')."""
+  return LayerNorm(epsilon=epsilon, fp32=fp32, dtype=dtype, name=name)
 
 
 # ----------------------------------------------------------------------------------------
@@ -172,16 +198,21 @@ class MultiHeadAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """Two-layer GELU MLP: [..., D] -> [..., hidden_ratio * D] -> [..., out_features or D]."""
+  """Two-layer GELU MLP: [..., D] -> [..., hidden_ratio * D] -> [..., out_features or D].
+
+  approximate_gelu: the tanh form (default) or the exact erf form (TripoSG / PartCrafter,
+  PyTorch's nn.GELU()).
+  """
   hidden_ratio: float = 4.0
   out_features: Optional[int] = None
+  approximate_gelu: bool = True
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     width = x.shape[-1]
     hidden = dense(int(width * self.hidden_ratio), ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
-    hidden = nn.gelu(hidden, approximate=True)
+    hidden = nn.gelu(hidden, approximate=self.approximate_gelu)
     return dense(self.out_features or width, ("mlp", "embed"), dtype=self.dtype, name="fc2")(hidden)
 
 
@@ -216,32 +247,58 @@ class TransformerBlock(nn.Module):
 # Timestep embedding
 # ----------------------------------------------------------------------------------------
 
-def sinusoidal_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
-  """Sinusoidal features of scalars: t [...] -> [..., dim] (cos half then sin half).
+def sinusoidal_embedding(t: Array, dim: int, max_period: float = 10000.0,
+                         order: str = "cos_sin") -> Array:
+  """Sinusoidal features of scalars: t [...] -> [..., dim].
 
-  t is expected in [0, 1] (flow time) and is scaled by 1000 so that the frequencies match
-  the usual diffusion-step embedding.
+  t is expected in [0, 1] (flow time) and is scaled by 1000 (the 0..1000 timestep scale of
+  diffusion models), then multiplied by the frequencies exp(-ln(max_period) i / (dim // 2)),
+  i = 0 .. dim // 2 - 1. `order` 'cos_sin' gives [cos | sin] (this project's default),
+  'sin_cos' gives [sin | cos] (diffusers `Timesteps(flip_sin_to_cos=False,
+  downscale_freq_shift=0)`, as TripoSG / PartCrafter use it). An odd `dim` gets a zero last
+  feature.
   """
+  if order not in ("cos_sin", "sin_cos"):
+    raise ValueError(f"order must be 'cos_sin' or 'sin_cos', got {order!r}")
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
   args = (t.astype(jnp.float32) * 1000.0)[..., None] * freqs
-  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  parts = [jnp.cos(args), jnp.sin(args)] if order == "cos_sin" else [jnp.sin(args), jnp.cos(args)]
+  emb = jnp.concatenate(parts, axis=-1)
   if dim % 2:
     emb = jnp.pad(emb, [(0, 0)] * (emb.ndim - 1) + [(0, 1)])
   return emb
 
 
 class TimestepEmbedding(nn.Module):
-  """t [B] in [0, 1] -> [B, features]: sinusoidal features through a SiLU MLP."""
+  """t [B] in [0, 1] -> [B, features]: sinusoidal features through a two-layer MLP.
+
+  Attributes:
+    features: output width D.
+    frequency_dim: width of the sinusoidal features (0: D).
+    hidden_dim: MLP hidden width (0: D).
+    activation: 'silu' (this project's default) or 'gelu' (exact erf; TripoSG).
+    order: sinusoid order, see `sinusoidal_embedding`.
+  The MoCA default is 256 features -> D -> SiLU -> D; TripoSG's `time_embed` + `time_proj`
+  is frequency_dim=D, hidden_dim=4D, activation='gelu', order='sin_cos'.
+  Params fc1 (kernel [frequency_dim, hidden_dim], bias) and fc2 (kernel [hidden_dim, D], bias).
+  """
   features: int
   frequency_dim: int = 256
+  hidden_dim: int = 0
+  activation: str = "silu"
+  order: str = "cos_sin"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, t: Array) -> Array:
-    emb = sinusoidal_embedding(t, self.frequency_dim)
-    emb = dense(self.features, ("in", "embed"), dtype=self.dtype, name="fc1")(emb)
-    return dense(self.features, ("mlp", "embed"), dtype=self.dtype, name="fc2")(nn.silu(emb))
+    if self.activation not in ("silu", "gelu"):
+      raise ValueError(f"activation must be 'silu' or 'gelu', got {self.activation!r}")
+    emb = sinusoidal_embedding(t, self.frequency_dim or self.features, order=self.order)
+    hidden = self.hidden_dim or self.features
+    emb = dense(hidden, ("in", "embed"), dtype=self.dtype, name="fc1")(emb)
+    emb = nn.silu(emb) if self.activation == "silu" else nn.gelu(emb, approximate=False)
+    return dense(self.features, ("mlp", "embed"), dtype=self.dtype, name="fc2")(emb)
 
 
 def default_attention_implementation() -> str:

@@ -362,16 +362,18 @@ def _moc_attention_chunked(q, kh, vh, kc, vc, importance, selected, unselected,
 
 def dense_global_attention(q: Array, k: Array, v: Array, component_mask: Optional[Array],
                            implementation: Optional[str] = "xla") -> Array:
-  """Dense global attention (PartCrafter): all N*L vecset tokens attend to each other.
+  """Dense global attention (PartCrafter): all N*T tokens of a sample attend to each other.
 
-  q, k, v: [B, N, L, H, d]; component_mask: [B, N] bool or None. Padding components are
-  moved behind the real ones (a stable sort) so their keys form a masked suffix.
-  Returns [B, N, L, H, d].
+  q, k, v: [B, N, T, H, d] (T tokens per component: the L vecset tokens, or all of a
+  component's tokens in the PartCrafter layout); component_mask: [B, N] bool or None.
+  Padding components are moved behind the real ones (a stable sort) so their keys form a
+  masked suffix; odd lengths are padded under cuDNN (`attend_prefix`).
+  Returns [B, N, T, H, d].
   """
   b, n, seq_len, nh, hd = q.shape
   if component_mask is None:
-    out = layers.attention(q.reshape(b, n * seq_len, nh, hd), k.reshape(b, n * seq_len, nh, hd),
-                           v.reshape(b, n * seq_len, nh, hd), implementation=implementation)
+    flat = lambda t: t.reshape(b, n * seq_len, nh, hd)
+    out = attend_prefix(flat(q), flat(k), flat(v), None, implementation)
     return out.reshape(q.shape)
   order = jnp.argsort(~component_mask, axis=1, stable=True)  # real first
   inverse = jnp.argsort(order, axis=1)

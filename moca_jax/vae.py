@@ -16,8 +16,20 @@ Decoder (paper eq. 2):
 PE is `layers.fourier_embed` (2^0..2^(F-1), no pi, with the input: 51 dims for F = 8, the
 published size; the tiny config uses F = 4, which fits in a few hundred CPU steps),
 concatenated with the normal on the encoder side (54 dims), then a linear layer.
-All attention goes through `layers.MultiHeadAttention` / `layers.TransformerBlock`
-(q/k RMS norm, implementation 'auto' = cudnn on GPU with bf16, else xla).
+All attention goes through `layers.MultiHeadAttention` (optional q/k RMS norm, no q/k/v bias,
+implementation 'auto' = cudnn on GPU with bf16, else xla).
+
+Layout switches (config keys; the defaults are this project's layout, the 'triposg' size and
+`vae_config_from_triposg` set the published TripoSG layout exactly, see
+`moca_jax.convert.triposg_vae`):
+  norm_eps            LayerNorm epsilon (1e-6; TripoSG 1e-5)
+  gelu_exact          erf GELU in the MLPs (False = tanh approximation; TripoSG True)
+  qk_norm             RMS norm on q and k per head (TripoSG's VAE: False)
+  dec_features_norm   LayerNorm after the decoder's self-attention stack (TripoSG: False)
+  query_mlp           MLP after the decoder's query cross-attention (TripoSG: True)
+  query_out_norm      LayerNorm before the output projection (TripoSG: True)
+  negate_output       the decoder returns -Linear(...) (TripoSG's `logits * -1`: True)
+The key/value LayerNorm of every cross-attention ('norm_context') is in both layouts.
 
 Randomness (rng streams): 'fps' (random subset and random FPS start, encoder with
 deterministic=False), 'noise' (posterior sample). deterministic=True uses FPS over all input
@@ -83,6 +95,11 @@ def vae_config(size: str = "tiny", num_latents: Optional[int] = None) -> ml_coll
   c.sample_posterior = True      # training: z = mean + sigma * eps; eval uses the mean
   c.train_random_fps = True      # training: FPS of a random subset from a random start
   c.enc_cross_layers = 1
+  c.norm_eps = 1e-6
+  c.gelu_exact = False
+  c.dec_features_norm = True
+  c.query_out_norm = False
+  c.negate_output = False
   if base == "tiny":
     c.num_freqs = 4              # fewer octaves: converges in a few hundred CPU steps
     c.num_latents, c.latent_channels = 32, 8
@@ -101,8 +118,8 @@ def vae_config(size: str = "tiny", num_latents: Optional[int] = None) -> ml_coll
     c.num_latents, c.latent_channels = 2048, 64
     c.enc_width, c.enc_heads, c.enc_self_layers = 512, 8, 8
     c.dec_width, c.dec_heads, c.dec_layers = 1024, 8, 16
-    c.query_mlp = False
     c.num_points = 8192
+    _set_triposg_layout(c)
   if suffix:
     if not suffix.isdigit():
       raise ValueError(f"bad VAE size suffix in {size!r}; expected e.g. 'triposg-1024'")
@@ -120,6 +137,58 @@ def vae_config(size: str = "tiny", num_latents: Optional[int] = None) -> ml_coll
   c.loss.kl_weight = 1e-4         # KL(q(z|x) || N(0, I)), mean over latent elements
   c.loss.num_normal_points = 256  # surface points (the first ones) used for surface/normal terms
   c.loss.sdf_clip = 0.0           # > 0: clip targets and predictions to [-clip, clip] for L1
+  return c
+
+
+def _set_triposg_layout(c: ml_collections.ConfigDict) -> None:
+  """Switches `c` to the published TripoSG VAE layout (TripoSGVAEModel, fc5c409)."""
+  c.num_freqs, c.include_pi = 8, False
+  c.mlp_ratio = 4.0
+  c.qk_norm = False
+  c.norm_eps = 1e-5
+  c.gelu_exact = True
+  c.dec_features_norm = False
+  c.query_mlp = True
+  c.query_out_norm = True
+  c.negate_output = True
+  c.logvar_min, c.logvar_max, c.logvar_offset = -30.0, 20.0, 0.0
+
+
+def vae_config_from_triposg(upstream: dict, num_latents: Optional[int] = None
+                            ) -> ml_collections.ConfigDict:
+  """The config of a TripoSG VAE `config.json` (TripoSGVAEModel constructor kwargs).
+
+  Args:
+    upstream: the parsed config.json (keys in_channels, latent_channels, num_attention_heads,
+      width_encoder, width_decoder, num_layers_encoder, num_layers_decoder, embedding_type,
+      embed_frequency, embed_include_pi; missing keys take the upstream defaults).
+    num_latents: latent tokens L (upstream's `num_tokens` at encode time; default 2048).
+  Raises:
+    ValueError: a layout this module cannot express (in_channels != 3, embedding_type not
+      'frequency', width not divisible by the heads).
+  """
+  get = lambda k, d: upstream.get(k, d)
+  if get("in_channels", 3) != 3:
+    raise ValueError(f"TripoSG VAE in_channels must be 3 (xyz), got {get('in_channels', 3)}")
+  if get("embedding_type", "frequency") != "frequency":
+    raise ValueError(f"TripoSG VAE embedding_type {get('embedding_type', None)!r} is not "
+                     "supported (only 'frequency')")
+  c = vae_config("triposg")
+  c.latent_channels = int(get("latent_channels", 64))
+  c.enc_heads = c.dec_heads = int(get("num_attention_heads", 8))
+  c.enc_width = int(get("width_encoder", 512))
+  c.dec_width = int(get("width_decoder", 1024))
+  c.enc_self_layers = int(get("num_layers_encoder", 8))
+  c.dec_layers = int(get("num_layers_decoder", 16))
+  _set_triposg_layout(c)
+  c.num_freqs = int(get("embed_frequency", 8))
+  c.include_pi = bool(get("embed_include_pi", False))
+  for width in (c.enc_width, c.dec_width):
+    if width % c.enc_heads:
+      raise ValueError(f"TripoSG VAE width {width} is not divisible by "
+                       f"{c.enc_heads} attention heads")
+  if num_latents is not None:
+    c.num_latents = int(num_latents)
   return c
 
 
@@ -158,24 +227,79 @@ class PointEmbed(nn.Module):
     return layers.dense(self.width, ("in", "embed"), dtype=self.dtype, name="proj")(feats)
 
 
+def _layer_norm(dtype: Any, eps: float, name: str) -> nn.LayerNorm:
+  """LayerNorm with learned scale and bias (fp32 params, statistics in fp32, axis 'embed')."""
+  return nn.LayerNorm(dtype=dtype, param_dtype=jnp.float32, epsilon=eps,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                              ("embed",)),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                             ("embed",)),
+                      name=name)
+
+
+class Mlp(nn.Module):
+  """Two-layer GELU MLP [..., D] -> [..., mlp_ratio * D] -> [..., D] (params 'fc1', 'fc2').
+
+  gelu_exact: erf GELU (TripoSG / diffusers `FeedForward(activation_fn='gelu')`), else the
+  tanh approximation.
+  """
+  mlp_ratio: float = 4.0
+  gelu_exact: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    width = x.shape[-1]
+    h = layers.dense(int(width * self.mlp_ratio), ("embed", "mlp"), dtype=self.dtype,
+                     name="fc1")(x)
+    h = nn.gelu(h, approximate=not self.gelu_exact)
+    return layers.dense(width, ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
+
+
+class SelfAttentionBlock(nn.Module):
+  """Pre-norm self-attention + MLP: x [B, T, D] -> [B, T, D] (params norm1, self_attn,
+  norm3, mlp: the same tree as `layers.TransformerBlock`)."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qk_norm: bool = True
+  implementation: Optional[str] = "xla"
+  dtype: Any = jnp.float32
+  norm_eps: float = 1e-6
+  gelu_exact: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = x + layers.MultiHeadAttention(
+        self.num_heads, qk_norm=self.qk_norm, implementation=self.implementation,
+        dtype=self.dtype, name="self_attn")(_layer_norm(self.dtype, self.norm_eps, "norm1")(x))
+    h = _layer_norm(self.dtype, self.norm_eps, "norm3")(x)
+    return x + Mlp(self.mlp_ratio, self.gelu_exact, self.dtype, name="mlp")(h)
+
+
 class CrossAttentionBlock(nn.Module):
-  """Pre-norm cross-attention + optional MLP: x [B, T, D], context [B, S, Dc] -> [B, T, D]."""
+  """Pre-norm cross-attention + optional MLP: x [B, T, D], context [B, S, Dc] -> [B, T, D].
+
+  The context (keys/values) has its own LayerNorm 'norm_context' (TripoSG's `norm_cross`).
+  """
   num_heads: int
   mlp_ratio: float = 4.0
   use_mlp: bool = True
   qk_norm: bool = True
   implementation: Optional[str] = "xla"
   dtype: Any = jnp.float32
+  norm_eps: float = 1e-6
+  gelu_exact: bool = False
 
   @nn.compact
   def __call__(self, x: Array, context: Array) -> Array:
-    ctx = layers.layer_norm(self.dtype, "norm_context")(context)
+    ctx = _layer_norm(self.dtype, self.norm_eps, "norm_context")(context)
     x = x + layers.MultiHeadAttention(
         self.num_heads, qk_norm=self.qk_norm, implementation=self.implementation,
-        dtype=self.dtype, name="cross_attn")(layers.layer_norm(self.dtype, "norm1")(x), ctx)
+        dtype=self.dtype, name="cross_attn")(
+            _layer_norm(self.dtype, self.norm_eps, "norm1")(x), ctx)
     if self.use_mlp:
-      x = x + layers.Mlp(self.mlp_ratio, dtype=self.dtype, name="mlp")(
-          layers.layer_norm(self.dtype, "norm2")(x))
+      x = x + Mlp(self.mlp_ratio, self.gelu_exact, self.dtype, name="mlp")(
+          _layer_norm(self.dtype, self.norm_eps, "norm2")(x))
     return x
 
 
@@ -192,26 +316,28 @@ class VecSetVAE(nn.Module):
   def setup(self):
     c = self.config
     dt, impl = _dtype(c), _implementation(c)
+    eps, exact = c.get("norm_eps", 1e-6), c.get("gelu_exact", False)
     self.point_embed = PointEmbed(c.enc_width, c.num_freqs, c.include_pi, dt)
     self.enc_cross = [
-        CrossAttentionBlock(c.enc_heads, c.mlp_ratio, True, c.qk_norm, impl, dt,
+        CrossAttentionBlock(c.enc_heads, c.mlp_ratio, True, c.qk_norm, impl, dt, eps, exact,
                             name=f"enc_cross_{i}") for i in range(c.enc_cross_layers)]
     self.enc_blocks = [
-        layers.TransformerBlock(c.enc_heads, c.mlp_ratio, qk_norm=c.qk_norm,
-                                implementation=impl, dtype=dt, name=f"enc_self_{i}")
-        for i in range(c.enc_self_layers)]
-    self.enc_norm = layers.layer_norm(dt, "enc_norm")
+        SelfAttentionBlock(c.enc_heads, c.mlp_ratio, c.qk_norm, impl, dt, eps, exact,
+                           name=f"enc_self_{i}") for i in range(c.enc_self_layers)]
+    self.enc_norm = _layer_norm(dt, eps, "enc_norm")
     self.enc_moments = layers.dense(2 * c.latent_channels, ("embed", "in"), dtype=dt,
                                     name="enc_moments")
     self.dec_in = layers.dense(c.dec_width, ("in", "embed"), dtype=dt, name="dec_in")
     self.dec_blocks = [
-        layers.TransformerBlock(c.dec_heads, c.mlp_ratio, qk_norm=c.qk_norm,
-                                implementation=impl, dtype=dt, name=f"dec_self_{i}")
-        for i in range(c.dec_layers)]
-    self.dec_norm = layers.layer_norm(dt, "dec_norm")
+        SelfAttentionBlock(c.dec_heads, c.mlp_ratio, c.qk_norm, impl, dt, eps, exact,
+                           name=f"dec_self_{i}") for i in range(c.dec_layers)]
+    if c.get("dec_features_norm", True):
+      self.dec_norm = _layer_norm(dt, eps, "dec_norm")
     self.query_embed = PointEmbed(c.dec_width, c.num_freqs, c.include_pi, dt)
     self.query_cross = CrossAttentionBlock(c.dec_heads, c.mlp_ratio, c.query_mlp, c.qk_norm,
-                                           impl, dt)
+                                           impl, dt, eps, exact)
+    if c.get("query_out_norm", False):
+      self.out_norm = _layer_norm(dt, eps, "out_norm")
     self.out_proj = layers.dense(1, ("embed", "in"), dtype=dt, name="out_proj")
 
   # --- encoder -------------------------------------------------------------------------
@@ -245,13 +371,31 @@ class VecSetVAE(nn.Module):
     return (jnp.take_along_axis(cand_pts, idx[..., None], axis=1),
             jnp.take_along_axis(cand_nrm, idx[..., None], axis=1))
 
-  def encode(self, points: Array, normals: Array, *, deterministic: bool = True):
-    """Surface points [B, P, 3] and unit normals [B, P, 3] -> (mean, logvar) [B, L, C] fp32.
+  def encode(self, points: Array, normals: Array, *, deterministic: bool = True,
+             query_index: Optional[Array] = None):
+    """Surface points [B, P, 3] and unit normals [B, P, 3] -> (mean, logvar) [B, L', C] fp32.
 
-    logvar is clamped to [logvar_min, logvar_max].
+    Args:
+      points, normals: the encoder input (TripoSG's `surface[..., :3]`, `surface[..., 3:]`).
+      deterministic: FPS mode of `select_queries` (ignored when `query_index` is given).
+      query_index: optional int [B, L'] rows of `points` used as the query tokens, in this
+        order, instead of FPS (e.g. the exact subset an upstream run used); L' may differ
+        from config.num_latents.
+    Returns:
+      mean and logvar, logvar clamped to [logvar_min, logvar_max] (TripoSG: [-30, 20]).
+    Raises:
+      ValueError: fewer than num_latents points (FPS), or a query_index of the wrong rank.
     """
     c = self.config
-    q_pts, q_nrm = self.select_queries(points, normals, deterministic=deterministic)
+    if query_index is None:
+      q_pts, q_nrm = self.select_queries(points, normals, deterministic=deterministic)
+    else:
+      if query_index.ndim != 2 or query_index.shape[0] != points.shape[0]:
+        raise ValueError(f"query_index must have shape [B={points.shape[0]}, L], "
+                         f"got {tuple(query_index.shape)}")
+      idx = query_index.astype(jnp.int32)[..., None]
+      q_pts = jnp.take_along_axis(points, idx, axis=1)
+      q_nrm = jnp.take_along_axis(normals, idx, axis=1)
     context = self.point_embed(points, normals)
     x = self.point_embed(q_pts, q_nrm)
     for blk in self.enc_cross:
@@ -259,6 +403,7 @@ class VecSetVAE(nn.Module):
     for blk in self.enc_blocks:
       x = blk(x)
     moments = self.enc_moments(self.enc_norm(x)).astype(jnp.float32)
+    self.sow("intermediates", "moments", moments)
     mean, logvar = jnp.split(moments, 2, axis=-1)
     logvar = logvar + c.get("logvar_offset", 0.0)
     return mean, jnp.clip(logvar, c.logvar_min, c.logvar_max)
@@ -274,16 +419,24 @@ class VecSetVAE(nn.Module):
     x = self.dec_in(latents.astype(_dtype(self.config)))
     for blk in self.dec_blocks:
       x = blk(x)
-    return self.dec_norm(x)
+    return self.dec_norm(x) if self.config.get("dec_features_norm", True) else x
 
   def query_sdf(self, features: Array, queries: Array) -> Array:
     """Features [B, L, D] and query points [B, Q, 3] -> SDF [B, Q] fp32 (negative inside).
 
+    With `negate_output` (TripoSG layout) the value is TripoSG's `decode().sample`, which is
+    positive inside (its extraction keeps `logits > 0` as occupied): imported TripoSG weights
+    give the opposite sign of this project's convention.
+
     Queries do not interact: the value at one query depends on that query and F only.
     """
+    c = self.config
     h = self.query_embed(queries)
     h = self.query_cross(h, features)
-    return self.out_proj(h)[..., 0].astype(jnp.float32)
+    if c.get("query_out_norm", False):
+      h = self.out_norm(h)
+    out = self.out_proj(h)[..., 0].astype(jnp.float32)
+    return -out if c.get("negate_output", False) else out
 
   def decode(self, latents: Array, queries: Array, chunk_size: int = 8192) -> Array:
     """Latents [B, L, C], queries [B, Q, 3] -> SDF [B, Q], decoded `chunk_size` queries at a

@@ -100,10 +100,10 @@ def test_paper_size_parameter_count():
   assert names <= {"embed", "heads", "mlp", "vocab", "in"}
 
 
-@pytest.mark.parametrize("mode", ["moc"])  # dense runs in the ablation and padding tests
+@pytest.mark.parametrize("mode", ["moc", "dense"])
 def test_shapes_object_and_scene(mode):
   spec = _spec(global_attention=mode, num_blocks=3)
-  for scene in (False, True) if mode == "moc" else (True,):
+  for scene in (False, True):
     x, t, cond = _inputs(scene=scene)
     v, aux = _run(spec, x, t, cond, return_routing=True)
     chex.assert_shape(v, (B, N, L, C))
@@ -264,6 +264,121 @@ def test_cudnn_matches_xla_in_the_model():
   for impl in ("xla", "cudnn"):
     spec = _spec(attention_implementation=impl, dtype="bfloat16", width=128, num_heads=2)
     outs[impl] = _run(spec, x, t, cond, train=True, key=1)
+  real = np.asarray(MASK)
+  a, b = np.asarray(outs["cudnn"])[real], np.asarray(outs["xla"])[real]
+  assert np.linalg.norm(a - b) / np.linalg.norm(b) < 3e-2
+
+
+# ----------------------------------------------------------------------------------------
+# TripoSG / PartCrafter layout (packing=False, time token, dense global blocks)
+# ----------------------------------------------------------------------------------------
+
+def _upstream_spec(**overrides) -> DiTSpec:
+  """PartCrafter layout at the tiny size: blocks 0 and 2 global, block 1 local, one skip."""
+  cfg = dict(num_blocks=3, packing=False, time_embedding="token", global_attention="dense",
+             num_compressed=0, top_k=0, global_blocks=(0, 2), id_codebook=16,
+             id_assignment="batch_rows", global_condition="first_component", norm_eps=1e-5,
+             norm_fp32=True, gelu="erf")
+  cfg.update(overrides)
+  full = dit_config("tiny").to_dict()
+  full.update(cfg)
+  return DiTSpec.from_config(full)
+
+
+def _upstream_run(spec, x, t, cond, mask=None, ids=None, train=False):
+  model = CompositionalDiT(spec)
+  params = _init_upstream(spec)
+  return jax.jit(lambda p, x, t, c, m, i: model.apply(p, x, t, c, m, i, train=train))(
+      params, x, t, cond, mask, ids)
+
+
+@functools.lru_cache(maxsize=None)
+def _init_upstream(spec):
+  x, t, cond = _inputs()
+  return jax.jit(lambda key: CompositionalDiT(spec).init(key, x, t, cond, None, train=False))(
+      jax.random.key(7))
+
+
+def test_upstream_layout_params_and_validation():
+  params = meta.unbox(_init_upstream(_upstream_spec()))["params"]
+  assert "packing" not in params and "pack_norm" not in params
+  assert params["time_embed"]["fc1"]["kernel"].shape == (64, 256)  # D -> 4D
+  assert set(params["block_0"]) == {"norm1", "global_attn", "norm2", "cross_attn", "norm3", "mlp"}
+  assert "local_attn" in params["block_1"] and "skip_linear" in params["block_2"]
+  assert params["id_embed"]["embedding"].shape == (16, 64)
+  assert "id_embed" not in meta.unbox(_init_upstream(_upstream_spec(id_codebook=0)))["params"]
+  with pytest.raises(ValueError, match="global_attention='moc' needs packing=True"):
+    _upstream_spec(global_attention="moc")
+  with pytest.raises(ValueError, match="packing=True goes with time_embedding='additive'"):
+    _spec(time_embedding="token")
+
+
+def test_batch_row_ids_reproduce_partcrafter():
+  """Evaluation ids number every row of the batch (PartCrafter with an int num_parts: the
+  conditional half of a CFG batch gets N..2N-1); training ids restart per object."""
+  spec = _upstream_spec()
+  np.testing.assert_array_equal(dit.default_ids(spec, 2, 4, False), np.arange(8).reshape(2, 4))
+  np.testing.assert_array_equal(dit.default_ids(spec, 2, 3, True), [[0, 1, 2]] * 2)
+  with pytest.raises(ValueError,
+                     match=r"3 x 6 = 18 batch rows exceed the part-embedding table of 16"):
+    dit.default_ids(spec, 3, 6, False)
+  x, t, cond = _inputs(3)
+  v = _upstream_run(spec, x, t, cond)
+  given = _upstream_run(spec, x, t, cond, ids=jnp.arange(2 * N, dtype=jnp.int32).reshape(2, N))
+  np.testing.assert_array_equal(v, given)
+  restart = _upstream_run(spec, x, t, cond,
+                          ids=jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (2, N)))
+  np.testing.assert_array_equal(restart[0], v[0])   # row 0 has ids 0..N-1 either way
+  assert not np.allclose(restart[1], v[1])
+
+
+def test_upstream_layout_padding_and_permutation():
+  """Dense global blocks over all tokens: padding components change nothing and the model
+  is permutation-equivariant given the ids."""
+  spec = _upstream_spec()
+  x, t, cond = _inputs(4)
+  ids = jnp.array([[3, 9, 1, 12, 7], [0, 1, 2, 3, 4]], jnp.int32)
+  v = _upstream_run(spec, x, t, cond, MASK, ids)
+  x2 = jnp.where(MASK[:, :, None, None], x, 50.0)
+  real = np.asarray(MASK)
+  np.testing.assert_allclose(np.asarray(_upstream_run(spec, x2, t, cond, MASK, ids))[real],
+                             np.asarray(v)[real], atol=1e-5, rtol=1e-5)
+  perm = jnp.array([2, 4, 0, 1, 3])
+  full = jnp.ones((B, N), bool)
+  np.testing.assert_allclose(_upstream_run(spec, x[:, perm], t, cond, full, ids[:, perm]),
+                             _upstream_run(spec, x, t, cond, full, ids)[:, perm],
+                             atol=1e-5, rtol=1e-5)
+
+
+def test_global_condition_first_component_and_local_independence():
+  """PartCrafter's global blocks read the first part's condition; its local blocks keep the
+  parts apart."""
+  x, t, cond = _inputs(5, scene=True)
+  cond2 = cond.at[:, 1:].add(1.0)  # every part's condition but the first
+  all_global = _upstream_spec(global_blocks="all")
+  np.testing.assert_allclose(_upstream_run(all_global, x, t, cond2),
+                             _upstream_run(all_global, x, t, cond), atol=1e-6)
+  per_part = _upstream_spec(global_blocks="all", global_condition="per_component")
+  assert not np.allclose(_upstream_run(per_part, x, t, cond2), _upstream_run(per_part, x, t, cond))
+  local = _upstream_spec(global_blocks="none")
+  x3 = x.at[:, 1].add(1.0)
+  a, b = _upstream_run(local, x, t, cond), _upstream_run(local, x3, t, cond)
+  np.testing.assert_allclose(np.delete(np.asarray(a), 1, axis=1),
+                             np.delete(np.asarray(b), 1, axis=1), atol=1e-6)
+  assert not np.allclose(a[:, 1], b[:, 1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="cuDNN attention needs a GPU (run: JAX_PLATFORMS=cuda pytest -m gpu)")
+def test_cudnn_matches_xla_in_the_upstream_layout():
+  """Odd lengths everywhere (L + 1 = 17 tokens per part, 7 condition tokens, 5 x 17 in the
+  masked dense global blocks) are padded and masked under cuDNN."""
+  x, t, cond = _inputs(9, scene=True)
+  outs = {}
+  for impl in ("xla", "cudnn"):
+    spec = _upstream_spec(attention_implementation=impl, dtype="bfloat16", width=128,
+                          num_heads=2)
+    outs[impl] = _upstream_run(spec, x, t, cond, MASK)
   real = np.asarray(MASK)
   a, b = np.asarray(outs["cudnn"])[real], np.asarray(outs["xla"])[real]
   assert np.linalg.norm(a - b) / np.linalg.norm(b) < 3e-2

@@ -158,3 +158,55 @@ def test_sampler_is_seeded_and_jits_with_traced_scale():
 def test_bad_method_raises():
   with pytest.raises(ValueError, match="method"):
     flow.sample_ode(_cond_velocity, jnp.zeros((1, 1, 2)), jnp.zeros((1, 2)), method="rk4")
+
+
+def test_cfg_batch_puts_the_unconditional_half_first():
+  """TripoSG / PartCrafter order: [null condition; condition] (row-dependent models such as
+  PartCrafter's part ids see upstream's batch)."""
+  x = jnp.arange(6.0).reshape(3, 2)
+  cond = jnp.ones((3, 4))
+  x2, t2, c2 = flow.cfg_batch(x, jnp.full((3,), 0.5), cond)
+  np.testing.assert_array_equal(c2[:3], 0.0)
+  np.testing.assert_array_equal(c2[3:], 1.0)
+  np.testing.assert_array_equal(x2, jnp.concatenate([x, x]))
+  seen = []
+
+  def velocity(x, t, c):
+    seen.append(c.shape)
+    # Row-dependent: a model that adds its batch row index.
+    return x + jnp.arange(x.shape[0], dtype=x.dtype)[:, None] + c[:, :1]
+
+  v = flow.cfg_velocity(velocity, 2.0)(x, jnp.full((3,), 0.5), cond)
+  rows = jnp.arange(6.0)[:, None]
+  v_u, v_c = x + rows[:3], x + rows[3:] + 1.0
+  np.testing.assert_allclose(v, v_u + 2.0 * (v_c - v_u), atol=1e-6)
+
+
+def test_time_grid_is_the_rectified_flow_schedule():
+  grid = np.asarray(flow.time_grid(4, 3.0))
+  s = 1.0 - np.arange(4) / 4
+  np.testing.assert_array_equal(grid, np.append((3 * s / (1 + 2 * s)).astype(np.float32), 0.0))
+  np.testing.assert_array_equal(flow.timesteps_from_sigmas(grid[:-1]),
+                                (grid[:-1] * np.float32(1000)).astype(np.float32))
+  with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+    flow.time_grid(0)
+  with pytest.raises(ValueError, match="shift must be a positive number, got nan"):
+    flow.time_grid(4, float("nan"))
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_trajectory_ends_at_the_sample(method):
+  vel = _gaussian_velocity(1.5, 0.5)
+  x1 = jax.random.normal(jax.random.PRNGKey(3), (4, 3))
+  x0, traj = flow.sample_ode(vel, x1, None, steps=5, method=method, return_trajectory=True)
+  assert traj.shape == (5, 4, 3)
+  np.testing.assert_array_equal(traj[-1], x0)
+  np.testing.assert_array_equal(x0, flow.sample_ode(vel, x1, None, steps=5, method=method))
+  # Euler: every state is the previous one plus one step on the grid.
+  if method == "euler":
+    grid = flow.time_grid(5)
+    prev = jnp.concatenate([x1[None], traj[:-1]])
+    for i in range(5):
+      t = jnp.full((4,), grid[i])
+      np.testing.assert_allclose(traj[i], prev[i] + (grid[i + 1] - grid[i]) * vel(prev[i], t, None),
+                                 atol=1e-6)

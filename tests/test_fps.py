@@ -44,3 +44,18 @@ def test_fps_rejects_bad_shapes():
     farthest_point_sampling(jnp.zeros((1, 4, 3)), 5, jnp.zeros((1,), jnp.int32))
   with pytest.raises(ValueError, match="points"):
     farthest_point_sampling(jnp.zeros((4, 3)), 2, jnp.zeros((1,), jnp.int32))
+
+
+def test_triposg_query_index_reproduces_upstream_selection():
+  """A 4L random subset from numpy's default_rng(seed).choice, then FPS from its first point."""
+  from moca_jax.fps import triposg_query_index
+  rng = np.random.default_rng(0)
+  pts = rng.normal(size=(2, 100, 3)).astype(np.float32)
+  idx = np.asarray(triposg_query_index(jnp.asarray(pts), 8, seed=7))
+  subset = np.random.default_rng(7).choice(100, 32, replace=False)
+  assert idx.shape == (2, 8)
+  for b in range(2):
+    np.testing.assert_array_equal(idx[b], subset[_numpy_fps(pts[b, subset], 8, 0)])
+  # fewer points than 4L: the subset is drawn with replacement, as upstream
+  few = np.asarray(triposg_query_index(jnp.asarray(pts[:, :20]), 8, seed=1))
+  assert few.shape == (2, 8) and few.max() < 20

@@ -36,6 +36,11 @@ def test_named_sizes_match_dinov2():
   assert ie.num_tokens(large) == 257
   small = ie.encoder_config("small")
   assert (small.width, small.depth, small.num_heads) == (384, 12, 6)
+  published = ie.encoder_config("dinov2-large")
+  assert (published.width, published.depth, published.num_heads) == (1024, 24, 16)
+  assert (published.image_size, published.pos_image_size, published.layer_scale_init) == (
+      224, 518, 1.0)
+  assert ie.num_tokens(published) == 257
   with pytest.raises(ValueError, match="unknown size"):
     ie.encoder_config("huge")
 
@@ -116,10 +121,30 @@ def test_preprocess():
   np.testing.assert_allclose(out[0, 0, 0], (1 - ie.IMAGENET_MEAN) / ie.IMAGENET_STD, rtol=1e-5)
   seven = np.concatenate([img, img, np.full((2, 30, 40, 1), 200, np.uint8)], -1)
   out7 = ie.preprocess(seven, 28, in_channels=7)
-  np.testing.assert_array_equal(out7[..., 6], 1.0)
+  # 30 x 40 is padded to 40 x 40 (5 rows each side, mask 0 there), then resized to 28
+  np.testing.assert_array_equal(out7[:, 6:22, :, 6], 1.0)
+  np.testing.assert_array_equal(out7[:, :2, :, 6], 0.0)
   np.testing.assert_allclose(out7[..., 3:6], out7[..., 0:3])
   with pytest.raises(ValueError, match="expected images"):
     ie.preprocess(img, 56, in_channels=7)
+
+
+def test_preprocess_pads_instead_of_stretching():
+  """A 3 x 500 strip with a 3 x 100 black object (issue 12): padded to a square first, the
+  object keeps its 1 : 33 shape (stretching made it 112 x 22 at 224)."""
+  img = np.full((1, 3, 500, 3), 255, np.uint8)
+  img[:, :, 200:300] = 0
+  out = np.asarray(ie.preprocess(img, 224))
+  dark = out[0].mean(-1) < 0
+  rows, cols = np.nonzero(dark)
+  assert cols.max() - cols.min() + 1 >= 44 and rows.max() - rows.min() + 1 <= 3
+  # padding is white for RGB and 0 for the mask channel of 7-channel inputs
+  seven = np.concatenate([np.zeros((1, 20, 40, 6), np.uint8),
+                          np.full((1, 20, 40, 1), 255, np.uint8)], -1)
+  out7 = np.asarray(ie.preprocess(seven, 28, in_channels=7))  # rows 10..29 of 40 are image
+  assert out7[0, 0, 0, 6] == 0.0 and out7[0, 14, 14, 6] == 1.0
+  np.testing.assert_allclose(out7[0, 0, 0, :3], (1 - ie.IMAGENET_MEAN) / ie.IMAGENET_STD,
+                             rtol=1e-5)
 
 
 def test_odd_length_padding_path_matches_plain_attention():

@@ -1,9 +1,12 @@
 """Shared layers: Fourier embedding, the attention entry point, blocks."""
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.core import meta
 
 from moca_jax import layers
 
@@ -66,9 +69,66 @@ def test_transformer_block_masked_keys_do_not_leak():
 
 
 def test_timestep_embedding_distinguishes_times():
+  """Different times give clearly different embeddings (pairwise distance well above
+  rounding), equal times equal ones."""
   emb = layers.TimestepEmbedding(32)
-  t = jnp.array([0.0, 0.5, 1.0])
+  t = jnp.array([0.0, 0.5, 1.0, 0.5])
   params = emb.init(jax.random.PRNGKey(0), t)
-  out = emb.apply(params, t)
-  chex.assert_shape(out, (3, 32))
-  assert np.min(np.abs(np.asarray(out[0] - out[1]))) >= 0 and not np.allclose(out[0], out[1])
+  out = np.asarray(emb.apply(params, t))
+  chex.assert_shape(out, (4, 32))
+  scale = np.linalg.norm(out, axis=1).mean()
+  for i, j in ((0, 1), (0, 2), (1, 2)):
+    assert np.linalg.norm(out[i] - out[j]) > 0.05 * scale, (i, j)
+  np.testing.assert_array_equal(out[1], out[3])
+
+
+@pytest.mark.parametrize("order", ["cos_sin", "sin_cos"])
+def test_sinusoidal_embedding_matches_numpy(order):
+  """Frequencies exp(-ln(1e4) i / half) on the 0..1000 scale; 'sin_cos' is diffusers'
+  Timesteps(flip_sin_to_cos=False) as TripoSG uses it. An odd width gets a zero last column."""
+  t = np.array([0.0, 0.123, 0.9375, 1.0], np.float32)
+  half = 8
+  args = (t * 1000.0)[:, None] * np.exp(-np.log(10000.0) * np.arange(half) / half)
+  parts = [np.cos(args), np.sin(args)] if order == "cos_sin" else [np.sin(args), np.cos(args)]
+  ref = np.concatenate(parts, axis=-1)
+  np.testing.assert_allclose(layers.sinusoidal_embedding(jnp.asarray(t), 16, order=order), ref,
+                             atol=2e-4)
+  odd = np.asarray(layers.sinusoidal_embedding(jnp.asarray(t), 17, order=order))
+  np.testing.assert_array_equal(odd[:, 16], 0.0)
+  with pytest.raises(ValueError, match="order must be 'cos_sin' or 'sin_cos', got 'x'"):
+    layers.sinusoidal_embedding(jnp.asarray(t), 16, order="x")
+
+
+def test_triposg_timestep_embedding_and_exact_gelu():
+  """TripoSG's time MLP: D sinusoid features -> 4D -> exact GELU -> D."""
+  emb = layers.TimestepEmbedding(8, frequency_dim=8, hidden_dim=32, activation="gelu",
+                                 order="sin_cos")
+  t = jnp.array([0.25, 0.75])
+  params = meta.unbox(emb.init(jax.random.PRNGKey(0), t))["params"]
+  assert params["fc1"]["kernel"].shape == (8, 32) and params["fc2"]["kernel"].shape == (32, 8)
+  p = jax.tree.map(np.asarray, params)
+  x = np.asarray(layers.sinusoidal_embedding(t, 8, order="sin_cos"))
+  h = x @ p["fc1"]["kernel"] + p["fc1"]["bias"]
+  h = 0.5 * h * (1 + np.vectorize(math.erf)(h / np.sqrt(2)))
+  ref = h @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+  np.testing.assert_allclose(emb.apply({"params": params}, t), ref, atol=1e-5)
+  mlp = layers.Mlp(approximate_gelu=False)
+  y = jnp.linspace(-3, 3, 8)[None]
+  mp = mlp.init(jax.random.PRNGKey(1), y)
+  tanh = layers.Mlp(approximate_gelu=True).apply(mp, y)
+  assert not np.allclose(mlp.apply(mp, y), tanh, atol=1e-6)
+
+
+def test_layer_norm_epsilon_and_fp32():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 16)) * 1e-3, jnp.bfloat16)
+  norm = layers.layer_norm(jnp.bfloat16, epsilon=1e-5, fp32=True)
+  params = meta.unbox(norm.init(jax.random.PRNGKey(0), x))
+  assert set(params["params"]) == {"scale", "bias"}
+  out = norm.apply(params, x)
+  assert out.dtype == jnp.bfloat16
+  xf = np.asarray(x, np.float32)
+  ref = (xf - xf.mean(-1, keepdims=True)) / np.sqrt(xf.var(-1, keepdims=True) + 1e-5)
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=1e-2, rtol=1e-2)
+  eps6 = layers.layer_norm(jnp.float32, epsilon=1e-6).apply(params, xf)
+  eps5 = layers.layer_norm(jnp.float32, epsilon=1e-5).apply(params, xf)
+  assert not np.allclose(eps5, eps6, atol=1e-3)  # the variance is ~1e-6: epsilon matters
