@@ -11,11 +11,19 @@ input record (the point samples are dropped); meta.kind becomes 'latents' and me
 records the checkpoint. Parts from consecutive records are packed into fixed batches of
 `batch_size` parts (the last one padded), so the jitted encoder compiles once. Surface points
 fed to the encoder: a seeded random subset of `num_points` of the stored ones (default: the
-VAE config's num_points). Finished shards (array_record + sidecar JSON) are skipped (resume);
-writes are atomic; manifest.json is written like the build's.
+VAE config's num_points). Writes are atomic; manifest.json is written like the build's.
+
+Provenance: each output shard's sidecar records what it was made from: the VAE (`vae_info`:
+checkpoint, step, latent shape), num_points, seed, and a digest of its input shard's sidecar
+(keys, byte count, the input's own provenance). On a rerun into the same folder a shard
+whose provenance is unchanged is skipped (resume), a shard whose input shard was rebuilt is
+re-encoded, and a folder encoded with another VAE or other settings is refused
+(records.ProvenanceConflict naming the differing fields): the manifest never names a VAE
+that did not make the latents. Temporary files of a killed run are removed first.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -105,23 +113,54 @@ def _latent_record(rec: dict, vae_info: dict) -> bytes:
   return records.encode_record(arrays, meta)
 
 
+def _input_digest(sidecar: dict) -> str:
+  text = json.dumps({k: sidecar.get(k) for k in ("keys", "bytes", "count", "provenance")},
+                    sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def encode_dataset(input_dir: str, output_dir: str, encode_fn: EncodeFn, num_points: int,
                    batch_size: int = 64, seed: int = 0, vae_info: Optional[dict] = None,
                    progress: bool = True) -> dict:
-  """Encodes every finished input shard into `output_dir`; returns the output manifest."""
+  """Encodes every finished input shard into `output_dir`; returns the output manifest.
+
+  Raises records.ProvenanceConflict when `output_dir` holds shards encoded with another VAE,
+  num_points or seed (nothing is written then).
+  """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   in_manifest = records.load_manifest(input_dir)
   num_shards = int(in_manifest["num_shards"])
   paths = records.shard_paths(input_dir)
   os.makedirs(output_dir, exist_ok=True)
-  vae_info = dict(vae_info or {})
-  t0 = time.time()
-  built = []
+  removed = records.remove_stale_temps(output_dir)
+  vae_info = json.loads(json.dumps(dict(vae_info or {})))
+  settings = dict(vae=vae_info, num_points=int(num_points), seed=int(seed))
+  wanted = {}  # output shard file -> provenance
+  for path in paths:
+    side = records.read_sidecar(path[:-len(".array_record")] + ".json")
+    wanted[os.path.basename(path)] = dict(settings, input=dict(
+        file=os.path.basename(path), digest=_input_digest(side)))
+  todo = []
   for path in paths:
     name = os.path.basename(path)[:-len(".array_record")]
     out_base = os.path.join(output_dir, name)
-    if os.path.exists(out_base + ".array_record") and os.path.exists(out_base + ".json"):
+    if not os.path.exists(out_base + ".json"):
+      todo.append(path)
       continue
+    old = records.read_sidecar(out_base + ".json").get("provenance") or {}
+    diff = records.config_diff({k: old.get(k, "<unset>") for k in settings}, settings)
+    if diff:
+      raise records.ProvenanceConflict(
+          f"{output_dir}: was encoded with another VAE or settings ({'; '.join(diff)}); "
+          "encode into a new --output or delete it")
+    if (old.get("input") != wanted[name + ".array_record"]["input"]
+        or not os.path.exists(out_base + ".array_record")):
+      todo.append(path)
+  t0 = time.time()
+  built = []
+  for path in todo:
+    name = os.path.basename(path)[:-len(".array_record")]
+    out_base = os.path.join(output_dir, name)
     raw = records.read_shard(path)
     decoded = (records.decode_record(r) for r in tqdm(raw, desc=f"encode {name}",
                                                       disable=not progress))
@@ -137,18 +176,21 @@ def encode_dataset(input_dir: str, output_dir: str, encode_fn: EncodeFn, num_poi
         yield data
 
     n = records.write_shard(out_base + ".array_record", gen())
-    with open(path[:-len(".array_record")] + ".json") as f:
-      skipped = json.load(f).get("skipped", [])
+    skipped = records.read_sidecar(path[:-len(".array_record")] + ".json").get("skipped", [])
     records.atomic_write_json(out_base + ".json", {
         "file": name + ".array_record", "count": n,
         "bytes": os.path.getsize(out_base + ".array_record"), "payload_bytes": nbytes,
-        "keys": keys, "skipped": skipped})
+        "keys": keys, "skipped": skipped, "provenance": wanted[name + ".array_record"]})
     built.append(name)
   info = dict(source=os.path.abspath(input_dir), kind="latents", vae=vae_info,
               generator_seed=in_manifest.get("generator_seed"),
-              input_schema_version=in_manifest.get("schema_version"), num_points=num_points)
-  manifest = records.merge_manifest(output_dir, num_shards, info)
+              input_schema_version=in_manifest.get("schema_version"), num_points=num_points,
+              seed=seed)
+  manifest = records.merge_manifest(
+      output_dir, num_shards, info,
+      is_current=lambda side: side.get("provenance") == wanted.get(side["file"]))
   manifest["built_now"] = built
+  manifest["removed_temps"] = [os.path.basename(p) for p in removed]
   manifest["seconds_now"] = time.time() - t0
   return manifest
 

@@ -46,7 +46,7 @@ from data_pipeline import procedural, records, render, sampling
 PIPELINE_VERSION = 2
 
 
-class BuildConflict(ValueError):
+class BuildConflict(records.ProvenanceConflict):
   """The output folder holds shards made from another config or shard count."""
 
 

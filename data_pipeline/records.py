@@ -79,6 +79,11 @@ def atomic_write_json(path: str, obj) -> None:
   mio.write_json(path, obj, indent=1)
 
 
+class ProvenanceConflict(ValueError):
+  """An output folder holds shards made from other inputs or settings than a rerun's, and
+  rebuilding them silently would mix two datasets: the message names the differences."""
+
+
 # `<name>.tmp-<pid>` temporaries of the shard writer before it used moca_jax.io.
 _LEGACY_TEMP_RE = re.compile(r"^shard-.+\.tmp-(?P<pid>\d+)$")
 

@@ -39,8 +39,9 @@ def test_latents_match_per_part_encoding_and_keep_renders(samples_dir, tmp_path)
                                           process_count=1)))
   assert batch["latents"].shape == (2, 32, 4, 3)
   # resume: nothing left to do
-  m2 = encode_latents.encode_dataset(samples_dir, out, _fake_encode, 48, 7, progress=False)
-  assert m2["built_now"] == []
+  m2 = encode_latents.encode_dataset(samples_dir, out, _fake_encode, 48, 7, progress=False,
+                                     vae_info={"name": "fake"})
+  assert m2["built_now"] == [] and m2["complete"]
 
 
 def test_too_few_points_is_a_clear_error(samples_dir, tmp_path):
