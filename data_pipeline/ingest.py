@@ -284,7 +284,8 @@ def load_object(path: str, cfg: IngestConfig = IngestConfig()) -> IngestedObject
     if cfg.part_limit_policy == "skip":
       _fail(path, f"{len(keep)} parts exceed the limit of {cfg.max_parts}")
     if cfg.part_limit_policy != "merge":
-      raise ValueError(f"part_limit_policy must be 'merge' or 'skip', got {cfg.part_limit_policy!r}")
+      raise ValueError(
+          f"part_limit_policy must be 'merge' or 'skip', got {cfg.part_limit_policy!r}")
     keep, names, merged = _merge_to_limit(keep, names, cfg.max_parts)
   lo = np.min([m.bounds[0] for m in keep], axis=0)
   hi = np.max([m.bounds[1] for m in keep], axis=0)

@@ -132,7 +132,8 @@ def test_cli_beam_build_and_its_errors(tmp_path):
       f"error: {out}: was built with another config (sample.n_near: 32 -> 64); build into a "
       "new --out or delete it")
   r = _cli("--source=procedural:tiny", f"--out={tmp_path / 'x'}", "--bogus=1")
-  assert r.returncode == 2 and "unknown arguments --bogus=1 (Beam options need --runner)" in r.stderr
+  assert r.returncode == 2
+  assert "unknown arguments --bogus=1 (Beam options need --runner)" in r.stderr
   r = _cli("--source=procedural:nope", f"--out={tmp_path / 'y'}", "--runner=DirectRunner")
   assert r.returncode == 2 and "unknown split 'nope'" in r.stderr
   assert "Traceback" not in r.stderr
