@@ -18,7 +18,8 @@ the shard's atomic rename) and the sidecar's provenance equals the current one. 
   * a shard whose inputs changed (a mesh added, removed or edited) is rebuilt;
   * a folder built with another config (e.g. --n_surface=1024 after 512) or another shard
     count is refused with the differing fields (BuildConflict): use a new --out;
-  * temporary files of a killed writer are removed first.
+  * temporary files of a killed writer are removed first (by a run over all shards only: a
+    hand-split job cannot tell whether a writer on another machine is alive).
 The manifest counts only finished shards, so it never claims what the records do not hold.
 Bad inputs are skipped and listed with their reason in the sidecar and in manifest.json
 (the dead-letter list). Randomness: item generation, sampling and camera choice are seeded
@@ -135,9 +136,12 @@ def fingerprint(w: WorkItem) -> str:
   if w.path is None:
     return w.key
   parts = []
-  for f in input_files(w):
-    st = os.stat(f)
-    parts.append(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns}")
+  try:
+    for f in input_files(w):
+      st = os.stat(f)
+      parts.append(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns}")
+  except OSError as e:  # unreadable input: its build fails later and is listed as skipped
+    parts.append(f"unreadable:{e.errno}")
   return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -334,7 +338,7 @@ def plan_build(source: str, out: str, num_shards: int = 1, shard_index: int = -1
     raise ValueError(f"bad sharding: num_shards={num_shards}, shard_index={shard_index}")
   items = resolve_source(source, cfg.base_seed)
   os.makedirs(out, exist_ok=True)
-  removed = records.remove_stale_temps(out)
+  removed = records.remove_stale_temps(out) if shard_index < 0 else []
   other = sorted(p for p in glob.glob(os.path.join(out, "shard-*-of-*.json"))
                  if not p.endswith(f"-of-{num_shards:05d}.json"))
   if other:
