@@ -1,4 +1,5 @@
-"""The dataset build as an Apache Beam pipeline (the distributed path of data_pipeline.build).
+"""The dataset build and the latent encoding as Apache Beam pipelines (the distributed paths
+of data_pipeline.build and data_pipeline.encode_latents).
 
   plan = make.plan_build(source, out, num_shards, cfg=cfg)   # on the launching machine
   manifest = beam_build.run(plan, ["--runner=DirectRunner", "--direct_num_workers=2"])
@@ -16,6 +17,10 @@ shard written by the same `make.write_built_shard`, so the records are the same)
                                              (ArrayRecord, temp + rename), then previews
                                              and the sidecar JSON (provenance, dead letters)
   then, on the launching machine, manifest.json from the finished shards.
+
+The latent encoding (`run_encode`, a separate pipeline over a built folder) maps
+`encode_latents.encode_shard` over the input shards to encode; each worker makes its encoder
+once (`DoFn.setup`) from a picklable factory, so a VAE checkpoint is loaded, not shipped.
 
 The plan (which keys each shard holds and its provenance) travels as one small JSON file per
 shard under `<out>/plan/`, so the pipeline graph stays small for millions of inputs; workers
@@ -41,7 +46,7 @@ from typing import Iterable, List, Optional, Tuple
 import apache_beam as beam
 from apache_beam.options import pipeline_options as po
 
-from data_pipeline import make, records
+from data_pipeline import encode_latents, make, records
 
 DEAD_LETTER = "dead_letter"
 PLAN_DIR = "plan"
@@ -101,6 +106,22 @@ class WriteShard(beam.DoFn):
     yield make.write_built_shard(path + ".array_record", results, prov, self.cfg)
 
 
+class EncodeShard(beam.DoFn):
+  """Input shard path -> the latent shard's name (written, sidecar included). The encoder is
+  made once per worker from a picklable factory (e.g. encode_latents.CheckpointEncoder)."""
+
+  def __init__(self, plan: "encode_latents.EncodePlan", encoder_factory):
+    super().__init__()
+    self.plan, self.encoder_factory = plan, encoder_factory
+    self.encode_fn = None
+
+  def setup(self):
+    self.encode_fn = self.encoder_factory()
+
+  def process(self, path):
+    yield encode_latents.encode_shard(self.plan, path, self.encode_fn)
+
+
 def _shard_marker(shard: int):
   return shard, None
 
@@ -146,3 +167,18 @@ def run(plan: make.BuildPlan, pipeline_args: Optional[List[str]] = None) -> dict
   manifest["removed_temps"] = [os.path.basename(p) for p in plan.removed_temps]
   manifest["seconds_now"] = time.time() - t0
   return manifest
+
+
+def run_encode(plan: "encode_latents.EncodePlan", encoder_factory,
+               pipeline_args: Optional[List[str]] = None) -> dict:
+  """Encodes the plan's shards on a Beam runner (the latent pipeline, separate from the
+  build); returns the manifest (as encode_latents.encode_dataset)."""
+  t0 = time.time()
+  if plan.todo:
+    with beam.Pipeline(options=pipeline_options(pipeline_args or [])) as p:
+      _ = (p
+           | "ShardsToEncode" >> beam.Create(list(plan.todo))
+           | "Spread" >> beam.Reshuffle()
+           | "Encode" >> beam.ParDo(EncodeShard(plan, encoder_factory)))
+  built = [os.path.basename(t)[:-len(".array_record")] for t in plan.todo]
+  return plan.manifest(built, time.time() - t0)

@@ -137,3 +137,45 @@ def test_cli_beam_build_and_its_errors(tmp_path):
   r = _cli("--source=procedural:nope", f"--out={tmp_path / 'y'}", "--runner=DirectRunner")
   assert r.returncode == 2 and "unknown split 'nope'" in r.stderr
   assert "Traceback" not in r.stderr
+
+
+def _fake_encode(pts, nrm):
+  return np.stack([pts.mean(1), pts.max(1), nrm.mean(1)], axis=1)
+
+
+def _fake_encoder_factory():
+  return _fake_encode
+
+
+def test_beam_latent_encoding_equals_in_process(tiny_shards, tmp_path):
+  from data_pipeline import encode_latents
+  samples = tiny_shards(num_shards=2, n_near=16, image_size=24)
+  ref = str(tmp_path / "ref")
+  encode_latents.encode_dataset(samples, ref, _fake_encode, 48, 8, progress=False,
+                                vae_info={"name": "fake"})
+  out = str(tmp_path / "beam")
+  plan = encode_latents.plan_encode(samples, out, 48, 8, vae_info={"name": "fake"})
+  m = beam_build.run_encode(plan, _fake_encoder_factory, IN_PROCESS)
+  assert m["complete"] and m["vae"] == {"name": "fake"}
+  assert m["built_now"] == [records.shard_name(i, 2) for i in range(2)]
+  _assert_same_records(_decoded(ref), _decoded(out))
+  again = beam_build.run_encode(encode_latents.plan_encode(samples, out, 48, 8,
+                                                           vae_info={"name": "fake"}),
+                                _fake_encoder_factory, IN_PROCESS)
+  assert again["built_now"] == [] and again["count"] == m["count"]
+
+
+def test_pipeline_options_default_to_local_processes_and_pass_the_rest_through():
+  from apache_beam.options import pipeline_options as po
+  opts = beam_build.pipeline_options(["--runner=DirectRunner"])
+  assert opts.view_as(po.DirectOptions).direct_running_mode == "multi_processing"
+  assert opts.view_as(po.DirectOptions).direct_num_workers == (os.cpu_count() or 1)
+  opts = beam_build.pipeline_options(IN_PROCESS)
+  assert opts.view_as(po.DirectOptions).direct_running_mode == "in_memory"
+  args = ["--runner=DataflowRunner", "--project=p", "--region=europe-west4",
+          "--temp_location=gs://b/tmp", "--num_workers=100"]
+  opts = beam_build.pipeline_options(args)
+  assert opts.get_all_options(drop_default=True) == po.PipelineOptions(args).get_all_options(
+      drop_default=True)
+  assert opts.view_as(po.GoogleCloudOptions).project == "p"
+  assert opts.view_as(po.WorkerOptions).num_workers == 100
