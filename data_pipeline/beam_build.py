@@ -64,6 +64,16 @@ def write_plan_files(plan: make.BuildPlan) -> None:
         keys=[w.key for w in plan.shards[s]], provenance=plan.provenance[s]))
 
 
+def remove_plan_files(plan: make.BuildPlan) -> None:
+  """Deletes the plan files of a finished run (and their folder when it is empty)."""
+  for s in plan.todo:
+    if os.path.exists(plan_file(plan.out, s, plan.num_shards)):
+      os.remove(plan_file(plan.out, s, plan.num_shards))
+  folder = os.path.join(plan.out, PLAN_DIR)
+  if os.path.isdir(folder) and not os.listdir(folder):
+    os.rmdir(folder)
+
+
 def shard_work(shard: int, out: str, num_shards: int) -> Iterable[Tuple[int, Tuple]]:
   """(shard, (position, work item)) for every item of a shard, from its plan file."""
   p = records.read_sidecar(plan_file(out, shard, num_shards))
@@ -161,6 +171,7 @@ def run(plan: make.BuildPlan, pipeline_args: Optional[List[str]] = None) -> dict
            | "Join" >> beam.Flatten()
            | "ByShard" >> beam.GroupByKey()
            | "Write" >> beam.ParDo(WriteShard(plan.out, plan.num_shards, plan.cfg)))
+    remove_plan_files(plan)
   manifest = plan.manifest()
   manifest["built_now"] = list(plan.todo)
   manifest["rebuilt"] = {str(k): v for k, v in plan.reasons.items()}

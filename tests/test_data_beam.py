@@ -55,6 +55,7 @@ def test_beam_two_processes_equals_in_process_build(reference, tmp_path):
         assert a[k] == b[k], (name, k)
   assert sorted(os.listdir(os.path.join(out, "previews"))) == sorted(
       os.listdir(os.path.join(ref_out, "previews")))
+  assert sorted(os.listdir(out)) == sorted(os.listdir(ref_out))  # plan files removed
 
 
 def _user_dir(root):
