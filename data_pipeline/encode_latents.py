@@ -20,7 +20,7 @@ fed to the encoder: a seeded random subset of `num_points` of the stored ones (d
 VAE config's num_points). Writes are atomic; manifest.json is written like the build's.
 
 Provenance: each output shard's sidecar records what it was made from: the VAE (`vae_info`:
-checkpoint, step, latent shape), num_points, seed, and a digest of its input shard's sidecar
+checkpoint, step, a hash of its parameter values, latent shape), num_points, seed, and a digest of its input shard's sidecar
 (keys, byte count, the input's own provenance). On a rerun into the same folder a shard
 whose provenance is unchanged is skipped (resume), a shard whose input shard was rebuilt is
 re-encoded, and a folder encoded with another VAE or other settings is refused
@@ -250,6 +250,16 @@ def vae_encode_fn(model, params) -> EncodeFn:
   return lambda p, n: np.asarray(enc(p, n))
 
 
+def params_digest(params) -> str:
+  """Hash of a parameter tree's values (leaf order is the tree's), identifying the VAE that
+  made latents even when a workdir is retrained in place."""
+  import jax  # pylint: disable=g-import-not-at-top
+  h = hashlib.sha256()
+  for leaf in jax.tree_util.tree_leaves(params):
+    h.update(np.ascontiguousarray(leaf).tobytes())
+  return h.hexdigest()[:16]
+
+
 class CheckpointEncoder:
   """Picklable factory of the jitted encoder of a `train_vae` checkpoint, so that each Beam
   worker loads the VAE once (in `DoFn.setup`) instead of receiving it."""
@@ -264,7 +274,7 @@ class CheckpointEncoder:
     if "params" not in params:
       params = {"params": params}
     info = dict(checkpoint=os.path.abspath(self.checkpoint), step=self.step,
-                num_latents=int(config.model.num_latents),
+                params_sha256=params_digest(params), num_latents=int(config.model.num_latents),
                 latent_channels=int(config.model.latent_channels), size=str(config.model.size))
     return vae_encode_fn(model, params), info, int(config.model.num_points)
 

@@ -75,3 +75,11 @@ def test_real_vae_encoder_is_batch_independent(samples_dir, tmp_path):
   direct = fn(pad(pts), pad(nrm))[:n]
   np.testing.assert_allclose(rb["latents"], direct, atol=1e-5)
   assert np.abs(rb["latents"]).max() > 0
+
+
+def test_params_digest_tells_vaes_apart():
+  a = {"params": {"w": np.ones((2, 3), np.float32), "b": np.zeros(3, np.float32)}}
+  b = {"params": {"w": np.ones((2, 3), np.float32), "b": np.full(3, 1e-6, np.float32)}}
+  assert encode_latents.params_digest(a) == encode_latents.params_digest(
+      {"params": {"b": np.zeros(3, np.float32), "w": np.ones((2, 3), np.float32)}})
+  assert encode_latents.params_digest(a) != encode_latents.params_digest(b)
