@@ -28,15 +28,17 @@ whose message starts with the path and gives the reason. Steps:
   5. overlap filter (as PartCrafter does): pairwise IoU of the parts voxelised at 64^3 over
      [-1,1]^3 and filled; any pair above `max_part_iou` -> error;
   6. watertight parts for the SDF (`make_watertight`): a part that is not closed (boundary
-     or non-manifold edges, faces with flipped winding, self-intersections found while
-     repairing) is repaired by MeshFix (Attene 2010, through `pymeshfix`, maintained by the
-     PyVista project): it removes self-intersections and degenerate faces, fills holes with
-     minimal patches and orients the faces consistently, so the part moves as little as
-     possible (a voxel remesh would move every surface by up to half a voxel). The repaired
-     part and its Chamfer distance to the original (`moca_jax.metrics.chamfer_distance`) are
-     recorded; renders keep the original parts. If MeshFix cannot close a part, the part is
-     kept as it is and its SDF sign comes from the winding number
-     (`sampling.mesh_inside`), which is exact in sign for open meshes too.
+     or non-manifold edges) or has flipped faces is repaired by MeshFix (Attene 2010,
+     through `pymeshfix`, maintained by the PyVista project): it removes degenerate faces
+     and self-intersections, fills holes with minimal patches and orients the faces
+     consistently, so the part moves as little as possible (a voxel remesh would move every
+     surface by up to half a voxel). The repaired part and its Chamfer distance to the
+     original (`moca_jax.metrics.chamfer_distance`) are recorded; renders keep the original
+     parts. Closed parts whose shells overlap (self-intersecting, common when a part is
+     modelled from several closed pieces) are not repaired: MeshFix would delete the
+     intersecting triangles and change the shape, while their SDF sign, the winding number
+     (`sampling.mesh_inside`), is already right for them. If MeshFix cannot close a part,
+     the part is kept as it is and the winding number signs its SDF too.
 """
 from __future__ import annotations
 
@@ -233,9 +235,8 @@ def _merge_to_limit(meshes, names, limit):
 
 def filled_voxels(mesh: trimesh.Trimesh, resolution: int = 64) -> np.ndarray:
   """Boolean [R,R,R] occupancy on the voxel grid of [-1,1]^3: a voxel is filled when its
-  centre is inside the mesh (`sampling.mesh_inside`: ray parity if watertight, else the
-  generalised winding number) or it holds a surface sample (so thin and open parts still
-  occupy their shell)."""
+  centre is inside the mesh (`sampling.mesh_inside`: the generalised winding number) or it
+  holds a surface sample (so thin and open parts still occupy their shell)."""
   pitch = 2.0 / resolution
   grid = np.zeros((resolution,) * 3, dtype=bool)
   lo = np.clip(np.floor((mesh.bounds[0] + 1.0) / pitch).astype(int), 0, resolution - 1)

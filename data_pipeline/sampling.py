@@ -14,18 +14,18 @@ Signed distance:
   * procedural parts (`primitives.Part`): the exact analytic SDF (min over the union).
   * user meshes (`trimesh.Trimesh`): |d| = the exact distance to the triangles (KD-trees over
     triangle centroids for an upper bound, then exact point-triangle tests on every triangle
-    that could be closer; see `unsigned_distance`), and the sign from an inside test:
-      - watertight meshes: ray parity through embree (trimesh `mesh.contains`, embreex):
-        exact for closed surfaces and fast (millions of rays per second);
-      - open / non-manifold meshes (common in user files): the generalised winding number
-        (Jacobson et al. 2013), inside when > 0.5. Ray parity flips on every hole a ray passes
-        through, while the winding number degrades gracefully (a hole changes it by the hole's
-        solid angle only; across a planar opening its 0.5 level set is the opening's plane).
-        libigl computes it: first the Barnes-Hut fast winding number (Barill et al. 2018,
-        `igl.fast_winding_number`, O((P + F) log F), absolute error ~1e-3 at its default
-        accuracy) for every point, then the exact solid-angle sum (`igl.winding_number`,
-        O(P x F) in C++) for the points whose fast value lies within `exact_band` of 0.5, so
-        the sign is exact for any mesh size (the band is 25x the approximation's error).
+    that could be closer; see `unsigned_distance`), and the sign from the generalised winding
+    number (Jacobson et al. 2013): inside when > 0.5. It is right where ray parity fails on
+    user meshes: on open parts (ray parity flips on every hole a ray passes through, while a
+    hole changes the winding number by its solid angle only; across a planar opening its 0.5
+    level set is the opening's plane) and on closed parts made of overlapping shells (two
+    crossing cylinders: parity calls the overlap outside, the winding number 2 calls it
+    inside). libigl computes it: first the Barnes-Hut fast winding number (Barill et al.
+    2018, `igl.fast_winding_number`, O((P + F) log F), absolute error ~1e-3 at its default
+    accuracy) for every point, then the exact solid-angle sum (`igl.winding_number`, O(P x F)
+    in C++) for the points whose fast value lies within `exact_band` of 0.5, so the sign is
+    exact for any mesh size (the band is 25x the approximation's error). For 3,072 points
+    on a 20k-face part it is as fast as embree ray parity (~0.1 s).
 """
 from __future__ import annotations
 
@@ -197,12 +197,12 @@ def winding_inside(mesh: trimesh.Trimesh, points: np.ndarray, exact_band: float 
 def mesh_inside(mesh: trimesh.Trimesh, points: np.ndarray, method: str = "auto"):
   """Boolean [P]: inside test.
 
-  method: 'ray' (embree parity, exact for closed meshes), 'winding' (generalised winding
-  number > 0.5, exact in sign for open meshes of any size: `winding_inside`), or
-  'auto' = 'ray' if watertight, else 'winding'.
+  method: 'winding' (= 'auto': generalised winding number > 0.5, exact in sign for open,
+  closed and self-overlapping meshes of any size: `winding_inside`) or 'ray' (embree ray
+  parity: right only for closed meshes without overlapping shells).
   """
   if method == "auto":
-    method = "ray" if mesh.is_watertight else "winding"
+    method = "winding"
   if method == "ray":
     return np.asarray(mesh.contains(points), dtype=bool)
   if method == "winding":

@@ -117,3 +117,18 @@ def test_build_repairs_open_parts_and_lists_them(tmp_path):
   # surface samples lie on the repaired (closed) surface: some on the new lid
   top = rec["surface_points"][body][:, 1]
   assert np.sum(np.abs(top - (0.5 - c[1]) * s) < 1e-5) > 10
+
+
+def test_closed_part_of_overlapping_shells_is_inside_where_they_overlap():
+  rng = np.random.default_rng(2)
+  a = P.Cylinder(0.1, 0.5)
+  b = P.Cylinder(0.1, 0.5, rotation=P.random_rotation(rng))
+  part = trimesh.util.concatenate([a.to_mesh(48), b.to_mesh(48)])
+  assert part.is_watertight and part.is_winding_consistent
+  assert ingest.make_watertight(part) == (part, None)  # MeshFix would cut it up: not repaired
+  x = np.concatenate([rng.normal(0, 0.04, (200, 3)), rng.uniform(-0.6, 0.6, (800, 3))])
+  union = np.minimum(a.sdf(x), b.sdf(x))
+  far = np.abs(union) > 0.01  # off the tessellation's error
+  d = sampling.mesh_sdf(part, x)
+  assert np.sum(union[far] < 0) > 150
+  np.testing.assert_array_equal(d[far] < 0, union[far] < 0)
