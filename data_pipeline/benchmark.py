@@ -88,6 +88,28 @@ def scaling_lines(per_core_per_min: float) -> list:
   return lines
 
 
+def notes_lines(per_core_per_min: float, load: str) -> list:
+  """Markdown: how to read the numbers of this run."""
+  return [
+      "", "## Notes", "",
+      f"- Measured once, while other processes shared the cores (load: {load}). "
+      "A parallel row (`_w2`, `beam_*_direct2`) slower than its one-process row means the "
+      "second process found no free core, not that the pipeline got slower; the one-process "
+      f"rows are the per-core numbers, and the table above uses the ingested one "
+      f"({per_core_per_min:.1f} objects/min/core).",
+      "- `beam_*` rows include Beam's start-up (launching the SDK worker processes and "
+      "importing the pipeline in each, a few seconds).",
+      "- The ingested objects are procedural objects exported as GLB (2 to 32 closed parts "
+      "of a few hundred to a few thousand faces). Real part datasets have larger meshes "
+      "(1e4 to 1e5 faces per object) and open parts that go through MeshFix, so expect a "
+      "lower per-core rate there: time a trial shard and use hours = 2,000,000 / "
+      "(N x objects/min/core) / 60.",
+      "- A shard's records meet in one worker before they are written (records average "
+      "0.66 MB at the default sizes, `procedural:tiny`), so a 500-record shard needs about "
+      "330 MB there; the items themselves are spread over all workers whatever the shard "
+      "count."]
+
+
 def _time_load(data_dir, workers, batches):
   ds = loader.vae_dataset(data_dir, batch_size=4, n_max=32, seed=0, process_index=0,
                           process_count=1)
@@ -146,6 +168,7 @@ def main(argv):
   result["scaling_2m"] = {str(n): round(TARGET_OBJECTS / (n * per_core) / 60, 2)
                           for n in (2, 64, 256, 1024, 4096)}
   lines += scaling_lines(per_core)
+  lines += notes_lines(per_core, load)
   text = "\n".join(lines) + "\n"
   print(text)
   mio.atomic_write_text(os.path.join(FLAGS.out, "data_pipeline.md"), text)
