@@ -20,12 +20,13 @@ fed to the encoder: a seeded random subset of `num_points` of the stored ones (d
 VAE config's num_points). Writes are atomic; manifest.json is written like the build's.
 
 Provenance: each output shard's sidecar records what it was made from: the VAE (`vae_info`:
-checkpoint, step, a hash of its parameter values, latent shape), num_points, seed, and a digest of its input shard's sidecar
-(keys, byte count, the input's own provenance). On a rerun into the same folder a shard
-whose provenance is unchanged is skipped (resume), a shard whose input shard was rebuilt is
-re-encoded, and a folder encoded with another VAE or other settings is refused
-(records.ProvenanceConflict naming the differing fields): the manifest never names a VAE
-that did not make the latents. Temporary files of a killed run are removed first.
+checkpoint, step, a hash of its parameter values, latent shape), num_points, seed, and a
+digest of its input shard's sidecar (keys, byte count, the input's own provenance). On a
+rerun into the same folder a shard whose provenance is unchanged is skipped (resume), a
+shard whose input shard was rebuilt is re-encoded, and a folder encoded with another VAE or
+other settings is refused (records.ProvenanceConflict naming the differing fields): the
+manifest never names a VAE that did not make the latents. Temporary files of a killed run
+are removed first.
 """
 from __future__ import annotations
 
