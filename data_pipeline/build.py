@@ -1,21 +1,34 @@
 r"""Build dataset shards of per-part samples and renders.
 
+  # in this process (or S hand-split jobs with --shard_index):
   python -m data_pipeline.build --source=procedural:tiny --out=data/tiny
+  # as an Apache Beam pipeline (data_pipeline/beam_build.py), here on 2 local processes:
   python -m data_pipeline.build --source=/path/to/meshes --out=data/mine --num_shards=8 \
-      --shard_index=3 --workers=4
+      --runner=DirectRunner --direct_num_workers=2
 
 --source: 'procedural:SPLIT' (tiny | test_tiny | small | test; append ':objects' or ':scenes'
-for one kind only) or a directory of user meshes
-(GLB/glTF/OBJ/PLY files, each geometry a part, or sub-folders of per-part files).
---shard_index=-1 (default) builds all unfinished shards in this process; S jobs with
---shard_index=0..S-1 build in parallel. Finished shards are skipped (resume). Bad inputs are
-skipped and listed in manifest.json. See data_pipeline/records.py for the record schema.
+for one kind only) or a directory of user meshes in any of the layouts of
+data_pipeline/ingest.py (scene-graph GLB/glTF/OBJ/PLY files, sub-folders of per-part files,
+a mesh with a per-face label .npy).
+--runner (and every other Beam option: --direct_num_workers, --project, --region,
+--flink_master, --spark_master_url, ...) selects the Beam build; the options are passed to
+Beam's PipelineOptions unchanged. Without --runner the build runs in this process
+(--workers=N for a local process pool); --shard_index=-1 (default) builds all unfinished
+shards, S jobs with --shard_index=0..S-1 build in parallel.
+Both paths write the same records. Finished shards are skipped (resume), shards whose inputs
+changed are rebuilt, a folder built with another config is refused; bad inputs are skipped
+and listed in manifest.json (see data_pipeline/make.py).
+Exit codes: 0 built (bad inputs listed, not fatal); 2 bad arguments, a missing or unknown
+source, or an output folder that holds another build.
 """
 from __future__ import annotations
 
 import json
+import logging
+import sys
+from typing import List
 
-from absl import app, flags
+from absl import flags
 
 from data_pipeline import ingest, make, sampling
 
@@ -23,7 +36,9 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-  """Defines the CLI flags (called only when run as a program)."""
+  """Defines the CLI flags (called only when run as a program; idempotent)."""
+  if "source" in FLAGS:
+    return
   flags.DEFINE_string("source", None, "procedural:SPLIT[:objects|:scenes] or a mesh directory.")
   flags.DEFINE_string("out", None, "Output directory.")
   flags.DEFINE_integer("num_shards", 1, "Number of shards S.")
@@ -54,19 +69,56 @@ def config_from_flags() -> make.BuildConfig:
       num_previews=FLAGS.num_previews)
 
 
-def main(argv):
-  del argv
-  m = make.build(FLAGS.source, FLAGS.out, FLAGS.num_shards, FLAGS.shard_index,
-                 config_from_flags(), FLAGS.workers, FLAGS.progress)
+def print_summary(m: dict) -> None:
   summary = {k: m[k] for k in ("count", "bytes", "num_shards", "complete", "built_now")}
   summary["skipped"] = len(m["skipped"])
+  summary["repaired"] = len(m["repaired"])
   summary["seconds"] = round(m["seconds_now"], 2)
   print(json.dumps(summary))
+  for shard, why in sorted(m.get("rebuilt", {}).items()):
+    print(f"rebuilt shard {shard}: {why}")
   for s in m["skipped"]:
     print(f"skipped {s['input']}: {s['reason']}")
 
 
-if __name__ == "__main__":
+def main(argv: List[str]) -> int:
+  """Parses our flags, hands the rest to Beam when --runner is given; returns the exit code."""
   define_flags()
-  flags.mark_flags_as_required(["source", "out"])
-  app.run(main)
+  try:
+    rest = FLAGS(argv, known_only=True)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  beam_args = rest[1:]
+  missing = [n for n in ("source", "out") if not FLAGS[n].value]
+  if missing:
+    print(f"error: --{' and --'.join(missing)} required", file=sys.stderr)
+    return 2
+  use_beam = any(a.startswith("--runner") for a in beam_args)
+  if beam_args and not use_beam:
+    print(f"error: unknown arguments {' '.join(beam_args)} (Beam options need --runner)",
+          file=sys.stderr)
+    return 2
+  if use_beam and (FLAGS.shard_index != -1 or FLAGS.workers):
+    print("error: --shard_index and --workers are for the in-process build; with --runner "
+          "use the runner's options (e.g. --direct_num_workers)", file=sys.stderr)
+    return 2
+  cfg = config_from_flags()
+  try:
+    if use_beam:
+      logging.getLogger("apache_beam").setLevel(logging.ERROR)  # workers' chatter
+      from data_pipeline import beam_build  # pylint: disable=g-import-not-at-top
+      plan = make.plan_build(FLAGS.source, FLAGS.out, FLAGS.num_shards, cfg=cfg)
+      m = beam_build.run(plan, beam_args)
+    else:
+      m = make.build(FLAGS.source, FLAGS.out, FLAGS.num_shards, FLAGS.shard_index, cfg,
+                     FLAGS.workers, FLAGS.progress)
+  except (ValueError, FileNotFoundError) as e:  # bad source, sharding or a conflicting --out
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print_summary(m)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))

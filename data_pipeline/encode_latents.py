@@ -2,6 +2,12 @@ r"""Encode every part of a 'samples' dataset with the frozen VAE into 'latents' 
 
   python -m data_pipeline.encode_latents --vae_checkpoint=outputs/vae \
       --input=data/tiny --output=data/tiny_latents [--batch_size=64] [--step=N]
+  # as an Apache Beam pipeline (one shard per element, the VAE loaded once per worker):
+  python -m data_pipeline.encode_latents ... --runner=DirectRunner --direct_num_workers=2
+
+Beam options (with --runner) pass to Beam's PipelineOptions unchanged, as for
+data_pipeline.build. Exit codes: 0 encoded; 2 bad arguments, a missing input or an output
+folder encoded with another VAE or settings.
 
 --vae_checkpoint is an `experiments/train_vae.py` workdir (its orbax checkpoints are read with
 `moca_jax.vae_task.load_vae`). Each input shard becomes an output shard of the same name
@@ -11,16 +17,27 @@ input record (the point samples are dropped); meta.kind becomes 'latents' and me
 records the checkpoint. Parts from consecutive records are packed into fixed batches of
 `batch_size` parts (the last one padded), so the jitted encoder compiles once. Surface points
 fed to the encoder: a seeded random subset of `num_points` of the stored ones (default: the
-VAE config's num_points). Finished shards (array_record + sidecar JSON) are skipped (resume);
-writes are atomic; manifest.json is written like the build's.
+VAE config's num_points). Writes are atomic; manifest.json is written like the build's.
+
+Provenance: each output shard's sidecar records what it was made from: the VAE (`vae_info`:
+checkpoint, step, a hash of its parameter values, latent shape), num_points, seed, and a
+digest of its input shard's sidecar (keys, byte count, the input's own provenance). On a
+rerun into the same folder a shard whose provenance is unchanged is skipped (resume), a
+shard whose input shard was rebuilt is re-encoded, and a folder encoded with another VAE or
+other settings is refused (records.ProvenanceConflict naming the differing fields): the
+manifest never names a VAE that did not make the latents. Temporary files of a killed run
+are removed first.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+import sys
 import time
 import zlib
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 
@@ -105,52 +122,121 @@ def _latent_record(rec: dict, vae_info: dict) -> bytes:
   return records.encode_record(arrays, meta)
 
 
+def _input_digest(sidecar: dict) -> str:
+  text = json.dumps({k: sidecar.get(k) for k in ("keys", "bytes", "count", "provenance")},
+                    sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class EncodePlan:
+  """What an encode (re)run does: `todo` the input shard paths to encode; `wanted` the
+  provenance every output shard must have (by file name)."""
+  input_dir: str
+  output_dir: str
+  num_shards: int
+  num_points: int
+  batch_size: int
+  seed: int
+  vae_info: dict
+  in_manifest: dict
+  wanted: Dict[str, dict]
+  todo: List[str]
+  removed_temps: List[str]
+
+  def manifest(self, built: List[str], seconds: float) -> dict:
+    """Writes the output manifest.json from the current output shards; returns it."""
+    info = dict(source=os.path.abspath(self.input_dir), kind="latents", vae=self.vae_info,
+                generator_seed=self.in_manifest.get("generator_seed"),
+                input_schema_version=self.in_manifest.get("schema_version"),
+                num_points=self.num_points, seed=self.seed)
+    m = records.merge_manifest(
+        self.output_dir, self.num_shards, info,
+        is_current=lambda side: side.get("provenance") == self.wanted.get(side["file"]))
+    m["built_now"] = list(built)
+    m["removed_temps"] = [os.path.basename(p) for p in self.removed_temps]
+    m["seconds_now"] = seconds
+    return m
+
+
+def plan_encode(input_dir: str, output_dir: str, num_points: int, batch_size: int = 64,
+                seed: int = 0, vae_info: Optional[dict] = None) -> EncodePlan:
+  """Compares the output shards present with what this run would write (see the module
+  docstring); removes a killed run's temporary files. Raises records.ProvenanceConflict when
+  `output_dir` was encoded with another VAE, num_points or seed (nothing is written then)."""
+  in_manifest = records.load_manifest(input_dir)
+  paths = records.shard_paths(input_dir)
+  os.makedirs(output_dir, exist_ok=True)
+  removed = records.remove_stale_temps(output_dir)
+  vae_info = json.loads(json.dumps(dict(vae_info or {})))
+  settings = dict(vae=vae_info, num_points=int(num_points), seed=int(seed))
+  wanted = {}  # output shard file -> provenance
+  for path in paths:
+    side = records.read_sidecar(path[:-len(".array_record")] + ".json")
+    wanted[os.path.basename(path)] = dict(settings, input=dict(
+        file=os.path.basename(path), digest=_input_digest(side)))
+  todo = []
+  for path in paths:
+    out_base = os.path.join(output_dir, os.path.basename(path)[:-len(".array_record")])
+    if not os.path.exists(out_base + ".json"):
+      todo.append(path)
+      continue
+    old = records.read_sidecar(out_base + ".json").get("provenance") or {}
+    diff = records.config_diff({k: old.get(k, "<unset>") for k in settings}, settings)
+    if diff:
+      raise records.ProvenanceConflict(
+          f"{output_dir}: was encoded with another VAE or settings ({'; '.join(diff)}); "
+          "encode into a new --output or delete it")
+    if (old.get("input") != wanted[os.path.basename(path)]["input"]
+        or not os.path.exists(out_base + ".array_record")):
+      todo.append(path)
+  return EncodePlan(input_dir=input_dir, output_dir=output_dir,
+                    num_shards=int(in_manifest["num_shards"]), num_points=int(num_points),
+                    batch_size=int(batch_size), seed=int(seed), vae_info=vae_info,
+                    in_manifest=in_manifest, wanted=wanted, todo=todo, removed_temps=removed)
+
+
+def encode_shard(plan: EncodePlan, path: str, encode_fn: EncodeFn,
+                 progress: bool = False) -> str:
+  """Encodes one input shard into the output shard of the same name (atomic), then writes
+  its sidecar with the provenance; returns the shard's name."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  name = os.path.basename(path)[:-len(".array_record")]
+  out_base = os.path.join(plan.output_dir, name)
+  raw = records.read_shard(path)
+  decoded = (records.decode_record(r) for r in tqdm(raw, desc=f"encode {name}",
+                                                    disable=not progress))
+  keys = []
+  nbytes = 0
+
+  def gen():
+    nonlocal nbytes
+    for rec in encode_records(decoded, encode_fn, plan.num_points, plan.batch_size,
+                              plan.seed):
+      data = _latent_record(rec, plan.vae_info)
+      keys.append(rec["meta"]["key"])
+      nbytes += len(data)
+      yield data
+
+  n = records.write_shard(out_base + ".array_record", gen())
+  skipped = records.read_sidecar(path[:-len(".array_record")] + ".json").get("skipped", [])
+  records.atomic_write_json(out_base + ".json", {
+      "file": name + ".array_record", "count": n,
+      "bytes": os.path.getsize(out_base + ".array_record"), "payload_bytes": nbytes,
+      "keys": keys, "skipped": skipped, "provenance": plan.wanted[name + ".array_record"]})
+  return name
+
+
 def encode_dataset(input_dir: str, output_dir: str, encode_fn: EncodeFn, num_points: int,
                    batch_size: int = 64, seed: int = 0, vae_info: Optional[dict] = None,
                    progress: bool = True) -> dict:
-  """Encodes every finished input shard into `output_dir`; returns the output manifest."""
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  in_manifest = records.load_manifest(input_dir)
-  num_shards = int(in_manifest["num_shards"])
-  paths = records.shard_paths(input_dir)
-  os.makedirs(output_dir, exist_ok=True)
-  vae_info = dict(vae_info or {})
+  """Encodes every finished input shard into `output_dir` in this process; returns the output
+  manifest. Raises as `plan_encode`. (`data_pipeline.beam_build.run_encode` runs the same
+  shards on a Beam runner.)"""
+  plan = plan_encode(input_dir, output_dir, num_points, batch_size, seed, vae_info)
   t0 = time.time()
-  built = []
-  for path in paths:
-    name = os.path.basename(path)[:-len(".array_record")]
-    out_base = os.path.join(output_dir, name)
-    if os.path.exists(out_base + ".array_record") and os.path.exists(out_base + ".json"):
-      continue
-    raw = records.read_shard(path)
-    decoded = (records.decode_record(r) for r in tqdm(raw, desc=f"encode {name}",
-                                                      disable=not progress))
-    keys = []
-    nbytes = 0
-
-    def gen():
-      nonlocal nbytes
-      for rec in encode_records(decoded, encode_fn, num_points, batch_size, seed):
-        data = _latent_record(rec, vae_info)
-        keys.append(rec["meta"]["key"])
-        nbytes += len(data)
-        yield data
-
-    n = records.write_shard(out_base + ".array_record", gen())
-    with open(path[:-len(".array_record")] + ".json") as f:
-      skipped = json.load(f).get("skipped", [])
-    records.atomic_write_json(out_base + ".json", {
-        "file": name + ".array_record", "count": n,
-        "bytes": os.path.getsize(out_base + ".array_record"), "payload_bytes": nbytes,
-        "keys": keys, "skipped": skipped})
-    built.append(name)
-  info = dict(source=os.path.abspath(input_dir), kind="latents", vae=vae_info,
-              generator_seed=in_manifest.get("generator_seed"),
-              input_schema_version=in_manifest.get("schema_version"), num_points=num_points)
-  manifest = records.merge_manifest(output_dir, num_shards, info)
-  manifest["built_now"] = built
-  manifest["seconds_now"] = time.time() - t0
-  return manifest
+  built = [encode_shard(plan, path, encode_fn, progress) for path in plan.todo]
+  return plan.manifest(built, time.time() - t0)
 
 
 def vae_encode_fn(model, params) -> EncodeFn:
@@ -165,26 +251,78 @@ def vae_encode_fn(model, params) -> EncodeFn:
   return lambda p, n: np.asarray(enc(p, n))
 
 
-def main(argv):
-  del argv
+def params_digest(params) -> str:
+  """Hash of a parameter tree's values (leaf order is the tree's), identifying the VAE that
+  made latents even when a workdir is retrained in place."""
+  import jax  # pylint: disable=g-import-not-at-top
+  h = hashlib.sha256()
+  for leaf in jax.tree_util.tree_leaves(params):
+    h.update(np.ascontiguousarray(leaf).tobytes())
+  return h.hexdigest()[:16]
+
+
+class CheckpointEncoder:
+  """Picklable factory of the jitted encoder of a `train_vae` checkpoint, so that each Beam
+  worker loads the VAE once (in `DoFn.setup`) instead of receiving it."""
+
+  def __init__(self, checkpoint: str, step: Optional[int] = None):
+    self.checkpoint, self.step = checkpoint, step
+
+  def load(self):
+    """(encode_fn, vae_info, the VAE config's num_points)."""
+    from moca_jax.vae_task import load_vae  # pylint: disable=g-import-not-at-top
+    model, params, config = load_vae(self.checkpoint, self.step)
+    if "params" not in params:
+      params = {"params": params}
+    info = dict(checkpoint=os.path.abspath(self.checkpoint), step=self.step,
+                params_sha256=params_digest(params), num_latents=int(config.model.num_latents),
+                latent_channels=int(config.model.latent_channels), size=str(config.model.size))
+    return vae_encode_fn(model, params), info, int(config.model.num_points)
+
+  def __call__(self) -> EncodeFn:
+    return self.load()[0]
+
+
+def main(argv: List[str]) -> int:
+  """Parses our flags, hands the rest to Beam when --runner is given; returns the exit code."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from moca_jax.vae_task import load_vae  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  model, params, config = load_vae(f.vae_checkpoint, f.step)
-  if "params" not in params:
-    params = {"params": params}
-  num_points = f.num_points or int(config.model.num_points)
-  info = dict(checkpoint=os.path.abspath(f.vae_checkpoint), step=f.step,
-              num_latents=int(config.model.num_latents),
-              latent_channels=int(config.model.latent_channels), size=str(config.model.size))
-  m = encode_dataset(f.input, f.output, vae_encode_fn(model, params), num_points,
-                     f.batch_size, f.seed, info, f.progress)
+  try:
+    rest = f(argv, known_only=True)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  beam_args = rest[1:]
+  missing = [n for n in ("vae_checkpoint", "input", "output") if not f[n].value]
+  if missing:
+    print(f"error: --{' and --'.join(missing)} required", file=sys.stderr)
+    return 2
+  use_beam = any(a.startswith("--runner") for a in beam_args)
+  if beam_args and not use_beam:
+    print(f"error: unknown arguments {' '.join(beam_args)} (Beam options need --runner)",
+          file=sys.stderr)
+    return 2
+  factory = CheckpointEncoder(f.vae_checkpoint, f.step)
+  encode_fn, info, vae_points = factory.load()
+  num_points = f.num_points or vae_points
+  try:
+    if use_beam:
+      from data_pipeline import beam_build  # pylint: disable=g-import-not-at-top
+      plan = plan_encode(f.input, f.output, num_points, f.batch_size, f.seed, info)
+      m = beam_build.run_encode(plan, factory, beam_args)
+    else:
+      m = encode_dataset(f.input, f.output, encode_fn, num_points, f.batch_size, f.seed, info,
+                         f.progress)
+  except (ValueError, FileNotFoundError) as e:  # missing input, a conflicting --output
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   print(json.dumps({k: m[k] for k in ("count", "bytes", "num_shards", "complete",
                                       "built_now")}))
+  return 0
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("vae_checkpoint", None, "experiments/train_vae.py workdir.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
   flags.DEFINE_string("input", None, "Input 'samples' dataset directory.")
@@ -193,5 +331,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("num_points", 0, "Surface points per part (0 = the VAE config's).")
   flags.DEFINE_integer("seed", 0, "Seed of the surface point subsets.")
   flags.DEFINE_bool("progress", True, "Show a progress bar.")
-  flags.mark_flags_as_required(["vae_checkpoint", "input", "output"])
-  app.run(main)
+  sys.exit(main(sys.argv))

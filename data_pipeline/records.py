@@ -23,8 +23,10 @@ One record = one object or scene, serialised with `numpy.savez_compressed` into 
 
 All geometry is in the item's normalised frame ([-1,1]^3, +y up); scene instances are in the
 scene's frame. Shards: `shard-IIIII-of-SSSSS.array_record` written with options
-'group_size:1' (random access) to a hidden temporary name then renamed (moca_jax.io), each with a sidecar
-`shard-IIIII-of-SSSSS.json` (count, bytes, keys, skipped inputs); `manifest.json` merges them.
+'group_size:1' (random access) to a temporary name then renamed, each with a sidecar
+`shard-IIIII-of-SSSSS.json` (count, bytes, keys, skipped inputs = the dead letters, repaired
+parts, and the shard's provenance: what it was made from, see data_pipeline/make.py and
+encode_latents.py); `manifest.json` merges the sidecars of the shards that are current.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ import glob
 import io
 import json
 import os
-from typing import Dict, Iterable, List
+import re
+from typing import Callable, Dict, Iterable, List, Optional
 
 import numpy as np
 
@@ -76,6 +79,57 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 def atomic_write_json(path: str, obj) -> None:
   """Writes `obj` as sorted JSON (indent 1) atomically (moca_jax.io.write_json)."""
   mio.write_json(path, obj, indent=1)
+
+
+class ProvenanceConflict(ValueError):
+  """An output folder holds shards made from other inputs or settings than a rerun's, and
+  rebuilding them silently would mix two datasets: the message names the differences."""
+
+
+# `<name>.tmp-<pid>` temporaries of the shard writer before it used moca_jax.io.
+_LEGACY_TEMP_RE = re.compile(r"^shard-.+\.tmp-(?P<pid>\d+)$")
+
+
+def _pid_dead(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return True
+  except PermissionError:
+    return False
+  return False
+
+
+def remove_stale_temps(directory: str) -> List[str]:
+  """Deletes the temporary files a killed build or encode left in a dataset folder (those of
+  `moca_jax.io.atomic_path` and the older `shard-*.tmp-<pid>` ones) whose writer is dead;
+  returns the paths removed."""
+  removed = mio.remove_stale_temps(directory)
+  if os.path.isdir(directory):
+    for name in sorted(os.listdir(directory)):
+      m = _LEGACY_TEMP_RE.match(name)
+      if m and int(m.group("pid")) != os.getpid() and _pid_dead(int(m.group("pid"))):
+        os.remove(os.path.join(directory, name))
+        removed.append(os.path.join(directory, name))
+  return removed
+
+
+def read_sidecar(path: str) -> dict:
+  """A shard's sidecar JSON (ValueError naming the file when it is not valid JSON)."""
+  return mio.read_json(path)
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> List[str]:
+  """'field: old -> new' for every leaf that differs between two nested config dicts."""
+  out = []
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
+    name = f"{prefix}{k}"
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += config_diff(a, b, name + ".")
+    elif a != b:
+      out.append(f"{name}: {json.dumps(a)} -> {json.dumps(b)}")
+  return out
 
 
 def write_shard(path: str, records: Iterable[bytes]) -> int:
@@ -130,23 +184,33 @@ def load_manifest(directory: str) -> dict:
     return json.load(f)
 
 
-def merge_manifest(directory: str, num_shards: int, info: dict) -> dict:
-  """(Re)writes manifest.json from the shard sidecars present; returns it."""
-  shards, skipped = [], []
+def merge_manifest(directory: str, num_shards: int, info: dict,
+                   is_current: Optional[Callable[[dict], bool]] = None) -> dict:
+  """(Re)writes manifest.json from the finished shards and returns it.
+
+  A shard counts when its ArrayRecord file and its sidecar exist and, given `is_current`,
+  `is_current(sidecar)` holds (its provenance matches what the caller would build now);
+  `complete` is true only when every shard counts, so the manifest never claims records
+  that are not there. `skipped` lists the dead letters (bad inputs with their reason) and
+  `repaired` the parts made watertight (see data_pipeline/ingest.py).
+  """
+  shards, skipped, repaired = [], [], []
   count = nbytes = 0
   for i in range(num_shards):
-    side = os.path.join(directory, shard_name(i, num_shards) + ".json")
-    if not os.path.exists(side):
+    base = os.path.join(directory, shard_name(i, num_shards))
+    if not (os.path.exists(base + ".json") and os.path.exists(base + ".array_record")):
       continue
-    with open(side) as f:
-      s = json.load(f)
+    s = read_sidecar(base + ".json")
+    if is_current is not None and not is_current(s):
+      continue
     shards.append({"file": s["file"], "count": s["count"], "bytes": s["bytes"]})
     skipped += s["skipped"]
+    repaired += s.get("repaired", [])
     count += s["count"]
     nbytes += s["bytes"]
   manifest = dict(info)
   manifest.update(schema_version=SCHEMA_VERSION, num_shards=num_shards, shards=shards,
-                  count=count, bytes=nbytes, skipped=skipped,
+                  count=count, bytes=nbytes, skipped=skipped, repaired=repaired,
                   complete=len(shards) == num_shards)
   atomic_write_json(os.path.join(directory, "manifest.json"), manifest)
   return manifest

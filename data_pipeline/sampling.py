@@ -14,17 +14,18 @@ Signed distance:
   * procedural parts (`primitives.Part`): the exact analytic SDF (min over the union).
   * user meshes (`trimesh.Trimesh`): |d| = the exact distance to the triangles (KD-trees over
     triangle centroids for an upper bound, then exact point-triangle tests on every triangle
-    that could be closer; see `unsigned_distance`), and the sign from a robust inside test:
-      - watertight meshes: ray parity through embree (trimesh `mesh.contains`, embreex):
-        exact for closed surfaces and fast (millions of rays per second);
-      - open / non-manifold meshes (common in user files): the generalised winding number
-        (Jacobson et al. 2013), computed exactly here with numpy (solid angle of every
-        triangle, chunked), inside when > 0.5. Ray parity flips on every hole a ray passes
-        through, while the winding number degrades gracefully (a hole changes it by the hole's
-        solid angle only). Cost is O(points x faces) (~0.7 us per pair on one core), so
-        above `winding_budget` pairs we fall back to a majority vote of embree ray parity
-        over 7 directions (a hole flips only the rays that pass through it). libigl's fast
-        winding number would be the upgrade for huge open meshes, with no API change.
+    that could be closer; see `unsigned_distance`), and the sign from the generalised winding
+    number (Jacobson et al. 2013): inside when > 0.5. It is right where ray parity fails on
+    user meshes: on open parts (ray parity flips on every hole a ray passes through, while a
+    hole changes the winding number by its solid angle only; across a planar opening its 0.5
+    level set is the opening's plane) and on closed parts made of overlapping shells (two
+    crossing cylinders: parity calls the overlap outside, the winding number 2 calls it
+    inside). libigl computes it: first the Barnes-Hut fast winding number (Barill et al.
+    2018, `igl.fast_winding_number`, O((P + F) log F), absolute error ~1e-3 at its default
+    accuracy) for every point, then the exact solid-angle sum (`igl.winding_number`, O(P x F)
+    in C++) for the points whose fast value lies within `exact_band` of 0.5, so the sign is
+    exact for any mesh size (the band is 25x the approximation's error). For 3,072 points
+    on a 20k-face part it is as fast as embree ray parity (~0.1 s).
 """
 from __future__ import annotations
 
@@ -163,58 +164,49 @@ def unsigned_distance(mesh: trimesh.Trimesh, points: np.ndarray, k: int = 8,
   return best
 
 
-def winding_number(mesh: trimesh.Trimesh, points: np.ndarray, chunk: int = 2_000_000):
-  """Generalised winding number [P] of points [P,3] w.r.t. the mesh (solid angles / 4 pi)."""
-  tri = mesh.triangles.astype(np.float64)
-  out = np.zeros(len(points))
-  step = max(1, chunk // max(len(tri), 1))
-  for s in range(0, len(points), step):
-    p = points[s:s + step, None, None, :]  # [p,1,1,3]
-    r = tri[None] - p  # [p,F,3,3]
-    ln = np.linalg.norm(r, axis=-1)  # [p,F,3]
-    a, b, c = r[..., 0, :], r[..., 1, :], r[..., 2, :]
-    det = np.einsum("pfk,pfk->pf", a, np.cross(b, c))
-    la, lb, lc = ln[..., 0], ln[..., 1], ln[..., 2]
-    den = (la * lb * lc + np.einsum("pfk,pfk->pf", a, b) * lc
-           + np.einsum("pfk,pfk->pf", b, c) * la + np.einsum("pfk,pfk->pf", c, a) * lb)
-    out[s:s + step] = np.sum(np.arctan2(det, den), axis=-1) / (2 * np.pi)
-  return out
+def winding_number(mesh: trimesh.Trimesh, points: np.ndarray) -> np.ndarray:
+  """Exact generalised winding number [P] of points [P,3] w.r.t. the mesh's triangles
+  (sum of signed solid angles / 4 pi; libigl, O(P x F))."""
+  import igl  # pylint: disable=g-import-not-at-top
+  return np.asarray(igl.winding_number(*_igl_mesh(mesh), np.asarray(points, np.float64)))
 
 
-def ray_vote_inside(mesh: trimesh.Trimesh, points: np.ndarray, n_dirs: int = 7, seed: int = 0):
-  """Boolean [P]: majority vote of embree ray parity over `n_dirs` fixed random directions."""
-  dirs = np.random.default_rng(seed).normal(size=(n_dirs, 3))
-  dirs /= np.linalg.norm(dirs, axis=-1, keepdims=True)
-  votes = np.zeros(len(points), dtype=np.int64)
-  for d in dirs:
-    ray_dirs = np.broadcast_to(d, points.shape).copy()
-    _, idx_ray = mesh.ray.intersects_id(points, ray_dirs, multiple_hits=True,
-                                        return_locations=False)
-    hits = np.bincount(idx_ray, minlength=len(points))
-    votes += hits % 2
-  return votes * 2 > n_dirs
+def _igl_mesh(mesh: trimesh.Trimesh):
+  return (np.ascontiguousarray(mesh.vertices, np.float64),
+          np.ascontiguousarray(mesh.faces, np.int64))
 
 
-def mesh_inside(mesh: trimesh.Trimesh, points: np.ndarray, method: str = "auto",
-                winding_budget: float = 3e7):
+def winding_inside(mesh: trimesh.Trimesh, points: np.ndarray, exact_band: float = 0.1):
+  """Boolean [P]: generalised winding number > 0.5, exact in sign (see the module docstring).
+
+  The fast (Barnes-Hut) winding number decides every point further than `exact_band` from
+  0.5; the rest are recomputed exactly.
+  """
+  import igl  # pylint: disable=g-import-not-at-top
+  pts = np.ascontiguousarray(points, np.float64)
+  if len(pts) == 0:
+    return np.zeros(0, dtype=bool)
+  v, f = _igl_mesh(mesh)
+  w = np.asarray(igl.fast_winding_number(v, f, pts), np.float64)
+  near = np.flatnonzero(np.abs(w - 0.5) < exact_band)
+  if len(near):
+    w[near] = igl.winding_number(v, f, pts[near])
+  return w > 0.5
+
+
+def mesh_inside(mesh: trimesh.Trimesh, points: np.ndarray, method: str = "auto"):
   """Boolean [P]: inside test.
 
-  method: 'ray' (embree parity, for closed meshes), 'winding' (generalised winding number
-  > 0.5), 'ray_vote' (parity majority over 7 directions: a fast fallback for open meshes), or
-  'auto' = 'ray' if watertight, else 'winding' when points x faces <= winding_budget, else
-  'ray_vote'.
+  method: 'winding' (= 'auto': generalised winding number > 0.5, exact in sign for open,
+  closed and self-overlapping meshes of any size: `winding_inside`) or 'ray' (embree ray
+  parity: right only for closed meshes without overlapping shells).
   """
   if method == "auto":
-    if mesh.is_watertight:
-      method = "ray"
-    else:
-      method = "winding" if len(points) * len(mesh.faces) <= winding_budget else "ray_vote"
+    method = "winding"
   if method == "ray":
     return np.asarray(mesh.contains(points), dtype=bool)
   if method == "winding":
-    return winding_number(mesh, points) > 0.5
-  if method == "ray_vote":
-    return ray_vote_inside(mesh, points)
+    return winding_inside(mesh, np.asarray(points, np.float64))
   raise ValueError(f"unknown inside-test method {method!r}")
 
 

@@ -39,8 +39,9 @@ def test_latents_match_per_part_encoding_and_keep_renders(samples_dir, tmp_path)
                                           process_count=1)))
   assert batch["latents"].shape == (2, 32, 4, 3)
   # resume: nothing left to do
-  m2 = encode_latents.encode_dataset(samples_dir, out, _fake_encode, 48, 7, progress=False)
-  assert m2["built_now"] == []
+  m2 = encode_latents.encode_dataset(samples_dir, out, _fake_encode, 48, 7, progress=False,
+                                     vae_info={"name": "fake"})
+  assert m2["built_now"] == [] and m2["complete"]
 
 
 def test_too_few_points_is_a_clear_error(samples_dir, tmp_path):
@@ -74,3 +75,11 @@ def test_real_vae_encoder_is_batch_independent(samples_dir, tmp_path):
   direct = fn(pad(pts), pad(nrm))[:n]
   np.testing.assert_allclose(rb["latents"], direct, atol=1e-5)
   assert np.abs(rb["latents"]).max() > 0
+
+
+def test_params_digest_tells_vaes_apart():
+  a = {"params": {"w": np.ones((2, 3), np.float32), "b": np.zeros(3, np.float32)}}
+  b = {"params": {"w": np.ones((2, 3), np.float32), "b": np.full(3, 1e-6, np.float32)}}
+  assert encode_latents.params_digest(a) == encode_latents.params_digest(
+      {"params": {"b": np.zeros(3, np.float32), "w": np.ones((2, 3), np.float32)}})
+  assert encode_latents.params_digest(a) != encode_latents.params_digest(b)
