@@ -45,7 +45,7 @@ import trimesh
 
 from data_pipeline import primitives
 from moca_jax import extract
-from moca_jax import train_lib
+from moca_jax import distributed, sharding, train_lib
 from moca_jax import viz
 from moca_jax.vae import VecSetVAE, count_params, vae_loss
 
@@ -412,6 +412,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns a dict: 'step' (final), 'metrics' (last step's scalars), 'eval' (IoU / Chamfer by
   part size), 'outputs' (paths written).
   """
+  distributed.initialize(config.get("distributed"))  # multi-process job; NCCL defaults
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   num_steps = config.num_steps if num_steps is None else num_steps
@@ -437,7 +438,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     last = {**result.history[-1], "step": result.history[-1]["step"] + 1}
 
   # ---- evaluation and outputs (EMA params) ----
-  params = {"params": jax.device_get(state.ema_params)}
+  # Gathered on every process (the params may span processes); process 0 alone evaluates.
+  params = {"params": sharding.to_host(state.ema_params)}
+  if jax.process_index() != 0:
+    return {"step": int(state.step), "metrics": last, "eval": {}, "outputs": {}}
   outputs = {}
   history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
   if history:

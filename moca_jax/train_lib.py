@@ -464,7 +464,7 @@ def run_training(*, config: ml_collections.ConfigDict, workdir: str, init_fn: In
   sharding.check_batch_divisible(config.batch_size, mesh)
   prepare_fn = prepare_fn or (lambda b: b)
   first = prepare_fn(next(iter(make_iterator())))  # a throwaway iterator gives the shapes
-  batch_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), first)
+  batch_spec = sharding.global_batch_spec(first)  # local rows x process count
   del first
   iterator = make_iterator()
 
