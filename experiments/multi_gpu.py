@@ -141,8 +141,6 @@ def main(argv=None) -> None:
   p.add_argument("--per_run_timeout_s", type=float, default=300)
   p.add_argument("--out", default="")
   a = p.parse_args(argv)
-  from moca_jax import distributed
-  distributed.nccl_defaults()
   if a.mode == "equal":
     res = equal(a.size, int(a.components), a.batch, a.steps)
     print(json.dumps(res))

@@ -181,7 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        show_progress: bool = True, eval_batches: int = 2
                        ) -> train_lib.LoopResult:
   """Trains (resuming from workdir's latest checkpoint) and evaluates the EMA params."""
-  distributed.initialize(config.get("distributed"))  # multi-process job; NCCL defaults
+  distributed.initialize(config.get("distributed"))  # multi-process job (config.distributed)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     _atomic_json(os.path.join(workdir, "config.json"), train_lib.config_to_json(config))

@@ -412,7 +412,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns a dict: 'step' (final), 'metrics' (last step's scalars), 'eval' (IoU / Chamfer by
   part size), 'outputs' (paths written).
   """
-  distributed.initialize(config.get("distributed"))  # multi-process job; NCCL defaults
+  distributed.initialize(config.get("distributed"))  # multi-process job (config.distributed)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   num_steps = config.num_steps if num_steps is None else num_steps

@@ -15,27 +15,19 @@ JAX_LOCAL_DEVICE_IDS, and the cluster detectors (SLURM, Open MPI, Kubernetes, Cl
 which give the process count and index too). On a TPU pod slice `enabled=True` alone is
 enough.
 
-One process driving several GPUs can deadlock inside NCCL: XLA launches each device's part
-of a collective from its own thread, and a process-wide synchronising CUDA call (a pinned
-host allocation or a synchronous copy for the next batch, cudaFree) issued while one
-device's collective kernel already spins waiting for its peer blocks the thread that would
-launch the peer's kernel. NVIDIA's JAX guide names the remedy NCCL_LAUNCH_MODE=GROUP (the
-devices' kernels of one collective are launched together); `nccl_defaults()` sets it
-unless the environment already chose. One process per GPU avoids the situation entirely.
+On 2 H200s the 2-device programs compile slowly (the jitted state init of the 'small' DiT:
+about 43 s of XLA passes; the train step did not finish compiling within the time measured;
+experiments/results/multi_gpu.md). `run_training` logs the start and end of both compiles;
+set JAX_COMPILATION_CACHE_DIR so that a restarted job loads the executables instead.
 """
 from __future__ import annotations
 
 import logging
-import os
-from typing import MutableMapping, Optional
+from typing import Optional
 
 import ml_collections
 
 log = logging.getLogger(__name__)
-
-# NCCL settings applied when the environment has not set them (see the module docstring).
-NCCL_DEFAULTS = {"NCCL_LAUNCH_MODE": "GROUP"}
-
 
 def distributed_config() -> ml_collections.ConfigDict:
   """config.distributed: fields of `initialize`.
@@ -51,21 +43,6 @@ def distributed_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       enabled=False, coordinator_address="", num_processes=0, process_id=-1,
       local_device_ids="", initialization_timeout=300))
-
-
-def nccl_defaults(environ: Optional[MutableMapping[str, str]] = None) -> dict[str, str]:
-  """Sets `NCCL_DEFAULTS` in `environ` (default os.environ) where unset; returns what it set.
-
-  Must run before the first collective creates NCCL communicators (NCCL reads its
-  environment then); `initialize` and the training entry points call it first thing.
-  """
-  environ = os.environ if environ is None else environ
-  applied = {}
-  for key, value in NCCL_DEFAULTS.items():
-    if key not in environ:
-      environ[key] = value
-      applied[key] = value
-  return applied
 
 
 def initialize_kwargs(cfg: ml_collections.ConfigDict) -> dict:
@@ -95,12 +72,11 @@ def initialize_kwargs(cfg: ml_collections.ConfigDict) -> dict:
 
 
 def initialize(cfg: Optional[ml_collections.ConfigDict]) -> bool:
-  """Prepares the runtime: NCCL defaults always; `jax.distributed.initialize` when
-  cfg.enabled (once per process). Call before any other JAX call.
+  """Calls `jax.distributed.initialize` when cfg.enabled (once per process). Call it
+  before any other JAX call.
 
   Returns True when this call initialised the distributed runtime.
   """
-  nccl_defaults()
   if cfg is None or not cfg.get("enabled", False):
     return False
   import jax  # pylint: disable=g-import-not-at-top

@@ -477,8 +477,13 @@ def run_training(*, config: ml_collections.ConfigDict, workdir: str, init_fn: In
         lambda r: init_fn(r, _zeros_like_spec(batch_spec))["params"], init_rng))
     trainable = trainable_fn(abstract_params)
   tx = make_optimizer(config.optim, trainable)
+  # Compiling for a multi-device mesh can take minutes: say so, with the time it took.
+  log.info("compiling and running the sharded init (mesh %s, %d process(es))...",
+           dict(mesh.shape), jax.process_count())
+  t_compile = time.perf_counter()
   state, setup = create_train_state(init_fn, tx, batch_spec, init_rng, mesh)
-  log.info("parameters: %d", count_params(state.params))
+  log.info("parameters: %d (init %.1f s)", count_params(state.params),
+           time.perf_counter() - t_compile)
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every,
                       config.checkpoint.keep, config.checkpoint.get("async_save", True))
@@ -489,8 +494,11 @@ def run_training(*, config: ml_collections.ConfigDict, workdir: str, init_fn: In
       iterator.set_state(data_state)
     log.info("resumed from step %d", latest)
 
+  log.info("compiling the train step...")
+  t_compile = time.perf_counter()
   compiled, mem = compile_train_step(loss_fn, tx, schedule, config.optim.ema_decay, setup,
                                      batch_spec, mesh)
+  log.info("train step compiled in %.1f s", time.perf_counter() - t_compile)
   writer = SummaryWriter(os.path.join(workdir, "tb")) if jax.process_index() == 0 else None
   if writer is not None:
     writer.add_text("config", "```\n" + str(config) + "\n```", int(state.step))
