@@ -19,6 +19,13 @@ On 2 H200s the 2-device programs compile slowly (the jitted state init of the 's
 about 43 s of XLA passes; the train step did not finish compiling within the time measured;
 experiments/results/multi_gpu.md). `run_training` logs the start and end of both compiles;
 set JAX_COMPILATION_CACHE_DIR so that a restarted job loads the executables instead.
+
+One process driving several GPUs has a documented NCCL hazard (NVIDIA's JAX performance
+guide): a process-wide synchronising CUDA call, issued while one device's collective kernel
+already waits for its peer, can block the thread that would launch the peer's kernel. The
+guide's remedies are NCCL_LAUNCH_MODE=GROUP in the environment or one process per GPU
+(`experiments/launch_multi.sh`). Nothing here sets the former: it was not seen to matter on
+the 2-H200 machine, where no run got past compilation.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from typing import Optional
 import ml_collections
 
 log = logging.getLogger(__name__)
+
 
 def distributed_config() -> ml_collections.ConfigDict:
   """config.distributed: fields of `initialize`.
