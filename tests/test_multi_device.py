@@ -229,3 +229,10 @@ def test_global_batch_spec_and_to_host():
   x = jax.device_put(np.arange(8.0).reshape(4, 2), jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec("fsdp")))
   np.testing.assert_array_equal(sharding.to_host({"x": x})["x"], np.arange(8.0).reshape(4, 2))
+
+
+def test_launch_script_rejects_bad_arguments():
+  script = os.path.join(os.path.dirname(HERE), "experiments", "launch_multi.sh")
+  for args in ([], ["two", "experiments.train_dit"], ["2"]):
+    res = subprocess.run(["bash", script, *args], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "usage:" in res.stderr, args

@@ -44,9 +44,11 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'orbax', o.__version__, 
     --config.mesh.fsdp=2 --config.num_steps=60 --config.checkpoint.every=1000 --workdir=/tmp/w_f2
   # 3. (b) two processes, one GPU each; 20 steps, then a restart resumes to 30
   MOCA_LOG_DIR=$OUT run two_process 120 experiments/launch_multi.sh 2 experiments.train_dit \
-    $small --config.mesh.data=2 --config.num_steps=20 --config.checkpoint.every=10 --workdir=/tmp/w_p2
+    $small --config.mesh.data=2 --config.num_steps=20 --config.checkpoint.every=10 \
+    --workdir=/tmp/w_p2
   MOCA_LOG_DIR=/tmp run two_process 120 experiments/launch_multi.sh 2 experiments.train_dit \
-    $small --config.mesh.data=2 --config.num_steps=30 --config.checkpoint.every=10 --workdir=/tmp/w_p2
+    $small --config.mesh.data=2 --config.num_steps=30 --config.checkpoint.every=10 \
+    --workdir=/tmp/w_p2
   ls /tmp/w_p2/checkpoints >> "$summary"; cat /tmp/w_p2/eval.json >> "$summary"
   unset NCCL_LAUNCH_MODE
   # 4. 2 GPUs == 1 GPU on the same global batches
