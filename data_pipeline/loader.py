@@ -2,15 +2,19 @@
 
 Pipeline (a `grain.MapDataset`, so it is indexable, deterministic and checkpointable):
 
-  source(ArrayRecordDataSource(shards)) -> shuffle(seed) -> [process_index::process_count]
-    -> repeat(num_epochs) -> decode -> random component order, pad to n_max + mask
+  source(ArrayRecordDataSource(shards)) -> shuffle(seed) -> repeat(num_epochs) -> decode
+    -> random component order, pad to n_max + mask -> process_blocks(this process's rows)
     -> batch(batch_size, drop_remainder)
 
 then `make_iterator(ds, prefetch_workers)` turns it into an iterator (optionally through
 `mp_prefetch` worker processes) whose state round-trips with `get_state()` / `set_state()`.
-Every process sees the same global permutation and takes every process_count-th element, so
-processes read disjoint covers of the data; each epoch is reshuffled (grain folds the epoch
-into the seed).
+Every process sees the same global permutation and the same per-element randomness (grain
+seeds each element by its global index); `process_blocks` gives process p rows
+[p * b, (p + 1) * b) of every global batch of process_count * b elements (b = batch_size, the
+per-process batch). So processes read disjoint covers of the data, and the global batch (the
+processes' batches concatenated in process order) is the same whatever the process count:
+a 2-process job trains on exactly the batches of a 1-process job. Each epoch is reshuffled
+(grain folds the epoch into the seed).
 
 Two views (per element, before batching; a batch adds a leading [B] axis):
 
@@ -33,6 +37,7 @@ random n_max of them); padded slots are zeros with component_mask False.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional, Sequence
 
 import grain
@@ -148,6 +153,53 @@ class PadComponents(grain.transforms.RandomMap):
     return out
 
 
+class _ProcessBlocks(grain.MapDataset):
+  """Process p's rows of every global batch (see `process_blocks`)."""
+
+  def __init__(self, parent: grain.MapDataset, local_batch: int, process_index: int,
+               process_count: int):
+    super().__init__(parent)
+    self._local = local_batch
+    self._index = process_index
+    self._global = local_batch * process_count
+    n = len(parent)
+    if n >= sys.maxsize:
+      self._length = sys.maxsize
+    else:
+      rest = n % self._global - process_index * local_batch
+      self._length = (n // self._global) * local_batch + min(max(rest, 0), local_batch)
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __str__(self) -> str:
+    return (f"ProcessBlocks(local_batch={self._local}, process_index={self._index}, "
+            f"global_batch={self._global})")
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    step, row = divmod(index, self._local)
+    return self._parent[step * self._global + self._index * self._local + row]
+
+
+def process_blocks(ds: grain.MapDataset, local_batch: int, process_index: int,
+                   process_count: int) -> grain.MapDataset:
+  """The elements of `ds` that process `process_index` batches, `local_batch` at a time.
+
+  Global batch s is elements [s * G, (s + 1) * G) of `ds` (G = local_batch * process_count);
+  process p reads its rows [p * local_batch, (p + 1) * local_batch). With local_batch = 1
+  this is grain's usual `ds[p::process_count]`. Raises ValueError on an index outside
+  [0, process_count) or a non-positive batch.
+  """
+  if local_batch < 1 or process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_blocks: need local_batch >= 1 and 0 <= process_index < "
+                     f"process_count, got {local_batch}, {process_index}, {process_count}")
+  if process_count == 1:
+    return ds
+  return _ProcessBlocks(ds, local_batch, process_index, process_count)
+
+
 def _pipeline(paths, *, keys, n_points, batch_size, n_max, seed, num_epochs, shuffle,
               process_index, process_count, drop_remainder, per_instance_cond):
   if (process_index is None) != (process_count is None):
@@ -159,11 +211,11 @@ def _pipeline(paths, *, keys, n_points, batch_size, n_max, seed, num_epochs, shu
   ds = ds.map_with_index(_WithIndex(len(ds)))
   if shuffle:
     ds = ds.shuffle(seed=seed)
-  ds = ds[process_index::process_count]
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
   ds = ds.map(_DecodeWithIndex())
   ds = ds.random_map(PadComponents(n_max, keys, n_points, per_instance_cond), seed=seed + 1)
+  ds = process_blocks(ds, batch_size or 1, process_index, process_count)
   if batch_size:
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   return ds

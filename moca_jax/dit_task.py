@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moca_jax import flow, image_encoder, train_lib
+from moca_jax import distributed, flow, image_encoder, sharding, train_lib
 from moca_jax import io as mio
 from moca_jax.dit import CompositionalDiT
 
@@ -291,7 +291,9 @@ def make_iterator_fn(config, split: str = "train", shuffle: bool = True) -> Call
   if shuffle:
     ds = ds.shuffle(seed=config.data.shuffle_seed)
   ds = ds.repeat()
-  ds = ds[jax.process_index() :: nproc] if nproc > 1 else ds
+  from data_pipeline import loader  # this process's rows of each global batch (multi-process)
+
+  ds = loader.process_blocks(ds, local_batch, jax.process_index(), nproc)
   ds = ds.batch(local_batch, drop_remainder=True)
   iter_ds = ds.to_iter_dataset()
   if config.data.num_workers > 0:
@@ -352,8 +354,10 @@ def evaluate(config, state, loss_fn, num_batches: int = 2) -> dict:
     it = make_iterator_fn(config, "train", shuffle=False)()
   jit_loss = jax.jit(lambda p, b, r: loss_fn(p, b, r)[0])
   losses = {"ema": [], "params": []}
+  # Every process runs this (the params may span processes); each feeds its own batch rows.
+  mesh = jax.tree.leaves(state.params)[0].sharding.mesh
   for i in range(num_batches):
-    batch = model_batch(next(it))
+    batch = sharding.shard_batch(model_batch(next(it)), mesh)
     rng = jax.random.PRNGKey(10_000 + i)
     losses["ema"].append(float(jit_loss(state.ema_params, batch, rng)))
     losses["params"].append(float(jit_loss(state.params, batch, rng)))
@@ -369,8 +373,7 @@ def train_and_evaluate(
     eval_batches: int = 2,
 ) -> train_lib.LoopResult:
   """Trains (resuming from workdir's latest checkpoint) and evaluates the EMA params."""
-  if config.distributed:
-    jax.distributed.initialize()
+  distributed.initialize(config.get("distributed"))  # multi-process job (config.distributed)
   _, init_fn, loss_fn = make_task(config)
   result = train_lib.run_training(
       config=config,
@@ -386,9 +389,10 @@ def train_and_evaluate(
       array_metrics_fn=_router_histograms,
       show_progress=show_progress,
   )
-  if eval_batches and jax.process_index() == 0:
-    ev = evaluate(config, result.state, loss_fn, eval_batches)
+  if eval_batches:
+    ev = evaluate(config, result.state, loss_fn, eval_batches)  # all processes take part
     ev["step"] = int(result.state.step)
-    mio.write_json(os.path.join(workdir, "eval.json"), ev)
+    if jax.process_index() == 0:
+      mio.write_json(os.path.join(workdir, "eval.json"), ev)
     log.info("eval: %s", ev)
   return result

@@ -133,3 +133,36 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, rules=LOGICAL_AXIS_RULES)
   if batch_size % n:
     raise ValueError(f"batch_size={batch_size} must be divisible by the {n} devices of the "
                      f"batch axes {_rules_dict(rules)['batch']} (mesh {dict(mesh.shape)})")
+
+
+def to_host(tree: Any) -> Any:
+  """Numpy copy of a pytree of (possibly sharded) arrays, on every process.
+
+  Arrays whose shards all live in this process, or that are fully replicated, are fetched
+  with `jax.device_get`; arrays split over several processes (FSDP across hosts) are
+  gathered with `multihost_utils.process_allgather`, a collective: every process must call
+  this with the same tree.
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  def one(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+      return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree.map(one, tree)
+
+
+def global_batch_spec(local_batch: Any) -> Any:
+  """ShapeDtypeStructs of the global batch assembled from every process's `local_batch`.
+
+  Each process feeds the same number of rows (the leading axis), so the global leading
+  size is the local one times `jax.process_count()`; rank-0 leaves are replicated values.
+  """
+  count = jax.process_count()
+
+  def one(x):
+    shape = np.shape(x)
+    if shape:
+      shape = (shape[0] * count,) + tuple(shape[1:])
+    return jax.ShapeDtypeStruct(shape, np.asarray(x).dtype)
+  return jax.tree.map(one, local_batch)

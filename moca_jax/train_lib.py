@@ -433,7 +433,7 @@ def run_training(
   sharding.check_batch_divisible(config.batch_size, mesh)
   prepare_fn = prepare_fn or (lambda b: b)
   first = prepare_fn(next(iter(make_iterator())))  # a throwaway iterator gives the shapes
-  batch_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), first)
+  batch_spec = sharding.global_batch_spec(first)  # local rows x process count
   del first
   iterator = make_iterator()
 
@@ -447,8 +447,13 @@ def run_training(
     )
     trainable = trainable_fn(abstract_params)
   tx = make_optimizer(config.optim, trainable)
+  # Compiling for a multi-device mesh can take minutes: say so, with the time it took.
+  log.info("compiling and running the sharded init (mesh %s, %d process(es))...",
+           dict(mesh.shape), jax.process_count())
+  t_compile = time.perf_counter()
   state, setup = create_train_state(init_fn, tx, batch_spec, init_rng, mesh)
-  log.info("parameters: %d", count_params(state.params))
+  log.info("parameters: %d (init %.1f s)", count_params(state.params),
+           time.perf_counter() - t_compile)
 
   ckpt = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"),
@@ -463,9 +468,11 @@ def run_training(
       iterator.set_state(data_state)
     log.info("resumed from step %d", latest)
 
-  compiled, mem = compile_train_step(
-      loss_fn, tx, schedule, config.optim.ema_decay, setup, batch_spec, mesh
-  )
+  log.info("compiling the train step...")
+  t_compile = time.perf_counter()
+  compiled, mem = compile_train_step(loss_fn, tx, schedule, config.optim.ema_decay, setup,
+                                     batch_spec, mesh)
+  log.info("train step compiled in %.1f s", time.perf_counter() - t_compile)
   writer = SummaryWriter(os.path.join(workdir, "tb")) if jax.process_index() == 0 else None
   if writer is not None:
     writer.add_text("config", "```\n" + str(config) + "\n```", int(state.step))

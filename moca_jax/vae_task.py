@@ -43,7 +43,7 @@ import ml_collections
 import numpy as np
 
 from data_pipeline import loader, primitives, vae_batches
-from moca_jax import checkpointing, extract, metrics, train_lib, viz
+from moca_jax import checkpointing, distributed, extract, metrics, sharding, train_lib, viz
 from moca_jax import io as mio
 from moca_jax.machine import describe_host
 from moca_jax.vae import VecSetVAE, count_params, vae_loss
@@ -288,6 +288,7 @@ def train_and_evaluate(
   Returns a dict: 'step' (final), 'metrics' (last step's scalars), 'eval' (IoU / Chamfer by
   part size), 'outputs' (paths written).
   """
+  distributed.initialize(config.get("distributed"))  # multi-process job (config.distributed)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   num_steps = config.num_steps if num_steps is None else num_steps
@@ -323,7 +324,10 @@ def train_and_evaluate(
     last = {**result.history[-1], "step": result.history[-1]["step"] + 1}
 
   # ---- evaluation and outputs (EMA params) ----
-  params = {"params": jax.device_get(state.ema_params)}
+  # Gathered on every process (the params may span processes); process 0 alone evaluates.
+  params = {"params": sharding.to_host(state.ema_params)}
+  if jax.process_index() != 0:
+    return {"step": int(state.step), "metrics": last, "eval": {}, "outputs": {}}
   outputs = {}
   history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
   if history:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from moca_jax.distributed import distributed_config
 from moca_jax.dit import dit_config
 from moca_jax.image_encoder import encoder_config
 from moca_jax.vae import vae_config
@@ -37,7 +38,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.batch_size = batch
   c.num_steps = steps
   c.log_every = 10
-  c.distributed = False  # jax.distributed.initialize() before anything else
+  c.distributed = distributed_config()  # multi-process job: see moca_jax.distributed
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.checkpoint = ml_collections.ConfigDict(dict(every=every, keep=3, async_save=True))

@@ -17,6 +17,7 @@ Fields:
 
 import ml_collections
 
+from moca_jax.distributed import distributed_config
 from moca_jax.train_lib import default_optim_config
 from moca_jax.vae import vae_config
 
@@ -64,6 +65,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # --- bookkeeping ----------------------------------------------------------------------
   c.log_every = {"tiny": 10, "small": 50, "triposg": 100}[size]
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.distributed = distributed_config()  # multi-process job: see moca_jax.distributed
   every = {"tiny": 100, "small": 500, "triposg": 5000}[size]
   c.checkpoint = ml_collections.ConfigDict(dict(every=every, keep=3, async_save=True))
 
