@@ -90,15 +90,18 @@ def decode_dense_grid(
   fn = _as_partial(sdf_fn)
   total = (resolution + 1) ** 3
   chunk = int(min(chunk_size, total))
+  starts = range(0, total, chunk)
   outs = [
       _dense_chunk(
           fn, inputs, jnp.int32(s), chunk=chunk, resolution=resolution, bounds=float(bounds)
       )
-      for s in range(0, total, chunk)
+      for s in starts
   ]
-  vals = np.concatenate([np.asarray(o) for o in outs], axis=1)[:, :total]
   n = resolution + 1
-  return vals.reshape(-1, n, n, n)
+  grid = np.empty((outs[0].shape[0], total), np.float32)  # one host copy, no concatenation
+  for s, out in zip(starts, outs):
+    grid[:, s : s + chunk] = np.asarray(out)[:, : total - s]
+  return grid.reshape(-1, n, n, n)
 
 
 def _eval_points_numpy(fn, pts: np.ndarray, chunk_size: int) -> np.ndarray:
