@@ -8,7 +8,8 @@ One object, --components parts, --steps Euler steps with classifier-free guidanc
 batch in one forward), extraction on the --resolution^3 coarse grid with the
 --fine_resolution^3 near-surface band, random weights (speed does not depend on training):
 the DiT and image encoder of `experiments/configs/dit.py:SIZE` (bf16, cuDNN DiT attention on
-GPU, as benchmark_train) and that config's VAE size. Stages, each timed on its own and
+GPU, as benchmark_train) and that config's VAE size, parameters normal with std 0.02
+(`random_params`). Stages, each timed on its own and
 summed for the total:
   preprocess+encode  load the input PNG, pad / resize (`Pipeline.preprocess`), the encoder's
                      normalisation and the image encoder forward (jitted alone)
@@ -110,6 +111,22 @@ class SurfaceFieldVAE:
     raise ValueError(f"SurfaceFieldVAE: method {method!r} is not part of the benchmark")
 
 
+def random_params(init_fn, seed: int) -> Any:
+  """Parameters shaped like init_fn(key)'s, each entry normal with std 0.02 (float32).
+
+  Only the shapes are traced (`jax.eval_shape`): the initialisers' forward pass is never
+  compiled, which would cost more than the whole timed run at a small size; speed does not
+  depend on the values.
+  """
+  shapes = jax.eval_shape(init_fn, jax.random.PRNGKey(seed))
+  leaves, treedef = jax.tree_util.tree_flatten(shapes)
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_unflatten(
+      treedef,
+      [jnp.asarray(0.02 * rng.standard_normal(s.shape, np.float32), s.dtype) for s in leaves],
+  )
+
+
 def build_pipeline(
     size: str, components: int, resolution: int, fine_resolution: int, chunk_size: int
 ):
@@ -131,15 +148,16 @@ def build_pipeline(
   enc, dit = cfg.model.encoder, cfg.model.dit
   images = jnp.zeros((1, enc.image_size, enc.image_size, 3), jnp.float32)
   x = jnp.zeros((1, components, dit.latent_tokens, dit.latent_channels), jnp.float32)
-  params = jax.jit(
+  params = random_params(
       lambda r: meta.unbox(
           model.init(r, images, x, jnp.zeros((1,)), jnp.ones((1, components), bool))["params"]
-      )
-  )(jax.random.PRNGKey(0))
+      ),
+      seed=0,
+  )
   vae_cfg = vae_config(cfg.vae.size)
   vae_cfg.dtype = "bfloat16" if gpu else "float32"
   vae = VecSetVAE(vae_cfg)
-  vae_params = meta.unbox(init_vae(vae, jax.random.PRNGKey(1)))
+  vae_params = random_params(lambda r: meta.unbox(init_vae(vae, r)), seed=1)
   extract_kwargs = dict(
       resolution=resolution, fine_resolution=fine_resolution or None, chunk_size=chunk_size
   )
