@@ -34,7 +34,6 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.ndimage
 import skimage.measure
 import trimesh
 
@@ -77,6 +76,21 @@ def _dense_chunk(sdf_fn, inputs, start, *, chunk: int, resolution: int, bounds: 
   return sdf_fn(inputs, jnp.broadcast_to(pts, (b, chunk, 3))).astype(jnp.float32)
 
 
+def _dense_grid_on_device(sdf_fn, inputs, resolution: int, bounds: float, chunk_size: int):
+  """[B, R+1, R+1, R+1] float32 device array: the fields on the dense grid."""
+  fn = _as_partial(sdf_fn)
+  total = (resolution + 1) ** 3
+  chunk = int(min(chunk_size, total))
+  outs = [
+      _dense_chunk(
+          fn, inputs, jnp.int32(s), chunk=chunk, resolution=resolution, bounds=float(bounds)
+      )
+      for s in range(0, total, chunk)
+  ]
+  n = resolution + 1
+  return jnp.concatenate(outs, axis=1)[:, :total].reshape(-1, n, n, n)
+
+
 def decode_dense_grid(
     sdf_fn, inputs, resolution: int, bounds: float = 1.005, chunk_size: int = 65536
 ) -> np.ndarray:
@@ -89,21 +103,7 @@ def decode_dense_grid(
   Returns:
     [B, R+1, R+1, R+1] float32 numpy.
   """
-  fn = _as_partial(sdf_fn)
-  total = (resolution + 1) ** 3
-  chunk = int(min(chunk_size, total))
-  starts = range(0, total, chunk)
-  outs = [
-      _dense_chunk(
-          fn, inputs, jnp.int32(s), chunk=chunk, resolution=resolution, bounds=float(bounds)
-      )
-      for s in starts
-  ]
-  n = resolution + 1
-  grid = np.empty((outs[0].shape[0], total), np.float32)  # one host copy, no concatenation
-  for s, out in zip(starts, outs):
-    grid[:, s : s + chunk] = np.asarray(out)[:, : total - s]
-  return grid.reshape(-1, n, n, n)
+  return np.asarray(_dense_grid_on_device(sdf_fn, inputs, resolution, bounds, chunk_size))
 
 
 def _eval_points_numpy(fn, pts: np.ndarray, chunk_size: int) -> np.ndarray:
@@ -176,16 +176,45 @@ class _BandQueries:
 # ----------------------------------------------------------------------------------------
 
 
-def _cell_any(points: np.ndarray) -> np.ndarray:
-  """Point flags [n0, n1, n2] -> [n0-1, n1-1, n2-1]: whether any of each cell's 8 corners is
-  flagged (separable: one OR of neighbours per axis)."""
+def _cell_any(points):
+  """Point flags [..., n0, n1, n2] -> [..., n0-1, n1-1, n2-1] (numpy or JAX): whether any of
+  each cell's 8 corners is flagged (separable: one OR of neighbours per axis)."""
   out = points
   for axis in range(3):
-    lo = [slice(None)] * 3
-    hi = [slice(None)] * 3
+    lo, hi = [slice(None)] * 3, [slice(None)] * 3
     lo[axis], hi[axis] = slice(None, -1), slice(1, None)
-    out = out[tuple(lo)] | out[tuple(hi)]
+    out = out[(Ellipsis, *lo)] | out[(Ellipsis, *hi)]
   return out
+
+
+def _dilate(cells, iterations: int, xp=np):
+  """Binary dilation [..., r0, r1, r2] by the 6-neighbour cross, `iterations` times, outside
+  False (scipy.ndimage.binary_dilation's default)."""
+  pad = [(0, 0)] * (cells.ndim - 3) + [(1, 1)] * 3
+  lead = (slice(None),) * (cells.ndim - 3)
+  for _ in range(iterations):
+    p = xp.pad(cells, pad)
+    mid = slice(1, -1)
+    cells = (
+        cells
+        | p[lead + (slice(None, -2), mid, mid)] | p[lead + (slice(2, None), mid, mid)]
+        | p[lead + (mid, slice(None, -2), mid)] | p[lead + (mid, slice(2, None), mid)]
+        | p[lead + (mid, mid, slice(None, -2))] | p[lead + (mid, mid, slice(2, None))]
+    )
+  return cells
+
+
+def _near_surface(coarse, threshold: float, dilate: int, xp=np):
+  """[..., R+1, R+1, R+1] grid values -> [..., R, R, R] near-surface cells (xp: np or jnp)."""
+  near = _cell_any(coarse <= 0) & _cell_any(coarse >= 0)
+  return _dilate(near | _cell_any(xp.abs(coarse) < threshold), max(int(dilate), 0), xp)
+
+
+@functools.partial(jax.jit, static_argnames=("threshold", "dilate"))
+def _near_surface_on_device(coarse: Array, *, threshold: float, dilate: int) -> Array:
+  """`near_surface_cells` of every component of coarse grids [B, R+1, R+1, R+1] at once on
+  the device -> [B, R, R, R] bool (the same cells: comparisons in float32, boolean ops)."""
+  return _near_surface(coarse, threshold, dilate, jnp)
 
 
 def near_surface_cells(
@@ -193,12 +222,7 @@ def near_surface_cells(
 ) -> np.ndarray:
   """Coarse cells [R, R, R] bool that the fine pass refines (see module docstring), of a
   finite coarse grid [R+1]^3."""
-  spacing = 2.0 * bounds / resolution
-  sign_change = _cell_any(coarse <= 0) & _cell_any(coarse >= 0)
-  cells = sign_change | _cell_any(np.abs(coarse) < band * spacing)
-  if dilate > 0:
-    cells = scipy.ndimage.binary_dilation(cells, iterations=int(dilate))
-  return cells
+  return _near_surface(np.asarray(coarse), band * (2.0 * bounds / resolution), dilate)
 
 
 def _upsample_linear(
@@ -273,18 +297,10 @@ class Band:
   points: np.ndarray
 
 
-def plan_band(
-    coarse: np.ndarray,
-    resolution: int,
-    fine_resolution: int,
-    bounds: float,
-    band: float = 1.0,
-    dilate: int = 1,
-) -> Band:
-  """The fine points to decode for a coarse grid [R+1]^3 (with a sign change): only the box
-  around the refined cells is built, never the whole fine grid."""
-  factor = fine_resolution // resolution
-  cells = near_surface_cells(coarse, resolution, bounds, band, dilate)
+def plan_band(cells: np.ndarray, fine_resolution: int, bounds: float) -> Band:
+  """The fine points to decode for the refined coarse cells [R, R, R] bool (non-empty, see
+  `near_surface_cells`): only the box around them is built, never the whole fine grid."""
+  factor = fine_resolution // cells.shape[0]
   clo, chi = _bounding_box(cells)
   box_mask = _fine_point_mask(cells[tuple(slice(l, h) for l, h in zip(clo, chi))], factor)
   lo = tuple(l * factor for l in clo)
@@ -436,8 +452,9 @@ def extract_meshes(
 ) -> list[trimesh.Trimesh]:
   """One mesh per component of a batch of JAX fields.
 
-  The dense coarse grid of all B components is decoded in [B, chunk_size] calls; the bands
-  are planned on host threads (`plan_band`), and their points decoded together, packed into
+  The dense coarse grid of all B components is decoded in [B, chunk_size] calls and their
+  near-surface cells found on the device; the bands are planned on host threads
+  (`plan_band`), and their points decoded together, packed into
   [B, chunk_size] calls of one compiled shape (`_BandQueries`) dispatched while the next
   bands are planned; each component's fine box and marching cubes run on a host thread as
   soon as its values are back, overlapping the device work of the others. The result is
@@ -467,7 +484,13 @@ def extract_meshes(
     ValueError: fine_resolution is not a multiple of resolution.
   """
   _check_resolutions(resolution, fine_resolution)
-  coarse = decode_dense_grid(sdf_fn, inputs, resolution, bounds, chunk_size)
+  coarse_on_device = _dense_grid_on_device(sdf_fn, inputs, resolution, bounds, chunk_size)
+  cells = None
+  if fine_resolution is not None and fine_resolution != resolution:
+    cells = _near_surface_on_device(
+        coarse_on_device, threshold=band * (2.0 * bounds / resolution), dilate=int(dilate)
+    )
+  coarse = np.asarray(coarse_on_device)
   num = coarse.shape[0]
   names = [f"component {b}" for b in range(num)]
   workers = max_workers or min(num, os.cpu_count() or 1, 8)
@@ -479,10 +502,8 @@ def extract_meshes(
     if refined:
       fine_points = (fine_resolution + 1) ** 3
       queries = _BandQueries(sdf_fn, inputs, num, int(min(chunk_size, fine_points)))
-      planned = {
-          b: pool.submit(plan_band, coarse[b], resolution, fine_resolution, bounds, band, dilate)
-          for b in refined
-      }
+      cells = np.asarray(cells)
+      planned = {b: pool.submit(plan_band, cells[b], fine_resolution, bounds) for b in refined}
       bands = {}
       for b in refined:  # in order: the device decodes band b while b + 1.. are planned
         bands[b] = planned.pop(b).result()
@@ -533,7 +554,9 @@ def extract_mesh_from_fn(
   if not _refines(coarse, fine_resolution, resolution):
     mesh = _coarse_only(coarse, resolution, bounds, "field")
     return (mesh, coarse, None) if return_grid else mesh
-  b = plan_band(coarse, resolution, fine_resolution, bounds, band, dilate)
+  b = plan_band(
+      near_surface_cells(coarse, resolution, bounds, band, dilate), fine_resolution, bounds
+  )
   values = _eval_points_numpy(fn, b.points, chunk_size)
   mesh = _mesh_band(coarse, b, values, resolution, fine_resolution, bounds, "field")
   if not return_grid:

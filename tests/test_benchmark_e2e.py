@@ -1,11 +1,8 @@
 """experiments/benchmark_e2e.py: a tiny image -> GLB run through the pipeline, its report."""
 
 import json
-import os
-
 import numpy as np
 import pytest
-import trimesh
 
 from experiments import benchmark_e2e as be
 
@@ -34,13 +31,14 @@ def test_tiny_run_times_every_stage_and_writes_the_report(tmp_path):
   assert "| **image to GLB** |" in text and "no target verdict" in text
 
 
-def test_surface_field_spheres_and_glb_parts(tmp_path):
+def test_surface_field_spheres_differ_by_part_and_fit_the_grid():
   import jax.numpy as jnp
 
   latents = np.random.default_rng(0).normal(size=(5, 16, 8)).astype(np.float32)
   spheres = np.asarray(be._sphere_params(jnp.asarray(latents)))
   assert spheres.shape == (5, 4)
-  assert np.all(np.abs(spheres[:, :3]) <= 0.5) and np.all((spheres[:, 3] >= 0.15) & (spheres[:, 3] <= 0.3))
+  assert np.all(np.abs(spheres[:, :3]) <= 0.5)
+  assert np.all((spheres[:, 3] >= 0.15) & (spheres[:, 3] <= 0.3))
   assert len(np.unique(spheres[:, 0])) == 5  # different parts, different places
 
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.ndimage
+import scipy.ndimage  # the reference dilation
 
 from moca_jax import extract
 
@@ -205,3 +205,15 @@ def test_band_box_upsampling_is_the_full_upsampling_cropped():
     np.testing.assert_array_equal(
         extract._upsample_linear(coarse, 3, lo, hi), full[tuple(map(slice, lo, hi))]
     )
+
+
+def test_near_surface_cells_on_device_equal_host():
+  rng = np.random.default_rng(3)
+  scales = np.float32([0.3, 1.0, 3.0])[:, None, None, None]  # few, some, all cells near
+  coarse = rng.normal(size=(3, 11, 11, 11)).astype(np.float32) * scales
+  for dilate in (0, 1, 2):
+    on_device = extract._near_surface_on_device(jnp.asarray(coarse), threshold=0.4, dilate=dilate)
+    for b in range(3):
+      np.testing.assert_array_equal(
+          np.asarray(on_device[b]), _old_near_surface_cells(coarse[b], 10, 2.0, 1.0, dilate)
+      )
