@@ -197,9 +197,12 @@ def _dilate(cells, iterations: int, xp=np):
     mid = slice(1, -1)
     cells = (
         cells
-        | p[lead + (slice(None, -2), mid, mid)] | p[lead + (slice(2, None), mid, mid)]
-        | p[lead + (mid, slice(None, -2), mid)] | p[lead + (mid, slice(2, None), mid)]
-        | p[lead + (mid, mid, slice(None, -2))] | p[lead + (mid, mid, slice(2, None))]
+        | p[lead + (slice(None, -2), mid, mid)]
+        | p[lead + (slice(2, None), mid, mid)]
+        | p[lead + (mid, slice(None, -2), mid)]
+        | p[lead + (mid, slice(2, None), mid)]
+        | p[lead + (mid, mid, slice(None, -2))]
+        | p[lead + (mid, mid, slice(2, None))]
     )
   return cells
 
@@ -562,6 +565,7 @@ def extract_mesh_from_fn(
   if not return_grid:
     return mesh
   return (mesh, *_full_grid(coarse, b, values, fine_resolution // resolution))
+
 
 # ----------------------------------------------------------------------------------------
 # VecSetVAE helpers

@@ -44,14 +44,22 @@ def test_surface_field_spheres_differ_by_part_and_fit_the_grid():
 
 def test_issue_setting_gets_a_verdict():
   res = {
-      "settings": dict(be.ISSUE_SETTING, cfg_scale=7.0, chunk_size=32768, image_pixels=1024,
-                       repeats=3),
-      "device": "gpu: H200", "jax": "0", "dtype": "bfloat16", "machine": "m", "build_s": 1.0,
+      "settings": dict(
+          be.ISSUE_SETTING, cfg_scale=7.0, chunk_size=32768, image_pixels=1024, repeats=3
+      ),
+      "device": "gpu: H200",
+      "jax": "0",
+      "dtype": "bfloat16",
+      "machine": "m",
+      "build_s": 1.0,
       "stages_median_s": dict.fromkeys(be.STAGES, 3.0),
       "stages_first_call_s": dict.fromkeys(be.STAGES, 9.0),
-      "image_to_glb_median_s": 12.0, "image_to_glb_first_call_s": 36.0,
-      "compile_and_first_call_overhead_s": 24.0, "write_outputs_median_s": 1.0,
-      "faces_per_part": [1], "empty_parts": [],
+      "image_to_glb_median_s": 12.0,
+      "image_to_glb_first_call_s": 36.0,
+      "compile_and_first_call_overhead_s": 24.0,
+      "write_outputs_median_s": 1.0,
+      "faces_per_part": [1],
+      "empty_parts": [],
       "target": {"limit_s": be.TARGET_S, "met": False},
   }
   assert "image to GLB <= 10 s: **missed** (12.00 s)" in be.markdown(res)

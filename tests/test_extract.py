@@ -86,7 +86,9 @@ def _old_near_surface_cells(coarse, resolution, bounds, band=1.0, dilate=1):
   n = coarse.shape[0]
   corners = [
       coarse[i : n - 1 + i, j : n - 1 + j, k : n - 1 + k]
-      for i in (0, 1) for j in (0, 1) for k in (0, 1)
+      for i in (0, 1)
+      for j in (0, 1)
+      for k in (0, 1)
   ]
   cmin, cmax = np.min(corners, axis=0), np.max(corners, axis=0)
   amin = np.min(np.abs(corners), axis=0)
