@@ -52,8 +52,12 @@ def grid_coordinates(flat_index, resolution: int, bounds: float, xp=np):
   """Flat indices [N] into the (R+1)^3 grid -> coordinates [N, 3] (float32)."""
   n = resolution + 1
   i, j, k = flat_index // (n * n), (flat_index // n) % n, flat_index % n
-  ijk = xp.stack([i, j, k], axis=-1).astype(xp.float32)
-  return ijk * xp.float32(2.0 * bounds / resolution) - xp.float32(bounds)
+  return _index_coordinates(xp.stack([i, j, k], axis=-1), resolution, bounds, xp)
+
+
+def _index_coordinates(ijk, resolution: int, bounds: float, xp=np):
+  """Grid indices [N, 3] -> coordinates [N, 3] (float32)."""
+  return ijk.astype(xp.float32) * xp.float32(2.0 * bounds / resolution) - xp.float32(bounds)
 
 
 # ----------------------------------------------------------------------------------------
@@ -310,10 +314,8 @@ def plan_band(cells: np.ndarray, fine_resolution: int, bounds: float) -> Band:
   hi = tuple(min(h * factor + 2, fine_resolution + 1) for h in chi)
   mask = np.zeros(tuple(h - l for l, h in zip(lo, hi)), bool)
   mask[tuple(slice(0, s) for s in box_mask.shape)] = box_mask
-  n = fine_resolution + 1
-  ijk = np.nonzero(mask)
-  flat = np.ravel_multi_index(tuple(i + l for i, l in zip(ijk, lo)), (n, n, n))
-  return Band(lo, hi, mask, grid_coordinates(flat, fine_resolution, bounds))
+  ijk = np.argwhere(mask) + np.asarray(lo)  # C order
+  return Band(lo, hi, mask, _index_coordinates(ijk, fine_resolution, bounds))
 
 
 def band_grid(coarse: np.ndarray, band: Band, values: np.ndarray, factor: int) -> np.ndarray:
