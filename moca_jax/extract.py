@@ -107,7 +107,7 @@ def decode_dense_grid(
   Returns:
     [B, R+1, R+1, R+1] float32 numpy.
   """
-  return np.asarray(_dense_grid_on_device(sdf_fn, inputs, resolution, bounds, chunk_size))
+  return np.array(_dense_grid_on_device(sdf_fn, inputs, resolution, bounds, chunk_size))
 
 
 def _eval_points_numpy(fn, pts: np.ndarray, chunk_size: int) -> np.ndarray:
@@ -360,6 +360,8 @@ def _marching_cubes(
   """Marching cubes at level 0 on a box of grid values whose first point is grid point
   `origin` -> mesh in world coordinates (see `mesh_from_grid`)."""
   values = np.asarray(values, dtype=np.float32)
+  if not values.flags.writeable:  # a device array's host view: scikit-image needs writable
+    values = values.copy()
   check = values if mask is None else values[mask]
   if not np.all(np.isfinite(check)):
     warnings.warn(

@@ -219,3 +219,14 @@ def test_near_surface_cells_on_device_equal_host():
       np.testing.assert_array_equal(
           np.asarray(on_device[b]), _old_near_surface_cells(coarse[b], 10, 2.0, 1.0, dilate)
       )
+
+
+def test_coarse_only_batch_equals_marching_cubes_of_the_dense_grid():
+  spheres = jnp.array([[0.0, 0.1, 0.0, 0.5], [0.3, -0.2, 0.1, 0.3]])
+  meshes = extract.extract_meshes(_spheres_fn, spheres, resolution=20, fine_resolution=None)
+  grids = extract.decode_dense_grid(_spheres_fn, spheres, 20)
+  for mesh, grid in zip(meshes, grids, strict=True):
+    want = extract.mesh_from_grid(grid, 20)
+    assert len(want.faces) > 100
+    np.testing.assert_array_equal(mesh.faces, want.faces)
+    np.testing.assert_array_equal(mesh.vertices, want.vertices)
