@@ -231,6 +231,20 @@ def _encode(pipe):
   return _ENCODERS[id(pipe)]
 
 
+def check_settings(args: dict) -> None:
+  """ValueError naming the first setting the run could not use (before any model is built;
+  the pipeline checks components, steps and cfg_scale itself before sampling)."""
+  for name, least in (("resolution", 2), ("chunk_size", 1), ("image_pixels", 16), ("repeats", 1)):
+    if args[name] < least:
+      raise ValueError(f"{name}={args[name]}: must be >= {least}")
+  fine = args["fine_resolution"]
+  if fine < 0 or fine % args["resolution"]:
+    raise ValueError(
+        f"fine_resolution={fine}: must be 0 (no band) or a multiple of "
+        f"resolution={args['resolution']}"
+    )
+
+
 def run_benchmark(
     size: str = "paper",
     components: int = 16,
@@ -259,8 +273,7 @@ def run_benchmark(
       image_pixels=image_pixels,
       repeats=repeats,
   )
-  if repeats < 1:
-    raise ValueError(f"repeats={repeats}: must be >= 1")
+  check_settings(args)
   t = time.perf_counter()
   pipe = build_pipeline(size, components, resolution, fine_resolution, chunk_size)
   build_s = time.perf_counter() - t

@@ -1,6 +1,7 @@
 """experiments/benchmark_e2e.py: a tiny image -> GLB run through the pipeline, its report."""
 
 import json
+import re
 import numpy as np
 import pytest
 
@@ -63,3 +64,16 @@ def test_issue_setting_gets_a_verdict():
       "target": {"limit_s": be.TARGET_S, "met": False},
   }
   assert "image to GLB <= 10 s: **missed** (12.00 s)" in be.markdown(res)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (dict(resolution=1), "resolution=1: must be >= 2"),
+        (dict(fine_resolution=300), "fine_resolution=300: must be 0 (no band) or a multiple"),
+        (dict(repeats=0), "repeats=0: must be >= 1"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_work(override, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    be.run_benchmark(**{"size": "no-such-size", **override})
