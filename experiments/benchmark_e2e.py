@@ -1,16 +1,15 @@
 r"""End-to-end latency, image to GLB, through `moca_jax.pipeline.Pipeline` (not a test).
 
   python -m experiments.benchmark_e2e --size=paper        # GPU: issue 13's setting (defaults)
-  python -m experiments.benchmark_e2e --size=tiny --steps=2 --resolution=16 \
-      --fine_resolution=32 --image_pixels=64 --out=/tmp/e2e_latency    # CPU smoke run
+  python -m experiments.benchmark_e2e --size=tiny --components=3 --steps=1 --resolution=8 \
+      --fine_resolution=16 --chunk_size=512 --image_pixels=48 --out=/tmp/e2e   # CPU smoke run
 
 One object, --components parts, --steps Euler steps with classifier-free guidance (the CFG
 batch in one forward), extraction on the --resolution^3 coarse grid with the
 --fine_resolution^3 near-surface band, random weights (speed does not depend on training):
 the DiT and image encoder of `experiments/configs/dit.py:SIZE` (bf16, cuDNN DiT attention on
 GPU, as benchmark_train) and that config's VAE size, parameters normal with std 0.02
-(`random_params`). Stages, each timed on its own and
-summed for the total:
+(`random_params`). Stages, each timed on its own and summed for the total:
   preprocess+encode  load the input PNG, pad / resize (`Pipeline.preprocess`), the encoder's
                      normalisation and the image encoder forward (jitted alone)
   sampling           `Pipeline.sample_latents` (preprocessing, encoder, the jitted ODE scan
@@ -25,8 +24,10 @@ The extracted field: a VAE with random weights has no meaningful zero level set 
 the volume or is empty), so the extraction cost would be arbitrary. As in benchmark_vae, the
 decoder still runs on every query at full cost, but part i's field is a sphere,
 |x - c_i| - r_i + 0.01 * decoder(x), with c_i in [-0.5, 0.5]^3 and r_i in [0.15, 0.3] drawn
-from its sampled latents (`SurfaceFieldVAE`): 16 closed surfaces of a part's size, so the
-dense grid, band size and marching cubes cost what a generated object's parts cost.
+from its sampled latents (`SurfaceFieldVAE`): one closed surface per part, of area 0.3 to
+1.1 (the parts of an object normalised to [-1, 1]^3 are mostly smaller, so the band and
+marching cubes cost is on the high side). The dense coarse grid costs the same for any
+field.
 
 Warm-up excluded: the first image -> GLB run compiles; it is reported separately (first call
 minus the median of --repeats timed runs = compilation and first-call overheads). Writes
