@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import loader
-from moca_jax import dit_task, distributed, moc, sharding, train_lib
+from moca_jax import dit_task, distributed, moc, sharding
 
 import multi_device_worker  # tests/ is on sys.path (rootdir conftest)
 
@@ -181,22 +181,11 @@ def test_moc_routing_and_gather_stay_batch_sharded():
       np.concatenate(moc.route(tied, None, k), -1), jax.lax.top_k(score, n - 1)[1])
 
 
-def test_data_parallel_step_gathers_nothing():
+def test_data_parallel_step_gathers_nothing(two_device_runs):
   """The DiT train step on a data=2 mesh: per-example work plus all-reduces (gradients,
-  batch means), nothing gathered onto every device. (Compiled only: the state is abstract.)"""
-  cfg = multi_device_worker.micro_config(1)
-  _, init_fn, loss_fn = dit_task.make_task(cfg)
-  spec = sharding.global_batch_spec(dit_task.model_batch(next(dit_task.make_iterator_fn(cfg)())))
-  tx = train_lib.make_optimizer(cfg.optim)
-  mesh = _mesh(2, 1)
-  shardings, names, init_state = train_lib.state_shardings(init_fn, tx, spec,
-                                                           jax.random.PRNGKey(0), mesh)
-  abstract_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                                jax.eval_shape(init_state, jax.random.PRNGKey(0)), shardings)
-  setup = train_lib.StateSetup(shardings, abstract_state, names)
-  compiled, _ = train_lib.compile_train_step(loss_fn, tx, train_lib.make_schedule(cfg.optim),
-                                             cfg.optim.ema_decay, setup, spec, mesh)
-  assert set(_collectives(compiled)) == {"all-reduce"}, _collectives(compiled)
+  batch means), nothing gathered onto every device; with fsdp=2 the parameters are."""
+  assert set(_collectives(two_device_runs(2, 1)[1].compiled_step)) == {"all-reduce"}
+  assert "all-gather" in _collectives(two_device_runs(1, 2)[1].compiled_step)
 
 
 # ----------------------------------------------------------------------------------------
@@ -211,6 +200,9 @@ def _free_port() -> int:
 
 def _two_processes(tmp_path, workdir, steps, tag, timeout=420):
   port = _free_port()
+  # both launches compile the same programs: the second loads them from JAX's cache
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   procs, outs = [], []
   for i in range(2):
     out = tmp_path / f"{tag}_{i}.json"
@@ -218,7 +210,7 @@ def _two_processes(tmp_path, workdir, steps, tag, timeout=420):
     procs.append((subprocess.Popen(
         [sys.executable, os.path.join(HERE, "multi_device_worker.py"), f"--out={out}",
          f"--workdir={workdir}", f"--steps={steps}", "--num_processes=2", f"--process_id={i}",
-         f"--port={port}", "--data=2"], stdout=log, stderr=subprocess.STDOUT), log))
+         f"--port={port}", "--data=2"], stdout=log, stderr=subprocess.STDOUT, env=env), log))
     outs.append(out)
   try:
     for p, log in procs:
