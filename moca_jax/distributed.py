@@ -26,7 +26,7 @@ already waits for its peer, can block the thread that would launch the peer's ke
 guide's remedies are NCCL_LAUNCH_MODE=GROUP in the environment or one process per GPU
 (`experiments/launch_multi.sh`). Nothing here sets the former: it was not seen to matter on
 the 2-H200 machine, where no run got past compilation. A data-parallel step holds no
-collective but the all-reduces at its end (tests/test_multi_device.py).
+collective but all-reduces (gradients, batch means; tests/test_multi_device.py).
 """
 from __future__ import annotations
 
