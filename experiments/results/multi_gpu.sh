@@ -98,7 +98,7 @@ elif [ "$1" = diag2 ]; then
   wait
   grep -h -i "pass" "$OUT/default.log" | tail -n 8 >> "$summary"
   for f in "$OUT"/*.log; do
-    echo "$f: $(tr '\r' '\n' < "$f" | grep -E '^train' | tail -n 1)" >> "$summary"
+    echo "$f: $(tr '\r' '\n' < "$f" | grep -E '^train:' | tail -n 1)" >> "$summary"
   done
 elif [ "$1" = run2 ]; then
   # Phase 1, all at once (compiles are CPU work; 32 cores; no preallocation so the processes
@@ -146,14 +146,14 @@ elif [ "$1" = run2 ]; then
   for f in gpu1 data2 fsdp2 proc2 data2_old; do
     grep -h -E "compiled in|init [0-9.]+ s|Finished XLA compilation of jit\((train_step|init_state)" \
       "$LOGS/$f.log" | sed "s/^/$f: /" >> "$summary"
-    echo "$f: $(tr '\r' '\n' < "$LOGS/$f.log" | grep -E '^train' | tail -n 1)" >> "$summary"
+    echo "$f: $(tr '\r' '\n' < "$LOGS/$f.log" | grep -E '^train:' | tail -n 1)" >> "$summary"
   done
   for m in "gpu1_t 1" "data2_t 2"; do
     set -- $m; lim=$(left); ((lim < 30)) && { note "$1 blocked: ${lim}s left"; continue; }
     ((lim > 45)) && lim=45
     CUDA_VISIBLE_DEVICES=$([ $2 = 1 ] && echo 0 || echo 0,1) run $1 $lim python3 -m \
       experiments.train_dit $s2 --config.num_steps=60 --workdir=/tmp/w_$1
-    echo "$1: $(tr '\r' '\n' < "$LOGS/$1.log" | grep -E '^train' | tail -n 1)" >> "$summary"
+    echo "$1: $(tr '\r' '\n' < "$LOGS/$1.log" | grep -E '^train:' | tail -n 1)" >> "$summary"
   done
   for l in ${LAYOUTS:-1x1 2x1 1x2}; do
     lim=$(left); ((lim < 30)) && { note "scale_$l blocked: ${lim}s left"; continue; }
