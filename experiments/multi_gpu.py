@@ -154,7 +154,8 @@ def init_compile(size: str, n: int, batch: int) -> list[dict]:
   host = _host_batch(cfg, batch, n)
   spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host)
   key = jax.random.PRNGKey(0)
-  fn = lambda r: init_fn(r, train_lib._zeros_like_spec(spec))["params"]  # pylint: disable=protected-access
+  zeros = jax.tree.map(lambda x: jax.numpy.zeros(x.shape, x.dtype), spec)
+  fn = lambda r: init_fn(r, zeros)["params"]
   variants = [("default", None, {}),
               ("no_fusion_passes", None,
                {"xla_disable_hlo_passes": "priority-fusion,multi_output_fusion"}),

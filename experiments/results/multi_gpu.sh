@@ -114,8 +114,8 @@ elif [ "$1" = run2 ]; then
   s2="--config=experiments/configs/dit.py:small --config.data.source=synthetic \
  --config.batch_size=16 --config.log_every=5 --verbosity=0 --config.checkpoint.every=1000"
   pt="--size=paper --components=${N:-16} --batch_per_device=${BPD:-2}"
-  { nvidia-smi -L; nvidia-smi topo -m; python3 -c "import jax; print(jax.__version__, jax.devices())"
-  } >> "$summary" 2>&1
+  { nvidia-smi -L; nvidia-smi topo -m
+    python3 -c "import jax; print(jax.__version__, jax.devices())"; } >> "$summary" 2>&1
   P1=${P1:-250}
   CUDA_VISIBLE_DEVICES=0 run gpu1 $P1 python3 -m experiments.train_dit $s2 \
     --config.num_steps=80 --workdir=/tmp/w_gpu1 &
@@ -126,7 +126,7 @@ elif [ "$1" = run2 ]; then
   MOCA_LOG_DIR=$LOGS run proc2 $P1 experiments/launch_multi.sh 2 experiments.train_dit $s2 \
     --config.mesh.data=2 --config.num_steps=40 --config.checkpoint.every=20 \
     --workdir=/tmp/w_proc2 &
-  if [ -d old ]; then  # a copy of the tree with main's moca_jax/moc.py (run from there)
+  if [ -d old ]; then  # optional: a copy of moca_jax, data_pipeline, experiments with moc.py of 1976608
     (cd old && PYTHONPATH=$PWD:$PYTHONPATH JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache_old \
       run data2_old $P1 python3 -m experiments.train_dit $s2 --config.mesh.data=2 \
       --config.num_steps=80 --workdir=/tmp/w_data2_old) &
@@ -144,7 +144,8 @@ elif [ "$1" = run2 ]; then
   grep -h '^{' "$LOGS/equal.log" >> "$summary"
   grep -h 'RESULT' "$LOGS"/warm_*.log "$LOGS"/init_compile.log >> "$summary"
   for f in gpu1 data2 fsdp2 proc2 data2_old; do
-    grep -h -E "compiled in|init [0-9.]+ s|Finished XLA compilation of jit\((train_step|init_state)" \
+    pat="compiled in|init [0-9.]+ s|Finished XLA compilation of jit\((train_step|init_state)"
+    grep -h -E "$pat" \
       "$LOGS/$f.log" | sed "s/^/$f: /" >> "$summary"
     echo "$f: $(tr '\r' '\n' < "$LOGS/$f.log" | grep -E '^train:' | tail -n 1)" >> "$summary"
   done
