@@ -126,7 +126,7 @@ elif [ "$1" = run2 ]; then
   MOCA_LOG_DIR=$LOGS run proc2 $P1 experiments/launch_multi.sh 2 experiments.train_dit $s2 \
     --config.mesh.data=2 --config.num_steps=40 --config.checkpoint.every=20 \
     --workdir=/tmp/w_proc2 &
-  if [ -d old ]; then  # optional: a copy of moca_jax, data_pipeline, experiments with moc.py of 1976608
+  if [ -d old ]; then  # optional: moca_jax, data_pipeline, experiments with moc.py of 1976608
     (cd old && PYTHONPATH=$PWD:$PYTHONPATH JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache_old \
       run data2_old $P1 python3 -m experiments.train_dit $s2 --config.mesh.data=2 \
       --config.num_steps=80 --workdir=/tmp/w_data2_old) &
