@@ -207,7 +207,8 @@ def pipeline_predict_fn(
 
   num_components: parts to generate (default: the item's ground-truth count, as in the
   paper's evaluation where the part / instance count is given; scenes always use the
-  number of instances in the mask). Scenes pass the instance masks as an id image
+  number of instances in the mask; a ground-truth count above the model's trained maximum
+  is generated anyway, `Pipeline.check_num_components` with force). Scenes pass the instance masks as an id image
   [1, H, W]; the pipeline rejects a mask where an instance is not visible at all (the
   item is then skipped and reported). steps / cfg default to the checkpoint's
   config.sample. `pipe`: an already loaded pipeline (tests, the demo). `on_result(item,
@@ -227,7 +228,17 @@ def pipeline_predict_fn(
     else:
       n = num_components or len(item.gt_parts)
       masks = None
-    res = pipe(image[None], num_components=n, masks=masks, steps=steps, cfg_scale=cfg, seed=seed)
+    # The protocol gives the ground-truth count, so it is used even above the number of
+    # components the model was trained with (up to what its ID table can represent).
+    res = pipe(
+        image[None],
+        num_components=n,
+        masks=masks,
+        steps=steps,
+        cfg_scale=cfg,
+        seed=seed,
+        force=num_components is None,
+    )
     if on_result is not None:
       on_result(item, res)
     predict.last_routing = getattr(res, "routing", None)

@@ -68,12 +68,29 @@ class _FakePipeline:
     self.parts, self.calls = parts, []
 
   def __call__(
-      self, images, num_components, masks=None, *, steps=None, cfg_scale=None, method=None, seed=0
+      self,
+      images,
+      num_components,
+      masks=None,
+      *,
+      steps=None,
+      cfg_scale=None,
+      method=None,
+      seed=0,
+      force=False,
   ):
     import types
 
     self.calls.append(
-        dict(images=images, n=num_components, masks=masks, steps=steps, cfg=cfg_scale, seed=seed)
+        dict(
+            images=images,
+            n=num_components,
+            masks=masks,
+            steps=steps,
+            cfg=cfg_scale,
+            seed=seed,
+            force=force,
+        )
     )
     b, g, h, n = 1, 1, 2, num_components
     routing = {
@@ -104,6 +121,7 @@ def test_pipeline_predict_fn_calls_the_pipeline(kind):
   (call,) = fake.calls
   assert call["images"].shape == (1, 32, 32, 3) and call["images"].dtype == np.uint8
   assert (call["n"], call["steps"], call["cfg"], call["seed"]) == (3, 7, 2.0, 5)
+  assert call["force"]  # the protocol's ground-truth count, even above the trained maximum
   if kind == "scene":
     ids = call["masks"][0]
     assert call["masks"].shape == (1, 32, 32) and set(np.unique(ids)) == {0, 1, 2, 3}
