@@ -33,6 +33,7 @@ import functools
 import logging
 import math
 import os
+import time
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax
@@ -395,6 +396,7 @@ def run_training(
     array_metrics_fn=None,
     prepare_fn: Optional[Callable[[Any], PyTree]] = None,
     show_progress: bool = True,
+    start_state_fn: Optional[Callable[[TrainState, StateSetup], TrainState]] = None,
 ) -> LoopResult:
   """The generic training loop (DiT and VAE).
 
@@ -417,6 +419,9 @@ def run_training(
     array_metrics_fn: optional (writer, step, metrics) -> None for non-scalar metrics.
     prepare_fn: optional host batch -> model batch (e.g. drops record ids), applied after
       `batch_id_fn`.
+    start_state_fn: optional (freshly initialised state, setup) -> the state a fresh run
+      starts from, placed like `setup.shardings` (e.g. params from a pretrained prior,
+      `moca_jax.prior_init`); not called when the run resumes from a checkpoint.
   Returns:
     LoopResult.
   Raises:
@@ -467,6 +472,8 @@ def run_training(
     if data_state is not None:
       iterator.set_state(data_state)
     log.info("resumed from step %d", latest)
+  elif start_state_fn is not None:
+    state = start_state_fn(state, setup)
 
   log.info("compiling the train step...")
   t_compile = time.perf_counter()
