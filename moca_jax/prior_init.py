@@ -215,8 +215,10 @@ def abstract_params(model_config: Any) -> PyTree:
   """ShapeDtypeStructs of the {'encoder', 'dit'} params of `ImageConditionedDiT(model_config)`
   (nothing is allocated)."""
   from moca_jax import dit_task  # pylint: disable=import-outside-toplevel  (dit_task imports us)
+  if isinstance(model_config, dict):
+    model_config = ml_collections.ConfigDict(model_config)
   model = dit_task.ImageConditionedDiT(model_config)
-  enc, dit = model_config["encoder"], model_config["dit"]
+  enc, dit = model_config.encoder, model_config.dit
   size, channels = enc["image_size"], enc["in_channels"]
   images = (jnp.zeros((1, 1, size, size, channels)) if channels == 7
             else jnp.zeros((1, size, size, channels)))
@@ -296,25 +298,24 @@ def merge_params(fresh: PyTree, prior: PyTree, mapping: dict[str, str],
     mapping: `plan_mapping`'s {new path: prior path}.
     router_bias: the routers' starting logit bias.
   """
-  fresh_flat, prior_flat = flat(fresh), flat(prior)
+  prior_flat = flat(prior)
   out = {}
-  for key, leaf in fresh_flat.items():
-    path = "/".join(key)
+  for path, leaf in flat(fresh).items():
     if path in mapping:
-      src = prior_flat[tuple(mapping[path].split("/"))].astype(leaf.dtype)
-      out[key] = src if src.shape == leaf.shape else (
+      src = prior_flat[mapping[path]].astype(leaf.dtype)
+      out[path] = src if src.shape == leaf.shape else (
           jnp.zeros_like(leaf).at[:src.shape[0]].set(src))  # the ID table: rows first
     elif path == ID_TABLE or _ROUTER_KEY.match(path):
-      out[key] = jnp.zeros_like(leaf)
+      out[path] = jnp.zeros_like(leaf)
     elif _ROUTER_BIAS.match(path):
-      out[key] = jnp.full_like(leaf, router_bias)
+      out[path] = jnp.full_like(leaf, router_bias)
     else:
-      out[key] = leaf
-  return traverse_util.unflatten_dict(out)
+      out[path] = leaf
+  return traverse_util.unflatten_dict(out, sep="/")
 
 
 def _shapes(tree: PyTree) -> dict[str, tuple]:
-  return {"/".join(k): tuple(v.shape) for k, v in flat(tree).items()}
+  return {k: tuple(v.shape) for k, v in flat(tree).items()}
 
 
 def check_prior(config: ml_collections.ConfigDict) -> dict[str, str]:
@@ -363,15 +364,15 @@ def initial_params(config: ml_collections.ConfigDict, fresh: PyTree,
   prior_cfg, ckpt, step = read_prior_config(path)
   mapping = check_prior(config)
   destination = {src: dst for dst, src in mapping.items()}
-  fresh_flat = {"/".join(k): v for k, v in flat(fresh).items()}
+  fresh_flat = flat(fresh)
   prior_abstract = flat(abstract_params(prior_cfg["model"]))
   target = {}
   for key, spec in prior_abstract.items():
-    dst = fresh_flat[destination["/".join(key)]]
+    dst = fresh_flat[destination[key]]
     sharding = _placement(getattr(dst, "sharding", None), tuple(dst.shape) == spec.shape)
     target[key] = jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=sharding)
   try:
-    prior = checkpointing.restore_params(ckpt, traverse_util.unflatten_dict(target), step,
+    prior = checkpointing.restore_params(ckpt, traverse_util.unflatten_dict(target, sep="/"), step,
                                          item=config.init.get("params", "ema"))
   except (FileNotFoundError, ValueError) as e:
     raise PriorInitError(f"{_label(path)}: cannot read its params ({e})") from e

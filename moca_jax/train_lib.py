@@ -206,13 +206,14 @@ def state_shardings(
   param_sh = sharding.tree_shardings(boxed, mesh, rules)
   abstract_state = jax.eval_shape(init_state, rng)
   repl = sharding.replicated(mesh)
+  # Frozen params (a `trainable` mask) have no optimizer state: optax.MaskedNode stays one.
   opt_sh = optax.tree_map_params(
       tx,
-      lambda _, s: s,
+      lambda p, s: p if isinstance(p, optax.MaskedNode) else s,
       abstract_state.opt_state,
       param_sh,
       transform_non_params=lambda _: repl,
-      is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+      is_leaf=lambda x: isinstance(x, (jax.sharding.Sharding, optax.MaskedNode)),
   )
   shardings = TrainState(step=repl, params=param_sh, opt_state=opt_sh, ema_params=param_sh)
   return shardings, sharding.logical_names(boxed), init_state
