@@ -318,20 +318,26 @@ def _shapes(tree: PyTree) -> dict[str, tuple]:
   return {k: tuple(v.shape) for k, v in flat(tree).items()}
 
 
-def check_prior(config: ml_collections.ConfigDict) -> dict[str, str]:
-  """Checks that init.from_checkpoint can start `config`'s model, from shapes only (nothing
-  is read but the prior's config). Returns `plan_mapping`'s mapping; raises PriorInitError."""
+def _prior_abstract(config: ml_collections.ConfigDict) -> tuple[str, int, dict[str, Any]]:
+  """(orbax folder, step, flat ShapeDtypeStructs of the prior's params) for config.init."""
   path = config.init.from_checkpoint
-  prior_cfg, _, _ = read_prior_config(path)
+  prior_cfg, ckpt, step = read_prior_config(path)
   if config.init.get("params", "ema") not in ("ema", "params"):
     raise PriorInitError(f"init.params must be 'ema' or 'params', got {config.init.params!r}")
   try:
-    prior_abstract = abstract_params(prior_cfg["model"])
+    return ckpt, step, flat(abstract_params(prior_cfg["model"]))
   except Exception as e:  # pylint: disable=broad-except  (a malformed stored config)
     raise PriorInitError(f"{_label(path)}: its model config does not build "
                          f"({type(e).__name__}: {e})") from e
-  return plan_mapping(_shapes(prior_abstract), _shapes(abstract_params(config.model)),
-                      config.model.dit, path)
+
+
+def check_prior(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """Checks that init.from_checkpoint can start `config`'s model, from shapes only (nothing
+  is read but the prior's config). Returns `plan_mapping`'s mapping; raises PriorInitError."""
+  _, _, prior = _prior_abstract(config)
+  return plan_mapping({k: v.shape for k, v in prior.items()},
+                      _shapes(abstract_params(config.model)), config.model.dit,
+                      config.init.from_checkpoint)
 
 
 def _placement(sharding: Any, same_shape: bool) -> Any:
@@ -361,11 +367,11 @@ def initial_params(config: ml_collections.ConfigDict, fresh: PyTree,
     PriorInitError: see the module docstring.
   """
   path = config.init.from_checkpoint
-  prior_cfg, ckpt, step = read_prior_config(path)
-  mapping = check_prior(config)
+  ckpt, step, prior_abstract = _prior_abstract(config)
+  mapping = plan_mapping({k: v.shape for k, v in prior_abstract.items()}, _shapes(fresh),
+                         config.model.dit, path)
   destination = {src: dst for dst, src in mapping.items()}
   fresh_flat = flat(fresh)
-  prior_abstract = flat(abstract_params(prior_cfg["model"]))
   target = {}
   for key, spec in prior_abstract.items():
     dst = fresh_flat[destination[key]]

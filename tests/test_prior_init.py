@@ -17,13 +17,14 @@ from experiments.configs import dit as dit_configs
 from experiments.configs import dit_finetune
 from moca_jax import checkpointing, dit_task, prior_init, sharding
 from moca_jax.convert import common, dinov2, triposg_dit
+from moca_jax.dit import CompositionalDiT
 from moca_jax.prior_init import PriorInitError
 from test_import_weights import make_snapshot
 from test_train_dit import _compilation_cache
 
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 L = 16  # vecset tokens of the imported priors
 IMAGE = 28  # encoder input: 2 x 2 patches (the DINOv2 position table is resized from 518)
-VELOCITY = dit_task.ImageConditionedDiT.velocity
 
 
 def _import(root, source):
@@ -71,32 +72,12 @@ def _fresh(config):
   return nn.meta.unbox(jax.jit(init)(jax.random.key(0)))["params"]
 
 
-def _prior_model_and_params(prior):
-  cfg, ckpt, step = prior_init.read_prior_config(prior)
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
-                          prior_init.abstract_params(cfg["model"]))
-  params = checkpointing.restore_params(ckpt, abstract, step)
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  return dit_task.ImageConditionedDiT(ml_collections.ConfigDict(cfg["model"])), params
-
-
 @pytest.fixture(scope="module")
 def partcrafter_start(priors):
   _, prior = priors["partcrafter"]
   config = micro(prior, router_bias=20.0)
   fresh = _fresh(config)
   return config, fresh, prior_init.initial_params(config, fresh)
-
-
-def _velocity(model, params, ids):
-  """The DiT's velocity [2, N, L, 16] on fixed random latents and condition tokens."""
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(2, ids.shape[1], L, 16)), jnp.float32)
-  cond = jnp.asarray(rng.normal(size=(2, 5, 64)), jnp.float32)
-  apply = jax.jit(lambda p: model.apply({"params": p}, x, jnp.array([0.3, 0.8]), cond, None,
-                                        ids, train=False, method=VELOCITY))
-  return np.asarray(apply(params))
 
 
 # ----------------------------------------------------------------------------------------
@@ -153,42 +134,71 @@ def test_every_imported_tensor_is_loaded_unchanged(priors, partcrafter_start):
       np.testing.assert_array_equal(got[p], prior_init.flat(fresh)[p])
 
 
-def test_start_equals_partcrafter(priors, partcrafter_start):
-  """One component: exactly the prior. N <= top_k + 1 with gates of 1 (bias 20): PartCrafter's
-  dense global attention. The default bias 4 scales the other parts' keys by 0.982."""
+def _golden(name):
+  return os.path.join(GOLDEN, name)
+
+
+def _apply(dit_config, params, x, timestep, cond):
+  """The DiT's output in upstream's sign (TripoSG predicts z - eps) on upstream inputs."""
+  model = CompositionalDiT(dit_config)
+  v = jax.jit(lambda p: model.apply({"params": p}, jnp.asarray(x), triposg_dit.flow_time(timestep),
+                                    jnp.asarray(cond), None, train=False))(params)
+  return -np.asarray(v)
+
+
+def test_start_equals_partcrafter(partcrafter_start):
+  """The golden PartCrafter calls (one object of 4 parts; the same with a condition per part)
+  run through the fine-tuning model at its start: with top_k = N - 1 and gates of 1 (bias 20)
+  they give upstream's recorded outputs (the prior tokens are blind to the new tokens, every
+  other part is routed in full). The default bias 4 scales the other parts' keys by 0.982:
+  close, not equal."""
   config, fresh, params = partcrafter_start
-  model = dit_task.ImageConditionedDiT(config.model)
-  prior_model, prior_params = _prior_model_and_params(priors["partcrafter"][1])
-  for ids in ([[0], [5]], [[7, 2, 11], [0, 5, 3]]):  # any ids of the copied rows
-    ids = jnp.asarray(ids, jnp.int32)
-    ours, ref = _velocity(model, params, ids), _velocity(prior_model, prior_params, ids)
-    assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max(), ids
+  io = np.load(os.path.join(_golden("partcrafter_dit"), "io.npz"))
+  x = np.stack([io["a_hidden_states"]] * 2)  # [2 objects, 4 parts, 32, 16]
+  cond = np.stack([io["a_encoder_hidden_states"], io["c_encoder_hidden_states"]])
+  timestep = io["a_timestep"][:2]
+  ref = np.stack([io["a_output"], io["c_output"]])
+  np.testing.assert_array_equal(io["a_part_ids"], np.arange(4))  # our evaluation ids
+  dit_config = config.model.dit.copy_and_resolve_references()
+  dit_config.top_k = 3
+  ours = _apply(dit_config, params["dit"], x, timestep, cond)
+  assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
   config.init.router_bias = 4.0
   try:
-    biased = _velocity(model, prior_init.initial_params(config, fresh), ids)
+    biased = _apply(dit_config, prior_init.initial_params(config, fresh)["dit"], x, timestep, cond)
   finally:
     config.init.router_bias = 20.0
   err = np.abs(biased - ref).max() / np.abs(ref).max()
   assert 1e-4 < err < 1e-2, err
 
 
-def test_start_equals_triposg_for_one_component(priors):
+def test_start_equals_triposg_for_one_component():
   """TripoSG has no global blocks: the even blocks become MoC blocks whose attention starts as
-  the block's self-attention, so one component is exactly TripoSG."""
-  snap, prior = priors["triposg"]
-  config = micro(prior)
-  params = prior_init.initial_params(config, _fresh(config))
-  upstream = triposg_dit.load(str(snap / "transformer"))[1]["params"]
+  the block's self-attention, the ID table is zero, so one component gives the golden TripoSG
+  outputs (the time token stays a token, the vecset tokens are blind to the new ones)."""
+  upstream_config, upstream = triposg_dit.load(_golden("triposg_dit"))
+  moc = prior_init.moc_dit_config(upstream_config.to_dict())
+  moc.update(num_compressed=4, top_k=2, router_head_dim=8, latent_tokens=L, dtype="float32",
+             attention_implementation="xla", remat="none")
+  io = np.load(os.path.join(_golden("triposg_dit"), "io.npz"))
+  x = io["hidden_states"][:, None]
+  fresh = nn.meta.unbox(jax.jit(lambda key: CompositionalDiT(moc).init(
+      key, jnp.asarray(x), jnp.zeros((2,)), jnp.asarray(io["encoder_hidden_states"]), None,
+      train=False))(jax.random.key(0)))["params"]
+  shapes = lambda tree: {k: v.shape for k, v in prior_init.flat({"dit": tree}).items()}
+  mapping = prior_init.plan_mapping(shapes(upstream["params"]), shapes(fresh), moc, "triposg")
+  params = prior_init.merge_params({"dit": fresh}, {"dit": upstream["params"]}, mapping, 4.0)
+  params = params["dit"]
   for i in (0, 2, 4):
     for name in ("query", "key", "value", "out"):
-      np.testing.assert_array_equal(params["dit"][f"block_{i}"]["global_attn"][name]["kernel"],
-                                    upstream[f"block_{i}"]["local_attn"][name]["kernel"])
-  assert not np.any(params["dit"]["id_embed"]["embedding"])
-  prior_model, prior_params = _prior_model_and_params(prior)
-  ids = jnp.zeros((2, 1), jnp.int32)
-  ours = _velocity(dit_task.ImageConditionedDiT(config.model), params, ids)
-  ref = _velocity(prior_model, prior_params, ids)
-  assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()
+      np.testing.assert_array_equal(params[f"block_{i}"]["global_attn"][name]["kernel"],
+                                    upstream["params"][f"block_{i}"]["local_attn"][name]["kernel"])
+    assert np.all(params[f"block_{i}"]["global_attn"]["router"]["bias"] == 4.0)
+  assert params["id_embed"]["embedding"].shape == (50, 64)
+  assert not np.any(params["id_embed"]["embedding"])
+  ours = _apply(moc, params, x, io["timestep"], io["encoder_hidden_states"])
+  ref = io["output"][:, None]
+  assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
 # ----------------------------------------------------------------------------------------
@@ -199,12 +209,12 @@ def _mesh1():
   return sharding.make_mesh(1, 1, devices=jax.devices()[:1])
 
 
-def test_training_lowers_the_loss_and_resumes_exactly(priors, partcrafter_start, tmp_path):
+def test_training_lowers_the_loss_and_resumes_exactly(partcrafter_start, tmp_path):
   """4 steps from the PartCrafter prior: the flow loss on a fixed batch and noise falls, the
   frozen encoder does not move; 2 steps + checkpoint + resume (the prior moved away: it is not
   read again) + 2 steps equals 4 steps straight."""
-  _, prior = priors["partcrafter"]
-  config = micro(prior)
+  config, _, start = partcrafter_start
+  prior = config.init.from_checkpoint
   a_dir, b_dir = str(tmp_path / "a"), str(tmp_path / "b")
   with _compilation_cache(tmp_path / "xla_cache"):
     straight = dit_task.train_and_evaluate(config, a_dir, num_steps=4, mesh=_mesh1(),
@@ -224,7 +234,6 @@ def test_training_lowers_the_loss_and_resumes_exactly(priors, partcrafter_start,
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[2:]]
 
-  start = prior_init.initial_params(config, _fresh(config))
   final = jax.device_get(straight.state.params)
   for x, y in zip(jax.tree.leaves(start["encoder"]), jax.tree.leaves(final["encoder"])):
     np.testing.assert_array_equal(np.asarray(x), y)  # frozen
@@ -261,16 +270,17 @@ def test_bad_priors_get_one_clear_error(priors, tmp_path):
   with pytest.raises(PriorInitError) as e:
     prior_init.check_prior(config)
   assert str(e.value) == (
-      f"{label(prior)}: the prior does not fit the configured model: 2 tensor(s) with another "
-      "shape (prior vs new model): dit/proj_in/kernel [16, 96] vs [8, 96], "
-      "dit/proj_out/kernel [96, 16] vs [96, 8]; 1 prior tensor(s) with no place in the new "
-      "model: dit/proj_out/bias".replace("; 1 prior tensor(s) with no place in the new model: "
-                                         "dit/proj_out/bias", ""))
+      f"{label(prior)}: the prior does not fit the configured model: 3 tensor(s) with another "
+      "shape (prior vs new model): dit/proj_in/kernel [16, 96] vs [8, 96], dit/proj_out/bias "
+      "[16] vs [8], dit/proj_out/kernel [96, 16] vs [96, 8]")
   config = micro(prior)
   config.model.dit.long_skips = False
-  with pytest.raises(PriorInitError, match=r"6 prior tensor\(s\) with no place in the new "
-                     r"model: dit/block_3/skip_linear/bias, "):
+  with pytest.raises(PriorInitError) as e:
     prior_init.check_prior(config)
+  assert str(e.value) == (
+      f"{label(prior)}: the prior does not fit the configured model: 8 prior tensor(s) with no "
+      "place in the new model: " + ", ".join(f"dit/block_{i}/{name}" for i in (3, 4) for name in (
+          "skip_linear/bias", "skip_linear/kernel", "skip_norm/bias", "skip_norm/scale")))
 
   # train_dit refuses before anything is written in the workdir
   config = micro(str(prior))
