@@ -51,6 +51,8 @@ that are neither in the prior nor MoC additions, params that cannot be read.
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
 import re
 from typing import Any, Callable, Optional
@@ -213,16 +215,22 @@ def flat(tree: PyTree) -> dict[str, Any]:
 
 def abstract_params(model_config: Any) -> PyTree:
   """ShapeDtypeStructs of the {'encoder', 'dit'} params of `ImageConditionedDiT(model_config)`
-  (nothing is allocated)."""
+  (nothing is allocated; traced once per distinct config in a process)."""
+  if hasattr(model_config, "to_dict"):
+    model_config = model_config.to_dict()
+  return _abstract_params(json.dumps(model_config, sort_keys=True, default=list))
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_params(model_json: str) -> PyTree:
   from moca_jax import dit_task  # pylint: disable=import-outside-toplevel  (dit_task imports us)
-  if isinstance(model_config, dict):
-    model_config = ml_collections.ConfigDict(model_config)
+  model_config = ml_collections.ConfigDict(json.loads(model_json))
   model = dit_task.ImageConditionedDiT(model_config)
   enc, dit = model_config.encoder, model_config.dit
-  size, channels = enc["image_size"], enc["in_channels"]
+  size, channels = enc.image_size, enc.in_channels
   images = (jnp.zeros((1, 1, size, size, channels)) if channels == 7
             else jnp.zeros((1, size, size, channels)))
-  x = jnp.zeros((1, 1, dit["latent_tokens"], dit["latent_channels"]))
+  x = jnp.zeros((1, 1, dit.latent_tokens, dit.latent_channels))
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, x, jnp.zeros((1,)),
                                              jnp.ones((1, 1), bool))["params"])
   return nn.meta.unbox(shapes)
