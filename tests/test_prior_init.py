@@ -282,6 +282,15 @@ def test_bad_priors_get_one_clear_error(priors, tmp_path):
       "place in the new model: " + ", ".join(f"dit/block_{i}/{name}" for i in (3, 4) for name in (
           "skip_linear/bias", "skip_linear/kernel", "skip_norm/bias", "skip_norm/scale")))
 
+  config = micro(prior, params="best")
+  with pytest.raises(PriorInitError) as e:
+    prior_init.check_prior(config)
+  assert str(e.value) == "init.params must be 'ema' or 'params', got 'best'"
+  config = micro(prior)
+  config.model.encoder.lora_rank = 2  # LoRA adapters are additions, the base weights map
+  mapping = prior_init.check_prior(config)
+  assert "encoder/blocks_0/qkv/kernel" in mapping and not any("lora" in k for k in mapping)
+
   # train_dit refuses before anything is written in the workdir
   config = micro(str(prior))
   config.init.from_checkpoint = str(tmp_path / "nowhere")
