@@ -65,11 +65,15 @@ def micro(prior, **init):
   return c
 
 
+def _random_like(abstract, seed=0):
+  """Random N(0, 0.02) params shaped like `abstract` (a freshly initialised model's stand-in;
+  only the new tensors keep these values)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.02, s.shape), s.dtype), abstract)
+
+
 def _fresh(config):
-  model = dit_task.ImageConditionedDiT(config.model)
-  init = lambda key: model.init(key, jnp.zeros((1, IMAGE, IMAGE, 3)), jnp.zeros((1, 1, L, 16)),
-                                jnp.zeros((1,)), jnp.ones((1, 1), bool))
-  return nn.meta.unbox(jax.jit(init)(jax.random.key(0)))["params"]
+  return _random_like(prior_init.abstract_params(config.model))
 
 
 @pytest.fixture(scope="module")
@@ -182,9 +186,9 @@ def test_start_equals_triposg_for_one_component():
              attention_implementation="xla", remat="none")
   io = np.load(os.path.join(_golden("triposg_dit"), "io.npz"))
   x = io["hidden_states"][:, None]
-  fresh = nn.meta.unbox(jax.jit(lambda key: CompositionalDiT(moc).init(
-      key, jnp.asarray(x), jnp.zeros((2,)), jnp.asarray(io["encoder_hidden_states"]), None,
-      train=False))(jax.random.key(0)))["params"]
+  fresh = _random_like(nn.meta.unbox(jax.eval_shape(lambda: CompositionalDiT(moc).init(
+      jax.random.key(0), jnp.asarray(x), jnp.zeros((2,)), jnp.asarray(io["encoder_hidden_states"]),
+      None, train=False)))["params"])
   shapes = lambda tree: {k: v.shape for k, v in prior_init.flat({"dit": tree}).items()}
   mapping = prior_init.plan_mapping(shapes(upstream["params"]), shapes(fresh), moc, "triposg")
   params = prior_init.merge_params({"dit": fresh}, {"dit": upstream["params"]}, mapping, 4.0)
