@@ -7,13 +7,14 @@ Writes under workdir: checkpoints/<step>/ (orbax; the stored config names the VA
 generation), tb/ (TensorBoard), config.json, eval.json. A restarted job resumes from the
 latest checkpoint, data order included; a config that differs from the stored one outside
 the fields that may change on resume (moca_jax.checkpointing) is refused before anything is
-written; a resume with another config exits with code 2 and one line.
+written; a resume with another config exits with code 2 and one line, as do latent shards
+made by another VAE than config.vae.workdir or of another vecset shape than the DiT's.
 
 Fine-tuning MoCA from a pretrained prior (an experiments.import_weights --out folder):
   python -m experiments.train_dit --config=experiments/configs/dit_finetune.py:outputs/partcrafter \
       --config.data.dir=outputs/latents --workdir=outputs/moca_ft
-A prior that cannot start the model (missing, not a DiT checkpoint, tensors that do not fit)
-exits with code 2 and one line, before anything is written.
+A prior that cannot start the model (not a DiT checkpoint, tensors that do not fit) exits
+with code 2 and one line, before anything is written.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from data_pipeline import encode_latents
 from moca_jax import checkpointing, dit_task, prior_init
 
 
@@ -41,8 +43,10 @@ def main(argv) -> None:
     raise app.UsageError("Too many command-line arguments.")
   try:
     dit_task.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-  except (checkpointing.ConfigMismatchError, prior_init.PriorInitError) as e:
-    # a resume with another config, or a prior that cannot start the model: one line
+  except (checkpointing.ConfigMismatchError, encode_latents.LatentsMismatchError,
+          prior_init.PriorInitError) as e:
+    # a resume with another config, latents of another VAE or a prior that cannot start the
+    # model: one line, nothing written
     print(f"train_dit: error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -78,6 +78,10 @@ def component_limit(spec: DiTSpec, batch: int, guided: bool) -> Optional[int]:
   return spec.id_codebook
 
 
+def _count(n: int) -> str:
+  return f"{n} component" + ("" if n == 1 else "s")
+
+
 def check_sample_settings(settings: dict) -> dict:
   """Validates resolved sampling settings before any work; returns them typed.
 
@@ -362,8 +366,12 @@ class Pipeline:
     stored = self.config.get("preprocess", None)
     if not stored:
       return None
-    fields = {k: v for k, v in stored.to_dict().items() if k != "path"}
-    return pre.ProcessorConfig.from_dict(fields, source="checkpoint config.preprocess")
+    names = {f.name for f in dataclasses.fields(pre.ProcessorConfig)}
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.to_dict().items()}
+    unknown = sorted(set(fields) - names - {"path"})
+    if unknown:
+      raise ValueError(f"checkpoint config.preprocess: unknown fields {unknown}")
+    return pre.ProcessorConfig(**{k: v for k, v in fields.items() if k in names})
 
   def check_num_components(
       self, num_components: int, cfg_scale: Optional[float] = None, force: bool = False
@@ -379,12 +387,12 @@ class Pipeline:
       why = " (PartCrafter's part ids number every row of the CFG batch)" if (
           self.spec.id_assignment == "batch_rows" and cfg_scale is not None) else ""
       raise ValueError(
-          f"num_components={n}: this model can represent at most {hard} components{why}"
+          f"num_components={n}: this model can represent at most {_count(hard)}{why}"
       )
     if n > self.max_components and not force:
       raise ValueError(
-          f"num_components={n}: the model was trained with at most {self.max_components} "
-          "components (force to try more)"
+          f"num_components={n}: the model was trained with at most "
+          f"{_count(self.max_components)} (force to try more)"
       )
 
   @property

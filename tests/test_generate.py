@@ -206,9 +206,11 @@ def _check_arguments_refused_before_work(checkpoints, pipe, tmp_path):
   with pytest.raises(ValueError, match=rf"num_components=5: the model was trained with at most {N}"):
     generate.run(checkpoints["dit"], checkpoints["image"], 5, str(tmp_path / "never"))
   assert not os.path.exists(tmp_path / "never")  # refused before anything was written
-  with pytest.raises(ValueError, match=rf"trained with at most {N} components"):
-    pipe.sample_latents(np.zeros((1, 8, 8, 3), np.uint8), 99)
   codebook = pipe.config.model.dit.id_codebook
+  with pytest.raises(ValueError, match=rf"trained with at most {N} components"):
+    pipe.sample_latents(np.zeros((1, 8, 8, 3), np.uint8), N + 1)
+  with pytest.raises(ValueError, match=rf"can represent at most {codebook} components"):
+    pipe.sample_latents(np.zeros((1, 8, 8, 3), np.uint8), codebook + 1)
   pipe.check_num_components(N + 1, 2.0, force=True)  # forced: up to what the model represents
   with pytest.raises(ValueError, match=rf"can represent at most {codebook} components"):
     pipe.check_num_components(codebook + 1, 2.0, force=True)

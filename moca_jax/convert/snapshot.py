@@ -129,7 +129,7 @@ def write_checkpoint(out_dir: str, config: ml_collections.ConfigDict, imported: 
   `out_dir/vae`), atomically: built in a temporary folder next to `out_dir`, renamed at the end;
   nothing is left on failure.
 
-  Layout (what `experiments.generate.load_generator` and `train_lib.read_checkpoint_config` /
+  Layout (what `moca_jax.pipeline.load_pipeline` and `checkpointing.read_checkpoint_config` /
   `restore_params` read): checkpoints/0 with items 'state' (params, no optimizer state),
   'ema' (the same params: {'encoder': ..., 'dit': ...}), 'data' (none), 'config' (`config`,
   whose vae.workdir must name `out_dir/vae`); vae/checkpoints/0 likewise with the VecSetVAE
