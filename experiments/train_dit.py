@@ -51,6 +51,21 @@ def main(argv) -> None:
     sys.exit(2)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, except that a config file that cannot read its prior
+  (experiments/configs/dit_finetune.py:PRIOR) is one line and exit code 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    cause = e.__context__
+    while cause is not None and cause.__context__ is not None:
+      cause = cause.__context__  # the config file's own exception
+    if isinstance(cause, prior_init.PriorInitError):
+      print(f"train_dit: error: {cause}", file=sys.stderr)
+      sys.exit(2)
+    return app.parse_flags_with_usage(argv)  # absl's message and exit code
+
+
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

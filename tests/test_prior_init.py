@@ -4,6 +4,8 @@ the start equal to the prior where it should be, training, exact resume, one-lin
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -303,3 +305,16 @@ def test_bad_priors_get_one_clear_error(priors, tmp_path):
     dit_task.train_and_evaluate(config, str(workdir), num_steps=1, mesh=_mesh1(),
                                 show_progress=False, eval_batches=0)
   assert not workdir.exists()
+
+
+def test_cli_refuses_a_missing_prior_in_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.train_dit",
+       f"--config=experiments/configs/dit_finetune.py:{tmp_path / 'nowhere'}",
+       f"--workdir={tmp_path / 'run'}"],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+      text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+  assert result.returncode == 2
+  assert result.stderr.strip() == (
+      f"train_dit: error: init.from_checkpoint={tmp_path / 'nowhere'}: no such folder")
+  assert not (tmp_path / "run").exists()
