@@ -25,6 +25,9 @@ possible):
                                 PartCrafter's global blocks start from TripoSG's
   ID codebook [K, D]            zeros, with the prior's part-embedding rows (PartCrafter's
                                 `part_embedding`) in the first rows: a zero row adds nothing
+  encoder patch kernel          for the 7-channel scene input from an RGB prior: both RGB
+                                triples start as the RGB weights, the mask channel at zero
+                                (MIDI's recipe, `image_encoder.expand_patch_kernel`)
   router query                  the module's init
   router key                    zeros: every logit starts at the bias, so every component is
                                 equally important and every gate is sigmoid(init.router_bias)
@@ -63,12 +66,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moca_jax import checkpointing
+from moca_jax import checkpointing, image_encoder
 from moca_jax.dit import DiTSpec, dit_config
 
 PyTree = Any
 
 ID_TABLE = "dit/id_embed/embedding"
+PATCH_KERNEL = "encoder/patch_embed/kernel"
 PAPER_ID_CODEBOOK = 50  # "random ID embeddings", codebook size 50 (paper 3.2.1)
 DEFAULT_ROUTER_BIAS = 4.0
 # Fields of the prior's DiT config that the new model keeps (they set its tensors' shapes or
@@ -168,7 +172,8 @@ def moc_dit_config(prior_dit: dict) -> ml_collections.ConfigDict:
 
 
 def finetune_config(base: ml_collections.ConfigDict, prior_path: str,
-                    router_bias: float = DEFAULT_ROUTER_BIAS) -> ml_collections.ConfigDict:
+                    router_bias: float = DEFAULT_ROUTER_BIAS,
+                    scene: bool = False) -> ml_collections.ConfigDict:
   """A train_dit run config that fine-tunes MoCA from the prior at `prior_path`.
 
   Args:
@@ -176,10 +181,12 @@ def finetune_config(base: ml_collections.ConfigDict, prior_path: str,
       compute settings are kept (the model's dtype, attention backend and remat included).
     prior_path: the prior (`read_prior_config`).
     router_bias: init.router_bias.
+    scene: the scene model (7-channel encoder input: instance on white, scene, mask), also
+      from an RGB prior.
   Returns:
     `base` with model.dit = `moc_dit_config` of the prior's, model.encoder = the prior's
-    (frozen), vae / sample / preprocess / imported_from from the prior, mode from the
-    encoder's input channels, and init.{from_checkpoint, params, router_bias}.
+    (frozen; 7 input channels for a scene), vae / sample / preprocess / imported_from from
+    the prior, mode 'scene' or 'object', and init.{from_checkpoint, params, router_bias}.
   Raises:
     PriorInitError: see `read_prior_config`.
   """
@@ -193,6 +200,8 @@ def finetune_config(base: ml_collections.ConfigDict, prior_path: str,
   c.model.encoder = ml_collections.ConfigDict(prior["model"]["encoder"])
   c.model.encoder.update({k: v for k, v in encoder_compute.items() if v is not None})
   c.model.encoder.freeze = True  # TripoSG and PartCrafter train with DINOv2 frozen
+  if scene:
+    c.model.encoder.in_channels = 7
   c.mode = "scene" if c.model.encoder.in_channels == 7 else "object"
   for key in ("vae", "sample", "preprocess", "imported_from"):
     if isinstance(prior.get(key), dict):
@@ -274,8 +283,13 @@ def plan_mapping(prior_shapes: dict[str, tuple], new_shapes: dict[str, tuple],
       no_place.append(src)
       continue
     new = tuple(new_shapes[dst])
-    fits = (len(shape) == 2 and new[1] == shape[1] and new[0] >= shape[0]
-            if dst == ID_TABLE else new == tuple(shape))
+    if dst == ID_TABLE:  # more rows (a larger codebook), same width
+      fits = len(shape) == 2 and new[1] == shape[1] and new[0] >= shape[0]
+    elif dst == PATCH_KERNEL:  # an RGB encoder for the 7-channel scene input (MIDI)
+      fits = new == tuple(shape) or (len(shape) == 4 and shape[2] == 3 and new[2] == 7
+                                     and new[:2] + new[3:] == tuple(shape[:2]) + tuple(shape[3:]))
+    else:
+      fits = new == tuple(shape)
     if not fits:
       misfit.append(f"{src} {list(shape)} vs {list(new)}")
     mapping[dst] = src
@@ -311,8 +325,12 @@ def merge_params(fresh: PyTree, prior: PyTree, mapping: dict[str, str],
   for path, leaf in flat(fresh).items():
     if path in mapping:
       src = prior_flat[mapping[path]].astype(leaf.dtype)
-      out[path] = src if src.shape == leaf.shape else (
-          jnp.zeros_like(leaf).at[:src.shape[0]].set(src))  # the ID table: rows first
+      if src.shape == leaf.shape:
+        out[path] = src
+      elif path == PATCH_KERNEL:  # both RGB triples copy the RGB weights, the mask starts at 0
+        out[path] = image_encoder.expand_patch_kernel(src, leaf.shape[2])
+      else:  # the ID table: the prior's rows first, zeros after
+        out[path] = jnp.zeros_like(leaf).at[:src.shape[0]].set(src)
     elif path == ID_TABLE or _ROUTER_KEY.match(path):
       out[path] = jnp.zeros_like(leaf)
     elif _ROUTER_BIAS.match(path):

@@ -207,6 +207,25 @@ def test_start_equals_triposg_for_one_component():
   assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
+def test_scene_model_from_an_rgb_prior(priors, partcrafter_start):
+  """',scene': the 7-channel encoder input [instance RGB, scene RGB, mask] starts with both RGB
+  triples copying the prior's RGB patch kernel and the mask channel at zero (MIDI)."""
+  _, prior = priors["partcrafter"]
+  config = micro(prior + ",scene", router_bias=20.0)
+  assert config.mode == "scene" and config.model.encoder.in_channels == 7
+  params = prior_init.initial_params(config, _fresh(config))
+  rgb = partcrafter_start[2]["encoder"]["patch_embed"]["kernel"]
+  kernel = params["encoder"]["patch_embed"]["kernel"]
+  assert kernel.shape == rgb.shape[:2] + (7,) + rgb.shape[3:]
+  np.testing.assert_array_equal(kernel[:, :, :3], rgb)
+  np.testing.assert_array_equal(kernel[:, :, 3:6], rgb)
+  np.testing.assert_array_equal(kernel[:, :, 6], np.zeros_like(rgb[:, :, 0]))
+  ours, rgb_start = prior_init.flat(params), prior_init.flat(partcrafter_start[2])
+  for path in prior_init.check_prior(config):  # every other prior tensor as in the RGB model
+    if path != prior_init.PATCH_KERNEL:
+      np.testing.assert_array_equal(ours[path], rgb_start[path], err_msg=path)
+
+
 # ----------------------------------------------------------------------------------------
 # Training from the prior
 # ----------------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 r"""MoCA fine-tuned from a pretrained prior: `--config=experiments/configs/dit_finetune.py:PRIOR`.
 
+Append ',scene' (`...dit_finetune.py:PRIOR,scene`) for the scene model: 7-channel encoder
+input (instance on white, scene, mask), its patch kernel started from the prior's RGB one.
+
 PRIOR is an `experiments.import_weights --out` folder (TripoSG or PartCrafter) or any
 train_dit workdir. The model is the prior's DiT with the MoC layout on top and the prior's
 image encoder, frozen (`moca_jax.prior_init`, which also says how the new parts start):
@@ -30,7 +33,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     raise ValueError("dit_finetune config: name the prior, "
                      "--config=experiments/configs/dit_finetune.py:PATH (an import_weights "
                      "--out folder or a train_dit workdir)")
-  c = prior_init.finetune_config(dit.get_config("paper"), arg)
+  path, scene = arg, False
+  if arg.endswith(",scene"):
+    path, scene = arg[:-len(",scene")], True
+  c = prior_init.finetune_config(dit.get_config("paper"), path, scene=scene)
   c.optim.lr = 4e-5  # paper: the 10K-step fine-tuning stages run at 4e-5
   c.num_steps = c.optim.total_steps = 10_000
   return c
