@@ -67,17 +67,11 @@ def train_vae(workdir: str, steps: int) -> str:
 def encode_latents(workdir: str, data_dir: str, vae_dir: str) -> str:
   """Stage 3: every part of the tiny split through the frozen VAE encoder."""
   from data_pipeline import encode_latents as enc
-  from moca_jax.vae_task import load_vae
 
-  model, params, vae_cfg = load_vae(vae_dir)
+  encode_fn, vae_info, num_points = enc.CheckpointEncoder(vae_dir).load()
   out = os.path.join(workdir, "data", "tiny_latents")
   enc.encode_dataset(
-      data_dir,
-      out,
-      enc.vae_encode_fn(model, params),
-      num_points=int(vae_cfg.model.num_points),
-      batch_size=32,
-      vae_info={"workdir": os.path.abspath(vae_dir)},
+      data_dir, out, encode_fn, num_points=num_points, batch_size=32, vae_info=vae_info
   )
   return out
 

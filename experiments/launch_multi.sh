@@ -37,7 +37,7 @@ for ((i = 0; i < n; i++)); do
 done
 status=0
 for ((left = n; left > 0; left--)); do
-  wait -n "${pids[@]}"
+  wait -n  # the next of our children to end (a pid list would name reaped ones again)
   rc=$?
   if ((rc != 0)); then
     status=$rc

@@ -48,14 +48,21 @@ def _host_batch(cfg, b: int, n: int, seed: int = 0) -> dict:
                                  dtype=np.uint8)}
 
 
-def _build(cfg, spec, mesh):
+def _build(cfg, spec, mesh, times: dict | None = None):
+  """(sharded state, compiled step, XLA memory analysis); `times` gets init_s / step_compile_s
+  (the init's compile and run; the step's lowering and compile)."""
   import jax
   from moca_jax import dit_task, train_lib
   _, init_fn, loss_fn = dit_task.make_task(cfg)
   tx = train_lib.make_optimizer(cfg.optim)
+  t0 = time.perf_counter()
   state, setup = train_lib.create_train_state(init_fn, tx, spec, jax.random.PRNGKey(0), mesh)
+  jax.block_until_ready(state)
+  t1 = time.perf_counter()
   step, mem = train_lib.compile_train_step(loss_fn, tx, train_lib.make_schedule(cfg.optim),
                                            cfg.optim.ema_decay, setup, spec, mesh)
+  if times is not None:
+    times.update(init_s=t1 - t0, step_compile_s=time.perf_counter() - t1)
   return state, step, mem
 
 
@@ -92,8 +99,9 @@ def equal(size: str, n: int, batch: int, steps: int) -> dict:
 
 
 def scale_one(size: str, n: int, batch_per_device: int, data: int, fsdp: int,
-              steps: int) -> dict:
-  """Times one layout in this process (see the module docstring)."""
+              steps: int, compile_only: bool = False) -> dict:
+  """Times one layout in this process (see the module docstring). compile_only: build the
+  state and compile the step (filling JAX's persistent compilation cache), no steps."""
   import jax
   from moca_jax import sharding, train_lib
   k = data * fsdp
@@ -104,8 +112,12 @@ def scale_one(size: str, n: int, batch_per_device: int, data: int, fsdp: int,
   spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host)
   mesh = sharding.make_mesh(data, fsdp, devices=jax.devices()[:k])
   t0 = time.perf_counter()
-  state, step, mem = _build(cfg, spec, mesh)
+  times: dict = {}
+  state, step, mem = _build(cfg, spec, mesh, times)
   compile_s = time.perf_counter() - t0
+  if compile_only:
+    return dict(size=size, components=n, data=data, fsdp=fsdp, batch=b, compile_s=compile_s,
+                **times)
   dev_batch = sharding.shard_batch(host, mesh)
   key = jax.random.PRNGKey(1)
   for _ in range(2):
@@ -122,16 +134,52 @@ def scale_one(size: str, n: int, batch_per_device: int, data: int, fsdp: int,
            for d in mesh.devices.flat]
   return dict(size=size, components=n, data=data, fsdp=fsdp, devices=k, batch=b,
               batch_per_device=batch_per_device, latent_tokens=cfg.model.dit.latent_tokens,
-              params=train_lib.count_params(state.params), compile_s=compile_s,
+              params=train_lib.count_params(state.params), compile_s=compile_s, **times,
               step_ms=1e3 * step_s, step_ms_min=1e3 * min(times),
               tokens_per_s=b * n * cfg.model.dit.latent_tokens / step_s,
               loss=float(metrics["loss"]), memory_analysis_mib=mem,
               peak_gib_per_device=peaks, device=jax.devices()[0].device_kind)
 
 
+def init_compile(size: str, n: int, batch: int) -> list[dict]:
+  """Compile and run time of the jitted parameter init (one device) under XLA options.
+
+  The flax init is one program with an inlined threefry hash per parameter and scope; this
+  measures what XLA's fusion passes cost on it, and the same program on the host CPU.
+  """
+  import jax
+  from moca_jax import dit_task, train_lib
+  cfg = _config(size, n)
+  _, init_fn, _ = dit_task.make_task(cfg)
+  host = _host_batch(cfg, batch, n)
+  spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host)
+  key = jax.random.PRNGKey(0)
+  zeros = jax.tree.map(lambda x: jax.numpy.zeros(x.shape, x.dtype), spec)
+  fn = lambda r: init_fn(r, zeros)["params"]
+  variants = [("default", None, {}),
+              ("no_fusion_passes", None,
+               {"xla_disable_hlo_passes": "priority-fusion,multi_output_fusion"}),
+              ("host_cpu", jax.devices("cpu")[0], {})]
+  out = []
+  for name, device, options in variants:
+    try:
+      t0 = time.perf_counter()
+      lowered = jax.jit(fn).lower(key if device is None else jax.device_put(key, device))
+      t1 = time.perf_counter()
+      compiled = lowered.compile(options) if options else lowered.compile()
+      t2 = time.perf_counter()
+      jax.block_until_ready(compiled(key))
+      out.append(dict(variant=name, lower_s=t1 - t0, compile_s=t2 - t1,
+                      run_s=time.perf_counter() - t2))
+    except Exception as e:  # an option this XLA does not take: recorded, not fatal
+      out.append(dict(variant=name, error=str(e).splitlines()[0][:200]))
+    print("RESULT " + json.dumps(out[-1]), flush=True)
+  return out
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("mode", choices=("equal", "scale", "one"))
+  p.add_argument("mode", choices=("equal", "scale", "one", "init"))
   p.add_argument("--size", default="small")
   p.add_argument("--components", default="16")
   p.add_argument("--batch", type=int, default=8)
@@ -140,14 +188,19 @@ def main(argv=None) -> None:
   p.add_argument("--steps", type=int, default=6)
   p.add_argument("--per_run_timeout_s", type=float, default=300)
   p.add_argument("--out", default="")
+  p.add_argument("--compile_only", action="store_true", help="mode one: build, no steps")
   a = p.parse_args(argv)
   if a.mode == "equal":
     res = equal(a.size, int(a.components), a.batch, a.steps)
     print(json.dumps(res))
     return
+  if a.mode == "init":
+    init_compile(a.size, int(a.components), a.batch)
+    return
   if a.mode == "one":
     d, f = (int(x) for x in a.layouts.split("x"))
-    res = scale_one(a.size, int(a.components), int(a.batch_per_device), d, f, a.steps)
+    res = scale_one(a.size, int(a.components), int(a.batch_per_device), d, f, a.steps,
+                    a.compile_only)
     print("RESULT " + json.dumps(res), flush=True)
     return
   results = []

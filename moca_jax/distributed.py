@@ -15,17 +15,18 @@ JAX_LOCAL_DEVICE_IDS, and the cluster detectors (SLURM, Open MPI, Kubernetes, Cl
 which give the process count and index too). On a TPU pod slice `enabled=True` alone is
 enough.
 
-On 2 H200s the 2-device programs compile slowly (the jitted state init of the 'small' DiT:
-about 43 s of XLA passes; the train step did not finish compiling within the time measured;
-experiments/results/multi_gpu.md). `run_training` logs the start and end of both compiles;
-set JAX_COMPILATION_CACHE_DIR so that a restarted job loads the executables instead.
+On 2 H200s (2026-11-30) no 2-device job got past XLA compilation within 75-120 s (the jitted
+state init of the 'small' DiT alone: about 42 s of XLA passes); whether it then trains is not
+yet measured (experiments/results/multi_gpu.md). `run_training` logs the start and end of both
+compiles; set JAX_COMPILATION_CACHE_DIR so that a restarted job loads the executables instead.
 
 One process driving several GPUs has a documented NCCL hazard (NVIDIA's JAX performance
 guide): a process-wide synchronising CUDA call, issued while one device's collective kernel
 already waits for its peer, can block the thread that would launch the peer's kernel. The
 guide's remedies are NCCL_LAUNCH_MODE=GROUP in the environment or one process per GPU
 (`experiments/launch_multi.sh`). Nothing here sets the former: it was not seen to matter on
-the 2-H200 machine, where no run got past compilation.
+the 2-H200 machine, where no run got past compilation. A data-parallel step holds no
+collective but all-reduces (gradients, batch means; tests/test_multi_device.py).
 """
 from __future__ import annotations
 

@@ -125,8 +125,12 @@ def route(importance: Array, component_mask: Optional[Array], k: int,
   if n == 1:
     empty = jnp.zeros(score.shape[:-1] + (0,), jnp.int32)
     return empty, empty
-  _, order = jax.lax.top_k(score, n - 1)
-  order = order.astype(jnp.int32)
+  # A stable descending sort, not lax.top_k: XLA's SPMD partitioner replicates TopK (it
+  # all-gathers a batch-sharded score), while a sort stays sharded along the batch. Same
+  # order as top_k (ties: lower index first); the last slot is the diagonal's -inf.
+  iota = jax.lax.broadcasted_iota(jnp.int32, score.shape, score.ndim - 1)
+  _, order = jax.lax.sort((-score, iota), dimension=score.ndim - 1, num_keys=1, is_stable=True)
+  order = order[..., :n - 1]
   return order[..., :k], order[..., k:]
 
 
@@ -165,15 +169,15 @@ class Router(nn.Module):
 def _gather_take(x: Array, idx: Array) -> Array:
   """x [B, N, T, H, d], idx [B, N, S, H] -> x[b, idx[b,i,s,h], :, h, :] as [B, N, S, T, H, d].
 
-  One XLA gather whose output already has the attention layout (no transpose).
+  One XLA gather whose output already has the attention layout (no transpose). B and H are
+  gather batching dimensions, so XLA's SPMD partitioner keeps a batch-sharded operand
+  sharded (an explicit batch index would make it all-gather x onto every device).
   """
-  b, _, t, h, d = x.shape
-  bi = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None, None, None], idx.shape)
-  hi = jnp.broadcast_to(jnp.arange(h, dtype=jnp.int32)[None, None, None, :], idx.shape)
-  indices = jnp.stack([bi, idx.astype(jnp.int32), hi], axis=-1)
-  dnums = jax.lax.GatherDimensionNumbers(offset_dims=(3, 5), collapsed_slice_dims=(0, 1, 3),
-                                         start_index_map=(0, 1, 3))
-  return jax.lax.gather(x, indices, dnums, slice_sizes=(1, 1, t, 1, d),
+  _, _, t, _, d = x.shape
+  dnums = jax.lax.GatherDimensionNumbers(offset_dims=(3, 5), collapsed_slice_dims=(1,),
+                                         start_index_map=(1,), operand_batching_dims=(0, 3),
+                                         start_indices_batching_dims=(0, 3))
+  return jax.lax.gather(x, idx.astype(jnp.int32)[..., None], dnums, slice_sizes=(1, 1, t, 1, d),
                         mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 

@@ -381,6 +381,7 @@ class LoopResult:
   history: list[dict]  # scalar metrics per step (host floats)
   batch_log: list[Any]  # what `batch_id_fn` returned per step (data order)
   memory: dict[str, float]
+  compiled_step: Any = None  # the compiled train step (its .as_text() is XLA's optimised HLO)
 
 
 def run_training(
@@ -543,4 +544,5 @@ def run_training(
     ckpt.close()
     if writer is not None:
       writer.close()
-  return LoopResult(state=state, history=history, batch_log=batch_log, memory=mem)
+  return LoopResult(state=state, history=history, batch_log=batch_log, memory=mem,
+                    compiled_step=compiled)

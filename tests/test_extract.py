@@ -1,8 +1,10 @@
 """Mesh extraction: analytic spheres, coarse-to-fine against the dense fine grid, bad fields."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.ndimage  # the reference dilation
 
 from moca_jax import extract
 
@@ -34,10 +36,8 @@ def test_coarse_to_fine_equals_dense_fine_grid_near_surface():
   # the band holds exactly the dense values ...
   np.testing.assert_allclose(fine_cf[mask], fine_d[mask], rtol=0, atol=1e-6)
   # ... and covers every fine cell the surface passes through
-  sign_change = (extract._cell_corner_reduce(fine_d, np.minimum) <= 0) & (
-      extract._cell_corner_reduce(fine_d, np.maximum) >= 0
-  )
-  corners_in_band = extract._cell_corner_reduce(mask, np.logical_and)
+  sign_change = extract._cell_any(fine_d <= 0) & extract._cell_any(fine_d >= 0)
+  corners_in_band = ~extract._cell_any(~mask)
   assert sign_change.sum() > 1000 and np.all(corners_in_band[sign_change])
   assert mask.mean() < 0.5  # the point of the scheme: most of the fine grid is not decoded
   # so the meshes are the same triangles
@@ -45,7 +45,8 @@ def test_coarse_to_fine_equals_dense_fine_grid_near_surface():
   np.testing.assert_allclose(
       np.sort(mesh_cf.vertices, axis=0), np.sort(mesh_d.vertices, axis=0), atol=1e-6
   )
-  np.testing.assert_allclose(mesh_cf.area, mesh_d.area, rtol=1e-9)
+  # (rtol: the band is meshed in its box, whose smaller indices round differently in float32)
+  np.testing.assert_allclose(mesh_cf.area, mesh_d.area, rtol=1e-7)
 
 
 def test_extract_meshes_batch_of_jax_fields_with_empty_component():
@@ -75,3 +76,157 @@ def test_degenerate_fields_give_empty_meshes_with_warning():
   assert len(m.faces) == 0
   with pytest.raises(ValueError, match="multiple"):
     extract.extract_mesh_from_fn(_sphere([0, 0, 0], 0.5), 10, 25)
+
+
+# ---- batched band refinement == the per-component path ------------------------------------
+
+
+def _old_near_surface_cells(coarse, resolution, bounds, band=1.0, dilate=1):
+  """The band's definition by corner min / max over each cell's 8 corners (the reference)."""
+  n = coarse.shape[0]
+  corners = [
+      coarse[i : n - 1 + i, j : n - 1 + j, k : n - 1 + k]
+      for i in (0, 1)
+      for j in (0, 1)
+      for k in (0, 1)
+  ]
+  cmin, cmax = np.min(corners, axis=0), np.max(corners, axis=0)
+  amin = np.min(np.abs(corners), axis=0)
+  cells = ((cmin <= 0) & (cmax >= 0)) | (amin < band * (2.0 * bounds / resolution))
+  return scipy.ndimage.binary_dilation(cells, iterations=dilate) if dilate else cells
+
+
+def _per_component_meshes(sdf_fn, inputs, resolution, fine_resolution, chunk, bounds=1.005):
+  """One component after another, the whole fine grid each (extraction before batching):
+  the band decoded in [1, chunk] calls of that component alone."""
+  one_fn = jax.jit(lambda inp, pts: sdf_fn(inp, pts[None])[0])
+  coarse = extract.decode_dense_grid(sdf_fn, inputs, resolution, bounds, chunk)
+  meshes, band_sizes = [], []
+  for b, c in enumerate(coarse):
+    if not c.min() < 0 < c.max():
+      meshes.append(None)
+      band_sizes.append(0)
+      continue
+    factor = fine_resolution // resolution
+    mask = extract._fine_point_mask(_old_near_surface_cells(c, resolution, bounds), factor)
+    idx = np.flatnonzero(mask)
+    pts = extract.grid_coordinates(idx, fine_resolution, bounds)
+    one = jax.tree_util.tree_map(lambda x, b=b: x[b : b + 1], inputs)
+    size = min(chunk, len(pts))
+    padded = np.concatenate([pts, np.zeros((-len(pts) % size, 3), np.float32)])
+    values = np.concatenate(
+        [np.asarray(one_fn(one, padded[s : s + size])) for s in range(0, len(padded), size)]
+    )[: len(pts)]
+    fine = extract._upsample_linear(c, factor)
+    fine.reshape(-1)[idx] = values
+    meshes.append(extract.mesh_from_grid(fine, fine_resolution, bounds, mask=mask))
+    band_sizes.append(len(idx))
+  return meshes, band_sizes
+
+
+def _assert_same_meshes(batched, reference, vertex_atol=0.0):
+  for got, want in zip(batched, reference, strict=True):
+    if want is None:
+      assert len(got.faces) == 0 and len(got.vertices) == 0
+    else:
+      assert len(want.faces) > 100
+      np.testing.assert_array_equal(got.faces, want.faces)
+      np.testing.assert_allclose(got.vertices, want.vertices, rtol=0, atol=vertex_atol)
+
+
+def _spheres_fn(spheres, queries):  # spheres [B, 4] = centre, radius
+  return jnp.linalg.norm(queries - spheres[:, None, :3], axis=-1) - spheres[:, None, 3]
+
+
+def test_batched_band_equals_per_component_path_analytic_field():
+  spheres = jnp.array(
+      [
+          [0.1, 0.0, -0.1, 0.6],  # large band
+          [0.3, -0.2, 0.1, 0.2],  # small band
+          [0.0, 0.0, 0.0, -0.5],  # empty: positive everywhere
+          [0.0, 0.0, 0.0, 5.0],  # no sign change: negative everywhere
+      ]
+  )
+  cache_before = extract._rows_chunk._cache_size()
+  with pytest.warns(extract.EmptyFieldWarning) as record:
+    meshes = extract.extract_meshes(
+        _spheres_fn, spheres, resolution=16, fine_resolution=48, chunk_size=1531
+    )
+  assert sorted(str(w.message).split(":")[0] for w in record) == ["component 2", "component 3"]
+  # one compiled [B, chunk] shape for every packed call (several per component here)
+  assert extract._rows_chunk._cache_size() == cache_before + 1
+  reference, band_sizes = _per_component_meshes(_spheres_fn, spheres, 16, 48, 1531)
+  assert band_sizes[0] > 3 * band_sizes[1] > 3 * 1531 and band_sizes[2:] == [0, 0]
+  _assert_same_meshes(meshes, reference)
+
+
+def test_batched_band_equals_per_component_path_tiny_vae():
+  from flax.linen import meta
+
+  from moca_jax.vae import VecSetVAE, init_vae, vae_config
+
+  model = VecSetVAE(vae_config("tiny"))
+  params = meta.unbox(init_vae(model, jax.random.PRNGKey(0), num_points=64))
+  shape = (3, model.config.num_latents, model.config.latent_channels)
+  latents = jax.random.normal(jax.random.PRNGKey(1), shape)
+  features = model.apply(params, latents, method=VecSetVAE.decode_features)
+
+  def field(params, inputs, queries):  # a random decoder on top of spheres of given radii
+    features, radius = inputs
+    out = model.apply(params, features, queries, method=VecSetVAE.query_sdf)
+    return jnp.linalg.norm(queries, axis=-1) - radius[:, None] + 0.02 * out
+
+  sdf_fn = jax.tree_util.Partial(field, params)
+  inputs = (features, jnp.array([0.7, 0.3, -0.3]))  # the last: no surface
+  with pytest.warns(extract.EmptyFieldWarning, match="component 2"):
+    meshes = extract.extract_meshes(
+        sdf_fn, inputs, resolution=12, fine_resolution=36, chunk_size=700
+    )
+  reference, band_sizes = _per_component_meshes(sdf_fn, inputs, 12, 36, 700)
+  assert band_sizes[0] > band_sizes[1] > 700 and band_sizes[2] == 0
+  # XLA's decoder rounds a query's value differently in a [3, chunk] call than in a [1, chunk]
+  # one (last bits, ~1e-6), which moves vertices by as much; the triangles are the same
+  _assert_same_meshes(meshes, reference, vertex_atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_near_surface_cells_equals_corner_min_max(seed):
+  rng = np.random.default_rng(seed)
+  coarse = rng.normal(size=(9, 9, 9)).astype(np.float32) + rng.uniform(-1, 1)
+  np.testing.assert_array_equal(
+      extract.near_surface_cells(coarse, 8, 1.0, band=0.5, dilate=seed),
+      _old_near_surface_cells(coarse, 8, 1.0, band=0.5, dilate=seed),
+  )
+
+
+def test_band_box_upsampling_is_the_full_upsampling_cropped():
+  coarse = np.random.default_rng(0).normal(size=(7, 6, 5)).astype(np.float32)
+  full = extract._upsample_linear(coarse, 3)
+  assert full.shape == (19, 16, 13)
+  for lo, hi in [((0, 0, 0), (19, 16, 13)), ((4, 3, 6), (11, 16, 7)), ((18, 0, 12), (19, 2, 13))]:
+    np.testing.assert_array_equal(
+        extract._upsample_linear(coarse, 3, lo, hi), full[tuple(map(slice, lo, hi))]
+    )
+
+
+def test_near_surface_cells_on_device_equal_host():
+  rng = np.random.default_rng(3)
+  scales = np.float32([0.3, 1.0, 3.0])[:, None, None, None]  # few, some, all cells near
+  coarse = rng.normal(size=(3, 11, 11, 11)).astype(np.float32) * scales
+  for dilate in (0, 1, 2):
+    on_device = extract._near_surface_on_device(jnp.asarray(coarse), threshold=0.4, dilate=dilate)
+    for b in range(3):
+      np.testing.assert_array_equal(
+          np.asarray(on_device[b]), _old_near_surface_cells(coarse[b], 10, 2.0, 1.0, dilate)
+      )
+
+
+def test_coarse_only_batch_equals_marching_cubes_of_the_dense_grid():
+  spheres = jnp.array([[0.0, 0.1, 0.0, 0.5], [0.3, -0.2, 0.1, 0.3]])
+  meshes = extract.extract_meshes(_spheres_fn, spheres, resolution=20, fine_resolution=None)
+  grids = extract.decode_dense_grid(_spheres_fn, spheres, 20)
+  for mesh, grid in zip(meshes, grids, strict=True):
+    want = extract.mesh_from_grid(grid, 20)
+    assert len(want.faces) > 100
+    np.testing.assert_array_equal(mesh.faces, want.faces)
+    np.testing.assert_array_equal(mesh.vertices, want.vertices)

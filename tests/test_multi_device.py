@@ -5,10 +5,13 @@
 - a checkpoint written on one mesh resumes on another (resharding on restore), exactly;
 - two processes joined by jax.distributed on localhost (one device each) train like one
   process, write one checkpoint, resume from it, and do not hang (subprocess timeouts);
+- a data-parallel step is per-example work plus the gradient all-reduce: no op of the DiT
+  (the MoC top-k routing and component gather) makes XLA gather the batch onto every device;
 - start-up: the config.distributed fields.
 """
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -16,11 +19,12 @@ import sys
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from data_pipeline import loader
-from moca_jax import dit_task, distributed, sharding
+from moca_jax import dit_task, distributed, moc, sharding
 
 import multi_device_worker  # tests/ is on sys.path (rootdir conftest)
 
@@ -136,6 +140,54 @@ def test_checkpoint_resumes_on_another_mesh(tmp_path, one_device_run, two_device
   _assert_same_run(got, want, steps=2)
 
 
+def _collectives(compiled) -> dict[str, int]:
+  """Counts of each collective op in a compiled executable's optimised HLO."""
+  ops = re.findall(r" (all-gather|all-to-all|collective-permute|reduce-scatter|all-reduce)"
+                   r"(?:-start)?\(", compiled.as_text())
+  return {op: ops.count(op) for op in set(ops)}
+
+
+def test_moc_routing_and_gather_stay_batch_sharded():
+  """Top-k routing and the component gather on a batch split over 2 devices: the same
+  values as on one device, and no collective at all (XLA's SPMD partitioner all-gathers the
+  operand of lax.top_k and of a gather indexed on the batch dimension)."""
+  rng = np.random.default_rng(0)
+  b, n, t, h, d, k = 4, 5, 3, 2, 4, 2
+  x = rng.normal(size=(b, n, t, h, d)).astype(np.float32)
+  importance = rng.random((b, h, n, n)).astype(np.float32)
+  mask = np.ones((b, n), bool)
+  mask[0, 3:] = False
+
+  def fn(x, importance, mask):
+    selected, unselected = moc.route(importance, mask, k, jax.random.PRNGKey(3))
+    idx = jnp.transpose(selected, (0, 2, 3, 1))  # [B, N, k, H]
+    gate = jnp.transpose(jnp.take_along_axis(importance, selected, axis=-1), (0, 2, 3, 1))
+    return selected, unselected, moc.gather_components(x, idx, gate, "hybrid"), jax.grad(
+        lambda x_: jnp.sum(jnp.sin(moc.gather_components(x_, idx, gate, "hybrid"))))(x)
+
+  mesh = _mesh(2, 1)
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  sharded = jax.jit(fn, in_shardings=split, out_shardings=split)
+  assert _collectives(sharded.lower(x, importance, mask).compile()) == {}
+  want = jax.jit(fn)(x, importance, mask)
+  got = sharded(x, importance, mask)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  # route keeps lax.top_k's order (descending, ties to the lower index, self last)
+  tied = importance.copy()
+  tied[..., 1] = tied[..., 2]
+  score = np.where(np.eye(n, dtype=bool), -np.inf, np.log(tied))
+  np.testing.assert_array_equal(
+      np.concatenate(moc.route(tied, None, k), -1), jax.lax.top_k(score, n - 1)[1])
+
+
+def test_data_parallel_step_gathers_nothing(two_device_runs):
+  """The DiT train step on a data=2 mesh: per-example work plus all-reduces (gradients,
+  batch means), nothing gathered onto every device; with fsdp=2 the parameters are."""
+  assert set(_collectives(two_device_runs(2, 1)[1].compiled_step)) == {"all-reduce"}
+  assert "all-gather" in _collectives(two_device_runs(1, 2)[1].compiled_step)
+
+
 # ----------------------------------------------------------------------------------------
 # Two processes (jax.distributed on localhost, gloo collectives)
 # ----------------------------------------------------------------------------------------
@@ -148,6 +200,9 @@ def _free_port() -> int:
 
 def _two_processes(tmp_path, workdir, steps, tag, timeout=420):
   port = _free_port()
+  # both launches compile the same programs: the second loads them from JAX's cache
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   procs, outs = [], []
   for i in range(2):
     out = tmp_path / f"{tag}_{i}.json"
@@ -155,7 +210,7 @@ def _two_processes(tmp_path, workdir, steps, tag, timeout=420):
     procs.append((subprocess.Popen(
         [sys.executable, os.path.join(HERE, "multi_device_worker.py"), f"--out={out}",
          f"--workdir={workdir}", f"--steps={steps}", "--num_processes=2", f"--process_id={i}",
-         f"--port={port}", "--data=2"], stdout=log, stderr=subprocess.STDOUT), log))
+         f"--port={port}", "--data=2"], stdout=log, stderr=subprocess.STDOUT, env=env), log))
     outs.append(out)
   try:
     for p, log in procs:
