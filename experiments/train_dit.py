@@ -9,6 +9,12 @@ latest checkpoint, data order included; a config that differs from the stored on
 the fields that may change on resume (moca_jax.checkpointing) is refused before anything is
 written; a resume with another config exits with code 2 and one line, as do latent shards
 made by another VAE than config.vae.workdir or of another vecset shape than the DiT's.
+
+Fine-tuning MoCA from a pretrained prior (an experiments.import_weights --out folder):
+  python -m experiments.train_dit --config=experiments/configs/dit_finetune.py:outputs/partcrafter \
+      --config.data.dir=outputs/latents --workdir=outputs/moca_ft
+A prior that cannot start the model (not a DiT checkpoint, tensors that do not fit) exits
+with code 2 and one line, before anything is written.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from data_pipeline import encode_latents
-from moca_jax import checkpointing, dit_task
+from moca_jax import checkpointing, dit_task, prior_init
 
 
 def define_flags() -> None:
@@ -37,12 +43,29 @@ def main(argv) -> None:
     raise app.UsageError("Too many command-line arguments.")
   try:
     dit_task.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-  except (checkpointing.ConfigMismatchError, encode_latents.LatentsMismatchError) as e:
-    # a resume with another config, or latents of another VAE: one line, nothing written
+  except (checkpointing.ConfigMismatchError, encode_latents.LatentsMismatchError,
+          prior_init.PriorInitError) as e:
+    # a resume with another config, latents of another VAE or a prior that cannot start the
+    # model: one line, nothing written
     print(f"train_dit: error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, except that a config file that cannot read its prior
+  (experiments/configs/dit_finetune.py:PRIOR) is one line and exit code 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    cause = e.__context__
+    while cause is not None and cause.__context__ is not None:
+      cause = cause.__context__  # the config file's own exception
+    if isinstance(cause, prior_init.PriorInitError):
+      print(f"train_dit: error: {cause}", file=sys.stderr)
+      sys.exit(2)
+    return app.parse_flags_with_usage(argv)  # absl's message and exit code
+
+
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

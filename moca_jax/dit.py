@@ -15,6 +15,17 @@ Global block: only the vecset tokens are queries and only they are updated (atte
 cross-attention and MLP); the compressed and anchor tokens pass through unchanged and are
 refreshed in the local blocks (the paper is silent; this is the documented default).
 
+MoC on a pretrained TripoSG / PartCrafter layout (packing=True with time_embedding='token',
+`moca_jax.prior_init`): the time token stays a token and belongs to the pretrained part,
+  [ h_i (L) | tau_i (time token) | c_i (m) | a_i ] + e_{pi(i)}   (T_c = L + m + 2)
+and the "prior tokens" P_i = [h_i | tau_i] (L + 1) take the vecset tokens' place everywhere
+above: in a local block they attend to P_i only (blind to c_i, a_i, as the paper keeps the
+vecset tokens "to preserve the pretrained prior"; the upstream self-attention over its L + 1
+tokens exactly), c_i sees P_i and c_i, a_i sees all; in a global block P_i are the queries and
+the routed full-resolution context of component j is P_j (with top_k >= N - 1 and gates of 1
+this is PartCrafter's dense global attention over every token of the object's parts). Keeping
+P_i a prefix keeps the local vecset attention unmasked; odd lengths are padded under cuDNN.
+
 cuDNN (jax 0.11) needs even query and key lengths when differentiated: odd lengths are
 padded here with a dummy query (dropped) or a masked dummy key (`attention_even`).
 
@@ -99,6 +110,8 @@ def _defaults(size: str) -> dict:
                                      # eval) | 'batch_rows' (PartCrafter: eval ids number the
                                      # rows of the whole batch, 0..B*N-1; 0..N-1 in training)
       global_condition="per_component",  # 'per_component' | 'first_component' (PartCrafter)
+      router_bias=False,             # a learned per-head bias on the router logits (a model
+                                     # started from a prior: moca_jax.prior_init)
       norm_eps=1e-6,                 # LayerNorm epsilon (TripoSG: 1e-5)
       norm_fp32=False,               # LayerNorms computed in fp32 (TripoSG's FP32LayerNorm)
       gelu="tanh",                   # 'tanh' | 'erf' (exact; TripoSG)
@@ -150,6 +163,7 @@ class DiTSpec:
   norm_eps: float = 1e-6
   norm_fp32: bool = False
   gelu: str = "tanh"
+  router_bias: bool = False
 
   @classmethod
   def from_config(cls, config: Any) -> "DiTSpec":
@@ -196,10 +210,9 @@ class DiTSpec:
       raise ValueError("routing='none' with compressed_tokens=False leaves no global context")
     if not self.packing and self.global_attention == "moc" and self.global_block_ids():
       raise ValueError("global_attention='moc' needs packing=True (compressed and anchor tokens)")
-    if self.packing == (self.time_embedding == "token"):
-      raise ValueError("packing=True goes with time_embedding='additive', packing=False with "
-                       f"'token'; got packing={self.packing}, time_embedding="
-                       f"{self.time_embedding!r}")
+    if not self.packing and self.time_embedding != "token":
+      raise ValueError("packing=False (the TripoSG / PartCrafter layout) needs "
+                       f"time_embedding='token', got {self.time_embedding!r}")
     if self.id_codebook < 0:
       raise ValueError(f"id_codebook must be >= 0 (0: no ID embedding), got {self.id_codebook}")
 
@@ -217,9 +230,15 @@ class DiTSpec:
                       dtype=self.compute_dtype, name=name)
 
   @property
+  def time_tokens(self) -> int:
+    """1 when the timestep is a token (TripoSG layout), else 0 (additive)."""
+    return int(self.time_embedding == "token")
+
+  @property
   def extra_tokens(self) -> int:
-    """Tokens per component after the L vecset tokens: m + 1 (packing) or 1 (time token)."""
-    return self.num_compressed + 1 if self.packing else 1
+    """Tokens per component after the L vecset tokens: the time token (if any), then the
+    m compressed tokens and the anchor (packing)."""
+    return self.time_tokens + (self.num_compressed + 1 if self.packing else 0)
 
   def global_block_ids(self) -> tuple:
     """Indices of the global blocks."""
@@ -270,8 +289,10 @@ def attention_even(q: Array, k: Array, v: Array, mask: Optional[Array] = None,
 class LocalAttention(layers.MultiHeadAttention):
   """Self-attention inside each component under the local mask (module docstring).
 
-  x: [B', T_c, D] tokens of one component per row, laid out [h (L) | c (m) | a].
-  Two attention calls: the L vecset queries over the L vecset keys (no mask), and the
+  x: [B', T_c, D] tokens of one component per row, laid out [h (L) | c (m) | a], or
+  [P (L + 1: vecset and time token) | c | a] on a pretrained layout; `seq_len` is the prior
+  length (L or L + 1).
+  Two attention calls: the prior queries over the prior keys (no mask), and the
   m + 1 compressed/anchor queries over all keys with a small [m + 1, T_c] mask.
   """
   seq_len: int = 16
@@ -281,8 +302,8 @@ class LocalAttention(layers.MultiHeadAttention):
   def __call__(self, x: Array) -> Array:
     seq_len, m, t_c = self.seq_len, self.num_compressed, x.shape[1]
     q, k, v = self.project_qkv(x, x)
-    out_v = layers.attention(q[:, :seq_len], k[:, :seq_len], v[:, :seq_len],
-                             implementation=self.implementation)
+    out_v = attention_even(q[:, :seq_len], k[:, :seq_len], v[:, :seq_len],
+                           implementation=self.implementation)
     rows_see = jnp.concatenate([jnp.full((m,), seq_len + m), jnp.array([t_c])])
     mask = jnp.arange(t_c)[None, :] < rows_see[:, None]  # [m + 1, T_c]
     mask = jnp.broadcast_to(mask, (x.shape[0], 1) + mask.shape)  # explicit batch for cuDNN
@@ -339,7 +360,6 @@ class DiTBlock(nn.Module):
     s = self.spec
     dt = s.compute_dtype
     b, n, t, d = x.shape
-    seq_len = t - s.extra_tokens
     if self.has_skip:
       # U-ViT long skip: Linear(concat[x, skip]) then LayerNorm (TripoSG's [skip, x] order is
       # reordered at import, moca_jax.convert.triposg_dit).
@@ -349,6 +369,7 @@ class DiTBlock(nn.Module):
     if not s.packing:
       return self._plain(x, cond, component_mask), {}
     m = s.num_compressed
+    seq_len = t - m - 1  # prior tokens: the L vecset tokens (and the time token, if any)
     aux = {}
     if self.is_global:
       h, rest = x[:, :, :seq_len], x[:, :, seq_len:]
@@ -359,7 +380,8 @@ class DiTBlock(nn.Module):
           compressed_tokens=s.compressed_tokens, gate_on=s.gate_on,
           router_activation=s.router_activation, train_routing=s.train_routing,
           shared_routing=s.shared_routing_across_heads, router_head_dim=s.router_head_dim,
-          gather=s.gather, component_chunk=s.moc_component_chunk, name="global_attn")
+          gather=s.gather, component_chunk=s.moc_component_chunk, router_bias=s.router_bias,
+          name="global_attn")
       update, aux = attn(xn[:, :, :seq_len], xn[:, :, seq_len:seq_len + m],
                          xn[:, :, -1], component_mask, train=self.train)
       h = h + update
@@ -515,19 +537,21 @@ class CompositionalDiT(nn.Module):
 
     d, m = s.width, s.num_compressed
     h = layers.dense(d, ("in", "embed"), dtype=dt, name="proj_in")(x_t.astype(dt))
+    tokens = [h]
     if s.time_embedding == "token":  # TripoSG: [sin | cos] -> Linear(D, 4D) -> GELU -> Linear
       temb = layers.TimestepEmbedding(d, frequency_dim=d, hidden_dim=4 * d, activation="gelu",
                                       order="sin_cos", dtype=dt, name="time_embed")(t)
-      x = jnp.concatenate([h, jnp.broadcast_to(temb.astype(dt)[:, None, None, :],
-                                               (b, n, 1, d))], axis=2)  # [B, N, L + 1, D]
+      tokens.append(jnp.broadcast_to(temb.astype(dt)[:, None, None, :], (b, n, 1, d)))
       add = 0.0
     else:
+      temb = layers.TimestepEmbedding(d, dtype=dt, name="time_embed")(t).astype(dt)  # [B, D]
+      add = temb[:, None, :]
+    if s.packing:  # packing reads the vecset tokens h_i only (eq. 3)
       packed = PackingAttention(s.num_heads, implementation=s.attention_implementation,
                                 dtype=dt, num_queries=m + 1, name="packing")(
           s.norm("pack_norm")(h).reshape(b * n, seq_len, d)).reshape(b, n, m + 1, d)
-      temb = layers.TimestepEmbedding(d, dtype=dt, name="time_embed")(t).astype(dt)  # [B, D]
-      x = jnp.concatenate([h, packed.astype(dt)], axis=2)  # [B, N, L + m + 1, D]
-      add = temb[:, None, :]
+      tokens.append(packed.astype(dt))
+    x = jnp.concatenate(tokens, axis=2)  # [B, N, L + extra_tokens, D]
     if s.id_codebook:
       id_table = nn.Embed(s.id_codebook, d, embedding_init=nn.with_logical_partitioning(
           nn.initializers.normal(0.02), ("vocab", "embed")), name="id_embed")

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moca_jax import distributed, flow, image_encoder, sharding, train_lib
+from moca_jax import checkpointing, distributed, flow, image_encoder, prior_init, sharding
+from moca_jax import train_lib
 from moca_jax import io as mio
 from moca_jax.dit import CompositionalDiT
 
@@ -389,9 +390,18 @@ def train_and_evaluate(
     show_progress: bool = True,
     eval_batches: int = 2,
 ) -> train_lib.LoopResult:
-  """Trains (resuming from workdir's latest checkpoint) and evaluates the EMA params."""
+  """Trains (resuming from workdir's latest checkpoint) and evaluates the EMA params.
+
+  A fresh run with config.init.from_checkpoint starts from that pretrained prior
+  (`moca_jax.prior_init`); the prior is checked before anything is written
+  (PriorInitError) and not read again on resume.
+  """
   distributed.initialize(config.get("distributed"))  # multi-process job (config.distributed)
   check_data_pairing(config)
+  start_state_fn = prior_init.start_state_fn(config)
+  if start_state_fn is not None and checkpointing.check_resume_config(
+      os.path.join(workdir, "checkpoints"), config) is None:
+    prior_init.check_prior(config)
   _, init_fn, loss_fn = make_task(config)
   result = train_lib.run_training(
       config=config,
@@ -406,6 +416,7 @@ def train_and_evaluate(
       num_steps=num_steps,
       array_metrics_fn=_router_histograms,
       show_progress=show_progress,
+      start_state_fn=start_state_fn,
   )
   if eval_batches:
     ev = evaluate(config, result.state, loss_fn, eval_batches)  # all processes take part

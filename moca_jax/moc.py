@@ -138,10 +138,14 @@ class Router(nn.Module):
   """Per-head router on the anchor tokens: a [B, N, D] -> logits [B, Hr, N, N] (eq. 4).
 
   Hr = num_heads, or 1 when the routing is shared by all heads (ablation F).
+  With `use_bias`, a learned bias [Hr] (initialised to 0) is added to every logit of its head:
+  a model started from a pretrained prior sets it high so that the sigmoid gates start near 1
+  (`moca_jax.prior_init`); the paper's router has none (the default).
   """
   num_heads: int
   head_dim: int = 64
   dtype: Any = jnp.float32
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, anchor: Array) -> Array:
@@ -150,7 +154,12 @@ class Router(nn.Module):
     kr = layers.dense(inner, ("embed", "heads"), use_bias=False, dtype=self.dtype, name="key")(anchor)
     split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, self.head_dim)
     qr, kr = split(qr).astype(jnp.float32), split(kr).astype(jnp.float32)
-    return jnp.einsum("bihr,bjhr->bhij", qr, kr) / math.sqrt(self.head_dim)
+    logits = jnp.einsum("bihr,bjhr->bhij", qr, kr) / math.sqrt(self.head_dim)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("in",)),
+                        (self.num_heads,), jnp.float32)
+      logits = logits + bias[None, :, None, None]
+    return logits
 
 
 # ----------------------------------------------------------------------------------------
@@ -411,6 +420,7 @@ class GlobalAttention(layers.MultiHeadAttention):
     router_head_dim: d_r.
     gather: 'onehot' | 'take' | 'hybrid'.
     component_chunk: query components per chunk of the MoC attention (0: all at once).
+    router_bias: a learned per-head bias on the router logits (`Router.use_bias`).
   """
   mode: str = "moc"
   top_k: int = 4
@@ -423,6 +433,7 @@ class GlobalAttention(layers.MultiHeadAttention):
   router_head_dim: int = 64
   gather: str = "hybrid"
   component_chunk: int = 0
+  router_bias: bool = False
 
   @nn.compact
   def __call__(self, h: Array, c: Array, a: Array, component_mask: Optional[Array], *,
@@ -460,7 +471,8 @@ class GlobalAttention(layers.MultiHeadAttention):
       selected, unselected = route(jnp.ones((b, 1, n, n)), component_mask, 0)
     elif self.routing == "topk":
       n_router_heads = 1 if self.shared_routing else nh
-      logits = Router(n_router_heads, self.router_head_dim, self.dtype, name="router")(a)
+      logits = Router(n_router_heads, self.router_head_dim, self.dtype,
+                      use_bias=self.router_bias, name="router")(a)
       importance = router_importance(logits, component_mask, self.router_activation)
       rng = self.make_rng("routing") if train and self.train_routing == "gumbel" else None
       selected, unselected = route(importance, component_mask, self.top_k, rng)

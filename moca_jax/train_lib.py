@@ -206,13 +206,14 @@ def state_shardings(
   param_sh = sharding.tree_shardings(boxed, mesh, rules)
   abstract_state = jax.eval_shape(init_state, rng)
   repl = sharding.replicated(mesh)
+  # Frozen params (a `trainable` mask) have no optimizer state: optax.MaskedNode stays one.
   opt_sh = optax.tree_map_params(
       tx,
-      lambda _, s: s,
+      lambda p, s: p if isinstance(p, optax.MaskedNode) else s,
       abstract_state.opt_state,
       param_sh,
       transform_non_params=lambda _: repl,
-      is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+      is_leaf=lambda x: isinstance(x, (jax.sharding.Sharding, optax.MaskedNode)),
   )
   shardings = TrainState(step=repl, params=param_sh, opt_state=opt_sh, ema_params=param_sh)
   return shardings, sharding.logical_names(boxed), init_state
@@ -397,6 +398,7 @@ def run_training(
     array_metrics_fn=None,
     prepare_fn: Optional[Callable[[Any], PyTree]] = None,
     show_progress: bool = True,
+    start_state_fn: Optional[Callable[[TrainState, StateSetup], TrainState]] = None,
 ) -> LoopResult:
   """The generic training loop (DiT and VAE).
 
@@ -419,6 +421,9 @@ def run_training(
     array_metrics_fn: optional (writer, step, metrics) -> None for non-scalar metrics.
     prepare_fn: optional host batch -> model batch (e.g. drops record ids), applied after
       `batch_id_fn`.
+    start_state_fn: optional (freshly initialised state, setup) -> the state a fresh run
+      starts from, placed like `setup.shardings` (e.g. params from a pretrained prior,
+      `moca_jax.prior_init`); not called when the run resumes from a checkpoint.
   Returns:
     LoopResult.
   Raises:
@@ -469,6 +474,8 @@ def run_training(
     if data_state is not None:
       iterator.set_state(data_state)
     log.info("resumed from step %d", latest)
+  elif start_state_fn is not None:
+    state = start_state_fn(state, setup)
 
   log.info("compiling the train step...")
   t_compile = time.perf_counter()

@@ -309,8 +309,8 @@ def test_upstream_layout_params_and_validation():
   assert "id_embed" not in meta.unbox(_init_upstream(_upstream_spec(id_codebook=0)))["params"]
   with pytest.raises(ValueError, match="global_attention='moc' needs packing=True"):
     _upstream_spec(global_attention="moc")
-  with pytest.raises(ValueError, match="packing=True goes with time_embedding='additive'"):
-    _spec(time_embedding="token")
+  with pytest.raises(ValueError, match="packing=False .* needs time_embedding='token'"):
+    _upstream_spec(time_embedding="additive")
 
 
 def test_batch_row_ids_reproduce_partcrafter():
