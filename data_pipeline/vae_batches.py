@@ -26,6 +26,7 @@ made in the calling process or in grain worker processes (`analytic_dataset` +
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import grain
@@ -292,6 +293,13 @@ def analytic_dataset(data_config, batch_size: int, seed: int, start: int = 0) ->
   )
 
 
+def _numpy_only_worker(worker_index: int, worker_count: int) -> None:
+  """grain worker_init_fn: a sampling worker never takes an accelerator (JAX, should anything
+  in the worker touch it, stays on the CPU instead of claiming GPU memory)."""
+  del worker_index, worker_count
+  os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 class AnalyticShapeSource:
   """Infinite, checkpointable iterator of batches of random primitives.
 
@@ -346,7 +354,8 @@ class AnalyticShapeSource:
     iter_ds = iter_ds.mp_prefetch(
         grain.MultiprocessingOptions(
             num_workers=self.num_workers, per_worker_buffer_size=self.prefetch_buffer
-        )
+        ),
+        worker_init_fn=_numpy_only_worker,
     )
     return iter(iter_ds)
 

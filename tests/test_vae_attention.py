@@ -123,7 +123,8 @@ def _init():
 
 def test_resolve_attention_implementation(monkeypatch):
   resolve = layers.resolve_attention_implementation
-  assert resolve("auto", jnp.bfloat16) == "xla"  # CPU backend
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert resolve("auto", jnp.bfloat16) == "xla"
   assert resolve("cudnn", jnp.bfloat16) == "cudnn"
   assert resolve(None, jnp.float32) is None
   for requested in ("auto", "xla", "cudnn", None):  # twice differentiated: XLA, always
