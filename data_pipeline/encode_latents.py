@@ -261,6 +261,39 @@ def params_digest(params) -> str:
   return h.hexdigest()[:16]
 
 
+class LatentsMismatchError(ValueError):
+  """Latent shards that do not fit the DiT config that would train on them."""
+
+
+def check_latents_pairing(latents_dir: str, vae_workdir: Optional[str], latent_tokens: int,
+                          latent_channels: int) -> None:
+  """Latents made by one VAE must train a DiT whose generations that VAE decodes.
+
+  Compares the VAE recorded in `latents_dir`'s manifest (written by this module) with the
+  DiT's vecset shape [latent_tokens, latent_channels] and, when given, with `vae_workdir` (the
+  DiT config's vae.workdir, the VAE generation will decode with). A folder without a VAE
+  record (not made by this module) is not checked.
+
+  Raises:
+    LatentsMismatchError (a ValueError): naming the folder and every differing field.
+  """
+  vae = (records.load_manifest(latents_dir).get("vae") or {})
+  if not vae:
+    return
+  diffs = []
+  for name, got, want in (("latent tokens", vae.get("num_latents"), latent_tokens),
+                          ("latent channels", vae.get("latent_channels"), latent_channels)):
+    if got is not None and int(got) != int(want):
+      diffs.append(f"{name} {got} (latents) vs {want} (DiT)")
+  made_by = vae.get("checkpoint")
+  if vae_workdir and made_by and os.path.abspath(vae_workdir) != os.path.abspath(made_by):
+    diffs.append(f"encoded by the VAE {made_by}, but the config's vae.workdir is "
+                 f"{os.path.abspath(vae_workdir)}")
+  if diffs:
+    raise LatentsMismatchError(
+        f"{latents_dir}: latents do not match the DiT config: {'; '.join(diffs)}")
+
+
 class CheckpointEncoder:
   """Picklable factory of the jitted encoder of a `train_vae` checkpoint, so that each Beam
   worker loads the VAE once (in `DoFn.setup`) instead of receiving it."""

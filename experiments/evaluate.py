@@ -21,7 +21,9 @@ Outputs in --out_dir: metrics.json (per item rows + mean), table.md (paper-shape
 grid.png (input | generated parts | ground truth, first --grid_rows items), tb/ (TensorBoard
 scalars of the means). Items that fail (unreadable file, generation error) are skipped and
 listed under "skipped" in metrics.json and table.md. --steps and --cfg default to the
-checkpoint's config.sample. Bad arguments: one line on stderr, exit code 2.
+checkpoint's config.sample; they and --num_components are checked before any work.
+Exit codes: 0 every item scored; 1 some items skipped (listed with the reason); 2 bad
+arguments (one line on stderr) or no item scored.
 """
 
 from __future__ import annotations
@@ -102,7 +104,10 @@ def run(f) -> dict:
     if f.checkpoint_dir is None:
       raise ValueError("--checkpoint_dir is required (or --perturb for a model-free check)")
     pipe = pipeline.load_pipeline(f.checkpoint_dir)
-    resolved = pipe.sample_settings(steps=f.steps, cfg_scale=f.cfg)
+    resolved = pipeline.check_sample_settings(pipe.sample_settings(steps=f.steps, cfg_scale=f.cfg))
+    if f.num_components is not None:
+      guidance = None if resolved["cfg_scale"] == 1.0 else resolved["cfg_scale"]
+      pipe.check_num_components(f.num_components, guidance)
     sample = {"steps": resolved["steps"], "cfg": resolved["cfg_scale"]}
     predict = E.pipeline_predict_fn(
         f.checkpoint_dir, f.steps, f.cfg, f.seed, f.num_components, pipe=pipe
@@ -129,7 +134,9 @@ def run(f) -> dict:
       "voxel_resolution": f.voxel_resolution,
       "object_frame": f.object_frame,
   }
-  return E.write_report(out_dir, result, f.kind, method, meta)
+  written = E.write_report(out_dir, result, f.kind, method, meta)
+  written["scored"], written["skipped"] = len(result["rows"]), len(result["skipped"])
+  return written
 
 
 def main(argv) -> None:
@@ -140,11 +147,14 @@ def main(argv) -> None:
   except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
     print(f"evaluate: error: {e}", file=sys.stderr)
     sys.exit(2)
+  scored, skipped = written.pop("scored", None), written.pop("skipped", 0)
   if "markdown" in written:
     with open(written["markdown"], encoding="utf-8") as fh:
       print(fh.read())
   for k, v in written.items():
     print(f"{k}: {v}")
+  if scored is not None:  # not the nearest-neighbour benchmark
+    sys.exit(2 if scored == 0 else (1 if skipped else 0))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,14 @@ latents is the one named in the checkpoint's config (vae.workdir) unless --vae i
 Per image, under --out/<image stem>/ (`pipeline.write_outputs`): parts.glb (one node per
 part), preview.png, router.png, router.json, latents.npy. A folder given as --image is
 processed in batches; files that fail are skipped and listed in --out/summary.json.
-Bad input (missing or unreadable file, wrong mask, bad checkpoint): one line on stderr,
-exit code 2.
+Arguments are checked before any work (--steps >= 1, a finite --cfg >= 0, --num_components
+up to the trained maximum unless --force_components). Images go through moca_jax.io.load_image
+(16-bit, palette, alpha, EXIF orientation, CMYK; over 100 Mpx refused) and are padded to a
+square, never stretched; an image with no foreground is refused unless --allow_empty. Inputs
+sharing a stem (chair.png, chair.jpg) get distinct folders (chair_png, chair_jpg).
+Bad input: one line on stderr naming the input and the reason. Exit codes: 0 every input
+generated; 1 some inputs skipped (listed with the reason in summary.json; the rest written);
+2 nothing generated (bad arguments or checkpoint, or every input failed).
 """
 
 from __future__ import annotations
@@ -39,6 +45,21 @@ def _mask_for(masks: Optional[str], image_path: str) -> Optional[str]:
   raise FileNotFoundError(f"{masks}: no mask named {stem}.png for image {image_path}")
 
 
+def output_names(files: list[str]) -> dict[str, str]:
+  """Input file -> its output folder name: the file stem, or stem_ext when several inputs
+  share a stem (chair.png, chair.jpg -> chair_png, chair_jpg), so no result overwrites
+  another."""
+  stems: dict[str, int] = {}
+  for f in files:
+    stem = os.path.splitext(os.path.basename(f))[0]
+    stems[stem] = stems.get(stem, 0) + 1
+  names = {}
+  for f in files:
+    stem, ext = os.path.splitext(os.path.basename(f))
+    names[f] = stem if stems[stem] == 1 else f"{stem}_{ext.lstrip('.').lower() or 'noext'}"
+  return names
+
+
 def run(
     checkpoint: str,
     image: str,
@@ -52,10 +73,21 @@ def run(
     vae: Optional[str] = None,
     resolution: int = 64,
     batch_size: int = 4,
+    allow_empty: bool = False,
+    force_components: bool = False,
 ) -> dict:
-  """The CLI as a function: one image file or a folder of images. Returns the summary."""
+  """The CLI as a function: one image file or a folder of images. Returns the summary.
+
+  Arguments are checked before any image is read or sampled (ValueError naming the field).
+  In folder mode an input that fails (unreadable, too large, no foreground, bad mask,
+  non-finite latents) is skipped and listed in summary['skipped']; with one image it raises.
+  """
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size}: must be >= 1")
+  if resolution < 8:
+    raise ValueError(f"resolution={resolution}: must be >= 8")
   batch_mode = os.path.isdir(image)
   if batch_mode:
     files = sorted(
@@ -66,11 +98,20 @@ def run(
           f"{image}: folder holds no image files ({', '.join(mio.IMAGE_SUFFIXES)})"
       )
   else:
+    if not os.path.isfile(image):
+      raise FileNotFoundError(f"{image}: no such image file or folder")
     files = [image]
   pipe = pipeline.load_pipeline(
       checkpoint, vae_workdir=vae, extract_kwargs={"resolution": resolution}
   )
-  settings = pipe.sample_settings(steps=steps, cfg_scale=cfg, method=method)
+  settings = pipeline.check_sample_settings(
+      pipe.sample_settings(steps=steps, cfg_scale=cfg, method=method)
+  )
+  pipe.check_num_components(
+      num_components, None if settings["cfg_scale"] == 1.0 else settings["cfg_scale"],
+      force_components,
+  )
+  names = output_names(files)
   summary = {
       "checkpoint": os.path.abspath(checkpoint),
       "num_components": num_components,
@@ -81,21 +122,24 @@ def run(
       "outputs": {},
       "skipped": {},
   }
+
+  def skip(f: str, reason: str) -> None:
+    if not batch_mode:
+      raise ValueError(f"{f}: {reason}")
+    summary["skipped"][f] = reason
+    print(f"skipping {f}: {reason}", file=sys.stderr)
+
   loaded = []
   for f in files:
     try:
-      img, mask_path = mio.load_image(f), _mask_for(masks, f)
+      img, mask_path = mio.load_image(f, keep_alpha=True), _mask_for(masks, f)
       mask = None if mask_path is None else mio.load_mask(mask_path)
-      try:  # the pipeline's checks, before any sampling
-        pipe.preprocess([img], num_components, None if mask is None else [mask])
-      except ValueError as e:
-        raise ValueError(f"{f}: {e}") from e
+      # the pipeline's checks, before any sampling
+      pipe.preprocess([img], num_components, None if mask is None else [mask],
+                      allow_empty=allow_empty)
       loaded.append((f, img, mask))
     except (ValueError, FileNotFoundError) as e:
-      if not batch_mode:
-        raise
-      summary["skipped"][f] = str(e)
-      print(f"skipping {e}", file=sys.stderr)
+      skip(f, str(e).removeprefix("images[0]: "))
   for start in tqdm(range(0, len(loaded), batch_size), desc="generate", disable=len(loaded) < 2):
     chunk = loaded[start : start + batch_size]
     result = pipe(
@@ -106,12 +150,18 @@ def run(
         cfg_scale=settings["cfg_scale"],
         method=settings["method"],
         seed=seed + start,
+        allow_empty=allow_empty,
+        force=force_components,
+        strict=False,
     )
     for b, (f, img, _) in enumerate(chunk):
-      out_dir = os.path.join(out, os.path.splitext(os.path.basename(f))[0])
+      if b in result.errors:
+        skip(f, result.errors[b])
+        continue
+      out_dir = os.path.join(out, names[f])
       routing = {k: v[b] for k, v in result.routing.items()}
       summary["outputs"][f] = pipeline.write_outputs(
-          out_dir, result.meshes[b], result.latents[b], routing, img, pipe.global_blocks
+          out_dir, result.meshes[b], result.latents[b], routing, pipeline.rgb_on_white(img), pipe.global_blocks
       )
       summary["outputs"][f]["dir"] = out_dir
   mio.write_json(os.path.join(out, "summary.json"), summary)
@@ -142,10 +192,18 @@ def define_flags() -> None:
   flags.DEFINE_integer("resolution", 128, "Marching-cubes grid resolution per axis.")
   flags.DEFINE_integer("batch_size", 4, "Images per sampling batch in folder mode.")
   flags.DEFINE_string("out", "outputs/generate", "Output folder.")
+  flags.DEFINE_bool(
+      "allow_empty", False, "Generate even from an image with no foreground (blank, flat)."
+  )
+  flags.DEFINE_bool(
+      "force_components",
+      False,
+      "Allow more components than the model was trained with (up to what it can represent).",
+  )
   flags.mark_flags_as_required(["checkpoint", "image"])
 
 
-def main(argv) -> None:
+def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   f = flags.FLAGS
@@ -163,15 +221,29 @@ def main(argv) -> None:
         vae=f.vae,
         resolution=f.resolution,
         batch_size=f.batch_size,
+        allow_empty=f.allow_empty,
+        force_components=f.force_components,
     )
   except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
     print(f"generate: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    return EXIT_NOTHING
   n_ok, n_skip = len(summary["outputs"]), len(summary["skipped"])
   print(
       f"generated {n_ok} input(s) into {os.path.abspath(f.out)}"
       + (f"; skipped {n_skip} (see summary.json)" if n_skip else "")
   )
+  return exit_code(n_ok, n_skip)
+
+
+EXIT_OK, EXIT_PARTIAL, EXIT_NOTHING = 0, 1, 2
+
+
+def exit_code(generated: int, skipped: int) -> int:
+  """0: every input generated; 1: some generated, some skipped (summary.json lists why);
+  2: nothing generated (bad arguments, bad checkpoint, or every input failed)."""
+  if generated == 0:
+    return EXIT_NOTHING
+  return EXIT_PARTIAL if skipped else EXIT_OK
 
 
 if __name__ == "__main__":

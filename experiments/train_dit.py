@@ -7,7 +7,8 @@ Writes under workdir: checkpoints/<step>/ (orbax; the stored config names the VA
 generation), tb/ (TensorBoard), config.json, eval.json. A restarted job resumes from the
 latest checkpoint, data order included; a config that differs from the stored one outside
 the fields that may change on resume (moca_jax.checkpointing) is refused before anything is
-written; a resume with another config exits with code 2 and one line.
+written; a resume with another config exits with code 2 and one line, as do latent shards
+made by another VAE than config.vae.workdir or of another vecset shape than the DiT's.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from data_pipeline import encode_latents
 from moca_jax import checkpointing, dit_task
 
 
@@ -35,7 +37,8 @@ def main(argv) -> None:
     raise app.UsageError("Too many command-line arguments.")
   try:
     dit_task.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-  except checkpointing.ConfigMismatchError as e:  # a resume with another config: one line
+  except (checkpointing.ConfigMismatchError, encode_latents.LatentsMismatchError) as e:
+    # a resume with another config, or latents of another VAE: one line, nothing written
     print(f"train_dit: error: {e}", file=sys.stderr)
     sys.exit(2)
 

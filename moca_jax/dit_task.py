@@ -253,6 +253,23 @@ def _data_dir(config, split: str) -> str:
   return d
 
 
+def check_data_pairing(config) -> None:
+  """For 'records' data: the latent shards must come from the VAE the config names
+  (vae.workdir, which generation decodes with) and have the DiT's vecset shape
+  (`data_pipeline.encode_latents.check_latents_pairing`; ValueError naming the fields)."""
+  if config.data.source != "records":
+    return
+  from data_pipeline import encode_latents  # pylint: disable=g-import-not-at-top
+
+  vae_dir = config.get("vae", {}).get("workdir", "") or None
+  dit = config.model.dit
+  for split in ("train", "val"):
+    if split == "train" or config.data.get("val_dir"):
+      encode_latents.check_latents_pairing(
+          _data_dir(config, split), vae_dir, dit.latent_tokens, dit.latent_channels
+      )
+
+
 def make_synthetic_dataset(config) -> grain.MapDataset:
   """A grain MapDataset of single synthetic examples (dicts of numpy arrays, with 'index')."""
   n = config.data.synthetic_examples
@@ -374,6 +391,7 @@ def train_and_evaluate(
 ) -> train_lib.LoopResult:
   """Trains (resuming from workdir's latest checkpoint) and evaluates the EMA params."""
   distributed.initialize(config.get("distributed"))  # multi-process job (config.distributed)
+  check_data_pairing(config)
   _, init_fn, loss_fn = make_task(config)
   result = train_lib.run_training(
       config=config,

@@ -385,9 +385,12 @@ def extract_mesh_from_fn(
 
 
 def _vae_query(params, features, queries, *, model):
+  """The decoder's field at the queries with this project's sign (negative inside): a VAE in
+  TripoSG's layout (`negate_output`, imported weights) is positive inside and is flipped."""
   from moca_jax.vae import VecSetVAE  # local import: extract does not need the VAE otherwise
 
-  return model.apply(params, features, queries, method=VecSetVAE.query_sdf)
+  value = model.apply(params, features, queries, method=VecSetVAE.query_sdf)
+  return -value if model.config.get("negate_output", False) else value
 
 
 def _vae_features(params, latents, *, model):

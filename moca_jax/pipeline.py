@@ -58,6 +58,53 @@ SAMPLE_DEFAULTS = {"steps": 50, "cfg_scale": 7.0, "method": "euler", "time_shift
 # ----------------------------------------------------------------------------------------
 
 
+def inference_ids(spec: DiTSpec, batch: int, num_components: int) -> Optional[Array]:
+  """The component ids [B, N] given to the DiT at inference: 0..N-1 per sample, or None where
+  the model numbers them itself (PartCrafter's 'batch_rows': every row of the, possibly
+  CFG-doubled, batch; `moca_jax.dit.default_ids`) or has no ID embedding (TripoSG)."""
+  if spec.id_assignment == "batch_rows" or not spec.id_codebook:
+    return None
+  return jnp.broadcast_to(jnp.arange(num_components, dtype=jnp.int32), (batch, num_components))
+
+
+def component_limit(spec: DiTSpec, batch: int, guided: bool) -> Optional[int]:
+  """The most components per sample the DiT can represent, or None (no ID embedding, no
+  limit from the model): the ID codebook; with PartCrafter's 'batch_rows' ids every row of
+  the batch, CFG's doubled one included, takes N ids from its table."""
+  if not spec.id_codebook:
+    return None
+  if spec.id_assignment == "batch_rows":
+    return spec.id_codebook // (batch * (2 if guided else 1))
+  return spec.id_codebook
+
+
+def _count(n: int) -> str:
+  return f"{n} component" + ("" if n == 1 else "s")
+
+
+def check_sample_settings(settings: dict) -> dict:
+  """Validates resolved sampling settings before any work; returns them typed.
+
+  steps: integer >= 1; cfg_scale: finite and >= 0 (1 = conditional only, 0 = unconditional);
+  method: 'euler' or 'heun'; time_shift: finite and > 0. Raises ValueError naming the field.
+  """
+  steps, cfg, method, shift = (
+      settings["steps"],
+      settings["cfg_scale"],
+      settings["method"],
+      settings["time_shift"],
+  )
+  if isinstance(steps, bool) or not float(steps).is_integer() or int(steps) < 1:
+    raise ValueError(f"steps={steps!r}: must be an integer >= 1")
+  if not np.isfinite(float(cfg)) or float(cfg) < 0:
+    raise ValueError(f"cfg_scale={cfg!r}: must be a finite number >= 0 (1 = no guidance)")
+  if method not in ("euler", "heun"):
+    raise ValueError(f"method={method!r}: must be 'euler' or 'heun'")
+  if not np.isfinite(float(shift)) or float(shift) <= 0:
+    raise ValueError(f"time_shift={shift!r}: must be a finite number > 0")
+  return {"steps": int(steps), "cfg_scale": float(cfg), "method": method, "time_shift": float(shift)}
+
+
 def sample_latents(
     model: dit_task.ImageConditionedDiT,
     params: PyTree,
@@ -94,7 +141,7 @@ def sample_latents(
   mask = (
       jnp.ones((b, num_components), bool) if component_mask is None else component_mask.astype(bool)
   )
-  ids = jnp.broadcast_to(jnp.arange(num_components, dtype=jnp.int32), (b, num_components))
+  ids = inference_ids(spec, b, num_components)
   cond = model.apply(variables, images, method=dit_task.ImageConditionedDiT.encode)
 
   def velocity_fn(x, t, c):
@@ -105,7 +152,7 @@ def sample_latents(
         t,
         c,
         jnp.tile(mask, (reps, 1)),
-        jnp.tile(ids, (reps, 1)),
+        None if ids is None else jnp.tile(ids, (reps, 1)),
         train=False,
         method=dit_task.ImageConditionedDiT.velocity,
     )
@@ -181,31 +228,54 @@ def masks_to_ids(masks: np.ndarray) -> np.ndarray:
   return ids
 
 
-def _as_image_list(images: ImageInput) -> list[np.ndarray]:
-  """A path, uint8 [H, W, 3], [B, H, W, 3] or a sequence of paths / [H, W, 3] -> list of
-  uint8 [H, W, 3]."""
+def _as_image_list(images: ImageInput, keep_alpha: bool = False) -> list[np.ndarray]:
+  """A path, uint8 [H, W, 3|4], [B, H, W, 3|4] or a sequence of paths / [H, W, 3|4] -> list
+  of uint8 [H, W, 3] (alpha composited on white), or [H, W, 3|4] with `keep_alpha`. Files go
+  through `moca_jax.io.load_image` (every mode, bit depth, orientation; size limit)."""
   if isinstance(images, (str, os.PathLike)):
-    return [mio.load_image(images)]
+    return [mio.load_image(images, keep_alpha=keep_alpha)]
   if not isinstance(images, (list, tuple)):
     arr = np.asarray(images)
     if arr.ndim == 3:
       arr = arr[None]
-    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+    if arr.ndim != 4 or arr.shape[-1] not in (3, 4) or arr.dtype != np.uint8:
       raise ValueError(
-          f"images: expected uint8 [H, W, 3] or [B, H, W, 3], got {arr.dtype} {arr.shape}"
+          f"images: expected uint8 [H, W, 3|4] or [B, H, W, 3|4], got {arr.dtype} {arr.shape}"
       )
-    return list(arr)
+    images = list(arr)
   out = []
   for i, im in enumerate(images):
     if isinstance(im, (str, os.PathLike)):
-      out.append(mio.load_image(im))
+      out.append(mio.load_image(im, keep_alpha=keep_alpha))
       continue
     arr = np.asarray(im)
-    if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
-      raise ValueError(f"images[{i}]: expected uint8 [H, W, 3], got {arr.dtype} {arr.shape}")
-    out.append(arr)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4) or arr.dtype != np.uint8:
+      raise ValueError(f"images[{i}]: expected uint8 [H, W, 3|4], got {arr.dtype} {arr.shape}")
+    out.append(arr if keep_alpha else rgb_on_white(arr))
   if not out:
     raise ValueError("images: no image given")
+  return out
+
+
+def rgb_on_white(image: np.ndarray) -> np.ndarray:
+  """uint8 [H, W, 3|4] (straight alpha) -> uint8 [H, W, 3], alpha composited on white."""
+  from moca_jax.preprocess import composite  # pylint: disable=g-import-not-at-top
+
+  if image.shape[-1] == 3:
+    return image
+  return np.round(composite(image) * 255.0).astype(np.uint8)
+
+
+def pad_to_square(image: np.ndarray, fill: int = 255) -> np.ndarray:
+  """uint8 [H, W, C] -> [S, S, C], S = max(H, W): the image centred on `fill` (white), so a
+  later resize keeps its aspect ratio."""
+  h, w = image.shape[:2]
+  side = max(h, w)
+  if h == w:
+    return image
+  out = np.full((side, side) + image.shape[2:], fill, image.dtype)
+  top, left = (side - h) // 2, (side - w) // 2
+  out[top : top + h, left : left + w] = image
   return out
 
 
@@ -223,11 +293,16 @@ def _resize(arr: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
 # ----------------------------------------------------------------------------------------
 
 
+class NonFiniteLatentsError(ValueError):
+  """Sampling produced NaN or inf latents (a diverging sampler or a broken checkpoint)."""
+
+
 @dataclasses.dataclass
 class PipelineOutput:
   latents: np.ndarray  # [B, N, L, C] float32
-  meshes: list  # [B][N] trimesh.Trimesh (possibly empty meshes)
+  meshes: list  # [B][N] trimesh.Trimesh (possibly empty meshes; [] for a failed image)
   routing: dict  # importances [B, G, H, N, N], selections [B, G, H, N, k]
+  errors: dict = dataclasses.field(default_factory=dict)  # image index -> reason
 
 
 class Pipeline:
@@ -273,8 +348,52 @@ class Pipeline:
 
   @property
   def max_components(self) -> int:
-    """The most components one call may ask for (the DiT's component-ID codebook)."""
-    return int(self.config.model.dit.id_codebook)
+    """The most components the model was trained with (config.data.max_components; for a
+    checkpoint without it, the ID codebook). More are refused unless forced."""
+    trained = self.config.get("data", {}).get("max_components", 0)
+    return int(trained or self.config.model.dit.id_codebook or 1)
+
+  @property
+  def spec(self) -> DiTSpec:
+    return DiTSpec.from_config(self.config.model.dit)
+
+  @property
+  def processor(self):
+    """The published pipelines' image preprocessing (`moca_jax.preprocess.ProcessorConfig`)
+    of an imported checkpoint (config.preprocess), or None for this project's own models."""
+    from moca_jax import preprocess as pre  # pylint: disable=g-import-not-at-top
+
+    stored = self.config.get("preprocess", None)
+    if not stored:
+      return None
+    names = {f.name for f in dataclasses.fields(pre.ProcessorConfig)}
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.to_dict().items()}
+    unknown = sorted(set(fields) - names - {"path"})
+    if unknown:
+      raise ValueError(f"checkpoint config.preprocess: unknown fields {unknown}")
+    return pre.ProcessorConfig(**{k: v for k, v in fields.items() if k in names})
+
+  def check_num_components(
+      self, num_components: int, cfg_scale: Optional[float] = None, force: bool = False
+  ) -> None:
+    """Refuses a component count outside 1..max_components (the trained maximum; `force`
+    lifts it) or above what the model can represent at all (`component_limit`, per image,
+    with CFG's doubled batch when cfg_scale is given). ValueError names the limit."""
+    n = num_components
+    if isinstance(n, bool) or not float(n).is_integer() or n < 1:
+      raise ValueError(f"num_components={n!r}: must be an integer >= 1")
+    hard = component_limit(self.spec, 1, cfg_scale is not None)
+    if hard is not None and n > hard:
+      why = " (PartCrafter's part ids number every row of the CFG batch)" if (
+          self.spec.id_assignment == "batch_rows" and cfg_scale is not None) else ""
+      raise ValueError(
+          f"num_components={n}: this model can represent at most {_count(hard)}{why}"
+      )
+    if n > self.max_components and not force:
+      raise ValueError(
+          f"num_components={n}: the model was trained with at most "
+          f"{_count(self.max_components)} (force to try more)"
+      )
 
   @property
   def global_blocks(self) -> list[int]:
@@ -293,17 +412,29 @@ class Pipeline:
   # --- the steps ----------------------------------------------------------------------
 
   def preprocess(
-      self, images: ImageInput, num_components: int, masks: Optional[Any] = None
+      self,
+      images: ImageInput,
+      num_components: int,
+      masks: Optional[Any] = None,
+      *,
+      allow_empty: bool = False,
   ) -> np.ndarray:
-    """Images (+ scene masks) -> the encoder's uint8 input at image_size x image_size:
-    [B, S, S, 3] for objects, [B, N, S, S, 7] for scenes (see `scene_conditions`).
+    """Images (+ scene masks) -> the encoder's input.
 
-    Raises ValueError for a wrong number of components, a mask on an object model, a
-    missing mask on a scene model or a mask whose ids are not 1..N.
+    Objects, this project's models: uint8 [B, S, S, 3], each image padded to a square
+    (white) and resized, nothing stretched. Imported checkpoints: float32 [B, h, w, 3], the
+    published pipeline's preprocessing (`moca_jax.preprocess`, config.preprocess: TripoSG's
+    crop to the foreground, or PartCrafter's raw path). Scenes: uint8 [B, N, S, S, 7] (see
+    `scene_conditions`).
+
+    Raises ValueError for a mask on an object model, a missing mask on a scene model or a
+    mask whose ids are not 1..N; `moca_jax.preprocess.NoForegroundError` (a ValueError)
+    for an object image with no foreground (blank, one flat colour, fully transparent)
+    unless `allow_empty`. Messages name the image by its index.
     """
-    if not 1 <= num_components <= self.max_components:
-      raise ValueError(f"num_components={num_components} must be in 1..{self.max_components}")
-    ims = _as_image_list(images)
+    from moca_jax import preprocess as pre  # pylint: disable=g-import-not-at-top
+
+    ims = _as_image_list(images, keep_alpha=self.processor is not None)
     size = self.image_size
     if not self.scene:
       if masks is not None:
@@ -311,7 +442,23 @@ class Pipeline:
             "masks are only for scene models (7-channel encoder); this "
             "checkpoint is an object model"
         )
-      return np.stack([_resize(im, size) for im in ims])
+      processor = self.processor
+      if processor is not None:
+        path = self.config.preprocess.get("path", "triposg")
+        out = []
+        for i, im in enumerate(ims):
+          try:
+            out.append(pre.preprocess(im, processor, path, allow_empty=allow_empty))
+          except ValueError as e:
+            raise type(e)(f"images[{i}]: {e}") from e
+        return np.stack(out)
+      for i, im in enumerate(ims):
+        if not allow_empty and not pre.foreground_mask(im).any():
+          raise pre.NoForegroundError(
+              f"images[{i}]: no foreground in the image (blank, one flat colour or fully "
+              "transparent); allow_empty to generate anyway"
+          )
+      return np.stack([_resize(pad_to_square(im), size) for im in ims])
     if masks is None:
       raise ValueError("this is a scene model: give instance masks (ids 1..N) per image")
     ms = [
@@ -323,8 +470,8 @@ class Pipeline:
     small_ims, small_ms = [], []
     for i, (im, m) in enumerate(zip(ims, ms)):
       check_mask(m, num_components, im.shape, name=f"masks[{i}]")
-      small_ims.append(_resize(im, size))
-      small_ms.append(_resize(m, size, nearest=True))
+      small_ims.append(_resize(pad_to_square(im), size))
+      small_ms.append(_resize(pad_to_square(m, fill=0), size, nearest=True))
       check_mask(
           small_ms[-1],
           num_components,
@@ -343,23 +490,47 @@ class Pipeline:
       cfg_scale: Optional[float] = None,
       method: Optional[str] = None,
       seed: int = 0,
+      allow_empty: bool = False,
+      force: bool = False,
   ) -> tuple[np.ndarray, dict]:
-    """Images -> (latents [B, N, L, C], routing) as numpy (see `sample_latents`)."""
-    cond_images = self.preprocess(images, num_components, masks)
-    s = self.sample_settings(steps=steps, cfg_scale=cfg_scale, method=method)
-    prepared = dit_task.prepare_images(jnp.asarray(cond_images), self.config.model.encoder)
-    z, routing = self._sample(
-        self.params,
-        prepared,
-        jax.random.PRNGKey(seed),
-        num_components=num_components,
-        steps=int(s["steps"]),
-        cfg_scale=jnp.float32(s["cfg_scale"]),
-        method=str(s["method"]),
-        time_shift=float(s["time_shift"]),
-        return_routing=True,
+    """Images -> (latents [B, N, L, C], routing) as numpy (see `sample_latents`).
+
+    Every argument is checked before any sampling (`check_sample_settings`,
+    `check_num_components`, `preprocess`); ValueError names the field or the image. A CFG
+    scale of exactly 1 runs the conditional pass only (the guided velocity equals it). A DiT
+    that numbers its part ids by batch row (PartCrafter) samples one image at a time, as
+    upstream does, so its ids do not depend on the batch size.
+    """
+    s = check_sample_settings(
+        self.sample_settings(steps=steps, cfg_scale=cfg_scale, method=method)
     )
-    return np.asarray(z), jax.tree.map(np.asarray, routing)
+    guidance = None if s["cfg_scale"] == 1.0 else s["cfg_scale"]
+    self.check_num_components(num_components, guidance, force)
+    cond_images = self.preprocess(images, num_components, masks, allow_empty=allow_empty)
+    if self.processor is None:
+      prepared = dit_task.prepare_images(jnp.asarray(cond_images), self.config.model.encoder)
+    else:
+      prepared = jnp.asarray(cond_images, jnp.float32)  # already the published preprocessing
+    rows = [prepared] if self.spec.id_assignment != "batch_rows" else list(prepared[:, None])
+    outs = [
+        self._sample(
+            self.params,
+            rows_i,
+            jax.random.fold_in(jax.random.PRNGKey(seed), i) if i else jax.random.PRNGKey(seed),
+            num_components=num_components,
+            steps=s["steps"],
+            cfg_scale=None if guidance is None else jnp.float32(guidance),
+            method=s["method"],
+            time_shift=s["time_shift"],
+            return_routing=True,
+        )
+        for i, rows_i in enumerate(rows)
+    ]
+    z = np.concatenate([np.asarray(o[0]) for o in outs])
+    routing = {
+        k: np.concatenate([np.asarray(o[1][k]) for o in outs]) for k in outs[0][1]
+    }
+    return z, routing
 
   def decode(self, latents: np.ndarray) -> list:
     """Latents [B, N, L, C] -> [B][N] meshes (VAE decode + coarse-to-fine marching cubes)."""
@@ -380,18 +551,46 @@ class Pipeline:
       cfg_scale: Optional[float] = None,
       method: Optional[str] = None,
       seed: int = 0,
+      allow_empty: bool = False,
+      force: bool = False,
+      strict: bool = True,
   ) -> PipelineOutput:
-    """Image(s) -> PipelineOutput(latents [B, N, L, C], meshes [B][N], routing).
+    """Image(s) -> PipelineOutput(latents [B, N, L, C], meshes [B][N], routing, errors).
 
-    images: a path, uint8 [H, W, 3], [B, H, W, 3] or a sequence of paths / [H, W, 3] (any
+    images: a path, uint8 [H, W, 3|4], [B, H, W, 3|4] or a sequence of paths / arrays (any
     sizes); masks (scene models): instance-id images [H, W] (0 background, 1..N), one per
     image, as arrays or paths. steps / cfg_scale / method default to the checkpoint's
-    config.sample; `seed` fixes the starting noise.
+    config.sample; `seed` fixes the starting noise. allow_empty: generate from an image with
+    no foreground; force: more components than the model was trained with.
+
+    Raises ValueError (bad arguments or images, see `sample_latents`). Sampled latents that
+    are not finite: with `strict` a `NonFiniteLatentsError` naming the images; otherwise
+    `errors` maps each such image's index to the reason and its meshes are empty.
     """
     z, routing = self.sample_latents(
-        images, num_components, masks, steps=steps, cfg_scale=cfg_scale, method=method, seed=seed
+        images,
+        num_components,
+        masks,
+        steps=steps,
+        cfg_scale=cfg_scale,
+        method=method,
+        seed=seed,
+        allow_empty=allow_empty,
+        force=force,
     )
-    return PipelineOutput(latents=z, meshes=self.decode(z), routing=routing)
+    finite = np.isfinite(z).reshape(z.shape[0], -1).all(axis=1)
+    errors = {
+        int(i): "sampling produced non-finite latents (NaN or inf)" for i in np.flatnonzero(~finite)
+    }
+    if errors and strict:
+      raise NonFiniteLatentsError(
+          f"images{sorted(errors)}: sampling produced non-finite latents (NaN or inf)"
+      )
+    meshes = [[] for _ in range(z.shape[0])]
+    if finite.any():
+      decoded = iter(self.decode(z[finite]))
+      meshes = [next(decoded) if ok else [] for ok in finite]
+    return PipelineOutput(latents=z, meshes=meshes, routing=routing, errors=errors)
 
   # --- loading --------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ import functools
 import logging
 import math
 import os
+import time
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax

@@ -1,6 +1,7 @@
 """Issue 12 §3: each shard records what it was made from; a rerun rebuilds what changed or
 refuses with the reason; the manifest never claims what the records do not hold; a killed
 build's temporary files are removed."""
+import json
 import os
 import subprocess
 import sys
@@ -153,3 +154,20 @@ def test_encode_rebuilds_a_shard_whose_samples_changed(tmp_path):
   m = encode_latents.encode_dataset(samples, out, _fake_encode, 48, 8, progress=False)
   assert m["built_now"] == [records.shard_name(make.shard_of("user/new.glb", 2), 2)]
   assert m["complete"] and m["count"] == 4 and "user/new.glb" in _keys(out)
+
+
+def test_latents_pairing_with_the_dit_config(tmp_path):
+  """Issue 12 §3: latents made by one VAE train a DiT that names another, or another shape."""
+  check_latents_pairing = encode_latents.check_latents_pairing
+  vae_dir = str(tmp_path / "vae")
+  (tmp_path / "manifest.json").write_text(json.dumps(
+      {"vae": {"checkpoint": vae_dir, "num_latents": 16, "latent_channels": 8}}))
+  check_latents_pairing(str(tmp_path), vae_dir, 16, 8)  # matching: no error
+  check_latents_pairing(str(tmp_path), None, 16, 8)  # no VAE named: shapes only
+  with pytest.raises(ValueError) as e:
+    check_latents_pairing(str(tmp_path), str(tmp_path / "other"), 32, 8)
+  assert str(e.value) == (
+      f"{tmp_path}: latents do not match the DiT config: latent tokens 16 (latents) vs 32 (DiT); "
+      f"encoded by the VAE {vae_dir}, but the config's vae.workdir is {tmp_path / 'other'}")
+  (tmp_path / "manifest.json").write_text(json.dumps({"kind": "samples"}))
+  check_latents_pairing(str(tmp_path), str(tmp_path / "other"), 32, 8)  # not latents: no record

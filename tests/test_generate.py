@@ -171,8 +171,8 @@ def _check_errors_needing_a_checkpoint(checkpoints, tmp_path):
     pipe.sample_latents(np.zeros((1, 8, 8, 3), np.uint8), 1, masks=mask[None])
   with pytest.raises(ValueError, match="expected uint8"):
     pipe.sample_latents(np.zeros((1, 8, 8), np.uint8), 2)
-  with pytest.raises(ValueError, match=r"num_components=99 must be in 1\.\.\d+"):
-    pipe.sample_latents(np.zeros((1, 8, 8, 3), np.uint8), 99)
+  _check_arguments_refused_before_work(checkpoints, pipe, tmp_path)
+  _check_images_reach_the_model_as_meant(pipe)
   # batch mode: the non-image file is skipped and reported, the good one generated
   folder = tmp_path / "imgs"
   folder.mkdir()
@@ -189,6 +189,89 @@ def _check_errors_needing_a_checkpoint(checkpoints, tmp_path):
   )
   assert list(summary["skipped"]) == [str(folder / "broken.png")]
   assert os.path.exists(tmp_path / "o" / "good" / "preview.png")
+  _check_folder_mode_skips_and_names_outputs_apart(checkpoints, tmp_path)
+
+
+def _check_arguments_refused_before_work(checkpoints, pipe, tmp_path):
+  """Issue 12 §2: non-finite CFG, zero steps (Euler and Heun), too many components."""
+  run = lambda **kw: generate.run(  # noqa: E731
+      checkpoints["dit"], checkpoints["image"], N, str(tmp_path / "never"), resolution=RES, **kw
+  )
+  for cfg in (float("nan"), float("inf"), -1.0):
+    with pytest.raises(ValueError, match=rf"cfg_scale={cfg!r}: must be a finite number >= 0"):
+      run(cfg=cfg)
+  for method in ("euler", "heun"):
+    with pytest.raises(ValueError, match=r"steps=0: must be an integer >= 1"):
+      run(steps=0, method=method)
+  with pytest.raises(ValueError, match=rf"num_components=5: the model was trained with at most {N}"):
+    generate.run(checkpoints["dit"], checkpoints["image"], 5, str(tmp_path / "never"))
+  assert not os.path.exists(tmp_path / "never")  # refused before anything was written
+  codebook = pipe.config.model.dit.id_codebook
+  with pytest.raises(ValueError, match=rf"trained with at most {N} components"):
+    pipe.sample_latents(np.zeros((1, 8, 8, 3), np.uint8), N + 1)
+  with pytest.raises(ValueError, match=rf"can represent at most {codebook} components"):
+    pipe.sample_latents(np.zeros((1, 8, 8, 3), np.uint8), codebook + 1)
+  pipe.check_num_components(N + 1, 2.0, force=True)  # forced: up to what the model represents
+  with pytest.raises(ValueError, match=rf"can represent at most {codebook} components"):
+    pipe.check_num_components(codebook + 1, 2.0, force=True)
+
+
+def _check_images_reach_the_model_as_meant(pipe):
+  """Issue 12 §1: thin strips and 4:3 photos keep their shape; blank images are refused."""
+  strip = np.full((500, 3, 3), 255, np.uint8)  # 3 x 500 image, object 3 x 100 px
+  strip[200:300] = (20, 40, 200)
+  photo = np.full((300, 400, 3), 255, np.uint8)  # 4:3, a 100 x 100 square object
+  photo[100:200, 150:250] = (20, 40, 200)
+  size = pipe.image_size
+  for image, (h, w) in ((strip, (100, 3)), (photo, (100, 100))):
+    cond = pipe.preprocess([image], N)[0]
+    assert cond.shape == (size, size, 3)
+    rows, cols = np.nonzero((cond.astype(int) < 245).any(axis=-1))  # differs from white
+    scale = size / max(image.shape[:2])
+    got = (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1)
+    np.testing.assert_allclose(got, (h * scale, w * scale), atol=2.0)  # resampling blur
+  for blank in (np.full((32, 32, 3), 255, np.uint8), np.zeros((32, 32, 4), np.uint8)):
+    with pytest.raises(ValueError, match=r"images\[0\]: no foreground in the image"):
+      pipe.preprocess([blank], N)
+    assert pipe.preprocess([blank], N, allow_empty=True).shape == (1, size, size, 3)
+
+
+def _check_folder_mode_skips_and_names_outputs_apart(checkpoints, tmp_path):
+  """Issue 12 §1-2: a too-large and a blank image are skipped and listed, two inputs with
+  one stem get two folders, a folder where every input fails generates nothing."""
+  from test_io_images import _huge_bilevel_png  # pylint: disable=g-import-not-at-top
+
+  folder = tmp_path / "mixed"
+  folder.mkdir()
+  _huge_bilevel_png(folder / "bomb.png")
+  Image.new("RGB", (30, 30), (255, 255, 255)).save(folder / "white.png")
+  Image.open(checkpoints["image"]).save(folder / "chair.png")
+  Image.open(checkpoints["image"]).convert("RGB").save(folder / "chair.jpg")
+  out = tmp_path / "mixed_out"
+  summary = generate.run(
+      checkpoints["dit"], str(folder), N, str(out), steps=STEPS, resolution=RES, batch_size=2
+  )
+  assert sorted(summary["outputs"]) == [str(folder / "chair.jpg"), str(folder / "chair.png")]
+  assert {os.path.basename(o["dir"]) for o in summary["outputs"].values()} == {
+      "chair_jpg", "chair_png"
+  }
+  assert os.path.exists(out / "chair_jpg" / "parts.glb") and os.path.exists(
+      out / "chair_png" / "parts.glb"
+  )
+  assert "image too large (225 Mpx > 100 Mpx limit" in summary["skipped"][str(folder / "bomb.png")]
+  assert "no foreground" in summary["skipped"][str(folder / "white.png")]
+  assert generate.exit_code(len(summary["outputs"]), len(summary["skipped"])) == 1
+  bad = tmp_path / "all_bad"
+  bad.mkdir()
+  (bad / "a.png").write_text("not an image")
+  summary = generate.run(checkpoints["dit"], str(bad), N, str(tmp_path / "o2"), resolution=RES)
+  assert summary["outputs"] == {} and generate.exit_code(0, 1) == 2
+
+
+def test_output_names_and_exit_codes():
+  names = generate.output_names(["d/chair.png", "d/chair.jpg", "d/table.png"])
+  assert names == {"d/chair.png": "chair_png", "d/chair.jpg": "chair_jpg", "d/table.png": "table"}
+  assert [generate.exit_code(*a) for a in ((2, 0), (1, 1), (0, 3), (0, 0))] == [0, 1, 2, 2]
 
 
 def test_scene_conditions_layout():

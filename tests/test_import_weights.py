@@ -7,13 +7,12 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
 from experiments import import_weights
-from moca_jax import train_lib
+from moca_jax import checkpointing, pipeline
 from moca_jax.convert import common, dinov2, triposg_dit, triposg_vae
 from moca_jax.convert.common import ConversionError
 
@@ -67,9 +66,8 @@ def partcrafter_import(tmp_path_factory):
 
 
 def test_imported_checkpoint_loads_for_generation_unchanged(partcrafter_import):
-  from experiments import generate  # pylint: disable=import-outside-toplevel
   snap, out = partcrafter_import
-  gen = generate.load_generator(str(out), cache=False)
+  gen = pipeline.load_pipeline(str(out), cache=False)
   cfg = gen.config
   assert cfg.vae.workdir == str(out / "vae") and cfg.sample.time_shift == 1.0
   assert list(cfg.model.dit.global_blocks) == [0, 2, 4] and cfg.model.dit.id_codebook == 16
@@ -83,8 +81,11 @@ def test_imported_checkpoint_loads_for_generation_unchanged(partcrafter_import):
       snap / "feature_extractor_dinov2" / "preprocessor_config.json").read_text()
   image = np.full((1, 32, 32, 3), 255, np.uint8)
   image[0, 8:24, 8:24] = 30
-  latents, _ = gen.sample_latents(image, 2, steps=2, cfg=7.0)
+  latents, _ = gen.sample_latents(image, 2, steps=2, cfg_scale=7.0)
   assert latents.shape == (1, 2, 64, 16) and np.isfinite(latents).all()
+  # PartCrafter numbers its part ids over the CFG batch's rows: 16 ids hold 2 x 8 parts.
+  with pytest.raises(ValueError, match="can represent at most 8 components"):
+    gen.sample_latents(image, 9, steps=2, cfg_scale=7.0)
 
 
 def test_triposg_snapshot_imports(tmp_path):
@@ -101,18 +102,17 @@ def test_triposg_snapshot_imports(tmp_path):
       json.dumps(dict(config, cross_attention_dim=64)))
   out = import_weights.run("triposg", str(snap), str(tmp_path / "out"), progress=False,
                            latent_tokens=32)
-  cfg_dict, step = train_lib.read_checkpoint_config(os.path.join(out, "checkpoints"))
+  cfg_dict, step = checkpointing.read_checkpoint_config(os.path.join(out, "checkpoints"))
   assert step == 0 and cfg_dict["model"]["dit"]["id_codebook"] == 0
   assert cfg_dict["preprocess"]["path"] == "triposg"
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from experiments import generate  # pylint: disable=import-outside-toplevel
-  gen = generate.load_generator(out, cache=False)
+  gen = pipeline.load_pipeline(out, cache=False)
   _leaves_equal(gen.params["dit"], triposg_dit.load(str(snap / "transformer"))[1]["params"])
-  model = train_lib.ImageConditionedDiT(ml_collections.FrozenConfigDict(gen.config.model))
-  images = jnp.zeros((1, 224, 224, 3))
-  z, _ = train_lib.dit_sample(model, gen.params, images, jax.random.key(0), num_components=1,
-                              steps=2, return_routing=False)
-  assert z.shape == (1, 1, 32, 16) and bool(jnp.all(jnp.isfinite(z)))
+  image = np.full((48, 40, 4), 0, np.uint8)  # RGBA: the alpha channel gives the foreground
+  image[10:30, 12:30] = (200, 60, 30, 255)
+  z, _ = gen.sample_latents(image, 1, steps=2, cfg_scale=7.0)
+  assert z.shape == (1, 1, 32, 16) and np.isfinite(z).all()
+  with pytest.raises(ValueError, match="trained with at most 1 component "):
+    gen.sample_latents(image, 2, steps=2)
 
 
 def _edit_weights(folder, edit):

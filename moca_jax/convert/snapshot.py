@@ -129,7 +129,7 @@ def write_checkpoint(out_dir: str, config: ml_collections.ConfigDict, imported: 
   `out_dir/vae`), atomically: built in a temporary folder next to `out_dir`, renamed at the end;
   nothing is left on failure.
 
-  Layout (what `experiments.generate.load_generator` and `train_lib.read_checkpoint_config` /
+  Layout (what `moca_jax.pipeline.load_pipeline` and `checkpointing.read_checkpoint_config` /
   `restore_params` read): checkpoints/0 with items 'state' (params, no optimizer state),
   'ema' (the same params: {'encoder': ..., 'dit': ...}), 'data' (none), 'config' (`config`,
   whose vae.workdir must name `out_dir/vae`); vae/checkpoints/0 likewise with the VecSetVAE
@@ -138,7 +138,7 @@ def write_checkpoint(out_dir: str, config: ml_collections.ConfigDict, imported: 
   Raises:
     FileExistsError: `out_dir` exists and is not empty.
   """
-  from moca_jax import train_lib  # pylint: disable=import-outside-toplevel
+  from moca_jax import checkpointing, train_lib  # pylint: disable=import-outside-toplevel
 
   out_dir = os.path.abspath(os.fspath(out_dir))
   if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
@@ -149,8 +149,8 @@ def write_checkpoint(out_dir: str, config: ml_collections.ConfigDict, imported: 
   def save(directory, params, cfg):
     state = train_lib.TrainState(step=jnp.int32(0), params=params, opt_state={},
                                  ema_params=params)
-    ckpt = train_lib.Checkpointer(os.path.join(directory, "checkpoints"), save_every=1, keep=1,
-                                  async_save=False)
+    ckpt = checkpointing.Checkpointer(os.path.join(directory, "checkpoints"), save_every=1,
+                                      keep=1, async_save=False)
     ckpt.save(0, state, None, cfg, force=True)
     ckpt.close()
 
