@@ -182,8 +182,9 @@ def test_loss_gradient_fails_if_the_query_attention_kept_cudnn(recorded_attentio
     _loss_grad(cfg, _init(), _batch())
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu",
-                    reason="needs a GPU: the cuDNN attention path exists only there")
+                    reason="cuDNN attention needs a GPU (run: JAX_PLATFORMS=cuda pytest -m gpu)")
 def test_loss_gradient_on_gpu_with_default_attention():
   batch = _batch()
   cfg = _config("auto")  # bf16: cuDNN for the encoder and decoder stacks, XLA for queries
