@@ -21,7 +21,8 @@ host's time to make one batch in the training process (median of 3).
 The VAE runs in bf16 with the config's attention ('auto': cuDNN where it applies, XLA for
 the query cross-attention, see moca_jax.vae) when --dtype=auto on a GPU; the DiT config is
 used as it is (data.source='synthetic').
-Writes <out>.json and <out>.md naming the machine; prints the table.
+Writes <out>.json and <out>.md naming the machine; prints the table. --from_json=a.json,b.json
+writes <out> from earlier reports instead (e.g. runs on one and on all devices).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("warmup", 5, "Untimed steps before each timed run.")
   flags.DEFINE_integer("inline_steps", 10, "Timed steps of the inline (no worker) feed.")
   flags.DEFINE_string("out", "experiments/results/input_pipeline", "Output path stem.")
+  flags.DEFINE_list("from_json", [], "Instead of measuring: write <out>.md / .json from these "
+                    "reports of this benchmark (rows concatenated; the first one's machine).")
 
 
 # ----------------------------------------------------------------------------------------
@@ -186,6 +189,7 @@ def measure(setup: dict, mesh, warmup: int, steps: int, inline_steps: int) -> di
   memory_rate, pipeline_rate = steps / mem_s, steps / pipe_s
   return {
       "task": setup["label"],
+      "devices": int(mesh.devices.size),
       "batch_size": config.batch_size,
       "workers": setup["workers"],
       "compile_s": round(compile_s, 1),
@@ -206,12 +210,11 @@ def measure(setup: dict, mesh, warmup: int, steps: int, inline_steps: int) -> di
 # ----------------------------------------------------------------------------------------
 
 
-def machine(mesh) -> dict:
+def machine() -> dict:
   dev = jax.devices()[0]
   return {
       "backend": jax.default_backend(),
       "device": dev.device_kind,
-      "devices_used": int(mesh.devices.size),
       "devices_present": jax.device_count(),
       "host": describe_host(),
       "node": platform.node(),
@@ -225,8 +228,8 @@ def markdown(report: dict) -> str:
   lines = [
       "# Input pipeline: training steps/s fed by the pipeline vs from memory",
       "",
-      f"`python -m experiments.input_pipeline`, {m['devices_used']} x {m['device']} "
-      f"({m['backend']}, jax {m['jax']}) of {m['devices_present']}; host: {m['host']}.",
+      f"`python -m experiments.input_pipeline` on {m['devices_present']} x {m['device']} "
+      f"({m['backend']}, jax {m['jax']}); host: {m['host']}.",
       "",
       "memory: one batch already on the device, reused. pipeline: the task's iterator with "
       "the input worker processes, `model_batch`, `shard_batch`, as `train_lib.run_training` "
@@ -235,22 +238,34 @@ def markdown(report: dict) -> str:
       "and worker start excluded); host batch: the training process's time to make one batch "
       "(median of 3). Target: pipeline >= 90% of memory.",
       "",
-      "| task | batch | workers | memory steps/s | pipeline steps/s | pipeline / memory | "
-      "inline steps/s | host batch (s) | compile (s) |",
-      "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+      "| task | devices | batch | workers | memory steps/s | pipeline steps/s | "
+      "pipeline / memory | inline steps/s | host batch (s) | compile (s) |",
+      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
   ]
   for r in report["rows"]:
     lines.append(
-        f"| {r['task']} | {r['batch_size']} | {r['workers']} | {r['memory_steps_per_s']:.2f} | "
+        f"| {r['task']} | {r['devices']} | {r['batch_size']} | {r['workers']} | "
+        f"{r['memory_steps_per_s']:.2f} | "
         f"{r['pipeline_steps_per_s']:.2f} | {100 * r['pipeline_over_memory']:.0f}% | "
         f"{r['inline_steps_per_s']:.2f} | {r['host_batch_s']:.3f} | {r['compile_s']:.0f} |")
   return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out: str) -> None:
+  mio.write_json(out + ".json", report)
+  mio.atomic_write_text(out + ".md", markdown(report))
 
 
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   f = FLAGS
+  if f.from_json:
+    reports = [mio.read_json(p) for p in f.from_json]
+    report = {"machine": reports[0]["machine"], "rows": [r for x in reports for r in x["rows"]]}
+    write_report(report, f.out)
+    print(markdown(report))
+    return
   unknown = set(f.tasks) - {"vae", "dit"}
   if unknown:
     raise app.UsageError(f"--tasks: unknown task(s) {sorted(unknown)}; expected vae, dit")
@@ -263,9 +278,8 @@ def main(argv) -> None:
     row = measure(setup, mesh, f.warmup, f.steps, f.inline_steps)
     print(row, flush=True)
     rows.append(row)
-  report = {"machine": machine(mesh), "rows": rows}
-  mio.write_json(f.out + ".json", report)
-  mio.atomic_write_text(f.out + ".md", markdown(report))
+  report = {"machine": machine(), "rows": rows}
+  write_report(report, f.out)
   print(markdown(report))
 
 

@@ -39,11 +39,11 @@ def test_timed_steps_dispatches_before_fetching_and_times_after_warmup(monkeypat
 
 
 def test_markdown_names_the_machine_and_the_ratio():
-  row = {"task": "VAE 'small'", "batch_size": 64, "workers": 14, "memory_steps_per_s": 10.0,
+  row = {"task": "VAE 'small'", "devices": 1, "batch_size": 64, "workers": 14, "memory_steps_per_s": 10.0,
          "pipeline_steps_per_s": 9.5, "pipeline_over_memory": 0.95, "inline_steps_per_s": 1.4,
          "host_batch_s": 0.5, "compile_s": 30.0}
-  machine = {"devices_used": 1, "device": "NVIDIA H200", "backend": "gpu", "jax": "0.11.2",
+  machine = {"device": "NVIDIA H200", "backend": "gpu", "jax": "0.11.2",
              "devices_present": 2, "host": "some cpu, 32 cores available"}
   md = input_pipeline.markdown({"machine": machine, "rows": [row]})
-  assert "1 x NVIDIA H200 (gpu, jax 0.11.2) of 2; host: some cpu, 32 cores available" in md
-  assert "| VAE 'small' | 64 | 14 | 10.00 | 9.50 | 95% | 1.40 | 0.500 | 30 |" in md
+  assert "on 2 x NVIDIA H200 (gpu, jax 0.11.2); host: some cpu, 32 cores available" in md
+  assert "| VAE 'small' | 1 | 64 | 14 | 10.00 | 9.50 | 95% | 1.40 | 0.500 | 30 |" in md
