@@ -8,9 +8,10 @@ For each task (the VAE on its analytic source, the DiT on its synthetic source) 
 training step of `moca_jax.train_lib` (AdamW, EMA; the task's loss, config and shardings),
 compiles it ahead of time, and times --steps steps after --warmup steps in three feeds:
   memory     one batch already on the device, reused every step (the step's own rate)
-  pipeline   the task's iterator (`make_iterator_fn`) with --workers input worker processes
-             (-1: the tasks' auto choice), `model_batch`, `sharding.shard_batch`: what
-             `train_lib.run_training` does each step
+  pipeline   the task's iterator (`make_iterator_fn`) with --workers (VAE) / --dit_workers
+             input worker processes, `model_batch`, `sharding.shard_batch`: what
+             `train_lib.run_training` does each step (the DiT's synthetic iterator with 0
+             workers still makes its examples in grain's prefetch threads)
   inline     the same with no worker processes (sampling in the training process: the rate
              before the workers; --inline_steps steps)
 The loop is `run_training`'s: dispatch step i, then fetch step i - 1's metrics, so host work
@@ -51,7 +52,10 @@ def define_flags() -> None:
   flags.DEFINE_integer("vae_batch", 64, "VAE global batch.")
   flags.DEFINE_string("dit_size", "small", "DiT config (experiments/configs/dit.py).")
   flags.DEFINE_integer("dit_batch", 16, "DiT global batch.")
-  flags.DEFINE_integer("workers", -1, "Input worker processes (-1: the task's auto choice).")
+  flags.DEFINE_integer("workers", -1, "VAE input worker processes (-1: auto, "
+                       "moca_jax.vae_task.input_workers).")
+  flags.DEFINE_integer("dit_workers", 0, "DiT input worker processes (0: grain's prefetch "
+                       "threads in the training process; -1: auto as for the VAE).")
   flags.DEFINE_integer("devices", 0, "Devices of the data mesh (0: all).")
   flags.DEFINE_string("dtype", "auto", "VAE compute dtype: auto (bf16 on GPU), float32, "
                       "bfloat16.")
@@ -274,7 +278,7 @@ def main(argv) -> None:
   rows = []
   for name in f.tasks:
     setup = (vae_setup(f.vae_size, f.vae_batch, f.workers, f.dtype) if name == "vae"
-             else dit_setup(f.dit_size, f.dit_batch, f.workers))
+             else dit_setup(f.dit_size, f.dit_batch, f.dit_workers))
     row = measure(setup, mesh, f.warmup, f.steps, f.inline_steps)
     print(row, flush=True)
     rows.append(row)
