@@ -2,22 +2,23 @@ r"""Input-pipeline benchmark: the real training step fed by the pipeline vs from
 
   python -m experiments.input_pipeline --tasks=vae,dit --workers=-1 --devices=1   # GPU
   python -m experiments.input_pipeline --tasks=vae --vae_size=tiny --vae_batch=4 \
-      --dit_size=tiny --steps=3 --warmup=1 --workers=0 --out=/tmp/ip                # smoke
+      --seconds=2 --min_steps=3 --inline_seconds=1 --warmup=3 --workers=1 --out=/tmp/ip  # smoke
 
 For each task (the VAE on its analytic source, the DiT on its synthetic source) it builds the
 training step of `moca_jax.train_lib` (AdamW, EMA; the task's loss, config and shardings),
-compiles it ahead of time, and times --steps steps after --warmup steps in three feeds:
+compiles it ahead of time, and times it in three feeds:
   memory     one batch already on the device, reused every step (the step's own rate)
   pipeline   the task's iterator (`make_iterator_fn`) with --workers (VAE) / --dit_workers
              input worker processes, `model_batch`, `sharding.shard_batch`: what
              `train_lib.run_training` does each step (the DiT's synthetic iterator with 0
              workers still makes its examples in grain's prefetch threads)
   inline     the same with no worker processes (sampling in the training process: the rate
-             before the workers; --inline_steps steps)
+             before the workers; --inline_seconds)
 The loop is `run_training`'s: dispatch step i, then fetch step i - 1's metrics, so host work
-for the next batch overlaps the device's step. The rate is steps / wall time of the timed
-steps; the warm-up steps (compilation, worker start) are excluded. Also reported: the
-host's time to make one batch in the training process (median of 3).
+for the next batch overlaps the device's step. After --warmup steps (compilation, worker
+start), each feed runs for --seconds; the rate is steps per second over the second half of
+that time, once the workers' prefetch buffers have drained (`timed_steps`). Also reported:
+the host's time to make one batch in the training process (median of 3).
 
 The VAE runs in bf16 with the config's attention ('auto': cuDNN where it applies, XLA for
 the query cross-attention, see moca_jax.vae) when --dtype=auto on a GPU; the DiT config is
@@ -59,9 +60,11 @@ def define_flags() -> None:
   flags.DEFINE_integer("devices", 0, "Devices of the data mesh (0: all).")
   flags.DEFINE_string("dtype", "auto", "VAE compute dtype: auto (bf16 on GPU), float32, "
                       "bfloat16.")
-  flags.DEFINE_integer("steps", 40, "Timed steps per feed.")
+  flags.DEFINE_float("seconds", 12.0, "Timed seconds per feed (the rate is over the second "
+                     "half).")
+  flags.DEFINE_integer("min_steps", 10, "Timed steps per feed, at least.")
   flags.DEFINE_integer("warmup", 5, "Untimed steps before each timed run.")
-  flags.DEFINE_integer("inline_steps", 10, "Timed steps of the inline (no worker) feed.")
+  flags.DEFINE_float("inline_seconds", 6.0, "Timed seconds of the inline (no worker) feed.")
   flags.DEFINE_string("out", "experiments/results/input_pipeline", "Output path stem.")
   flags.DEFINE_list("from_json", [], "Instead of measuring: write <out>.md / .json from these "
                     "reports of this benchmark (rows concatenated; the first one's machine).")
@@ -122,25 +125,42 @@ def dit_setup(size: str, batch: int, workers: int) -> dict:
 # ----------------------------------------------------------------------------------------
 
 
-def timed_steps(compiled, state, rng, feed: Callable[[], Any], warmup: int, steps: int):
-  """run_training's loop over `feed()` batches: returns (state, seconds of the timed steps).
+def timed_steps(compiled, state, rng, feed: Callable[[], Any], warmup: int, seconds: float,
+                min_steps: int = 10, clock: Callable[[], float] = time.perf_counter):
+  """run_training's loop over `feed()` batches, timed in steady state.
 
-  Each step is dispatched before the previous step's metrics are fetched; timing starts
-  once the warm-up steps have finished on the device.
+  Each step is dispatched before the previous step's metrics are fetched. After `warmup`
+  steps (finished on the device before the clock starts), steps run until `seconds` have
+  passed and at least `min_steps` steps were timed. The rate is taken over the second half
+  of that time only: the workers' prefetch buffers (up to workers x buffer batches made
+  before the clock starts) drain in the first half, so the rate is what the slower of
+  pipeline and device sustains.
+
+  Returns:
+    (state, steps per second, steps timed).
   """
-  pending, start = None, None
-  for i in range(warmup + steps):
-    if i == warmup:
-      if pending is not None:
-        jax.device_get(pending)
-        pending = None
-      start = time.perf_counter()
+  pending = None
+  for _ in range(warmup):
     state, metrics = compiled(state, feed(), rng)
     if pending is not None:
       jax.device_get(pending)
     pending = metrics
+  if pending is not None:
+    jax.device_get(pending)  # the warm-up has finished on the device
+  pending, done_at = None, []
+  start = clock()
+  while len(done_at) < min_steps or done_at[-1] - start < seconds:
+    state, metrics = compiled(state, feed(), rng)
+    if pending is not None:
+      jax.device_get(pending)
+      done_at.append(clock())
+    pending = metrics
   jax.device_get(pending)
-  return state, time.perf_counter() - start
+  done_at.append(clock())
+  mid = start + (done_at[-1] - start) / 2
+  late = [t for t in done_at if t >= mid]
+  rate = (len(late) - 1) / (late[-1] - late[0])
+  return state, rate, len(done_at)
 
 
 def optimizer(config, init_fn, trainable_fn, batch_spec):
@@ -154,7 +174,8 @@ def optimizer(config, init_fn, trainable_fn, batch_spec):
   return train_lib.make_optimizer(config.optim, trainable)
 
 
-def measure(setup: dict, mesh, warmup: int, steps: int, inline_steps: int) -> dict:
+def measure(setup: dict, mesh, warmup: int, seconds: float, min_steps: int,
+            inline_seconds: float) -> dict:
   """The three feeds of one task (module docstring); rates in steps per second."""
   config, (_, init_fn, loss_fn) = setup["config"], setup["task"]
   prepare = setup["prepare"]
@@ -178,32 +199,34 @@ def measure(setup: dict, mesh, warmup: int, steps: int, inline_steps: int) -> di
   compile_s = time.perf_counter() - t
   rng = jax.random.PRNGKey(1)
 
+  timed = lambda feed, warm, secs: timed_steps(compiled, state, rng, feed, warm, secs,
+                                               min_steps)
   on_device = sharding.shard_batch(prepare(first), mesh)
-  state, mem_s = timed_steps(compiled, state, rng, lambda: on_device, warmup, steps)
+  state, memory_rate, memory_steps = timed(lambda: on_device, warmup, seconds)
 
   it = setup["iterator_fn"](config)()
-  feed = lambda: sharding.shard_batch(prepare(next(it)), mesh)
-  state, pipe_s = timed_steps(compiled, state, rng, feed, warmup, steps)
+  state, pipeline_rate, pipeline_steps = timed(
+      lambda: sharding.shard_batch(prepare(next(it)), mesh), warmup, seconds)
   if hasattr(it, "close"):
     it.close()
   del it
 
-  inline_feed = lambda: sharding.shard_batch(prepare(next(inline_iter)), mesh)
-  state, inline_s = timed_steps(compiled, state, rng, inline_feed, 1, inline_steps)
-  memory_rate, pipeline_rate = steps / mem_s, steps / pipe_s
+  state, inline_rate, inline_steps = timed(
+      lambda: sharding.shard_batch(prepare(next(inline_iter)), mesh), 1, inline_seconds)
   return {
       "task": setup["label"],
       "devices": int(mesh.devices.size),
       "batch_size": config.batch_size,
       "workers": setup["workers"],
       "compile_s": round(compile_s, 1),
-      "steps": steps,
       "warmup": warmup,
+      "memory_steps": memory_steps,
       "memory_steps_per_s": round(memory_rate, 3),
+      "pipeline_steps": pipeline_steps,
       "pipeline_steps_per_s": round(pipeline_rate, 3),
       "pipeline_over_memory": round(pipeline_rate / memory_rate, 3),
       "inline_steps": inline_steps,
-      "inline_steps_per_s": round(inline_steps / inline_s, 3),
+      "inline_steps_per_s": round(inline_rate, 3),
       "host_batch_s": round(statistics.median(host_times), 4),
       "memory_mib": {k: round(v, 1) for k, v in mem.items()},
   }
@@ -239,7 +262,8 @@ def markdown(report: dict) -> str:
       "the input worker processes, `model_batch`, `shard_batch`, as `train_lib.run_training` "
       "feeds it. inline: the same iterator with no worker processes (sampling in the "
       "training process). Rates are timed steps / wall time after warm-up steps (compilation "
-      "and worker start excluded); host batch: the training process's time to make one batch "
+      "and worker start excluded), over the second half of each timed run (prefetch buffers "
+      "drained); host batch: the training process's time to make one batch "
       "(median of 3). Target: pipeline >= 90% of memory.",
       "",
       "| task | devices | batch | workers | memory steps/s | pipeline steps/s | "
@@ -279,7 +303,7 @@ def main(argv) -> None:
   for name in f.tasks:
     setup = (vae_setup(f.vae_size, f.vae_batch, f.workers, f.dtype) if name == "vae"
              else dit_setup(f.dit_size, f.dit_batch, f.dit_workers))
-    row = measure(setup, mesh, f.warmup, f.steps, f.inline_steps)
+    row = measure(setup, mesh, f.warmup, f.seconds, f.min_steps, f.inline_seconds)
     print(row, flush=True)
     rows.append(row)
   report = {"machine": machine(), "rows": rows}

@@ -21,21 +21,33 @@ def test_input_workers_auto_and_explicit(monkeypatch):
     vae_task.input_workers(-2)
 
 
-def test_timed_steps_dispatches_before_fetching_and_times_after_warmup(monkeypatch):
-  events = []
+def test_timed_steps_dispatches_before_fetching_and_rates_the_second_half(monkeypatch):
+  events, now = [], [0.0]
 
-  def step(state, batch, rng):
+  def step(state, batch, rng):  # dispatch: returns at once
     events.append(("step", batch))
     return state + 1, {"step": state}
 
-  monkeypatch.setattr(jax, "device_get", lambda x: events.append(("fetch", x["step"])))
+  def fetch(metrics):  # waits for the step: batches 0..5 take 0.1 s (full buffers), then 1 s
+    events.append(("fetch", metrics["step"]))
+    now[0] += 0.1 if metrics["step"] < 6 else 1.0
+
+  monkeypatch.setattr(jax, "device_get", fetch)
   batches = iter(range(100))
-  state, seconds = input_pipeline.timed_steps(step, 0, None, lambda: next(batches), 2, 3)
-  assert state == 5 and seconds >= 0
-  # warm-up: step 0, step 1, fetch 0; then step 1 is fetched before the clock starts;
-  # timed: step 2, step 3, fetch 2, step 4, fetch 3, then the last fetch
-  assert events == [("step", 0), ("step", 1), ("fetch", 0), ("fetch", 1), ("step", 2),
-                    ("step", 3), ("fetch", 2), ("step", 4), ("fetch", 3), ("fetch", 4)]
+  state, rate, timed = input_pipeline.timed_steps(
+      step, 0, None, lambda: next(batches), warmup=2, seconds=6.0, min_steps=3,
+      clock=lambda: now[0])
+  # warm-up: step 0, step 1, fetch 0, then step 1 is fetched before the clock starts;
+  # timed: step 2, step 3, fetch 2, step 4, fetch 3, ...
+  assert events[:8] == [("step", 0), ("step", 1), ("fetch", 0), ("fetch", 1), ("step", 2),
+                        ("step", 3), ("fetch", 2), ("step", 4)]
+  steps = [b for kind, b in events if kind == "step"]
+  fetches = [b for kind, b in events if kind == "fetch"]
+  assert fetches == steps  # every step's metrics fetched once, in order
+  assert state == len(steps) and timed == len(steps) - 2
+  # 6 s from the clock start at 0.2 s: the buffered steps 2..5 (0.4 s) then 1 s steps; the
+  # second half runs at the steady 1 step/s, not at the whole run's 11 steps in 7.4 s
+  assert rate == pytest.approx(1.0)
 
 
 def test_markdown_names_the_machine_and_the_ratio():

@@ -45,8 +45,8 @@ timeout 300 python3 -m experiments.input_pipeline --tasks=vae,dit --devices=1 \
 note "input_pipeline 1 GPU rc=$?"
 cp /tmp/input_pipeline.json "$OUT/" 2>/dev/null
 if [ "$SECONDS" -lt 270 ] && [ "$(nvidia-smi -L | wc -l)" -gt 1 ]; then
-  timeout 100 python3 -m experiments.input_pipeline --tasks=vae --devices=0 --steps=30 \
-    --inline_steps=5 --out=/tmp/input_pipeline_all_gpus > "$OUT/input_pipeline_all.log" 2>&1
+  timeout 100 python3 -m experiments.input_pipeline --tasks=vae --devices=0 --seconds=8 \
+    --inline_seconds=3 --out=/tmp/input_pipeline_all_gpus > "$OUT/input_pipeline_all.log" 2>&1
   note "input_pipeline all GPUs rc=$?"
   cp /tmp/input_pipeline_all_gpus.json "$OUT/" 2>/dev/null
 fi
