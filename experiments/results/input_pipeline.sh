@@ -3,8 +3,8 @@
 # host with 1 or 2 GPUs, from the repository root:
 #   1. tests/test_vae_attention.py on the GPU (the VAE loss's gradient through cuDNN)
 #   2. the first steps of train_vae 'small' in bf16 with the default attention, batch 64
-#   3. experiments/input_pipeline: VAE 'small' and DiT 'small' (synthetic), 1 GPU, then the
-#      VAE on every GPU if time is left
+#   3. experiments/input_pipeline: VAE 'small' on 1 GPU, then if time is left the DiT
+#      'small' (synthetic) on 1 GPU and the VAE on every GPU
 # Logs and results go to $OUT (default ./input_pipeline_out). Wheels in .whl/ (if any) are
 # installed first (the device image lacks grain, array_record, ml_collections, tensorboardX,
 # trimesh, portpicker).
@@ -32,22 +32,25 @@ note "pytest tests/test_vae_attention.py rc=$? $(tail -1 "$OUT/pytest_gpu.log")"
 # 2. train_vae 'small', bf16, attention 'auto', batch 64, one GPU, input workers auto
 CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m experiments.train_vae \
   --config=experiments/configs/vae.py:small --config.model.dtype=bfloat16 \
-  --config.batch_size=64 --config.num_steps=60 --config.log_every=10 \
+  --config.batch_size=64 --config.num_steps=40 --config.log_every=10 \
   --config.eval.num_shapes=0 --config.eval.write_mesh=False --workdir=/tmp/w_vae \
   > "$OUT/train_vae.log" 2>&1
 note "train_vae rc=$? $(tr '\r' '\n' < "$OUT/train_vae.log" | grep -a 'train:' | tail -1)"
 cp /tmp/w_vae/metrics.jsonl "$OUT/train_vae_metrics.jsonl" 2>/dev/null
 
-# 3. the benchmark: VAE and DiT on one GPU (only the .json comes back: 8 files at most;
-#    the .md is written again from it by experiments.input_pipeline --from_json)
-timeout 300 python3 -m experiments.input_pipeline --tasks=vae,dit --devices=1 \
-  --out=/tmp/input_pipeline > "$OUT/input_pipeline.log" 2>&1
-note "input_pipeline 1 GPU rc=$?"
-cp /tmp/input_pipeline.json "$OUT/" 2>/dev/null
-if [ "$SECONDS" -lt 270 ] && [ "$(nvidia-smi -L | wc -l)" -gt 1 ]; then
-  timeout 100 python3 -m experiments.input_pipeline --tasks=vae --devices=0 --seconds=8 \
-    --inline_seconds=3 --out=/tmp/input_pipeline_all_gpus > "$OUT/input_pipeline_all.log" 2>&1
-  note "input_pipeline all GPUs rc=$?"
-  cp /tmp/input_pipeline_all_gpus.json "$OUT/" 2>/dev/null
-fi
+# 3. the benchmark, each part if time is left: the VAE on one GPU, the DiT on one GPU, the
+#    VAE on every GPU. Only the .json files come back (8 files at most); the .md is written
+#    again from them: python -m experiments.input_pipeline --from_json=...
+bench() {  # bench NAME LIMIT_S ARGS...
+  local name=$1 limit=$2
+  shift 2
+  timeout "$limit" python3 -m experiments.input_pipeline --out="/tmp/$name" "$@" \
+    >> "$OUT/input_pipeline.log" 2>&1
+  note "input_pipeline $name rc=$?"
+  cp "/tmp/$name.json" "$OUT/" 2>/dev/null
+}
+bench input_pipeline_vae 150 --tasks=vae --devices=1
+[ "$SECONDS" -lt 240 ] && bench input_pipeline_dit 150 --tasks=dit --devices=1
+[ "$SECONDS" -lt 300 ] && [ "$(nvidia-smi -L | wc -l)" -gt 1 ] && \
+  bench input_pipeline_all_gpus 90 --tasks=vae --devices=0 --seconds=8 --inline_seconds=3
 note done
