@@ -25,12 +25,12 @@ note() { echo "$(date -u +%T) [${SECONDS}s] $*" | tee -a "$summary"; }
 } >> "$summary" 2>&1
 
 # 1. the GPU test (conftest defaults JAX_PLATFORMS to cpu: name the GPU)
-JAX_PLATFORMS=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider -rs -m gpu \
+JAX_PLATFORMS=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider -rs -m gpu \
   tests/test_vae_attention.py > "$OUT/pytest_gpu.log" 2>&1
 note "pytest tests/test_vae_attention.py rc=$? $(tail -1 "$OUT/pytest_gpu.log")"
 
 # 2. train_vae 'small', bf16, attention 'auto', batch 64, one GPU, input workers auto
-CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m experiments.train_vae \
+CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m experiments.train_vae \
   --config=experiments/configs/vae.py:small --config.model.dtype=bfloat16 \
   --config.batch_size=64 --config.num_steps=40 --config.log_every=10 \
   --config.eval.num_shapes=0 --config.eval.write_mesh=False --workdir=/tmp/w_vae \
@@ -49,8 +49,8 @@ bench() {  # bench NAME LIMIT_S ARGS...
   note "input_pipeline $name rc=$?"
   cp "/tmp/$name.json" "$OUT/" 2>/dev/null
 }
-bench input_pipeline_vae 150 --tasks=vae --devices=1
-[ "$SECONDS" -lt 240 ] && bench input_pipeline_dit 150 --tasks=dit --devices=1
-[ "$SECONDS" -lt 300 ] && [ "$(nvidia-smi -L | wc -l)" -gt 1 ] && \
-  bench input_pipeline_all_gpus 90 --tasks=vae --devices=0 --seconds=8 --inline_seconds=3
+bench input_pipeline_vae 130 --tasks=vae --devices=1
+[ "$SECONDS" -lt 200 ] && bench input_pipeline_dit 120 --tasks=dit --devices=1
+[ "$SECONDS" -lt 260 ] && [ "$(nvidia-smi -L | wc -l)" -gt 1 ] && \
+  bench input_pipeline_all_gpus 80 --tasks=vae --devices=0 --seconds=8 --inline_seconds=3
 note done
