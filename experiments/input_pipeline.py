@@ -53,21 +53,32 @@ def define_flags() -> None:
   flags.DEFINE_integer("vae_batch", 64, "VAE global batch.")
   flags.DEFINE_string("dit_size", "small", "DiT config (experiments/configs/dit.py).")
   flags.DEFINE_integer("dit_batch", 16, "DiT global batch.")
-  flags.DEFINE_integer("workers", -1, "VAE input worker processes (-1: auto, "
-                       "moca_jax.vae_task.input_workers).")
-  flags.DEFINE_integer("dit_workers", 0, "DiT input worker processes (0: grain's prefetch "
-                       "threads in the training process; -1: auto as for the VAE).")
+  flags.DEFINE_integer(
+      "workers", -1, "VAE input worker processes (-1: auto, " "moca_jax.vae_task.input_workers)."
+  )
+  flags.DEFINE_integer(
+      "dit_workers",
+      0,
+      "DiT input worker processes (0: grain's prefetch "
+      "threads in the training process; -1: auto as for the VAE).",
+  )
   flags.DEFINE_integer("devices", 0, "Devices of the data mesh (0: all).")
-  flags.DEFINE_string("dtype", "auto", "VAE compute dtype: auto (bf16 on GPU), float32, "
-                      "bfloat16.")
-  flags.DEFINE_float("seconds", 12.0, "Timed seconds per feed (the rate is over the second "
-                     "half).")
+  flags.DEFINE_string(
+      "dtype", "auto", "VAE compute dtype: auto (bf16 on GPU), float32, " "bfloat16."
+  )
+  flags.DEFINE_float(
+      "seconds", 12.0, "Timed seconds per feed (the rate is over the second " "half)."
+  )
   flags.DEFINE_integer("min_steps", 10, "Timed steps per feed, at least.")
   flags.DEFINE_integer("warmup", 5, "Untimed steps before each timed run.")
   flags.DEFINE_float("inline_seconds", 6.0, "Timed seconds of the inline (no worker) feed.")
   flags.DEFINE_string("out", "experiments/results/input_pipeline", "Output path stem.")
-  flags.DEFINE_list("from_json", [], "Instead of measuring: write <out>.md / .json from these "
-                    "reports of this benchmark (rows concatenated; the first one's machine).")
+  flags.DEFINE_list(
+      "from_json",
+      [],
+      "Instead of measuring: write <out>.md / .json from these "
+      "reports of this benchmark (rows concatenated; the first one's machine).",
+  )
 
 
 # ----------------------------------------------------------------------------------------
@@ -94,7 +105,7 @@ def vae_setup(size: str, batch: int, workers: int, dtype: str) -> dict:
       "trainable_fn": None,
       "workers": vae_task.input_workers(workers),
       "label": f"VAE '{size}' ({dtype}, attention {config.model.attention_implementation}), "
-               "analytic primitives",
+      "analytic primitives",
   }
 
 
@@ -116,7 +127,7 @@ def dit_setup(size: str, batch: int, workers: int) -> dict:
       "trainable_fn": dit_task.trainable_fn(config),
       "workers": resolved,
       "label": f"DiT '{size}' ({config.model.dit.dtype}, attention "
-               f"{config.model.dit.attention_implementation}), synthetic latents",
+      f"{config.model.dit.attention_implementation}), synthetic latents",
   }
 
 
@@ -125,8 +136,16 @@ def dit_setup(size: str, batch: int, workers: int) -> dict:
 # ----------------------------------------------------------------------------------------
 
 
-def timed_steps(compiled, state, rng, feed: Callable[[], Any], warmup: int, seconds: float,
-                min_steps: int = 10, clock: Callable[[], float] = time.perf_counter):
+def timed_steps(
+    compiled,
+    state,
+    rng,
+    feed: Callable[[], Any],
+    warmup: int,
+    seconds: float,
+    min_steps: int = 10,
+    clock: Callable[[], float] = time.perf_counter,
+):
   """run_training's loop over `feed()` batches, timed in steady state.
 
   Each step is dispatched before the previous step's metrics are fetched. After `warmup`
@@ -168,14 +187,16 @@ def optimizer(config, init_fn, trainable_fn, batch_spec):
   trainable = None
   if trainable_fn is not None:
     zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), batch_spec)
-    abstract = jax.eval_shape(lambda r: nn.meta.unbox(init_fn(r, zeros())["params"]),
-                              jax.random.PRNGKey(0))
+    abstract = jax.eval_shape(
+        lambda r: nn.meta.unbox(init_fn(r, zeros())["params"]), jax.random.PRNGKey(0)
+    )
     trainable = trainable_fn(abstract)
   return train_lib.make_optimizer(config.optim, trainable)
 
 
-def measure(setup: dict, mesh, warmup: int, seconds: float, min_steps: int,
-            inline_seconds: float) -> dict:
+def measure(
+    setup: dict, mesh, warmup: int, seconds: float, min_steps: int, inline_seconds: float
+) -> dict:
   """The three feeds of one task (module docstring); rates in steps per second."""
   config, (_, init_fn, loss_fn) = setup["config"], setup["task"]
   prepare = setup["prepare"]
@@ -192,27 +213,31 @@ def measure(setup: dict, mesh, warmup: int, seconds: float, min_steps: int,
   tx = optimizer(config, init_fn, setup["trainable_fn"], batch_spec)
   schedule = train_lib.make_schedule(config.optim)
   t = time.perf_counter()
-  state, st_setup = train_lib.create_train_state(init_fn, tx, batch_spec, jax.random.PRNGKey(0),
-                                                 mesh)
-  compiled, mem = train_lib.compile_train_step(loss_fn, tx, schedule, config.optim.ema_decay,
-                                               st_setup, batch_spec, mesh)
+  state, st_setup = train_lib.create_train_state(
+      init_fn, tx, batch_spec, jax.random.PRNGKey(0), mesh
+  )
+  compiled, mem = train_lib.compile_train_step(
+      loss_fn, tx, schedule, config.optim.ema_decay, st_setup, batch_spec, mesh
+  )
   compile_s = time.perf_counter() - t
   rng = jax.random.PRNGKey(1)
 
-  timed = lambda feed, warm, secs: timed_steps(compiled, state, rng, feed, warm, secs,
-                                               min_steps)
+  def timed(state, feed, warm, secs):
+    return timed_steps(compiled, state, rng, feed, warm, secs, min_steps)
+
   on_device = sharding.shard_batch(prepare(first), mesh)
-  state, memory_rate, memory_steps = timed(lambda: on_device, warmup, seconds)
+  state, memory_rate, memory_steps = timed(state, lambda: on_device, warmup, seconds)
 
   it = setup["iterator_fn"](config)()
   state, pipeline_rate, pipeline_steps = timed(
-      lambda: sharding.shard_batch(prepare(next(it)), mesh), warmup, seconds)
+      state, lambda: sharding.shard_batch(prepare(next(it)), mesh), warmup, seconds
+  )
   if hasattr(it, "close"):
-    it.close()
-  del it
+    it.close()  # stop the workers before the inline run
 
   state, inline_rate, inline_steps = timed(
-      lambda: sharding.shard_batch(prepare(next(inline_iter)), mesh), 1, inline_seconds)
+      state, lambda: sharding.shard_batch(prepare(next(inline_iter)), mesh), 1, inline_seconds
+  )
   return {
       "task": setup["label"],
       "devices": int(mesh.devices.size),
@@ -275,7 +300,8 @@ def markdown(report: dict) -> str:
         f"| {r['task']} | {r['devices']} | {r['batch_size']} | {r['workers']} | "
         f"{r['memory_steps_per_s']:.2f} | "
         f"{r['pipeline_steps_per_s']:.2f} | {100 * r['pipeline_over_memory']:.0f}% | "
-        f"{r['inline_steps_per_s']:.2f} | {r['host_batch_s']:.3f} | {r['compile_s']:.0f} |")
+        f"{r['inline_steps_per_s']:.2f} | {r['host_batch_s']:.3f} | {r['compile_s']:.0f} |"
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -301,8 +327,11 @@ def main(argv) -> None:
   mesh = sharding.make_mesh(-1, 1, devices)
   rows = []
   for name in f.tasks:
-    setup = (vae_setup(f.vae_size, f.vae_batch, f.workers, f.dtype) if name == "vae"
-             else dit_setup(f.dit_size, f.dit_batch, f.dit_workers))
+    setup = (
+        vae_setup(f.vae_size, f.vae_batch, f.workers, f.dtype)
+        if name == "vae"
+        else dit_setup(f.dit_size, f.dit_batch, f.dit_workers)
+    )
     row = measure(setup, mesh, f.warmup, f.seconds, f.min_steps, f.inline_seconds)
     print(row, flush=True)
     rows.append(row)

@@ -1,4 +1,5 @@
 """Input workers (moca_jax.vae_task.input_workers) and the input-pipeline benchmark's loop."""
+
 import jax
 import pytest
 
@@ -35,12 +36,20 @@ def test_timed_steps_dispatches_before_fetching_and_rates_the_second_half(monkey
   monkeypatch.setattr(jax, "device_get", fetch)
   batches = iter(range(100))
   state, rate, timed = input_pipeline.timed_steps(
-      step, 0, None, lambda: next(batches), warmup=2, seconds=6.0, min_steps=3,
-      clock=lambda: now[0])
+      step, 0, None, lambda: next(batches), warmup=2, seconds=6.0, min_steps=3, clock=lambda: now[0]
+  )
   # warm-up: step 0, step 1, fetch 0, then step 1 is fetched before the clock starts;
   # timed: step 2, step 3, fetch 2, step 4, fetch 3, ...
-  assert events[:8] == [("step", 0), ("step", 1), ("fetch", 0), ("fetch", 1), ("step", 2),
-                        ("step", 3), ("fetch", 2), ("step", 4)]
+  assert events[:8] == [
+      ("step", 0),
+      ("step", 1),
+      ("fetch", 0),
+      ("fetch", 1),
+      ("step", 2),
+      ("step", 3),
+      ("fetch", 2),
+      ("step", 4),
+  ]
   steps = [b for kind, b in events if kind == "step"]
   fetches = [b for kind, b in events if kind == "fetch"]
   assert fetches == steps  # every step's metrics fetched once, in order
@@ -51,11 +60,25 @@ def test_timed_steps_dispatches_before_fetching_and_rates_the_second_half(monkey
 
 
 def test_markdown_names_the_machine_and_the_ratio():
-  row = {"task": "VAE 'small'", "devices": 1, "batch_size": 64, "workers": 14, "memory_steps_per_s": 10.0,
-         "pipeline_steps_per_s": 9.5, "pipeline_over_memory": 0.95, "inline_steps_per_s": 1.4,
-         "host_batch_s": 0.5, "compile_s": 30.0}
-  machine = {"device": "NVIDIA H200", "backend": "gpu", "jax": "0.11.2",
-             "devices_present": 2, "host": "some cpu, 32 cores available"}
+  row = {
+      "task": "VAE 'small'",
+      "devices": 1,
+      "batch_size": 64,
+      "workers": 14,
+      "memory_steps_per_s": 10.0,
+      "pipeline_steps_per_s": 9.5,
+      "pipeline_over_memory": 0.95,
+      "inline_steps_per_s": 1.4,
+      "host_batch_s": 0.5,
+      "compile_s": 30.0,
+  }
+  machine = {
+      "device": "NVIDIA H200",
+      "backend": "gpu",
+      "jax": "0.11.2",
+      "devices_present": 2,
+      "host": "some cpu, 32 cores available",
+  }
   md = input_pipeline.markdown({"machine": machine, "rows": [row]})
   assert "on 2 x NVIDIA H200 (gpu, jax 0.11.2); host: some cpu, 32 cores available" in md
   assert "| VAE 'small' | 1 | 64 | 14 | 10.00 | 9.50 | 95% | 1.40 | 0.500 | 30 |" in md

@@ -7,6 +7,7 @@ encoder and the decoder's self-attention keep cuDNN. On CPU a stand-in for cuDNN
 a VJP rule, and a forward that cannot be differentiated again, like the real kernel) proves
 the selection; on a GPU the real cuDNN path is differentiated.
 """
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -96,8 +97,14 @@ def _batch():
   near = pts[:, :NUM_NEAR] + rng.normal(scale=0.02, size=(2, NUM_NEAR, 3)).astype(np.float32)
   vol = rng.uniform(-1, 1, (2, NUM_VOLUME, 3)).astype(np.float32)
   sdf = lambda x: np.linalg.norm(x, axis=-1) - 0.5
-  return {"surface_points": pts, "surface_normals": pts / 0.5, "near_points": near,
-          "near_sdf": sdf(near), "volume_points": vol, "volume_sdf": sdf(vol)}
+  return {
+      "surface_points": pts,
+      "surface_normals": pts / 0.5,
+      "near_points": near,
+      "near_sdf": sdf(near),
+      "volume_points": vol,
+      "volume_sdf": sdf(vol),
+  }
 
 
 def _config(implementation: str) -> ml_collections.ConfigDict:
@@ -109,16 +116,18 @@ def _config(implementation: str) -> ml_collections.ConfigDict:
 
 def _loss_grad(cfg, params, batch):
   model = VecSetVAE(cfg)
-  grad_fn = jax.jit(jax.grad(lambda p: vae.vae_loss(p, model, batch, jax.random.PRNGKey(1),
-                                                    cfg)[0]))
+  grad_fn = jax.jit(
+      jax.grad(lambda p: vae.vae_loss(p, model, batch, jax.random.PRNGKey(1), cfg)[0])
+  )
   return grad_fn(params)
 
 
 def _init():
   """Tiny VAE params (fp32 whatever the compute dtype), made with XLA attention so that the
   recorded calls are the loss's alone."""
-  return vae.init_vae(VecSetVAE(vae.vae_config("tiny")), jax.random.PRNGKey(0), batch_size=2,
-                      num_points=NUM_SURFACE)
+  return vae.init_vae(
+      VecSetVAE(vae.vae_config("tiny")), jax.random.PRNGKey(0), batch_size=2, num_points=NUM_SURFACE
+  )
 
 
 def test_resolve_attention_implementation(monkeypatch):
@@ -148,7 +157,8 @@ def test_stand_in_fails_a_second_derivative_like_cudnn():
 
 
 def test_loss_gradient_with_cudnn_requested_uses_xla_only_where_differentiated_twice(
-    recorded_attention):
+    recorded_attention,
+):
   batch = _batch()
   params = _init()
   recorded_attention.clear()  # the loss's calls only
@@ -165,38 +175,45 @@ def test_loss_gradient_with_cudnn_requested_uses_xla_only_where_differentiated_t
   assert by_backend["cudnn"] == {(latents, NUM_SURFACE), (latents, latents)}
   # same gradient as the all-XLA model (both bf16)
   ref = _loss_grad(_config("xla"), params, batch)
-  flat, flat_ref = (jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(g)])
-                    for g in (grads, ref))
+  flat, flat_ref = (
+      jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(g)]) for g in (grads, ref)
+  )
   assert float(jnp.linalg.norm(flat - flat_ref) / jnp.linalg.norm(flat_ref)) < 0.05
 
 
-def test_loss_gradient_fails_if_the_query_attention_kept_cudnn(recorded_attention,
-                                                                monkeypatch):
+def test_loss_gradient_fails_if_the_query_attention_kept_cudnn(recorded_attention, monkeypatch):
   """The negative control: without the higher-order fallback the stand-in fails as cuDNN
   did on the H200 (so the test above would catch the regression)."""
   original = layers.resolve_attention_implementation
-  monkeypatch.setattr(layers, "resolve_attention_implementation",
-                      lambda requested, dtype, higher_order=False: original(requested, dtype))
+  monkeypatch.setattr(
+      layers,
+      "resolve_attention_implementation",
+      lambda requested, dtype, higher_order=False: original(requested, dtype),
+  )
   cfg = _config("cudnn")
   with pytest.raises(Exception, match="do not support JVP"):
     _loss_grad(cfg, _init(), _batch())
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(jax.default_backend() != "gpu",
-                    reason="cuDNN attention needs a GPU (run: JAX_PLATFORMS=cuda pytest -m gpu)")
+@pytest.mark.skipif(
+    jax.default_backend() != "gpu",
+    reason="cuDNN attention needs a GPU (run: JAX_PLATFORMS=cuda pytest -m gpu)",
+)
 def test_loss_gradient_on_gpu_with_default_attention():
   batch = _batch()
   cfg = _config("auto")  # bf16: cuDNN for the encoder and decoder stacks, XLA for queries
   model = VecSetVAE(cfg)
   params = _init()
-  grad_fn = jax.jit(jax.grad(lambda p: vae.vae_loss(p, model, batch, jax.random.PRNGKey(1),
-                                                    cfg)[0]))
+  grad_fn = jax.jit(
+      jax.grad(lambda p: vae.vae_loss(p, model, batch, jax.random.PRNGKey(1), cfg)[0])
+  )
   hlo = grad_fn.lower(params).compile().as_text()
   assert "cudnn$fmha" in hlo, "the GPU path should run cuDNN attention somewhere"
   grads = grad_fn(params)
   chex.assert_tree_all_finite(grads)
   ref = _loss_grad(_config("xla"), params, batch)
-  flat, flat_ref = (jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(g)])
-                    for g in (grads, ref))
+  flat, flat_ref = (
+      jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(g)]) for g in (grads, ref)
+  )
   assert float(jnp.linalg.norm(flat - flat_ref) / jnp.linalg.norm(flat_ref)) < 0.05

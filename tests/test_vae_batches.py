@@ -191,10 +191,12 @@ def test_analytic_batch_is_a_function_of_seed_and_index():
   _assert_same_batch(vae_batches.analytic_batch(spec, 3, 5, 11), a)
   assert a["surface_points"].shape == (3, 64, 3) and a["near_sdf"].shape == (3, 32)
   np.testing.assert_array_equal(a["index"], [11, 11, 11])
-  assert not np.array_equal(vae_batches.analytic_batch(spec, 3, 5, 12)["near_points"],
-                            a["near_points"])
-  assert not np.array_equal(vae_batches.analytic_batch(spec, 3, 6, 11)["near_points"],
-                            a["near_points"])
+  assert not np.array_equal(
+      vae_batches.analytic_batch(spec, 3, 5, 12)["near_points"], a["near_points"]
+  )
+  assert not np.array_equal(
+      vae_batches.analytic_batch(spec, 3, 6, 11)["near_points"], a["near_points"]
+  )
   ds = vae_batches.analytic_dataset(d, 3, 5, start=9)
   _assert_same_batch(ds[2], a)  # element j of a dataset started at 9 is batch 9 + j
   with pytest.raises(ValueError, match="num_workers must be >= 0, got -1"):
