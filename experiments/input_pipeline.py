@@ -73,6 +73,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("warmup", 5, "Untimed steps before each timed run.")
   flags.DEFINE_float("inline_seconds", 6.0, "Timed seconds of the inline (no worker) feed.")
   flags.DEFINE_string("out", "experiments/results/input_pipeline", "Output path stem.")
+  flags.DEFINE_string("note", "", "A paragraph for the .md and .json (what the numbers show).")
   flags.DEFINE_list(
       "from_json",
       [],
@@ -302,6 +303,8 @@ def markdown(report: dict) -> str:
         f"{r['pipeline_steps_per_s']:.2f} | {100 * r['pipeline_over_memory']:.0f}% | "
         f"{r['inline_steps_per_s']:.2f} | {r['host_batch_s']:.3f} | {r['compile_s']:.0f} |"
     )
+  if report.get("note"):
+    lines += ["", report["note"]]
   return "\n".join(lines) + "\n"
 
 
@@ -317,6 +320,8 @@ def main(argv) -> None:
   if f.from_json:
     reports = [mio.read_json(p) for p in f.from_json]
     report = {"machine": reports[0]["machine"], "rows": [r for x in reports for r in x["rows"]]}
+    if f.note:
+      report["note"] = f.note
     write_report(report, f.out)
     print(markdown(report))
     return
@@ -336,6 +341,8 @@ def main(argv) -> None:
     print(row, flush=True)
     rows.append(row)
   report = {"machine": machine(), "rows": rows}
+  if f.note:
+    report["note"] = f.note
   write_report(report, f.out)
   print(markdown(report))
 
