@@ -54,7 +54,7 @@ def define_flags() -> None:
   flags.DEFINE_string("dit_size", "small", "DiT config (experiments/configs/dit.py).")
   flags.DEFINE_integer("dit_batch", 16, "DiT global batch.")
   flags.DEFINE_integer(
-      "workers", -1, "VAE input worker processes (-1: auto, " "moca_jax.vae_task.input_workers)."
+      "workers", -1, "VAE input worker processes (-1: auto, moca_jax.vae_task.input_workers)."
   )
   flags.DEFINE_integer(
       "dit_workers",
@@ -63,12 +63,8 @@ def define_flags() -> None:
       "threads in the training process; -1: auto as for the VAE).",
   )
   flags.DEFINE_integer("devices", 0, "Devices of the data mesh (0: all).")
-  flags.DEFINE_string(
-      "dtype", "auto", "VAE compute dtype: auto (bf16 on GPU), float32, " "bfloat16."
-  )
-  flags.DEFINE_float(
-      "seconds", 12.0, "Timed seconds per feed (the rate is over the second " "half)."
-  )
+  flags.DEFINE_string("dtype", "auto", "VAE compute dtype: auto (bf16 on GPU), float32, bfloat16.")
+  flags.DEFINE_float("seconds", 12.0, "Timed seconds per feed (the rate is over the second half).")
   flags.DEFINE_integer("min_steps", 10, "Timed steps per feed, at least.")
   flags.DEFINE_integer("warmup", 5, "Untimed steps before each timed run.")
   flags.DEFINE_float("inline_seconds", 6.0, "Timed seconds of the inline (no worker) feed.")
