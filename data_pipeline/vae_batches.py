@@ -19,11 +19,14 @@ iterator replays it) -> batch(elements) -> flatten [E,k,...] -> [E*k,...].
 
 `AnalyticShapeSource` is the other VAE data source: random primitives
 (data_pipeline.primitives) sampled on the fly, each example made by `example_from_shape` with
-the same keys (batch `i` is a function of (seed, i) only).
+the same keys; batch `i` is `analytic_batch(spec, B, seed, i)`, a function of (seed, i) only,
+made in the calling process or in grain worker processes (`analytic_dataset` +
+`mp_prefetch`) with the same result and the same resumable state.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import grain
@@ -215,48 +218,171 @@ def stack_examples(examples: list[dict]) -> dict:
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
+_ANALYTIC_SPEC_KEYS = (
+    "kinds",
+    "size_range",
+    "num_points",
+    "num_near",
+    "num_volume",
+    "near_scales",
+    "mesh_segments",
+)
+# Batch indices an analytic MapDataset covers from its start: more than any run takes.
+_ANALYTIC_HORIZON = 2**40
+
+
+def analytic_spec(data_config) -> dict:
+  """The fields of a data config (ConfigDict or dict) that analytic sampling reads, as a
+  plain dict of Python values (cheap to pickle into worker processes)."""
+  spec = {}
+  for key in _ANALYTIC_SPEC_KEYS:
+    value = data_config[key]
+    spec[key] = tuple(value) if isinstance(value, (list, tuple)) else value
+  return spec
+
+
+def random_analytic_shape(spec, rng: np.random.Generator):
+  """A random primitive of the spec's kinds with bounding radius in its size_range."""
+  return primitives.random_primitive(
+      rng, kinds=tuple(spec["kinds"]), size_range=tuple(spec["size_range"])
+  )
+
+
+def analytic_batch(spec, batch_size: int, seed: int, index: int) -> dict:
+  """Batch `index` of the analytic source: a pure function of (spec, batch_size, seed, index).
+
+  Returns `stack_examples` of batch_size random primitives (leading axis batch_size) plus
+  'index' [batch_size] int64 (= index).
+  """
+  rng = np.random.default_rng([seed, index])
+  examples = []
+  for _ in range(batch_size):
+    shape = random_analytic_shape(spec, rng)
+    examples.append(
+        example_from_shape(
+            shape,
+            rng,
+            spec["num_points"],
+            spec["num_near"],
+            spec["num_volume"],
+            tuple(spec["near_scales"]),
+            spec["mesh_segments"],
+        )
+    )
+  out = stack_examples(examples)
+  out["index"] = np.full((batch_size,), index, np.int64)
+  return out
+
+
+class AnalyticBatch(grain.transforms.Map):
+  """grain Map: batch index -> `analytic_batch` (whole batches, so workers ship one array
+  per key and step)."""
+
+  def __init__(self, spec: dict, batch_size: int, seed: int):
+    self.spec, self.batch_size, self.seed = spec, batch_size, seed
+
+  def map(self, element: int) -> dict:
+    return analytic_batch(self.spec, self.batch_size, self.seed, int(element))
+
+
+def analytic_dataset(data_config, batch_size: int, seed: int, start: int = 0) -> grain.MapDataset:
+  """MapDataset whose element j is `analytic_batch(..., start + j)` (2**40 elements)."""
+  spec = analytic_spec(data_config)
+  return grain.MapDataset.range(start, start + _ANALYTIC_HORIZON).map(
+      AnalyticBatch(spec, batch_size, seed)
+  )
+
+
+def _numpy_only_worker(worker_index: int, worker_count: int) -> None:
+  """grain worker_init_fn: a sampling worker never takes an accelerator (JAX, should anything
+  in the worker touch it, stays on the CPU instead of claiming GPU memory)."""
+  del worker_index, worker_count
+  os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 class AnalyticShapeSource:
   """Infinite, checkpointable iterator of batches of random primitives.
 
-  Batch `i` depends on (seed, i) only; `get_state()` / `set_state()` carry i (JSON), so
-  train_lib checkpoints it like a grain iterator. Batches add 'index' [B] int64 (= i).
+  Batch `i` is `analytic_batch(spec, batch_size, seed, i)`, a function of (seed, i) only, so
+  the state is the next batch's index: `get_state()` / `set_state()` carry {'position': i}
+  (JSON; train_lib checkpoints it like a grain iterator), whatever the number of workers, and
+  a resumed run sees exactly the batches a straight one would.
+
+  num_workers = 0 samples in the calling process. num_workers > 0 samples in grain worker
+  processes (`mp_prefetch` over `analytic_dataset`, each worker `prefetch_buffer` batches
+  ahead), so the host keeps up with an accelerator: sampling one 'small' example costs
+  about 8 ms of numpy. The first batch after construction or `set_state` is still made in
+  the calling process and the workers start on the second, so the throwaway iterator
+  `train_lib.run_training` takes the batch shapes from never starts processes. `close()`
+  stops the workers (they are also stopped when the iterator is garbage collected).
   """
 
-  def __init__(self, data_config, batch_size: int, seed: int):
+  def __init__(
+      self,
+      data_config,
+      batch_size: int,
+      seed: int,
+      num_workers: int = 0,
+      prefetch_buffer: int = 2,
+  ):
+    if num_workers < 0:
+      raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     self.cfg = data_config
+    self.spec = analytic_spec(data_config)
     self.batch_size = batch_size
     self.seed = seed
+    self.num_workers = num_workers
+    self.prefetch_buffer = prefetch_buffer
     self.position = 0
+    self._workers = None  # grain iterator over batches position.., when started
+    self._first_done = False
 
   def random_shape(self, rng: np.random.Generator):
-    return primitives.random_primitive(
-        rng, kinds=tuple(self.cfg.kinds), size_range=tuple(self.cfg.size_range)
-    )
-
-  def example(self, shape, rng: np.random.Generator) -> dict:
-    c = self.cfg
-    return example_from_shape(
-        shape, rng, c.num_points, c.num_near, c.num_volume, tuple(c.near_scales), c.mesh_segments
-    )
+    return random_analytic_shape(self.spec, rng)
 
   def batch(self, step: int) -> dict:
-    rng = np.random.default_rng([self.seed, step])
-    out = stack_examples(
-        [self.example(self.random_shape(rng), rng) for _ in range(self.batch_size)]
+    return analytic_batch(self.spec, self.batch_size, self.seed, step)
+
+  def _start_workers(self, start: int):
+    ds = analytic_dataset(self.spec, self.batch_size, self.seed, start)
+    # One thread per worker: the sampling holds the GIL; the buffer bounds host memory.
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+    from absl import flags  # pylint: disable=g-import-not-at-top
+
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults are fine)
+      flags.FLAGS.mark_as_parsed()
+    iter_ds = iter_ds.mp_prefetch(
+        grain.MultiprocessingOptions(
+            num_workers=self.num_workers, per_worker_buffer_size=self.prefetch_buffer
+        ),
+        worker_init_fn=_numpy_only_worker,
     )
-    out["index"] = np.full((self.batch_size,), step, np.int64)
-    return out
+    return iter(iter_ds)
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
-    b = self.batch(self.position)
+    if self.num_workers == 0 or not self._first_done:
+      b = self.batch(self.position)
+      self._first_done = True
+    else:
+      if self._workers is None:
+        self._workers = self._start_workers(self.position)
+      b = next(self._workers)
     self.position += 1
     return b
+
+  def close(self) -> None:
+    """Stops the worker processes, if any (the next batch restarts them)."""
+    if self._workers is not None:
+      self._workers.close()
+      self._workers = None
 
   def get_state(self) -> dict:
     return {"position": self.position}
 
   def set_state(self, state: dict) -> None:
+    self.close()
     self.position = int(state["position"])
+    self._first_done = False

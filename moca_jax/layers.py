@@ -2,7 +2,9 @@
 
 Every attention in the project goes through `attention()`, a thin wrapper around
 `jax.nn.dot_product_attention`, so that the backend ('xla' on CPU, 'cudnn' on GPU with bf16)
-is chosen in one place from config.
+is chosen in one place from config; `resolve_attention_implementation` maps a config's
+request ('auto', 'xla', 'cudnn') to the backend, with the fallbacks (XLA where an attention
+is differentiated twice, which cuDNN's kernels cannot be).
 
 Logical axis names (mapped to mesh axes by `moca_jax.sharding`):
   'embed'  model width D            'heads'  fused q/k/v output (H * d)
@@ -304,3 +306,37 @@ class TimestepEmbedding(nn.Module):
 def default_attention_implementation() -> str:
   """'cudnn' when the default backend is a GPU, else 'xla'."""
   return "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", None)
+
+
+def resolve_attention_implementation(requested: Optional[str], dtype: Dtype, *,
+                                     higher_order: bool = False) -> Optional[str]:
+  """The `attention` implementation for a config's request: every fallback decided here.
+
+  Args:
+    requested: 'auto' (cuDNN on a GPU when `dtype` is bf16/fp16, else XLA), 'xla', 'cudnn'
+      or None (JAX picks, which may be cuDNN).
+    dtype: the compute dtype of q, k, v.
+    higher_order: the attention's output is differentiated more than once, e.g. the VAE's
+      eikonal and normal terms take the SDF's gradient with respect to the query points and
+      the loss is differentiated again with respect to the parameters. cuDNN's fused
+      attention in `jax.nn.dot_product_attention` has a VJP rule only: its forward and
+      backward kernels have no JVP, so a second derivative fails with "Differentiation rule
+      for 'dot_product_attention_fwd_wrapper' not implemented". Such an attention gets 'xla'
+      (whose plain einsum / softmax graph differentiates to any order) whatever is asked.
+  Returns:
+    'xla', 'cudnn' or None (only for a first-order request of None).
+  Raises:
+    ValueError: an unknown implementation name.
+  """
+  if requested not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                     f"got {requested!r}")
+  if requested == "auto":
+    half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    requested = default_attention_implementation() if half else "xla"
+  if higher_order and requested != "xla":
+    return "xla"
+  return requested

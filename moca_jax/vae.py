@@ -17,7 +17,11 @@ PE is `layers.fourier_embed` (2^0..2^(F-1), no pi, with the input: 51 dims for F
 published size; the tiny config uses F = 4, which fits in a few hundred CPU steps),
 concatenated with the normal on the encoder side (54 dims), then a linear layer.
 All attention goes through `layers.MultiHeadAttention` (optional q/k RMS norm, no q/k/v bias,
-implementation 'auto' = cudnn on GPU with bf16, else xla).
+implementation 'auto' = cudnn on GPU with bf16, else xla). The query cross-attention is
+always XLA (`layers.resolve_attention_implementation(..., higher_order=True)`): `vae_loss`
+differentiates the SDF with respect to the queries and then the result with respect to the
+parameters, and cuDNN's attention kernels have no second derivative. The encoder and the
+decoder's self-attention stack are differentiated once and keep the requested backend.
 
 Layout switches (config keys; the defaults are this project's layout, the 'triposg' size and
 `vae_config_from_triposg` set the published TripoSG layout exactly, see
@@ -91,7 +95,8 @@ def vae_config(size: str = "tiny", num_latents: Optional[int] = None) -> ml_coll
   c.logvar_offset = 0.0          # added to the predicted logvar (< 0: the posterior starts narrow;
                                  # -6 gave no gain over 0 in a 500-step tiny run)
   c.dtype = "float32"            # compute dtype; params stay fp32 ('bfloat16' on GPU)
-  c.attention_implementation = "auto"   # 'auto' -> cudnn on GPU with bf16, else xla
+  c.attention_implementation = "auto"   # 'auto' -> cudnn on GPU with bf16, else xla (the
+                                        # query cross-attention: always xla, see module doc)
   c.sample_posterior = True      # training: z = mean + sigma * eps; eval uses the mean
   c.train_random_fps = True      # training: FPS of a random subset from a random start
   c.enc_cross_layers = 1
@@ -196,13 +201,12 @@ def _dtype(config) -> Any:
   return jnp.dtype(config.dtype)
 
 
-def _implementation(config) -> str:
-  impl = config.attention_implementation
-  if impl == "auto":
-    impl = layers.default_attention_implementation()
-    if impl == "cudnn" and _dtype(config) not in (jnp.bfloat16, jnp.float16):
-      impl = "xla"
-  return impl
+def _implementation(config, higher_order: bool = False) -> Optional[str]:
+  """The attention backend of config.attention_implementation (layers.
+  resolve_attention_implementation); higher_order=True for the query cross-attention, whose
+  output `vae_loss` differentiates twice (its eikonal and normal terms)."""
+  return layers.resolve_attention_implementation(config.attention_implementation,
+                                                 _dtype(config), higher_order=higher_order)
 
 
 # ----------------------------------------------------------------------------------------
@@ -334,8 +338,11 @@ class VecSetVAE(nn.Module):
     if c.get("dec_features_norm", True):
       self.dec_norm = _layer_norm(dt, eps, "dec_norm")
     self.query_embed = PointEmbed(c.dec_width, c.num_freqs, c.include_pi, dt)
+    # The loss differentiates the SDF with respect to the queries and then again with
+    # respect to the parameters: this attention needs one that differentiates twice.
     self.query_cross = CrossAttentionBlock(c.dec_heads, c.mlp_ratio, c.query_mlp, c.qk_norm,
-                                           impl, dt, eps, exact)
+                                           _implementation(c, higher_order=True), dt, eps,
+                                           exact)
     if c.get("query_out_norm", False):
       self.out_norm = _layer_norm(dt, eps, "out_norm")
     self.out_proj = layers.dense(1, ("embed", "in"), dtype=dt, name="out_proj")

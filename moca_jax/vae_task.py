@@ -11,7 +11,9 @@ Data (config.data.source):
   'analytic'  each example is one random primitive (data_pipeline.vae_batches
               .AnalyticShapeSource) placed in the [-1, 1]^3 object frame with a bounding
               radius in data.size_range, so small and large parts both occur; batch `i` is a
-              function of (seed, i) only.
+              function of (seed, i) only, sampled in data.num_workers grain worker
+              processes (`input_workers`: -1 = auto, all but two cores on an accelerator,
+              none on the CPU); the checkpointed state is the batch index either way.
   'records'   the data pipeline's 'samples' shards in data.dir, one (or
               data.parts_per_element) real part per object (data_pipeline.vae_batches).
 Batch layout: see moca_jax.vae.vae_loss.
@@ -103,9 +105,10 @@ def make_iterator_fn(config, split: str = "train", shuffle: bool = True) -> Call
     raise ValueError(f"batch_size={config.batch_size} not divisible by {nproc} processes")
   local_batch = config.batch_size // nproc
   d = config.data
+  workers = input_workers(d.get("num_workers", 0))
   if d.source == "analytic":
     seed = config.seed * 1000 + jax.process_index()
-    return lambda: vae_batches.AnalyticShapeSource(d, local_batch, seed)
+    return lambda: vae_batches.AnalyticShapeSource(d, local_batch, seed, num_workers=workers)
   if d.source != "records":
     raise ValueError(f"config.data.source must be 'analytic' or 'records', got {d.source!r}")
   if not d.dir:
@@ -124,7 +127,24 @@ def make_iterator_fn(config, split: str = "train", shuffle: bool = True) -> Call
       seed=d.shuffle_seed,
       shuffle=shuffle,
   )
-  return lambda: loader.make_iterator(ds, d.num_workers)
+  return lambda: loader.make_iterator(ds, workers)
+
+
+def input_workers(requested: int) -> int:
+  """Worker processes of the input pipeline for config.data.num_workers.
+
+  -1 (auto): none when JAX computes on the CPU (workers would take the cores XLA uses),
+  else all but two of the cores this process may use, at most 32 (with several processes on
+  one host, set it per process). Other values are taken as given (>= 0).
+  """
+  if requested >= 0:
+    return int(requested)
+  if requested != -1:
+    raise ValueError(f"config.data.num_workers must be -1 (auto) or >= 0, got {requested}")
+  if jax.default_backend() == "cpu":
+    return 0
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return max(1, min(32, (cores or 1) - 2))
 
 
 def model_batch(batch: dict) -> dict:

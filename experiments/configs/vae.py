@@ -44,7 +44,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data.parts_per_element = 1  # real parts drawn from each object per batch
   c.data.max_components = 32  # n_max of the loader (objects with more keep a random n_max)
   c.data.shuffle_seed = 0
-  c.data.num_workers = 0  # grain mp_prefetch worker processes
+  # input worker processes (grain mp_prefetch), both sources: -1 = auto (none on the CPU, all
+  # cores but two, at most 32, on an accelerator: moca_jax.vae_task.input_workers)
+  c.data.num_workers = -1
 
   # --- optimisation ---------------------------------------------------------------------
   c.batch_size = {"tiny": 8, "small": 16, "triposg": 32}[size]
