@@ -28,7 +28,7 @@ import os
 import sys
 from typing import Optional
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from moca_jax import io as mio
 from moca_jax import pipeline
@@ -88,6 +88,10 @@ def run(
     raise ValueError(f"batch_size={batch_size}: must be >= 1")
   if resolution < 8:
     raise ValueError(f"resolution={resolution}: must be >= 8")
+  given = {"steps": steps, "cfg_scale": cfg, "method": method}
+  pipeline.check_sample_settings(  # the flags given, before the checkpoint is read
+      {**pipeline.SAMPLE_DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
+  )
   batch_mode = os.path.isdir(image)
   if batch_mode:
     files = sorted(
@@ -161,7 +165,12 @@ def run(
       out_dir = os.path.join(out, names[f])
       routing = {k: v[b] for k, v in result.routing.items()}
       summary["outputs"][f] = pipeline.write_outputs(
-          out_dir, result.meshes[b], result.latents[b], routing, pipeline.rgb_on_white(img), pipe.global_blocks
+          out_dir,
+          result.meshes[b],
+          result.latents[b],
+          routing,
+          pipeline.rgb_on_white(img),
+          pipe.global_blocks,
       )
       summary["outputs"][f]["dir"] = out_dir
   mio.write_json(os.path.join(out, "summary.json"), summary)
@@ -184,9 +193,16 @@ def define_flags() -> None:
       None,
       "Classifier-free guidance scale, 1 = no guidance (default: the checkpoint's config).",
   )
-  flags.DEFINE_integer("seed", 0, "Noise seed.")
-  flags.DEFINE_enum(
-      "method", None, ["euler", "heun"], "ODE solver (default: the checkpoint's config)."
+  flags.DEFINE_integer(
+      "seed",
+      0,
+      "Noise seed. One image: seed fixes its result. Folder mode: batch k (of --batch_size "
+      "images, sorted by name) uses seed + k * batch_size and each image its row of that "
+      "noise, so a result depends on the image's position; rerun one image alone to "
+      "reproduce it.",
+  )
+  flags.DEFINE_string(
+      "method", None, "ODE solver, euler or heun (default: the checkpoint's config)."
   )
   flags.DEFINE_string("vae", None, "VAE workdir (default: the one in the checkpoint config).")
   flags.DEFINE_integer("resolution", 128, "Marching-cubes grid resolution per axis.")
@@ -206,6 +222,7 @@ def define_flags() -> None:
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint file it reads at INFO
   f = flags.FLAGS
   try:
     summary = run(

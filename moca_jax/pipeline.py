@@ -392,7 +392,8 @@ class Pipeline:
     if n > self.max_components and not force:
       raise ValueError(
           f"num_components={n}: the model was trained with at most "
-          f"{_count(self.max_components)} (force to try more)"
+          f"{_count(self.max_components)} (force=True, --force_components in generate, "
+          "to try more)"
       )
 
   @property
@@ -456,7 +457,7 @@ class Pipeline:
         if not allow_empty and not pre.foreground_mask(im).any():
           raise pre.NoForegroundError(
               f"images[{i}]: no foreground in the image (blank, one flat colour or fully "
-              "transparent); allow_empty to generate anyway"
+              "transparent); allow_empty=True (--allow_empty) to generate anyway"
           )
       return np.stack([_resize(pad_to_square(im), size) for im in ims])
     if masks is None:
