@@ -135,7 +135,7 @@ def sample_latents(
     [B, G, H, N, N], 'selections' [B, G, H, N, k]} of the conditional model on the final
     sample at the last step's time 1 / steps (empty dict when return_routing is False).
   """
-  spec = model.config.dit
+  spec = DiTSpec.from_config(model.config.dit)  # defaults for fields older configs lack
   variables = {"params": params}
   b = images.shape[0]
   mask = (

@@ -126,6 +126,15 @@ def _check_pipeline_is_seeded_and_takes_any_image_form(checkpoints):
       "method": "euler",
       "time_shift": 1.0,
   }
+  # A checkpoint written before the layout switches existed (its stored DiT config lacks
+  # them) samples the same latents: the defaults fill the missing fields.
+  old_cfg = pipe.config.copy_and_resolve_references()
+  with old_cfg.unlocked():
+    for field in ("id_assignment", "time_embedding", "norm_eps"):
+      if field in old_cfg.model.dit:
+        del old_cfg.model.dit[field]
+  old = pipeline.Pipeline(old_cfg, pipe.params, pipe.vae_model, pipe.vae_params)
+  np.testing.assert_array_equal(old.sample_latents(images, N, seed=1)[0], a)
   result = pipe(images, N, steps=STEPS, cfg_scale=1.0, seed=0)
   assert len(result.meshes) == 1 and len(result.meshes[0]) == N
   assert all(isinstance(m, trimesh.Trimesh) for m in result.meshes[0])
