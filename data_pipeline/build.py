@@ -30,7 +30,7 @@ from typing import List
 
 from absl import flags
 
-from data_pipeline import ingest, make, sampling
+from data_pipeline import ingest, make, records, sampling
 
 FLAGS = flags.FLAGS
 
@@ -90,15 +90,11 @@ def main(argv: List[str]) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   beam_args = rest[1:]
-  missing = [n for n in ("source", "out") if not FLAGS[n].value]
-  if missing:
-    print(f"error: --{' and --'.join(missing)} required", file=sys.stderr)
+  error = records.cli_argument_error({n: FLAGS[n].value for n in ("source", "out")}, beam_args)
+  if error:
+    print(f"error: {error}", file=sys.stderr)
     return 2
-  use_beam = any(a.startswith("--runner") for a in beam_args)
-  if beam_args and not use_beam:
-    print(f"error: unknown arguments {' '.join(beam_args)} (Beam options need --runner)",
-          file=sys.stderr)
-    return 2
+  use_beam = bool(beam_args)
   if use_beam and (FLAGS.shard_index != -1 or FLAGS.workers):
     print("error: --shard_index and --workers are for the in-process build; with --runner "
           "use the runner's options (e.g. --direct_num_workers)", file=sys.stderr)

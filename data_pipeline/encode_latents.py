@@ -326,15 +326,12 @@ def main(argv: List[str]) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   beam_args = rest[1:]
-  missing = [n for n in ("vae_checkpoint", "input", "output") if not f[n].value]
-  if missing:
-    print(f"error: --{' and --'.join(missing)} required", file=sys.stderr)
+  error = records.cli_argument_error(
+      {n: f[n].value for n in ("vae_checkpoint", "input", "output")}, beam_args)
+  if error:
+    print(f"error: {error}", file=sys.stderr)
     return 2
-  use_beam = any(a.startswith("--runner") for a in beam_args)
-  if beam_args and not use_beam:
-    print(f"error: unknown arguments {' '.join(beam_args)} (Beam options need --runner)",
-          file=sys.stderr)
-    return 2
+  use_beam = bool(beam_args)
   factory = CheckpointEncoder(f.vae_checkpoint, f.step)
   encode_fn, info, vae_points = factory.load()
   num_points = f.num_points or vae_points

@@ -71,6 +71,17 @@ def shard_name(index: int, num_shards: int) -> str:
   return f"shard-{index:05d}-of-{num_shards:05d}"
 
 
+def cli_argument_error(required: dict, beam_args: List[str]) -> Optional[str]:
+  """The one-line error of the data CLIs (build, encode_latents) for missing required flags
+  ({name: value}) or arguments left over for Beam without --runner; None when fine."""
+  missing = [name for name, value in required.items() if not value]
+  if missing:
+    return f"--{' and --'.join(missing)} required"
+  if beam_args and not any(a.startswith("--runner") for a in beam_args):
+    return f"unknown arguments {' '.join(beam_args)} (Beam options need --runner)"
+  return None
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
   """Writes `data` to `path` atomically (moca_jax.io.atomic_write_bytes)."""
   mio.atomic_write_bytes(path, data)

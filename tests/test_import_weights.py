@@ -88,10 +88,10 @@ def test_imported_checkpoint_loads_for_generation_unchanged(partcrafter_import):
     gen.sample_latents(image, 9, steps=2, cfg_scale=7.0)
 
 
-def test_triposg_snapshot_imports(tmp_path):
-  """A TripoSG transformer (the fixture's, its cross-attention widened to the encoder's 64
-  with random weights) imports, loads and samples one component."""
-  snap = make_snapshot(tmp_path / "snap", transformer="triposg_dit", copy=("transformer",))
+def make_triposg_snapshot(root):
+  """A snapshot whose transformer is the TripoSG fixture with its cross-attention widened to
+  the DINOv2 fixture's width 64 (random key/value weights), so the components fit together."""
+  snap = make_snapshot(root, transformer="triposg_dit", copy=("transformer",))
   config, tensors = common.read_component(str(snap / "transformer"))
   rng = np.random.default_rng(0)
   for name in list(tensors):
@@ -100,6 +100,13 @@ def test_triposg_snapshot_imports(tmp_path):
   save_file(tensors, str(snap / "transformer" / "diffusion_pytorch_model.safetensors"))
   (snap / "transformer" / "config.json").write_text(
       json.dumps(dict(config, cross_attention_dim=64)))
+  return snap
+
+
+def test_triposg_snapshot_imports(tmp_path):
+  """A TripoSG transformer (the fixture's, its cross-attention widened to the encoder's 64
+  with random weights) imports, loads and samples one component."""
+  snap = make_triposg_snapshot(tmp_path / "snap")
   out = import_weights.run("triposg", str(snap), str(tmp_path / "out"), progress=False,
                            latent_tokens=32)
   cfg_dict, step = checkpointing.read_checkpoint_config(os.path.join(out, "checkpoints"))

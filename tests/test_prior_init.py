@@ -1,7 +1,6 @@
 """MoCA from a pretrained prior (moca_jax.prior_init): the golden PartCrafter / TripoSG fixtures
 imported as snapshots, the MoC layout put on them, every imported tensor carried over unchanged,
 the start equal to the prior where it should be, training, exact resume, one-line errors."""
-import json
 import os
 import shutil
 import subprocess
@@ -12,15 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from experiments import import_weights
 from experiments.configs import dit_finetune
 from moca_jax import dit_task, prior_init, sharding
-from moca_jax.convert import common, dinov2, triposg_dit
+from moca_jax.convert import dinov2, triposg_dit
 from moca_jax.dit import CompositionalDiT
 from moca_jax.prior_init import PriorInitError
-from test_import_weights import make_snapshot
+from test_import_weights import make_snapshot, make_triposg_snapshot
 from test_train_dit import _compilation_cache
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
@@ -29,17 +27,10 @@ IMAGE = 28  # encoder input: 2 x 2 patches (the DINOv2 position table is resized
 
 
 def _import(root, source):
-  transformer = {"partcrafter": "partcrafter_dit", "triposg": "triposg_dit"}[source]
-  snap = make_snapshot(root / "snap", transformer=transformer, copy=("transformer",))
-  if source == "triposg":  # the fixture's cross-attention widened to the encoder's 64
-    config, tensors = common.read_component(str(snap / "transformer"))
-    rng = np.random.default_rng(0)
-    for name in list(tensors):
-      if ".attn2.to_k." in name or ".attn2.to_v." in name:
-        tensors[name] = rng.normal(0, 0.125, (64, 64)).astype(np.float32)
-    save_file(tensors, str(snap / "transformer" / "diffusion_pytorch_model.safetensors"))
-    (snap / "transformer" / "config.json").write_text(
-        json.dumps(dict(config, cross_attention_dim=64)))
+  if source == "triposg":
+    snap = make_triposg_snapshot(root / "snap")
+  else:
+    snap = make_snapshot(root / "snap", transformer="partcrafter_dit", copy=("transformer",))
   out = import_weights.run(source, str(snap), str(root / "prior"), progress=False,
                            latent_tokens=L)
   return snap, out
