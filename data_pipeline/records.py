@@ -7,9 +7,12 @@ One record = one object or scene, serialised with `numpy.savez_compressed` into 
   meta_json        uint8 [bytes]  UTF-8 JSON: schema_version, kind ('samples'|'latents'),
                                   key (unique id), source, type ('object'|'scene'), category,
                                   num_parts, part_names, seed info, normalisation, config
-  part_colors      uint8 [N,3]    render colour of each component
+  part_colors      uint8 [N,3]    a distinct colour per component, for pictures (previews,
+                                  colourised masks); not the colours of `images`
   part_bounds      f32 [N,2,3]    min/max corner of each component (normalised frame)
-  images           uint8 [V,H,W,3] shaded renders on white
+  images           uint8 [V,H,W,3] shaded renders on white, one material per object: an
+                                  object in one random colour, a scene's instances each in
+                                  their own (make.material_colors)
   masks            uint8 [V,H,W]  0 = background, i + 1 = component i (parts for objects,
                                   instances for scenes); instance-on-white views are
                                   `where(masks == i + 1, images, 255)`

@@ -77,6 +77,48 @@ def test_build_manifest_and_records(tiny_build):
   assert os.listdir(os.path.join(out, "previews"))
 
 
+def _hues_per_component(rec):
+  """The median chromaticity (rgb / sum) of each component's pixels in view 0: shading
+  scales a material's colour, so one material has one chromaticity."""
+  img, ids = rec["images"][0].astype(np.float64), rec["masks"][0]
+  out = {}
+  for i in np.unique(ids[ids > 0]):
+    px = img[ids == i]
+    px = px[px.sum(-1) > 60]
+    if len(px) >= 5:
+      out[int(i)] = np.median(px / px.sum(-1, keepdims=True), axis=0)
+  return out
+
+
+def test_condition_images_use_one_material_per_object(tiny_build):
+  """Objects are rendered in one colour (the parts are not given away by colour); scene
+  instances each keep their own; `part_colors` stays a distinct colour per component."""
+  out, _ = tiny_build
+  objects = scenes = 0
+  for p in records.shard_paths(out):
+    for raw in records.read_shard(p):
+      rec = records.decode_record(raw)
+      hues = np.stack(list(_hues_per_component(rec).values()))
+      spread = np.abs(hues - hues.mean(0)).max()
+      if rec["meta"]["type"] == "object":
+        objects += 1
+        assert len(hues) < 2 or spread < 0.03, rec["meta"]["key"]
+        assert len(np.unique(rec["part_colors"], axis=0)) == rec["meta"]["num_parts"]
+      elif len(hues) >= 3:
+        scenes += 1
+        assert spread > 0.05, rec["meta"]["key"]
+  assert objects == procedural.SPLITS["tiny"]["objects"] and scenes >= 1
+
+
+def test_material_colors():
+  rng = np.random.default_rng(0)
+  parts = procedural.random_colors(rng, 5)
+  one = make.material_colors("object", parts, np.random.default_rng(1))
+  assert one.shape == (5, 3) and one.dtype == np.uint8 and (one == one[0]).all()
+  np.testing.assert_array_equal(one, make.material_colors("object", parts, np.random.default_rng(1)))
+  np.testing.assert_array_equal(make.material_colors("scene", parts, rng), parts)
+
+
 def test_build_is_deterministic(tiny_build, tmp_path):
   out, _ = tiny_build
   out2 = str(tmp_path / "again")
