@@ -17,6 +17,7 @@ difference outside `RESUMABLE_FIELDS` is a `ConfigMismatchError`, one line namin
 differing field; `workdir/config.json` is written only after the check passed. Fields that
 may change on resume:
   num_steps, optim.total_steps   train longer (the schedule follows total_steps)
+  time_limit_s                   the length of a training chunk (train_lib.run_training)
   log_every, checkpoint.*        logging and checkpoint cadence
   eval.*                         evaluation after training
   data.num_workers, mesh.*, distributed
@@ -68,6 +69,15 @@ def _decode_data_state(payload: dict) -> Any:
 def config_to_json(config: ml_collections.ConfigDict) -> dict:
   """A JSON-safe dict of the config (tuples become lists)."""
   return json.loads(config.to_json_best_effort())
+
+
+def latest_checkpoint_step(directory: str) -> Optional[int]:
+  """The newest finished checkpoint step in an orbax checkpoint folder (its subfolders named
+  by step; orbax's temporary ones are not), or None when there is none or no folder."""
+  if not os.path.isdir(directory):
+    return None
+  steps = [int(n) for n in os.listdir(directory) if n.isdigit()]
+  return max(steps, default=None)
 
 
 class Checkpointer:
@@ -229,6 +239,7 @@ def restore_params(
 RESUMABLE_FIELDS = (
     "num_steps",
     "optim.total_steps",
+    "time_limit_s",
     "log_every",
     "checkpoint",
     "eval",

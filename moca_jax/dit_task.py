@@ -21,6 +21,7 @@ Writes under workdir (besides run_training's checkpoints/, tb/, config.json):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any, Callable, Optional
@@ -382,6 +383,25 @@ def evaluate(config, state, loss_fn, num_batches: int = 2) -> dict:
   return {f"eval_loss_{k}": float(np.mean(v)) for k, v in losses.items()}
 
 
+def write_loss_outputs(workdir: str, history: list, start: int, config, num_steps=None) -> str:
+  """workdir/metrics.jsonl (every log step of every run so far, `train_lib
+  .write_metrics_jsonl`) and loss_curve.png (the flow-matching loss against step); returns
+  the PNG's path."""
+  from moca_jax import viz  # pylint: disable=g-import-not-at-top  (matplotlib-free callers)
+
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  num_steps = config.num_steps if num_steps is None else num_steps
+  train_lib.write_metrics_jsonl(metrics_path, history, start, config.get("log_every", 10),
+                                num_steps)
+  with open(metrics_path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  png = os.path.join(workdir, "loss_curve.png")
+  if rows:
+    viz.loss_curves_png({"loss": [(r["step"], r["loss"]) for r in rows]}, png, log_y=True,
+                        title="DiT training (rectified flow loss)")
+  return png
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -403,6 +423,7 @@ def train_and_evaluate(
       os.path.join(workdir, "checkpoints"), config) is None:
     prior_init.check_prior(config)
   _, init_fn, loss_fn = make_task(config)
+  start = checkpointing.latest_checkpoint_step(os.path.join(workdir, "checkpoints"))
   result = train_lib.run_training(
       config=config,
       workdir=workdir,
@@ -418,6 +439,8 @@ def train_and_evaluate(
       show_progress=show_progress,
       start_state_fn=start_state_fn,
   )
+  if jax.process_index() == 0:
+    write_loss_outputs(workdir, result.history, start or 0, config, num_steps)
   if eval_batches:
     ev = evaluate(config, result.state, loss_fn, eval_batches)  # all processes take part
     ev["step"] = int(result.state.step)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -44,7 +45,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from moca_jax import checkpointing, sharding
+from moca_jax import checkpointing, io, sharding
 
 Array = jax.Array
 PyTree = Any
@@ -382,6 +383,7 @@ class LoopResult:
   batch_log: list[Any]  # what `batch_id_fn` returned per step (data order)
   memory: dict[str, float]
   compiled_step: Any = None  # the compiled train step (its .as_text() is XLA's optimised HLO)
+  stopped_early: bool = False  # config.time_limit_s ended the run before num_steps
 
 
 def run_training(
@@ -403,7 +405,13 @@ def run_training(
   """The generic training loop (DiT and VAE).
 
   Config fields read: seed, batch_size, num_steps, optim (see `default_optim_config`),
-  mesh.{data, fsdp}, checkpoint.{every, keep, async_save}, log_every.
+  mesh.{data, fsdp}, checkpoint.{every, keep, async_save}, log_every, time_limit_s.
+
+  Chunked training: with time_limit_s > 0 the loop stops at the first log step (a multiple
+  of log_every) after that many seconds of training (compilation excluded), saves a
+  checkpoint there and returns (`LoopResult.stopped_early`); the next call resumes from it
+  exactly, the schedule still following num_steps. All processes stop at the same step
+  (process 0's clock decides).
 
   Before anything is written, the config is compared with the one stored in the latest
   checkpoint (`checkpointing.prepare_workdir`: ConfigMismatchError naming the fields), then
@@ -514,6 +522,9 @@ def run_training(
         array_metrics_fn(writer, step_i, host)
     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
+  time_limit = float(config.get("time_limit_s", 0) or 0)
+  t_loop = time.monotonic()
+  stopped_early = False
   try:
     for step_i in range(start, num_steps):
       batch = next(iterator)
@@ -526,7 +537,8 @@ def run_training(
       pending = (step_i, bid, metrics)
       bar.update(1)
       done = step_i + 1
-      if done % config.checkpoint.every == 0 or done == num_steps:
+      stopped_early = done < num_steps and _out_of_time(done, log_every, t_loop, time_limit)
+      if done % config.checkpoint.every == 0 or done == num_steps or stopped_early:
         # Nothing non-finite is ever saved: this step's loss is checked first (it raises
         # naming the step and the batch), then the params themselves.
         finish(pending)
@@ -536,7 +548,12 @@ def run_training(
               f"non-finite parameters after step {step_i} (batch "
               f"{bid if bid is not None else step_i - start}); not saved"
           )
-        ckpt.save(done, state, _iterator_state(iterator), config, force=done == num_steps)
+        ckpt.save(done, state, _iterator_state(iterator), config,
+                  force=done == num_steps or stopped_early)
+        if stopped_early:
+          log.info("time limit (%.0f s) reached: stopped and saved at step %d of %d",
+                   time_limit, done, num_steps)
+          break
     if pending is not None:
       finish(pending)
   finally:
@@ -545,4 +562,33 @@ def run_training(
     if writer is not None:
       writer.close()
   return LoopResult(state=state, history=history, batch_log=batch_log, memory=mem,
-                    compiled_step=compiled)
+                    compiled_step=compiled, stopped_early=stopped_early)
+
+
+def write_metrics_jsonl(
+    path, history: list, start: int, log_every: int, num_steps: int
+) -> None:
+  """Writes workdir's metrics.jsonl after a (resumed) run: keeps the lines of steps <= start
+  (earlier runs), appends this run's log steps of `LoopResult.history` ('step' = steps
+  done), one JSON object per line."""
+  kept = []
+  if os.path.exists(path):
+    with open(path) as f:
+      kept = [line for line in f.read().splitlines() if line and json.loads(line)["step"] <= start]
+  for h in history:
+    done = h["step"] + 1
+    if done % log_every == 0 or done == num_steps:
+      kept.append(json.dumps({**h, "step": done}))
+  io.atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _out_of_time(done: int, log_every: int, t_loop: float, time_limit: float) -> bool:
+  """Whether a time-limited loop stops after step `done`: checked at log steps only, and
+  decided by process 0 in a multi-process job (so every process stops at the same step)."""
+  if time_limit <= 0 or done % max(int(log_every), 1):
+    return False
+  late = time.monotonic() - t_loop > time_limit
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    late = bool(multihost_utils.broadcast_one_to_all(np.bool_(late)))
+  return late

@@ -279,22 +279,6 @@ def evaluate_reconstruction(
 # ----------------------------------------------------------------------------------------
 
 
-def _write_metrics_jsonl(
-    path: Path, history: list, start: int, log_every: int, num_steps: int
-) -> None:
-  """Keeps the lines of steps <= start, appends this run's log steps ('step' = steps done)."""
-  kept = []
-  if path.exists():
-    kept = [
-        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start
-    ]
-  for h in history:
-    done = h["step"] + 1
-    if done % log_every == 0 or done == num_steps:
-      kept.append(json.dumps({**h, "step": done}))
-  mio.atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -313,11 +297,7 @@ def train_and_evaluate(
   workdir.mkdir(parents=True, exist_ok=True)
   num_steps = config.num_steps if num_steps is None else num_steps
   model, init_fn, loss_fn = make_task(config)
-  ckpt_dir = workdir / "checkpoints"
-  start = 0
-  if ckpt_dir.is_dir():
-    steps = [int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()]
-    start = max(steps, default=0)
+  start = checkpointing.latest_checkpoint_step(str(workdir / "checkpoints")) or 0
   result = train_lib.run_training(
       config=config,
       workdir=str(workdir),
@@ -338,7 +318,7 @@ def train_and_evaluate(
       int(state.step),
   )
   metrics_path = workdir / "metrics.jsonl"
-  _write_metrics_jsonl(metrics_path, result.history, start, config.get("log_every", 10), num_steps)
+  train_lib.write_metrics_jsonl(metrics_path, result.history, start, config.get("log_every", 10), num_steps)
   last = {}
   if result.history:
     last = {**result.history[-1], "step": result.history[-1]["step"] + 1}

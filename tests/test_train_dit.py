@@ -1,6 +1,7 @@
 """DiT training end to end on a micro config: resume exactness, overfitting, guards."""
 
 import contextlib
+import json
 import os
 import shutil
 
@@ -98,6 +99,28 @@ def _check_resume_is_exact(tmp_path):
   assert os.path.exists(os.path.join(b_dir, "eval.json"))
   stored, step = checkpointing.read_checkpoint_config(os.path.join(b_dir, "checkpoints"))
   assert step == 2 * K and stored["model"]["dit"]["num_blocks"] == 2
+
+  # Chunked training: a run whose time limit has passed stops at its first log step (1),
+  # saves there although checkpoint.every is 1000, and the next chunk resumes exactly.
+  c_dir = str(tmp_path / "c")
+  rare_saves = micro_config()
+  rare_saves.checkpoint.every = 1000
+  limited = micro_config(time_limit_s=1e-9)
+  limited.checkpoint.every = 1000
+  chunk = dit_task.train_and_evaluate(
+      limited, c_dir, num_steps=2 * K, mesh=_mesh1(), show_progress=False, eval_batches=0)
+  assert chunk.stopped_early and int(chunk.state.step) == 1
+  assert checkpointing.latest_checkpoint_step(os.path.join(c_dir, "checkpoints")) == 1
+  rest = dit_task.train_and_evaluate(
+      rare_saves, c_dir, num_steps=2 * K, mesh=_mesh1(), show_progress=False, eval_batches=0)
+  assert not rest.stopped_early and chunk.batch_log + rest.batch_log == straight.batch_log
+  for x, y in zip(jax.tree.leaves(straight.state.params), jax.tree.leaves(rest.state.params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=1e-6)
+  # metrics.jsonl holds every log step of both chunks; the loss curve is drawn
+  with open(os.path.join(c_dir, "metrics.jsonl")) as f:
+    steps = [json.loads(line)["step"] for line in f]
+  assert steps == list(range(1, 2 * K + 1))
+  assert os.path.getsize(os.path.join(c_dir, "loss_curve.png")) > 0
   assert "router/importance_entropy" in straight.history[0]
 
 

@@ -38,6 +38,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.batch_size = batch
   c.num_steps = steps
   c.log_every = 10
+  # > 0: stop (and save) after this many seconds of training; resume continues exactly
+  c.time_limit_s = 0.0
   c.distributed = distributed_config()  # multi-process job: see moca_jax.distributed
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))

@@ -66,6 +66,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
   # --- bookkeeping ----------------------------------------------------------------------
   c.log_every = {"tiny": 10, "small": 50, "triposg": 100}[size]
+  # > 0: stop (and save) after this many seconds of training; resume continues exactly
+  c.time_limit_s = 0.0
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.distributed = distributed_config()  # multi-process job: see moca_jax.distributed
   every = {"tiny": 100, "small": 500, "triposg": 5000}[size]
