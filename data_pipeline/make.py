@@ -44,7 +44,7 @@ from data_pipeline import procedural, records, render, sampling
 
 # Bump when the records built from one config change (new fields, other sampling): a
 # folder built by another pipeline version is then refused like one of another config.
-# 3: object renders use one material per object (`material_colors`), not one per part.
+# 3: object renders use one material per object (`render.material_colors`), not one per part.
 PIPELINE_VERSION = 3
 
 
@@ -164,21 +164,6 @@ def _rng(cfg: BuildConfig, key: str, stream: int) -> np.random.Generator:
   return np.random.default_rng([cfg.base_seed, zlib.crc32(key.encode()), stream])
 
 
-def material_colors(kind: str, part_colors: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """The render colour of each component in the condition images, [N,3] uint8.
-
-  A real photo does not colour an object's parts differently, so an object ('object') is
-  rendered in one random material: the same colour for all its parts, drawn from `rng`.
-  A scene's components are whole objects, each its own material: their `part_colors`. The
-  per-part colours stay in `part_colors` for pictures (previews, colourised masks).
-  """
-  part_colors = np.asarray(part_colors, np.uint8)
-  if kind == "scene":
-    return part_colors
-  one = procedural.random_colors(rng, 1)
-  return np.repeat(one, len(part_colors), axis=0)
-
-
 def _common_arrays(meshes, colors, render_colors, cameras, cfg, background=()):
   images, masks = render.render_views(meshes, render_colors, cameras, cfg.image_size, background)
   bounds = np.stack([m.bounds for m in meshes]).astype(np.float32)
@@ -225,7 +210,7 @@ def build_record_with_info(w: WorkItem, cfg: BuildConfig) -> Tuple[str, bytes, d
   else:
     radius = max(float(np.linalg.norm(m.vertices, axis=1).max()) for m in meshes)
     cams = render.object_cameras(cam_rng, cfg.num_views, radius=radius)
-  render_colors = material_colors(meta["type"], colors, _rng(cfg, w.key, 3))
+  render_colors = render.material_colors(meta["type"], colors, _rng(cfg, w.key, 3))
   arrays = _common_arrays(meshes, colors, render_colors, cams, cfg, background)
   arrays.update(sampling.sample_parts(shapes, rng, cfg.sample))
   meta.update(kind="samples", key=w.key, num_parts=len(shapes), part_names=list(names),

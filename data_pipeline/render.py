@@ -3,6 +3,8 @@
   render_views(sample_meshes, colors, cameras, size=224, background=()) ->
       rgb [V,H,W,3] uint8, ids [V,H,W] uint8 (0 = nothing / background geometry,
       i + 1 = component i: a part of an object, an instance of a scene)
+  material_colors(kind, part_colors, rng) -> [N,3] uint8: the colours condition renders use
+                                              (one material per object)
   object_cameras(rng, n, radius) -> [Camera]  random views on a sphere around the object
   scene_cameras(rng, n) -> [Camera]           isometric orthographic views (random corners)
   save_png(path, rgb), preview(rgb, ids) -> [H, 2W, 3] uint8 (render | colourised ids)
@@ -160,6 +162,23 @@ def render_views(meshes: Sequence[trimesh.Trimesh], colors: np.ndarray,
     rgbs.append(np.clip(rgb, 0, 255).astype(np.uint8).reshape(size, size, 3))
     idss.append(ids.reshape(size, size))
   return np.stack(rgbs), np.stack(idss)
+
+
+def material_colors(kind: str, part_colors: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """The render colour of each component in the condition images, [N,3] uint8.
+
+  A real photo does not colour an object's parts differently, so an object ('object') is
+  rendered in one random material: the same colour for all its parts, drawn from `rng`.
+  A scene's components are whole objects, each its own material: their `part_colors`. The
+  per-part colours stay in `part_colors` for pictures (previews, colourised masks).
+  """
+  part_colors = np.asarray(part_colors, np.uint8)
+  if kind == "scene":
+    return part_colors
+  from data_pipeline import procedural  # pylint: disable=g-import-not-at-top
+
+  one = procedural.random_colors(rng, 1)
+  return np.repeat(one, len(part_colors), axis=0)
 
 
 def colorize_ids(ids: np.ndarray, colors: Optional[np.ndarray] = None) -> np.ndarray:

@@ -77,6 +77,8 @@ def _render_condition(
   rng = np.random.default_rng(seed)
   if colors is None:
     colors = (np.asarray([viz.part_colour(i) for i in range(len(parts))]) * 255).astype(np.uint8)
+  # one material per object, as the training renders (data_pipeline.render.material_colors)
+  colors = render.material_colors(kind, colors, np.random.default_rng([seed, 3]))
   if kind == "object":  # framed as data_pipeline.make frames training views
     radius = max(
         float(np.linalg.norm(np.asarray(m.vertices), axis=1).max())

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from data_pipeline import make, procedural, records, sampling
+from data_pipeline import make, procedural, records, render, sampling
 
 SMALL = make.BuildConfig(
     sample=sampling.SampleConfig(n_surface=128, n_near=96, n_volume=32, mesh_segments=24),
@@ -113,10 +113,10 @@ def test_condition_images_use_one_material_per_object(tiny_build):
 def test_material_colors():
   rng = np.random.default_rng(0)
   parts = procedural.random_colors(rng, 5)
-  one = make.material_colors("object", parts, np.random.default_rng(1))
+  one = render.material_colors("object", parts, np.random.default_rng(1))
   assert one.shape == (5, 3) and one.dtype == np.uint8 and (one == one[0]).all()
-  np.testing.assert_array_equal(one, make.material_colors("object", parts, np.random.default_rng(1)))
-  np.testing.assert_array_equal(make.material_colors("scene", parts, rng), parts)
+  np.testing.assert_array_equal(one, render.material_colors("object", parts, np.random.default_rng(1)))
+  np.testing.assert_array_equal(render.material_colors("scene", parts, rng), parts)
 
 
 def test_build_is_deterministic(tiny_build, tmp_path):
