@@ -524,6 +524,7 @@ def run_training(
 
   time_limit = float(config.get("time_limit_s", 0) or 0)
   t_loop = time.monotonic()
+  t_loop_start = time.perf_counter()
   stopped_early = False
   try:
     for step_i in range(start, num_steps):
@@ -561,8 +562,37 @@ def run_training(
     ckpt.close()
     if writer is not None:
       writer.close()
+  if jax.process_index() == 0:
+    append_run_record(workdir, dict(
+        start_step=start, end_step=int(state.step), batch_size=int(config.batch_size),
+        examples=(int(state.step) - start) * int(config.batch_size),
+        train_seconds=round(time.monotonic() - t_loop, 1),
+        compile_seconds=round(t_loop_start - t_compile, 1), devices=int(mesh.size),
+        device_kind=jax.devices()[0].device_kind, stopped_early=stopped_early,
+        finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
   return LoopResult(state=state, history=history, batch_log=batch_log, memory=mem,
                     compiled_step=compiled, stopped_early=stopped_early)
+
+
+def append_run_record(workdir: str, record: dict) -> None:
+  """Appends one line to workdir/runs.jsonl: what one `run_training` call did (steps from
+  and to, examples seen, seconds of training and compilation, devices), so a model trained
+  in chunks over several jobs can say how it was trained (experiments/export_bundle.py)."""
+  path = os.path.join(workdir, "runs.jsonl")
+  old = ""
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+  io.atomic_write_text(path, old + json.dumps(record) + "\n")
+
+
+def read_run_records(workdir: str) -> list[dict]:
+  """The records `append_run_record` wrote (oldest first); [] when there are none."""
+  path = os.path.join(workdir, "runs.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 def write_metrics_jsonl(

@@ -121,6 +121,10 @@ def _check_resume_is_exact(tmp_path):
     steps = [json.loads(line)["step"] for line in f]
   assert steps == list(range(1, 2 * K + 1))
   assert os.path.getsize(os.path.join(c_dir, "loss_curve.png")) > 0
+  runs = train_lib.read_run_records(c_dir)
+  assert [(r["start_step"], r["end_step"], r["stopped_early"]) for r in runs] == [
+      (0, 1, True), (1, 2 * K, False)]
+  assert sum(r["examples"] for r in runs) == 2 * K * cfg.batch_size
   assert "router/importance_entropy" in straight.history[0]
 
 
