@@ -145,6 +145,29 @@ def router_statistics(
   }
 
 
+def abstract_params(config) -> Any:
+  """The ImageConditionedDiT params of `config` (model.encoder, model.dit) as
+  ShapeDtypeStructs on one device, from shapes only (nothing is initialised)."""
+  model = ImageConditionedDiT(config.model)
+  enc, dit = config.model.encoder, config.model.dit
+  s = enc.image_size
+  images = (
+      jnp.zeros((1, 2, s, s, enc.in_channels))
+      if enc.in_channels == 7
+      else jnp.zeros((1, s, s, enc.in_channels))
+  )
+  x = jnp.zeros((1, 2, dit.latent_tokens, dit.latent_channels))
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), images, x, jnp.zeros((1,)), jnp.ones((1, 2), bool))[
+          "params"
+      ]
+  )
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), nn.meta.unbox(shapes)
+  )
+
+
 def make_task(config: ml_collections.ConfigDict) -> train_lib.Task:
   """Task(model, init_fn, loss_fn) of the image-conditioned DiT for `train_lib.run_training`.
 

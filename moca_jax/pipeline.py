@@ -10,7 +10,9 @@
 
 The DiT checkpoint's stored config names its image encoder (config.model.encoder, whose
 weights are in the DiT checkpoint) and its VAE (config.vae.workdir, a train_vae workdir), so
-one directory builds the whole pipeline. Steps inside `__call__`:
+one directory builds the whole pipeline. A model bundle (moca_jax.bundle: both models' EMA
+weights in one folder) loads the same way; `Pipeline.from_bundle()` with no folder loads the
+model that ships in the repository (DEFAULT_BUNDLE, assets/moca-small). Steps inside `__call__`:
   1. `preprocess`: each image (and scene mask) to the encoder's square size; scenes become
      MIDI's per-instance 7-channel conditions (`scene_conditions`)
   2. `sample_latents`: image encoder + rectified-flow ODE with classifier-free guidance, the
@@ -41,13 +43,18 @@ import ml_collections
 import numpy as np
 import trimesh
 
-from moca_jax import checkpointing, dit_task, flow
+from moca_jax import bundle, checkpointing, dit_task, flow
 from moca_jax import io as mio
 from moca_jax.dit import DiTSpec
 
 Array = jax.Array
 PyTree = Any
 ImageInput = Union[str, os.PathLike, np.ndarray, Sequence[Any]]
+
+# The model bundle that ships in the repository (moca_jax.bundle): what generate, evaluate
+# and `make demo` load when no checkpoint is named.
+DEFAULT_BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "assets", "moca-small")
 
 # Sampling settings used when neither the call nor the checkpoint's config.sample gives one.
 SAMPLE_DEFAULTS = {"steps": 50, "cfg_scale": 7.0, "method": "euler", "time_shift": 1.0}
@@ -605,9 +612,22 @@ class Pipeline:
   ) -> "Pipeline":
     """Loads a train_dit checkpoint (EMA params) and the VAE its config names (or
     `vae_workdir`). Raises FileNotFoundError / ValueError naming the path."""
+    if bundle.is_bundle(checkpoint_dir):
+      return cls.from_bundle(checkpoint_dir, extract_kwargs)
     ckpt = resolve_checkpoint_dir(checkpoint_dir)
     cfg_dict, step = checkpointing.read_checkpoint_config(ckpt, step)
     return _load(cls, ckpt, cfg_dict, step, vae_workdir, extract_kwargs)
+
+  @classmethod
+  def from_bundle(cls, folder: str = "", extract_kwargs: Optional[dict] = None) -> "Pipeline":
+    """Loads a model bundle (moca_jax.bundle; default: the bundled model, DEFAULT_BUNDLE).
+    Raises FileNotFoundError / bundle.BundleError naming the folder."""
+    from moca_jax.vae import VecSetVAE  # pylint: disable=g-import-not-at-top
+
+    b = bundle.read_bundle(folder or DEFAULT_BUNDLE)
+    check_vae_pairing(b.vae_config, b.dit_config, folder or DEFAULT_BUNDLE)
+    vae_model = VecSetVAE(ml_collections.FrozenConfigDict(b.vae_config.model))
+    return cls(b.dit_config, b.dit_params, vae_model, {"params": b.vae_params}, extract_kwargs)
 
 
 def resolve_checkpoint_dir(path: str) -> str:
@@ -617,26 +637,6 @@ def resolve_checkpoint_dir(path: str) -> str:
     raise FileNotFoundError(f"{path}: checkpoint directory does not exist")
   sub = os.path.join(path, "checkpoints")
   return sub if os.path.isdir(sub) else path
-
-
-def _abstract_dit_params(model: dit_task.ImageConditionedDiT, config) -> PyTree:
-  enc, dit = config.model.encoder, config.model.dit
-  s = enc.image_size
-  images = (
-      jnp.zeros((1, 2, s, s, enc.in_channels))
-      if enc.in_channels == 7
-      else jnp.zeros((1, s, s, enc.in_channels))
-  )
-  x = jnp.zeros((1, 2, dit.latent_tokens, dit.latent_channels))
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), images, x, jnp.zeros((1,)), jnp.ones((1, 2), bool))[
-          "params"
-      ]
-  )
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), nn.meta.unbox(shapes)
-  )
 
 
 def check_vae_pairing(vae_config, dit_config, vae_dir: str) -> None:
@@ -669,8 +669,7 @@ def _load(
 
   try:
     config = ml_collections.ConfigDict(cfg_dict)
-    model = dit_task.ImageConditionedDiT(config.model)
-    abstract = _abstract_dit_params(model, config)
+    abstract = dit_task.abstract_params(config)
   except Exception as e:  # pylint: disable=broad-except  (any malformed stored config)
     raise ValueError(f"{ckpt}: checkpoint config is not a DiT config ({e})") from e
   params = checkpointing.restore_params(ckpt, abstract, step, item="ema")
@@ -700,11 +699,22 @@ def load_pipeline(
     extract_kwargs: Optional[dict] = None,
     cache: bool = True,
 ) -> Pipeline:
-  """`Pipeline.from_checkpoint`, cached: a pipeline already loaded for the same (checkpoint
-  dir, step, VAE, extraction settings) is returned again, compiled sampler included."""
+  """`Pipeline.from_checkpoint` (a train_dit workdir or a model bundle folder), cached: a
+  pipeline already loaded for the same (checkpoint dir, step, VAE, extraction settings) is
+  returned again, compiled sampler included."""
+  extract_key = json.dumps(extract_kwargs or {}, sort_keys=True)
+  if bundle.is_bundle(checkpoint_dir):
+    folder = os.path.abspath(checkpoint_dir)
+    key = (folder, os.path.getmtime(os.path.join(folder, bundle.INFO_FILE)), extract_key)
+    if cache and key in _CACHE:
+      return _CACHE[key]
+    pipe = Pipeline.from_bundle(folder, extract_kwargs)
+    if cache:
+      _CACHE[key] = pipe
+    return pipe
   ckpt = resolve_checkpoint_dir(checkpoint_dir)
   cfg_dict, step = checkpointing.read_checkpoint_config(ckpt, step)
-  key = (ckpt, step, vae_workdir, json.dumps(extract_kwargs or {}, sort_keys=True))
+  key = (ckpt, step, vae_workdir, extract_key)
   if cache and key in _CACHE:
     return _CACHE[key]
   pipe = _load(Pipeline, ckpt, cfg_dict, step, vae_workdir, extract_kwargs)

@@ -165,7 +165,9 @@ def model_batch(batch: dict) -> dict:
 # ----------------------------------------------------------------------------------------
 
 
-def _abstract_inner_params(config) -> Any:
+def abstract_params(config) -> Any:
+  """(VecSetVAE of config.model, its params as ShapeDtypeStructs on one device, without the
+  {'params': ...} wrapper), from shapes only (nothing is initialised)."""
   model = VecSetVAE(ml_collections.FrozenConfigDict(config.model))
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   shapes = jax.eval_shape(
@@ -187,7 +189,7 @@ def load_vae(workdir, step: Optional[int] = None, use_ema: bool = True):
     raise FileNotFoundError(f"no checkpoints directory at {ckpt_dir}")
   cfg_dict, step = checkpointing.read_checkpoint_config(ckpt_dir, step)
   config = ml_collections.ConfigDict(cfg_dict)
-  model, abstract = _abstract_inner_params(config)
+  model, abstract = abstract_params(config)
   if os.path.isdir(os.path.join(ckpt_dir, str(step), "ema")):
     inner = checkpointing.restore_params(
         ckpt_dir, abstract, step, item="ema" if use_ema else "state"

@@ -1,0 +1,118 @@
+"""Model bundles: compact round trips, checks that name the folder, the pipeline loads one."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from experiments.configs import dit as dit_configs
+from experiments.configs import vae as vae_configs
+from moca_jax import bundle, dit_task, pipeline, vae_task
+
+
+def _tiny_models():
+  dit_config = dit_configs.get_config("tiny")
+  vae_config = vae_configs.get_config("tiny")
+  s = dit_config.model.encoder.image_size
+  d = dit_config.model.dit
+  batch = {"images": np.zeros((1, s, s, 3), np.uint8),
+           "latents": np.zeros((1, 2, d.latent_tokens, d.latent_channels), np.float32),
+           "component_mask": np.ones((1, 2), bool)}
+  dit_params = dit_task.make_task(dit_config).init_fn(jax.random.PRNGKey(0), batch)["params"]
+  model, _ = vae_task.abstract_params(vae_config)
+  vae_params = model.init(*vae_task.init_args(model, jax.random.PRNGKey(1)))["params"]
+  unbox = lambda t: jax.tree.map(np.asarray, __import__("flax").linen.meta.unbox(t))
+  return dit_config, unbox(dit_params), vae_config, unbox(vae_params)
+
+
+@pytest.fixture(scope="module")
+def models():
+  return _tiny_models()
+
+
+def _leaves(tree):
+  return traverse_util.flatten_dict(tree, sep="/")
+
+
+def test_round_trip_bfloat16_and_float32(models, tmp_path):
+  dit_config, dit_params, vae_config, vae_params = models
+  for dtype in ("bfloat16", "float32"):
+    out = str(tmp_path / dtype)
+    bundle.write_bundle(out, dit_config, dit_params, vae_config, vae_params,
+                        card={"note": "test"}, storage_dtype=dtype)
+    b = bundle.read_bundle(out)
+    assert b.dit_config.model.dit.to_dict() == dit_config.model.dit.to_dict()
+    assert b.vae_config.model.num_latents == vae_config.model.num_latents
+    assert b.info["card"] == {"note": "test"}
+    for want, got in ((dit_params, b.dit_params), (vae_params, b.vae_params)):
+      w, g = _leaves(want), _leaves(got)
+      assert set(w) == set(g)
+      for k in w:
+        assert g[k].dtype == jnp.float32, k  # loading restores the params' dtype
+        expect = np.asarray(jnp.asarray(w[k]).astype(dtype).astype(jnp.float32))
+        np.testing.assert_array_equal(np.asarray(g[k]), expect, err_msg=k)
+  # bf16 storage is half the bytes of float32
+  sizes = {d: os.path.getsize(tmp_path / d / "dit.npz") for d in ("bfloat16", "float32")}
+  assert sizes["bfloat16"] < 0.55 * sizes["float32"]
+
+
+def test_errors_name_the_folder_and_reason(models, tmp_path):
+  dit_config, dit_params, vae_config, vae_params = models
+  out = str(tmp_path / "b")
+  bundle.write_bundle(out, dit_config, dit_params, vae_config, vae_params)
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    bundle.read_bundle(str(tmp_path / "nothing"))
+  os.makedirs(tmp_path / "empty")
+  with pytest.raises(bundle.BundleError, match="not a model bundle"):
+    bundle.read_bundle(str(tmp_path / "empty"))
+  info_path = os.path.join(out, "bundle.json")
+  info = json.load(open(info_path))
+
+  def edited(**changes):
+    with open(info_path, "w") as f:
+      json.dump({**info, **changes}, f)
+
+  edited(version=bundle.VERSION + 1)
+  with pytest.raises(bundle.BundleError, match="newer than this code"):
+    bundle.read_bundle(out)
+  edited(format="something-else")
+  with pytest.raises(bundle.BundleError, match="not a moca-jax-bundle"):
+    bundle.read_bundle(out)
+  wider = json.loads(json.dumps(info["dit_config"]))
+  wider["model"]["dit"]["width"] *= 2
+  edited(dit_config=wider)
+  with pytest.raises(bundle.BundleError, match=r"dit.npz: parameters do not match .* shape"):
+    bundle.read_bundle(out)
+  edited()
+  with open(os.path.join(out, "vae.npz"), "r+b") as f:
+    f.truncate(100)
+  with pytest.raises(bundle.BundleError, match=r"vae.npz: checksum does not match"):
+    bundle.read_bundle(out)
+  os.remove(os.path.join(out, "vae.npz"))
+  with pytest.raises(bundle.BundleError, match=r"vae.npz: weights file missing"):
+    bundle.read_bundle(out)
+
+
+def test_pipeline_from_bundle_equals_pipeline_from_params(models, tmp_path):
+  """A float32 bundle generates exactly what the same params generate; load_pipeline and
+  from_checkpoint accept the folder."""
+  from moca_jax.vae import VecSetVAE
+  import ml_collections
+
+  dit_config, dit_params, vae_config, vae_params = models
+  out = str(tmp_path / "f32")
+  bundle.write_bundle(out, dit_config, dit_params, vae_config, vae_params, storage_dtype="float32")
+  direct = pipeline.Pipeline(dit_config, dit_params,
+                             VecSetVAE(ml_collections.FrozenConfigDict(vae_config.model)),
+                             {"params": vae_params}, dict(resolution=16))
+  loaded = pipeline.load_pipeline(out, extract_kwargs=dict(resolution=16), cache=False)
+  assert isinstance(pipeline.Pipeline.from_checkpoint(out), pipeline.Pipeline)
+  image = np.full((40, 40, 3), 255, np.uint8)
+  image[10:30, 12:28] = (200, 60, 40)
+  a = direct(image, num_components=2, steps=2, cfg_scale=2.0, seed=3)
+  b = loaded(image, num_components=2, steps=2, cfg_scale=2.0, seed=3)
+  np.testing.assert_array_equal(a.latents, b.latents)
+  assert len(b.meshes[0]) == 2
