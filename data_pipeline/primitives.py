@@ -18,6 +18,7 @@ Primitives (each a small frozen dataclass, sizes as parameters, placed by a rigi
   prim.sdf(points [P,3]) -> [P]                 exact signed distance (float64)
   prim.sdf_grad(points [P,3]) -> ([P], [P,3])   distance and its analytic gradient (unit)
   prim.to_mesh(segments=48) -> trimesh.Trimesh   watertight tessellation, outward normals
+  prim.sample_surface(n, rng) -> ([n,3], [n,3])  exact area-uniform points, unit normals
   prim.area(), prim.bounding_radius()           exact area; radius of a ball holding it
   prim.with_transform(rotation, translation)    a placed copy (composes with the current one)
   prim.scaled(s)                                uniformly scaled copy about the world origin
@@ -29,10 +30,12 @@ tests), `Part.area_estimate()`.
 
 Helpers:
   sample_surface(mesh_or_primitive_or_part, n, rng) -> (points [n,3] f32, normals [n,3] f32)
-      area-uniform. For analytic shapes the points are sampled on a fine mesh, then projected
-      onto the exact surface, normals are the analytic SDF gradient, and for a Part the points
-      that lie inside another primitive of the union are rejected (so they cover exactly the
-      union's surface). For a plain trimesh: barycentric sampling, face normals.
+      area-uniform. For analytic shapes exact samplers per kind (`prim.sample_surface`: sphere
+      by normalised Gaussians, box by a face chosen by area, cylinder / cone / capsule by
+      area-weighted parametrisations, torus by rejection on its area element), normals the
+      analytic SDF gradient, and for a Part the points that lie inside another primitive of
+      the union are rejected (so they cover exactly the union's surface). For a plain
+      trimesh: barycentric sampling, face normals.
   sample_sdf_points(sdf_fn, surface_points, rng, n_near, n_volume, scales=(0.005, 0.05))
       -> (points [n_near+n_volume, 3] f32, sdf [n_near+n_volume] f32): near-surface points
       (surface points plus Gaussian noise, half at each scale) then uniform in [-1,1]^3.
@@ -113,6 +116,77 @@ def _revolve_sdf_grad(rho: np.ndarray, z: np.ndarray, profile: np.ndarray,
   return sign * dist, grad
 
 
+def _unit_gaussian(n: int, rng: np.random.Generator) -> np.ndarray:
+  """[n,3] directions uniform on the unit sphere (normalised isotropic Gaussians)."""
+  fb = np.zeros((n, 3))
+  fb[:, 2] = 1.0
+  return _normalize(rng.normal(size=(n, 3)), fb)
+
+
+def _choose(weights: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+  """[n] i.i.d. indices into weights [K] (>= 0, positive sum), P(k) = weights[k] / sum."""
+  cdf = np.cumsum(weights, dtype=np.float64)
+  k = np.searchsorted(cdf, rng.random(n) * cdf[-1], side="right")
+  return np.minimum(k, len(weights) - 1)
+
+
+def _segment_dist2(rho: np.ndarray, z: np.ndarray, a: tuple, b: tuple) -> np.ndarray:
+  """Squared distance [P] from (rho, z) points to the 2D segment a-b (a == b allowed)."""
+  ex, ez = b[0] - a[0], b[1] - a[1]
+  dx, dz = rho - a[0], z - a[1]
+  t = np.clip((dx * ex + dz * ez) / max(ex * ex + ez * ez, _EPS), 0.0, 1.0)
+  return (dx - t * ex) ** 2 + (dz - t * ez) ** 2
+
+
+def _frustum_sdf(rho: np.ndarray, z: np.ndarray, r_bottom: float, r_top: float,
+                 half_height: float) -> np.ndarray:
+  """Exact SDF [P] of a capped frustum about z, from radial distance rho [P] and height z [P].
+
+  The value of `_revolve_sdf_grad` on the profile (0,-h), (r_b,-h), (r_t,h), (0,h) without
+  its gradient: distance to the bottom cap, lateral and top cap segments of the (rho, z)
+  half-plane, negative inside (between the caps and on the axis side of the lateral line).
+  """
+  rb, rt, hh = float(r_bottom), float(r_top), float(half_height)
+  d2 = np.minimum(_segment_dist2(rho, z, (0.0, -hh), (rb, -hh)),
+                  _segment_dist2(rho, z, (rb, -hh), (rt, hh)))
+  d2 = np.minimum(d2, _segment_dist2(rho, z, (rt, hh), (0.0, hh)))
+  inside = (np.abs(z) <= hh) & (2.0 * hh * (rho - rb) + (rb - rt) * (z + hh) <= 0.0)
+  return np.where(inside, -1.0, 1.0) * np.sqrt(d2)
+
+
+def _frustum_surface_samples(r_bottom: float, r_top: float, half_height: float, n: int,
+                             rng: np.random.Generator):
+  """Area-uniform samples of a capped frustum (cylinder when the radii agree) about z.
+
+  Lateral surface (area pi (r_b + r_t) slant): the area element is proportional to the
+  radius r(t) = r_b + (r_t - r_b) t, t in [0, 1] from bottom to top, i.e. a mixture of the
+  densities 2 (1 - t) (weight r_b) and 2 t (weight r_t), each sampled by a square root.
+  Caps (areas pi r^2): radius r sqrt(u). Returns (points [n,3], unit normals [n,3]).
+  """
+  rb, rt, hh = float(r_bottom), float(r_top), float(half_height)
+  slant = np.hypot(rb - rt, 2.0 * hh)
+  region = _choose(np.array([(rb + rt) * slant, rb * rb, rt * rt]), n, rng)
+  theta = 2.0 * np.pi * rng.random(n)
+  c, s = np.cos(theta), np.sin(theta)
+  u, v = rng.random(n), rng.random(n)
+  # lateral
+  root = np.sqrt(v)
+  t = np.where(u * (rb + rt) < rt, root, 1.0 - root)
+  rho = rb + (rt - rb) * t
+  z = hh * (2.0 * t - 1.0)
+  n_rho, n_z = 2.0 * hh / max(slant, _EPS), (rb - rt) / max(slant, _EPS)
+  # caps: region 1 bottom (z = -hh, radius rb), region 2 top (z = +hh, radius rt)
+  cap_top = region == 2
+  on_cap = region > 0
+  rho = np.where(on_cap, np.where(cap_top, rt, rb) * root, rho)
+  z = np.where(on_cap, np.where(cap_top, hh, -hh), z)
+  p = np.stack([rho * c, rho * s, z], axis=-1)
+  g_rho = np.where(on_cap, 0.0, n_rho)
+  g = np.stack([g_rho * c, g_rho * s, np.where(on_cap, np.where(cap_top, 1.0, -1.0), n_z)],
+               axis=-1)
+  return p, g
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Primitive:
   """Base class: rigid transform + local SDF. Subclasses define _local_sdf_grad, _mesh."""
@@ -123,7 +197,7 @@ class Primitive:
 
   def __post_init__(self):
     r = np.asarray(self.rotation, dtype=np.float64).reshape(3, 3)
-    if not np.allclose(r @ r.T, np.eye(3), atol=1e-6) or np.linalg.det(r) < 0:
+    if not np.abs(r @ r.T - np.eye(3)).max() <= 1e-6 or np.linalg.det(r) < 0:
       raise ValueError("rotation must be a proper rotation matrix")
     object.__setattr__(self, "rotation", r)
     object.__setattr__(self, "translation",
@@ -167,7 +241,7 @@ class Primitive:
   # --- fields --------------------------------------------------------------------------
   def sdf(self, points) -> np.ndarray:
     """Exact signed distance [P] (negative inside) of world points [P,3]."""
-    return self.sdf_grad(points)[0]
+    return self._local_sdf(self.to_local(points))
 
   def sdf_grad(self, points):
     """(sdf [P], outward unit gradient [P,3]) at world points [P,3]."""
@@ -190,9 +264,27 @@ class Primitive:
   def center(self) -> np.ndarray:
     return self.translation.copy()
 
+  def sample_surface(self, n: int, rng: np.random.Generator):
+    """Exact area-uniform surface samples: (points [n,3] f64, outward unit normals [n,3]).
+
+    Drawn i.i.d. from the analytic parametrisation of the local surface (no tessellation),
+    then placed by the rigid transform; the points lie on the exact surface up to float64
+    rounding and the normals equal the SDF gradient there.
+    """
+    p, g = self._local_surface_samples(int(n), rng)
+    return p @ self.rotation.T + self.translation, g @ self.rotation.T
+
   # subclasses
   def _local_sdf_grad(self, p):
     raise NotImplementedError
+
+  def _local_surface_samples(self, n, rng):
+    """(points [n,3], unit normals [n,3]) area-uniform on the surface, local frame."""
+    raise NotImplementedError
+
+  def _local_sdf(self, p):
+    """Signed distance [P] of local points [P,3] (subclasses: a value-only fast path)."""
+    return self._local_sdf_grad(p)[0]
 
   def _mesh(self, segments):
     raise NotImplementedError
@@ -222,6 +314,13 @@ class Sphere(Primitive):
 
   def _mesh(self, segments):
     return trimesh.creation.uv_sphere(radius=self.radius, count=[segments, segments])
+
+  def _local_sdf(self, p):
+    return np.sqrt(np.einsum("pk,pk->p", p, p)) - self.radius
+
+  def _local_surface_samples(self, n, rng):
+    g = _unit_gaussian(n, rng)
+    return self.radius * g, g
 
   def area(self):
     return 4.0 * np.pi * self.radius ** 2
@@ -253,6 +352,24 @@ class Box(Primitive):
   def _mesh(self, segments):
     return trimesh.creation.box(extents=2.0 * np.asarray(self.half_extents, dtype=np.float64))
 
+  def _local_sdf(self, p):
+    q = np.abs(p) - np.asarray(self.half_extents, dtype=np.float64)
+    qpos = np.maximum(q, 0.0)
+    return np.sqrt(np.einsum("pk,pk->p", qpos, qpos)) + np.minimum(np.max(q, axis=-1), 0.0)
+
+  def _local_surface_samples(self, n, rng):
+    h = np.asarray(self.half_extents, dtype=np.float64)
+    face_area = np.array([h[1] * h[2], h[0] * h[2], h[0] * h[1]])
+    # six faces, (+x, -x, +y, -y, +z, -z), chosen with probability proportional to area
+    face = _choose(np.repeat(face_area, 2), n, rng)
+    axis, sign = face // 2, np.where(face % 2 == 0, 1.0, -1.0)
+    p = (2.0 * rng.random((n, 3)) - 1.0) * h
+    idx = np.arange(n)
+    p[idx, axis] = sign * h[axis]
+    g = np.zeros((n, 3))
+    g[idx, axis] = sign
+    return p, g
+
   def area(self):
     hx, hy, hz = np.asarray(self.half_extents, dtype=np.float64)
     return 8.0 * (hx * hy + hy * hz + hx * hz)
@@ -279,6 +396,13 @@ class Cylinder(Primitive):
     return trimesh.creation.cylinder(radius=self.radius, height=2.0 * self.half_height,
                                      sections=segments)
 
+  def _local_sdf(self, p):
+    return _frustum_sdf(np.hypot(p[:, 0], p[:, 1]), p[:, 2], self.radius, self.radius,
+                        self.half_height)
+
+  def _local_surface_samples(self, n, rng):
+    return _frustum_surface_samples(self.radius, self.radius, self.half_height, n, rng)
+
   def area(self):
     return 2.0 * np.pi * self.radius * (self.radius + 2.0 * self.half_height)
 
@@ -303,6 +427,24 @@ class Capsule(Primitive):
   def _mesh(self, segments):
     return trimesh.creation.capsule(height=2.0 * self.half_height, radius=self.radius,
                                     count=[segments, segments])
+
+  def _local_sdf(self, p):
+    dz = p[:, 2] - np.clip(p[:, 2], -self.half_height, self.half_height)
+    return np.sqrt(p[:, 0] ** 2 + p[:, 1] ** 2 + dz ** 2) - self.radius
+
+  def _local_surface_samples(self, n, rng):
+    r, hh = self.radius, self.half_height
+    # tube (area 4 pi r hh) or the two hemispheres (together a sphere, area 4 pi r^2)
+    on_tube = rng.random(n) * (r + hh) < hh
+    theta = 2.0 * np.pi * rng.random(n)
+    tube_n = np.stack([np.cos(theta), np.sin(theta), np.zeros(n)], axis=-1)
+    tube_p = r * tube_n
+    tube_p[:, 2] = hh * (2.0 * rng.random(n) - 1.0)
+    ball_n = _unit_gaussian(n, rng)
+    ball_p = r * ball_n
+    ball_p[:, 2] += np.where(ball_n[:, 2] >= 0.0, hh, -hh)  # each half on its own end
+    sel = on_tube[:, None]
+    return np.where(sel, tube_p, ball_p), np.where(sel, tube_n, ball_n)
 
   def area(self):
     return 4.0 * np.pi * self.radius ** 2 + 4.0 * np.pi * self.radius * self.half_height
@@ -336,6 +478,28 @@ class Torus(Primitive):
   def _mesh(self, segments):
     return trimesh.creation.torus(self.major_radius, self.minor_radius,
                                   major_sections=2 * segments, minor_sections=segments)
+
+  def _local_sdf(self, p):
+    return np.hypot(np.hypot(p[:, 0], p[:, 1]) - self.major_radius, p[:, 2]) - self.minor_radius
+
+  def _local_surface_samples(self, n, rng):
+    big, small = self.major_radius, self.minor_radius
+    # area element small * (big + small cos(phi)) dtheta dphi: theta uniform, phi by
+    # rejection against the bound big + small (acceptance >= (big - small) / (big + small))
+    phis, have = [], 0
+    while have < n:
+      m = int(1.2 * (n - have) * (big + small) / big) + 16
+      phi = 2.0 * np.pi * rng.random(m)
+      phi = phi[rng.random(m) * (big + small) < big + small * np.cos(phi)]
+      phis.append(phi)
+      have += len(phi)
+    phi = np.concatenate(phis)[:n]
+    theta = 2.0 * np.pi * rng.random(n)
+    ct, st, cp, sp = np.cos(theta), np.sin(theta), np.cos(phi), np.sin(phi)
+    g = np.stack([cp * ct, cp * st, sp], axis=-1)
+    rho = big + small * cp
+    p = np.stack([rho * ct, rho * st, small * sp], axis=-1)
+    return p, g
 
   def area(self):
     return 4.0 * np.pi ** 2 * self.major_radius * self.minor_radius
@@ -376,6 +540,14 @@ class Cone(Primitive):
     if m.volume < 0:
       m.invert()
     return m
+
+  def _local_sdf(self, p):
+    return _frustum_sdf(np.hypot(p[:, 0], p[:, 1]), p[:, 2], self.radius_bottom,
+                        self.radius_top, self.half_height)
+
+  def _local_surface_samples(self, n, rng):
+    return _frustum_surface_samples(self.radius_bottom, self.radius_top, self.half_height, n,
+                                    rng)
 
   def area(self):
     r1, r2, h = self.radius_bottom, self.radius_top, self.half_height
@@ -491,31 +663,34 @@ def _project(shape, pts: np.ndarray, iters: int = 3):
   return pts, g
 
 
-def _sample_primitive(prim: Primitive, n: int, rng, segments: int):
-  pts, _ = sample_mesh_surface(prim.to_mesh(segments), n, rng)
-  return _project(prim, pts)
+def _sample_primitive(prim: Primitive, n: int, rng):
+  return prim.sample_surface(n, rng)
 
 
 def sample_surface(shape: Shape, n: int, rng: np.random.Generator, segments: int = 64):
   """Area-uniform surface samples of a primitive, a Part or a trimesh.
 
-  Returns (points [n,3] float32, unit normals [n,3] float32). Analytic shapes: points lie on
-  the exact surface (|sdf| ~ 1e-7), normals are the analytic SDF gradient; for a Part,
-  samples inside another primitive of the union are rejected. Meshes: face normals.
+  Returns (points [n,3] float32, unit normals [n,3] float32), i.i.d. in random order.
+  Analytic shapes: exact samplers per primitive kind (`Primitive.sample_surface`, no
+  tessellation), so points lie on the exact surface (|sdf| ~ 1e-7, float32 rounding) and
+  normals are the analytic SDF gradient; for a Part, samples inside another primitive of
+  the union are rejected. Meshes: barycentric samples, face normals. `segments` is
+  accepted for callers that still pass a tessellation size and no longer used.
   """
+  del segments  # analytic samplers need no tessellation
   if n <= 0:
     return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32)
   if isinstance(shape, trimesh.Trimesh):
     pts, face = sample_mesh_surface(shape, n, rng)
     return pts.astype(np.float32), shape.face_normals[face].astype(np.float32)
   if isinstance(shape, Primitive):
-    p, g = _sample_primitive(shape, n, rng, segments)
+    p, g = _sample_primitive(shape, n, rng)
     return p.astype(np.float32), g.astype(np.float32)
   if not isinstance(shape, Part):
     raise TypeError(f"sample_surface: unsupported shape type {type(shape).__name__}")
   prims = shape.primitives
   if len(prims) == 1:
-    return sample_surface(prims[0], n, rng, segments)
+    return sample_surface(prims[0], n, rng)
   areas = np.array([p.area() for p in prims])
   got_p, got_g, have = [], [], 0
   for _ in range(8):  # rejection rounds; each oversamples by the observed keep rate
@@ -524,7 +699,7 @@ def sample_surface(shape: Shape, n: int, rng: np.random.Generator, segments: int
     for k, (prim, c) in enumerate(zip(prims, counts)):
       if c == 0:
         continue
-      p, g = _sample_primitive(prim, c, rng, segments)
+      p, g = _sample_primitive(prim, c, rng)
       others = [q for j, q in enumerate(prims) if j != k]
       d_other = np.min(np.stack([q.sdf(p) for q in others]), axis=0)
       keep = d_other > -1e-6
