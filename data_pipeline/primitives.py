@@ -43,6 +43,7 @@ Helpers:
 
 All randomness goes through an explicit `numpy.random.Generator`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -76,8 +77,7 @@ def _radial_dir(xy: np.ndarray) -> np.ndarray:
   return _normalize(xy, fb)
 
 
-def _revolve_sdf_grad(rho: np.ndarray, z: np.ndarray, profile: np.ndarray,
-                      xy: np.ndarray):
+def _revolve_sdf_grad(rho: np.ndarray, z: np.ndarray, profile: np.ndarray, xy: np.ndarray):
   """Exact SDF of a convex solid of revolution about z from its (rho, z) profile.
 
   profile [K,2]: polyline from the axis (rho=0) around the cross-section back to the axis,
@@ -90,8 +90,10 @@ def _revolve_sdf_grad(rho: np.ndarray, z: np.ndarray, profile: np.ndarray,
   a = profile[:-1]  # [S,2]
   b = profile[1:]
   ab = b - a
-  t = np.einsum("psk,sk->ps", q[:, None, :] - a[None], ab) / np.maximum(
-      np.einsum("sk,sk->s", ab, ab), _EPS)[None]
+  t = (
+      np.einsum("psk,sk->ps", q[:, None, :] - a[None], ab)
+      / np.maximum(np.einsum("sk,sk->s", ab, ab), _EPS)[None]
+  )
   t = np.clip(t, 0.0, 1.0)
   c = a[None] + t[..., None] * ab[None]  # [P,S,2] closest points per segment
   dist2 = np.sum((q[:, None, :] - c) ** 2, axis=-1)
@@ -138,8 +140,9 @@ def _segment_dist2(rho: np.ndarray, z: np.ndarray, a: tuple, b: tuple) -> np.nda
   return (dx - t * ex) ** 2 + (dz - t * ez) ** 2
 
 
-def _frustum_sdf(rho: np.ndarray, z: np.ndarray, r_bottom: float, r_top: float,
-                 half_height: float) -> np.ndarray:
+def _frustum_sdf(
+    rho: np.ndarray, z: np.ndarray, r_bottom: float, r_top: float, half_height: float
+) -> np.ndarray:
   """Exact SDF [P] of a capped frustum about z, from radial distance rho [P] and height z [P].
 
   The value of `_revolve_sdf_grad` on the profile (0,-h), (r_b,-h), (r_t,h), (0,h) without
@@ -147,15 +150,17 @@ def _frustum_sdf(rho: np.ndarray, z: np.ndarray, r_bottom: float, r_top: float,
   half-plane, negative inside (between the caps and on the axis side of the lateral line).
   """
   rb, rt, hh = float(r_bottom), float(r_top), float(half_height)
-  d2 = np.minimum(_segment_dist2(rho, z, (0.0, -hh), (rb, -hh)),
-                  _segment_dist2(rho, z, (rb, -hh), (rt, hh)))
+  d2 = np.minimum(
+      _segment_dist2(rho, z, (0.0, -hh), (rb, -hh)), _segment_dist2(rho, z, (rb, -hh), (rt, hh))
+  )
   d2 = np.minimum(d2, _segment_dist2(rho, z, (rt, hh), (0.0, hh)))
   inside = (np.abs(z) <= hh) & (2.0 * hh * (rho - rb) + (rb - rt) * (z + hh) <= 0.0)
   return np.where(inside, -1.0, 1.0) * np.sqrt(d2)
 
 
-def _frustum_surface_samples(r_bottom: float, r_top: float, half_height: float, n: int,
-                             rng: np.random.Generator):
+def _frustum_surface_samples(
+    r_bottom: float, r_top: float, half_height: float, n: int, rng: np.random.Generator
+):
   """Area-uniform samples of a capped frustum (cylinder when the radii agree) about z.
 
   Lateral surface (area pi (r_b + r_t) slant): the area element is proportional to the
@@ -182,14 +187,14 @@ def _frustum_surface_samples(r_bottom: float, r_top: float, half_height: float, 
   z = np.where(on_cap, np.where(cap_top, hh, -hh), z)
   p = np.stack([rho * c, rho * s, z], axis=-1)
   g_rho = np.where(on_cap, 0.0, n_rho)
-  g = np.stack([g_rho * c, g_rho * s, np.where(on_cap, np.where(cap_top, 1.0, -1.0), n_z)],
-               axis=-1)
+  g = np.stack([g_rho * c, g_rho * s, np.where(on_cap, np.where(cap_top, 1.0, -1.0), n_z)], axis=-1)
   return p, g
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Primitive:
   """Base class: rigid transform + local SDF. Subclasses define _local_sdf_grad, _mesh."""
+
   rotation: np.ndarray = dataclasses.field(default_factory=lambda: np.eye(3), kw_only=True)
   translation: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(3), kw_only=True)
 
@@ -200,8 +205,9 @@ class Primitive:
     if not np.abs(r @ r.T - np.eye(3)).max() <= 1e-6 or np.linalg.det(r) < 0:
       raise ValueError("rotation must be a proper rotation matrix")
     object.__setattr__(self, "rotation", r)
-    object.__setattr__(self, "translation",
-                       np.asarray(self.translation, dtype=np.float64).reshape(3))
+    object.__setattr__(
+        self, "translation", np.asarray(self.translation, dtype=np.float64).reshape(3)
+    )
     for f in dataclasses.fields(self):
       if f.name in ("rotation", "translation"):
         continue
@@ -218,15 +224,19 @@ class Primitive:
     """Returns a copy placed by (rotation, translation) applied AFTER the current pose."""
     r = np.eye(3) if rotation is None else np.asarray(rotation, dtype=np.float64)
     t = np.zeros(3) if translation is None else np.asarray(translation, dtype=np.float64)
-    return dataclasses.replace(self, rotation=r @ self.rotation,
-                               translation=r @ self.translation + t)
+    return dataclasses.replace(
+        self, rotation=r @ self.rotation, translation=r @ self.translation + t
+    )
 
   def scaled(self, s: float) -> "Primitive":
     """Uniformly scaled copy about the world origin (sizes and translation times s > 0)."""
     if not s > 0:
       raise ValueError(f"scale must be > 0, got {s}")
-    kw = {f.name: (np.asarray(getattr(self, f.name), dtype=np.float64) * s).tolist()
-          for f in dataclasses.fields(self) if f.name not in ("rotation", "translation")}
+    kw = {
+        f.name: (np.asarray(getattr(self, f.name), dtype=np.float64) * s).tolist()
+        for f in dataclasses.fields(self)
+        if f.name not in ("rotation", "translation")
+    }
     kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kw.items()}
     return dataclasses.replace(self, translation=self.translation * s, **kw)
 
@@ -297,8 +307,11 @@ class Primitive:
 
   def params(self) -> dict:
     """Size parameters (JSON-friendly)."""
-    return {f.name: np.asarray(getattr(self, f.name)).tolist() for f in dataclasses.fields(self)
-            if f.name not in ("rotation", "translation")}
+    return {
+        f.name: np.asarray(getattr(self, f.name)).tolist()
+        for f in dataclasses.fields(self)
+        if f.name not in ("rotation", "translation")
+    }
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -323,7 +336,7 @@ class Sphere(Primitive):
     return self.radius * g, g
 
   def area(self):
-    return 4.0 * np.pi * self.radius ** 2
+    return 4.0 * np.pi * self.radius**2
 
   def bounding_radius(self):
     return float(self.radius)
@@ -393,12 +406,14 @@ class Cylinder(Primitive):
     return _revolve_sdf_grad(np.linalg.norm(xy, axis=-1), p[:, 2], self._profile(), xy)
 
   def _mesh(self, segments):
-    return trimesh.creation.cylinder(radius=self.radius, height=2.0 * self.half_height,
-                                     sections=segments)
+    return trimesh.creation.cylinder(
+        radius=self.radius, height=2.0 * self.half_height, sections=segments
+    )
 
   def _local_sdf(self, p):
-    return _frustum_sdf(np.hypot(p[:, 0], p[:, 1]), p[:, 2], self.radius, self.radius,
-                        self.half_height)
+    return _frustum_sdf(
+        np.hypot(p[:, 0], p[:, 1]), p[:, 2], self.radius, self.radius, self.half_height
+    )
 
   def _local_surface_samples(self, n, rng):
     return _frustum_surface_samples(self.radius, self.radius, self.half_height, n, rng)
@@ -425,12 +440,13 @@ class Capsule(Primitive):
     return np.linalg.norm(v, axis=-1) - self.radius, _normalize(v, fb)
 
   def _mesh(self, segments):
-    return trimesh.creation.capsule(height=2.0 * self.half_height, radius=self.radius,
-                                    count=[segments, segments])
+    return trimesh.creation.capsule(
+        height=2.0 * self.half_height, radius=self.radius, count=[segments, segments]
+    )
 
   def _local_sdf(self, p):
     dz = p[:, 2] - np.clip(p[:, 2], -self.half_height, self.half_height)
-    return np.sqrt(p[:, 0] ** 2 + p[:, 1] ** 2 + dz ** 2) - self.radius
+    return np.sqrt(p[:, 0] ** 2 + p[:, 1] ** 2 + dz**2) - self.radius
 
   def _local_surface_samples(self, n, rng):
     r, hh = self.radius, self.half_height
@@ -447,7 +463,7 @@ class Capsule(Primitive):
     return np.where(sel, tube_p, ball_p), np.where(sel, tube_n, ball_n)
 
   def area(self):
-    return 4.0 * np.pi * self.radius ** 2 + 4.0 * np.pi * self.radius * self.half_height
+    return 4.0 * np.pi * self.radius**2 + 4.0 * np.pi * self.radius * self.half_height
 
   def bounding_radius(self):
     return float(self.radius + self.half_height)
@@ -476,8 +492,9 @@ class Torus(Primitive):
     return np.linalg.norm(q, axis=-1) - self.minor_radius, g
 
   def _mesh(self, segments):
-    return trimesh.creation.torus(self.major_radius, self.minor_radius,
-                                  major_sections=2 * segments, minor_sections=segments)
+    return trimesh.creation.torus(
+        self.major_radius, self.minor_radius, major_sections=2 * segments, minor_sections=segments
+    )
 
   def _local_sdf(self, p):
     return np.hypot(np.hypot(p[:, 0], p[:, 1]) - self.major_radius, p[:, 2]) - self.minor_radius
@@ -502,7 +519,7 @@ class Torus(Primitive):
     return p, g
 
   def area(self):
-    return 4.0 * np.pi ** 2 * self.major_radius * self.minor_radius
+    return 4.0 * np.pi**2 * self.major_radius * self.minor_radius
 
   def bounding_radius(self):
     return float(self.major_radius + self.minor_radius)
@@ -542,21 +559,25 @@ class Cone(Primitive):
     return m
 
   def _local_sdf(self, p):
-    return _frustum_sdf(np.hypot(p[:, 0], p[:, 1]), p[:, 2], self.radius_bottom,
-                        self.radius_top, self.half_height)
+    return _frustum_sdf(
+        np.hypot(p[:, 0], p[:, 1]), p[:, 2], self.radius_bottom, self.radius_top, self.half_height
+    )
 
   def _local_surface_samples(self, n, rng):
-    return _frustum_surface_samples(self.radius_bottom, self.radius_top, self.half_height, n,
-                                    rng)
+    return _frustum_surface_samples(self.radius_bottom, self.radius_top, self.half_height, n, rng)
 
   def area(self):
     r1, r2, h = self.radius_bottom, self.radius_top, self.half_height
     slant = np.hypot(r1 - r2, 2.0 * h)
-    return np.pi * (r1 ** 2 + r2 ** 2 + (r1 + r2) * slant)
+    return np.pi * (r1**2 + r2**2 + (r1 + r2) * slant)
 
   def bounding_radius(self):
-    return float(max(np.hypot(self.radius_bottom, self.half_height),
-                     np.hypot(self.radius_top, self.half_height)))
+    return float(
+        max(
+            np.hypot(self.radius_bottom, self.half_height),
+            np.hypot(self.radius_top, self.half_height),
+        )
+    )
 
 
 _CLASSES = {c.kind: c for c in (Sphere, Box, Cylinder, Capsule, Torus, Cone)}
@@ -565,14 +586,19 @@ _CLASSES = {c.kind: c for c in (Sphere, Box, Cylinder, Capsule, Torus, Cone)}
 def primitive_from_dict(d: dict) -> Primitive:
   """Inverse of `primitive_to_dict`."""
   cls = _CLASSES[d["kind"]]
-  return cls(rotation=np.asarray(d["rotation"]), translation=np.asarray(d["translation"]),
-             **d["params"])
+  return cls(
+      rotation=np.asarray(d["rotation"]), translation=np.asarray(d["translation"]), **d["params"]
+  )
 
 
 def primitive_to_dict(p: Primitive) -> dict:
   """JSON-friendly description {kind, params, rotation, translation}."""
-  return {"kind": p.kind, "params": p.params(), "rotation": p.rotation.tolist(),
-          "translation": p.translation.tolist()}
+  return {
+      "kind": p.kind,
+      "params": p.params(),
+      "rotation": p.rotation.tolist(),
+      "translation": p.translation.tolist(),
+  }
 
 
 # ----------------------------------------------------------------------------------------
@@ -581,6 +607,7 @@ def primitive_to_dict(p: Primitive) -> dict:
 @dataclasses.dataclass(frozen=True, eq=False)
 class Part:
   """One component: the union of `primitives` (SDF = min over them). `name` is free text."""
+
   primitives: tuple
   name: str = "part"
 
@@ -613,8 +640,7 @@ class Part:
 
   def transformed(self, rotation=None, translation=None) -> "Part":
     """Copy placed by (rotation, translation) applied after the current poses."""
-    return Part(tuple(p.with_transform(rotation, translation) for p in self.primitives),
-                self.name)
+    return Part(tuple(p.with_transform(rotation, translation) for p in self.primitives), self.name)
 
   def scaled(self, s: float) -> "Part":
     """Uniformly scaled copy about the world origin (SDF scales by s, stays exact)."""
@@ -628,8 +654,9 @@ class Part:
       lo.append(p.translation - r)
       hi.append(p.translation + r)
     mb = self.to_mesh(segments).bounds
-    return np.stack([np.maximum(np.min(lo, 0), mb[0] - 0.02),
-                     np.minimum(np.max(hi, 0), mb[1] + 0.02)])
+    return np.stack(
+        [np.maximum(np.min(lo, 0), mb[0] - 0.02), np.minimum(np.max(hi, 0), mb[1] + 0.02)]
+    )
 
 
 Shape = Union[Primitive, Part, trimesh.Trimesh]
@@ -716,9 +743,14 @@ def sample_surface(shape: Shape, n: int, rng: np.random.Generator, segments: int
   return p[sel].astype(np.float32), g[sel].astype(np.float32)
 
 
-def sample_sdf_points(sdf_fn: Callable[[np.ndarray], np.ndarray], surface_points,
-                      rng: np.random.Generator, n_near: int, n_volume: int,
-                      scales: Sequence[float] = (0.005, 0.05)):
+def sample_sdf_points(
+    sdf_fn: Callable[[np.ndarray], np.ndarray],
+    surface_points,
+    rng: np.random.Generator,
+    n_near: int,
+    n_volume: int,
+    scales: Sequence[float] = (0.005, 0.05),
+):
   """SDF supervision points.
 
   Args:
@@ -754,22 +786,27 @@ def random_rotation(rng: np.random.Generator) -> np.ndarray:
   q = rng.normal(size=4)
   q /= np.linalg.norm(q)
   w, x, y, z = q
-  return np.array([
-      [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-      [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-      [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-  ])
+  return np.array(
+      [
+          [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+          [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+          [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+      ]
+  )
 
 
-def make_primitive(kind: str, size: float, aspect: np.ndarray, rotation=None,
-                   translation=None) -> Primitive:
+def make_primitive(
+    kind: str, size: float, aspect: np.ndarray, rotation=None, translation=None
+) -> Primitive:
   """Primitive of `kind` whose characteristic size is `size` (its bounding radius is ~size).
 
   aspect: 3 numbers in (0, 1] shaping the primitive (thin/flat variants).
   """
   a = np.asarray(aspect, dtype=np.float64)
-  kw = dict(rotation=np.eye(3) if rotation is None else rotation,
-            translation=np.zeros(3) if translation is None else translation)
+  kw = dict(
+      rotation=np.eye(3) if rotation is None else rotation,
+      translation=np.zeros(3) if translation is None else translation,
+  )
   if kind == "sphere":
     return Sphere(radius=size, **kw)
   if kind == "box":
@@ -792,8 +829,12 @@ def make_primitive(kind: str, size: float, aspect: np.ndarray, rotation=None,
   raise ValueError(f"unknown primitive kind {kind!r}; expected one of {KINDS}")
 
 
-def random_primitive(rng: np.random.Generator, kinds: Sequence[str] = KINDS,
-                     size_range=(0.25, 0.9), random_pose: bool = True) -> Primitive:
+def random_primitive(
+    rng: np.random.Generator,
+    kinds: Sequence[str] = KINDS,
+    size_range=(0.25, 0.9),
+    random_pose: bool = True,
+) -> Primitive:
   """A random primitive that fits inside [-1, 1]^3.
 
   Kind uniform over `kinds`, bounding radius uniform in `size_range` (<= 1), aspect ratios

@@ -310,10 +310,11 @@ class AnalyticShapeSource:
   num_workers = 0 samples in the calling process. num_workers > 0 samples in grain worker
   processes (`mp_prefetch` over `analytic_dataset`, each worker `prefetch_buffer` batches
   ahead), so the host keeps up with an accelerator: sampling one 'small' example costs
-  about 0.8 ms of numpy (a batch of 64 about 0.05 s on one core). The first batch after construction or `set_state` is still made in
-  the calling process and the workers start on the second, so the throwaway iterator
-  `train_lib.run_training` takes the batch shapes from never starts processes. `close()`
-  stops the workers (they are also stopped when the iterator is garbage collected).
+  about 0.8 ms of numpy (a batch of 64 about 0.05 s on one core). The first batch after
+  construction or `set_state` is still made in the calling process and the workers start on
+  the second, so the throwaway iterator `train_lib.run_training` takes the batch shapes from
+  never starts processes. `close()` stops the workers (they are also stopped when the
+  iterator is garbage collected).
   """
 
   def __init__(

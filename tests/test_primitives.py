@@ -1,4 +1,5 @@
 """Properties of data_pipeline.primitives: exact SDFs, signs, surface samples, normals."""
+
 import numpy as np
 import pytest
 import trimesh
@@ -16,12 +17,14 @@ def _point_triangle_distance(points, tris):
   a, b, c, n, nn = a[good], b[good], c[good], n[good], nn[good]
   n = n / nn[:, None]
   for i in range(0, len(points), 16):
-    p = points[i:i + 16, None, :]  # [p,1,3]
+    p = points[i : i + 16, None, :]  # [p,1,3]
     # distance to the plane when the projection falls inside the triangle
     h = np.einsum("pfk,fk->pf", p - a[None], n)
     proj = p - h[..., None] * n[None]
+
     def inside_edge(u, v):
       return np.einsum("pfk,fk->pf", np.cross(v - u, proj - u[None]), n) >= 0
+
     inside = inside_edge(a, b) & inside_edge(b, c) & inside_edge(c, a)
     d = np.where(inside, np.abs(h), np.inf)
     # distance to the three edges
@@ -31,7 +34,7 @@ def _point_triangle_distance(points, tris):
       t = np.clip(t, 0, 1)
       q = u[None] + t[..., None] * e[None]
       d = np.minimum(d, np.linalg.norm(p - q, axis=-1))
-    best[i:i + 16] = d.min(axis=1)
+    best[i : i + 16] = d.min(axis=1)
   return best
 
 
@@ -102,8 +105,10 @@ def test_box_samples_are_area_uniform():
 
 # Shapes whose sampler is checked: one random instance per kind plus the special profiles.
 _SAMPLED_SHAPES = {
-    **{k: P.random_primitive(np.random.default_rng(30 + i), kinds=(k,))
-       for i, k in enumerate(P.KINDS)},
+    **{
+        k: P.random_primitive(np.random.default_rng(30 + i), kinds=(k,))
+        for i, k in enumerate(P.KINDS)
+    },
     "frustum": P.Cone(radius_bottom=0.5, radius_top=0.2, half_height=0.4),
     "inverted_cone": P.Cone(radius_bottom=0.0, radius_top=0.4, half_height=0.5),
     "flat_box": P.Box(half_extents=(0.6, 0.3, 0.1)),
@@ -130,8 +135,14 @@ def test_sdf_value_path_equals_sdf_grad_value(name):
   prim = _SAMPLED_SHAPES[name]
   rng = np.random.default_rng(2)
   surf, _ = prim.sample_surface(300, rng)
-  x = np.concatenate([rng.uniform(-1, 1, (600, 3)), surf,
-                      surf + rng.normal(scale=0.02, size=surf.shape), [prim.translation]])
+  x = np.concatenate(
+      [
+          rng.uniform(-1, 1, (600, 3)),
+          surf,
+          surf + rng.normal(scale=0.02, size=surf.shape),
+          [prim.translation],
+      ]
+  )
   np.testing.assert_allclose(prim.sdf(x), prim.sdf_grad(x)[0], rtol=0, atol=1e-12)
 
 
@@ -197,14 +208,12 @@ def _linear_radius_caps_cylinder(self, n, rng):  # caps with radius r u, not r s
 
 
 def _uniform_height_cone(self, n, rng):  # lateral height uniform, not area weighted
-  p, g = P._frustum_surface_samples(self.radius_bottom, self.radius_top, self.half_height, n,
-                                    rng)
+  p, g = P._frustum_surface_samples(self.radius_bottom, self.radius_top, self.half_height, n, rng)
   side = np.abs(g[:, 2]) < 0.999
   t = rng.random(side.sum())
   rho = self.radius_bottom + (self.radius_top - self.radius_bottom) * t
   theta = np.arctan2(p[side, 1], p[side, 0])
-  p[side] = np.stack([rho * np.cos(theta), rho * np.sin(theta),
-                      self.half_height * (2 * t - 1)], -1)
+  p[side] = np.stack([rho * np.cos(theta), rho * np.sin(theta), self.half_height * (2 * t - 1)], -1)
   return p, g
 
 
@@ -219,14 +228,17 @@ def _half_and_half_capsule(self, n, rng):  # tube and end caps equally likely, w
   return p[take], g[take]
 
 
-@pytest.mark.parametrize("name,biased", [
-    ("sphere", _uniform_angles_sphere),
-    ("flat_box", _faces_by_count_box),
-    ("torus", _uniform_minor_angle_torus),
-    ("cylinder", _linear_radius_caps_cylinder),
-    ("cone", _uniform_height_cone),
-    ("capsule", _half_and_half_capsule),
-])
+@pytest.mark.parametrize(
+    "name,biased",
+    [
+        ("sphere", _uniform_angles_sphere),
+        ("flat_box", _faces_by_count_box),
+        ("torus", _uniform_minor_angle_torus),
+        ("cylinder", _linear_radius_caps_cylinder),
+        ("cone", _uniform_height_cone),
+        ("capsule", _half_and_half_capsule),
+    ],
+)
 def test_area_uniformity_check_rejects_biased_samplers(monkeypatch, name, biased):
   prim = _SAMPLED_SHAPES[name]
   monkeypatch.setattr(type(prim), "_local_surface_samples", biased)

@@ -188,14 +188,23 @@ def _assert_same_batch(got, want):
 def test_example_from_shape_is_exact_surface_and_sdf(kind):
   rng = np.random.default_rng(3)
   if kind == "part":
-    shape = primitives.Part((primitives.Box(half_extents=(0.4, 0.1, 0.1)),
-                             primitives.Sphere(radius=0.2, translation=np.array([0.4, 0, 0]))))
+    shape = primitives.Part(
+        (
+            primitives.Box(half_extents=(0.4, 0.1, 0.1)),
+            primitives.Sphere(radius=0.2, translation=np.array([0.4, 0, 0])),
+        )
+    )
   else:
     shape = primitives.random_primitive(rng, kinds=(kind,))
   ex = vae_batches.example_from_shape(shape, rng, 256, 128, 64)
   assert {k: v.shape for k, v in ex.items()} == {
-      "surface_points": (256, 3), "surface_normals": (256, 3), "near_points": (128, 3),
-      "near_sdf": (128,), "volume_points": (64, 3), "volume_sdf": (64,)}
+      "surface_points": (256, 3),
+      "surface_normals": (256, 3),
+      "near_points": (128, 3),
+      "near_sdf": (128,),
+      "volume_points": (64, 3),
+      "volume_sdf": (64,),
+  }
   assert all(v.dtype == np.float32 for v in ex.values())
   d, g = shape.sdf_grad(ex["surface_points"])
   assert np.abs(d).max() < 1e-6
