@@ -18,6 +18,7 @@ Primitives (each a small frozen dataclass, sizes as parameters, placed by a rigi
   prim.sdf(points [P,3]) -> [P]                 exact signed distance (float64)
   prim.sdf_grad(points [P,3]) -> ([P], [P,3])   distance and its analytic gradient (unit)
   prim.to_mesh(segments=48) -> trimesh.Trimesh   watertight tessellation, outward normals
+  prim.sample_surface(n, rng) -> ([n,3], [n,3])  exact area-uniform points, unit normals
   prim.area(), prim.bounding_radius()           exact area; radius of a ball holding it
   prim.with_transform(rotation, translation)    a placed copy (composes with the current one)
   prim.scaled(s)                                uniformly scaled copy about the world origin
@@ -29,10 +30,12 @@ tests), `Part.area_estimate()`.
 
 Helpers:
   sample_surface(mesh_or_primitive_or_part, n, rng) -> (points [n,3] f32, normals [n,3] f32)
-      area-uniform. For analytic shapes the points are sampled on a fine mesh, then projected
-      onto the exact surface, normals are the analytic SDF gradient, and for a Part the points
-      that lie inside another primitive of the union are rejected (so they cover exactly the
-      union's surface). For a plain trimesh: barycentric sampling, face normals.
+      area-uniform. For analytic shapes exact samplers per kind (`prim.sample_surface`: sphere
+      by normalised Gaussians, box by a face chosen by area, cylinder / cone / capsule by
+      area-weighted parametrisations, torus by rejection on its area element), normals the
+      analytic SDF gradient, and for a Part the points that lie inside another primitive of
+      the union are rejected (so they cover exactly the union's surface). For a plain
+      trimesh: barycentric sampling, face normals.
   sample_sdf_points(sdf_fn, surface_points, rng, n_near, n_volume, scales=(0.005, 0.05))
       -> (points [n_near+n_volume, 3] f32, sdf [n_near+n_volume] f32): near-surface points
       (surface points plus Gaussian noise, half at each scale) then uniform in [-1,1]^3.
@@ -40,6 +43,7 @@ Helpers:
 
 All randomness goes through an explicit `numpy.random.Generator`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -73,8 +77,7 @@ def _radial_dir(xy: np.ndarray) -> np.ndarray:
   return _normalize(xy, fb)
 
 
-def _revolve_sdf_grad(rho: np.ndarray, z: np.ndarray, profile: np.ndarray,
-                      xy: np.ndarray):
+def _revolve_sdf_grad(rho: np.ndarray, z: np.ndarray, profile: np.ndarray, xy: np.ndarray):
   """Exact SDF of a convex solid of revolution about z from its (rho, z) profile.
 
   profile [K,2]: polyline from the axis (rho=0) around the cross-section back to the axis,
@@ -87,8 +90,10 @@ def _revolve_sdf_grad(rho: np.ndarray, z: np.ndarray, profile: np.ndarray,
   a = profile[:-1]  # [S,2]
   b = profile[1:]
   ab = b - a
-  t = np.einsum("psk,sk->ps", q[:, None, :] - a[None], ab) / np.maximum(
-      np.einsum("sk,sk->s", ab, ab), _EPS)[None]
+  t = (
+      np.einsum("psk,sk->ps", q[:, None, :] - a[None], ab)
+      / np.maximum(np.einsum("sk,sk->s", ab, ab), _EPS)[None]
+  )
   t = np.clip(t, 0.0, 1.0)
   c = a[None] + t[..., None] * ab[None]  # [P,S,2] closest points per segment
   dist2 = np.sum((q[:, None, :] - c) ** 2, axis=-1)
@@ -113,9 +118,83 @@ def _revolve_sdf_grad(rho: np.ndarray, z: np.ndarray, profile: np.ndarray,
   return sign * dist, grad
 
 
+def _unit_gaussian(n: int, rng: np.random.Generator) -> np.ndarray:
+  """[n,3] directions uniform on the unit sphere (normalised isotropic Gaussians)."""
+  fb = np.zeros((n, 3))
+  fb[:, 2] = 1.0
+  return _normalize(rng.normal(size=(n, 3)), fb)
+
+
+def _choose(weights: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+  """[n] i.i.d. indices into weights [K] (>= 0, positive sum), P(k) = weights[k] / sum."""
+  cdf = np.cumsum(weights, dtype=np.float64)
+  k = np.searchsorted(cdf, rng.random(n) * cdf[-1], side="right")
+  return np.minimum(k, len(weights) - 1)
+
+
+def _segment_dist2(rho: np.ndarray, z: np.ndarray, a: tuple, b: tuple) -> np.ndarray:
+  """Squared distance [P] from (rho, z) points to the 2D segment a-b (a == b allowed)."""
+  ex, ez = b[0] - a[0], b[1] - a[1]
+  dx, dz = rho - a[0], z - a[1]
+  t = np.clip((dx * ex + dz * ez) / max(ex * ex + ez * ez, _EPS), 0.0, 1.0)
+  return (dx - t * ex) ** 2 + (dz - t * ez) ** 2
+
+
+def _frustum_sdf(
+    rho: np.ndarray, z: np.ndarray, r_bottom: float, r_top: float, half_height: float
+) -> np.ndarray:
+  """Exact SDF [P] of a capped frustum about z, from radial distance rho [P] and height z [P].
+
+  The value of `_revolve_sdf_grad` on the profile (0,-h), (r_b,-h), (r_t,h), (0,h) without
+  its gradient: distance to the bottom cap, lateral and top cap segments of the (rho, z)
+  half-plane, negative inside (between the caps and on the axis side of the lateral line).
+  """
+  rb, rt, hh = float(r_bottom), float(r_top), float(half_height)
+  d2 = np.minimum(
+      _segment_dist2(rho, z, (0.0, -hh), (rb, -hh)), _segment_dist2(rho, z, (rb, -hh), (rt, hh))
+  )
+  d2 = np.minimum(d2, _segment_dist2(rho, z, (rt, hh), (0.0, hh)))
+  inside = (np.abs(z) <= hh) & (2.0 * hh * (rho - rb) + (rb - rt) * (z + hh) <= 0.0)
+  return np.where(inside, -1.0, 1.0) * np.sqrt(d2)
+
+
+def _frustum_surface_samples(
+    r_bottom: float, r_top: float, half_height: float, n: int, rng: np.random.Generator
+):
+  """Area-uniform samples of a capped frustum (cylinder when the radii agree) about z.
+
+  Lateral surface (area pi (r_b + r_t) slant): the area element is proportional to the
+  radius r(t) = r_b + (r_t - r_b) t, t in [0, 1] from bottom to top, i.e. a mixture of the
+  densities 2 (1 - t) (weight r_b) and 2 t (weight r_t), each sampled by a square root.
+  Caps (areas pi r^2): radius r sqrt(u). Returns (points [n,3], unit normals [n,3]).
+  """
+  rb, rt, hh = float(r_bottom), float(r_top), float(half_height)
+  slant = np.hypot(rb - rt, 2.0 * hh)
+  region = _choose(np.array([(rb + rt) * slant, rb * rb, rt * rt]), n, rng)
+  theta = 2.0 * np.pi * rng.random(n)
+  c, s = np.cos(theta), np.sin(theta)
+  u, v = rng.random(n), rng.random(n)
+  # lateral
+  root = np.sqrt(v)
+  t = np.where(u * (rb + rt) < rt, root, 1.0 - root)
+  rho = rb + (rt - rb) * t
+  z = hh * (2.0 * t - 1.0)
+  n_rho, n_z = 2.0 * hh / max(slant, _EPS), (rb - rt) / max(slant, _EPS)
+  # caps: region 1 bottom (z = -hh, radius rb), region 2 top (z = +hh, radius rt)
+  cap_top = region == 2
+  on_cap = region > 0
+  rho = np.where(on_cap, np.where(cap_top, rt, rb) * root, rho)
+  z = np.where(on_cap, np.where(cap_top, hh, -hh), z)
+  p = np.stack([rho * c, rho * s, z], axis=-1)
+  g_rho = np.where(on_cap, 0.0, n_rho)
+  g = np.stack([g_rho * c, g_rho * s, np.where(on_cap, np.where(cap_top, 1.0, -1.0), n_z)], axis=-1)
+  return p, g
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Primitive:
   """Base class: rigid transform + local SDF. Subclasses define _local_sdf_grad, _mesh."""
+
   rotation: np.ndarray = dataclasses.field(default_factory=lambda: np.eye(3), kw_only=True)
   translation: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(3), kw_only=True)
 
@@ -123,11 +202,12 @@ class Primitive:
 
   def __post_init__(self):
     r = np.asarray(self.rotation, dtype=np.float64).reshape(3, 3)
-    if not np.allclose(r @ r.T, np.eye(3), atol=1e-6) or np.linalg.det(r) < 0:
+    if not np.abs(r @ r.T - np.eye(3)).max() <= 1e-6 or np.linalg.det(r) < 0:
       raise ValueError("rotation must be a proper rotation matrix")
     object.__setattr__(self, "rotation", r)
-    object.__setattr__(self, "translation",
-                       np.asarray(self.translation, dtype=np.float64).reshape(3))
+    object.__setattr__(
+        self, "translation", np.asarray(self.translation, dtype=np.float64).reshape(3)
+    )
     for f in dataclasses.fields(self):
       if f.name in ("rotation", "translation"):
         continue
@@ -144,15 +224,19 @@ class Primitive:
     """Returns a copy placed by (rotation, translation) applied AFTER the current pose."""
     r = np.eye(3) if rotation is None else np.asarray(rotation, dtype=np.float64)
     t = np.zeros(3) if translation is None else np.asarray(translation, dtype=np.float64)
-    return dataclasses.replace(self, rotation=r @ self.rotation,
-                               translation=r @ self.translation + t)
+    return dataclasses.replace(
+        self, rotation=r @ self.rotation, translation=r @ self.translation + t
+    )
 
   def scaled(self, s: float) -> "Primitive":
     """Uniformly scaled copy about the world origin (sizes and translation times s > 0)."""
     if not s > 0:
       raise ValueError(f"scale must be > 0, got {s}")
-    kw = {f.name: (np.asarray(getattr(self, f.name), dtype=np.float64) * s).tolist()
-          for f in dataclasses.fields(self) if f.name not in ("rotation", "translation")}
+    kw = {
+        f.name: (np.asarray(getattr(self, f.name), dtype=np.float64) * s).tolist()
+        for f in dataclasses.fields(self)
+        if f.name not in ("rotation", "translation")
+    }
     kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kw.items()}
     return dataclasses.replace(self, translation=self.translation * s, **kw)
 
@@ -167,7 +251,7 @@ class Primitive:
   # --- fields --------------------------------------------------------------------------
   def sdf(self, points) -> np.ndarray:
     """Exact signed distance [P] (negative inside) of world points [P,3]."""
-    return self.sdf_grad(points)[0]
+    return self._local_sdf(self.to_local(points))
 
   def sdf_grad(self, points):
     """(sdf [P], outward unit gradient [P,3]) at world points [P,3]."""
@@ -190,9 +274,27 @@ class Primitive:
   def center(self) -> np.ndarray:
     return self.translation.copy()
 
+  def sample_surface(self, n: int, rng: np.random.Generator):
+    """Exact area-uniform surface samples: (points [n,3] f64, outward unit normals [n,3]).
+
+    Drawn i.i.d. from the analytic parametrisation of the local surface (no tessellation),
+    then placed by the rigid transform; the points lie on the exact surface up to float64
+    rounding and the normals equal the SDF gradient there.
+    """
+    p, g = self._local_surface_samples(int(n), rng)
+    return p @ self.rotation.T + self.translation, g @ self.rotation.T
+
   # subclasses
   def _local_sdf_grad(self, p):
     raise NotImplementedError
+
+  def _local_surface_samples(self, n, rng):
+    """(points [n,3], unit normals [n,3]) area-uniform on the surface, local frame."""
+    raise NotImplementedError
+
+  def _local_sdf(self, p):
+    """Signed distance [P] of local points [P,3] (subclasses: a value-only fast path)."""
+    return self._local_sdf_grad(p)[0]
 
   def _mesh(self, segments):
     raise NotImplementedError
@@ -205,8 +307,11 @@ class Primitive:
 
   def params(self) -> dict:
     """Size parameters (JSON-friendly)."""
-    return {f.name: np.asarray(getattr(self, f.name)).tolist() for f in dataclasses.fields(self)
-            if f.name not in ("rotation", "translation")}
+    return {
+        f.name: np.asarray(getattr(self, f.name)).tolist()
+        for f in dataclasses.fields(self)
+        if f.name not in ("rotation", "translation")
+    }
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -223,8 +328,15 @@ class Sphere(Primitive):
   def _mesh(self, segments):
     return trimesh.creation.uv_sphere(radius=self.radius, count=[segments, segments])
 
+  def _local_sdf(self, p):
+    return np.sqrt(np.einsum("pk,pk->p", p, p)) - self.radius
+
+  def _local_surface_samples(self, n, rng):
+    g = _unit_gaussian(n, rng)
+    return self.radius * g, g
+
   def area(self):
-    return 4.0 * np.pi * self.radius ** 2
+    return 4.0 * np.pi * self.radius**2
 
   def bounding_radius(self):
     return float(self.radius)
@@ -253,6 +365,24 @@ class Box(Primitive):
   def _mesh(self, segments):
     return trimesh.creation.box(extents=2.0 * np.asarray(self.half_extents, dtype=np.float64))
 
+  def _local_sdf(self, p):
+    q = np.abs(p) - np.asarray(self.half_extents, dtype=np.float64)
+    qpos = np.maximum(q, 0.0)
+    return np.sqrt(np.einsum("pk,pk->p", qpos, qpos)) + np.minimum(np.max(q, axis=-1), 0.0)
+
+  def _local_surface_samples(self, n, rng):
+    h = np.asarray(self.half_extents, dtype=np.float64)
+    face_area = np.array([h[1] * h[2], h[0] * h[2], h[0] * h[1]])
+    # six faces, (+x, -x, +y, -y, +z, -z), chosen with probability proportional to area
+    face = _choose(np.repeat(face_area, 2), n, rng)
+    axis, sign = face // 2, np.where(face % 2 == 0, 1.0, -1.0)
+    p = (2.0 * rng.random((n, 3)) - 1.0) * h
+    idx = np.arange(n)
+    p[idx, axis] = sign * h[axis]
+    g = np.zeros((n, 3))
+    g[idx, axis] = sign
+    return p, g
+
   def area(self):
     hx, hy, hz = np.asarray(self.half_extents, dtype=np.float64)
     return 8.0 * (hx * hy + hy * hz + hx * hz)
@@ -276,8 +406,17 @@ class Cylinder(Primitive):
     return _revolve_sdf_grad(np.linalg.norm(xy, axis=-1), p[:, 2], self._profile(), xy)
 
   def _mesh(self, segments):
-    return trimesh.creation.cylinder(radius=self.radius, height=2.0 * self.half_height,
-                                     sections=segments)
+    return trimesh.creation.cylinder(
+        radius=self.radius, height=2.0 * self.half_height, sections=segments
+    )
+
+  def _local_sdf(self, p):
+    return _frustum_sdf(
+        np.hypot(p[:, 0], p[:, 1]), p[:, 2], self.radius, self.radius, self.half_height
+    )
+
+  def _local_surface_samples(self, n, rng):
+    return _frustum_surface_samples(self.radius, self.radius, self.half_height, n, rng)
 
   def area(self):
     return 2.0 * np.pi * self.radius * (self.radius + 2.0 * self.half_height)
@@ -301,11 +440,30 @@ class Capsule(Primitive):
     return np.linalg.norm(v, axis=-1) - self.radius, _normalize(v, fb)
 
   def _mesh(self, segments):
-    return trimesh.creation.capsule(height=2.0 * self.half_height, radius=self.radius,
-                                    count=[segments, segments])
+    return trimesh.creation.capsule(
+        height=2.0 * self.half_height, radius=self.radius, count=[segments, segments]
+    )
+
+  def _local_sdf(self, p):
+    dz = p[:, 2] - np.clip(p[:, 2], -self.half_height, self.half_height)
+    return np.sqrt(p[:, 0] ** 2 + p[:, 1] ** 2 + dz**2) - self.radius
+
+  def _local_surface_samples(self, n, rng):
+    r, hh = self.radius, self.half_height
+    # tube (area 4 pi r hh) or the two hemispheres (together a sphere, area 4 pi r^2)
+    on_tube = rng.random(n) * (r + hh) < hh
+    theta = 2.0 * np.pi * rng.random(n)
+    tube_n = np.stack([np.cos(theta), np.sin(theta), np.zeros(n)], axis=-1)
+    tube_p = r * tube_n
+    tube_p[:, 2] = hh * (2.0 * rng.random(n) - 1.0)
+    ball_n = _unit_gaussian(n, rng)
+    ball_p = r * ball_n
+    ball_p[:, 2] += np.where(ball_n[:, 2] >= 0.0, hh, -hh)  # each half on its own end
+    sel = on_tube[:, None]
+    return np.where(sel, tube_p, ball_p), np.where(sel, tube_n, ball_n)
 
   def area(self):
-    return 4.0 * np.pi * self.radius ** 2 + 4.0 * np.pi * self.radius * self.half_height
+    return 4.0 * np.pi * self.radius**2 + 4.0 * np.pi * self.radius * self.half_height
 
   def bounding_radius(self):
     return float(self.radius + self.half_height)
@@ -334,11 +492,34 @@ class Torus(Primitive):
     return np.linalg.norm(q, axis=-1) - self.minor_radius, g
 
   def _mesh(self, segments):
-    return trimesh.creation.torus(self.major_radius, self.minor_radius,
-                                  major_sections=2 * segments, minor_sections=segments)
+    return trimesh.creation.torus(
+        self.major_radius, self.minor_radius, major_sections=2 * segments, minor_sections=segments
+    )
+
+  def _local_sdf(self, p):
+    return np.hypot(np.hypot(p[:, 0], p[:, 1]) - self.major_radius, p[:, 2]) - self.minor_radius
+
+  def _local_surface_samples(self, n, rng):
+    big, small = self.major_radius, self.minor_radius
+    # area element small * (big + small cos(phi)) dtheta dphi: theta uniform, phi by
+    # rejection against the bound big + small (acceptance >= (big - small) / (big + small))
+    phis, have = [], 0
+    while have < n:
+      m = int(1.2 * (n - have) * (big + small) / big) + 16
+      phi = 2.0 * np.pi * rng.random(m)
+      phi = phi[rng.random(m) * (big + small) < big + small * np.cos(phi)]
+      phis.append(phi)
+      have += len(phi)
+    phi = np.concatenate(phis)[:n]
+    theta = 2.0 * np.pi * rng.random(n)
+    ct, st, cp, sp = np.cos(theta), np.sin(theta), np.cos(phi), np.sin(phi)
+    g = np.stack([cp * ct, cp * st, sp], axis=-1)
+    rho = big + small * cp
+    p = np.stack([rho * ct, rho * st, small * sp], axis=-1)
+    return p, g
 
   def area(self):
-    return 4.0 * np.pi ** 2 * self.major_radius * self.minor_radius
+    return 4.0 * np.pi**2 * self.major_radius * self.minor_radius
 
   def bounding_radius(self):
     return float(self.major_radius + self.minor_radius)
@@ -377,14 +558,26 @@ class Cone(Primitive):
       m.invert()
     return m
 
+  def _local_sdf(self, p):
+    return _frustum_sdf(
+        np.hypot(p[:, 0], p[:, 1]), p[:, 2], self.radius_bottom, self.radius_top, self.half_height
+    )
+
+  def _local_surface_samples(self, n, rng):
+    return _frustum_surface_samples(self.radius_bottom, self.radius_top, self.half_height, n, rng)
+
   def area(self):
     r1, r2, h = self.radius_bottom, self.radius_top, self.half_height
     slant = np.hypot(r1 - r2, 2.0 * h)
-    return np.pi * (r1 ** 2 + r2 ** 2 + (r1 + r2) * slant)
+    return np.pi * (r1**2 + r2**2 + (r1 + r2) * slant)
 
   def bounding_radius(self):
-    return float(max(np.hypot(self.radius_bottom, self.half_height),
-                     np.hypot(self.radius_top, self.half_height)))
+    return float(
+        max(
+            np.hypot(self.radius_bottom, self.half_height),
+            np.hypot(self.radius_top, self.half_height),
+        )
+    )
 
 
 _CLASSES = {c.kind: c for c in (Sphere, Box, Cylinder, Capsule, Torus, Cone)}
@@ -393,14 +586,19 @@ _CLASSES = {c.kind: c for c in (Sphere, Box, Cylinder, Capsule, Torus, Cone)}
 def primitive_from_dict(d: dict) -> Primitive:
   """Inverse of `primitive_to_dict`."""
   cls = _CLASSES[d["kind"]]
-  return cls(rotation=np.asarray(d["rotation"]), translation=np.asarray(d["translation"]),
-             **d["params"])
+  return cls(
+      rotation=np.asarray(d["rotation"]), translation=np.asarray(d["translation"]), **d["params"]
+  )
 
 
 def primitive_to_dict(p: Primitive) -> dict:
   """JSON-friendly description {kind, params, rotation, translation}."""
-  return {"kind": p.kind, "params": p.params(), "rotation": p.rotation.tolist(),
-          "translation": p.translation.tolist()}
+  return {
+      "kind": p.kind,
+      "params": p.params(),
+      "rotation": p.rotation.tolist(),
+      "translation": p.translation.tolist(),
+  }
 
 
 # ----------------------------------------------------------------------------------------
@@ -409,6 +607,7 @@ def primitive_to_dict(p: Primitive) -> dict:
 @dataclasses.dataclass(frozen=True, eq=False)
 class Part:
   """One component: the union of `primitives` (SDF = min over them). `name` is free text."""
+
   primitives: tuple
   name: str = "part"
 
@@ -441,8 +640,7 @@ class Part:
 
   def transformed(self, rotation=None, translation=None) -> "Part":
     """Copy placed by (rotation, translation) applied after the current poses."""
-    return Part(tuple(p.with_transform(rotation, translation) for p in self.primitives),
-                self.name)
+    return Part(tuple(p.with_transform(rotation, translation) for p in self.primitives), self.name)
 
   def scaled(self, s: float) -> "Part":
     """Uniformly scaled copy about the world origin (SDF scales by s, stays exact)."""
@@ -456,8 +654,9 @@ class Part:
       lo.append(p.translation - r)
       hi.append(p.translation + r)
     mb = self.to_mesh(segments).bounds
-    return np.stack([np.maximum(np.min(lo, 0), mb[0] - 0.02),
-                     np.minimum(np.max(hi, 0), mb[1] + 0.02)])
+    return np.stack(
+        [np.maximum(np.min(lo, 0), mb[0] - 0.02), np.minimum(np.max(hi, 0), mb[1] + 0.02)]
+    )
 
 
 Shape = Union[Primitive, Part, trimesh.Trimesh]
@@ -491,31 +690,34 @@ def _project(shape, pts: np.ndarray, iters: int = 3):
   return pts, g
 
 
-def _sample_primitive(prim: Primitive, n: int, rng, segments: int):
-  pts, _ = sample_mesh_surface(prim.to_mesh(segments), n, rng)
-  return _project(prim, pts)
+def _sample_primitive(prim: Primitive, n: int, rng):
+  return prim.sample_surface(n, rng)
 
 
 def sample_surface(shape: Shape, n: int, rng: np.random.Generator, segments: int = 64):
   """Area-uniform surface samples of a primitive, a Part or a trimesh.
 
-  Returns (points [n,3] float32, unit normals [n,3] float32). Analytic shapes: points lie on
-  the exact surface (|sdf| ~ 1e-7), normals are the analytic SDF gradient; for a Part,
-  samples inside another primitive of the union are rejected. Meshes: face normals.
+  Returns (points [n,3] float32, unit normals [n,3] float32), i.i.d. in random order.
+  Analytic shapes: exact samplers per primitive kind (`Primitive.sample_surface`, no
+  tessellation), so points lie on the exact surface (|sdf| ~ 1e-7, float32 rounding) and
+  normals are the analytic SDF gradient; for a Part, samples inside another primitive of
+  the union are rejected. Meshes: barycentric samples, face normals. `segments` is
+  accepted for callers that still pass a tessellation size and no longer used.
   """
+  del segments  # analytic samplers need no tessellation
   if n <= 0:
     return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32)
   if isinstance(shape, trimesh.Trimesh):
     pts, face = sample_mesh_surface(shape, n, rng)
     return pts.astype(np.float32), shape.face_normals[face].astype(np.float32)
   if isinstance(shape, Primitive):
-    p, g = _sample_primitive(shape, n, rng, segments)
+    p, g = _sample_primitive(shape, n, rng)
     return p.astype(np.float32), g.astype(np.float32)
   if not isinstance(shape, Part):
     raise TypeError(f"sample_surface: unsupported shape type {type(shape).__name__}")
   prims = shape.primitives
   if len(prims) == 1:
-    return sample_surface(prims[0], n, rng, segments)
+    return sample_surface(prims[0], n, rng)
   areas = np.array([p.area() for p in prims])
   got_p, got_g, have = [], [], 0
   for _ in range(8):  # rejection rounds; each oversamples by the observed keep rate
@@ -524,7 +726,7 @@ def sample_surface(shape: Shape, n: int, rng: np.random.Generator, segments: int
     for k, (prim, c) in enumerate(zip(prims, counts)):
       if c == 0:
         continue
-      p, g = _sample_primitive(prim, c, rng, segments)
+      p, g = _sample_primitive(prim, c, rng)
       others = [q for j, q in enumerate(prims) if j != k]
       d_other = np.min(np.stack([q.sdf(p) for q in others]), axis=0)
       keep = d_other > -1e-6
@@ -541,9 +743,14 @@ def sample_surface(shape: Shape, n: int, rng: np.random.Generator, segments: int
   return p[sel].astype(np.float32), g[sel].astype(np.float32)
 
 
-def sample_sdf_points(sdf_fn: Callable[[np.ndarray], np.ndarray], surface_points,
-                      rng: np.random.Generator, n_near: int, n_volume: int,
-                      scales: Sequence[float] = (0.005, 0.05)):
+def sample_sdf_points(
+    sdf_fn: Callable[[np.ndarray], np.ndarray],
+    surface_points,
+    rng: np.random.Generator,
+    n_near: int,
+    n_volume: int,
+    scales: Sequence[float] = (0.005, 0.05),
+):
   """SDF supervision points.
 
   Args:
@@ -579,22 +786,27 @@ def random_rotation(rng: np.random.Generator) -> np.ndarray:
   q = rng.normal(size=4)
   q /= np.linalg.norm(q)
   w, x, y, z = q
-  return np.array([
-      [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-      [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-      [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-  ])
+  return np.array(
+      [
+          [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+          [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+          [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+      ]
+  )
 
 
-def make_primitive(kind: str, size: float, aspect: np.ndarray, rotation=None,
-                   translation=None) -> Primitive:
+def make_primitive(
+    kind: str, size: float, aspect: np.ndarray, rotation=None, translation=None
+) -> Primitive:
   """Primitive of `kind` whose characteristic size is `size` (its bounding radius is ~size).
 
   aspect: 3 numbers in (0, 1] shaping the primitive (thin/flat variants).
   """
   a = np.asarray(aspect, dtype=np.float64)
-  kw = dict(rotation=np.eye(3) if rotation is None else rotation,
-            translation=np.zeros(3) if translation is None else translation)
+  kw = dict(
+      rotation=np.eye(3) if rotation is None else rotation,
+      translation=np.zeros(3) if translation is None else translation,
+  )
   if kind == "sphere":
     return Sphere(radius=size, **kw)
   if kind == "box":
@@ -617,8 +829,12 @@ def make_primitive(kind: str, size: float, aspect: np.ndarray, rotation=None,
   raise ValueError(f"unknown primitive kind {kind!r}; expected one of {KINDS}")
 
 
-def random_primitive(rng: np.random.Generator, kinds: Sequence[str] = KINDS,
-                     size_range=(0.25, 0.9), random_pose: bool = True) -> Primitive:
+def random_primitive(
+    rng: np.random.Generator,
+    kinds: Sequence[str] = KINDS,
+    size_range=(0.25, 0.9),
+    random_pose: bool = True,
+) -> Primitive:
   """A random primitive that fits inside [-1, 1]^3.
 
   Kind uniform over `kinds`, bounding radius uniform in `size_range` (<= 1), aspect ratios

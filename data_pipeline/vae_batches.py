@@ -194,14 +194,15 @@ def example_from_shape(
     num_near: int,
     num_volume: int,
     near_scales=(0.005, 0.05),
-    segments: int = 32,
 ) -> dict:
   """One training example of an analytic shape (a Primitive or Part); arrays float32.
 
+  Surface points are exact area-uniform samples with analytic normals
+  (`primitives.sample_surface`); near and volume points are labelled with the exact SDF.
   Returns dict with 'surface_points' [P,3], 'surface_normals' [P,3], 'near_points' [Qn,3],
   'near_sdf' [Qn], 'volume_points' [Qv,3], 'volume_sdf' [Qv] (SDF negative inside).
   """
-  pts, nrm = primitives.sample_surface(shape, num_points, rng, segments=segments)
+  pts, nrm = primitives.sample_surface(shape, num_points, rng)
   q, d = primitives.sample_sdf_points(shape.sdf, pts, rng, num_near, num_volume, scales=near_scales)
   return {
       "surface_points": pts,
@@ -225,7 +226,6 @@ _ANALYTIC_SPEC_KEYS = (
     "num_near",
     "num_volume",
     "near_scales",
-    "mesh_segments",
 )
 # Batch indices an analytic MapDataset covers from its start: more than any run takes.
 _ANALYTIC_HORIZON = 2**40
@@ -266,7 +266,6 @@ def analytic_batch(spec, batch_size: int, seed: int, index: int) -> dict:
             spec["num_near"],
             spec["num_volume"],
             tuple(spec["near_scales"]),
-            spec["mesh_segments"],
         )
     )
   out = stack_examples(examples)
@@ -311,10 +310,11 @@ class AnalyticShapeSource:
   num_workers = 0 samples in the calling process. num_workers > 0 samples in grain worker
   processes (`mp_prefetch` over `analytic_dataset`, each worker `prefetch_buffer` batches
   ahead), so the host keeps up with an accelerator: sampling one 'small' example costs
-  about 8 ms of numpy. The first batch after construction or `set_state` is still made in
-  the calling process and the workers start on the second, so the throwaway iterator
-  `train_lib.run_training` takes the batch shapes from never starts processes. `close()`
-  stops the workers (they are also stopped when the iterator is garbage collected).
+  about 0.8 ms of numpy (a batch of 64 about 0.05 s on one core). The first batch after
+  construction or `set_state` is still made in the calling process and the workers start on
+  the second, so the throwaway iterator `train_lib.run_training` takes the batch shapes from
+  never starts processes. `close()` stops the workers (they are also stopped when the
+  iterator is garbage collected).
   """
 
   def __init__(

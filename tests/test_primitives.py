@@ -1,4 +1,5 @@
 """Properties of data_pipeline.primitives: exact SDFs, signs, surface samples, normals."""
+
 import numpy as np
 import pytest
 import trimesh
@@ -16,12 +17,14 @@ def _point_triangle_distance(points, tris):
   a, b, c, n, nn = a[good], b[good], c[good], n[good], nn[good]
   n = n / nn[:, None]
   for i in range(0, len(points), 16):
-    p = points[i:i + 16, None, :]  # [p,1,3]
+    p = points[i : i + 16, None, :]  # [p,1,3]
     # distance to the plane when the projection falls inside the triangle
     h = np.einsum("pfk,fk->pf", p - a[None], n)
     proj = p - h[..., None] * n[None]
+
     def inside_edge(u, v):
       return np.einsum("pfk,fk->pf", np.cross(v - u, proj - u[None]), n) >= 0
+
     inside = inside_edge(a, b) & inside_edge(b, c) & inside_edge(c, a)
     d = np.where(inside, np.abs(h), np.inf)
     # distance to the three edges
@@ -31,7 +34,7 @@ def _point_triangle_distance(points, tris):
       t = np.clip(t, 0, 1)
       q = u[None] + t[..., None] * e[None]
       d = np.minimum(d, np.linalg.norm(p - q, axis=-1))
-    best[i:i + 16] = d.min(axis=1)
+    best[i : i + 16] = d.min(axis=1)
   return best
 
 
@@ -98,6 +101,148 @@ def test_box_samples_are_area_uniform():
   hx, hy, hz = 0.6, 0.3, 0.1
   face = np.array([hy * hz, hx * hz, hx * hy])
   np.testing.assert_allclose(frac, face / face.sum(), atol=0.015)
+
+
+# Shapes whose sampler is checked: one random instance per kind plus the special profiles.
+_SAMPLED_SHAPES = {
+    **{
+        k: P.random_primitive(np.random.default_rng(30 + i), kinds=(k,))
+        for i, k in enumerate(P.KINDS)
+    },
+    "frustum": P.Cone(radius_bottom=0.5, radius_top=0.2, half_height=0.4),
+    "inverted_cone": P.Cone(radius_bottom=0.0, radius_top=0.4, half_height=0.5),
+    "flat_box": P.Box(half_extents=(0.6, 0.3, 0.1)),
+    "thin_torus": P.Torus(major_radius=0.3, minor_radius=0.25),
+}
+
+
+def test_sampled_shapes_cover_every_kind():
+  assert {p.kind for p in _SAMPLED_SHAPES.values()} == set(P.KINDS)
+
+
+@pytest.mark.parametrize("name", sorted(_SAMPLED_SHAPES))
+def test_exact_samples_on_surface_with_the_sdf_gradient_as_normal(name):
+  prim = _SAMPLED_SHAPES[name]
+  pts, nrm = prim.sample_surface(2000, np.random.default_rng(1))
+  assert pts.dtype == np.float64 and pts.shape == nrm.shape == (2000, 3)
+  d, g = prim.sdf_grad(pts)
+  assert np.abs(d).max() < 1e-9  # on the exact surface, up to float64 rounding
+  np.testing.assert_allclose(nrm, g, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", sorted(_SAMPLED_SHAPES))
+def test_sdf_value_path_equals_sdf_grad_value(name):
+  prim = _SAMPLED_SHAPES[name]
+  rng = np.random.default_rng(2)
+  surf, _ = prim.sample_surface(300, rng)
+  x = np.concatenate(
+      [
+          rng.uniform(-1, 1, (600, 3)),
+          surf,
+          surf + rng.normal(scale=0.02, size=surf.shape),
+          [prim.translation],
+      ]
+  )
+  np.testing.assert_allclose(prim.sdf(x), prim.sdf_grad(x)[0], rtol=0, atol=1e-12)
+
+
+def _surface_cells(local, extent):
+  """Cell index in [0, 72) of local points [P,3]: 6 height bins x 3 radial bins x 4 quadrants,
+  extent = (max radial distance, max |z|) of the shape."""
+  rho = np.hypot(local[:, 0], local[:, 1]) / extent[0]
+  z_bin = np.clip(((local[:, 2] / extent[1] + 1.0) * 3.0).astype(int), 0, 5)
+  rho_bin = np.clip((rho * 2.5).astype(int), 0, 2)
+  quadrant = (local[:, 0] >= 0) * 2 + (local[:, 1] >= 0)
+  return (z_bin * 3 + rho_bin) * 4 + quadrant
+
+
+def _uniformity_excess(prim, n=20000, seed=0):
+  """Two-sample chi-square of the cell counts of `sample_surface` against 4n area-uniform
+  samples of a dense tessellation (an independent reference), in standard deviations of the
+  chi-square distribution above its mean (~N(0, 1) for a correct sampler)."""
+  rng = np.random.default_rng(seed)
+  mesh = prim.to_mesh(128)
+  v = prim.to_local(mesh.vertices)
+  extent = np.array([np.hypot(v[:, 0], v[:, 1]).max(), np.abs(v[:, 2]).max()]) * (1 + 1e-6)
+  ref, _ = P.sample_mesh_surface(mesh, 4 * n, rng)
+  got, _ = P.sample_surface(prim, n, rng)
+  k_got = np.bincount(_surface_cells(prim.to_local(got), extent), minlength=72)
+  k_ref = np.bincount(_surface_cells(prim.to_local(ref), extent), minlength=72)
+  used = (k_got + k_ref) > 20
+  chi2 = np.sum((2.0 * k_got[used] - 0.5 * k_ref[used]) ** 2 / (k_got[used] + k_ref[used]))
+  dof = used.sum() - 1
+  return (chi2 - dof) / np.sqrt(2.0 * dof)
+
+
+@pytest.mark.parametrize("name", sorted(_SAMPLED_SHAPES))
+def test_surface_samples_are_area_uniform_against_a_dense_mesh(name):
+  assert _uniformity_excess(_SAMPLED_SHAPES[name]) < 6.0
+
+
+def _uniform_angles_sphere(self, n, rng):  # clusters at the poles
+  theta, phi = 2 * np.pi * rng.random(n), np.pi * rng.random(n)
+  g = np.stack([np.sin(phi) * np.cos(theta), np.sin(phi) * np.sin(theta), np.cos(phi)], -1)
+  return self.radius * g, g
+
+
+def _faces_by_count_box(self, n, rng):  # every face equally likely, whatever its area
+  h = np.asarray(self.half_extents)
+  face = rng.integers(0, 6, n)
+  p = (2 * rng.random((n, 3)) - 1) * h
+  p[np.arange(n), face // 2] = np.where(face % 2 == 0, 1.0, -1.0) * h[face // 2]
+  return p, np.zeros((n, 3))
+
+
+def _uniform_minor_angle_torus(self, n, rng):  # no area weight on the minor angle
+  theta, phi = 2 * np.pi * rng.random(n), 2 * np.pi * rng.random(n)
+  rho = self.major_radius + self.minor_radius * np.cos(phi)
+  p = np.stack([rho * np.cos(theta), rho * np.sin(theta), self.minor_radius * np.sin(phi)], -1)
+  return p, np.zeros((n, 3))
+
+
+def _linear_radius_caps_cylinder(self, n, rng):  # caps with radius r u, not r sqrt(u)
+  p, g = P._frustum_surface_samples(self.radius, self.radius, self.half_height, n, rng)
+  cap = np.abs(g[:, 2]) > 0.5
+  p[cap, :2] *= np.hypot(p[cap, 0], p[cap, 1])[:, None] / self.radius
+  return p, g
+
+
+def _uniform_height_cone(self, n, rng):  # lateral height uniform, not area weighted
+  p, g = P._frustum_surface_samples(self.radius_bottom, self.radius_top, self.half_height, n, rng)
+  side = np.abs(g[:, 2]) < 0.999
+  t = rng.random(side.sum())
+  rho = self.radius_bottom + (self.radius_top - self.radius_bottom) * t
+  theta = np.arctan2(p[side, 1], p[side, 0])
+  p[side] = np.stack([rho * np.cos(theta), rho * np.sin(theta), self.half_height * (2 * t - 1)], -1)
+  return p, g
+
+
+_EXACT_CAPSULE_SAMPLES = P.Capsule._local_surface_samples
+
+
+def _half_and_half_capsule(self, n, rng):  # tube and end caps equally likely, whatever area
+  p, g = _EXACT_CAPSULE_SAMPLES(self, 8 * n, rng)
+  tube = np.abs(g[:, 2]) < 1e-12
+  take = np.concatenate([np.flatnonzero(tube)[: n // 2], np.flatnonzero(~tube)[: n - n // 2]])
+  assert len(take) == n
+  return p[take], g[take]
+
+
+@pytest.mark.parametrize(
+    "name,biased",
+    [
+        ("sphere", _uniform_angles_sphere),
+        ("flat_box", _faces_by_count_box),
+        ("torus", _uniform_minor_angle_torus),
+        ("cylinder", _linear_radius_caps_cylinder),
+        ("cone", _uniform_height_cone),
+        ("capsule", _half_and_half_capsule),
+    ],
+)
+def test_area_uniformity_check_rejects_biased_samplers(monkeypatch, name, biased):
+  prim = _SAMPLED_SHAPES[name]
+  monkeypatch.setattr(type(prim), "_local_surface_samples", biased)
+  assert _uniformity_excess(prim) > 10.0
 
 
 def test_part_union_sdf_and_samples():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from data_pipeline import loader, records, vae_batches
+from data_pipeline import loader, primitives, records, vae_batches
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def _analytic_data_config():
   from experiments.configs import vae as vae_configs
 
   d = vae_configs.get_config("tiny").data
-  d.num_points, d.num_near, d.num_volume, d.mesh_segments = 64, 32, 16, 8
+  d.num_points, d.num_near, d.num_volume = 64, 32, 16
   return d
 
 
@@ -182,6 +182,36 @@ def _assert_same_batch(got, want):
   assert sorted(got) == sorted(want)
   for key in want:
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+@pytest.mark.parametrize("kind", primitives.KINDS + ("part",))
+def test_example_from_shape_is_exact_surface_and_sdf(kind):
+  rng = np.random.default_rng(3)
+  if kind == "part":
+    shape = primitives.Part(
+        (
+            primitives.Box(half_extents=(0.4, 0.1, 0.1)),
+            primitives.Sphere(radius=0.2, translation=np.array([0.4, 0, 0])),
+        )
+    )
+  else:
+    shape = primitives.random_primitive(rng, kinds=(kind,))
+  ex = vae_batches.example_from_shape(shape, rng, 256, 128, 64)
+  assert {k: v.shape for k, v in ex.items()} == {
+      "surface_points": (256, 3),
+      "surface_normals": (256, 3),
+      "near_points": (128, 3),
+      "near_sdf": (128,),
+      "volume_points": (64, 3),
+      "volume_sdf": (64,),
+  }
+  assert all(v.dtype == np.float32 for v in ex.values())
+  d, g = shape.sdf_grad(ex["surface_points"])
+  assert np.abs(d).max() < 1e-6
+  np.testing.assert_allclose(ex["surface_normals"], g, atol=1e-5)
+  np.testing.assert_allclose(ex["near_sdf"], shape.sdf(ex["near_points"]), atol=1e-6)
+  np.testing.assert_allclose(ex["volume_sdf"], shape.sdf(ex["volume_points"]), atol=1e-6)
+  assert np.abs(ex["volume_points"]).max() <= 1.0
 
 
 def test_analytic_batch_is_a_function_of_seed_and_index():
