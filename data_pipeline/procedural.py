@@ -39,7 +39,8 @@ SPLITS: Dict[str, dict] = {
     # name: number of objects, number of scenes, instances per scene (inclusive range)
     "tiny": dict(objects=13, scenes=2, scene_instances=(4, 6)),
     "test_tiny": dict(objects=13, scenes=2, scene_instances=(4, 6)),
-    "small": dict(objects=10000, scenes=2000, scene_instances=(4, 32)),
+    # the bundled model's training set: scenes up to its 16 components
+    "small": dict(objects=10000, scenes=600, scene_instances=(4, 16)),
     "test": dict(objects=260, scenes=50, scene_instances=(4, 32)),
 }
 

@@ -76,6 +76,9 @@ _SIZES = {
                  num_compressed=4, top_k=2, cond_dim=32, router_head_dim=8),
     "small": dict(num_blocks=12, width=384, num_heads=6, latent_tokens=256, latent_channels=64,
                   num_compressed=32, top_k=4, cond_dim=384, router_head_dim=32),
+    # the bundled model (assets/moca-small): under 24 MiB with its encoder and VAE in bf16
+    "bundle": dict(num_blocks=6, width=256, num_heads=4, latent_tokens=64, latent_channels=32,
+                   num_compressed=16, top_k=4, cond_dim=192, router_head_dim=32),
     "paper": dict(num_blocks=21, width=2048, num_heads=16, latent_tokens=1024,
                   latent_channels=64, num_compressed=32, top_k=4, cond_dim=1024,
                   router_head_dim=64),
@@ -123,7 +126,8 @@ def _defaults(size: str) -> dict:
 
 
 def dit_config(size: str = "tiny"):
-  """ml_collections.ConfigDict for a DiT size: 'tiny' (tests), 'small' (bundled), 'paper'."""
+  """ml_collections.ConfigDict for a DiT size: 'tiny' (tests), 'small', 'bundle' (the model
+  that ships in assets/), 'paper'."""
   return ml_collections.ConfigDict(_defaults(size))
 
 

@@ -209,7 +209,8 @@ def pipeline_predict_fn(
 
   num_components: parts to generate (default: the item's ground-truth count, as in the
   paper's evaluation where the part / instance count is given; scenes always use the
-  number of instances in the mask; a ground-truth count above the model's trained maximum
+  number of instances in the mask (a scene model gets the masks, an object-mode model
+  trained with scenes mixed in only the image); a ground-truth count above the model's trained maximum
   is generated anyway, `Pipeline.check_num_components` with force). Scenes pass the instance masks as an id image
   [1, H, W]; the pipeline rejects a mask where an instance is not visible at all (the
   item is then skipped and reported). steps / cfg default to the checkpoint's
@@ -222,11 +223,14 @@ def pipeline_predict_fn(
 
   def predict(item: EvalItem) -> List[trimesh.Trimesh]:
     image = np.asarray(item.image)[..., :3].astype(np.uint8)
-    if item.kind == "scene":
+    if item.kind == "scene" and pipe.scene:
       if item.masks is None:
         raise ValueError(f"{item.name}: a scene needs instance masks")
       n = len(item.masks)
       masks = pipeline.masks_to_ids(item.masks)[None]
+    elif item.kind == "scene":  # an object-mode model trained with scenes mixed in: the
+      n = len(item.gt_parts)    # scene image alone conditions one component per instance
+      masks = None
     else:
       n = num_components or len(item.gt_parts)
       masks = None

@@ -47,13 +47,15 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def encoder_config(size: str = "tiny", in_channels: int = 3) -> ml_collections.ConfigDict:
-  """Named sizes: 'tiny' (tests, CPU demo), 'small' (ViT-S/14), 'large' (ViT-L/14, DINOv2-L
+  """Named sizes: 'tiny' (tests, CPU demo), 'small' (ViT-S/14), 'bundle' (the bundled model:
+  ViT 192 wide, 6 blocks, 112 x 112 input), 'large' (ViT-L/14, DINOv2-L
   shape with its position table at 224), 'dinov2-large' (the published DINOv2-L/14: position
   table for 518 x 518, fed 224 x 224, layer scale 1.0 at init)."""
   sizes = {
       #               width depth heads image pos_image registers layer_scale
       "tiny": (64, 2, 2, 56, 56, 0, 0.1),
       "small": (384, 12, 6, 224, 224, 0, 1e-5),
+      "bundle": (192, 6, 3, 112, 112, 0, 1e-5),
       "large": (1024, 24, 16, 224, 224, 0, 1e-5),
       "dinov2-large": (1024, 24, 16, 224, 518, 0, 1.0),
   }

@@ -63,7 +63,7 @@ from moca_jax.fps import farthest_from_centroid, farthest_point_sampling
 
 Array = jax.Array
 
-SIZES = ("tiny", "small", "triposg")
+SIZES = ("tiny", "small", "bundle", "triposg")
 
 
 # ----------------------------------------------------------------------------------------
@@ -74,7 +74,8 @@ def vae_config(size: str = "tiny", num_latents: Optional[int] = None) -> ml_coll
   """Named VAE sizes.
 
   Args:
-    size: 'tiny' (CPU tests, seconds), 'small' (CPU/GPU-trainable), 'triposg' (the published
+    size: 'tiny' (CPU tests, seconds), 'small' (CPU/GPU-trainable), 'bundle' (the bundled
+      model's: 'small' with 64 tokens and a smaller decoder), 'triposg' (the published
       TripoSG size). A suffix '-512' / '-1024' / '-2048' picks the number of latent tokens
       (e.g. 'triposg-1024'); so does `num_latents`.
   Returns:
@@ -117,6 +118,13 @@ def vae_config(size: str = "tiny", num_latents: Optional[int] = None) -> ml_coll
     c.num_latents, c.latent_channels = 256, 32
     c.enc_width, c.enc_heads, c.enc_self_layers = 128, 4, 2
     c.dec_width, c.dec_heads, c.dec_layers = 256, 4, 4
+    c.query_mlp = True
+    c.num_points = 2048
+  elif base == "bundle":  # the bundled model's VAE (assets/moca-small): 'small', 64 tokens,
+    c.num_freqs = 6       # a 192-wide 3-layer decoder
+    c.num_latents, c.latent_channels = 64, 32
+    c.enc_width, c.enc_heads, c.enc_self_layers = 128, 4, 2
+    c.dec_width, c.dec_heads, c.dec_layers = 192, 4, 3
     c.query_mlp = True
     c.num_points = 2048
   else:  # triposg: encoder 512 wide, 8 heads, 1 cross + 8 self; decoder 1024 wide, 16 layers.

@@ -1,7 +1,9 @@
 """DiT training configs: `--config=experiments/configs/dit.py:SIZE[,scene]`.
 
-SIZE: 'tiny' (tests and the CPU demo: seconds per step on 2 cores), 'small' (the bundled
-model), 'paper' (the published size: 21 blocks, width 2048, DINOv2-L-sized encoder).
+SIZE: 'tiny' (tests and the CPU demo: seconds per step on 2 cores), 'small', 'bundle' (the
+model that ships in assets/moca-small: DiT 256 wide x 6 blocks, ViT 192 x 6 at 112 px, VAE
+'bundle' with L = 64; trained on the GPU in chunks, see experiments/results/bundle_train.sh),
+'paper' (the published size: 21 blocks, width 2048, DINOv2-L-sized encoder).
 Append ',scene' for the scene model (7-channel encoder input: instance on white, scene,
 mask). Every field can be overridden on the command line (--config.optim.lr=3e-4).
 """
@@ -20,6 +22,7 @@ from moca_jax.train_lib import default_optim_config
 _SIZES = {
     "tiny": ("tiny", "tiny", "tiny", 8, 200, 4, 1e-3, 20, 100),
     "small": ("small", "small", "small", 64, 50_000, 16, 1e-4, 1000, 1000),
+    "bundle": ("bundle", "bundle", "bundle", 64, 30_000, 16, 3e-4, 500, 2000),
     "paper": ("paper", "large", "triposg-1024", 1024, 40_000, 32, 1e-4, 1000, 1000),
 }
 
@@ -48,7 +51,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.optim = default_optim_config()
   c.optim.lr, c.optim.warmup_steps, c.optim.total_steps = lr, warmup, steps
   c.optim.schedule = "constant"
-  c.optim.ema_decay = 0.999 if size == "tiny" else 0.9999
+  c.optim.ema_decay = 0.999 if size in ("tiny", "bundle") else 0.9999
 
   c.flow = ml_collections.ConfigDict(dict(cfg_dropout=0.1, t_mean=0.0, t_std=1.0, t_shift=1.0))
 
