@@ -1,0 +1,246 @@
+r"""Packs a trained DiT and its VAE into a model bundle with its model card (moca_jax.bundle).
+
+  python -m experiments.export_bundle --dit=/root/bw/dit --out=assets/moca-small \
+      [--vae=/root/bw/vae] [--eval_dirs=eval_objects,eval_scenes] [--max_mib=24] \
+      [--notes="what the card should say about how it was trained"]
+
+What is written into --out:
+  bundle.json, dit.npz, vae.npz   the EMA weights (bf16 by default) and both configs
+  MODEL_CARD.md                   architecture, training runs (steps, examples seen, device
+                                  minutes, from each workdir's runs.jsonl), losses, the VAE's
+                                  held-out reconstruction, the evaluation tables
+  loss_vae.png, loss_dit.png      the training loss curves (copied from the workdirs)
+  <name>.png                      each --eval_dirs folder's grid.png (input | parts | truth),
+                                  named after the folder
+The bundle's config is the trained one with a portable inference setting: float32 compute
+and XLA attention (the model may have trained in bf16 with cuDNN), no rematerialisation, and
+the training machine's paths (VAE workdir, data folders) moved into the card.
+Exit codes: 0 written; 2 a bad argument, a checkpoint that cannot be read or a bundle over
+--max_mib (one line on stderr, nothing written).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional
+
+from absl import app, flags
+
+from moca_jax import bundle, checkpointing, dit_task, train_lib
+from moca_jax import io as mio
+
+MIB = 2**20
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("dit", None, "train_dit workdir.")
+  flags.DEFINE_string("vae", None, "train_vae workdir (default: the one the DiT config names).")
+  flags.DEFINE_string("out", None, "Bundle folder to write.")
+  flags.DEFINE_list("eval_dirs", [], "experiments.evaluate --out_dir folders to report.")
+  flags.DEFINE_enum("storage_dtype", "bfloat16", list(bundle.STORAGE_DTYPES), "Weights dtype.")
+  flags.DEFINE_float("max_mib", 24.0, "Refuse a bundle larger than this (MiB, all files).")
+  flags.DEFINE_string("notes", "", "Free text for the card's training section.")
+
+
+def inference_config(config) -> tuple:
+  """(the DiT config the bundle stores, the training-only fields moved out of it)."""
+  config = config.copy_and_resolve_references()
+  moved = {"vae.workdir": config.vae.get("workdir", ""), "data.dir": config.data.get("dir", ""),
+           "data.val_dir": config.data.get("val_dir", ""),
+           "trained_dtype": config.model.dit.get("dtype", ""),
+           "trained_attention": config.model.dit.get("attention_implementation", "")}
+  config.vae.workdir = ""
+  config.data.dir = config.data.val_dir = ""
+  config.model.dit.dtype = "float32"
+  config.model.dit.attention_implementation = "xla"
+  config.model.dit.remat = "none"
+  config.model.encoder.dtype = "float32"
+  config.model.encoder.attention_implementation = "xla"
+  config.model.encoder.remat = False
+  return config, moved
+
+
+def _vae_inference_config(config):
+  config = config.copy_and_resolve_references()
+  config.model.dtype = "float32"
+  config.model.attention_implementation = "xla"
+  return config
+
+
+def _read_json(path: str) -> Optional[dict]:
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_summary(workdir: str) -> dict:
+  """What the training calls of a workdir did, from its runs.jsonl (train_lib)."""
+  runs = train_lib.read_run_records(workdir)
+  return {
+      "runs": runs,
+      "steps": max((r["end_step"] for r in runs), default=0),
+      "examples": sum(r["examples"] for r in runs),
+      "train_minutes": round(sum(r["train_seconds"] for r in runs) / 60.0, 2),
+      "compile_minutes": round(sum(r["compile_seconds"] for r in runs) / 60.0, 2),
+      "devices": sorted({f"{r['devices']} x {r['device_kind']}" for r in runs}),
+  }
+
+
+def _copy_if_present(src: str, dst: str) -> None:
+  if os.path.isfile(src):
+    with open(src, "rb") as f:
+      mio.atomic_write_bytes(dst, f.read())
+
+
+def _fmt(v) -> str:
+  if isinstance(v, float):
+    return f"{v:.4f}"
+  return "-" if v is None else str(v)
+
+
+def _runs_table(summary: dict) -> str:
+  rows = ["| call | steps | examples | train min | compile min | device | stopped by time limit |",
+          "|---|---|---|---|---|---|---|"]
+  for i, r in enumerate(summary["runs"], 1):
+    rows.append(f"| {i} | {r['start_step']} -> {r['end_step']} | {r['examples']} | "
+                f"{r['train_seconds'] / 60:.1f} | {r['compile_seconds'] / 60:.1f} | "
+                f"{r['devices']} x {r['device_kind']} | {r['stopped_early']} |")
+  return "\n".join(rows)
+
+
+def model_card(info: dict) -> str:
+  """MODEL_CARD.md text from the bundle's bundle.json contents."""
+  card, dit_cfg, vae_cfg = info["card"], info["dit_config"], info["vae_config"]
+  d, e, v = dit_cfg["model"]["dit"], dit_cfg["model"]["encoder"], vae_cfg["model"]
+  files = info["files"]
+  total = sum(f["bytes"] for f in files.values())
+  lines = [
+      f"# {card.get('name', 'moca-jax model')}",
+      "",
+      "An image-to-parts compositional 3D generator (MoCA: a MoC DiT over vecset latents), "
+      "trained by this repository's own pipeline on its procedural data. Load it with "
+      "`moca_jax.pipeline.Pipeline.from_bundle(folder)` or pass the folder to "
+      "`experiments.generate --checkpoint` (the default).",
+      "",
+      "## Model",
+      "",
+      "| part | shape | parameters |",
+      "|---|---|---|",
+      f"| DiT ({dit_cfg['mode']} mode) | {d['num_blocks']} blocks, width {d['width']}, "
+      f"{d['num_heads']} heads, global attention {d['global_attention']} (top-k {d['top_k']}, "
+      f"{d['num_compressed']} compressed tokens), N <= {dit_cfg['data']['max_components']} | "
+      f"{files['dit.npz']['params']:,} (with the encoder) |",
+      f"| image encoder | ViT {e['width']} wide, {e['depth']} blocks, {e['image_size']} px input, "
+      f"trained from scratch with the DiT | (in the DiT's) |",
+      f"| VAE | vecset, L = {v['num_latents']} tokens x C = {v['latent_channels']}, "
+      f"decoder {v['dec_width']} x {v['dec_layers']} | {files['vae.npz']['params']:,} |",
+      "",
+      f"Stored in {info['storage_dtype']}: {total / MIB:.2f} MiB of weights. The config runs "
+      "in float32 with XLA attention (portable); training used "
+      f"{card.get('moved', {}).get('trained_dtype', '?')} compute.",
+      "",
+      "## Training",
+      "",
+      card.get("data", ""),
+      "",
+  ]
+  for name, key in (("VAE", "vae"), ("DiT", "dit")):
+    s = card.get(key, {})
+    if not s:
+      continue
+    lines += [f"### {name}: {s['steps']} steps, {s['examples']:,} examples, "
+              f"{s['train_minutes']:.1f} training minutes on {', '.join(s['devices'])}", "",
+              _runs_table(s), "", f"![{name} loss](loss_{key}.png)", ""]
+  if card.get("notes"):
+    lines += [card["notes"], ""]
+  vae_eval = card.get("vae_eval") or {}
+  if vae_eval.get("by_size"):
+    lines += ["## VAE: held-out reconstruction by part size", "",
+              "| size | count | IoU | Chamfer |", "|---|---|---|---|"]
+    for size, m in vae_eval["by_size"].items():
+      lines.append(f"| {size} | {_fmt(m.get('count'))} | {_fmt(m.get('iou_mean'))} | "
+                   f"{_fmt(m.get('chamfer_mean'))} |")
+    lines.append("")
+  for name, ev in (card.get("evaluation") or {}).items():
+    meta = ev.get("meta", {})
+    lines += [f"## Evaluation: {name}", "", f"{ev.get('items', '?')} held-out items "
+              f"({meta.get('source', '?')}, {meta.get('steps', '?')} Euler steps, CFG "
+              f"{meta.get('cfg', '?')}; {meta.get('machine', '')}), {ev.get('skipped', 0)} "
+              "skipped.", "",
+              "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(val)} |" for k, val in ev.get("mean", {}).items()]
+    lines += ["", f"![{name}]({name}.png)", ""]
+  return "\n".join(lines) + "\n"
+
+
+def export(dit_dir: str, out: str, vae_dir: Optional[str] = None, eval_dirs=(),
+           storage_dtype: str = "bfloat16", max_mib: float = 24.0, notes: str = "",
+           name: str = "moca-small") -> dict:
+  """Writes the bundle folder (module docstring); returns its bundle.json contents.
+
+  Raises FileNotFoundError / ValueError (checkpoints) or bundle.BundleError (over max_mib:
+  nothing is written then).
+  """
+  from moca_jax.vae_task import load_vae  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  ckpt = os.path.join(os.path.abspath(dit_dir), "checkpoints")
+  cfg_dict, step = checkpointing.read_checkpoint_config(ckpt)
+  trained = ml_collections.ConfigDict(cfg_dict)
+  params = checkpointing.restore_params(ckpt, dit_task.abstract_params(trained), step, "ema")
+  vae_dir = vae_dir or trained.vae.workdir
+  _, vae_params, vae_config = load_vae(vae_dir)
+  config, moved = inference_config(trained)
+  encoded = {n: bundle.encode_params(p, storage_dtype)
+             for n, p in (("dit.npz", params), ("vae.npz", vae_params["params"]))}
+  size = sum(len(b) for b in encoded.values())
+  if size > max_mib * MIB:
+    raise bundle.BundleError(f"{out}: the weights take {size / MIB:.2f} MiB > --max_mib "
+                             f"{max_mib}; nothing written")
+  evaluation = {}
+  for d in eval_dirs:
+    m = _read_json(os.path.join(d, "metrics.json"))
+    if m is None:
+      raise FileNotFoundError(f"{d}: no metrics.json (an experiments.evaluate --out_dir?)")
+    key = os.path.basename(os.path.normpath(d))
+    evaluation[key] = {"mean": m.get("mean", {}), "items": len(m.get("rows", [])),
+                       "skipped": len(m.get("skipped", [])), "meta": m.get("meta", {})}
+  card = {"name": name, "dit": run_summary(dit_dir), "vae": run_summary(vae_dir),
+          "vae_eval": _read_json(os.path.join(vae_dir, "eval.json")), "evaluation": evaluation,
+          "moved": moved, "notes": notes, "dit_step": step,
+          "data": f"DiT data: {moved['data.dir'] or '?'}; VAE: its config's data source "
+                  f"({vae_config.data.source})."}
+  bundle.write_bundle(out, config, params, _vae_inference_config(vae_config), vae_params,
+                      card=card, storage_dtype=storage_dtype)
+  for key, wd in (("dit", dit_dir), ("vae", vae_dir)):
+    _copy_if_present(os.path.join(wd, "loss_curve.png"), os.path.join(out, f"loss_{key}.png"))
+  for d in eval_dirs:
+    key = os.path.basename(os.path.normpath(d))
+    _copy_if_present(os.path.join(d, "grid.png"), os.path.join(out, f"{key}.png"))
+  info = bundle.read_info(out)
+  mio.atomic_write_text(os.path.join(out, "MODEL_CARD.md"), model_card(info))
+  return info
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+  f = flags.FLAGS
+  if not f.dit or not f.out:
+    print("export_bundle: error: --dit and --out are required", file=sys.stderr)
+    sys.exit(2)
+  try:
+    info = export(f.dit, f.out, f.vae, f.eval_dirs, f.storage_dtype, f.max_mib, f.notes)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"export_bundle: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  total = sum(x["bytes"] for x in info["files"].values())
+  print(f"wrote {f.out}: {total / MIB:.2f} MiB of weights ({info['storage_dtype']})")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The device runs behind assets/moca-small (issue 17): the bundled model trained on one GPU in
+# calls of at most 10 minutes, each resuming from the files of the previous one (the machine
+# keeps /root/bw while it stays warm). From the repository root:
+#   bash experiments/results/bundle_train.sh data_vae   # build the 'small' split (CPU workers)
+#                                                       # while the VAE trains, then encode it
+#   DIT_SECONDS=420 bash experiments/results/bundle_train.sh dit          # one DiT chunk
+#   DIT_SECONDS=300 EVAL=1 bash experiments/results/bundle_train.sh dit   # + evaluation
+# Every call ends with what the next session needs in $OUT (at most 8 files of 16 MiB):
+#   logs.tar.gz             logs, metrics.jsonl, runs.jsonl, eval.json, loss curves, tables
+#   vae.tar.part-*          the VAE workdir (orbax checkpoint, optimizer state included)
+#   bundle.tar.part-*       (dit) the exported bundle (experiments.export_bundle), split
+# Reassemble with `cat bundle.tar.part-* | tar -x -C assets`.
+# TINY=1 runs the same sequence with the tiny configs and the tiny split (a CPU dry run).
+set -u
+stage=${1:?"stage: data_vae | dit"}
+OUT=${OUT:-bundle_out}
+W=${W:-/root/bw}
+mkdir -p "$OUT/logs" "$W"
+export PYTHONUNBUFFERED=1
+if [ -d .whl_multi2 ] && ! python3 -c "import grain, trimesh" 2>/dev/null; then
+  if [ ! -d /tmp/site_bundle ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site_bundle .whl_multi2/*.whl
+  fi
+  export PYTHONPATH=/tmp/site_bundle:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+export JAX_COMPILATION_CACHE_DIR=$W/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
+summary=$OUT/logs/summary_$stage.txt
+note() { echo "$(date -u +%T) [${SECONDS}s] $*" | tee -a "$summary"; }
+last_line() { tr '\r' '\n' < "$1" | grep -a "$2" | tail -1; }
+note "stage $stage on $(nvidia-smi -L 2>/dev/null | head -1) $(nproc) cores"
+
+if [ "${TINY:-0}" = 1 ]; then
+  SRC=procedural:tiny; VAE_CFG=tiny; IMG=56; SHARDS=2; BUILD_WORKERS=0
+  VAE_FLAGS="--config.num_steps=20 --config.eval.num_shapes=4"
+  DIT_CFG=tiny
+  DIT_FLAGS="--config.num_steps=${DIT_STEPS:-20} --config.batch_size=4 --config.checkpoint.every=10"
+  EVAL_FLAGS="--steps=2"; EVAL_OBJECTS=2; EVAL_SCENES=1
+else
+  SRC=procedural:small; VAE_CFG=bundle; IMG=112; SHARDS=48; BUILD_WORKERS=11
+  VAE_FLAGS="--config.model.dtype=bfloat16 --config.data.num_workers=4 \
+    --config.time_limit_s=${VAE_SECONDS:-330}"
+  DIT_CFG=bundle
+  DIT_FLAGS="--config.model.dit.dtype=bfloat16 --config.model.encoder.dtype=bfloat16 \
+    --config.data.num_workers=12 --config.time_limit_s=${DIT_SECONDS:-420}"
+  EVAL_FLAGS=""; EVAL_OBJECTS=${EVAL_OBJECTS:-50}; EVAL_SCENES=${EVAL_SCENES:-10}
+fi
+
+pack() {  # name dir: dir as name.tar.part-* (15 MiB pieces) in $OUT
+  rm -f "$OUT/$1".tar.part-*
+  tar -C "$(dirname "$2")" -cf - "$(basename "$2")" | split -b 15M - "$OUT/$1.tar.part-"
+}
+
+encode() {  # the built shards through the frozen VAE encoder (finished shards are kept)
+  python3 -m data_pipeline.encode_latents --vae_checkpoint="$W/vae" --input="$W/data" \
+    --output="$W/latents" --batch_size=512 --progress=false > "$OUT/logs/encode.log" 2>&1
+  note "encode_latents rc=$? $(tail -1 "$OUT/logs/encode.log")"
+}
+
+if [ "$stage" = data_vae ]; then
+  JAX_PLATFORMS=cpu python3 -m data_pipeline.build --source=$SRC --out="$W/data" --num_shards=$SHARDS \
+    --workers=$BUILD_WORKERS --n_surface=2048 --n_near=0 --n_volume=0 --image_size=$IMG \
+    --num_views=2 --num_previews=2 --progress=false > "$OUT/logs/build.log" 2>&1 &
+  build_pid=$!
+  python3 -m experiments.train_vae --config=experiments/configs/vae.py:$VAE_CFG $VAE_FLAGS \
+    --workdir="$W/vae" > "$OUT/logs/train_vae.log" 2>&1
+  note "train_vae rc=$? $(last_line "$OUT/logs/train_vae.log" 'train:')"
+  wait $build_pid
+  note "build rc=$? $(grep -c . "$W/data/manifest.json" >/dev/null 2>&1 && python3 -c "
+import json; m = json.load(open('$W/data/manifest.json')); print(m['count'], 'items', len(m['skipped']), 'skipped')")"
+  encode
+  cp "$W"/vae/{eval.json,loss_curve.png,metrics.jsonl,runs.jsonl} "$OUT/logs/" 2>/dev/null
+  cp "$W"/data/manifest.json "$OUT/logs/data_manifest.json" 2>/dev/null
+  cp "$W"/data/previews/*.png "$OUT/logs/" 2>/dev/null
+  pack vae "$W/vae"
+elif [ "$stage" = dit ]; then
+  [ -f "$W/latents/manifest.json" ] || encode  # the data_vae call ran out of time
+  python3 -m experiments.train_dit --config=experiments/configs/dit.py:$DIT_CFG \
+    --config.data.dir="$W/latents" --config.vae.workdir="$W/vae" $DIT_FLAGS \
+    --workdir="$W/dit" > "$OUT/logs/train_dit_$(date -u +%H%M).log" 2>&1
+  note "train_dit rc=$? $(last_line "$(ls -t "$OUT"/logs/train_dit_*.log | head -1)" 'train:')"
+  evals=""
+  if [ "${EVAL:-0}" = 1 ]; then
+    for kind in object scene; do
+      n=$EVAL_OBJECTS; [ $kind = scene ] && n=$EVAL_SCENES
+      python3 -m experiments.evaluate --checkpoint_dir="$W/dit" --split=test --kind=$kind \
+        --limit=$n --image_size=$IMG $EVAL_FLAGS --out_dir="$W/eval_${kind}s" \
+        > "$OUT/logs/eval_${kind}s.log" 2>&1
+      note "evaluate $kind rc=$? $(tail -1 "$OUT/logs/eval_${kind}s.log")"
+      cp "$W/eval_${kind}s/table.md" "$OUT/logs/eval_${kind}s_table.md" 2>/dev/null
+      cp "$W/eval_${kind}s/metrics.json" "$OUT/logs/eval_${kind}s_metrics.json" 2>/dev/null
+      [ -f "$W/eval_${kind}s/metrics.json" ] && evals="$evals,$W/eval_${kind}s"
+    done
+  fi
+  rm -rf "$W/moca-small"
+  python3 -m experiments.export_bundle --dit="$W/dit" --out="$W/moca-small" \
+    --eval_dirs="${evals#,}" > "$OUT/logs/export.log" 2>&1
+  note "export rc=$? $(tail -1 "$OUT/logs/export.log")"
+  cp "$W"/dit/{loss_curve.png,metrics.jsonl,runs.jsonl,eval.json} "$OUT/logs/" 2>/dev/null
+  [ -f "$W/moca-small/bundle.json" ] && pack bundle "$W/moca-small"
+else
+  echo "unknown stage $stage" >&2; exit 2
+fi
+tar -C "$OUT" -czf "$OUT/logs.tar.gz" logs && rm -rf "$OUT/logs"
+ls -la "$OUT"
