@@ -56,8 +56,12 @@ def grid_coordinates(flat_index, resolution: int, bounds: float, xp=np):
 
 
 def _index_coordinates(ijk, resolution: int, bounds: float, xp=np):
-  """Grid indices [N, 3] -> coordinates [N, 3] (float32)."""
-  return ijk.astype(xp.float32) * xp.float32(2.0 * bounds / resolution) - xp.float32(bounds)
+  """Grid indices [N, 3] -> coordinates [N, 3] (float32): (2 * ijk - R) * (bounds / R), one
+  rounding (an exact integer times a float32), so the host and any device give the same bits
+  (XLA may fuse ijk * spacing - bounds into one multiply-add, numpy rounds twice)."""
+  return (2 * ijk.astype(xp.int32) - resolution).astype(xp.float32) * xp.float32(
+      bounds / resolution
+  )
 
 
 # ----------------------------------------------------------------------------------------
@@ -378,15 +382,20 @@ def _check_resolutions(resolution: int, fine_resolution: Optional[int]) -> None:
     )
 
 
-def _check_levels(
+def check_levels(
     coarse_levels: Sequence[int],
     resolution: int,
     fine_resolution: Optional[int],
     band: float,
     coarse_band: float,
 ) -> tuple[int, ...]:
-  """The grids up to `resolution`: (*coarse_levels, resolution); ValueError naming the
-  setting that does not fit (see `extract_meshes`)."""
+  """The grids decoded up to `resolution`, (*coarse_levels, resolution), of the settings of
+  `extract_meshes` (see there).
+
+  Raises:
+    ValueError naming the setting that does not fit: fine_resolution not a multiple of
+    resolution, levels that are not proper divisors of the next, coarse_band < band.
+  """
   _check_resolutions(resolution, fine_resolution)
   levels = tuple(int(r) for r in coarse_levels) + (int(resolution),)
   for lower, upper in zip(levels, levels[1:]):
@@ -663,7 +672,7 @@ def extract_meshes(
     ValueError: fine_resolution is not a multiple of resolution, the levels do not divide
       one another, or coarse_band < band.
   """
-  levels = _check_levels(coarse_levels, resolution, fine_resolution, band, coarse_band)
+  levels = check_levels(coarse_levels, resolution, fine_resolution, band, coarse_band)
   spacing = lambda r: 2.0 * bounds / r
   dense_chunk = int(min(chunk_size, (levels[0] + 1) ** 3))
   grid = _dense_grid_on_device(sdf_fn, inputs, levels[0], bounds, chunk_size)
@@ -753,7 +762,7 @@ def extract_mesh_from_fn(
   for a grid meshed whole).
   Raises ValueError for levels that do not divide one another or coarse_band < band.
   """
-  levels = _check_levels(coarse_levels, resolution, fine_resolution, band, coarse_band)
+  levels = check_levels(coarse_levels, resolution, fine_resolution, band, coarse_band)
   total = (levels[0] + 1) ** 3
   coarse = np.concatenate(
       [
