@@ -29,7 +29,8 @@ Baseline, side by side: with --coarse_levels, every run also times the two-level
 hierarchical one, so the speed-up is a ratio of medians from one process; both paths' meshes
 are compared part by part (the same triangles, unless the decoder rounds a query's value
 differently in the two paths' calls: last bits, see moca_jax.extract), and the points each
-path decoded per level are counted (untimed, last run's latents).
+path decoded per level are counted (last run's latents; for the hierarchical path in one
+more, untimed, extraction).
 
 The extracted field: a VAE with random weights has no meaningful zero level set (it fills
 the volume or is empty), so the extraction cost would be arbitrary. As in benchmark_vae, the
@@ -233,11 +234,12 @@ def image_to_glb(pipe, image_path: str, out_dir: str, args: dict, seed: int) -> 
   baseline = None
   if pipe.extract_kwargs.get("coarse_levels"):
     t = time.perf_counter()
-    two_level = decode_two_level(pipe, z)[0]
+    two_level, stats = decode_with_stats(pipe, z, coarse_levels=())
     baseline = {
         "decode_s": time.perf_counter() - t,
         "parts_identical": sum(map(same_mesh, meshes, two_level)),
         "faces": [len(m.faces) for m in two_level],
+        "decoded_points": stats,
     }
   stages = {
       "preprocess+encode": t1 - t0,
@@ -257,15 +259,15 @@ def image_to_glb(pipe, image_path: str, out_dir: str, args: dict, seed: int) -> 
   }
 
 
-def decode_two_level(pipe, latents: np.ndarray) -> list:
-  """`Pipeline.decode` with the two-level extraction (the dense grid at the pipeline's
-  resolution, no coarse levels): the baseline."""
-  kwargs = pipe.extract_kwargs
-  pipe.extract_kwargs = {**kwargs, "coarse_levels": ()}
-  try:
-    return pipe.decode(latents)
-  finally:
-    pipe.extract_kwargs = kwargs
+def decode_with_stats(pipe, latents: np.ndarray, **overrides) -> tuple[list, dict]:
+  """`Pipeline.decode`'s work for one object's latents [1, N, L, C] (the same
+  `extract_vae_meshes` call) with extraction settings overridden (coarse_levels=(): the
+  two-level baseline) -> (N meshes, the decoded points per level: `extract_meshes` stats)."""
+  from moca_jax import extract  # pylint: disable=g-import-not-at-top
+
+  flat = jnp.asarray(latents.reshape(-1, *latents.shape[2:]))
+  kwargs = {**pipe.extract_kwargs, **overrides, "return_stats": True}
+  return extract.extract_vae_meshes(pipe.vae_model, pipe.vae_params, flat, **kwargs)
 
 
 def same_mesh(a, b, atol: float = 1e-5) -> bool:
@@ -275,19 +277,6 @@ def same_mesh(a, b, atol: float = 1e-5) -> bool:
       and np.array_equal(a.faces, b.faces)
       and np.allclose(a.vertices, b.vertices, rtol=0, atol=atol)
   )
-
-
-def decoded_points(pipe, latents: np.ndarray, coarse_levels: tuple[int, ...]) -> dict:
-  """Points decoded per level (`extract_meshes`' stats) of the latents [1, N, L, C] with the
-  pipeline's extraction settings and these coarse levels."""
-  from moca_jax import extract  # pylint: disable=g-import-not-at-top
-
-  flat = jnp.asarray(latents.reshape(-1, *latents.shape[2:]))
-  kwargs = {**pipe.extract_kwargs, "coarse_levels": tuple(coarse_levels)}
-  _, stats = extract.extract_vae_meshes(
-      pipe.vae_model, pipe.vae_params, flat, return_stats=True, **kwargs
-  )
-  return stats
 
 
 _ENCODERS: dict[int, Any] = {}
@@ -386,7 +375,7 @@ def run_benchmark(
       "write_outputs_median_s": statistics.median(r["write_outputs_s"] for r in runs),
       "faces_per_part": runs[-1]["faces"],
       "empty_parts": runs[-1]["empty_parts"],
-      "decoded_points": decoded_points(pipe, runs[-1]["latents"], args["coarse_levels"]),
+      "decoded_points": decode_with_stats(pipe, runs[-1]["latents"])[1],
       "two_level": None,
   }
   if args["coarse_levels"]:
@@ -399,7 +388,7 @@ def run_benchmark(
         "image_to_glb_median_s": total - median["decode+extraction"] + decode_s,
         "parts_identical": min(b["parts_identical"] for b in base),
         "faces_per_part": base[-1]["faces"],
-        "decoded_points": decoded_points(pipe, runs[-1]["latents"], ()),
+        "decoded_points": base[-1]["decoded_points"],
     }
   setting = dict(
       size=size,

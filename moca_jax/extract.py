@@ -508,11 +508,14 @@ def _escapes(cells: Array, parent_cells: Array, *, factor: int) -> Array:
   return jnp.any(_dilate_cube(cells, jnp) & ~inside, axis=(1, 2, 3))
 
 
-def _warn_escapes(escapes, resolution: int, lower: int, coarse_band: float, names) -> None:
+def _warn_escapes(cells, parent, resolution: int, coarse_band: float, names) -> None:
+  """A `BandEscapeWarning` per component whose refined cells [B, R, R, R] at `resolution`
+  escape (`_escapes`) parent = (refined cells [B, r, r, r], r) of the level below."""
+  escapes = _escapes(cells, parent[0], factor=resolution // parent[1])
   for b in np.flatnonzero(np.asarray(escapes)):
     warnings.warn(
         f"{names[b]}: the band refined at {resolution}^3 reaches past the points decoded from"
-        f" the {lower}^3 level; part of the surface may be missing (raise coarse_band, now"
+        f" the {parent[1]}^3 level; part of the surface may be missing (raise coarse_band, now"
         f" {coarse_band:g})",
         BandEscapeWarning,
         stacklevel=3,
@@ -727,8 +730,7 @@ def extract_meshes(
           grid, threshold=coarse_band * spacing(lower), dilate=int(dilate)
       )
       if parent is not None:
-        escapes = _escapes(cells, parent[0], factor=lower // parent[1])
-        _warn_escapes(escapes, lower, parent[1], coarse_band, names)
+        _warn_escapes(cells, parent, lower, coarse_band, names)
       grid, queries = _refine_level(
           sdf_fn, inputs, grid, cells, lower, upper, bounds, chunk_size, pool
       )
@@ -743,8 +745,7 @@ def extract_meshes(
           grid, threshold=band * spacing(resolution), dilate=int(dilate)
       )
     if parent is not None:
-      escapes = _escapes(cells, parent[0], factor=resolution // parent[1])
-      _warn_escapes(escapes, resolution, parent[1], coarse_band, names)
+      _warn_escapes(cells, parent, resolution, coarse_band, names)
     coarse = np.asarray(grid)
     futures: list[Any] = [None] * num
     refined = [b for b in range(num) if _refines(coarse[b], fine_resolution, resolution)]
@@ -814,17 +815,15 @@ def extract_mesh_from_fn(
   for lower, upper in zip(levels, levels[1:]):
     cells = near_surface_cells(coarse, lower, bounds, coarse_band, dilate)
     if parent is not None:
-      _warn_escapes(_escapes(cells[None], parent[0][None], factor=lower // parent[1]),
-                    lower, parent[1], coarse_band, ["field"])
+      _warn_escapes(cells[None], parent, lower, coarse_band, ["field"])
     fine = _upsample_linear(coarse, upper // lower)
     if np.all(np.isfinite(coarse)) and cells.any():
       b = plan_band(cells, upper, bounds)
       fine[tuple(b.ijk.T)] = _eval_points_numpy(fn, b.points, chunk_size)
-    coarse, parent = fine, (cells, lower)
+    coarse, parent = fine, (cells[None], lower)
   if parent is not None and np.all(np.isfinite(coarse)):
     cells = near_surface_cells(coarse, resolution, bounds, band, dilate)
-    _warn_escapes(_escapes(cells[None], parent[0][None], factor=resolution // parent[1]),
-                  resolution, parent[1], coarse_band, ["field"])
+    _warn_escapes(cells[None], parent, resolution, coarse_band, ["field"])
   if not _refines(coarse, fine_resolution, resolution):
     mesh = _coarse_only(coarse, resolution, bounds, "field")
     return (mesh, coarse, None) if return_grid else mesh

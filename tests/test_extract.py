@@ -80,6 +80,19 @@ def test_degenerate_fields_give_empty_meshes_with_warning():
   assert len(m.faces) == 0
   with pytest.raises(ValueError, match="multiple"):
     extract.extract_mesh_from_fn(_sphere([0, 0, 0], 0.5), 10, 25)
+  # the same with coarse levels: nothing refined, the same warnings
+  with pytest.warns(extract.EmptyFieldWarning, match="non-finite"):
+    m = extract.extract_mesh_from_fn(lambda p: np.full(len(p), np.nan), 8, 16, coarse_levels=(2,))
+  assert len(m.faces) == 0
+  with pytest.warns(extract.EmptyFieldWarning, match="no zero crossing"):
+    m = extract.extract_mesh_from_fn(lambda p: np.ones(len(p)), 8, 16, coarse_levels=(4,))
+  assert len(m.faces) == 0
+  nan_one = lambda q, p: jnp.where(q[:, None, 0] > 0, jnp.nan, jnp.linalg.norm(p, axis=-1) - 0.5)
+  with pytest.warns(extract.EmptyFieldWarning, match="component 1: the field has non-finite"):
+    meshes = extract.extract_meshes(
+        nan_one, jnp.array([[0.0], [1.0]]), 16, 32, chunk_size=999, coarse_levels=(4,)
+    )
+  assert len(meshes[0].faces) > 100 and len(meshes[1].faces) == 0
 
 
 # ---- batched band refinement == the per-component path ------------------------------------
