@@ -381,6 +381,22 @@ def test_hierarchical_batch_equals_two_level_batch_and_decodes_fewer_points():
   assert all(q >= p for q, p in zip(multi["decoder_queries"], multi["decoded_points"]))
 
 
+def test_three_coarse_levels_batch_equals_two_level_batch():
+  spheres = jnp.array([[0.1, 0.0, -0.1, 0.6], [0.3, -0.2, 0.1, 0.2], [0.0, 0.0, 0.0, -0.5]])
+  kwargs = dict(resolution=32, fine_resolution=64, chunk_size=2000, return_stats=True)
+  with pytest.warns(extract.EmptyFieldWarning, match="component 2"):
+    want, two = extract.extract_meshes(_spheres_fn, spheres, **kwargs)
+  with pytest.warns(extract.EmptyFieldWarning, match="component 2") as record:
+    got, multi = extract.extract_meshes(_spheres_fn, spheres, coarse_levels=(2, 4, 16), **kwargs)
+  assert [w.category for w in record] == [extract.EmptyFieldWarning]  # no band escapes
+  assert multi["levels"] == [2, 4, 16, 32, 64] and multi["decoded_points"][0] == 3 * 3**3
+  assert multi["decoded_points"][-1] == two["decoded_points"][-1]
+  for g, w in zip(got[:2], want[:2], strict=True):
+    np.testing.assert_array_equal(g.faces, w.faces)
+    np.testing.assert_array_equal(g.vertices, w.vertices)
+  assert len(want[1].faces) > 1000 and len(got[2].faces) == 0
+
+
 def test_upsampling_on_device_equals_host():
   grids = np.random.default_rng(4).normal(size=(2, 5, 6, 4)).astype(np.float32)
   on_device = np.asarray(extract._upsample_on_device(jnp.asarray(grids), factor=3))
