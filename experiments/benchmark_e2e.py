@@ -2,11 +2,14 @@ r"""End-to-end latency, image to GLB, through `moca_jax.pipeline.Pipeline` (not 
 
   python -m experiments.benchmark_e2e --size=paper        # GPU: issue 13's setting (defaults)
   python -m experiments.benchmark_e2e --size=tiny --components=3 --steps=1 --resolution=8 \
-      --fine_resolution=16 --chunk_size=512 --image_pixels=48 --out=/tmp/e2e   # CPU smoke run
+      --fine_resolution=16 --coarse_levels=4 --chunk_size=512 --image_pixels=48 \
+      --out=/tmp/e2e                                                   # CPU smoke run
 
 One object, --components parts, --steps Euler steps with classifier-free guidance (the CFG
-batch in one forward), extraction on the --resolution^3 coarse grid with the
---fine_resolution^3 near-surface band, random weights (speed does not depend on training):
+batch in one forward), extraction on the --resolution^3 grid with the --fine_resolution^3
+near-surface band, that grid itself built hierarchically from the dense --coarse_levels
+(moca_jax.extract: only the first is decoded densely; empty: the dense --resolution^3 grid),
+random weights (speed does not depend on training):
 the DiT and image encoder of `experiments/configs/dit.py:SIZE` (bf16, cuDNN DiT attention on
 GPU, as benchmark_train) and that config's VAE size, parameters normal with std 0.02
 (`random_params`). Stages, each timed on its own and summed for the total:
@@ -15,10 +18,19 @@ GPU, as benchmark_train) and that config's VAE size, parameters normal with std 
   sampling           `Pipeline.sample_latents` (preprocessing, encoder, the jitted ODE scan
                      and the routing pass) minus the stage above: the flow ODE
   decode+extraction  `Pipeline.decode`: VAE decoder self-attention, dense coarse grid of all
-                     parts, batched band refinement, marching cubes (moca_jax.extract)
+                     parts, batched band refinement level by level, marching cubes
+                     (moca_jax.extract)
   GLB write          one node per part (`pipeline.parts_scene`), GLB export, atomic write
 `write_outputs` (GLB + preview render + router maps + latents, what generate.py writes) is
 timed as well, outside the image -> GLB total.
+
+Baseline, side by side: with --coarse_levels, every run also times the two-level extraction
+(dense --resolution^3 grid + band, no coarse levels) on the same latents, right after the
+hierarchical one, so the speed-up is a ratio of medians from one process; both paths' meshes
+are compared part by part (the same triangles, unless the decoder rounds a query's value
+differently in the two paths' calls: last bits, see moca_jax.extract), and the points each
+path decoded per level are counted (last run's latents; for the hierarchical path in one
+more, untimed, extraction).
 
 The extracted field: a VAE with random weights has no meaningful zero level set (it fills
 the volume or is empty), so the extraction cost would be arbitrary. As in benchmark_vae, the
@@ -64,6 +76,15 @@ def define_flags() -> None:
   flags.DEFINE_float("cfg_scale", 7.0, "Classifier-free guidance scale (1: no CFG batch).")
   flags.DEFINE_integer("resolution", 256, "Coarse extraction grid (cells per axis).")
   flags.DEFINE_integer("fine_resolution", 512, "Refined band resolution (0: coarse only).")
+  flags.DEFINE_list(
+      "coarse_levels",
+      ["64"],
+      "Hierarchical extraction: dense first level and bands below --resolution, each dividing"
+      " the next (empty: the dense --resolution grid, no baseline run).",
+  )
+  flags.DEFINE_float(
+      "coarse_band", 3.0, "|sdf| test of the coarse levels, in units of their spacing."
+  )
   flags.DEFINE_integer("chunk_size", 32768, "Queries per part row of a decoder call.")
   flags.DEFINE_integer("image_pixels", 1024, "Side of the synthetic input PNG.")
   flags.DEFINE_integer("repeats", 3, "Timed image -> GLB runs after the warm-up (median).")
@@ -129,7 +150,13 @@ def random_params(init_fn, seed: int) -> Any:
 
 
 def build_pipeline(
-    size: str, components: int, resolution: int, fine_resolution: int, chunk_size: int
+    size: str,
+    components: int,
+    resolution: int,
+    fine_resolution: int,
+    chunk_size: int,
+    coarse_levels: tuple[int, ...] = (),
+    coarse_band: float = 3.0,
 ):
   """`Pipeline` of random-weight models of `size` (bf16 + cuDNN DiT attention on GPU), with
   the extraction settings; the config allows `components` parts."""
@@ -160,7 +187,11 @@ def build_pipeline(
   vae = VecSetVAE(vae_cfg)
   vae_params = random_params(lambda r: meta.unbox(init_vae(vae, r)), seed=1)
   extract_kwargs = dict(
-      resolution=resolution, fine_resolution=fine_resolution or None, chunk_size=chunk_size
+      resolution=resolution,
+      fine_resolution=fine_resolution or None,
+      chunk_size=chunk_size,
+      coarse_levels=tuple(coarse_levels),
+      coarse_band=coarse_band,
   )
   return pipeline.Pipeline(cfg, params, SurfaceFieldVAE(vae), vae_params, extract_kwargs)
 
@@ -200,6 +231,16 @@ def image_to_glb(pipe, image_path: str, out_dir: str, args: dict, seed: int) -> 
   routing0 = {k: v[0] for k, v in routing.items()}
   pipeline.write_outputs(out_dir, meshes, z[0], routing0, global_blocks=pipe.global_blocks)
   t5 = time.perf_counter()
+  baseline = None
+  if pipe.extract_kwargs.get("coarse_levels"):
+    t = time.perf_counter()
+    two_level, stats = decode_with_stats(pipe, z, coarse_levels=())
+    baseline = {
+        "decode_s": time.perf_counter() - t,
+        "parts_identical": sum(map(same_mesh, meshes, two_level)),
+        "faces": [len(m.faces) for m in two_level],
+        "decoded_points": stats,
+    }
   stages = {
       "preprocess+encode": t1 - t0,
       "sampling": (t2 - t1) - (t1 - t0),
@@ -213,7 +254,29 @@ def image_to_glb(pipe, image_path: str, out_dir: str, args: dict, seed: int) -> 
       "write_outputs_s": t5 - t4,
       "faces": [len(m.faces) for m in meshes],
       "empty_parts": empty,
+      "two_level": baseline,
+      "latents": z,
   }
+
+
+def decode_with_stats(pipe, latents: np.ndarray, **overrides) -> tuple[list, dict]:
+  """`Pipeline.decode`'s work for one object's latents [1, N, L, C] (the same
+  `extract_vae_meshes` call) with extraction settings overridden (coarse_levels=(): the
+  two-level baseline) -> (N meshes, the decoded points per level: `extract_meshes` stats)."""
+  from moca_jax import extract  # pylint: disable=g-import-not-at-top
+
+  flat = jnp.asarray(latents.reshape(-1, *latents.shape[2:]))
+  kwargs = {**pipe.extract_kwargs, **overrides, "return_stats": True}
+  return extract.extract_vae_meshes(pipe.vae_model, pipe.vae_params, flat, **kwargs)
+
+
+def same_mesh(a, b, atol: float = 1e-5) -> bool:
+  """The same triangles (faces equal) with vertices within atol (world units)."""
+  return (
+      a.faces.shape == b.faces.shape
+      and np.array_equal(a.faces, b.faces)
+      and np.allclose(a.vertices, b.vertices, rtol=0, atol=atol)
+  )
 
 
 _ENCODERS: dict[int, Any] = {}
@@ -244,6 +307,11 @@ def check_settings(args: dict) -> None:
         f"fine_resolution={fine}: must be 0 (no band) or a multiple of "
         f"resolution={args['resolution']}"
     )
+  from moca_jax import extract  # pylint: disable=g-import-not-at-top
+
+  extract.check_levels(
+      args["coarse_levels"], args["resolution"], fine or None, 1.0, args["coarse_band"]
+  )
 
 
 def run_benchmark(
@@ -256,6 +324,8 @@ def run_benchmark(
     chunk_size: int = 32768,
     image_pixels: int = 1024,
     repeats: int = 3,
+    coarse_levels: tuple[int, ...] = (64,),
+    coarse_band: float = 3.0,
 ) -> dict:
   """Builds the pipeline, runs image -> GLB once to compile, then `repeats` timed runs.
 
@@ -273,10 +343,14 @@ def run_benchmark(
       chunk_size=chunk_size,
       image_pixels=image_pixels,
       repeats=repeats,
+      coarse_levels=tuple(int(r) for r in coarse_levels),
+      coarse_band=coarse_band,
   )
   check_settings(args)
   t = time.perf_counter()
-  pipe = build_pipeline(size, components, resolution, fine_resolution, chunk_size)
+  pipe = build_pipeline(
+      size, components, resolution, fine_resolution, chunk_size, coarse_levels, coarse_band
+  )
   build_s = time.perf_counter() - t
   with tempfile.TemporaryDirectory() as tmp:
     image_path = mio.write_png(os.path.join(tmp, "input.png"), synthetic_image(image_pixels))
@@ -301,7 +375,21 @@ def run_benchmark(
       "write_outputs_median_s": statistics.median(r["write_outputs_s"] for r in runs),
       "faces_per_part": runs[-1]["faces"],
       "empty_parts": runs[-1]["empty_parts"],
+      "decoded_points": decode_with_stats(pipe, runs[-1]["latents"])[1],
+      "two_level": None,
   }
+  if args["coarse_levels"]:
+    base = [r["two_level"] for r in runs]
+    decode_s = statistics.median(b["decode_s"] for b in base)
+    res["two_level"] = {
+        "decode_median_s": decode_s,
+        "decode_first_call_s": first["two_level"]["decode_s"],
+        "decode_speedup": decode_s / median["decode+extraction"],
+        "image_to_glb_median_s": total - median["decode+extraction"] + decode_s,
+        "parts_identical": min(b["parts_identical"] for b in base),
+        "faces_per_part": base[-1]["faces"],
+        "decoded_points": base[-1]["decoded_points"],
+    }
   setting = dict(
       size=size,
       components=components,
@@ -319,6 +407,13 @@ def run_benchmark(
 def markdown(res: dict) -> str:
   s = res["settings"]
   band = f" with the {s['fine_resolution']}^3 band" if s["fine_resolution"] else ""
+  levels = s.get("coarse_levels", ())
+  if levels:
+    band += (
+        f", the {s['resolution']}^3 grid built from the dense "
+        f"{'^3 -> '.join(map(str, levels))}^3 level{'s' if len(levels) > 1 else ''}"
+        f" (coarse band {s['coarse_band']:g} spacings)"
+    )
   cfg = f"CFG {s['cfg_scale']:g}" if s["cfg_scale"] != 1.0 else "no CFG"
   lines = [
       "# End-to-end latency, image to GLB",
@@ -340,6 +435,12 @@ def markdown(res: dict) -> str:
         f"| {stage} | {res['stages_median_s'][stage]:.3f} | "
         f"{res['stages_first_call_s'][stage]:.3f} |"
     )
+  two = res.get("two_level")
+  if two:
+    lines.append(
+        f"| decode+extraction, two-level baseline | {two['decode_median_s']:.3f} | "
+        f"{two['decode_first_call_s']:.3f} |"
+    )
   lines += [
       f"| **image to GLB** | **{res['image_to_glb_median_s']:.3f}** | "
       f"{res['image_to_glb_first_call_s']:.3f} |",
@@ -351,6 +452,17 @@ def markdown(res: dict) -> str:
       f"{res['faces_per_part']}; empty parts: {res['empty_parts'] or 'none'}.",
       "",
   ]
+  if two:
+    lines += [
+        f"Two-level baseline (dense {s['resolution']}^3 grid + band; timed in the same runs on "
+        f"the same latents, not in the total): decode+extraction {two['decode_median_s']:.3f} s,"
+        f" so the hierarchical extraction is **{two['decode_speedup']:.1f}x** faster and image"
+        f" to GLB would take {two['image_to_glb_median_s']:.2f} s with the baseline. Parts with"
+        f" the same meshes both ways: {two['parts_identical']} of {s['components']}"
+        f" (fewest over the runs); baseline faces per part: {two['faces_per_part']}.",
+        "",
+    ]
+  lines += [_points_table(res), ""]
   target = res["target"]
   if target is None:
     lines.append("Not issue 13's setting, so no target verdict.")
@@ -363,6 +475,26 @@ def markdown(res: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _points_table(res: dict) -> str:
+  """Decoded points per level, both paths (the last run's latents, all parts)."""
+  rows = [("this run", res["decoded_points"])]
+  if res.get("two_level"):
+    rows.append(("two-level baseline", res["two_level"]["decoded_points"]))
+  lines = [
+      "Decoded points (all parts, last run's latents):",
+      "",
+      "| extraction | points per level | total | decoder queries (padded) |",
+      "| --- | --- | --- | --- |",
+  ]
+  for name, st in rows:
+    per_level = "; ".join(f"{r}^3: {p:,}" for r, p in zip(st["levels"], st["decoded_points"]))
+    lines.append(
+        f"| {name} | {per_level} | {sum(st['decoded_points']):,} | "
+        f"{sum(st['decoder_queries']):,} |"
+    )
+  return "\n".join(lines)
+
+
 def write_results(res: dict, stem: str) -> str:
   """<stem>.json (with the machine) and <stem>.md, each written atomically; returns the
   markdown."""
@@ -373,6 +505,15 @@ def write_results(res: dict, stem: str) -> str:
   text = markdown({**res, "machine": describe_host()})
   mio.atomic_write_text(stem + ".md", text)
   return text
+
+
+def parse_levels(values: list[str]) -> tuple[int, ...]:
+  """--coarse_levels strings -> resolutions; ValueError naming the flag if one is not an
+  integer."""
+  try:
+    return tuple(int(v) for v in values)
+  except ValueError:
+    raise ValueError(f"coarse_levels={','.join(values)}: must be integers") from None
 
 
 def main(argv: list[str]) -> Optional[int]:
@@ -389,6 +530,8 @@ def main(argv: list[str]) -> Optional[int]:
         chunk_size=FLAGS.chunk_size,
         image_pixels=FLAGS.image_pixels,
         repeats=FLAGS.repeats,
+        coarse_levels=parse_levels(FLAGS.coarse_levels),
+        coarse_band=FLAGS.coarse_band,
     )
   except ValueError as e:
     print(f"benchmark_e2e: {e}", flush=True)

@@ -14,8 +14,44 @@ cubes runs on the band only, in the box of fine points around it (`Band`: the wh
 grid is never built). fine_resolution must be a multiple of resolution. `extract_meshes`
 decodes the bands of all components of a batch together (see there).
 
+Hierarchical levels (`coarse_levels`, e.g. (64,) for 64^3 -> 256^3 -> 512^3): the dense
+`resolution` grid is the largest cost (16 parts x 257^3 decoder queries), so it is built
+level by level instead. Only the first coarse level is decoded densely; at each level the
+cells near the surface by a wider test (a sign change, or a corner with |sdf| < coarse_band
+x that level's spacing h), dilated by `dilate`, are refined to the next level as the band
+above is (decoded there, the trilinear upsampling of the level below elsewhere, on the
+device), up to the `resolution` grid, which then goes through the step above with `band`.
+Marching cubes only ever sees decoded values near the surface.
+
+Why the meshes are the two-level ones: a `resolution` point that is not decoded lies in a
+coarse cell that was not refined, whose corners all have one sign and |sdf| >= coarse_band h;
+so has their trilinear upsampling (a convex combination), and as coarse_band >= band, it
+never flags a cell by itself. If the field is L-Lipschitz (|grad sdf| <= L), every point of
+that cell lies within sqrt(3)/2 h of a corner, so its true value has that sign too and
+|sdf| >= (coarse_band - L sqrt(3)/2) h, which is >= band x the next level's spacing when
+coarse_band >= L sqrt(3)/2 + band / factor: the dense grid would not refine there either.
+The refined `resolution` cells are then the dense grid's, and every value marching cubes
+and the band's upsampling read is a decoded one, so the triangles are the same: bit for bit
+on the host path (`extract_mesh_from_fn`); a JAX decoder may round a query's value in a
+band call differently from the dense call in the last bits (as batching does), which moves
+vertices by as much and could flip a cell whose |sdf| equals the band threshold to the last
+bit. A thin part cannot hide between coarse points: the |sdf| test needs no sign change,
+and any coarse cell its surface crosses has a corner within sqrt(3)/2 h of it. When a
+level's band (with the ring of cells marching cubes and the upsampling read) reaches past
+the points decoded from the level below, the Lipschitz bound failed there: a
+`BandEscapeWarning` names the component.
+
+Margin: an exact SDF (L = 1) needs coarse_band >= 0.87 + 1/4 at 64 -> 256 (factor 4,
+band 1). The VAE's field is trained towards a distance (L1 on SDF samples and an eikonal
+term, moca_jax.vae), but a learned field is only roughly one, so the default coarse_band = 3
+holds up to L ~ 3.2, a field three times steeper than a distance. The price is a wider
+band at the intermediate level; on 16 analytic parts (spheres, tori, thin plates) at
+64 -> 256 -> 512 the decoded points drop from 277.7 M (two levels: 271.6 M dense) to
+16.6 M, the same 6.1 M final band included.
+
 Entry points:
   extract_meshes(sdf_fn, inputs, ...)       a batch of components (JAX field) -> list of meshes
+                                             (and, with return_stats, the decoded points)
   extract_vae_meshes(model, params, latents) the VecSetVAE convenience wrapper
   extract_mesh_from_fn(fn, ...)              a plain numpy/JAX callable points [N,3] -> [N]
 An empty or degenerate field (no sign change, non-finite values) gives an empty
@@ -56,8 +92,12 @@ def grid_coordinates(flat_index, resolution: int, bounds: float, xp=np):
 
 
 def _index_coordinates(ijk, resolution: int, bounds: float, xp=np):
-  """Grid indices [N, 3] -> coordinates [N, 3] (float32)."""
-  return ijk.astype(xp.float32) * xp.float32(2.0 * bounds / resolution) - xp.float32(bounds)
+  """Grid indices [N, 3] -> coordinates [N, 3] (float32): (2 * ijk - R) * (bounds / R), one
+  rounding (an exact integer times a float32), so the host and any device give the same bits
+  (XLA may fuse ijk * spacing - bounds into one multiply-add, numpy rounds twice)."""
+  return (2 * ijk.astype(xp.int32) - resolution).astype(xp.float32) * xp.float32(
+      bounds / resolution
+  )
 
 
 # ----------------------------------------------------------------------------------------
@@ -133,19 +173,33 @@ class _BandQueries:
   (`_rows_chunk`, the inputs gathered per row on the device), so a single compiled shape
   serves every component and call. Calls are dispatched as soon as `rows` rows are pending
   (JAX runs them asynchronously while the host plans the next component); `values` waits
-  only for the calls that hold its component, and drops the padding.
+  only for the calls that hold its component, and drops the padding. Points added with their
+  flat grid indices can instead be written into a device grid without leaving the device
+  (`scatter_into`, for the intermediate levels of a hierarchical extraction).
   """
 
-  def __init__(self, sdf_fn, inputs, rows: int, chunk: int):
+  def __init__(self, sdf_fn, inputs, rows: int, chunk: int, grid_points: int = 0):
     self._fn, self._inputs, self._rows, self._chunk = _as_partial(sdf_fn), inputs, rows, chunk
-    self._pending: list[tuple[int, np.ndarray]] = []  # (component, points [<= chunk, 3])
+    self._grid_points = grid_points  # flat index of padding queries in scatter_into (dropped)
+    self._pending: list[tuple[int, np.ndarray, Optional[np.ndarray]]] = []
     self._calls: list[Any] = []  # device [rows, chunk] results, then host arrays once read
+    self._targets: list[tuple[np.ndarray, np.ndarray]] = []  # per call: components, flat
     self._where: dict[int, list[tuple[int, int, int]]] = {}  # component -> (call, row, count)
+    self.points = 0  # points added (without padding)
 
-  def add(self, component: int, points: np.ndarray) -> None:
+  @property
+  def padded_queries(self) -> int:
+    """Queries the decoder ran, padding included (calls x rows x chunk)."""
+    return (len(self._calls) + (1 if self._pending else 0)) * self._rows * self._chunk
+
+  def add(self, component: int, points: np.ndarray, flat: Optional[np.ndarray] = None):
+    """Queues points [n, 3] of `component` (with their flat grid indices [n] for
+    `scatter_into`)."""
     self._where[component] = []
+    self.points += len(points)
     for s in range(0, len(points), self._chunk):
-      self._pending.append((component, points[s : s + self._chunk]))
+      part = None if flat is None else flat[s : s + self._chunk]
+      self._pending.append((component, points[s : s + self._chunk], part))
       if len(self._pending) == self._rows:
         self._dispatch()
 
@@ -156,13 +210,17 @@ class _BandQueries:
   def _dispatch(self) -> None:
     pts = np.zeros((self._rows, self._chunk, 3), np.float32)
     components = np.zeros((self._rows,), np.int32)  # padding rows: component 0, dropped
-    for r, (component, chunk_pts) in enumerate(self._pending):
+    flat = np.full((self._rows, self._chunk), self._grid_points, np.int32)
+    for r, (component, chunk_pts, chunk_flat) in enumerate(self._pending):
       pts[r, : len(chunk_pts)] = chunk_pts
       components[r] = component
+      if chunk_flat is not None:
+        flat[r, : len(chunk_flat)] = chunk_flat
       self._where[component].append((len(self._calls), r, len(chunk_pts)))
     self._calls.append(
         _rows_chunk(self._fn, self._inputs, jnp.asarray(components), jnp.asarray(pts))
     )
+    self._targets.append((components, flat))
     self._pending = []
 
   def values(self, component: int) -> np.ndarray:
@@ -173,6 +231,20 @@ class _BandQueries:
         self._calls[call] = np.asarray(self._calls[call])
       out.append(self._calls[call][row, :count])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+  def scatter_into(self, grid: Array) -> Array:
+    """Device grid [rows, grid_points] with every decoded value written at its component's
+    flat index (all points must have been added with `flat`); call `flush` first."""
+    for result, (components, flat) in zip(self._calls, self._targets, strict=True):
+      grid = _scatter_rows(grid, jnp.asarray(components), jnp.asarray(flat), result)
+    return grid
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _scatter_rows(grid, components, flat, values):
+  """grid [B, M] with values [K, chunk] written at (components[r], flat[r, c]); flat indices
+  >= M (padding) are dropped."""
+  return grid.at[components[:, None], flat].set(values.astype(grid.dtype), mode="drop")
 
 
 # ----------------------------------------------------------------------------------------
@@ -296,12 +368,14 @@ class Band:
   lo, hi: the box [lo, hi) of fine grid points (per axis) that marching cubes reads.
   mask: [hi - lo] bool, the points of the box that are decoded (corners of refined cells).
   points: [n, 3] float32 world coordinates of the mask's points in C order (n = mask.sum()).
+  ijk: [n, 3] int32 fine grid indices of the same points.
   """
 
   lo: tuple[int, ...]
   hi: tuple[int, ...]
   mask: np.ndarray
   points: np.ndarray
+  ijk: np.ndarray
 
 
 def plan_band(cells: np.ndarray, fine_resolution: int, bounds: float) -> Band:
@@ -314,8 +388,8 @@ def plan_band(cells: np.ndarray, fine_resolution: int, bounds: float) -> Band:
   hi = tuple(min(h * factor + 2, fine_resolution + 1) for h in chi)
   mask = np.zeros(tuple(h - l for l, h in zip(lo, hi)), bool)
   mask[tuple(slice(0, s) for s in box_mask.shape)] = box_mask
-  ijk = np.argwhere(mask) + np.asarray(lo)  # C order
-  return Band(lo, hi, mask, _index_coordinates(ijk, fine_resolution, bounds))
+  ijk = (np.argwhere(mask) + np.asarray(lo)).astype(np.int32)  # C order
+  return Band(lo, hi, mask, _index_coordinates(ijk, fine_resolution, bounds), ijk)
 
 
 def band_grid(coarse: np.ndarray, band: Band, values: np.ndarray, factor: int) -> np.ndarray:
@@ -342,6 +416,130 @@ def _check_resolutions(resolution: int, fine_resolution: Optional[int]) -> None:
     raise ValueError(
         f"fine_resolution={fine_resolution} must be a multiple of resolution={resolution}"
     )
+
+
+def check_levels(
+    coarse_levels: Sequence[int],
+    resolution: int,
+    fine_resolution: Optional[int],
+    band: float,
+    coarse_band: float,
+) -> tuple[int, ...]:
+  """The grids decoded up to `resolution`, (*coarse_levels, resolution), of the settings of
+  `extract_meshes` (see there).
+
+  Raises:
+    ValueError naming the setting that does not fit: fine_resolution not a multiple of
+    resolution, levels that are not proper divisors of the next, coarse_band < band.
+  """
+  _check_resolutions(resolution, fine_resolution)
+  levels = tuple(int(r) for r in coarse_levels) + (int(resolution),)
+  for lower, upper in zip(levels, levels[1:]):
+    if lower < 1 or upper <= lower or upper % lower:
+      raise ValueError(
+          f"coarse_levels={tuple(coarse_levels)} with resolution={resolution}: each level must"
+          f" be a positive proper divisor of the next"
+      )
+  if len(levels) > 1 and not coarse_band >= band:
+    raise ValueError(
+        f"coarse_band={coarse_band} must be >= band={band} (the coarse levels' test is the"
+        f" wider one)"
+    )
+  return levels
+
+
+# ----------------------------------------------------------------------------------------
+# Hierarchical levels
+# ----------------------------------------------------------------------------------------
+
+
+class BandEscapeWarning(UserWarning):
+  """A level's refined band reaches past the points decoded from the level below it: the
+  coarse test (coarse_band) was too narrow for this field, part of the surface may be
+  missing or differ from the dense grid's."""
+
+
+@functools.partial(jax.jit, static_argnames=("factor",))
+def _upsample_on_device(grid: Array, *, factor: int) -> Array:
+  """Trilinear upsampling of grids [B, n0, n1, n2] -> [B, (n - 1) * factor + 1, ...] on the
+  device (separable, the formula of `_upsample_linear`)."""
+  for axis in (1, 2, 3):
+    n = grid.shape[axis]
+    pos = jnp.arange((n - 1) * factor + 1, dtype=jnp.float32) / factor
+    left = jnp.minimum(jnp.floor(pos).astype(jnp.int32), n - 2)
+    shape = [1, 1, 1, 1]
+    shape[axis] = -1
+    w = (pos - left.astype(jnp.float32)).reshape(shape)
+    grid = jnp.take(grid, left, axis=axis) * (1 - w) + jnp.take(grid, left + 1, axis=axis) * w
+  return grid
+
+
+@jax.jit
+def _level_summary(grid: Array, cells: Array) -> tuple[Array, Array]:
+  """([B] all values finite, [B] any cell flagged) of grids [B, n, n, n] and cells."""
+  return jnp.all(jnp.isfinite(grid), axis=(1, 2, 3)), jnp.any(cells, axis=(1, 2, 3))
+
+
+def _dilate_cube(cells, xp=np):
+  """Binary dilation [..., r0, r1, r2] by the 3x3x3 cube (separable), outside False."""
+  for axis in range(cells.ndim - 3, cells.ndim):
+    pad = [(0, 0)] * cells.ndim
+    pad[axis] = (1, 1)
+    p = xp.pad(cells, pad)
+    n = cells.shape[axis]
+    shifted = []
+    for start in (0, 1, 2):
+      window = [slice(None)] * cells.ndim
+      window[axis] = slice(start, start + n)
+      shifted.append(p[tuple(window)])
+    cells = shifted[0] | shifted[1] | shifted[2]
+  return cells
+
+
+@functools.partial(jax.jit, static_argnames=("factor",))
+def _escapes(cells: Array, parent_cells: Array, *, factor: int) -> Array:
+  """[B] bool: whether the refined cells [B, R, R, R] of a level, with the ring of cells
+  around them that the next level reads (marching cubes' far corners, the upsampling next
+  to the band), reach cells outside the refined cells [B, R/f, R/f, R/f] of the level below
+  (whose fine points are the decoded ones)."""
+  inside = parent_cells
+  for axis in (1, 2, 3):
+    inside = jnp.repeat(inside, factor, axis=axis)
+  return jnp.any(_dilate_cube(cells, jnp) & ~inside, axis=(1, 2, 3))
+
+
+def _warn_escapes(cells, parent, resolution: int, coarse_band: float, names) -> None:
+  """A `BandEscapeWarning` per component whose refined cells [B, R, R, R] at `resolution`
+  escape (`_escapes`) parent = (refined cells [B, r, r, r], r) of the level below."""
+  escapes = _escapes(cells, parent[0], factor=resolution // parent[1])
+  for b in np.flatnonzero(np.asarray(escapes)):
+    warnings.warn(
+        f"{names[b]}: the band refined at {resolution}^3 reaches past the points decoded from"
+        f" the {parent[1]}^3 level; part of the surface may be missing (raise coarse_band, now"
+        f" {coarse_band:g})",
+        BandEscapeWarning,
+        stacklevel=3,
+    )
+
+
+def _refine_level(sdf_fn, inputs, grid, cells, resolution, next_resolution, bounds, chunk, pool):
+  """One intermediate level on the device: grids [B, R+1, R+1, R+1] and their refined cells
+  [B, R, R, R] -> (grids at next_resolution: the decoded band of every component with a
+  finite grid and refined cells, the trilinear upsampling elsewhere; its `_BandQueries`)."""
+  num, n = grid.shape[0], next_resolution + 1
+  finite, flagged = (np.asarray(x) for x in _level_summary(grid, cells))
+  fine = _upsample_on_device(grid, factor=next_resolution // resolution).reshape(num, -1)
+  queries = _BandQueries(sdf_fn, inputs, num, int(min(chunk, n**3)), grid_points=n**3)
+  refined = [b for b in range(num) if finite[b] and flagged[b]]
+  if refined:
+    cells = np.asarray(cells)
+    planned = {b: pool.submit(plan_band, cells[b], next_resolution, bounds) for b in refined}
+    for b in refined:
+      band_b = planned.pop(b).result()
+      flat = np.ravel_multi_index(tuple(band_b.ijk.T), (n, n, n)).astype(np.int32)
+      queries.add(b, band_b.points, flat)
+    queries.flush()
+  return queries.scatter_into(fine).reshape(num, n, n, n), queries
 
 
 # ----------------------------------------------------------------------------------------
@@ -456,12 +654,15 @@ def extract_meshes(
     band: float = 1.0,
     dilate: int = 1,
     max_workers: Optional[int] = None,
-) -> list[trimesh.Trimesh]:
+    coarse_levels: Sequence[int] = (),
+    coarse_band: float = 3.0,
+    return_stats: bool = False,
+):
   """One mesh per component of a batch of JAX fields.
 
-  The dense coarse grid of all B components is decoded in [B, chunk_size] calls and their
-  near-surface cells found on the device; the bands are planned on host threads
-  (`plan_band`), and their points decoded together, packed into
+  Two levels (coarse_levels empty): the dense coarse grid of all B components is decoded in
+  [B, chunk_size] calls and their near-surface cells found on the device; the bands are
+  planned on host threads (`plan_band`), and their points decoded together, packed into
   [B, chunk_size] calls of one compiled shape (`_BandQueries`) dispatched while the next
   bands are planned; each component's fine box and marching cubes run on a host thread as
   soon as its values are back, overlapping the device work of the others. The result is
@@ -470,64 +671,113 @@ def extract_meshes(
   differently in the last bits). A component's last row is zero-padded, so chunk_size
   should be well below the band sizes (10^5 to 10^6 points per part at 512^3).
 
+  Hierarchical (coarse_levels, e.g. (64,) with 256 / 512): only the first coarse level is
+  decoded densely; each level's cells near the surface by the wide test (coarse_band) are
+  refined to the next level (its band decoded as above, the rest upsampled, on the device),
+  up to the `resolution` grid, which then goes through the two-level step. The meshes are
+  the two-level ones (see the module docstring for the condition), from far fewer points.
+
   Args:
     sdf_fn: (inputs, queries [B, Q, 3]) -> sdf [B, Q], JAX-traceable (negative inside). Pass
       a `jax.tree_util.Partial` to give parameters as traced arguments (see `vae_sdf_fn`).
       It is also called on rows of inputs gathered by component, [K, ...] for K <= B.
     inputs: pytree with leading dim B (e.g. latents [B, L, C] or decoder features).
-    resolution: coarse cells per axis (dense grid of (R+1)^3 points).
+    resolution: cells per axis of the grid the final band is refined from (decoded densely
+      unless coarse_levels are given).
     fine_resolution: cells per axis of the refined band (a multiple of resolution), or None
-      to mesh the coarse grid.
+      to mesh the `resolution` grid.
     chunk_size: queries per component row of a decoder call (static; B * chunk_size points
       per call).
     bounds: half extent of the grid cube.
-    band, dilate: refined band = cells with a sign change or |sdf| < band * coarse spacing,
-      dilated by `dilate` cells.
-    max_workers: host threads for marching cubes (default: min(B, CPU count, 8)).
+    band, dilate: refined band = cells with a sign change or |sdf| < band * spacing of the
+      `resolution` grid, dilated by `dilate` cells (`dilate` also at the coarse levels).
+    max_workers: host threads for band planning and marching cubes (default: min(B, CPU
+      count, 8)).
+    coarse_levels: increasing resolutions below `resolution`, each dividing the next and the
+      last dividing `resolution`; the first is decoded densely. Empty: two levels.
+    coarse_band: the |sdf| threshold of the coarse levels' test in units of that level's
+      spacing (>= band; see the module docstring for the choice of 3).
+    return_stats: also return the decoded point counts (below).
   Returns:
     list of B `trimesh.Trimesh` in world units (empty meshes, each with an
-    `EmptyFieldWarning`, for empty or degenerate fields).
+    `EmptyFieldWarning`, for empty or degenerate fields); with return_stats, (meshes,
+    stats): stats["levels"] the grids decoded in turn, stats["decoded_points"] the points
+    decoded at each (all components), stats["decoder_queries"] the queries the decoder ran
+    at each (with the zero padding of the [B, chunk] calls).
+  Warns:
+    BandEscapeWarning: a component's band at some level reaches past the points decoded
+      from the level below (coarse_band too narrow for the field).
   Raises:
-    ValueError: fine_resolution is not a multiple of resolution.
+    ValueError: fine_resolution is not a multiple of resolution, the levels do not divide
+      one another, or coarse_band < band.
   """
-  _check_resolutions(resolution, fine_resolution)
-  coarse_on_device = _dense_grid_on_device(sdf_fn, inputs, resolution, bounds, chunk_size)
-  cells = None
-  if fine_resolution is not None and fine_resolution != resolution:
-    cells = _near_surface_on_device(
-        coarse_on_device, threshold=band * (2.0 * bounds / resolution), dilate=int(dilate)
-    )
-  coarse = np.asarray(coarse_on_device)
-  num = coarse.shape[0]
+  levels = check_levels(coarse_levels, resolution, fine_resolution, band, coarse_band)
+  spacing = lambda r: 2.0 * bounds / r
+  dense_chunk = int(min(chunk_size, (levels[0] + 1) ** 3))
+  grid = _dense_grid_on_device(sdf_fn, inputs, levels[0], bounds, chunk_size)
+  num = grid.shape[0]
   names = [f"component {b}" for b in range(num)]
+  stats = {
+      "levels": list(levels[:1]),
+      "decoded_points": [num * (levels[0] + 1) ** 3],
+      "decoder_queries": [num * dense_chunk * -(-((levels[0] + 1) ** 3) // dense_chunk)],
+  }
   workers = max_workers or min(num, os.cpu_count() or 1, 8)
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    parent = None  # (refined cells, resolution) of the level below the current grid
+    for lower, upper in zip(levels, levels[1:]):
+      cells = _near_surface_on_device(
+          grid, threshold=coarse_band * spacing(lower), dilate=int(dilate)
+      )
+      if parent is not None:
+        _warn_escapes(cells, parent, lower, coarse_band, names)
+      grid, queries = _refine_level(
+          sdf_fn, inputs, grid, cells, lower, upper, bounds, chunk_size, pool
+      )
+      stats["levels"].append(upper)
+      stats["decoded_points"].append(queries.points)
+      stats["decoder_queries"].append(queries.padded_queries)
+      parent = (cells, lower)
+    refines = fine_resolution is not None and fine_resolution != resolution
+    cells = None
+    if refines or parent is not None:
+      cells = _near_surface_on_device(
+          grid, threshold=band * spacing(resolution), dilate=int(dilate)
+      )
+    if parent is not None:
+      _warn_escapes(cells, parent, resolution, coarse_band, names)
+    coarse = np.asarray(grid)
     futures: list[Any] = [None] * num
     refined = [b for b in range(num) if _refines(coarse[b], fine_resolution, resolution)]
     for b in set(range(num)) - set(refined):
       futures[b] = pool.submit(_coarse_only, coarse[b], resolution, bounds, names[b])
-    if refined:
+    if refines:
       fine_points = (fine_resolution + 1) ** 3
       queries = _BandQueries(sdf_fn, inputs, num, int(min(chunk_size, fine_points)))
-      cells = np.asarray(cells)
-      planned = {b: pool.submit(plan_band, cells[b], fine_resolution, bounds) for b in refined}
-      bands = {}
-      for b in refined:  # in order: the device decodes band b while b + 1.. are planned
-        bands[b] = planned.pop(b).result()
-        queries.add(b, bands[b].points)
-      queries.flush()
-      for b in refined:
-        futures[b] = pool.submit(
-            _mesh_band,
-            coarse[b],
-            bands.pop(b),
-            queries.values(b),
-            resolution,
-            fine_resolution,
-            bounds,
-            names[b],
-        )
-    return [f.result() for f in futures]
+      if refined:
+        cells = np.asarray(cells)
+        planned = {b: pool.submit(plan_band, cells[b], fine_resolution, bounds) for b in refined}
+        bands = {}
+        for b in refined:  # in order: the device decodes band b while b + 1.. are planned
+          bands[b] = planned.pop(b).result()
+          queries.add(b, bands[b].points)
+        queries.flush()
+        for b in refined:
+          futures[b] = pool.submit(
+              _mesh_band,
+              coarse[b],
+              bands.pop(b),
+              queries.values(b),
+              resolution,
+              fine_resolution,
+              bounds,
+              names[b],
+          )
+      stats["levels"].append(fine_resolution)
+      stats["decoded_points"].append(queries.points)
+      stats["decoder_queries"].append(queries.padded_queries)
+    meshes = [f.result() for f in futures]
+  return (meshes, stats) if return_stats else meshes
 
 
 def extract_mesh_from_fn(
@@ -539,25 +789,41 @@ def extract_mesh_from_fn(
     band: float = 1.0,
     dilate: int = 1,
     return_grid: bool = False,
+    coarse_levels: Sequence[int] = (),
+    coarse_band: float = 3.0,
 ):
   """Mesh of a plain SDF callable: points [N, 3] float32 numpy -> values [N] (numpy or JAX).
 
-  Same grids and coarse-to-fine scheme as `extract_meshes`. With return_grid=True also
-  returns (values, mask) of the grid that was meshed (mask None for a dense grid).
-  Raises ValueError when fine_resolution is not a multiple of resolution.
+  Same grids, coarse-to-fine and hierarchical schemes as `extract_meshes` (on the host).
+  With return_grid=True also returns (values, mask) of the grid that was meshed (mask None
+  for a grid meshed whole).
+  Raises ValueError for levels that do not divide one another or coarse_band < band.
   """
-  _check_resolutions(resolution, fine_resolution)
-  total = (resolution + 1) ** 3
+  levels = check_levels(coarse_levels, resolution, fine_resolution, band, coarse_band)
+  total = (levels[0] + 1) ** 3
   coarse = np.concatenate(
       [
           _eval_points_numpy(
               fn,
-              grid_coordinates(np.arange(s, min(s + chunk_size, total)), resolution, bounds),
+              grid_coordinates(np.arange(s, min(s + chunk_size, total)), levels[0], bounds),
               chunk_size,
           )
           for s in range(0, total, chunk_size)
       ]
-  ).reshape((resolution + 1,) * 3)
+  ).reshape((levels[0] + 1,) * 3)
+  parent = None
+  for lower, upper in zip(levels, levels[1:]):
+    cells = near_surface_cells(coarse, lower, bounds, coarse_band, dilate)
+    if parent is not None:
+      _warn_escapes(cells[None], parent, lower, coarse_band, ["field"])
+    fine = _upsample_linear(coarse, upper // lower)
+    if np.all(np.isfinite(coarse)) and cells.any():
+      b = plan_band(cells, upper, bounds)
+      fine[tuple(b.ijk.T)] = _eval_points_numpy(fn, b.points, chunk_size)
+    coarse, parent = fine, (cells[None], lower)
+  if parent is not None and np.all(np.isfinite(coarse)):
+    cells = near_surface_cells(coarse, resolution, bounds, band, dilate)
+    _warn_escapes(cells[None], parent, resolution, coarse_band, ["field"])
   if not _refines(coarse, fine_resolution, resolution):
     mesh = _coarse_only(coarse, resolution, bounds, "field")
     return (mesh, coarse, None) if return_grid else mesh
@@ -614,9 +880,10 @@ def vae_sdf_fn(model, params) -> jax.tree_util.Partial:
   return jax.tree_util.Partial(_fns(model)[0], params)
 
 
-def extract_vae_meshes(model, params, latents, **kwargs) -> list[trimesh.Trimesh]:
+def extract_vae_meshes(model, params, latents, **kwargs):
   """Latents [B, L, C] -> B meshes: runs the decoder's self-attention once per component,
-  then `extract_meshes` over the query cross-attention (kwargs as there). Build the model
-  with a FrozenConfigDict config so that repeated calls reuse the compiled functions."""
+  then `extract_meshes` over the query cross-attention (kwargs and return value as there:
+  with return_stats, (meshes, stats)). Build the model with a FrozenConfigDict config so
+  that repeated calls reuse the compiled functions."""
   features = _fns(model)[1](params, latents)
   return extract_meshes(vae_sdf_fn(model, params), features, **kwargs)

@@ -1,4 +1,8 @@
-"""Mesh extraction: analytic spheres, coarse-to-fine against the dense fine grid, bad fields."""
+"""Mesh extraction: analytic spheres, coarse-to-fine against the dense fine grid, hierarchical
+levels against two levels, bad fields."""
+
+import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +80,19 @@ def test_degenerate_fields_give_empty_meshes_with_warning():
   assert len(m.faces) == 0
   with pytest.raises(ValueError, match="multiple"):
     extract.extract_mesh_from_fn(_sphere([0, 0, 0], 0.5), 10, 25)
+  # the same with coarse levels: nothing refined, the same warnings
+  with pytest.warns(extract.EmptyFieldWarning, match="non-finite"):
+    m = extract.extract_mesh_from_fn(lambda p: np.full(len(p), np.nan), 8, 16, coarse_levels=(2,))
+  assert len(m.faces) == 0
+  with pytest.warns(extract.EmptyFieldWarning, match="no zero crossing"):
+    m = extract.extract_mesh_from_fn(lambda p: np.ones(len(p)), 8, 16, coarse_levels=(4,))
+  assert len(m.faces) == 0
+  nan_one = lambda q, p: jnp.where(q[:, None, 0] > 0, jnp.nan, jnp.linalg.norm(p, axis=-1) - 0.5)
+  with pytest.warns(extract.EmptyFieldWarning, match="component 1: the field has non-finite"):
+    meshes = extract.extract_meshes(
+        nan_one, jnp.array([[0.0], [1.0]]), 16, 32, chunk_size=999, coarse_levels=(4,)
+    )
+  assert len(meshes[0].faces) > 100 and len(meshes[1].faces) == 0
 
 
 # ---- batched band refinement == the per-component path ------------------------------------
@@ -230,3 +247,187 @@ def test_coarse_only_batch_equals_marching_cubes_of_the_dense_grid():
     assert len(want.faces) > 100
     np.testing.assert_array_equal(mesh.faces, want.faces)
     np.testing.assert_array_equal(mesh.vertices, want.vertices)
+
+
+# ---- hierarchical levels == two levels at the same final resolution -----------------------
+# The tests run the issue's scheme (dense 64^3 -> band 256^3 -> band 512^3: factors 4 then 2)
+# scaled down by 4: dense 16^3 -> band 64^3 -> band 128^3, so every shape below has the same
+# size in units of each level's spacing as it would have at full scale.
+
+_H0 = 2.01 / 16  # spacing of the 16^3 level (bounds 1.005)
+
+
+def _plate(p, centre=(0.03, 0.5 * _H0, 0.05), half=(0.5, 0.012, 0.4)):
+  """A box 0.024 thick (a fifth of the 16^3 spacing, under the 64^3 one) midway between two
+  planes of 16^3 grid points: no 16^3 point is inside it."""
+  q = np.abs(np.asarray(p, np.float64) - np.asarray(centre)) - np.asarray(half)
+  return np.linalg.norm(np.maximum(q, 0), axis=-1) + np.minimum(q.max(-1), 0)
+
+
+def _tilted_plate(p, angle=0.15):
+  c, s = np.cos(angle), np.sin(angle)
+  return _plate(np.asarray(p, np.float64) @ np.array([[1, 0, 0], [0, c, s], [0, -s, c]]))
+
+
+class _Counting:
+  """An SDF callable that counts the points it is asked for."""
+
+  def __init__(self, fn):
+    self.fn, self.points = fn, 0
+
+  def __call__(self, p):
+    self.points += len(p)
+    return self.fn(p)
+
+
+def _assert_identical(got, want):
+  assert len(want.faces) > 1000
+  np.testing.assert_array_equal(got.faces, want.faces)
+  np.testing.assert_array_equal(got.vertices, want.vertices)
+
+
+@pytest.mark.parametrize("coarse_levels,fine", [((16,), 128), ((8, 32), 128), ((16,), None)])
+@pytest.mark.parametrize(
+    "field", [_sphere([0.1, -0.05, 0.2], 0.6), _torus, _plate], ids=["sphere", "torus", "plate"]
+)
+def test_hierarchical_equals_two_level_on_analytic_fields(field, coarse_levels, fine):
+  two, multi = _Counting(field), _Counting(field)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no BandEscapeWarning either
+    want = extract.extract_mesh_from_fn(two, 64, fine, chunk_size=50000)
+    got = extract.extract_mesh_from_fn(
+        multi, 64, fine, chunk_size=50000, coarse_levels=coarse_levels
+    )
+  # the same triangles, bit for bit: the 64^3 cells the 128^3 band refines are the same, and
+  # every value marching cubes reads is the same float32 (decoded, or upsampled from the same
+  # decoded 64^3 values); without the band, the cells with a sign change are decoded ones
+  _assert_identical(got, want)
+  # fewer points, though at these sizes the coarse test's band (3 x 0.126 wide) covers much
+  # of the 64^3 grid (see the batch test for counts)
+  assert multi.points < two.points
+
+
+def test_thin_plate_between_coarse_grid_points_is_found():
+  dense16 = _plate(extract.grid_coordinates(np.arange(17**3), 16, 1.005))
+  assert dense16.min() > 0.04  # the 16^3 grid alone has no point inside the plate ...
+  mesh = extract.extract_mesh_from_fn(_plate, 64, 128, coarse_levels=(16,))
+  # ... but its |sdf| test refines around it: both faces of the plate, 1.0 x 0.8
+  # (marching cubes rounds the rims, 1.5 cells thick at 128^3, off: a few percent less)
+  np.testing.assert_allclose(mesh.area, 2 * 1.0 * 0.8 + 2 * 0.024 * 1.8, rtol=0.04)
+  np.testing.assert_allclose(mesh.volume, 1.0 * 0.8 * 0.024, rtol=0.04)
+
+
+def test_too_narrow_coarse_band_misses_surface_and_warns():
+  # 10x an SDF (|grad| = 10): the default margin (3 coarse spacings) still holds, 1 does not
+  steep = lambda p: 10.0 * _tilted_plate(p)
+  want = extract.extract_mesh_from_fn(steep, 64, 128)
+  with pytest.warns(extract.BandEscapeWarning, match="field: the band refined at 64\\^3"):
+    holed = extract.extract_mesh_from_fn(steep, 64, 128, coarse_levels=(16,), coarse_band=1.0)
+  assert 0 < len(holed.faces) < 0.8 * len(want.faces)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    got = extract.extract_mesh_from_fn(steep, 64, 128, coarse_levels=(16,), coarse_band=8.0)
+  _assert_identical(got, want)
+
+
+def _shapes_fn(params, queries):
+  """params [B, 8]: kind (0 sphere, 1 plate, 2 torus), centre, three sizes; queries [B, Q, 3]."""
+  kind, centre, size = params[:, None, 0], params[:, None, 1:4], params[:, None, 4:7]
+  p = queries - centre
+  sphere = jnp.linalg.norm(p, axis=-1) - size[..., 0]
+  q = jnp.abs(p) - size
+  box = jnp.linalg.norm(jnp.maximum(q, 0), axis=-1) + jnp.minimum(q.max(-1), 0)
+  ring = jnp.linalg.norm(p[..., ::2], axis=-1) - size[..., 0]
+  torus = jnp.sqrt(ring**2 + p[..., 1] ** 2) - size[..., 1]
+  return jnp.where(kind == 0, sphere, jnp.where(kind == 1, box, torus))
+
+
+def test_hierarchical_batch_equals_two_level_batch_and_decodes_fewer_points():
+  params = jnp.array(
+      [
+          [0, 0.1, 0.0, -0.1, 0.6, 0, 0, 0],  # sphere
+          [1, 0.03, 0.5 * _H0, 0.05, 0.5, 0.012, 0.4, 0],  # thin plate between 16^3 points
+          [2, 0.0, 0.1, 0.0, 0.55, 0.2, 0, 0],  # torus
+          [0, 0.3, -0.2, 0.1, 0.2, 0, 0, 0],  # small sphere
+          [0, 0.0, 0.0, 0.0, -0.5, 0, 0, 0],  # empty: positive everywhere
+          [0, 0.0, 0.0, 0.0, 5.0, 0, 0, 0],  # no sign change: negative everywhere
+      ],
+      jnp.float32,
+  )
+  kwargs = dict(resolution=64, fine_resolution=128, chunk_size=4099, return_stats=True)
+  with pytest.warns(extract.EmptyFieldWarning) as record:
+    want, two = extract.extract_meshes(_shapes_fn, params, **kwargs)
+  with pytest.warns(extract.EmptyFieldWarning) as record_h:
+    got, multi = extract.extract_meshes(_shapes_fn, params, coarse_levels=(16,), **kwargs)
+  for r in (record, record_h):
+    assert sorted(str(w.message).split(":")[0] for w in r) == ["component 4", "component 5"]
+  for g, w in zip(got, want, strict=True):
+    if len(w.faces):
+      _assert_identical(g, w)
+    else:
+      assert len(g.faces) == 0
+  assert two["levels"] == [64, 128] and multi["levels"] == [16, 64, 128]
+  assert two["decoded_points"][0] == 6 * 65**3 and multi["decoded_points"][0] == 6 * 17**3
+  assert multi["decoded_points"][2] == two["decoded_points"][1]  # the same final band
+  # (about half at these sizes; a 16-part object at 64 -> 256 -> 512: see the module docstring)
+  assert sum(multi["decoded_points"]) < 0.6 * sum(two["decoded_points"])
+  # the counts are the points each component's field is asked for on the host path
+  hosted = 0
+  for b in range(4):
+    fn = _Counting(lambda p, b=b: np.asarray(_shapes_fn(params[b : b + 1], p[None]))[0])
+    extract.extract_mesh_from_fn(fn, 64, 128, coarse_levels=(16,))
+    hosted += fn.points - 17**3
+  assert hosted == sum(multi["decoded_points"][1:])
+  assert all(q >= p for q, p in zip(multi["decoder_queries"], multi["decoded_points"]))
+
+
+def test_three_coarse_levels_batch_equals_two_level_batch():
+  spheres = jnp.array([[0.1, 0.0, -0.1, 0.6], [0.3, -0.2, 0.1, 0.2], [0.0, 0.0, 0.0, -0.5]])
+  kwargs = dict(resolution=32, fine_resolution=64, chunk_size=2000, return_stats=True)
+  with pytest.warns(extract.EmptyFieldWarning, match="component 2"):
+    want, two = extract.extract_meshes(_spheres_fn, spheres, **kwargs)
+  with pytest.warns(extract.EmptyFieldWarning, match="component 2") as record:
+    got, multi = extract.extract_meshes(_spheres_fn, spheres, coarse_levels=(2, 4, 16), **kwargs)
+  assert [w.category for w in record] == [extract.EmptyFieldWarning]  # no band escapes
+  assert multi["levels"] == [2, 4, 16, 32, 64] and multi["decoded_points"][0] == 3 * 3**3
+  assert multi["decoded_points"][-1] == two["decoded_points"][-1]
+  for g, w in zip(got[:2], want[:2], strict=True):
+    np.testing.assert_array_equal(g.faces, w.faces)
+    np.testing.assert_array_equal(g.vertices, w.vertices)
+  assert len(want[1].faces) > 1000 and len(got[2].faces) == 0
+
+
+def test_upsampling_on_device_equals_host():
+  grids = np.random.default_rng(4).normal(size=(2, 5, 6, 4)).astype(np.float32)
+  on_device = np.asarray(extract._upsample_on_device(jnp.asarray(grids), factor=3))
+  for grid, up in zip(grids, on_device, strict=True):
+    # (XLA may contract the interpolation into fused multiply-adds: last bits differ)
+    np.testing.assert_allclose(up, extract._upsample_linear(grid, 3), rtol=0, atol=1e-5)
+
+
+def test_cube_dilation_equals_scipy():
+  cells = np.random.default_rng(5).uniform(size=(2, 7, 6, 5)) < 0.05
+  for b in range(2):
+    np.testing.assert_array_equal(
+        extract._dilate_cube(cells, np)[b],
+        scipy.ndimage.binary_dilation(cells[b], structure=np.ones((3, 3, 3), bool)),
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(coarse_levels=(24,)), "coarse_levels=(24,) with resolution=64: each level must"),
+        (dict(coarse_levels=(32, 16)), "each level must be a positive proper divisor"),
+        (dict(coarse_levels=(64,)), "each level must be a positive proper divisor"),
+        (dict(coarse_levels=(16,), coarse_band=0.5), "coarse_band=0.5 must be >= band=1.0"),
+        (dict(fine_resolution=100), "fine_resolution=100 must be a multiple of resolution=64"),
+    ],
+)
+def test_bad_levels_are_refused(kwargs, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    extract.extract_mesh_from_fn(_torus, **{"resolution": 64, "fine_resolution": 128, **kwargs})
+  with pytest.raises(ValueError, match=re.escape(message)):
+    extract.extract_meshes(
+        _spheres_fn, jnp.ones((1, 4)), **{"resolution": 64, "fine_resolution": 128, **kwargs}
+    )
