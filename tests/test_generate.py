@@ -366,8 +366,7 @@ def test_cli_without_bundled_model_exits_2_with_one_line(tmp_path):
       [sys.executable, "-m", "experiments.generate", "--help"],
       cwd=repo, env=env, capture_output=True, text=True, timeout=120,
   )
-  assert res.returncode == 0
-  text = " ".join(res.stdout.split())
+  text = " ".join(res.stdout.split())  # (absl's --help exits with 1)
   assert "python -m experiments.generate --image=my.png # the bundled model" in text
   assert "--checkpoint: Model bundle folder, or train_dit workdir (or its checkpoints/ folder). " \
       "Default: the bundled model, assets/moca-small" in text
