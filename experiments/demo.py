@@ -235,8 +235,12 @@ def run_bundle_demo(
         "seed": seed,
     }
     written = evaluation.write_report(
-        os.path.join(workdir, "eval", f"{kind}s"), result, kind=kind, method="moca-small",
-        meta=meta, tensorboard=False,
+        os.path.join(workdir, "eval", f"{kind}s"),
+        result,
+        kind=kind,
+        method="moca-small",
+        meta=meta,
+        tensorboard=False,
     )
     reports[kind] = {
         "items": [r["name"] for r in result["rows"]],
@@ -246,8 +250,11 @@ def run_bundle_demo(
         "outputs": written,
     }
     if len(result["rows"]) + len(result["skipped"]) < count:
-      print(f"only {len(result['rows'])} {kind}(s) in `{split}` have <= {pipe.max_components} "
-            "parts", flush=True)
+      print(
+          f"only {len(result['rows'])} {kind}(s) in `{split}` have <= {pipe.max_components} "
+          "parts",
+          flush=True,
+      )
     timings[f"{kind}s"] = time.time() - t
   timings["total"] = time.time() - start
   summary = {
@@ -478,8 +485,9 @@ def define_flags() -> None:
       "workdir", None, "Where everything is written (default outputs/demo, outputs/demo_train)."
   )
   flags.DEFINE_string(
-      "bundle", "", "bundle mode: model bundle folder (default: the bundled model, "
-      "assets/moca-small)."
+      "bundle",
+      "",
+      "bundle mode: model bundle folder (default: the bundled model, " "assets/moca-small).",
   )
   flags.DEFINE_integer(
       "objects", DEFAULT_OBJECTS, "bundle mode: held-out objects to generate and score."

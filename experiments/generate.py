@@ -143,7 +143,8 @@ def run(
       pipe.sample_settings(steps=steps, cfg_scale=cfg, method=method)
   )
   pipe.check_num_components(
-      num_components, None if settings["cfg_scale"] == 1.0 else settings["cfg_scale"],
+      num_components,
+      None if settings["cfg_scale"] == 1.0 else settings["cfg_scale"],
       force_components,
   )
   names = output_names(files)
@@ -170,8 +171,9 @@ def run(
       img, mask_path = mio.load_image(f, keep_alpha=True), _mask_for(masks, f)
       mask = None if mask_path is None else mio.load_mask(mask_path)
       # the pipeline's checks, before any sampling
-      pipe.preprocess([img], num_components, None if mask is None else [mask],
-                      allow_empty=allow_empty)
+      pipe.preprocess(
+          [img], num_components, None if mask is None else [mask], allow_empty=allow_empty
+      )
       loaded.append((f, img, mask))
     except (ValueError, FileNotFoundError) as e:
       skip(f, str(e).removeprefix("images[0]: "))

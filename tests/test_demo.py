@@ -4,6 +4,7 @@ promises, its deterministic choice of held-out items, one-line errors for a miss
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -48,8 +49,9 @@ def write_tiny_bundle(folder: str) -> str:
   dit_config, dit_params, vae_config, vae_params = _tiny_models()
   dit_config = dit_config.copy_and_resolve_references()
   dit_config.sample.steps, dit_config.sample.cfg_scale = STEPS, 2.0
-  bundle.write_bundle(folder, dit_config, dit_params, vae_config, vae_params,
-                      card={"name": "tiny-test"})
+  bundle.write_bundle(
+      folder, dit_config, dit_params, vae_config, vae_params, card={"name": "tiny-test"}
+  )
   return folder
 
 
@@ -67,9 +69,7 @@ def test_bundle_demo_writes_what_it_promises(tiny_bundle, tmp_path, capsys):
   # 4 components (objects 0-6 have 6 to 20 parts, scenes 0-3 have 14 to 29 instances).
   assert summary["settings"]["max_components"] == 4
   assert summary["objects"]["items"] == ["procedural/test/object/000007"]
-  assert summary["objects"]["passed_over"] == [
-      f"procedural/test/object/{i:06d}" for i in range(7)
-  ]
+  assert summary["objects"]["passed_over"] == [f"procedural/test/object/{i:06d}" for i in range(7)]
   assert summary["scenes"]["items"] == ["procedural/test/scene/000004"]
   assert (summary["settings"]["steps"], summary["settings"]["cfg_scale"]) == (STEPS, 2.0)
   assert summary["settings"]["resolution"] == RES
@@ -104,8 +104,11 @@ def test_bundle_demo_writes_what_it_promises(tiny_bundle, tmp_path, capsys):
 def test_missing_or_bad_bundle_is_one_clear_error(tmp_path, monkeypatch):
   missing = str(tmp_path / "assets" / "moca-small")
   monkeypatch.setattr(pipeline, "DEFAULT_BUNDLE", missing)
-  with pytest.raises(demo.DemoError, match=rf"^no model bundle at {missing} \(folder missing\); "
-                     r"`make demo-train` trains a tiny model from scratch instead$"):
+  with pytest.raises(
+      demo.DemoError,
+      match=rf"^no model bundle at {re.escape(missing)} \(folder missing\); "
+      r"`make demo-train` trains a tiny model from scratch instead$",
+  ):
     demo.run_bundle_demo(str(tmp_path / "w"))  # no --bundle: the bundled model
   os.makedirs(missing)
   with pytest.raises(demo.DemoError, match=r"moca-small: not a model bundle \(no bundle.json\)"):
@@ -118,9 +121,17 @@ def test_missing_or_bad_bundle_is_one_clear_error(tmp_path, monkeypatch):
 def test_cli_missing_bundle_exits_2_with_one_line(tmp_path):
   missing = str(tmp_path / "nothing")
   res = subprocess.run(
-      [sys.executable, "-m", "experiments.demo", f"--bundle={missing}",
-       f"--workdir={tmp_path / 'w'}"],
-      cwd=REPO, capture_output=True, text=True, timeout=120,
+      [
+          sys.executable,
+          "-m",
+          "experiments.demo",
+          f"--bundle={missing}",
+          f"--workdir={tmp_path / 'w'}",
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
       env={**os.environ, "JAX_PLATFORMS": "cpu"},
   )
   assert res.returncode == 2

@@ -3,6 +3,7 @@ named parts, pictures, router maps, seeding, config.sample defaults, errors."""
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -212,7 +213,9 @@ def _check_arguments_refused_before_work(checkpoints, pipe, tmp_path):
   for method in ("euler", "heun"):
     with pytest.raises(ValueError, match=r"steps=0: must be an integer >= 1"):
       run(steps=0, method=method)
-  with pytest.raises(ValueError, match=rf"num_components=5: the model was trained with at most {N}"):
+  with pytest.raises(
+      ValueError, match=rf"num_components=5: the model was trained with at most {N}"
+  ):
     generate.run(checkpoints["dit"], checkpoints["image"], 5, str(tmp_path / "never"))
   assert not os.path.exists(tmp_path / "never")  # refused before anything was written
   codebook = pipe.config.model.dit.id_codebook
@@ -262,7 +265,8 @@ def _check_folder_mode_skips_and_names_outputs_apart(checkpoints, tmp_path):
   )
   assert sorted(summary["outputs"]) == [str(folder / "chair.jpg"), str(folder / "chair.png")]
   assert {os.path.basename(o["dir"]) for o in summary["outputs"].values()} == {
-      "chair_jpg", "chair_png"
+      "chair_jpg",
+      "chair_png",
   }
   assert os.path.exists(out / "chair_jpg" / "parts.glb") and os.path.exists(
       out / "chair_png" / "parts.glb"
@@ -330,7 +334,7 @@ def test_no_checkpoint_means_the_bundled_model(tmp_path, monkeypatch):
   monkeypatch.setattr(pipeline, "DEFAULT_BUNDLE", missing)
   with pytest.raises(
       FileNotFoundError,
-      match=rf"^no --checkpoint given and the bundled model is missing: {missing} \(folder "
+      match=rf"^no --checkpoint given and the bundled model is missing: {re.escape(missing)} \(folder "
       r"missing\); pass --checkpoint=<model bundle or train_dit workdir>$",
   ):
     generate.run(None, str(tmp_path / "my.png"), 2, str(tmp_path / "never"))
@@ -353,9 +357,19 @@ def test_cli_without_bundled_model_exits_2_with_one_line(tmp_path):
       "app.run(generate.main)"
   )
   res = subprocess.run(
-      [sys.executable, "-c", code, missing, f"--image={tmp_path / 'my.png'}",
-       f"--out={tmp_path / 'out'}"],
-      cwd=repo, env=env, capture_output=True, text=True, timeout=120,
+      [
+          sys.executable,
+          "-c",
+          code,
+          missing,
+          f"--image={tmp_path / 'my.png'}",
+          f"--out={tmp_path / 'out'}",
+      ],
+      cwd=repo,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
   )
   assert res.returncode == 2
   assert res.stderr.strip().splitlines() == [
@@ -364,9 +378,15 @@ def test_cli_without_bundled_model_exits_2_with_one_line(tmp_path):
   ]
   res = subprocess.run(
       [sys.executable, "-m", "experiments.generate", "--help"],
-      cwd=repo, env=env, capture_output=True, text=True, timeout=120,
+      cwd=repo,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
   )
   text = " ".join(res.stdout.split())  # (absl's --help exits with 1)
   assert "python -m experiments.generate --image=my.png # the bundled model" in text
-  assert "--checkpoint: Model bundle folder, or train_dit workdir (or its checkpoints/ folder). " \
+  assert (
+      "--checkpoint: Model bundle folder, or train_dit workdir (or its checkpoints/ folder). "
       "Default: the bundled model, assets/moca-small" in text
+  )
