@@ -167,7 +167,7 @@ def run_bundle_demo(
   the bundle's config.sample. image_size: render size of the inputs (0 = the encoder's).
   Raises DemoError (missing or unreadable bundle, bad settings) before anything is written.
   """
-  from moca_jax import evaluation, pipeline  # pylint: disable=g-import-not-at-top
+  from moca_jax import bundle, evaluation, pipeline  # pylint: disable=g-import-not-at-top
 
   if objects < 0 or scenes < 0 or objects + scenes == 0:
     raise DemoError(f"objects={objects}, scenes={scenes}: need at least one item, none < 0")
@@ -186,6 +186,7 @@ def run_bundle_demo(
   except ValueError as e:
     raise DemoError(str(e)) from e
   size = image_size or pipe.image_size
+  method = bundle.read_info(folder).get("card", {}).get("name") or os.path.basename(folder)
   print(f"model    {folder}\n         {_card_line(pipe, folder)}")
   print(
       f"settings {objects} object(s) + {scenes} scene(s) with <= {pipe.max_components} parts, "
@@ -203,7 +204,7 @@ def run_bundle_demo(
         out, res.meshes[0], res.latents[0], first, item.image, pipe.global_blocks
     )
     samples[item.name] = out
-    print(f"  {item.name}: {len(res.meshes[0])} parts -> {out}", flush=True)
+    print(f"  {item.name}: {len(res.meshes[0])} components -> {out}", flush=True)
 
   predict = evaluation.pipeline_predict_fn(
       None,
@@ -219,6 +220,8 @@ def run_bundle_demo(
     if count == 0:
       continue
     t = _banner(f"{kind}s: generate {count} held-out {kind}(s), score against the ground truth")
+    if kind == "scene" and not pipe.scene:
+      print("  (an object-mode model: each scene from its image alone, one component per instance)")
     passed_over[kind] = []
     items = select_items(split, kind, count, pipe.max_components, size, passed_over[kind])
     result = evaluation.evaluate_items(
@@ -238,10 +241,13 @@ def run_bundle_demo(
         os.path.join(workdir, "eval", f"{kind}s"),
         result,
         kind=kind,
-        method="moca-small",
+        method=method,
         meta=meta,
         tensorboard=False,
     )
+    for r in result["rows"]:
+      cd = r.get("cd", r.get("cd_scene"))
+      print(f"  {r['name']}: CD {cd:.3f}, generated in {r['seconds_predict']:.1f} s", flush=True)
     reports[kind] = {
         "items": [r["name"] for r in result["rows"]],
         "passed_over": passed_over[kind],

@@ -97,8 +97,10 @@ def test_bundle_demo_writes_what_it_promises(tiny_bundle, tmp_path, capsys):
   assert on_disk["mode"] == "bundle" and on_disk["bundle"] == tiny_bundle
   assert set(on_disk["seconds"]) == {"load", "objects", "scenes", "total"}
   out = capsys.readouterr().out
-  assert "# Evaluation: moca-small (objects)" in out and "# Evaluation: moca-small (scenes)" in out
+  assert "# Evaluation: tiny-test (objects)" in out and "# Evaluation: tiny-test (scenes)" in out
   assert "tiny-test: object-mode MoC DiT" in out  # the banner names the model
+  assert "procedural/test/scene/000004: 4 components -> " in out  # per item: files, score
+  assert "procedural/test/object/000007: CD " in out
 
 
 def test_missing_or_bad_bundle_is_one_clear_error(tmp_path, monkeypatch):
