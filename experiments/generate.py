@@ -1,14 +1,22 @@
 r"""Image -> compositional 3D from the command line: a front-end of `moca_jax.pipeline`.
 
-  python -m experiments.generate --checkpoint=outputs/dit --image=chair.png \
-      --num_components=4 --steps=50 --cfg=7 --seed=0 --out=outputs/gen
+  python -m experiments.generate --image=my.png                    # the bundled model
+  python -m experiments.generate --image=chair.png --num_components=6 --steps=50 --cfg=7 \
+      --seed=0 --out=outputs/gen
   python -m experiments.generate --checkpoint=outputs/dit --image=renders/ --num_components=4
   python -m experiments.generate --checkpoint=outputs/dit_scene --image=room.png \
       --masks=room_ids.png --num_components=5          # scene model: instance-id mask image
 
---checkpoint is a train_dit workdir (or its checkpoints/ folder); the VAE that decodes the
-latents is the one named in the checkpoint's config (vae.workdir) unless --vae is given.
---steps, --cfg and --method default to the checkpoint's config.sample.
+--checkpoint defaults to the model that ships in the repository (the bundle at
+assets/moca-small, `pipeline.DEFAULT_BUNDLE`): no other download is needed; when that folder
+is missing, one line on stderr and exit code 2. --checkpoint may also name another model
+bundle (moca_jax.bundle) or a train_dit workdir (or its checkpoints/ folder), whose VAE is
+the one named in its config (vae.workdir) unless --vae is given.
+--steps, --cfg and --method default to the checkpoint's config.sample. --num_components
+(default 4) is the number of parts to generate: the model does not predict it, so give the
+count the picture needs, up to the model's trained maximum (config.data.max_components: 16
+for the bundled model).
+Images: RGBA (the alpha is composited on white) or RGB on a plain background, any size.
 Per image, under --out/<image stem>/ (`pipeline.write_outputs`): parts.glb (one node per
 part), preview.png, router.png, router.json, latents.npy. A folder given as --image is
 processed in batches; files that fail are skipped and listed in --out/summary.json.
@@ -17,9 +25,12 @@ up to the trained maximum unless --force_components). Images go through moca_jax
 (16-bit, palette, alpha, EXIF orientation, CMYK; over 100 Mpx refused) and are padded to a
 square, never stretched; an image with no foreground is refused unless --allow_empty. Inputs
 sharing a stem (chair.png, chair.jpg) get distinct folders (chair_png, chair_jpg).
+--resolution (marching-cubes cells per axis, default 128) sets most of the CPU time: VAE
+decoding grows with its cube.
 Bad input: one line on stderr naming the input and the reason. Exit codes: 0 every input
 generated; 1 some inputs skipped (listed with the reason in summary.json; the rest written);
-2 nothing generated (bad arguments or checkpoint, or every input failed).
+2 nothing generated (bad arguments or checkpoint, a missing bundled model, or every input
+failed).
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ from typing import Optional
 from absl import app, flags, logging
 
 from moca_jax import io as mio
-from moca_jax import pipeline
+from moca_jax import bundle, pipeline
 
 
 def _mask_for(masks: Optional[str], image_path: str) -> Optional[str]:
@@ -60,8 +71,25 @@ def output_names(files: list[str]) -> dict[str, str]:
   return names
 
 
+def resolve_checkpoint(checkpoint: Optional[str]) -> str:
+  """--checkpoint, or the bundled model (pipeline.DEFAULT_BUNDLE) when none is given.
+
+  Raises FileNotFoundError (one line naming the folder) when the bundled model is missing.
+  """
+  if checkpoint:
+    return checkpoint
+  folder = pipeline.DEFAULT_BUNDLE
+  if not bundle.is_bundle(folder):
+    why = "no bundle.json in it" if os.path.isdir(folder) else "folder missing"
+    raise FileNotFoundError(
+        f"no --checkpoint given and the bundled model is missing: {folder} ({why}); pass "
+        "--checkpoint=<model bundle or train_dit workdir>"
+    )
+  return folder
+
+
 def run(
-    checkpoint: str,
+    checkpoint: Optional[str],
     image: str,
     num_components: int,
     out: str,
@@ -78,6 +106,8 @@ def run(
 ) -> dict:
   """The CLI as a function: one image file or a folder of images. Returns the summary.
 
+  checkpoint: a model bundle folder or a train_dit workdir; None (or '') = the bundled
+  model, pipeline.DEFAULT_BUNDLE (FileNotFoundError naming it when it is missing).
   Arguments are checked before any image is read or sampled (ValueError naming the field).
   In folder mode an input that fails (unreadable, too large, no foreground, bad mask,
   non-finite latents) is skipped and listed in summary['skipped']; with one image it raises.
@@ -105,6 +135,7 @@ def run(
     if not os.path.isfile(image):
       raise FileNotFoundError(f"{image}: no such image file or folder")
     files = [image]
+  checkpoint = resolve_checkpoint(checkpoint)
   pipe = pipeline.load_pipeline(
       checkpoint, vae_workdir=vae, extract_kwargs={"resolution": resolution}
   )
@@ -112,7 +143,8 @@ def run(
       pipe.sample_settings(steps=steps, cfg_scale=cfg, method=method)
   )
   pipe.check_num_components(
-      num_components, None if settings["cfg_scale"] == 1.0 else settings["cfg_scale"],
+      num_components,
+      None if settings["cfg_scale"] == 1.0 else settings["cfg_scale"],
       force_components,
   )
   names = output_names(files)
@@ -139,8 +171,9 @@ def run(
       img, mask_path = mio.load_image(f, keep_alpha=True), _mask_for(masks, f)
       mask = None if mask_path is None else mio.load_mask(mask_path)
       # the pipeline's checks, before any sampling
-      pipe.preprocess([img], num_components, None if mask is None else [mask],
-                      allow_empty=allow_empty)
+      pipe.preprocess(
+          [img], num_components, None if mask is None else [mask], allow_empty=allow_empty
+      )
       loaded.append((f, img, mask))
     except (ValueError, FileNotFoundError) as e:
       skip(f, str(e).removeprefix("images[0]: "))
@@ -178,7 +211,12 @@ def run(
 
 
 def define_flags() -> None:
-  flags.DEFINE_string("checkpoint", None, "train_dit workdir (or its checkpoints/ folder).")
+  flags.DEFINE_string(
+      "checkpoint",
+      None,
+      "Model bundle folder, or train_dit workdir (or its checkpoints/ folder). Default: the "
+      "bundled model, assets/moca-small (pipeline.DEFAULT_BUNDLE).",
+  )
   flags.DEFINE_string("image", None, "An image file, or a folder of images (batch mode).")
   flags.DEFINE_string(
       "masks",
@@ -186,7 +224,12 @@ def define_flags() -> None:
       "Scene models: instance-id mask image (or a folder with "
       "one mask per image, same file stem).",
   )
-  flags.DEFINE_integer("num_components", 4, "Number of parts / instances to generate.")
+  flags.DEFINE_integer(
+      "num_components",
+      4,
+      "Number of parts / instances to generate (the model does not predict it), at most the "
+      "model's trained maximum (16 for the bundled model) unless --force_components.",
+  )
   flags.DEFINE_integer("steps", None, "Flow ODE steps (default: the checkpoint's config).")
   flags.DEFINE_float(
       "cfg",
@@ -216,7 +259,7 @@ def define_flags() -> None:
       False,
       "Allow more components than the model was trained with (up to what it can represent).",
   )
-  flags.mark_flags_as_required(["checkpoint", "image"])
+  flags.mark_flags_as_required(["image"])
 
 
 def main(argv) -> int:

@@ -3,6 +3,7 @@ named parts, pictures, router maps, seeding, config.sample defaults, errors."""
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -212,7 +213,9 @@ def _check_arguments_refused_before_work(checkpoints, pipe, tmp_path):
   for method in ("euler", "heun"):
     with pytest.raises(ValueError, match=r"steps=0: must be an integer >= 1"):
       run(steps=0, method=method)
-  with pytest.raises(ValueError, match=rf"num_components=5: the model was trained with at most {N}"):
+  with pytest.raises(
+      ValueError, match=rf"num_components=5: the model was trained with at most {N}"
+  ):
     generate.run(checkpoints["dit"], checkpoints["image"], 5, str(tmp_path / "never"))
   assert not os.path.exists(tmp_path / "never")  # refused before anything was written
   codebook = pipe.config.model.dit.id_codebook
@@ -262,7 +265,8 @@ def _check_folder_mode_skips_and_names_outputs_apart(checkpoints, tmp_path):
   )
   assert sorted(summary["outputs"]) == [str(folder / "chair.jpg"), str(folder / "chair.png")]
   assert {os.path.basename(o["dir"]) for o in summary["outputs"].values()} == {
-      "chair_jpg", "chair_png"
+      "chair_jpg",
+      "chair_png",
   }
   assert os.path.exists(out / "chair_jpg" / "parts.glb") and os.path.exists(
       out / "chair_png" / "parts.glb"
@@ -309,3 +313,80 @@ def test_vae_pairing_names_every_differing_field():
       r"\d+ vs \d+, latent channels \d+ vs \d+ \(VAE vs DiT\)",
   ):
     pipeline.check_vae_pairing(vae, dit, "v")
+
+
+def test_no_checkpoint_means_the_bundled_model(tmp_path, monkeypatch):
+  """Issue 17 §3: `generate --image=my.png` with no --checkpoint loads pipeline.DEFAULT_BUNDLE
+  (here a tiny bundle); a missing bundled model is refused with a message naming it."""
+  from test_demo import write_tiny_bundle  # pylint: disable=g-import-not-at-top
+
+  folder = write_tiny_bundle(str(tmp_path / "assets" / "moca-small"))
+  monkeypatch.setattr(pipeline, "DEFAULT_BUNDLE", folder)
+  img = np.full((40, 40, 4), 0, np.uint8)  # RGBA: a user's cut-out picture
+  img[10:30, 5:35] = (200, 60, 30, 255)
+  Image.fromarray(img).save(tmp_path / "my.png")
+  out = str(tmp_path / "out")
+  summary = generate.run(None, str(tmp_path / "my.png"), 2, out, resolution=16)
+  assert summary["checkpoint"] == folder
+  assert (summary["steps"], summary["cfg"]) == (2, 2.0)  # the bundle's config.sample
+  assert os.path.getsize(os.path.join(out, "my", "parts.glb")) > 0
+  missing = str(tmp_path / "gone")
+  monkeypatch.setattr(pipeline, "DEFAULT_BUNDLE", missing)
+  with pytest.raises(
+      FileNotFoundError,
+      match=rf"^no --checkpoint given and the bundled model is missing: {re.escape(missing)} \(folder "
+      r"missing\); pass --checkpoint=<model bundle or train_dit workdir>$",
+  ):
+    generate.run(None, str(tmp_path / "my.png"), 2, str(tmp_path / "never"))
+  assert not os.path.exists(tmp_path / "never")
+
+
+def test_cli_without_bundled_model_exits_2_with_one_line(tmp_path):
+  """The command line itself: no --checkpoint and no bundled model -> one line, exit 2; the
+  --help text names the default."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  Image.new("RGB", (16, 16), (255, 0, 0)).save(tmp_path / "my.png")
+  missing = str(tmp_path / "assets" / "moca-small")
+  code = (
+      "import sys; from moca_jax import pipeline; pipeline.DEFAULT_BUNDLE = sys.argv.pop(1); "
+      "from absl import app; from experiments import generate; generate.define_flags(); "
+      "app.run(generate.main)"
+  )
+  res = subprocess.run(
+      [
+          sys.executable,
+          "-c",
+          code,
+          missing,
+          f"--image={tmp_path / 'my.png'}",
+          f"--out={tmp_path / 'out'}",
+      ],
+      cwd=repo,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
+  assert res.returncode == 2
+  assert res.stderr.strip().splitlines() == [
+      f"generate: error: no --checkpoint given and the bundled model is missing: {missing} "
+      "(folder missing); pass --checkpoint=<model bundle or train_dit workdir>"
+  ]
+  res = subprocess.run(
+      [sys.executable, "-m", "experiments.generate", "--help"],
+      cwd=repo,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
+  text = " ".join(res.stdout.split())  # (absl's --help exits with 1)
+  assert "python -m experiments.generate --image=my.png # the bundled model" in text
+  assert (
+      "--checkpoint: Model bundle folder, or train_dit workdir (or its checkpoints/ folder). "
+      "Default: the bundled model, assets/moca-small" in text
+  )
