@@ -106,6 +106,8 @@ def vae_config(size: str = "tiny", num_latents: Optional[int] = None) -> ml_coll
   c.dec_features_norm = True
   c.query_out_norm = False
   c.negate_output = False
+  c.decode_noise_std = ()        # per-channel noise added to latents before decoding (inference)
+  c.decode_noise_seed = 0
   if base == "tiny":
     c.num_freqs = 4              # fewer octaves: converges in a few hundred CPU steps
     c.num_latents, c.latent_channels = 32, 8
@@ -429,8 +431,20 @@ class VecSetVAE(nn.Module):
     return mean + jnp.exp(0.5 * logvar) * eps
 
   # --- decoder -------------------------------------------------------------------------
-  def decode_features(self, latents: Array) -> Array:
-    """Latents [B, L, C] -> decoder features F [B, L, dec_width] (the self-attention stack)."""
+  def decode_features(self, latents: Array, *, decode_noise: bool = True) -> Array:
+    """Latents [B, L, C] -> decoder features F [B, L, dec_width] (the self-attention stack).
+
+    With config.decode_noise_std (one std per channel, e.g. measured by
+    `vae_task.posterior_noise_std`) and decode_noise=True, a fixed draw of that noise
+    (seed config.decode_noise_seed, shape [L, C]) is added first: a decoder trained only on
+    posterior samples may need the noise of its uninformative channels to decode posterior
+    means (what the DiT generates). The training loss passes decode_noise=False.
+    """
+    std = tuple(self.config.get("decode_noise_std", ()) or ())
+    if decode_noise and std:
+      eps = jax.random.normal(jax.random.PRNGKey(int(self.config.get("decode_noise_seed", 0))),
+                              latents.shape[-2:], jnp.float32)
+      latents = latents.astype(jnp.float32) + eps * jnp.asarray(std, jnp.float32)
     x = self.dec_in(latents.astype(_dtype(self.config)))
     for blk in self.dec_blocks:
       x = blk(x)
@@ -541,7 +555,7 @@ def vae_loss(params, model: VecSetVAE, batch: dict, rng: Array, config) -> tuple
                     rngs={"noise": k_noise})
   else:
     z = mean
-  features = model.apply(params, z, method=VecSetVAE.decode_features)
+  features = model.apply(params, z, decode_noise=False, method=VecSetVAE.decode_features)
 
   ns = min(int(lc.num_normal_points), batch["surface_points"].shape[1])
   surf = batch["surface_points"][:, :ns]

@@ -165,6 +165,15 @@ def model_batch(batch: dict) -> dict:
 # ----------------------------------------------------------------------------------------
 
 
+def posterior_noise_std(model, params, surface_points, surface_normals) -> list:
+  """The mean posterior std of each latent channel over a batch of shapes ([B, P, 3] points
+  and normals): the `decode_noise_std` a decoder trained on posterior samples is given at
+  inference (see VecSetVAE.decode_features)."""
+  _, logvar = model.apply(params, jnp.asarray(surface_points), jnp.asarray(surface_normals),
+                          deterministic=True, method=VecSetVAE.encode)
+  return [float(x) for x in np.asarray(jnp.exp(0.5 * logvar).mean(axis=(0, 1)))]
+
+
 def abstract_params(config) -> Any:
   """(VecSetVAE of config.model, its params as ShapeDtypeStructs on one device, without the
   {'params': ...} wrapper), from shapes only (nothing is initialised)."""
