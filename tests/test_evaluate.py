@@ -64,6 +64,8 @@ def test_failing_prediction_is_skipped_and_reported():
 class _FakePipeline:
   """Duck-typed moca_jax.pipeline.Pipeline: returns the item's parts it was given."""
 
+  scene = True  # a scene model: scene items pass their instance masks
+
   def __init__(self, parts):
     self.parts, self.calls = parts, []
 
