@@ -2,6 +2,9 @@ r"""Encode every part of a 'samples' dataset with the frozen VAE into 'latents' 
 
   python -m data_pipeline.encode_latents --vae_checkpoint=outputs/vae \
       --input=data/tiny --output=data/tiny_latents [--batch_size=64] [--step=N]
+  # K local processes on disjoint shards, then one run that writes the complete manifest:
+  for i in 0 1 2 3; do python -m data_pipeline.encode_latents ... --shard_group=$i/4 & done; wait
+  python -m data_pipeline.encode_latents ...
   # as an Apache Beam pipeline (one shard per element, the VAE loaded once per worker):
   python -m data_pipeline.encode_latents ... --runner=DirectRunner --direct_num_workers=2
 
@@ -227,15 +230,39 @@ def encode_shard(plan: EncodePlan, path: str, encode_fn: EncodeFn,
   return name
 
 
+def parse_shard_group(text: str) -> Optional[tuple[int, int]]:
+  """'i/K' -> (i, K) with 0 <= i < K ('' -> None). Raises ValueError naming --shard_group."""
+  if not text:
+    return None
+  try:
+    i, k = (int(x) for x in text.split("/"))
+  except ValueError:
+    raise ValueError(f"--shard_group: expected 'i/K' (e.g. 0/4), got {text!r}") from None
+  if not 0 <= i < k:
+    raise ValueError(f"--shard_group: expected 0 <= i < K, got {text!r}")
+  return i, k
+
+
 def encode_dataset(input_dir: str, output_dir: str, encode_fn: EncodeFn, num_points: int,
                    batch_size: int = 64, seed: int = 0, vae_info: Optional[dict] = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True,
+                   shard_group: Optional[tuple[int, int]] = None) -> dict:
   """Encodes every finished input shard into `output_dir` in this process; returns the output
   manifest. Raises as `plan_encode`. (`data_pipeline.beam_build.run_encode` runs the same
-  shards on a Beam runner.)"""
+  shards on a Beam runner.)
+
+  shard_group (i, K): only the input shards at positions i, i + K, i + 2K, ... of those left
+  to do, so K processes started with i = 0..K-1 encode disjoint shards in parallel; a last
+  run without a group then finds every shard current (provenance) and writes the complete
+  manifest.
+  """
   plan = plan_encode(input_dir, output_dir, num_points, batch_size, seed, vae_info)
+  todo = plan.todo
+  if shard_group is not None:
+    i, k = shard_group
+    todo = [p for j, p in enumerate(records.shard_paths(input_dir)) if j % k == i and p in todo]
   t0 = time.time()
-  built = [encode_shard(plan, path, encode_fn, progress) for path in plan.todo]
+  built = [encode_shard(plan, path, encode_fn, progress) for path in todo]
   return plan.manifest(built, time.time() - t0)
 
 
@@ -332,6 +359,15 @@ def main(argv: List[str]) -> int:
     print(f"error: {error}", file=sys.stderr)
     return 2
   use_beam = bool(beam_args)
+  try:
+    shard_group = parse_shard_group(f.shard_group)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if shard_group and use_beam:
+    print("error: --shard_group is for parallel local runs, not with a Beam --runner",
+          file=sys.stderr)
+    return 2
   factory = CheckpointEncoder(f.vae_checkpoint, f.step)
   encode_fn, info, vae_points = factory.load()
   num_points = f.num_points or vae_points
@@ -342,7 +378,7 @@ def main(argv: List[str]) -> int:
       m = beam_build.run_encode(plan, factory, beam_args)
     else:
       m = encode_dataset(f.input, f.output, encode_fn, num_points, f.batch_size, f.seed, info,
-                         f.progress)
+                         f.progress, shard_group)
   except (ValueError, FileNotFoundError) as e:  # missing input, a conflicting --output
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -361,4 +397,6 @@ if __name__ == "__main__":
   flags.DEFINE_integer("num_points", 0, "Surface points per part (0 = the VAE config's).")
   flags.DEFINE_integer("seed", 0, "Seed of the surface point subsets.")
   flags.DEFINE_bool("progress", True, "Show a progress bar.")
+  flags.DEFINE_string("shard_group", "", "'i/K': encode only every K-th shard from the i-th "
+                      "(K parallel processes; then one run without it writes the manifest).")
   sys.exit(main(sys.argv))

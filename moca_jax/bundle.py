@@ -18,6 +18,7 @@ Folder layout:
 
   write_bundle(out_dir, dit_config, dit_params, vae_config, vae_params, card=None) -> bundle.json path
   read_bundle(folder) -> Bundle(dit_config, dit_params, vae_config, vae_params, info)
+  params_for_training(folder, 'dit' | 'vae', abstract) -> params (a warm start, config.init.from_bundle)
   is_bundle(path) -> bool
 
 Errors: `BundleError` (a ValueError) naming the folder and the reason (not a bundle, a
@@ -241,3 +242,29 @@ def read_bundle(folder: str) -> Bundle:
   vae_params = decode_params(_read_weights(folder, "vae.npz", info), dtype, vae_abstract,
                              os.path.join(folder, "vae.npz"))
   return Bundle(dit_config, dit_params, vae_config, vae_params, info)
+
+
+def params_for_training(folder: str, which: str, abstract: PyTree) -> PyTree:
+  """A training run's warm start (config.init.from_bundle): the bundle's `which` params.
+
+  Args:
+    folder: a bundle folder.
+    which: 'dit' (ImageConditionedDiT params, {'encoder', 'dit'}) or 'vae' (VecSetVAE params).
+    abstract: the params of the model being trained (arrays or ShapeDtypeStructs, without
+      the {'params': ...} wrapper); the bundle's weights are decoded against it, so the
+      training config may differ from the bundle's in anything but the parameter shapes
+      (dtype, attention backend, loss, data, optimizer).
+  Returns:
+    params like `abstract`, in its dtypes (float32 for training).
+  Raises:
+    FileNotFoundError: no such folder.
+    BundleError: not a bundle, a bad checksum, or parameters missing, extra or of another
+      shape than the training config's (the message names them).
+  """
+  if which not in ("dit", "vae"):
+    raise ValueError(f"which: expected 'dit' or 'vae', got {which!r}")
+  folder = os.path.abspath(os.fspath(folder))
+  info = read_info(folder)
+  name = f"{which}.npz"
+  return decode_params(_read_weights(folder, name, info), info["storage_dtype"], abstract,
+                       f"init.from_bundle={folder} ({name} against the training config)")

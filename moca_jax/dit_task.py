@@ -437,14 +437,24 @@ def train_and_evaluate(
 
   A fresh run with config.init.from_checkpoint starts from that pretrained prior
   (`moca_jax.prior_init`); the prior is checked before anything is written
-  (PriorInitError) and not read again on resume.
+  (PriorInitError) and not read again on resume. A fresh run with config.init.from_bundle
+  starts from that bundle's DiT and encoder weights (params-only warm restart: fresh
+  optimizer, step 0; BundleError when the shapes differ from the config's).
   """
   distributed.initialize(config.get("distributed"))  # multi-process job (config.distributed)
   check_data_pairing(config)
   start_state_fn = prior_init.start_state_fn(config)
-  if start_state_fn is not None and checkpointing.check_resume_config(
-      os.path.join(workdir, "checkpoints"), config) is None:
+  fresh = checkpointing.check_resume_config(os.path.join(workdir, "checkpoints"), config) is None
+  if start_state_fn is not None and fresh:
     prior_init.check_prior(config)
+  from_bundle = config.get("init", {}).get("from_bundle", "")
+  if from_bundle and start_state_fn is not None:
+    raise ValueError("config.init: give from_bundle or from_checkpoint, not both")
+  if from_bundle and fresh:  # params-only warm restart (checked before anything is written)
+    from moca_jax import bundle  # pylint: disable=g-import-not-at-top  (bundle imports this module)
+
+    start_state_fn = train_lib.start_from_params(
+        bundle.params_for_training(from_bundle, "dit", abstract_params(config)))
   _, init_fn, loss_fn = make_task(config)
   start = checkpointing.latest_checkpoint_step(os.path.join(workdir, "checkpoints"))
   result = train_lib.run_training(

@@ -244,6 +244,23 @@ def create_train_state(
   return state, StateSetup(shardings=shardings, abstract_state=abstract_state, param_names=names)
 
 
+def start_from_params(params: PyTree) -> Callable[["TrainState", StateSetup], "TrainState"]:
+  """`run_training`'s start_state_fn for a params-only warm restart: a fresh run starts from
+  `params` (a tree shaped like the state's params, e.g. a bundle's weights,
+  `moca_jax.bundle.params_for_training`) as both its params and its EMA params, cast to the
+  state's dtypes and placed like them; step 0 and the freshly initialised optimizer state."""
+
+  def fn(state: TrainState, setup: StateSetup) -> TrainState:
+    def place(tree):
+      # jnp.array copies: params and EMA params must be distinct buffers (both are donated)
+      return jax.tree.map(lambda x, ref, sh: jax.device_put(jnp.array(x, ref.dtype), sh),
+                          tree, state.params, setup.shardings.params)
+
+    return state.replace(params=place(params), ema_params=place(params))
+
+  return fn
+
+
 def count_params(params: PyTree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 

@@ -99,6 +99,8 @@ def vae_config(size: str = "tiny", num_latents: Optional[int] = None) -> ml_coll
   c.attention_implementation = "auto"   # 'auto' -> cudnn on GPU with bf16, else xla (the
                                         # query cross-attention: always xla, see module doc)
   c.sample_posterior = True      # training: z = mean + sigma * eps; eval uses the mean
+  c.decode_mean_fraction = 0.0   # training: this fraction of the examples decodes the posterior
+                                 # mean instead of a sample (the DiT generates means: see vae_loss)
   c.train_random_fps = True      # training: FPS of a random subset from a random start
   c.enc_cross_layers = 1
   c.norm_eps = 1e-6
@@ -526,6 +528,27 @@ def kl_divergence(mean: Array, logvar: Array) -> Array:
   return jnp.mean(0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar))
 
 
+# Top-level VecSetVAE param names of the encoder (VecSetVAE.setup); the rest is the decoder.
+ENCODER_PARAMS = ("point_embed", "enc_")
+
+
+def is_encoder_param(name: str) -> bool:
+  """True for a top-level VecSetVAE param name that belongs to the encoder (point embedding,
+  cross/self blocks, norm, moments head); False for the decoder's (dec_*, query_*, out_*)."""
+  return name == ENCODER_PARAMS[0] or name.startswith(ENCODER_PARAMS[1])
+
+
+def mix_in_means(samples: Array, means: Array, fraction: float, rng: Array) -> Array:
+  """[B, L, C] posterior samples with a random `fraction` of the B examples replaced by
+  their means (each example independently with probability `fraction`; 0 -> samples)."""
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f"decode_mean_fraction: expected a value in [0, 1], got {fraction}")
+  if fraction == 0.0:
+    return samples
+  use_mean = jax.random.uniform(rng, (samples.shape[0],) + (1,) * (samples.ndim - 1)) < fraction
+  return jnp.where(use_mean, means, samples)
+
+
 def vae_loss(params, model: VecSetVAE, batch: dict, rng: Array, config) -> tuple[Array, dict]:
   """Training loss of the VAE.
 
@@ -537,7 +560,12 @@ def vae_loss(params, model: VecSetVAE, batch: dict, rng: Array, config) -> tuple
       'near_points' [B, Qn, 3], 'near_sdf' [B, Qn]               near-surface SDF samples
       'volume_points' [B, Qv, 3], 'volume_sdf' [B, Qv]           uniform SDF samples in [-1,1]^3
       The encoder runs in training mode (random FPS) unless config.train_random_fps is False;
-      the latent is a posterior sample when config.sample_posterior, else the mean.
+      the latent is a posterior sample when config.sample_posterior, else the mean; with
+      config.decode_mean_fraction = f > 0 a random fraction f of the examples decode the mean
+      even then. Why: the DiT is trained on (and generates) posterior means
+      (data_pipeline.encode_latents), and a decoder that only ever saw samples decodes a
+      mean to a nearly unsigned field wherever channels carry no information (their
+      posterior is the N(0, 1) prior, so a sample is noise there and the mean is 0).
       The first `loss.num_normal_points` surface points also supervise the field's zero level
       and its gradient direction (surface points should come in random order).
     rng: PRNG key (split into the 'fps' and 'noise' streams).
@@ -553,6 +581,8 @@ def vae_loss(params, model: VecSetVAE, batch: dict, rng: Array, config) -> tuple
   if model.config.sample_posterior:
     z = model.apply(params, mean, logvar, method=VecSetVAE.sample_latent,
                     rngs={"noise": k_noise})
+    z = mix_in_means(z, mean, float(model.config.get("decode_mean_fraction", 0.0)),
+                     jax.random.fold_in(k_noise, 1))
   else:
     z = mean
   features = model.apply(params, z, decode_noise=False, method=VecSetVAE.decode_features)

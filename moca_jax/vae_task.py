@@ -48,7 +48,7 @@ from data_pipeline import loader, primitives, vae_batches
 from moca_jax import checkpointing, distributed, extract, metrics, sharding, train_lib, viz
 from moca_jax import io as mio
 from moca_jax.machine import describe_host
-from moca_jax.vae import VecSetVAE, count_params, vae_loss
+from moca_jax.vae import VecSetVAE, count_params, is_encoder_param, vae_loss
 
 log = logging.getLogger(__name__)
 
@@ -186,13 +186,21 @@ def abstract_params(config) -> Any:
 
 
 def load_vae(workdir, step: Optional[int] = None, use_ema: bool = True):
-  """(model, params, config) from a train_vae workdir (latest step unless given).
+  """(model, params, config) from a train_vae workdir (latest step unless given) or a bundle.
 
   params is the unboxed {'params': ...} tree to pass to `model.apply`: the EMA params
   (train_lib's 'ema' item) unless use_ema=False, which gives the raw trained params.
   Checkpoints of the older train_vae layout (items 'state', 'config' only) are read too
-  (their raw params). FileNotFoundError / ValueError name the path.
+  (their raw params). A model bundle folder (`moca_jax.bundle`, e.g. assets/moca-small) is
+  read too: its VAE (EMA) weights and config (step and use_ema do not apply). FileNotFoundError
+  / ValueError (bundle.BundleError) name the path.
   """
+  from moca_jax import bundle  # pylint: disable=g-import-not-at-top  (bundle imports this module)
+
+  if bundle.is_bundle(workdir):
+    b = bundle.read_bundle(str(workdir))
+    return VecSetVAE(ml_collections.FrozenConfigDict(b.vae_config.model)), {
+        "params": b.vae_params}, b.vae_config
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f"no checkpoints directory at {ckpt_dir}")
@@ -290,6 +298,32 @@ def evaluate_reconstruction(
 # ----------------------------------------------------------------------------------------
 
 
+def trainable_fn(config) -> Optional[Callable[[Any], Any]]:
+  """run_training's trainable_fn: None (all trainable) unless config.train_encoder is False,
+  then params -> bool tree that is False on the encoder (`moca_jax.vae.is_encoder_param`)."""
+  if config.get("train_encoder", True):
+    return None
+
+  def fn(params):
+    return {name: jax.tree.map(lambda _, keep=not is_encoder_param(name): keep, sub)
+            for name, sub in params.items()}
+
+  return fn
+
+
+def warm_start_fn(config, workdir: str) -> Optional[Callable]:
+  """run_training's start_state_fn for config.init.from_bundle (None without one, or when
+  workdir already holds a checkpoint: a resume). The bundle is read and checked against the
+  config's architecture here, before training starts (BundleError naming the parameters)."""
+  folder = config.get("init", {}).get("from_bundle", "")
+  if not folder or checkpointing.latest_checkpoint_step(os.path.join(workdir, "checkpoints")):
+    return None
+  from moca_jax import bundle  # pylint: disable=g-import-not-at-top  (bundle imports this module)
+
+  _, abstract = abstract_params(config)
+  return train_lib.start_from_params(bundle.params_for_training(folder, "vae", abstract))
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -320,6 +354,8 @@ def train_and_evaluate(
       prepare_fn=model_batch,
       num_steps=num_steps,
       show_progress=show_progress,
+      trainable_fn=trainable_fn(config),
+      start_state_fn=warm_start_fn(config, str(workdir)),
   )
   state = result.state
   log.info(

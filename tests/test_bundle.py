@@ -116,3 +116,17 @@ def test_pipeline_from_bundle_equals_pipeline_from_params(models, tmp_path):
   b = loaded(image, num_components=2, steps=2, cfg_scale=2.0, seed=3)
   np.testing.assert_array_equal(a.latents, b.latents)
   assert len(b.meshes[0]) == 2
+
+
+def test_load_vae_reads_a_bundle(models, tmp_path):
+  dit_config, dit_params, vae_config, vae_params = models
+  out = str(tmp_path / "b")
+  bundle.write_bundle(out, dit_config, dit_params, vae_config, vae_params)
+  model, params, config = vae_task.load_vae(out)
+  b = bundle.read_bundle(out)
+  assert config.model.num_latents == vae_config.model.num_latents
+  assert model.config.latent_channels == vae_config.model.latent_channels
+  got, want = _leaves(params["params"]), _leaves(b.vae_params)
+  assert set(got) == set(want)
+  for k in want:
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)

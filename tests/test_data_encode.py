@@ -44,6 +44,28 @@ def test_latents_match_per_part_encoding_and_keep_renders(samples_dir, tmp_path)
   assert m2["built_now"] == [] and m2["complete"]
 
 
+def test_shard_groups_encode_disjoint_shards_then_complete(samples_dir, tmp_path):
+  out, whole = str(tmp_path / "groups"), str(tmp_path / "whole")
+  kw = dict(num_points=48, batch_size=7, progress=False, vae_info={"name": "fake"})
+  names = [os.path.basename(p) for p in records.shard_paths(samples_dir)]
+  built = []
+  for i in range(2):
+    m = encode_latents.encode_dataset(samples_dir, out, _fake_encode, shard_group=(i, 2), **kw)
+    assert m["built_now"] == [names[i][:-len(".array_record")]]
+    built += m["built_now"]
+  final = encode_latents.encode_dataset(samples_dir, out, _fake_encode, **kw)
+  assert final["built_now"] == [] and final["complete"]
+  straight = encode_latents.encode_dataset(samples_dir, whole, _fake_encode, **kw)
+  assert final["count"] == straight["count"]
+  for a, b in zip(records.shard_paths(out), records.shard_paths(whole)):
+    assert records.read_shard(a) == records.read_shard(b)
+  assert encode_latents.parse_shard_group("") is None
+  assert encode_latents.parse_shard_group("1/4") == (1, 4)
+  for bad in ("4/4", "x", "1/2/3"):
+    with pytest.raises(ValueError, match="--shard_group"):
+      encode_latents.parse_shard_group(bad)
+
+
 def test_too_few_points_is_a_clear_error(samples_dir, tmp_path):
   with pytest.raises(ValueError, match="surface points per part"):
     encode_latents.encode_dataset(samples_dir, str(tmp_path / "x"), _fake_encode,

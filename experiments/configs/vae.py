@@ -13,6 +13,8 @@ Fields:
                        name sets both)
   mesh, checkpoint, log_every   as in experiments/configs/dit.py
   eval                 reconstruction after training: meshes, IoU/Chamfer by part size
+  train_encoder        False freezes the encoder (a decoder-only fine-tune)
+  init.from_bundle     a bundle folder a fresh run starts from (warm restart)
 """
 
 import ml_collections
@@ -27,6 +29,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model = vae_config(arg)
   size = c.model.size
   c.seed = 0
+  # The DiT trains on posterior means: the shipped sizes also decode means in training.
+  if size in ("small", "bundle"):
+    c.model.decode_mean_fraction = 0.5
+  # False: the encoder (and so the latent space) stays as initialised; only the decoder
+  # trains (e.g. a decoder fine-tune of a bundle whose latents a DiT was trained on).
+  c.train_encoder = True
+  # A fresh run starts from a bundle's VAE weights (params-only warm restart, fresh
+  # optimizer, step 0; moca_jax.bundle.params_for_training). Not read on resume.
+  c.init = ml_collections.ConfigDict(dict(from_bundle=""))
 
   # --- data -----------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()

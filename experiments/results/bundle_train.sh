@@ -4,6 +4,10 @@
 # keeps /root/bw while it stays warm). From the repository root:
 #   bash experiments/results/bundle_train.sh data_vae   # build the 'small' split (CPU workers)
 #                                                       # while the VAE trains, then encode it
+# INIT_BUNDLE=assets/moca-small (or any bundle) makes both trainings params-only warm restarts
+# from that bundle (fresh optimizer): the VAE as a decoder-only fine-tune (its encoder frozen,
+# so the latents the bundle's DiT learned stay the same) that decodes posterior means half
+# of the time, the DiT continuing from the bundle's weights.
 #   DIT_SECONDS=420 bash experiments/results/bundle_train.sh dit          # one DiT chunk
 #   DIT_SECONDS=300 EVAL=1 bash experiments/results/bundle_train.sh dit   # + evaluation
 # Every call ends with what the next session needs in $OUT (at most 8 files of 16 MiB):
@@ -40,11 +44,17 @@ if [ "${TINY:-0}" = 1 ]; then
   EVAL_FLAGS="--steps=2"; EVAL_OBJECTS=2; EVAL_SCENES=1
 else
   SRC=procedural:small; VAE_CFG=bundle; IMG=112; SHARDS=48; BUILD_WORKERS=11
+  ENCODE_GROUPS=${ENCODE_GROUPS:-14}
   VAE_FLAGS="--config.model.dtype=bfloat16 --config.data.num_workers=4 \
     --config.time_limit_s=${VAE_SECONDS:-330}"
+  if [ -n "${INIT_BUNDLE:-}" ]; then
+    VAE_FLAGS="$VAE_FLAGS --config.init.from_bundle=$INIT_BUNDLE --config.train_encoder=false \
+      --config.num_steps=${VAE_STEPS:-8000} --config.warmup_steps=200 --config.learning_rate=5e-4"
+  fi
   DIT_CFG=bundle
   DIT_FLAGS="--config.model.dit.dtype=bfloat16 --config.model.encoder.dtype=bfloat16 \
     --config.data.num_workers=12 --config.time_limit_s=${DIT_SECONDS:-420}"
+  [ -n "${INIT_BUNDLE:-}" ] && DIT_FLAGS="$DIT_FLAGS --config.init.from_bundle=$INIT_BUNDLE"
   EVAL_FLAGS=""; EVAL_OBJECTS=${EVAL_OBJECTS:-50}; EVAL_SCENES=${EVAL_SCENES:-10}
 fi
 
@@ -53,10 +63,21 @@ pack() {  # name dir: dir as name.tar.part-* (15 MiB pieces) in $OUT
   tar -C "$(dirname "$2")" -cf - "$(basename "$2")" | split -b 15M - "$OUT/$1.tar.part-"
 }
 
-encode() {  # the built shards through the frozen VAE encoder (finished shards are kept)
-  python3 -m data_pipeline.encode_latents --vae_checkpoint="$W/vae" --input="$W/data" \
-    --output="$W/latents" --batch_size=512 --progress=false > "$OUT/logs/encode.log" 2>&1
-  note "encode_latents rc=$? $(tail -1 "$OUT/logs/encode.log")"
+encode() {  # the built shards through the frozen VAE encoder (finished shards are kept):
+  # ENCODE_GROUPS processes on the CPU cores encode disjoint shards (the per-record work is
+  # host-bound), then one run checks every shard and writes the manifest
+  local args=(--vae_checkpoint="$W/vae" --input="$W/data" --output="$W/latents" --progress=false)
+  local k=${ENCODE_GROUPS:-1}
+  if [ "$k" -gt 1 ]; then
+    for i in $(seq 0 $((k - 1))); do
+      JAX_PLATFORMS=cpu python3 -m data_pipeline.encode_latents "${args[@]}" --batch_size=64 \
+        --shard_group=$i/$k > "$OUT/logs/encode_$i.log" 2>&1 &
+    done
+    wait
+  fi
+  python3 -m data_pipeline.encode_latents "${args[@]}" --batch_size=512 \
+    > "$OUT/logs/encode.log" 2>&1
+  note "encode_latents rc=$? ($k groups) $(tail -1 "$OUT/logs/encode.log")"
 }
 
 if [ "$stage" = data_vae ]; then

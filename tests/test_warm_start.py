@@ -1,0 +1,128 @@
+"""Params-only warm restarts from a bundle (config.init.from_bundle) and the VAE's
+decoder-only fine-tune on posterior means (train_encoder=False, decode_mean_fraction)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from experiments.configs import dit as dit_configs
+from experiments.configs import vae as vae_configs
+from moca_jax import bundle, dit_task, sharding, vae, vae_task
+
+
+def _mesh1():
+  return sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+
+
+def _flat(tree):
+  return traverse_util.flatten_dict(jax.tree.map(np.asarray, tree), sep="/")
+
+
+def _vae_config():
+  c = vae_configs.get_config("tiny")
+  c.batch_size, c.num_steps, c.log_every, c.warmup_steps = 2, 2, 1, 1
+  c.checkpoint.every = 2
+  c.model.num_latents = 16
+  c.model.enc_width = c.model.dec_width = 32
+  c.model.dec_layers = 1
+  c.data.num_points, c.data.num_near, c.data.num_volume = 64, 32, 16
+  c.model.loss.num_normal_points = 32
+  c.eval.num_shapes = 0
+  c.eval.write_mesh = False
+  return c
+
+
+def _dit_config():
+  c = dit_configs.get_config("tiny")
+  c.data.source = "synthetic"
+  c.data.max_components = 3
+  c.data.synthetic_examples = 8
+  c.model.dit.num_blocks = 2
+  c.model.encoder.depth = 1
+  c.batch_size, c.log_every = 2, 1
+  c.optim.warmup_steps = 1
+  return c
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+  """A bundle whose weights are NOT what the training seed initialises (another PRNG key)."""
+  dit_config, vae_config = _dit_config(), _vae_config()
+  s = dit_config.model.encoder.image_size
+  d = dit_config.model.dit
+  batch = {"images": np.zeros((1, s, s, 3), np.uint8),
+           "latents": np.zeros((1, 2, d.latent_tokens, d.latent_channels), np.float32),
+           "component_mask": np.ones((1, 2), bool)}
+  unbox = lambda t: jax.tree.map(np.asarray, __import__("flax").linen.meta.unbox(t))
+  dit_params = dit_task.make_task(dit_config).init_fn(jax.random.PRNGKey(123), batch)["params"]
+  model, _ = vae_task.abstract_params(vae_config)
+  vae_params = model.init(*vae_task.init_args(model, jax.random.PRNGKey(321)))["params"]
+  folder = str(tmp_path_factory.mktemp("bundle"))
+  bundle.write_bundle(folder, dit_config, unbox(dit_params), vae_config, unbox(vae_params))
+  return folder
+
+
+def test_mix_in_means_per_example():
+  samples = jnp.arange(64 * 6, dtype=jnp.float32).reshape(64, 3, 2)
+  means = -samples
+  rng = jax.random.PRNGKey(0)
+  np.testing.assert_array_equal(vae.mix_in_means(samples, means, 0.0, rng), samples)
+  np.testing.assert_array_equal(vae.mix_in_means(samples, means, 1.0, rng), means)
+  mixed = np.asarray(vae.mix_in_means(samples, means, 0.5, rng))
+  is_mean = np.all(mixed == np.asarray(means), axis=(1, 2))
+  is_sample = np.all(mixed == np.asarray(samples), axis=(1, 2))
+  assert np.all(is_mean | is_sample)  # whole examples, never a blend
+  assert 16 <= is_mean.sum() <= 48  # about half of 64
+  with pytest.raises(ValueError, match="decode_mean_fraction"):
+    vae.mix_in_means(samples, means, 1.5, rng)
+
+
+def test_encoder_param_names():
+  c = _vae_config()
+  _, abstract = vae_task.abstract_params(c)
+  enc = sorted(k for k in abstract if vae.is_encoder_param(k))
+  dec = sorted(k for k in abstract if not vae.is_encoder_param(k))
+  assert "enc_moments" in enc and "point_embed" in enc
+  assert "query_embed" in dec and "out_proj" in dec and "dec_in" in dec
+
+
+def test_vae_decoder_finetune_from_bundle(tiny_bundle, tmp_path):
+  c = _vae_config()
+  c.init.from_bundle = tiny_bundle
+  c.train_encoder = False
+  c.model.decode_mean_fraction = 0.5
+  res = vae_task.train_and_evaluate(c, str(tmp_path / "w"), mesh=_mesh1(), show_progress=False)
+  assert res["step"] == 2 and np.isfinite(res["metrics"]["loss"])
+  _, abstract = vae_task.abstract_params(c)
+  start = _flat(bundle.params_for_training(tiny_bundle, "vae", abstract))
+  for use_ema in (False, True):
+    trained = _flat(vae_task.load_vae(tmp_path / "w", use_ema=use_ema)[1]["params"])
+    # the encoder is the bundle's, untouched (the EMA of a constant up to float rounding);
+    # the decoder trained away from the bundle's
+    tol = dict(rtol=1e-6, atol=1e-7) if use_ema else dict(rtol=0, atol=0)
+    changed = {k for k in trained if not np.allclose(trained[k], start[k], **tol)}
+    assert not {k for k in changed if vae.is_encoder_param(k.split("/")[0])}, use_ema
+    assert {k for k in changed if k.startswith("dec_")}, use_ema
+
+
+def test_dit_warm_start_from_bundle_and_mismatch(tiny_bundle, tmp_path):
+  c = _dit_config()
+  c.init.from_bundle = tiny_bundle
+  c.optim.lr = 0.0  # the params stay where the run started
+  res = dit_task.train_and_evaluate(c, str(tmp_path / "w"), num_steps=1, mesh=_mesh1(),
+                                    show_progress=False, eval_batches=0)
+  start = _flat(bundle.params_for_training(tiny_bundle, "dit", dit_task.abstract_params(c)))
+  for tree, tol in ((res.state.params, 0.0), (res.state.ema_params, 1e-6)):
+    got = _flat(tree)  # the EMA of a constant: equal up to float rounding
+    assert set(got) == set(start)
+    for k in start:
+      np.testing.assert_allclose(got[k], start[k], rtol=tol, atol=tol / 10, err_msg=k)
+  bad = _dit_config()
+  bad.init.from_bundle = tiny_bundle
+  bad.model.dit.num_blocks = 3
+  with pytest.raises(bundle.BundleError, match="init.from_bundle=.*missing"):
+    dit_task.train_and_evaluate(bad, str(tmp_path / "bad"), num_steps=1, mesh=_mesh1(),
+                                show_progress=False, eval_batches=0)
+  assert not (tmp_path / "bad" / "checkpoints").exists()
