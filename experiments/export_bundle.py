@@ -89,6 +89,40 @@ def run_summary(workdir: str) -> dict:
   }
 
 
+def with_earlier_runs(summary: dict, earlier: dict, source: str) -> dict:
+  """The `run_summary` of a run that warm-started from a bundle (config.init.from_bundle,
+  params only, fresh optimizer), preceded by the runs that trained that bundle (its card's
+  summary `earlier`): one history whose steps count on from the bundle's (the warm-started
+  runs are marked 'warm_restart_from': source) and whose totals add both."""
+  if not earlier or not earlier.get("runs"):
+    return summary
+  offset = int(earlier.get("steps", 0))
+  runs = [dict(r) for r in earlier["runs"]]
+  for r in summary["runs"]:
+    runs.append(dict(r, start_step=r["start_step"] + offset, end_step=r["end_step"] + offset,
+                     warm_restart_from=source))
+  return {
+      "runs": runs,
+      "steps": offset + summary["steps"],
+      "examples": int(earlier.get("examples", 0)) + summary["examples"],
+      "train_minutes": round(float(earlier.get("train_minutes", 0)) + summary["train_minutes"], 2),
+      "compile_minutes": round(float(earlier.get("compile_minutes", 0))
+                               + summary["compile_minutes"], 2),
+      "devices": sorted(set(earlier.get("devices", [])) | set(summary["devices"])),
+  }
+
+
+def lineage_summary(workdir: str, config, key: str) -> dict:
+  """`run_summary(workdir)`, with the earlier runs of the bundle that config.init.from_bundle
+  names (when it is a readable bundle) in front (`with_earlier_runs`)."""
+  summary = run_summary(workdir)
+  source = (config.get("init") or {}).get("from_bundle", "")
+  if not source or not bundle.is_bundle(source):
+    return summary
+  earlier = bundle.read_info(source).get("card", {}).get(key, {})
+  return with_earlier_runs(summary, earlier, os.path.normpath(source))
+
+
 def _copy_if_present(src: str, dst: str) -> None:
   if os.path.isfile(src):
     with open(src, "rb") as f:
@@ -102,12 +136,14 @@ def _fmt(v) -> str:
 
 
 def _runs_table(summary: dict) -> str:
-  rows = ["| call | steps | examples | train min | compile min | device | stopped by time limit |",
-          "|---|---|---|---|---|---|---|"]
+  rows = ["| call | steps | examples | train min | compile min | device | stopped by time limit "
+          "| start |", "|---|---|---|---|---|---|---|---|"]
   for i, r in enumerate(summary["runs"], 1):
+    start = (f"params-only warm restart from {r['warm_restart_from']} (fresh optimizer)"
+             if r.get("warm_restart_from") else "resume" if r["start_step"] else "fresh")
     rows.append(f"| {i} | {r['start_step']} -> {r['end_step']} | {r['examples']} | "
                 f"{r['train_seconds'] / 60:.1f} | {r['compile_seconds'] / 60:.1f} | "
-                f"{r['devices']} x {r['device_kind']} | {r['stopped_early']} |")
+                f"{r['devices']} x {r['device_kind']} | {r['stopped_early']} | {start} |")
   return "\n".join(rows)
 
 
@@ -208,7 +244,8 @@ def export(dit_dir: str, out: str, vae_dir: Optional[str] = None, eval_dirs=(),
     key = os.path.basename(os.path.normpath(d))
     evaluation[key] = {"mean": m.get("mean", {}), "items": len(m.get("rows", [])),
                        "skipped": len(m.get("skipped", [])), "meta": m.get("meta", {})}
-  card = {"name": name, "dit": run_summary(dit_dir), "vae": run_summary(vae_dir),
+  card = {"name": name, "dit": lineage_summary(dit_dir, trained, "dit"),
+          "vae": lineage_summary(vae_dir, vae_config, "vae"),
           "vae_eval": _read_json(os.path.join(vae_dir, "eval.json")), "evaluation": evaluation,
           "moved": moved, "notes": notes, "dit_step": step,
           "data": f"DiT data: {moved['data.dir'] or '?'}; VAE: its config's data source "

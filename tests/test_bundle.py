@@ -130,3 +130,25 @@ def test_load_vae_reads_a_bundle(models, tmp_path):
   assert set(got) == set(want)
   for k in want:
     np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+
+
+def test_card_history_continues_from_the_warm_start_bundle():
+  from experiments import export_bundle
+
+  run = lambda a, b, sec: {"start_step": a, "end_step": b, "examples": 64 * (b - a),
+                           "train_seconds": sec, "compile_seconds": 6.0, "devices": 1,
+                           "device_kind": "H200", "stopped_early": False}
+  before = {"runs": [run(0, 100, 60.0)], "steps": 100, "examples": 6400, "train_minutes": 1.0,
+            "compile_minutes": 0.1, "devices": ["1 x H200"]}
+  now = {"runs": [run(0, 40, 30.0), run(40, 50, 6.0)], "steps": 50, "examples": 3200,
+         "train_minutes": 0.6, "compile_minutes": 0.2, "devices": ["1 x H200"]}
+  merged = export_bundle.with_earlier_runs(now, before, "assets/old")
+  assert [(r["start_step"], r["end_step"]) for r in merged["runs"]] == [(0, 100), (100, 140),
+                                                                        (140, 150)]
+  assert merged["steps"] == 150 and merged["examples"] == 9600
+  assert merged["train_minutes"] == 1.6 and merged["compile_minutes"] == 0.3
+  assert "warm_restart_from" not in merged["runs"][0]
+  assert all(r["warm_restart_from"] == "assets/old" for r in merged["runs"][1:])
+  table = export_bundle._runs_table(merged)
+  assert table.count("warm restart from assets/old") == 2 and "| fresh |" in table
+  assert export_bundle.with_earlier_runs(now, {}, "x") is now

@@ -22,10 +22,10 @@ OUT=${OUT:-bundle_out}
 W=${W:-/root/bw}
 mkdir -p "$OUT/logs" "$W"
 export PYTHONUNBUFFERED=1
-if [ -d .whl_multi2 ] && ! python3 -c "import grain, trimesh" 2>/dev/null; then
+if [ -d .whl ] && ! python3 -c "import grain, trimesh" 2>/dev/null; then
   if [ ! -d /tmp/site_bundle ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site_bundle .whl_multi2/*.whl
+      --target /tmp/site_bundle .whl/*.whl
   fi
   export PYTHONPATH=/tmp/site_bundle:${PYTHONPATH:-}
 fi
@@ -47,15 +47,17 @@ else
   ENCODE_GROUPS=${ENCODE_GROUPS:-14}
   VAE_FLAGS="--config.model.dtype=bfloat16 --config.data.num_workers=4 \
     --config.time_limit_s=${VAE_SECONDS:-330}"
-  if [ -n "${INIT_BUNDLE:-}" ]; then
-    VAE_FLAGS="$VAE_FLAGS --config.init.from_bundle=$INIT_BUNDLE --config.train_encoder=false \
-      --config.num_steps=${VAE_STEPS:-8000} --config.warmup_steps=200 --config.learning_rate=5e-4"
-  fi
   DIT_CFG=bundle
   DIT_FLAGS="--config.model.dit.dtype=bfloat16 --config.model.encoder.dtype=bfloat16 \
     --config.data.num_workers=12 --config.time_limit_s=${DIT_SECONDS:-420}"
-  [ -n "${INIT_BUNDLE:-}" ] && DIT_FLAGS="$DIT_FLAGS --config.init.from_bundle=$INIT_BUNDLE"
   EVAL_FLAGS=""; EVAL_OBJECTS=${EVAL_OBJECTS:-50}; EVAL_SCENES=${EVAL_SCENES:-10}
+fi
+if [ -n "${INIT_BUNDLE:-}" ]; then
+  VAE_FLAGS="$VAE_FLAGS --config.init.from_bundle=$INIT_BUNDLE --config.train_encoder=false \
+    --config.model.decode_mean_fraction=0.5"
+  [ "${TINY:-0}" = 1 ] || VAE_FLAGS="$VAE_FLAGS --config.num_steps=${VAE_STEPS:-8000} \
+    --config.warmup_steps=200 --config.learning_rate=5e-4"
+  DIT_FLAGS="$DIT_FLAGS --config.init.from_bundle=$INIT_BUNDLE"
 fi
 
 pack() {  # name dir: dir as name.tar.part-* (15 MiB pieces) in $OUT
