@@ -3,6 +3,8 @@ r"""Packs a trained DiT and its VAE into a model bundle with its model card (moc
   python -m experiments.export_bundle --dit=/root/bw/dit --out=assets/moca-small \
       [--vae=/root/bw/vae] [--eval_dirs=eval_objects,eval_scenes] [--max_mib=24] \
       [--notes="what the card should say about how it was trained"]
+  # attach evaluations made elsewhere (and notes) to an existing bundle's card:
+  python -m experiments.export_bundle --update=assets/moca-small --eval_dirs=eval_objects
 
 What is written into --out:
   bundle.json, dit.npz, vae.npz   the EMA weights (bf16 by default) and both configs
@@ -42,6 +44,8 @@ def define_flags() -> None:
   flags.DEFINE_enum("storage_dtype", "bfloat16", list(bundle.STORAGE_DTYPES), "Weights dtype.")
   flags.DEFINE_float("max_mib", 24.0, "Refuse a bundle larger than this (MiB, all files).")
   flags.DEFINE_string("notes", "", "Free text for the card's training section.")
+  flags.DEFINE_string("update", None, "An existing bundle folder: attach --eval_dirs (and "
+                      "--notes) to its card and rewrite MODEL_CARD.md; weights untouched.")
 
 
 def inference_config(config) -> tuple:
@@ -51,6 +55,9 @@ def inference_config(config) -> tuple:
            "data.val_dir": config.data.get("val_dir", ""),
            "trained_dtype": config.model.dit.get("dtype", ""),
            "trained_attention": config.model.dit.get("attention_implementation", "")}
+  if config.get("init") and config.init.get("from_bundle"):  # a training-time warm start
+    moved["init.from_bundle"] = config.init.from_bundle
+    config.init.from_bundle = ""
   config.vae.workdir = ""
   config.data.dir = config.data.val_dir = ""
   config.model.dit.dtype = "float32"
@@ -64,6 +71,8 @@ def inference_config(config) -> tuple:
 
 def _vae_inference_config(config):
   config = config.copy_and_resolve_references()
+  if config.get("init") and config.init.get("from_bundle"):
+    config.init.from_bundle = ""  # a training-time warm start (the card's runs table says it)
   config.model.dtype = "float32"
   config.model.attention_implementation = "xla"
   return config
@@ -236,14 +245,7 @@ def export(dit_dir: str, out: str, vae_dir: Optional[str] = None, eval_dirs=(),
   if size > max_mib * MIB:
     raise bundle.BundleError(f"{out}: the weights take {size / MIB:.2f} MiB > --max_mib "
                              f"{max_mib}; nothing written")
-  evaluation = {}
-  for d in eval_dirs:
-    m = _read_json(os.path.join(d, "metrics.json"))
-    if m is None:
-      raise FileNotFoundError(f"{d}: no metrics.json (an experiments.evaluate --out_dir?)")
-    key = os.path.basename(os.path.normpath(d))
-    evaluation[key] = {"mean": m.get("mean", {}), "items": len(m.get("rows", [])),
-                       "skipped": len(m.get("skipped", [])), "meta": m.get("meta", {})}
+  evaluation = read_evaluations(eval_dirs)
   card = {"name": name, "dit": lineage_summary(dit_dir, trained, "dit"),
           "vae": lineage_summary(vae_dir, vae_config, "vae"),
           "vae_eval": _read_json(os.path.join(vae_dir, "eval.json")), "evaluation": evaluation,
@@ -254,11 +256,47 @@ def export(dit_dir: str, out: str, vae_dir: Optional[str] = None, eval_dirs=(),
                       card=card, storage_dtype=storage_dtype)
   for key, wd in (("dit", dit_dir), ("vae", vae_dir)):
     _copy_if_present(os.path.join(wd, "loss_curve.png"), os.path.join(out, f"loss_{key}.png"))
+  _copy_grids(eval_dirs, out)
+  info = bundle.read_info(out)
+  mio.atomic_write_text(os.path.join(out, "MODEL_CARD.md"), model_card(info))
+  return info
+
+
+def read_evaluations(eval_dirs) -> dict:
+  """{folder name: {'mean', 'items', 'skipped', 'meta'}} of experiments.evaluate --out_dir
+  folders. Raises FileNotFoundError naming a folder without metrics.json."""
+  evaluation = {}
+  for d in eval_dirs:
+    m = _read_json(os.path.join(d, "metrics.json"))
+    if m is None:
+      raise FileNotFoundError(f"{d}: no metrics.json (an experiments.evaluate --out_dir?)")
+    key = os.path.basename(os.path.normpath(d))
+    evaluation[key] = {"mean": m.get("mean", {}), "items": len(m.get("rows", [])),
+                       "skipped": len(m.get("skipped", [])), "meta": m.get("meta", {})}
+  return evaluation
+
+
+def _copy_grids(eval_dirs, out: str) -> None:
   for d in eval_dirs:
     key = os.path.basename(os.path.normpath(d))
     _copy_if_present(os.path.join(d, "grid.png"), os.path.join(out, f"{key}.png"))
-  info = bundle.read_info(out)
-  mio.atomic_write_text(os.path.join(out, "MODEL_CARD.md"), model_card(info))
+
+
+def update_card(folder: str, eval_dirs=(), notes: Optional[str] = None) -> dict:
+  """Attaches evaluations made elsewhere (e.g. on a CPU after the GPU trained the model) and
+  optionally new notes to an existing bundle: its card in bundle.json (the weights and their
+  checksums are untouched), the grids and MODEL_CARD.md. Returns the new bundle.json contents.
+  Raises FileNotFoundError / bundle.BundleError."""
+  info = bundle.read_info(folder)
+  card = dict(info.get("card") or {})
+  card["evaluation"] = {**(card.get("evaluation") or {}), **read_evaluations(eval_dirs)}
+  if notes is not None:
+    card["notes"] = notes
+  info["card"] = card
+  mio.write_json(os.path.join(folder, bundle.INFO_FILE), info, indent=1)
+  _copy_grids(eval_dirs, folder)
+  info = bundle.read_info(folder)
+  mio.atomic_write_text(os.path.join(folder, "MODEL_CARD.md"), model_card(info))
   return info
 
 
@@ -266,8 +304,16 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   f = flags.FLAGS
+  if f.update:
+    try:
+      update_card(f.update, f.eval_dirs, f.notes or None)
+    except (FileNotFoundError, ValueError) as e:
+      print(f"export_bundle: error: {e}", file=sys.stderr)
+      sys.exit(2)
+    print(f"updated the card of {f.update}")
+    return
   if not f.dit or not f.out:
-    print("export_bundle: error: --dit and --out are required", file=sys.stderr)
+    print("export_bundle: error: --dit and --out are required (or --update)", file=sys.stderr)
     sys.exit(2)
   try:
     info = export(f.dit, f.out, f.vae, f.eval_dirs, f.storage_dtype, f.max_mib, f.notes)

@@ -152,3 +152,29 @@ def test_card_history_continues_from_the_warm_start_bundle():
   table = export_bundle._runs_table(merged)
   assert table.count("warm restart from assets/old") == 2 and "| fresh |" in table
   assert export_bundle.with_earlier_runs(now, {}, "x") is now
+
+
+def test_update_card_attaches_evaluations_and_keeps_weights(models, tmp_path):
+  from experiments import export_bundle
+
+  dit_config, dit_params, vae_config, vae_params = models
+  out = str(tmp_path / "b")
+  bundle.write_bundle(out, dit_config, dit_params, vae_config, vae_params, card={"name": "t"})
+  before = {n: open(os.path.join(out, n), "rb").read() for n in ("dit.npz", "vae.npz")}
+  ev = tmp_path / "eval_objects"
+  ev.mkdir()
+  (ev / "metrics.json").write_text(json.dumps(
+      {"mean": {"cd": 0.25}, "rows": [{}, {}], "skipped": [], "meta": {"steps": 5}}))
+  (ev / "grid.png").write_bytes(b"png")
+  export_bundle.update_card(out, [str(ev)], notes="evaluated on a CPU")
+  info = bundle.read_info(out)
+  assert info["card"]["evaluation"]["eval_objects"]["items"] == 2
+  assert info["card"]["notes"] == "evaluated on a CPU" and info["card"]["name"] == "t"
+  card = open(os.path.join(out, "MODEL_CARD.md")).read()
+  assert "Evaluation: eval_objects" in card and "| cd | 0.2500 |" in card
+  assert open(os.path.join(out, "eval_objects.png"), "rb").read() == b"png"
+  for n, data in before.items():
+    assert open(os.path.join(out, n), "rb").read() == data
+  bundle.read_bundle(out)  # checksums still hold
+  with pytest.raises(FileNotFoundError, match="no metrics.json"):
+    export_bundle.update_card(out, [str(tmp_path)])
