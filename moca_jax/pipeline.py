@@ -370,7 +370,7 @@ def default_extract_kwargs(overrides: Optional[dict] = None) -> dict:
   """The pipeline's extraction settings (`extract_vae_meshes` kwargs): 64^3 marching cubes
   (no fine band), decoded level by level from 16^3 (`coarse_levels_for`, unless
   `coarse_levels` is given), then `overrides`."""
-  out = dict(resolution=64, fine_resolution=None, chunk_size=32768)
+  out = dict(resolution=64, fine_resolution=None, chunk_size=8192)
   out.update(overrides or {})
   if "coarse_levels" not in out:
     out["coarse_levels"] = coarse_levels_for(out["resolution"])
