@@ -16,9 +16,12 @@ model that ships in the repository (DEFAULT_BUNDLE, assets/moca-small). Steps in
   1. `preprocess`: each image (and scene mask) to the encoder's square size; scenes become
      MIDI's per-instance 7-channel conditions (`scene_conditions`)
   2. `sample_latents`: image encoder + rectified-flow ODE with classifier-free guidance, the
-     whole loop one jitted `lax.scan` (moca_jax.flow.sample), routing maps of the last step
-  3. `decode`: VAE decoder + coarse-to-fine marching cubes (moca_jax.extract), one mesh per
-     component
+     whole loop one jitted `lax.scan` (moca_jax.flow.sample), routing maps of the last step;
+     the N components are padded to the next of `component_buckets` (masked out of the DiT,
+     the real components' noise unchanged), so one compiled sampler serves several N
+  3. `decode`: VAE decoder + marching cubes (moca_jax.extract; the 64^3 grid decoded level
+     by level from 16^3, `default_extract_kwargs`), one mesh per component, the batch
+     padded to a bucket as well
 Sampling defaults (steps, cfg_scale, method, time_shift) are the checkpoint's config.sample;
 arguments of `__call__` override them. `write_outputs` writes one result as files (GLB with
 one node per part, preview, router maps, latents). experiments/generate.py, evaluate.py,
@@ -216,11 +219,13 @@ def padded_count(n: int, buckets: Sequence[int], limit: Optional[int] = None) ->
   return min(fits) if fits else int(n)
 
 
-def pad_components(x: Array, size: int, axis: int = 1) -> Array:
-  """Zero-pads x [..., N (at `axis`), ...] to `size` along `axis` (size >= N)."""
+def pad_components(x, size: int, axis: int = 1) -> np.ndarray:
+  """Zero-pads x [..., N (at `axis`), ...] to `size` along `axis` (size >= N), on the host
+  (numpy: no compilation per shape)."""
+  x = np.asarray(x)
   pad = [(0, 0)] * x.ndim
   pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad) if size > x.shape[axis] else x
+  return np.pad(x, pad) if size > x.shape[axis] else x
 
 
 def unpad_routing(routing: dict, n: int) -> dict:
@@ -605,7 +610,7 @@ class Pipeline:
     for i, rows_i in enumerate(rows):
       key = jax.random.fold_in(jax.random.PRNGKey(seed), i) if i else jax.random.PRNGKey(seed)
       if self.scene:  # per-component conditions [b, N, S, S, 7]: padded with zero images
-        rows_i = pad_components(rows_i, n_pad)
+        rows_i = jnp.asarray(pad_components(rows_i, n_pad))
       b = rows_i.shape[0]
       outs.append(
           self._sample(
@@ -619,7 +624,7 @@ class Pipeline:
               method=s["method"],
               time_shift=s["time_shift"],
               return_routing=True,
-              noise=pad_components(self.initial_noise(key, b, n), n_pad),
+              noise=jnp.asarray(pad_components(self.initial_noise(key, b, n), n_pad)),
           )
       )
     z = np.concatenate([np.asarray(o[0])[:, :n] for o in outs])
@@ -649,11 +654,12 @@ class Pipeline:
     from moca_jax.extract import extract_vae_meshes  # pylint: disable=g-import-not-at-top
 
     b, n = latents.shape[:2]
-    flat = jnp.asarray(latents.reshape(b * n, *latents.shape[2:]))
+    flat = np.asarray(latents).reshape(b * n, *latents.shape[2:])
     # Padded to a bucket (zero latents, not meshed) so each bucket compiles once.
     padded = pad_components(flat, padded_count(b * n, self.component_buckets), axis=0)
     meshes = extract_vae_meshes(
-        self.vae_model, self.vae_params, padded, num_valid=b * n, **self.extract_kwargs
+        self.vae_model, self.vae_params, jnp.asarray(padded), num_valid=b * n,
+        **self.extract_kwargs
     )
     return [meshes[i * n : (i + 1) * n] for i in range(b)]
 

@@ -422,10 +422,11 @@ def test_component_padding_changes_nothing(checkpoints):
                                    num_components=N, steps=STEPS, cfg_scale=2.0)
   np.testing.assert_allclose(plain.sample_latents(images, N, seed=1)[0], old, rtol=0, atol=1e-5)
   # The test can fail: the same padding left unmasked changes the real components.
-  noise = pipeline.pad_components(plain.initial_noise(jax.random.PRNGKey(1), 1, N), 5)
+  noise = pipeline.pad_components(plain.initial_noise(jax.random.PRNGKey(1), 1, N), 5).copy()
+  noise[:, N:] = 1.0
   unmasked, _ = pipeline.sample_latents(plain.model, plain.params, prepared, None,
                                         num_components=5, steps=STEPS, cfg_scale=2.0,
-                                        noise=noise.at[:, N:].set(1.0))
+                                        noise=jnp.asarray(noise))
   assert not np.allclose(np.asarray(unmasked)[:, :N], old, atol=1e-3)
   # Decoding: a padded batch (zero latents, not meshed) gives the same meshes.
   z = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (1, N, 16, 8)))
@@ -438,9 +439,9 @@ def test_padding_helpers():
   assert pipeline.padded_count(3, (4, 8)) == 4 and pipeline.padded_count(8, (4, 8)) == 8
   assert pipeline.padded_count(9, (4, 8)) == 9 and pipeline.padded_count(3, ()) == 3
   assert pipeline.padded_count(3, (4, 8), limit=3) == 3
-  x = jnp.ones((2, 3, 5))
+  x = np.ones((2, 3, 5))
   np.testing.assert_array_equal(pipeline.pad_components(x, 4)[:, 3], 0.0)
-  assert pipeline.pad_components(x, 3) is x
+  assert pipeline.pad_components(x, 4).shape == (2, 4, 5) and pipeline.pad_components(x, 3) is x
   routing = {"importances": np.zeros((1, 2, 4, 5, 5)), "selections": np.zeros((1, 2, 4, 5, 4))}
   out = pipeline.unpad_routing(routing, 3)
   assert out["importances"].shape[-2:] == (3, 3) and out["selections"].shape[-2:] == (3, 2)
