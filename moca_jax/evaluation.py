@@ -15,9 +15,9 @@ Cost per item (the bundled model, 10 ODE steps, 2 CPU cores): generation was abo
 per object, mostly decoding the dense 64^3 grid; the pipeline now decodes it level by level
 (same meshes) and compiles its sampler and decoder once per component bucket, not per part
 count (moca_jax.pipeline.DEFAULT_COMPONENT_BUCKETS). Scoring takes about 1 s per object and
-~0.7 s per scene instance (100k-point Chamfer / F-score each). Scenes give the pipeline the instance masks
-(as an id image) and always generate one component per instance; objects generate
-`num_components` parts (default: the ground-truth count).
+~0.7 s per scene instance (100k-point Chamfer / F-score each). Scenes give the pipeline
+the instance masks (as an id image) and always generate one component per instance; objects
+generate `num_components` parts (default: the ground-truth count).
 """
 
 from __future__ import annotations

@@ -898,7 +898,7 @@ def extract_vae_meshes(model, params, latents, **kwargs):
   """Latents [B, L, C] -> B meshes: runs the decoder's self-attention once per component,
   then `extract_meshes` over the query cross-attention (kwargs and return value as there:
   with return_stats, (meshes, stats); num_valid=M meshes only the first M latents, the
-  rest being padding to a batch size already compiled). Build the model with a FrozenConfigDict config so
-  that repeated calls reuse the compiled functions."""
+  rest being padding to a batch size already compiled). Build the model with a
+  FrozenConfigDict config so that repeated calls reuse the compiled functions."""
   features = _fns(model)[1](params, latents)
   return extract_meshes(vae_sdf_fn(model, params), features, **kwargs)
