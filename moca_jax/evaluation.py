@@ -11,10 +11,13 @@ sanity checks without a model). `evaluate_items` predicts and scores every item
 `table2_markdown`), grid.png, router.png and TensorBoard scalars. `benchmark_nn` times the
 nearest-neighbour backends of the metrics. experiments/evaluate.py is the command line.
 
-Generation cost on CPU (2 cores, tiny untrained checkpoint, 3 ODE steps): about a minute
-per item, mostly VAE decoding and marching cubes. Scenes give the pipeline the instance masks
-(as an id image) and always generate one component per instance; objects generate
-`num_components` parts (default: the ground-truth count).
+Cost per item (the bundled model, 10 ODE steps, 2 CPU cores): generation was about 50 s
+per object, mostly decoding the dense 64^3 grid; the pipeline now decodes it level by level
+(same meshes) and compiles its sampler and decoder once per component bucket, not per part
+count (moca_jax.pipeline.DEFAULT_COMPONENT_BUCKETS). Scoring takes about 1 s per object and
+~0.7 s per scene instance (100k-point Chamfer / F-score each). Scenes give the pipeline
+the instance masks (as an id image) and always generate one component per instance; objects
+generate `num_components` parts (default: the ground-truth count).
 """
 
 from __future__ import annotations
@@ -315,7 +318,8 @@ def evaluate_items(
 ) -> dict:
   """Predicts and scores every item; failing items are skipped and reported.
 
-  Returns {'rows': [{'name', ...metrics, 'seconds_predict'}], 'mean': {...}, 'skipped':
+  Returns {'rows': [{'name', ...metrics, 'seconds_predict', 'seconds_score'}], 'mean': {...},
+  'skipped':
   [{'name', 'reason'}], 'grid': [viz.mesh_grid_png rows], 'routing': first routing maps}.
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -333,8 +337,10 @@ def evaluate_items(
       traceback.print_exc(file=sys.stderr)
       continue
     row = {"name": item.name, "kind": item.kind}
+    t0 = time.perf_counter()
     row.update(score(pred, item, settings))
     row["seconds_predict"] = dt
+    row["seconds_score"] = time.perf_counter() - t0
     rows.append(row)
     if routing is None and getattr(predict_fn, "last_routing", None) is not None:
       routing = predict_fn.last_routing

@@ -510,9 +510,10 @@ def _escapes(cells: Array, parent_cells: Array, *, factor: int) -> Array:
 
 def _warn_escapes(cells, parent, resolution: int, coarse_band: float, names) -> None:
   """A `BandEscapeWarning` per component whose refined cells [B, R, R, R] at `resolution`
-  escape (`_escapes`) parent = (refined cells [B, r, r, r], r) of the level below."""
+  escape (`_escapes`) parent = (refined cells [B, r, r, r], r) of the level below; only the
+  first len(names) components are real (the rest padding, never warned about)."""
   escapes = _escapes(cells, parent[0], factor=resolution // parent[1])
-  for b in np.flatnonzero(np.asarray(escapes)):
+  for b in np.flatnonzero(np.asarray(escapes)[: len(names)]):
     warnings.warn(
         f"{names[b]}: the band refined at {resolution}^3 reaches past the points decoded from"
         f" the {parent[1]}^3 level; part of the surface may be missing (raise coarse_band, now"
@@ -522,15 +523,18 @@ def _warn_escapes(cells, parent, resolution: int, coarse_band: float, names) -> 
     )
 
 
-def _refine_level(sdf_fn, inputs, grid, cells, resolution, next_resolution, bounds, chunk, pool):
+def _refine_level(
+    sdf_fn, inputs, grid, cells, resolution, next_resolution, bounds, chunk, pool, num_valid
+):
   """One intermediate level on the device: grids [B, R+1, R+1, R+1] and their refined cells
-  [B, R, R, R] -> (grids at next_resolution: the decoded band of every component with a
-  finite grid and refined cells, the trilinear upsampling elsewhere; its `_BandQueries`)."""
+  [B, R, R, R] -> (grids at next_resolution: the decoded band of every real component (the
+  first num_valid) with a finite grid and refined cells, the trilinear upsampling
+  elsewhere; its `_BandQueries`)."""
   num, n = grid.shape[0], next_resolution + 1
   finite, flagged = (np.asarray(x) for x in _level_summary(grid, cells))
   fine = _upsample_on_device(grid, factor=next_resolution // resolution).reshape(num, -1)
   queries = _BandQueries(sdf_fn, inputs, num, int(min(chunk, n**3)), grid_points=n**3)
-  refined = [b for b in range(num) if finite[b] and flagged[b]]
+  refined = [b for b in range(num_valid) if finite[b] and flagged[b]]
   if refined:
     cells = np.asarray(cells)
     planned = {b: pool.submit(plan_band, cells[b], next_resolution, bounds) for b in refined}
@@ -657,6 +661,7 @@ def extract_meshes(
     coarse_levels: Sequence[int] = (),
     coarse_band: float = 3.0,
     return_stats: bool = False,
+    num_valid: Optional[int] = None,
 ):
   """One mesh per component of a batch of JAX fields.
 
@@ -698,8 +703,12 @@ def extract_meshes(
     coarse_band: the |sdf| threshold of the coarse levels' test in units of that level's
       spacing (>= band; see the module docstring for the choice of 3).
     return_stats: also return the decoded point counts (below).
+    num_valid: only the first num_valid components are real (default: all B); the others
+      are padding that keeps the batch at a shape already compiled: they take part in the
+      dense first level (each row's values depend on its own inputs only) and nothing
+      after it (no band, no mesh, no warning), and no mesh is returned for them.
   Returns:
-    list of B `trimesh.Trimesh` in world units (empty meshes, each with an
+    list of B (num_valid) `trimesh.Trimesh` in world units (empty meshes, each with an
     `EmptyFieldWarning`, for empty or degenerate fields); with return_stats, (meshes,
     stats): stats["levels"] the grids decoded in turn, stats["decoded_points"] the points
     decoded at each (all components), stats["decoder_queries"] the queries the decoder ran
@@ -715,12 +724,16 @@ def extract_meshes(
   spacing = lambda r: 2.0 * bounds / r
   dense_chunk = int(min(chunk_size, (levels[0] + 1) ** 3))
   grid = _dense_grid_on_device(sdf_fn, inputs, levels[0], bounds, chunk_size)
-  num = grid.shape[0]
+  num = grid.shape[0] if num_valid is None else int(num_valid)
+  if not 0 <= num <= grid.shape[0]:
+    raise ValueError(f"num_valid={num_valid}: must be in 0..{grid.shape[0]} (the batch)")
   names = [f"component {b}" for b in range(num)]
   stats = {
       "levels": list(levels[:1]),
-      "decoded_points": [num * (levels[0] + 1) ** 3],
-      "decoder_queries": [num * dense_chunk * -(-((levels[0] + 1) ** 3) // dense_chunk)],
+      "decoded_points": [grid.shape[0] * (levels[0] + 1) ** 3],
+      "decoder_queries": [
+          grid.shape[0] * dense_chunk * -(-((levels[0] + 1) ** 3) // dense_chunk)
+      ],
   }
   workers = max_workers or min(num, os.cpu_count() or 1, 8)
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -732,7 +745,7 @@ def extract_meshes(
       if parent is not None:
         _warn_escapes(cells, parent, lower, coarse_band, names)
       grid, queries = _refine_level(
-          sdf_fn, inputs, grid, cells, lower, upper, bounds, chunk_size, pool
+          sdf_fn, inputs, grid, cells, lower, upper, bounds, chunk_size, pool, num
       )
       stats["levels"].append(upper)
       stats["decoded_points"].append(queries.points)
@@ -753,7 +766,8 @@ def extract_meshes(
       futures[b] = pool.submit(_coarse_only, coarse[b], resolution, bounds, names[b])
     if refines:
       fine_points = (fine_resolution + 1) ** 3
-      queries = _BandQueries(sdf_fn, inputs, num, int(min(chunk_size, fine_points)))
+      rows = grid.shape[0]  # padding rows included: one compiled shape per batch size
+      queries = _BandQueries(sdf_fn, inputs, rows, int(min(chunk_size, fine_points)))
       if refined:
         cells = np.asarray(cells)
         planned = {b: pool.submit(plan_band, cells[b], fine_resolution, bounds) for b in refined}
@@ -883,7 +897,8 @@ def vae_sdf_fn(model, params) -> jax.tree_util.Partial:
 def extract_vae_meshes(model, params, latents, **kwargs):
   """Latents [B, L, C] -> B meshes: runs the decoder's self-attention once per component,
   then `extract_meshes` over the query cross-attention (kwargs and return value as there:
-  with return_stats, (meshes, stats)). Build the model with a FrozenConfigDict config so
-  that repeated calls reuse the compiled functions."""
+  with return_stats, (meshes, stats); num_valid=M meshes only the first M latents, the
+  rest being padding to a batch size already compiled). Build the model with a
+  FrozenConfigDict config so that repeated calls reuse the compiled functions."""
   features = _fns(model)[1](params, latents)
   return extract_meshes(vae_sdf_fn(model, params), features, **kwargs)

@@ -142,6 +142,20 @@ def test_padding_components_change_nothing(mode):
   np.testing.assert_allclose(v3[0], v[1, keep], atol=1e-5, rtol=1e-5)
 
 
+def test_padding_components_change_nothing_with_per_component_conditions():
+  """Scene mode: a padding component's own condition (the pipeline pads with zero images)
+  reaches no real component either."""
+  spec = _spec()
+  x, t, cond = _inputs(3, scene=True)
+  ids = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (B, N))
+  v = _run(spec, x, t, cond, MASK, ids)
+  noise = 100.0 * jax.random.normal(jax.random.key(6), cond.shape)
+  v2 = _run(spec, x, t, jnp.where(MASK[:, :, None, None], cond, noise), MASK, ids)
+  real = np.asarray(MASK)
+  np.testing.assert_allclose(np.asarray(v2)[real], np.asarray(v)[real], atol=1e-5, rtol=1e-5)
+  assert not np.allclose(np.asarray(v2)[~real], np.asarray(v)[~real], atol=1e-3)
+
+
 def test_local_block_vecset_blind_to_compressed_and_anchor():
   spec = _spec()
   block = DiTBlock(spec, is_global=False, has_skip=False)

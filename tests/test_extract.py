@@ -431,3 +431,27 @@ def test_bad_levels_are_refused(kwargs, message):
     extract.extract_meshes(
         _spheres_fn, jnp.ones((1, 4)), **{"resolution": 64, "fine_resolution": 128, **kwargs}
     )
+
+
+@pytest.mark.parametrize("coarse_levels", [(), (8,)])
+def test_padding_rows_change_nothing_and_are_not_meshed(coarse_levels):
+  """num_valid: rows past it are padding (a fixed batch shape, compiled once); the real
+  rows' meshes are those of the unpadded batch, and padding gets no band, mesh or warning."""
+  real = jnp.array([[0.1, 0.0, -0.1, 0.6], [0.3, -0.2, 0.1, 0.2]])
+  # padding rows with a surface (would be refined and meshed) and without (would warn)
+  padding = jnp.array([[0.0, 0.0, 0.0, 0.4], [0.0, 0.0, 0.0, 5.0]])
+  kwargs = dict(resolution=16, fine_resolution=32, chunk_size=1531, coarse_levels=coarse_levels,
+                return_stats=True)
+  want, ws = extract.extract_meshes(_spheres_fn, real, **kwargs)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no EmptyFieldWarning / BandEscapeWarning for padding
+    got, gs = extract.extract_meshes(
+        _spheres_fn, jnp.concatenate([real, padding]), num_valid=2, **kwargs
+    )
+  assert len(got) == 2 and all(len(w.faces) > 100 for w in want)
+  _assert_same_meshes(got, want)
+  # only the dense first level decodes the padding rows
+  assert gs["decoded_points"][0] == 2 * ws["decoded_points"][0]
+  assert gs["decoded_points"][1:] == ws["decoded_points"][1:]
+  with pytest.raises(ValueError, match="num_valid"):
+    extract.extract_meshes(_spheres_fn, real, num_valid=3, resolution=8, fine_resolution=None)

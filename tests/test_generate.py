@@ -6,6 +6,7 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import trimesh
@@ -390,3 +391,62 @@ def test_cli_without_bundled_model_exits_2_with_one_line(tmp_path):
       "--checkpoint: Model bundle folder, or train_dit workdir (or its checkpoints/ folder). "
       "Default: the bundled model, assets/moca-small" in text
   )
+
+
+def test_component_padding_changes_nothing(checkpoints):
+  """Sampling N real components padded to a bucket (masked out of the DiT, the real noise
+  unchanged) gives the unpadded latents and routing; two counts of one bucket share one
+  compiled sampler; padding the decoder's batch gives the same meshes."""
+  loaded = pipeline.load_pipeline(checkpoints["dit"], extract_kwargs={"resolution": RES})
+  make = lambda buckets: pipeline.Pipeline(
+      loaded.config, loaded.params, loaded.vae_model, loaded.vae_params,
+      {"resolution": RES}, component_buckets=buckets)
+  plain, padded = make(()), make((4,))
+  images = mio.load_image(checkpoints["image"])[None]
+  for n in (1, N):
+    assert plain.sampled_components(n, True) == n and padded.sampled_components(n, True) == 4
+    z0, r0 = plain.sample_latents(images, n, seed=1, force=True)
+    z1, r1 = padded.sample_latents(images, n, seed=1, force=True)
+    assert z1.shape == z0.shape == (1, n, 16, 8)
+    # not bit for bit: XLA rounds the longer (masked) reductions differently, ~1e-7
+    np.testing.assert_allclose(z1, z0, rtol=0, atol=1e-5)
+    assert r1["importances"].shape == r0["importances"].shape
+    assert r1["selections"].shape == r0["selections"].shape
+    np.testing.assert_allclose(r1["importances"], r0["importances"], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(r1["selections"], r0["selections"])
+  assert padded._sample._cache_size() == 1  # n = 1 and n = 3: one compiled shape
+  # The starting noise is the draw the sampler made before padding existed.
+  key = jax.random.PRNGKey(1)
+  np.testing.assert_array_equal(
+      plain.initial_noise(key, 1, N), jax.random.normal(key, (1, N, 16, 8), jnp.float32))
+  # The test can fail: the same padding left unmasked changes the real components.
+  prepared = dit_task.prepare_images(jnp.asarray(plain.preprocess(images, N)),
+                                     plain.config.model.encoder)
+  noise = pipeline.pad_components(plain.initial_noise(key, 1, N), 4).copy()
+  noise[:, N:] = 1.0
+  unmasked, _ = padded._sample(  # the compiled sampler above, the mask all True
+      padded.params, prepared, key, num_components=4, component_mask=jnp.ones((1, 4), bool),
+      steps=STEPS, cfg_scale=jnp.float32(2.0), method="euler", time_shift=1.0,
+      return_routing=True, noise=jnp.asarray(noise))
+  assert padded._sample._cache_size() == 1
+  assert not np.allclose(np.asarray(unmasked)[:, :N], z1, atol=1e-3)
+  # Decoding: a padded batch (zero latents, not meshed) gives the same meshes.
+  z = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (1, N, 16, 8)))
+  for a, b in zip(plain.decode(z)[0], padded.decode(z)[0], strict=True):
+    np.testing.assert_array_equal(a.faces, b.faces)
+    np.testing.assert_allclose(a.vertices, b.vertices, rtol=0, atol=1e-5)
+
+
+def test_padding_helpers():
+  assert pipeline.padded_count(3, (4, 8)) == 4 and pipeline.padded_count(8, (4, 8)) == 8
+  assert pipeline.padded_count(9, (4, 8)) == 9 and pipeline.padded_count(3, ()) == 3
+  assert pipeline.padded_count(3, (4, 8), limit=3) == 3
+  x = np.ones((2, 3, 5))
+  np.testing.assert_array_equal(pipeline.pad_components(x, 4)[:, 3], 0.0)
+  assert pipeline.pad_components(x, 4).shape == (2, 4, 5) and pipeline.pad_components(x, 3) is x
+  routing = {"importances": np.zeros((1, 2, 4, 5, 5)), "selections": np.zeros((1, 2, 4, 5, 4))}
+  out = pipeline.unpad_routing(routing, 3)
+  assert out["importances"].shape[-2:] == (3, 3) and out["selections"].shape[-2:] == (3, 2)
+  assert pipeline.coarse_levels_for(64) == (16, 32) and pipeline.coarse_levels_for(24) == ()
+  assert pipeline.coarse_levels_for(128) == (16, 32, 64)
+  assert pipeline.default_extract_kwargs({"coarse_levels": ()})["coarse_levels"] == ()
