@@ -74,8 +74,9 @@ def test_helpers_progress_command_failure(tmp_path):
                        device_kind="NVIDIA H200", devices=1)
 
 
-def _tiny_vae(vae_dir):
-  """An untrained tiny VAE workdir with 16 latents (saved the way train_vae saves)."""
+def _tiny_vae(vae_dir, size="tiny", num_latents=16):
+  """An untrained VAE workdir (default: tiny, 16 latents), saved the way train_vae saves;
+  also the GPU smoke run's VAE (size='bundle', num_latents=None keeps the config's)."""
   import jax
 
   from data_pipeline import vae_batches
@@ -83,8 +84,9 @@ def _tiny_vae(vae_dir):
   from moca_jax import checkpointing, sharding, train_lib, vae_task
 
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-  vcfg = vae_configs.get_config("tiny")
-  vcfg.model.num_latents = 16
+  vcfg = vae_configs.get_config(size)
+  if num_latents:
+    vcfg.model.num_latents = num_latents
   _, init_fn, _ = vae_task.make_task(vcfg)
   batch = vae_task.model_batch(vae_batches.AnalyticShapeSource(vcfg.data, 1, 0).batch(0))
   spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
@@ -112,7 +114,7 @@ def test_jobs_two_variants_write_the_study(tmp_path):
       "--variants=G,dense", "--jobs=2", f"--workdir={work}", "--eval_split=test_tiny",
       "--eval_limit=1", "--eval_steps=1", "--eval_num_samples=1000",
       "--eval_voxel_resolution=16", "--eval_image_size=56", "--eval_extract_resolution=16",
-      "--eval_batches=1", "--time_steps=2", "--grid_rows=1", f"--results_dir={res}",
+      "--eval_batches=0", "--time_steps=2", "--grid_rows=1", f"--results_dir={res}",
       "--results_name=quality_study", "--status_every=0",
   ]
   # one CPU device per process (not the suite's 8 simulated ones); cheap compilation
