@@ -565,11 +565,33 @@ _PROGRESS = re.compile(r"(train|evaluate)\S*\s*\d*%?\|?[^\r\n|]*\|?\s*(\d+)/(\d+
 
 def log_progress(text: str) -> str:
   """The last tqdm progress ('train 120/2000', 'evaluate 3/20') in a log's text, or ''."""
-  found = _PROGRESS.findall(text[-4000:])
+  found = _PROGRESS.findall(text)
   if not found:
     return ""
   what, done, total = found[-1]
   return f"{what} {done}/{total}"
+
+
+def read_tail(path: str, nbytes: int = 65536) -> str:
+  """The last `nbytes` of a text file ('' if it does not exist)."""
+  if not os.path.exists(path):
+    return ""
+  with open(path, "rb") as f:
+    f.seek(max(0, os.path.getsize(path) - nbytes))
+    return f.read().decode("utf-8", errors="replace")
+
+
+def variant_phase(log_path: str, mark: Callable[[str, str], str], v: str) -> str:
+  """What a --jobs child is doing, from its barrier markers and its log's last progress:
+  'compiling / starting', 'train 120/2000', 'waiting to time the step alone', 'evaluate 3/20'."""
+  prog = log_progress(read_tail(log_path))
+  if os.path.exists(mark(v, "eval_go")):
+    return prog if prog.startswith("evaluate") else "evaluating (loading, compiling)"
+  if os.path.exists(mark(v, "timed")):
+    return "step timed, waiting for the others"
+  if os.path.exists(mark(v, "trained")):
+    return "trained, waiting to time the step alone"
+  return prog or "compiling / starting"
 
 
 def child_command(argv: Sequence[str], variant: str, sync_dir: str) -> List[str]:
@@ -579,15 +601,29 @@ def child_command(argv: Sequence[str], variant: str, sync_dir: str) -> List[str]
           f"--variants={variant}", "--jobs=1", f"--sync_dir={sync_dir}", "--results_name="]
 
 
-def child_env(mem_fraction: float = 0.0, base: Optional[dict] = None) -> dict:
+def child_env(
+    mem_fraction: float = 0.0, base: Optional[dict] = None, cache_dir: str = ""
+) -> dict:
   """Environment of a --jobs child: no preallocation of device memory (the processes share
-  the device), optionally a memory fraction each; unbuffered output."""
+  the device); mem_fraction > 0: each process's allocator is capped at that fraction of the
+  device (XLA_PYTHON_CLIENT_MEM_FRACTION), so no process grows into another's share;
+  cache_dir: JAX's persistent compilation cache there (unless the environment names one),
+  so a re-run (a resumed study in a later call on the same machine) loads its programs;
+  unbuffered output."""
   env = dict(os.environ if base is None else base)
   env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   if mem_fraction > 0:
     env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{mem_fraction:.3f}"
+  if cache_dir and not env.get("JAX_COMPILATION_CACHE_DIR"):
+    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
   env["PYTHONUNBUFFERED"] = "1"
   return env
+
+
+def auto_mem_fraction(mem_fraction: float, jobs: int) -> float:
+  """--mem_fraction: < 0 means an equal share each, 0.95 / jobs; 0: not capped."""
+  return 0.95 / max(1, jobs) if mem_fraction < 0 else mem_fraction
 
 
 def failed_child_result(v: str, rc: int, log_path: str) -> dict:
@@ -639,6 +675,7 @@ def run_jobs(
     status_every_s: float = 60.0,
     poll_s: float = 0.5,
     cwd: Optional[str] = None,
+    cache_dir: str = "",
 ) -> Dict[str, dict]:
   """Runs the variants as `jobs` concurrent child processes (`child_command`), each logging
   to workdir/<v>/log.txt, and returns {variant: result} (`collect_result`).
@@ -667,7 +704,7 @@ def run_jobs(
       pending.append(v)
   running: Dict[str, tuple] = {}  # v -> (Popen, start time, log file)
   cwd = cwd or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = child_env(mem_fraction)
+  env = child_env(mem_fraction, cache_dir=cache_dir)
 
   def reap() -> None:
     for v, (p, t0, log) in list(running.items()):
@@ -716,10 +753,8 @@ def run_jobs(
     if status_every_s and time.time() - last_status >= status_every_s:
       last_status = time.time()
       for v, (_, t0, _) in running.items():
-        with open(os.path.join(workdir, v, "log.txt"), errors="replace") as f:
-          f.seek(max(0, os.path.getsize(f.name) - 8000))
-          prog = log_progress(f.read())
-        print(f"[jobs] {v}: {prog or 'starting'} ({(time.time() - t0) / 60:.1f} min)", flush=True)
+        print(f"[jobs] {v}: {variant_phase(os.path.join(workdir, v, 'log.txt'), mark, v)} "
+              f"({(time.time() - t0) / 60:.1f} min)", flush=True)
     time.sleep(poll_s)
   return {v: results[v] for v in variants}
 
@@ -1086,7 +1121,12 @@ def define_flags() -> None:
       "jobs", 1, "Variants trained and evaluated at once, as processes sharing the device."
   )
   flags.DEFINE_float(
-      "mem_fraction", 0.0, "--jobs: XLA_PYTHON_CLIENT_MEM_FRACTION per process (0: not set)."
+      "mem_fraction", -1.0,
+      "--jobs: XLA_PYTHON_CLIENT_MEM_FRACTION per process (< 0: 0.95 / jobs; 0: not set).",
+  )
+  flags.DEFINE_string(
+      "compilation_cache", "",
+      "--jobs: JAX persistent compilation cache folder (default <workdir>/jax_cache; 'none').",
   )
   flags.DEFINE_float("status_every", 60.0, "--jobs: seconds between status lines.")
   flags.DEFINE_string(
@@ -1142,7 +1182,10 @@ def main(argv) -> None:
     )
   if f.jobs > 1 and not f.sync_dir:
     os.makedirs(f.workdir, exist_ok=True)
-    results = run_jobs(sys.argv[1:], f.workdir, variants, f.jobs, f.mem_fraction, f.status_every)
+    cache = f.compilation_cache or os.path.join(os.path.abspath(f.workdir), "jax_cache")
+    results = run_jobs(sys.argv[1:], f.workdir, variants, f.jobs,
+                       auto_mem_fraction(f.mem_fraction, f.jobs), f.status_every,
+                       cache_dir="" if cache == "none" else cache)
     table = write_summary(results, f.config, f.workdir)
   else:
     barrier = FileBarrier(f.sync_dir, variants[0]) if f.sync_dir and len(variants) == 1 else None
