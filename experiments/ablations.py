@@ -1,4 +1,5 @@
-r"""The paper's Table 3 ablation study, plus the dense global-attention baseline.
+r"""The paper's Table 3 ablation study, plus the dense global-attention baseline, and the
+quality study of issue 17 §5 (all variants on one GPU, concurrently).
 
   python -m experiments.ablations --config=experiments/configs/dit.py:tiny \
       --workdir=outputs/ablations --variants=G,A,B,C,D,E,F,dense --eval_split=test_tiny
@@ -7,18 +8,52 @@ Every variant is the SAME config (data, steps, seeds, sizes) with one field of
 config.model.dit changed (see VARIANTS); each is trained with
 moca_jax.dit_task.train_and_evaluate(config, workdir/<variant>), then evaluated on a
 held-out procedural split with moca_jax.evaluation and moca_jax.pipeline (generation -> CD,
-F-score@0.1/0.05,
-self-IoU). Writes into --workdir:
+F-score@0.1/0.05, self-IoU), every variant on the same items with the same seeds. Writes
+into --workdir:
   table3.md        Table-3-shaped markdown (the variant's switches, then the metrics, then
                    the training helper's own scalar results, e.g. its validation loss)
   ablations.json   everything: per variant the overrides, training result, evaluation means
-  <variant>/       the training workdir (checkpoints, TensorBoard) and eval/ (metrics.json,
-                   table.md, grid.png)
+  <variant>/       the training workdir (checkpoints, TensorBoard, runs.jsonl), eval/
+                   (metrics.json with per-item rows, table.md, grid.png, preds/NN.npz: the
+                   first --grid_rows predictions), log.txt (--jobs), variant_result.json
 A variant that fails is reported in the table ("failed: reason") and the others go on.
 Re-running skips variants whose <variant>/ablation_result.json exists (delete it to redo);
 a variant whose training finished (<variant>/train_result.json) but whose evaluation failed
-is only re-evaluated. At tiny size on CPU, generation costs about a minute per item (2
-cores): use --eval_limit, or --eval_split='' for the flow-loss comparison alone.
+is only re-evaluated; one stopped by --config.time_limit_s resumes from its checkpoint.
+At tiny size on CPU, generation costs about a minute per item (2 cores): use --eval_limit,
+or --eval_split='' for the flow-loss comparison alone.
+
+--jobs=K runs the variants as K concurrent processes (this module, one variant each, same
+flags) sharing the device: no memory preallocation, each capped at --mem_fraction of it
+(default 0.95 / K), a persistent compilation cache in <workdir>/jax_cache, output in
+<variant>/log.txt; the parent prints a status line per variant and assembles the tables
+from the variants' result files. After training, each variant's compiled train step is
+timed ALONE (--time_steps steps after warm-up, median, one batch of its training data):
+the children wait at a file barrier (<workdir>/_sync) and the parent lets one at a time
+use the device, then all evaluate. So the table has both 'step ms alone' and the shared
+'train min' / 'step ms (shared)'. --results_name=quality_study writes
+<results_dir>/quality_study.{md,json} and quality_study_grid.png (rows: the first held-out
+inputs; columns: input, each variant's parts, ground truth) with an automatic paragraph on
+whether the paper's ordering holds (`ordering_paragraph`).
+
+The quality study on one H200 (bundle size: DiT 256 x 6, 10M params, 112 px inputs):
+
+  python -m experiments.ablations --config=experiments/configs/dit.py:bundle \
+      --config.data.dir=LATENTS --config.vae.workdir=VAE \
+      --config.model.dit.dtype=bfloat16 --config.model.encoder.dtype=bfloat16 \
+      --config.num_steps=2000 --config.checkpoint.every=2000 --jobs=8 --workdir=/root/study \
+      --eval_split=test --eval_limit=20 --eval_image_size=112 --eval_steps=25 \
+      --eval_num_samples=20000 --results_dir=experiments/results --results_name=quality_study
+
+Measured on an H200 (synthetic data, untrained VAE, 2026-12-01): with 8 processes the
+compilation takes ~4.5 min before the first step (about 1 min for one process alone; the
+CPU cores are shared), each MoC train step needs ~13.2 GB of temporaries (so 8 uncapped
+processes ran out of memory; the default cap gives each 1/8), and the 8 trainings together
+ran at about the throughput of one alone (the GPU was busy 100%): 8 x 2000 steps at batch 64
+is ~12 min of training, more than one 10-minute call. Either lower --config.num_steps, or
+train in chunks: add --config.time_limit_s=S (each variant stops after S s of training,
+saves, and is reported as incomplete) and re-run the same command on the same machine;
+variants resume from their checkpoints, the programs come from the compilation cache.
 """
 
 from __future__ import annotations
@@ -204,6 +239,11 @@ def summarize_training(result, workdir: str) -> Dict[str, float]:
 # ----------------------------------------------------------------------------------------
 
 
+class TrainingIncomplete(RuntimeError):
+  """Training stopped at its time limit (config.time_limit_s) before config.num_steps; the
+  variant is neither timed nor evaluated, and a re-run resumes it from its checkpoint."""
+
+
 class FileBarrier:
   """The child side of the --jobs timing barrier: marker files in `sync_dir`.
 
@@ -285,6 +325,10 @@ def make_train_fn(
     res = dit_task.train_and_evaluate(
         config, workdir, show_progress=show_progress, eval_batches=eval_batches, mesh=mesh
     )
+    if getattr(res, "stopped_early", False):
+      raise TrainingIncomplete(
+          f"stopped by the time limit at step {int(res.state.step)} of {config.num_steps}; "
+          "re-run to resume")
     out = summarize_training(res, workdir)
     out["params"] = float(train_lib.count_params(res.state.params))
     if time_steps > 0:
