@@ -45,15 +45,19 @@ The quality study on one H200 (bundle size: DiT 256 x 6, 10M params, 112 px inpu
       --eval_split=test --eval_limit=20 --eval_image_size=112 --eval_steps=25 \
       --eval_num_samples=20000 --results_dir=experiments/results --results_name=quality_study
 
-Measured on an H200 (synthetic data, untrained VAE, 2026-12-01): with 8 processes the
-compilation takes ~4.5 min before the first step (about 1 min for one process alone; the
-CPU cores are shared), each MoC train step needs ~13.2 GB of temporaries (so 8 uncapped
-processes ran out of memory; the default cap gives each 1/8), and the 8 trainings together
-ran at about the throughput of one alone (the GPU was busy 100%): 8 x 2000 steps at batch 64
-is ~12 min of training, more than one 10-minute call. Either lower --config.num_steps, or
-train in chunks: add --config.time_limit_s=S (each variant stops after S s of training,
-saves, and is reported as incomplete) and re-run the same command on the same machine;
-variants resume from their checkpoints, the programs come from the compilation cache.
+Seen on an H200 (synthetic data, untrained VAE, 2026-12-01, 8 processes, no memory cap):
+compilation took ~4.5 min before the first step (init 42 s + train step 229 s; ~1 min for
+one process alone: the 16 CPU cores are shared); a MoC train step needs ~13.2 GB of
+temporaries, and two of the 8 uncapped processes ran out of memory (hence the default cap
+of 1/8 each, not yet run on the GPU); the 6 others advanced ~20 steps/s in total with the
+GPU 100% busy, about what one run alone does (~22 steps/s, assets/moca-small's card), so
+concurrency saves compilation and evaluation wall time, not training time: 8 x 2000 steps
+at batch 64 is ~12 min of training, more than one 10-minute call. Either lower
+--config.num_steps, or train in chunks: add --config.time_limit_s=S (each variant stops
+after S s of training, saves, and is reported as incomplete) and re-run the same command on
+the same machine (while it is still warm): variants resume from their checkpoints and
+their programs come from the compilation cache. Evaluation time on the GPU is not measured
+yet (8 processes each load the pipeline and compile the sampler).
 """
 
 from __future__ import annotations
@@ -328,7 +332,8 @@ def make_train_fn(
     if getattr(res, "stopped_early", False):
       raise TrainingIncomplete(
           f"stopped by the time limit at step {int(res.state.step)} of {config.num_steps}; "
-          "re-run to resume")
+          "re-run to resume"
+      )
     out = summarize_training(res, workdir)
     out["params"] = float(train_lib.count_params(res.state.params))
     if time_steps > 0:
@@ -529,7 +534,9 @@ def run_variant(base_config, workdir: str, v: str, train_fn: Callable, eval_fn) 
   r["run"] = read_run_stats(vdir)
   mio.atomic_write_text(os.path.join(vdir, "variant_result.json"), json.dumps(r, indent=1) + "\n")
   if r["error"] is None and r["eval_error"] is None:
-    mio.atomic_write_text(os.path.join(vdir, "ablation_result.json"), json.dumps(r, indent=1) + "\n")
+    mio.atomic_write_text(
+        os.path.join(vdir, "ablation_result.json"), json.dumps(r, indent=1) + "\n"
+    )
   return r
 
 
@@ -592,8 +599,9 @@ def run_ablations(
     old = reuse_result(workdir, v)
     if old is not None:
       results[v] = old
-      print(f"[ablations] {v}: reusing {os.path.join(workdir, v, 'ablation_result.json')}",
-            flush=True)
+      print(
+          f"[ablations] {v}: reusing {os.path.join(workdir, v, 'ablation_result.json')}", flush=True
+      )
       continue
     results[v] = run_variant(base_config, workdir, v, train_fn, eval_fn)
   table = write_summary(results, base_config, workdir, train_keys) if summary else ""
@@ -641,13 +649,19 @@ def variant_phase(log_path: str, mark: Callable[[str, str], str], v: str) -> str
 def child_command(argv: Sequence[str], variant: str, sync_dir: str) -> List[str]:
   """The command of one --jobs child: this module with the parent's flags, then (absl: the
   last value of a flag wins) one variant, --jobs=1, the barrier folder and no study files."""
-  return [sys.executable, "-m", "experiments.ablations", *argv,
-          f"--variants={variant}", "--jobs=1", f"--sync_dir={sync_dir}", "--results_name="]
+  return [
+      sys.executable,
+      "-m",
+      "experiments.ablations",
+      *argv,
+      f"--variants={variant}",
+      "--jobs=1",
+      f"--sync_dir={sync_dir}",
+      "--results_name=",
+  ]
 
 
-def child_env(
-    mem_fraction: float = 0.0, base: Optional[dict] = None, cache_dir: str = ""
-) -> dict:
+def child_env(mem_fraction: float = 0.0, base: Optional[dict] = None, cache_dir: str = "") -> dict:
   """Environment of a --jobs child: no preallocation of device memory (the processes share
   the device); mem_fraction > 0: each process's allocator is capped at that fraction of the
   device (XLA_PYTHON_CLIENT_MEM_FRACTION), so no process grows into another's share;
@@ -706,7 +720,9 @@ def _status(r: dict) -> str:
   if r.get("eval_error"):
     bits.append(f"eval FAILED ({r['eval_error'][:100]})")
   elif ev:
-    bits.append(f"CD {ev.get('cd', float('nan')):.4f} F@0.1 {ev.get('fscore@0.1', float('nan')):.4f}")
+    bits.append(
+        f"CD {ev.get('cd', float('nan')):.4f} F@0.1 {ev.get('fscore@0.1', float('nan')):.4f}"
+    )
   return "done: " + ", ".join(bits)
 
 
@@ -758,8 +774,11 @@ def run_jobs(
       log.close()
       del running[v]
       results[v] = collect_result(workdir, v, rc)
-      print(f"[jobs] {v}: exited {rc} after {(time.time() - t0) / 60:.1f} min, "
-            f"{_status(results[v])}", flush=True)
+      print(
+          f"[jobs] {v}: exited {rc} after {(time.time() - t0) / 60:.1f} min, "
+          f"{_status(results[v])}",
+          flush=True,
+      )
 
   def timing_round() -> None:
     """Gives the device to each waiting child in turn, then lets them all evaluate."""
@@ -784,8 +803,9 @@ def run_jobs(
       if os.path.exists(stale):
         os.remove(stale)
       log = open(os.path.join(vdir, "log.txt"), "a")
-      p = subprocess.Popen(child_command(argv, v, sync_dir), cwd=cwd, env=env, stdout=log,
-                           stderr=subprocess.STDOUT)
+      p = subprocess.Popen(
+          child_command(argv, v, sync_dir), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT
+      )
       running[v] = (p, time.time(), log)
       print(f"[jobs] {v}: started (pid {p.pid}), log {os.path.join(vdir, 'log.txt')}", flush=True)
     reap()
@@ -797,8 +817,11 @@ def run_jobs(
     if status_every_s and time.time() - last_status >= status_every_s:
       last_status = time.time()
       for v, (_, t0, _) in running.items():
-        print(f"[jobs] {v}: {variant_phase(os.path.join(workdir, v, 'log.txt'), mark, v)} "
-              f"({(time.time() - t0) / 60:.1f} min)", flush=True)
+        print(
+            f"[jobs] {v}: {variant_phase(os.path.join(workdir, v, 'log.txt'), mark, v)} "
+            f"({(time.time() - t0) / 60:.1f} min)",
+            flush=True,
+        )
     time.sleep(poll_s)
   return {v: results[v] for v in variants}
 
@@ -808,8 +831,12 @@ def run_jobs(
 # ----------------------------------------------------------------------------------------
 
 # Lower is better for CD and self-IoU, higher for the F-scores.
-_METRICS = (("cd", "CD", -1), ("fscore@0.1", "F@0.1", 1), ("fscore@0.05", "F@0.05", 1),
-            ("self_iou", "self-IoU", -1))
+_METRICS = (
+    ("cd", "CD", -1),
+    ("fscore@0.1", "F@0.1", 1),
+    ("fscore@0.05", "F@0.05", 1),
+    ("self_iou", "self-IoU", -1),
+)
 
 
 def _paired(per_item: Optional[dict], a: str, b: str, key: str):
@@ -832,9 +859,11 @@ def _diff_text(per_item, a: str, b: str, key: str, diff: float) -> str:
   if p is not None:
     _, se, n = p
     within = abs(diff) <= 2 * se
-    text += (f" (paired over {n} items: standard error {se:.4f}; "
-             + ("within 2 standard errors, not distinguishable on these items)" if within
-                else "more than 2 standard errors)"))
+    text += f" (paired over {n} items: standard error {se:.4f}; " + (
+        "within 2 standard errors, not distinguishable on these items)"
+        if within
+        else "more than 2 standard errors)"
+    )
   return text
 
 
@@ -852,11 +881,19 @@ def ordering_paragraph(
   the evaluated variants, and dense global attention is no better than it on either;
   where a claim fails, says by how much (absolute differences).
   """
-  ok = {v: e for v, e in evals.items() if e and all(
-      isinstance(e.get(k), (int, float)) and math.isfinite(e[k]) for k in ("cd", "fscore@0.1"))}
+  ok = {
+      v: e
+      for v, e in evals.items()
+      if e
+      and all(
+          isinstance(e.get(k), (int, float)) and math.isfinite(e[k]) for k in ("cd", "fscore@0.1")
+      )
+  }
   if reference not in ok:
-    return (f"{reference} (the full model) has no evaluation, so the paper's ordering cannot "
-            "be checked.")
+    return (
+        f"{reference} (the full model) has no evaluation, so the paper's ordering cannot "
+        "be checked."
+    )
   g = ok[reference]
   out = []
   for key, name, sign in (("fscore@0.1", "F@0.1", 1), ("cd", "CD", -1)):
@@ -864,8 +901,9 @@ def ordering_paragraph(
     if not others:
       out.append(f"{reference} is the only evaluated variant; nothing to compare on {name}.")
       continue
-    better = sorted((v for v, x in others.items() if sign * (x - g[key]) > 0),
-                    key=lambda v: -sign * others[v])
+    better = sorted(
+        (v for v, x in others.items() if sign * (x - g[key]) > 0), key=lambda v: -sign * others[v]
+    )
     rank = 1 + len(better)
     if not better:
       best_other = max(others, key=lambda v: sign * others[v])
@@ -874,37 +912,55 @@ def ordering_paragraph(
       out.append(
           f"{name}: {reference} is best of {len(ok)} evaluated variants ({g[key]:.4f}){tie}, "
           f"ahead of the next, {best_other} ({others[best_other]:.4f}), by "
-          f"{_diff_text(per_item, reference, best_other, key, gap)}.")
+          f"{_diff_text(per_item, reference, best_other, key, gap)}."
+      )
     else:
       lead = better[0]
       out.append(
           f"{name}: {reference} is NOT best; it ranks {rank} of {len(ok)} ({g[key]:.4f}). "
-          f"Better: " + ", ".join(f"{v} ({others[v]:.4f})" for v in better)
+          f"Better: "
+          + ", ".join(f"{v} ({others[v]:.4f})" for v in better)
           + f"; the best, {lead}, by "
-          + _diff_text(per_item, lead, reference, key, others[lead] - g[key]) + ".")
+          + _diff_text(per_item, lead, reference, key, others[lead] - g[key])
+          + "."
+      )
   if dense in ok:
     d = ok[dense]
-    worse_or_equal = [(key, name) for key, name, sign in (("fscore@0.1", "F@0.1", 1), ("cd", "CD", -1))
-                      if sign * (d[key] - g[key]) <= 0]
+    worse_or_equal = [
+        (key, name)
+        for key, name, sign in (("fscore@0.1", "F@0.1", 1), ("cd", "CD", -1))
+        if sign * (d[key] - g[key]) <= 0
+    ]
     if len(worse_or_equal) == 2:
       out.append(
           f"Dense global attention is no better than {reference}, as in the paper: F@0.1 "
-          f"{d['fscore@0.1']:.4f} vs {g['fscore@0.1']:.4f}, CD {d['cd']:.4f} vs {g['cd']:.4f}.")
+          f"{d['fscore@0.1']:.4f} vs {g['fscore@0.1']:.4f}, CD {d['cd']:.4f} vs {g['cd']:.4f}."
+      )
     else:
       parts = []
       for key, name, sign in (("fscore@0.1", "F@0.1", 1), ("cd", "CD", -1)):
         if sign * (d[key] - g[key]) > 0:
-          parts.append(f"{name} {d[key]:.4f} vs {g[key]:.4f}, by "
-                       + _diff_text(per_item, dense, reference, key, d[key] - g[key]))
-      out.append(f"Dense global attention is BETTER than {reference} on " + "; ".join(parts)
-                 + " (the paper has dense no better than MoC).")
+          parts.append(
+              f"{name} {d[key]:.4f} vs {g[key]:.4f}, by "
+              + _diff_text(per_item, dense, reference, key, d[key] - g[key])
+          )
+      out.append(
+          f"Dense global attention is BETTER than {reference} on "
+          + "; ".join(parts)
+          + " (the paper has dense no better than MoC)."
+      )
   else:
     out.append(f"Dense global attention ({dense}) has no evaluation.")
   paper_order = [v for v, _ in sorted(PAPER_TABLE3.items(), key=lambda kv: -kv[1][1])]
   ours = [v for v in sorted(ok, key=lambda v: -ok[v]["fscore@0.1"]) if v in PAPER_TABLE3]
   if len(ours) > 1:
-    out.append("F@0.1 order here: " + " > ".join(ours) + "; in the paper: "
-               + " > ".join(v for v in paper_order if v in ours) + ".")
+    out.append(
+        "F@0.1 order here: "
+        + " > ".join(ours)
+        + "; in the paper: "
+        + " > ".join(v for v in paper_order if v in ours)
+        + "."
+    )
   return " ".join(out)
 
 
@@ -917,8 +973,10 @@ def per_item_metrics(workdir: str, variants: Sequence[str]) -> Dict[str, dict]:
       continue
     with open(path) as f:
       rows = json.load(f).get("rows", [])
-    out[v] = {k: {r["name"]: float(r[k]) for r in rows if isinstance(r.get(k), (int, float))}
-              for k, _, _ in _METRICS}
+    out[v] = {
+        k: {r["name"]: float(r[k]) for r in rows if isinstance(r.get(k), (int, float))}
+        for k, _, _ in _METRICS
+    }
   return out
 
 
@@ -937,8 +995,9 @@ def config_summary(base_config) -> dict:
       "dit_blocks": int(dit.num_blocks),
       "dit_dtype": str(dit.get("dtype", "?")),
       "lr": float(base_config.optim.lr),
-      "data": (base_config.data.source + (f" {base_config.data.dir}" if base_config.data.dir
-                                          else "")),
+      "data": (
+          base_config.data.source + (f" {base_config.data.dir}" if base_config.data.dir else "")
+      ),
   }
 
 
@@ -950,10 +1009,27 @@ def quality_table_markdown(results: Dict[str, dict], base_config) -> str:
   """Table 3 shape plus losses and cost: Variant | 6 switches | CD | F@0.1 | F@0.05 |
   self-IoU | train loss | eval loss (EMA) | steps | train min (shared device) | compile min |
   step ms (shared) | step ms alone | eval min."""
-  head = ["Variant", "Routing", "Compressed", "Gate on", "Activation", "Load balance",
-          "Multi-head", "CD ↓", "F@0.1 ↑", "F@0.05 ↑", "Self-IoU ↓", "train loss",
-          "eval loss (EMA)", "steps", "train min (shared GPU)", "compile min",
-          "step ms (shared)", "step ms alone", "eval min"]
+  head = [
+      "Variant",
+      "Routing",
+      "Compressed",
+      "Gate on",
+      "Activation",
+      "Load balance",
+      "Multi-head",
+      "CD ↓",
+      "F@0.1 ↑",
+      "F@0.05 ↑",
+      "Self-IoU ↓",
+      "train loss",
+      "eval loss (EMA)",
+      "steps",
+      "train min (shared GPU)",
+      "compile min",
+      "step ms (shared)",
+      "step ms alone",
+      "eval min",
+  ]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, r in results.items():
     cells = [VARIANTS[name]["label"]] + switches(variant_config(base_config, name).model.dit)
@@ -994,8 +1070,9 @@ def device_line(results: Dict[str, dict]) -> str:
   return ", ".join(seen) or "unknown (no run records)"
 
 
-def variant_grid_png(workdir: str, variants: Sequence[str], path: str, max_rows: int = 4,
-                     panel_px: int = 160) -> Optional[str]:
+def variant_grid_png(
+    workdir: str, variants: Sequence[str], path: str, max_rows: int = 4, panel_px: int = 160
+) -> Optional[str]:
   """The study's picture: rows = the first held-out items, columns = input image, each
   variant's generated parts (one colour per part, moca_jax.viz.render_parts from the
   input's view), ground truth (grey). Reads workdir/<v>/eval/preds (`save_grid_rows`);
@@ -1008,9 +1085,10 @@ def variant_grid_png(workdir: str, variants: Sequence[str], path: str, max_rows:
 
   from moca_jax import viz  # pylint: disable=g-import-not-at-top
 
-  preds = {v: {row["name"]: row for row in load_grid_rows(os.path.join(workdir, v, "eval",
-                                                                         "preds"))}
-           for v in variants}
+  preds = {
+      v: {row["name"]: row for row in load_grid_rows(os.path.join(workdir, v, "eval", "preds"))}
+      for v in variants
+  }
   names = []
   for v in variants:
     names += [n for n in preds[v] if n not in names]
@@ -1019,8 +1097,10 @@ def variant_grid_png(workdir: str, variants: Sequence[str], path: str, max_rows:
     return None
   cols = ["input"] + list(variants) + ["ground truth"]
   header = 30
-  fig = plt.figure(figsize=(len(cols) * panel_px / viz.DPI,
-                            (len(names) * panel_px + header) / viz.DPI), dpi=viz.DPI)
+  fig = plt.figure(
+      figsize=(len(cols) * panel_px / viz.DPI, (len(names) * panel_px + header) / viz.DPI),
+      dpi=viz.DPI,
+  )
   top = 1 - header / (len(names) * panel_px + header)
   grey = [np.array([0.75, 0.75, 0.75])]
   for r, name in enumerate(names):
@@ -1029,13 +1109,18 @@ def variant_grid_png(workdir: str, variants: Sequence[str], path: str, max_rows:
     panels = [ref["image"][..., :3]]
     for v in variants:
       row = preds[v].get(name)
-      panels.append(None if row is None else
-                    viz.render_parts(row["pred"], panel_px, azimuth=az, elevation=el))
-    panels.append(viz.render_parts(ref["gt"], panel_px, colours=grey * len(ref["gt"]),
-                                   azimuth=az, elevation=el))
+      panels.append(
+          None if row is None else viz.render_parts(row["pred"], panel_px, azimuth=az, elevation=el)
+      )
+    panels.append(
+        viz.render_parts(
+            ref["gt"], panel_px, colours=grey * len(ref["gt"]), azimuth=az, elevation=el
+        )
+    )
     for c, im in enumerate(panels):
-      ax = fig.add_axes([c / len(cols), top - (r + 1) * top / len(names), 1 / len(cols),
-                         top / len(names)])
+      ax = fig.add_axes(
+          [c / len(cols), top - (r + 1) * top / len(names), 1 / len(cols), top / len(names)]
+      )
       ax.set_xticks([])
       ax.set_yticks([])
       for s in ax.spines.values():
@@ -1073,10 +1158,17 @@ def write_quality_study(
   device = device_line(results)
   setting = config_summary(base_config)
   per_item = per_item_metrics(workdir, variants)
-  ordering = ordering_paragraph({v: r.get("eval") for v, r in results.items()
-                                 if not r.get("error") and not r.get("eval_error")}, per_item)
-  png = variant_grid_png(workdir, variants, os.path.join(results_dir, f"{name}_grid.png"),
-                         grid_rows)
+  ordering = ordering_paragraph(
+      {
+          v: r.get("eval")
+          for v, r in results.items()
+          if not r.get("error") and not r.get("eval_error")
+      },
+      per_item,
+  )
+  png = variant_grid_png(
+      workdir, variants, os.path.join(results_dir, f"{name}_grid.png"), grid_rows
+  )
   ev = dict(eval_settings or {})
   lines = [
       f"# Quality study: MoC attention ablations and dense global attention ({setting['size']})",
@@ -1087,10 +1179,12 @@ def write_quality_study(
       "idle, median of the timed steps after warm-up, same batch as training).",
       "",
       "Setting, the same for every variant (one DiT switch differs): "
-      + ", ".join(f"{k} {v}" for k, v in setting.items()) + ".",
+      + ", ".join(f"{k} {v}" for k, v in setting.items())
+      + ".",
       "",
       "Evaluation, the same items, seeds and settings for every variant: "
-      + (", ".join(f"{k} {v}" for k, v in ev.items()) or "none") + ".",
+      + (", ".join(f"{k} {v}" for k, v in ev.items()) or "none")
+      + ".",
       "",
       quality_table_markdown(results, base_config),
       "The paper's Table 3 (Trellis-500K training, PartObjaverse-Tiny evaluation; other data "
@@ -1105,9 +1199,12 @@ def write_quality_study(
       "",
   ]
   if png:
-    lines += ["## The same inputs across variants", "",
-              f"![inputs, each variant's generated parts, ground truth]({os.path.basename(png)})",
-              ""]
+    lines += [
+        "## The same inputs across variants",
+        "",
+        f"![inputs, each variant's generated parts, ground truth]({os.path.basename(png)})",
+        "",
+    ]
   md = os.path.join(results_dir, f"{name}.md")
   mio.atomic_write_text(md, "\n".join(lines))
   doc = {
@@ -1115,11 +1212,14 @@ def write_quality_study(
       "jobs": jobs,
       "setting": setting,
       "eval_settings": ev,
-      "paper_table3": {k: dict(zip(("cd", "fscore@0.1", "fscore@0.05"), x))
-                       for k, x in PAPER_TABLE3.items()},
+      "paper_table3": {
+          k: dict(zip(("cd", "fscore@0.1", "fscore@0.05"), x)) for k, x in PAPER_TABLE3.items()
+      },
       "ordering": ordering,
-      "variants": {v: {**r, "switches": switches(variant_config(base_config, v).model.dit)}
-                   for v, r in results.items()},
+      "variants": {
+          v: {**r, "switches": switches(variant_config(base_config, v).model.dit)}
+          for v, r in results.items()
+      },
       "per_item": per_item,
       "base_config": json.loads(base_config.to_json_best_effort()),
   }
@@ -1165,11 +1265,13 @@ def define_flags() -> None:
       "jobs", 1, "Variants trained and evaluated at once, as processes sharing the device."
   )
   flags.DEFINE_float(
-      "mem_fraction", -1.0,
+      "mem_fraction",
+      -1.0,
       "--jobs: XLA_PYTHON_CLIENT_MEM_FRACTION per process (< 0: 0.95 / jobs; 0: not set).",
   )
   flags.DEFINE_string(
-      "compilation_cache", "",
+      "compilation_cache",
+      "",
       "--jobs: JAX persistent compilation cache folder (default <workdir>/jax_cache; 'none').",
   )
   flags.DEFINE_float("status_every", 60.0, "--jobs: seconds between status lines.")
@@ -1227,21 +1329,34 @@ def main(argv) -> None:
   if f.jobs > 1 and not f.sync_dir:
     os.makedirs(f.workdir, exist_ok=True)
     cache = f.compilation_cache or os.path.join(os.path.abspath(f.workdir), "jax_cache")
-    results = run_jobs(sys.argv[1:], f.workdir, variants, f.jobs,
-                       auto_mem_fraction(f.mem_fraction, f.jobs), f.status_every,
-                       cache_dir="" if cache == "none" else cache)
+    results = run_jobs(
+        sys.argv[1:],
+        f.workdir,
+        variants,
+        f.jobs,
+        auto_mem_fraction(f.mem_fraction, f.jobs),
+        f.status_every,
+        cache_dir="" if cache == "none" else cache,
+    )
     table = write_summary(results, f.config, f.workdir)
   else:
     barrier = FileBarrier(f.sync_dir, variants[0]) if f.sync_dir and len(variants) == 1 else None
-    train_fn = make_train_fn(eval_batches=f.eval_batches, time_steps=f.time_steps,
-                             barrier=barrier)
-    out = run_ablations(f.config, f.workdir, variants, train_fn=train_fn, eval_fn=eval_fn,
-                        summary=not f.sync_dir)
+    train_fn = make_train_fn(eval_batches=f.eval_batches, time_steps=f.time_steps, barrier=barrier)
+    out = run_ablations(
+        f.config, f.workdir, variants, train_fn=train_fn, eval_fn=eval_fn, summary=not f.sync_dir
+    )
     results, table = out["results"], out["table"]
   if f.results_name and not f.sync_dir:
-    written = write_quality_study(results, f.config, f.workdir, f.results_dir, f.results_name,
-                                  eval_settings_from_flags(f) if f.eval_split else None,
-                                  jobs=max(1, f.jobs), grid_rows=f.grid_rows)
+    written = write_quality_study(
+        results,
+        f.config,
+        f.workdir,
+        f.results_dir,
+        f.results_name,
+        eval_settings_from_flags(f) if f.eval_split else None,
+        jobs=max(1, f.jobs),
+        grid_rows=f.grid_rows,
+    )
     print("[ablations] wrote " + ", ".join(written.values()), flush=True)
   print(table)
 

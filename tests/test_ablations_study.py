@@ -20,7 +20,9 @@ def _ev(cd, f1, f05=0.5, iou=0.01):
 
 
 def test_ordering_holds_states_margins():
-  text = A.ordering_paragraph({"G": _ev(0.10, 0.80), "A": _ev(0.20, 0.60), "dense": _ev(0.12, 0.78)})
+  text = A.ordering_paragraph(
+      {"G": _ev(0.10, 0.80), "A": _ev(0.20, 0.60), "dense": _ev(0.12, 0.78)}
+  )
   assert "F@0.1: G is best of 3 evaluated variants (0.8000)" in text
   assert "ahead of the next, dense (0.7800), by 0.0200" in text
   assert "CD: G is best of 3" in text and "by 0.0200" in text
@@ -30,8 +32,13 @@ def test_ordering_holds_states_margins():
 
 
 def test_ordering_violations_by_how_much_with_paired_errors():
-  evals = {"G": _ev(0.15, 0.70), "F": _ev(0.14, 0.75), "B": _ev(0.16, 0.72),
-           "dense": _ev(0.13, 0.71), "C": None}
+  evals = {
+      "G": _ev(0.15, 0.70),
+      "F": _ev(0.14, 0.75),
+      "B": _ev(0.16, 0.72),
+      "dense": _ev(0.13, 0.71),
+      "C": None,
+  }
   text = A.ordering_paragraph(evals)
   assert "F@0.1: G is NOT best; it ranks 4 of 4 (0.7000)" in text
   assert "Better: F (0.7500), B (0.7200), dense (0.7100); the best, F, by 0.0500" in text
@@ -47,7 +54,8 @@ def test_ordering_violations_by_how_much_with_paired_errors():
   assert "paired over 2 items: standard error 0.2500; within 2 standard errors" in text
   assert "G has no evaluation" not in text
   assert "has no evaluation, so the paper's ordering cannot be checked" in A.ordering_paragraph(
-      {"A": _ev(0.1, 0.9)})
+      {"A": _ev(0.1, 0.9)}
+  )
   assert "Dense global attention (dense) has no evaluation." in text
 
 
@@ -65,13 +73,34 @@ def test_helpers_progress_command_failure(tmp_path):
   (tmp_path / "B" / "log.txt").write_text("...\nRuntimeError: out of memory\n")
   r = A.collect_result(str(tmp_path), "B", -9)
   assert r["error"] == "process exited with -9: RuntimeError: out of memory"
-  stats = A.run_stats([
-      dict(start_step=0, end_step=10, train_seconds=6.0, compile_seconds=2.0,
-           device_kind="NVIDIA H200", devices=1),
-      dict(start_step=10, end_step=30, train_seconds=12.0, compile_seconds=1.0,
-           device_kind="NVIDIA H200", devices=1)])
-  assert stats == dict(train_seconds=18.0, compile_seconds=3.0, steps=30, steps_this_run=30,
-                       device_kind="NVIDIA H200", devices=1)
+  stats = A.run_stats(
+      [
+          dict(
+              start_step=0,
+              end_step=10,
+              train_seconds=6.0,
+              compile_seconds=2.0,
+              device_kind="NVIDIA H200",
+              devices=1,
+          ),
+          dict(
+              start_step=10,
+              end_step=30,
+              train_seconds=12.0,
+              compile_seconds=1.0,
+              device_kind="NVIDIA H200",
+              devices=1,
+          ),
+      ]
+  )
+  assert stats == dict(
+      train_seconds=18.0,
+      compile_seconds=3.0,
+      steps=30,
+      steps_this_run=30,
+      device_kind="NVIDIA H200",
+      devices=1,
+  )
 
 
 def _tiny_vae(vae_dir, size="tiny", num_latents=16):
@@ -91,7 +120,8 @@ def _tiny_vae(vae_dir, size="tiny", num_latents=16):
   batch = vae_task.model_batch(vae_batches.AnalyticShapeSource(vcfg.data, 1, 0).batch(0))
   spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
   state, _ = train_lib.create_train_state(
-      init_fn, train_lib.make_optimizer(vcfg.optim), spec, jax.random.PRNGKey(0), mesh)
+      init_fn, train_lib.make_optimizer(vcfg.optim), spec, jax.random.PRNGKey(0), mesh
+  )
   ckpt = checkpointing.Checkpointer(os.path.join(vae_dir, "checkpoints"))
   ckpt.save(0, state, None, vcfg, force=True)
   ckpt.close()
@@ -104,18 +134,38 @@ def test_jobs_two_variants_write_the_study(tmp_path):
   vae, work, res = tmp_path / "vae", tmp_path / "w", tmp_path / "results"
   _tiny_vae(str(vae))
   cmd = [
-      sys.executable, "-m", "experiments.ablations",
-      "--config=experiments/configs/dit.py:tiny", "--config.data.source=synthetic",
-      "--config.num_steps=2", "--config.batch_size=2", "--config.mesh.data=1",
-      "--config.log_every=1", "--config.checkpoint.every=2",
-      "--config.checkpoint.async_save=False", "--config.model.dit.num_blocks=2",
-      "--config.model.dit.latent_tokens=16", "--config.model.encoder.depth=1",
-      "--config.data.max_components=3", f"--config.vae.workdir={vae}",
-      "--variants=G,dense", "--jobs=2", f"--workdir={work}", "--eval_split=test_tiny",
-      "--eval_limit=1", "--eval_steps=1", "--eval_num_samples=1000",
-      "--eval_voxel_resolution=16", "--eval_image_size=56", "--eval_extract_resolution=16",
-      "--eval_batches=0", "--time_steps=2", "--grid_rows=1", f"--results_dir={res}",
-      "--results_name=quality_study", "--status_every=0",
+      sys.executable,
+      "-m",
+      "experiments.ablations",
+      "--config=experiments/configs/dit.py:tiny",
+      "--config.data.source=synthetic",
+      "--config.num_steps=2",
+      "--config.batch_size=2",
+      "--config.mesh.data=1",
+      "--config.log_every=1",
+      "--config.checkpoint.every=2",
+      "--config.checkpoint.async_save=False",
+      "--config.model.dit.num_blocks=2",
+      "--config.model.dit.latent_tokens=16",
+      "--config.model.encoder.depth=1",
+      "--config.data.max_components=3",
+      f"--config.vae.workdir={vae}",
+      "--variants=G,dense",
+      "--jobs=2",
+      f"--workdir={work}",
+      "--eval_split=test_tiny",
+      "--eval_limit=1",
+      "--eval_steps=1",
+      "--eval_num_samples=1000",
+      "--eval_voxel_resolution=16",
+      "--eval_image_size=56",
+      "--eval_extract_resolution=16",
+      "--eval_batches=0",
+      "--time_steps=2",
+      "--grid_rows=1",
+      f"--results_dir={res}",
+      "--results_name=quality_study",
+      "--status_every=0",
   ]
   # one CPU device per process (not the suite's 8 simulated ones); cheap compilation
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
