@@ -69,6 +69,15 @@ def test_helpers_progress_command_failure(tmp_path):
   env = A.child_env(0.1, base={})
   assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
   assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.100"
+  assert A.auto_mem_fraction(-1, 8) == pytest.approx(0.95 / 8) and A.auto_mem_fraction(0, 8) == 0
+  env = A.child_env(base={}, cache_dir="/c")
+  assert env["JAX_COMPILATION_CACHE_DIR"] == "/c" and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in env
+  assert (
+      A.child_env(base={"JAX_COMPILATION_CACHE_DIR": "/mine"}, cache_dir="/c")[
+          "JAX_COMPILATION_CACHE_DIR"
+      ]
+      == "/mine"
+  )
   (tmp_path / "B").mkdir()
   (tmp_path / "B" / "log.txt").write_text("...\nRuntimeError: out of memory\n")
   r = A.collect_result(str(tmp_path), "B", -9)
