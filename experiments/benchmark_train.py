@@ -163,6 +163,25 @@ def _compile_step(size: str, n: int, attention: str, batch: Optional[int], remat
   )
 
 
+def time_steps(step, state, batch, key, steps: int, warmup: int = 2):
+  """Times a compiled train step alone: `warmup` untimed calls, then `steps` calls each
+  waited for (the loss). state is donated and threaded through. Returns (state, metrics,
+  per-step seconds)."""
+  import jax
+
+  metrics = None
+  for _ in range(warmup):
+    state, metrics = step(state, batch, key)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, metrics = step(state, batch, key)
+    jax.block_until_ready(metrics["loss"])
+    times.append(time.perf_counter() - t)
+  return state, metrics, times
+
+
 def run_one(
     size: str, n: int, attention: str, steps: int, batch: Optional[int] = None, remat: str = ""
 ) -> dict:
@@ -201,16 +220,7 @@ def run_one(
   except Exception:
     flops = 0.0
   batch_dev = sharding.shard_batch(host, mesh)
-  key = jax.random.PRNGKey(1)
-  for _ in range(2):
-    state, metrics = step(state, batch_dev, key)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, metrics = step(state, batch_dev, key)
-    jax.block_until_ready(metrics["loss"])
-    times.append(time.perf_counter() - t)
+  state, metrics, times = time_steps(step, state, batch_dev, jax.random.PRNGKey(1), steps)
   step_s = statistics.median(times)
   stats = jax.devices()[0].memory_stats() or {}
   out = dict(

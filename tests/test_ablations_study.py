@@ -1,0 +1,206 @@
+"""experiments.ablations' quality study: --jobs K (variants as concurrent processes sharing
+the device, the step timed alone behind a file barrier), the study's md / json / picture,
+and the ordering paragraph (a pure function, made-up numbers)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import ablations as A
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _ev(cd, f1, f05=0.5, iou=0.01):
+  return {"cd": cd, "fscore@0.1": f1, "fscore@0.05": f05, "self_iou": iou}
+
+
+def test_ordering_holds_states_margins():
+  text = A.ordering_paragraph(
+      {"G": _ev(0.10, 0.80), "A": _ev(0.20, 0.60), "dense": _ev(0.12, 0.78)}
+  )
+  assert "F@0.1: G is best of 3 evaluated variants (0.8000)" in text
+  assert "ahead of the next, dense (0.7800), by 0.0200" in text
+  assert "CD: G is best of 3" in text and "by 0.0200" in text
+  assert "Dense global attention is no better than G, as in the paper" in text
+  assert "NOT" not in text and "BETTER" not in text
+  assert "F@0.1 order here: G > A; in the paper: G > A." in text
+
+
+def test_ordering_violations_by_how_much_with_paired_errors():
+  evals = {
+      "G": _ev(0.15, 0.70),
+      "F": _ev(0.14, 0.75),
+      "B": _ev(0.16, 0.72),
+      "dense": _ev(0.13, 0.71),
+      "C": None,
+  }
+  text = A.ordering_paragraph(evals)
+  assert "F@0.1: G is NOT best; it ranks 4 of 4 (0.7000)" in text
+  assert "Better: F (0.7500), B (0.7200), dense (0.7100); the best, F, by 0.0500" in text
+  assert "CD: G is NOT best; it ranks 3 of 4" in text and "the best, dense, by 0.0200" in text
+  assert "Dense global attention is BETTER than G on F@0.1 0.7100 vs 0.7000, by 0.0100" in text
+  assert "CD 0.1300 vs 0.1500, by 0.0200" in text
+  # Paired over items: a difference inside two standard errors is said to be so.
+  per_item = {
+      "G": {"fscore@0.1": {"a": 0.6, "b": 0.8}, "cd": {"a": 0.1, "b": 0.2}},
+      "F": {"fscore@0.1": {"a": 0.9, "b": 0.6}, "cd": {"a": 0.1, "b": 0.18}},
+  }
+  text = A.ordering_paragraph({"G": _ev(0.15, 0.70), "F": _ev(0.14, 0.75)}, per_item)
+  assert "paired over 2 items: standard error 0.2500; within 2 standard errors" in text
+  assert "G has no evaluation" not in text
+  assert "has no evaluation, so the paper's ordering cannot be checked" in A.ordering_paragraph(
+      {"A": _ev(0.1, 0.9)}
+  )
+  assert "Dense global attention (dense) has no evaluation." in text
+
+
+def test_helpers_progress_command_failure(tmp_path):
+  log = "train:  50%|#####     | 1000/2000 [00:30<00:30]\rtrain:  60%|###   | 1200/2000 [00:3"
+  assert A.log_progress(log) == "train 1200/2000"
+  assert A.log_progress("evaluate:  10%|#  | 2/20 [01:00<") == "evaluate 2/20"
+  assert A.log_progress("nothing yet") == ""
+  cmd = A.child_command(["--jobs=8", "--variants=G,A"], "A", "/w/_sync")
+  assert cmd[-4:] == ["--variants=A", "--jobs=1", "--sync_dir=/w/_sync", "--results_name="]
+  env = A.child_env(0.1, base={})
+  assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+  assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.100"
+  assert A.auto_mem_fraction(-1, 8) == pytest.approx(0.95 / 8) and A.auto_mem_fraction(0, 8) == 0
+  env = A.child_env(base={}, cache_dir="/c")
+  assert env["JAX_COMPILATION_CACHE_DIR"] == "/c" and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in env
+  assert (
+      A.child_env(base={"JAX_COMPILATION_CACHE_DIR": "/mine"}, cache_dir="/c")[
+          "JAX_COMPILATION_CACHE_DIR"
+      ]
+      == "/mine"
+  )
+  (tmp_path / "B").mkdir()
+  (tmp_path / "B" / "log.txt").write_text("...\nRuntimeError: out of memory\n")
+  r = A.collect_result(str(tmp_path), "B", -9)
+  assert r["error"] == "process exited with -9: RuntimeError: out of memory"
+  stats = A.run_stats(
+      [
+          dict(
+              start_step=0,
+              end_step=10,
+              train_seconds=6.0,
+              compile_seconds=2.0,
+              device_kind="NVIDIA H200",
+              devices=1,
+          ),
+          dict(
+              start_step=10,
+              end_step=30,
+              train_seconds=12.0,
+              compile_seconds=1.0,
+              device_kind="NVIDIA H200",
+              devices=1,
+          ),
+      ]
+  )
+  assert stats == dict(
+      train_seconds=18.0,
+      compile_seconds=3.0,
+      steps=30,
+      steps_this_run=30,
+      device_kind="NVIDIA H200",
+      devices=1,
+  )
+
+
+def _tiny_vae(vae_dir, size="tiny", num_latents=16):
+  """An untrained VAE workdir (default: tiny, 16 latents), saved the way train_vae saves;
+  also the GPU smoke run's VAE (size='bundle', num_latents=None keeps the config's)."""
+  import jax
+
+  from data_pipeline import vae_batches
+  from experiments.configs import vae as vae_configs
+  from moca_jax import checkpointing, sharding, train_lib, vae_task
+
+  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  vcfg = vae_configs.get_config(size)
+  if num_latents:
+    vcfg.model.num_latents = num_latents
+  _, init_fn, _ = vae_task.make_task(vcfg)
+  batch = vae_task.model_batch(vae_batches.AnalyticShapeSource(vcfg.data, 1, 0).batch(0))
+  spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+  state, _ = train_lib.create_train_state(
+      init_fn, train_lib.make_optimizer(vcfg.optim), spec, jax.random.PRNGKey(0), mesh
+  )
+  ckpt = checkpointing.Checkpointer(os.path.join(vae_dir, "checkpoints"))
+  ckpt.save(0, state, None, vcfg, force=True)
+  ckpt.close()
+
+
+@pytest.mark.slow
+def test_jobs_two_variants_write_the_study(tmp_path):
+  """--jobs=2: two variants as concurrent processes (real tiny training, 2 steps, step timed
+  alone, generation on one held-out item); the parent writes table3.md and the study."""
+  vae, work, res = tmp_path / "vae", tmp_path / "w", tmp_path / "results"
+  _tiny_vae(str(vae))
+  cmd = [
+      sys.executable,
+      "-m",
+      "experiments.ablations",
+      "--config=experiments/configs/dit.py:tiny",
+      "--config.data.source=synthetic",
+      "--config.num_steps=2",
+      "--config.batch_size=2",
+      "--config.mesh.data=1",
+      "--config.log_every=1",
+      "--config.checkpoint.every=2",
+      "--config.checkpoint.async_save=False",
+      "--config.model.dit.num_blocks=2",
+      "--config.model.dit.latent_tokens=16",
+      "--config.model.encoder.depth=1",
+      "--config.data.max_components=3",
+      f"--config.vae.workdir={vae}",
+      "--variants=G,dense",
+      "--jobs=2",
+      f"--workdir={work}",
+      "--eval_split=test_tiny",
+      "--eval_limit=1",
+      "--eval_steps=1",
+      "--eval_num_samples=1000",
+      "--eval_voxel_resolution=16",
+      "--eval_image_size=56",
+      "--eval_extract_resolution=16",
+      "--eval_batches=0",
+      "--time_steps=2",
+      "--grid_rows=1",
+      f"--results_dir={res}",
+      "--results_name=quality_study",
+      "--status_every=0",
+  ]
+  # one CPU device per process (not the suite's 8 simulated ones); cheap compilation
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert "[jobs] G: step timed alone" in out.stdout and "[jobs] dense: exited 0" in out.stdout
+  doc = json.load(open(res / "quality_study.json"))
+  assert list(doc["variants"]) == ["G", "dense"]
+  for v in ("G", "dense"):
+    r = doc["variants"][v]
+    assert r["error"] is None and r["eval_error"] is None, r
+    assert r["train"]["step_ms_alone"] > 0 and r["train"]["step_ms_alone_exclusive"] == 1.0
+    assert r["run"]["steps"] == 2 and r["run"]["device_kind"]
+    assert 0 <= r["eval"]["fscore@0.1"] <= 1
+    assert os.path.exists(work / v / "log.txt") and os.listdir(work / v / "eval" / "preds")
+  assert doc["setting"]["steps"] == 2 and doc["eval_settings"]["image_size"] == 56
+  md = (res / "quality_study.md").read_text()
+  assert "step ms alone" in md and "train min (shared GPU)" in md and "## Ordering" in md
+  assert "Dense global attention" in md and doc["ordering"] in md
+  rows = [l for l in md.splitlines() if l.startswith("| ")]
+  assert len(rows) == 3
+  from PIL import Image
+
+  w, h = Image.open(res / "quality_study_grid.png").size
+  assert w == 4 * 160 and h == 160 + 30  # input | G | dense | ground truth, one row
+  assert (work / "table3.md").exists() and (work / "ablations.json").exists()
+  # A re-run reuses both finished variants without starting a process.
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
+  assert out.returncode == 0 and out.stdout.count("reusing") == 2 and "started" not in out.stdout
