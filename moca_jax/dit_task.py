@@ -387,7 +387,15 @@ def _router_histograms(writer, step, metrics):
 
 
 def evaluate(config, state, loss_fn, num_batches: int = 2) -> dict:
-  """Flow loss of the EMA and the raw params on `num_batches` batches (fixed noise)."""
+  """Flow loss of the EMA and the raw params on `num_batches` batches (fixed noise), and of
+  the EMA params with each example conditioned on ANOTHER example's image (the batch's
+  images rolled by one; same latents, times, noise and CFG drops).
+
+  Returns {'eval_loss_ema', 'eval_loss_params', 'eval_loss_ema_wrong_image',
+  'condition_gain'}: condition_gain = wrong-image loss - EMA loss, about 0 for a model that
+  ignores its image (it learned the unconditional distribution) and > 0 once the image
+  informs the prediction. Needs batches of at least 2 examples (else no wrong-image entries).
+  """
   split = "val" if config.data.source == "records" and config.data.get("val_dir") else "train"
   try:
     it = make_iterator_fn(config, split, shuffle=False)()
@@ -395,7 +403,9 @@ def evaluate(config, state, loss_fn, num_batches: int = 2) -> dict:
     log.warning("evaluation on the train split (%s)", e)
     it = make_iterator_fn(config, "train", shuffle=False)()
   jit_loss = jax.jit(lambda p, b, r: loss_fn(p, b, r)[0])
-  losses = {"ema": [], "params": []}
+  jit_wrong = jax.jit(lambda p, b, r: loss_fn(
+      p, dict(b, images=jnp.roll(b["images"], 1, axis=0)), r)[0])
+  losses = {"ema": [], "params": [], "ema_wrong_image": []}
   # Every process runs this (the params may span processes); each feeds its own batch rows.
   mesh = jax.tree.leaves(state.params)[0].sharding.mesh
   for i in range(num_batches):
@@ -403,7 +413,12 @@ def evaluate(config, state, loss_fn, num_batches: int = 2) -> dict:
     rng = jax.random.PRNGKey(10_000 + i)
     losses["ema"].append(float(jit_loss(state.ema_params, batch, rng)))
     losses["params"].append(float(jit_loss(state.params, batch, rng)))
-  return {f"eval_loss_{k}": float(np.mean(v)) for k, v in losses.items()}
+    if batch["images"].shape[0] > 1:
+      losses["ema_wrong_image"].append(float(jit_wrong(state.ema_params, batch, rng)))
+  out = {f"eval_loss_{k}": float(np.mean(v)) for k, v in losses.items() if v}
+  if "eval_loss_ema_wrong_image" in out:
+    out["condition_gain"] = out["eval_loss_ema_wrong_image"] - out["eval_loss_ema"]
+  return out
 
 
 def write_loss_outputs(workdir: str, history: list, start: int, config, num_steps=None) -> str:
