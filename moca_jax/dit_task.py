@@ -392,9 +392,11 @@ def evaluate(config, state, loss_fn, num_batches: int = 2) -> dict:
   images rolled by one; same latents, times, noise and CFG drops).
 
   Returns {'eval_loss_ema', 'eval_loss_params', 'eval_loss_ema_wrong_image',
-  'condition_gain'}: condition_gain = wrong-image loss - EMA loss, about 0 for a model that
-  ignores its image (it learned the unconditional distribution) and > 0 once the image
-  informs the prediction. Needs batches of at least 2 examples (else no wrong-image entries).
+  'condition_gain', 'condition_spread'}: condition_gain = wrong-image loss - EMA loss, about
+  0 for a model that ignores its image (it learned the unconditional distribution) and > 0
+  once the image informs the prediction; condition_spread = `image_encoder.token_spread` of
+  the EMA encoder's tokens over the batch (near 0: the encoder output no longer depends on
+  the image). Needs batches of at least 2 examples (else neither is reported).
   """
   split = "val" if config.data.source == "records" and config.data.get("val_dir") else "train"
   try:
@@ -405,7 +407,12 @@ def evaluate(config, state, loss_fn, num_batches: int = 2) -> dict:
   jit_loss = jax.jit(lambda p, b, r: loss_fn(p, b, r)[0])
   jit_wrong = jax.jit(lambda p, b, r: loss_fn(
       p, dict(b, images=jnp.roll(b["images"], 1, axis=0)), r)[0])
+  model = ImageConditionedDiT(config.model)
+  jit_spread = jax.jit(lambda p, images: image_encoder.token_spread(model.apply(
+      {"params": p}, prepare_images(images, config.model.encoder),
+      method=ImageConditionedDiT.encode)))
   losses = {"ema": [], "params": [], "ema_wrong_image": []}
+  spreads = []
   # Every process runs this (the params may span processes); each feeds its own batch rows.
   mesh = jax.tree.leaves(state.params)[0].sharding.mesh
   for i in range(num_batches):
@@ -415,9 +422,11 @@ def evaluate(config, state, loss_fn, num_batches: int = 2) -> dict:
     losses["params"].append(float(jit_loss(state.params, batch, rng)))
     if batch["images"].shape[0] > 1:
       losses["ema_wrong_image"].append(float(jit_wrong(state.ema_params, batch, rng)))
+      spreads.append(float(jit_spread(state.ema_params, batch["images"])))
   out = {f"eval_loss_{k}": float(np.mean(v)) for k, v in losses.items() if v}
   if "eval_loss_ema_wrong_image" in out:
     out["condition_gain"] = out["eval_loss_ema_wrong_image"] - out["eval_loss_ema"]
+    out["condition_spread"] = float(np.mean(spreads))
   return out
 
 

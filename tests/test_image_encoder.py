@@ -161,3 +161,17 @@ def test_odd_length_padding_path_matches_plain_attention():
     ie.attention = orig
   np.testing.assert_allclose(out, ref, atol=1e-5)
   np.testing.assert_allclose(ie.encoder_attention(q, k, v, "xla"), ref, atol=1e-5)
+
+
+def test_token_spread_measures_dependence_on_the_image():
+  rng = np.random.default_rng(0)
+  same = np.broadcast_to(rng.normal(size=(1, 5, 8)), (4, 5, 8))
+  assert float(ie.token_spread(jnp.asarray(same))) == pytest.approx(0.0, abs=1e-6)
+  varied = rng.normal(size=(4, 5, 8))
+  s = float(ie.token_spread(jnp.asarray(varied)))
+  assert 0.3 < s < 1.5
+  assert float(ie.token_spread(jnp.asarray(3.0 * varied))) == pytest.approx(s, rel=1e-5)
+  # a constant offset shared by every image (a collapsed encoder's bias) lowers the spread
+  assert float(ie.token_spread(jnp.asarray(varied + 10.0))) < 0.2 * s
+  with pytest.raises(ValueError, match="at least 2"):
+    ie.token_spread(jnp.asarray(varied[:1]))

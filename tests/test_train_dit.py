@@ -96,7 +96,13 @@ def _check_resume_is_exact(tmp_path):
   )
   # metrics, eval and the stored config are written
   assert os.listdir(os.path.join(b_dir, "tb"))
-  assert os.path.exists(os.path.join(b_dir, "eval.json"))
+  with open(os.path.join(b_dir, "eval.json")) as f:
+    ev = json.load(f)
+  # the wrong-image loss uses the same latents, times and noise: only the image differs
+  assert ev["condition_gain"] == pytest.approx(ev["eval_loss_ema_wrong_image"]
+                                               - ev["eval_loss_ema"])
+  assert ev["eval_loss_ema_wrong_image"] != ev["eval_loss_ema"]
+  assert 0.0 < ev["condition_spread"] < 1.0
   stored, step = checkpointing.read_checkpoint_config(os.path.join(b_dir, "checkpoints"))
   assert step == 2 * K and stored["model"]["dit"]["num_blocks"] == 2
 
