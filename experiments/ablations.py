@@ -128,6 +128,10 @@ def variant_config(base_config, name: str):
   return cfg
 
 
+# Table 3's switch columns, in the order `switches` fills them.
+SWITCH_COLUMNS = ("Routing", "Compressed", "Gate on", "Activation", "Load balance", "Multi-head")
+
+
 def switches(dit_cfg) -> List[str]:
   """The Table 3 switch cells of a DiT config (✓ / ✗ / Key / Sigmoid ...)."""
   yes = lambda b: "✓" if b else "✗"  # pylint: disable=unnecessary-lambda-assignment
@@ -178,12 +182,7 @@ def table3_markdown(
   """
   head = [
       "Variant",
-      "Routing",
-      "Compressed",
-      "Gate on",
-      "Activation",
-      "Load balance",
-      "Multi-head",
+      *SWITCH_COLUMNS,
       "CD ↓",
       "Fscore-0.1 ↑",
       "Fscore-0.05 ↑",
@@ -1011,12 +1010,7 @@ def quality_table_markdown(results: Dict[str, dict], base_config) -> str:
   step ms (shared) | step ms alone | eval min."""
   head = [
       "Variant",
-      "Routing",
-      "Compressed",
-      "Gate on",
-      "Activation",
-      "Load balance",
-      "Multi-head",
+      *SWITCH_COLUMNS,
       "CD ↓",
       "F@0.1 ↑",
       "F@0.05 ↑",
@@ -1118,19 +1112,13 @@ def variant_grid_png(
         )
     )
     for c, im in enumerate(panels):
-      ax = fig.add_axes(
-          [c / len(cols), top - (r + 1) * top / len(names), 1 / len(cols), top / len(names)]
+      ax = viz.image_panel(
+          fig,
+          [c / len(cols), top - (r + 1) * top / len(names), 1 / len(cols), top / len(names)],
+          im,
+          title=cols[c] if r == 0 else None,
+          title_size=8,
       )
-      ax.set_xticks([])
-      ax.set_yticks([])
-      for s in ax.spines.values():
-        s.set_visible(False)
-      if im is None:
-        ax.text(0.5, 0.5, "n/a", ha="center", va="center", fontsize=9, color="grey")
-      else:
-        ax.imshow(im, interpolation="nearest")
-      if r == 0:
-        ax.set_title(cols[c], fontsize=8)
       if c == 0:
         ax.text(0.02, 0.02, name, transform=ax.transAxes, fontsize=6, backgroundcolor="white")
   return mio.save_figure(fig, path, format="png", dpi=viz.DPI)

@@ -335,6 +335,24 @@ def _display_image(image: np.ndarray) -> np.ndarray:
   raise ValueError(f"image: expected 1, 3, 4 or 7 channels, got {im.shape[-1]}")
 
 
+def image_panel(fig, rect, image, title: Optional[str] = None, title_size: int = 9):
+  """One borderless grid cell of a figure: `image` (H x W x 3, or H x W grey) in the axes at
+  `rect` ([left, bottom, width, height], figure fractions), or 'n/a' when it is None; an
+  optional column title. Returns the axes (for labels)."""
+  ax = fig.add_axes(rect)
+  ax.set_xticks([])
+  ax.set_yticks([])
+  for spine in ax.spines.values():
+    spine.set_visible(False)
+  if image is None:
+    ax.text(0.5, 0.5, "n/a", ha="center", va="center", fontsize=9, color="grey")
+  else:
+    ax.imshow(image, cmap="gray" if np.ndim(image) == 2 else None, interpolation="nearest")
+  if title is not None:
+    ax.set_title(title, fontsize=title_size)
+  return ax
+
+
 def mesh_grid_png(
     rows: Sequence[Mapping],
     path: str,
@@ -378,17 +396,8 @@ def mesh_grid_png(
     else:
       panels.append(None)
     for c, im in enumerate(panels):
-      ax = fig.add_axes([c / 3, top - (r + 1) * top / n, 1 / 3, top / n])
-      ax.set_xticks([])
-      ax.set_yticks([])
-      for s in ax.spines.values():
-        s.set_visible(False)
-      if im is None:
-        ax.text(0.5, 0.5, "n/a", ha="center", va="center", fontsize=9, color="grey")
-      else:
-        ax.imshow(im, cmap="gray" if np.ndim(im) == 2 else None, interpolation="nearest")
-      if r == 0:
-        ax.set_title(headers[c], fontsize=9)
+      ax = image_panel(fig, [c / 3, top - (r + 1) * top / n, 1 / 3, top / n], im,
+                       title=headers[c] if r == 0 else None)
       if c == 0 and row.get("label"):
         ax.text(
             0.02,
