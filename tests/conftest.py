@@ -41,3 +41,34 @@ def tiny_shards(tmp_path_factory):
     return built[key]
 
   return build
+
+
+def _save_untrained_vae(vae_dir, size="tiny", num_latents=None):
+  """An untrained VAE workdir saved the way train_vae saves (config size `size`; num_latents
+  overrides the config's L)."""
+  import jax
+
+  from data_pipeline import vae_batches
+  from experiments.configs import vae as vae_configs
+  from moca_jax import checkpointing, sharding, train_lib, vae_task
+
+  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  vcfg = vae_configs.get_config(size)
+  if num_latents:
+    vcfg.model.num_latents = num_latents
+  _, init_fn, _ = vae_task.make_task(vcfg)
+  batch = vae_task.model_batch(vae_batches.AnalyticShapeSource(vcfg.data, 1, 0).batch(0))
+  spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+  state, _ = train_lib.create_train_state(
+      init_fn, train_lib.make_optimizer(vcfg.optim), spec, jax.random.PRNGKey(0), mesh
+  )
+  ckpt = checkpointing.Checkpointer(os.path.join(vae_dir, "checkpoints"))
+  ckpt.save(0, state, None, vcfg, force=True)
+  ckpt.close()
+
+
+@pytest.fixture(scope="session")
+def save_untrained_vae():
+  """Factory: save_untrained_vae(vae_dir, size='tiny', num_latents=None) writes an untrained
+  VAE workdir (orbax checkpoint and config, as train_vae writes them)."""
+  return _save_untrained_vae

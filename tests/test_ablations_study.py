@@ -112,36 +112,12 @@ def test_helpers_progress_command_failure(tmp_path):
   )
 
 
-def _tiny_vae(vae_dir, size="tiny", num_latents=16):
-  """An untrained VAE workdir (default: tiny, 16 latents), saved the way train_vae saves;
-  also the GPU smoke run's VAE (size='bundle', num_latents=None keeps the config's)."""
-  import jax
-
-  from data_pipeline import vae_batches
-  from experiments.configs import vae as vae_configs
-  from moca_jax import checkpointing, sharding, train_lib, vae_task
-
-  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-  vcfg = vae_configs.get_config(size)
-  if num_latents:
-    vcfg.model.num_latents = num_latents
-  _, init_fn, _ = vae_task.make_task(vcfg)
-  batch = vae_task.model_batch(vae_batches.AnalyticShapeSource(vcfg.data, 1, 0).batch(0))
-  spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
-  state, _ = train_lib.create_train_state(
-      init_fn, train_lib.make_optimizer(vcfg.optim), spec, jax.random.PRNGKey(0), mesh
-  )
-  ckpt = checkpointing.Checkpointer(os.path.join(vae_dir, "checkpoints"))
-  ckpt.save(0, state, None, vcfg, force=True)
-  ckpt.close()
-
-
 @pytest.mark.slow
-def test_jobs_two_variants_write_the_study(tmp_path):
+def test_jobs_two_variants_write_the_study(tmp_path, save_untrained_vae):
   """--jobs=2: two variants as concurrent processes (real tiny training, 2 steps, step timed
   alone, generation on one held-out item); the parent writes table3.md and the study."""
   vae, work, res = tmp_path / "vae", tmp_path / "w", tmp_path / "results"
-  _tiny_vae(str(vae))
+  save_untrained_vae(str(vae), num_latents=16)
   cmd = [
       sys.executable,
       "-m",

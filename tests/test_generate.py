@@ -12,11 +12,9 @@ import pytest
 import trimesh
 from PIL import Image
 
-from data_pipeline import vae_batches
-
 from experiments import generate
 from experiments.configs import vae as vae_configs
-from moca_jax import checkpointing, dit_task, sharding, train_lib, vae_task
+from moca_jax import checkpointing, dit_task, sharding, train_lib
 from moca_jax import io as mio
 from moca_jax import pipeline
 
@@ -24,22 +22,12 @@ N, STEPS, RES = 3, 2, 24  # one sampler / extractor shape for all tests (compile
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def checkpoints(tmp_path_factory, save_untrained_vae):
   """A tiny VAE workdir and a DiT workdir, both untrained, saved the way run_training saves."""
   root = tmp_path_factory.mktemp("gen")
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   vae_dir = str(root / "vae")
-  vcfg = vae_configs.get_config("tiny")
-  vcfg.model.num_latents = 16  # the DiT's latent_tokens below
-  _, init_fn, _ = vae_task.make_task(vcfg)
-  batch = vae_task.model_batch(vae_batches.AnalyticShapeSource(vcfg.data, 1, 0).batch(0))
-  spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
-  state, _ = train_lib.create_train_state(
-      init_fn, train_lib.make_optimizer(vcfg.optim), spec, jax.random.PRNGKey(0), mesh
-  )
-  ckpt = checkpointing.Checkpointer(os.path.join(vae_dir, "checkpoints"))
-  ckpt.save(0, state, None, vcfg, force=True)
-  ckpt.close()
+  save_untrained_vae(vae_dir, num_latents=16)  # the DiT's latent_tokens below
 
   from experiments.configs import dit as dit_configs
 
