@@ -1006,8 +1006,9 @@ def _minutes(seconds) -> str:
 
 def quality_table_markdown(results: Dict[str, dict], base_config) -> str:
   """Table 3 shape plus losses and cost: Variant | 6 switches | CD | F@0.1 | F@0.05 |
-  self-IoU | train loss | eval loss (EMA) | steps | train min (shared device) | compile min |
-  step ms (shared) | step ms alone | eval min."""
+  self-IoU | train loss | eval loss (EMA) | condition gain (`dit_task.evaluate`: ~0 when the
+  model ignores its image) | steps | train min (shared device) | compile min | step ms
+  (shared) | step ms alone | eval min."""
   head = [
       "Variant",
       *SWITCH_COLUMNS,
@@ -1017,6 +1018,7 @@ def quality_table_markdown(results: Dict[str, dict], base_config) -> str:
       "Self-IoU ↓",
       "train loss",
       "eval loss (EMA)",
+      "condition gain",
       "steps",
       "train min (shared GPU)",
       "compile min",
@@ -1041,6 +1043,7 @@ def quality_table_markdown(results: Dict[str, dict], base_config) -> str:
       cells += [
           _fmt(tr.get("final_train_loss")),
           _fmt(tr.get("eval_loss_ema")),
+          _fmt(tr.get("condition_gain")),
           str(run.get("steps", int(tr.get("steps", 0)) or "-")),
           _minutes(run.get("train_seconds")),
           _minutes(run.get("compile_seconds")),

@@ -10,6 +10,8 @@
 # of the time, the DiT continuing from the bundle's weights.
 #   DIT_SECONDS=420 bash experiments/results/bundle_train.sh dit          # one DiT chunk
 #   DIT_SECONDS=300 EVAL=1 bash experiments/results/bundle_train.sh dit   # + evaluation
+#   INIT_BUNDLE=assets/moca-small STUDY_SECONDS=240 bash experiments/results/bundle_train.sh study
+#                                     # the section-5 study (repeat the call to continue)
 # Every call ends with what the next session needs in $OUT (at most 8 files of 16 MiB):
 #   logs.tar.gz             logs, metrics.jsonl, runs.jsonl, eval.json, loss curves, tables
 #   vae.tar.part-*          the VAE workdir (orbax checkpoint, optimizer state included)
@@ -17,7 +19,7 @@
 # Reassemble with `cat bundle.tar.part-* | tar -x -C assets`.
 # TINY=1 runs the same sequence with the tiny configs and the tiny split (a CPU dry run).
 set -u
-stage=${1:?"stage: data_vae | dit"}
+stage=${1:?"stage: data_vae | dit | study"}
 OUT=${OUT:-bundle_out}
 W=${W:-/root/bw}
 mkdir -p "$OUT/logs" "$W"
@@ -37,7 +39,7 @@ last_line() { tr '\r' '\n' < "$1" | grep -a "$2" | tail -1; }
 note "stage $stage on $(nvidia-smi -L 2>/dev/null | head -1) $(nproc) cores"
 
 if [ "${TINY:-0}" = 1 ]; then
-  SRC=procedural:tiny; VAE_CFG=tiny; IMG=56; SHARDS=2; BUILD_WORKERS=0
+  SRC=procedural:tiny; VAE_CFG=tiny; IMG=56; SHARDS=${SHARDS:-2}; BUILD_WORKERS=0
   VAE_FLAGS="--config.num_steps=20 --config.eval.num_shapes=4"
   DIT_CFG=tiny
   DIT_FLAGS="--config.num_steps=${DIT_STEPS:-20} --config.batch_size=4 --config.checkpoint.every=10"
@@ -68,7 +70,8 @@ pack() {  # name dir: dir as name.tar.part-* (15 MiB pieces) in $OUT
 encode() {  # the built shards through the frozen VAE encoder (finished shards are kept):
   # ENCODE_GROUPS processes on the CPU cores encode disjoint shards (the per-record work is
   # host-bound), then one run checks every shard and writes the manifest
-  local args=(--vae_checkpoint="$W/vae" --input="$W/data" --output="$W/latents" --progress=false)
+  local args=(--vae_checkpoint="${VAE_DIR:-$W/vae}" --input="$W/data" --output="$W/latents"
+              --progress=false)
   local k=${ENCODE_GROUPS:-1}
   if [ "$k" -gt 1 ]; then
     for i in $(seq 0 $((k - 1))); do
@@ -123,6 +126,46 @@ elif [ "$stage" = dit ]; then
   note "export rc=$? $(tail -1 "$OUT/logs/export.log")"
   cp "$W"/dit/{loss_curve.png,metrics.jsonl,runs.jsonl,eval.json} "$OUT/logs/" 2>/dev/null
   [ -f "$W/moca-small/bundle.json" ] && pack bundle "$W/moca-small"
+elif [ "$stage" = study ]; then
+  # The quality study (issue 17 section 5): full MoC, dense and ablations A-F on the same
+  # latents, trained as concurrent processes (experiments.ablations --jobs). Data: this warm
+  # machine's $W/latents (a data_vae call before), else the first STUDY_SHARDS of the split's
+  # shards, built here in parallel and encoded with the VAE of INIT_BUNDLE (a bundle's
+  # frozen encoder: the bundled DiT's latent space). Re-running the same call resumes
+  # (variants stopped by STUDY_SECONDS continue from their checkpoints).
+  VAE_DIR=${VAE_DIR:-$W/vae}
+  if [ ! -f "$W/latents/manifest.json" ]; then
+    VAE_DIR=${INIT_BUNDLE:?"a study on a fresh machine needs INIT_BUNDLE (the VAE to encode with)"}
+    n=${STUDY_SHARDS:-16}
+    for i in $(seq 0 $((n - 1))); do
+      JAX_PLATFORMS=cpu python3 -m data_pipeline.build --source=$SRC --out="$W/data" \
+        --num_shards=$SHARDS --shard_index=$i --n_surface=2048 --n_near=0 --n_volume=0 \
+        --image_size=$IMG --num_views=2 --num_previews=0 --progress=false \
+        > "$OUT/logs/build_$i.log" 2>&1 &
+    done
+    wait
+    note "built $n of $SHARDS shards: $(ls "$W"/data/shard-*.json | wc -l) finished"
+    encode
+  fi
+  if [ "${TINY:-0}" = 1 ]; then
+    STUDY_FLAGS="--config.num_steps=${STUDY_STEPS:-3} --config.batch_size=4 --variants=G,dense \
+      --jobs=2 --eval_split=test_tiny --eval_limit=1 --eval_steps=2 --eval_num_samples=2000 \
+      --eval_voxel_resolution=16 --time_steps=2"
+  else
+    STUDY_FLAGS="--config.model.dit.dtype=bfloat16 --config.model.encoder.dtype=bfloat16 \
+      --config.num_steps=${STUDY_STEPS:-1000} --config.checkpoint.every=${STUDY_STEPS:-1000} \
+      --config.data.num_workers=1 --config.time_limit_s=${STUDY_SECONDS:-0} --jobs=8 \
+      --eval_split=test --eval_limit=${STUDY_EVAL:-16} --eval_image_size=$IMG --eval_steps=25 \
+      --eval_num_samples=20000"
+  fi
+  python3 -m experiments.ablations --config=experiments/configs/dit.py:$DIT_CFG \
+    --config.data.dir="$W/latents" --config.vae.workdir="$VAE_DIR" $STUDY_FLAGS \
+    --workdir="$W/study" --results_dir="$OUT/logs/study" --results_name=quality_study \
+    > "$OUT/logs/study.log" 2>&1
+  note "study rc=$? $(tail -1 "$OUT/logs/study.log")"
+  cp "$W/study/table3.md" "$W/study/ablations.json" "$OUT/logs/study/" 2>/dev/null
+  for v in "$W"/study/*/; do cp "$v/log.txt" "$OUT/logs/study/$(basename "$v").log" 2>/dev/null; done
+  [ -f "$OUT/logs/study/quality_study_grid.png" ] && cp "$OUT/logs/study/quality_study_grid.png" "$OUT/"
 else
   echo "unknown stage $stage" >&2; exit 2
 fi
