@@ -94,11 +94,13 @@ def encode_params(params: PyTree, storage_dtype: str = "bfloat16") -> bytes:
   return buf.getvalue()
 
 
-def decode_params(data: bytes, storage_dtype: str, abstract: PyTree, name: str) -> PyTree:
+def decode_params(data: bytes, storage_dtype: str, abstract: PyTree, name: str,
+                  keep=None) -> PyTree:
   """npz bytes -> params shaped like `abstract` (a pytree of arrays or ShapeDtypeStructs),
-  in abstract's dtypes. Raises BundleError naming `name` when keys or shapes differ."""
+  in abstract's dtypes. keep: optional predicate on the stored '/'-joined keys (the others
+  are ignored). Raises BundleError naming `name` when keys or shapes differ."""
   with np.load(_io.BytesIO(data), allow_pickle=False) as npz:
-    stored = {k: npz[k] for k in npz.files}
+    stored = {k: npz[k] for k in npz.files if keep is None or keep(k)}
   want = traverse_util.flatten_dict(nn.meta.unbox(abstract), sep="/")
   missing = sorted(set(want) - set(stored))
   extra = sorted(set(stored) - set(want))
@@ -244,7 +246,8 @@ def read_bundle(folder: str) -> Bundle:
   return Bundle(dit_config, dit_params, vae_config, vae_params, info)
 
 
-def params_for_training(folder: str, which: str, abstract: PyTree) -> PyTree:
+def params_for_training(folder: str, which: str, abstract: PyTree,
+                        parts: Optional[tuple] = None) -> PyTree:
   """A training run's warm start (config.init.from_bundle): the bundle's `which` params.
 
   Args:
@@ -254,8 +257,10 @@ def params_for_training(folder: str, which: str, abstract: PyTree) -> PyTree:
       the {'params': ...} wrapper); the bundle's weights are decoded against it, so the
       training config may differ from the bundle's in anything but the parameter shapes
       (dtype, attention backend, loss, data, optimizer).
+    parts: top-level param names to take (e.g. ('dit',): the DiT without its image
+      encoder); None takes all. Only those parts are compared and returned.
   Returns:
-    params like `abstract`, in its dtypes (float32 for training).
+    params like `abstract` (restricted to `parts`), in its dtypes (float32 for training).
   Raises:
     FileNotFoundError: no such folder.
     BundleError: not a bundle, a bad checksum, or parameters missing, extra or of another
@@ -266,5 +271,12 @@ def params_for_training(folder: str, which: str, abstract: PyTree) -> PyTree:
   folder = os.path.abspath(os.fspath(folder))
   info = read_info(folder)
   name = f"{which}.npz"
+  if parts is not None:
+    unknown = sorted(set(parts) - set(abstract))
+    if unknown:
+      raise ValueError(f"parts: {unknown} are not top-level params of the model "
+                       f"({sorted(abstract)})")
+    abstract = {k: abstract[k] for k in parts}
   return decode_params(_read_weights(folder, name, info), info["storage_dtype"], abstract,
-                       f"init.from_bundle={folder} ({name} against the training config)")
+                       f"init.from_bundle={folder} ({name} against the training config)",
+                       keep=None if parts is None else (lambda key: key.split("/")[0] in parts))

@@ -18,7 +18,8 @@ differing field; `workdir/config.json` is written only after the check passed. F
 may change on resume:
   num_steps, optim.total_steps   train longer (the schedule follows total_steps)
   time_limit_s                   the length of a training chunk (train_lib.run_training)
-  init.from_bundle               a fresh run's warm start (only read when there is no checkpoint)
+  init.from_bundle, init.bundle_parts
+                                 a fresh run's warm start (only read when there is no checkpoint)
   log_every, checkpoint.*        logging and checkpoint cadence
   eval.*                         evaluation after training
   data.num_workers, mesh.*, distributed
@@ -248,6 +249,7 @@ RESUMABLE_FIELDS = (
     "mesh",
     "distributed",
     "init.from_bundle",
+    "init.bundle_parts",
 )
 # May differ, with a warning.
 WARN_FIELDS = ("batch_size",)

@@ -463,7 +463,8 @@ def train_and_evaluate(
   (`moca_jax.prior_init`); the prior is checked before anything is written
   (PriorInitError) and not read again on resume. A fresh run with config.init.from_bundle
   starts from that bundle's DiT and encoder weights (params-only warm restart: fresh
-  optimizer, step 0; BundleError when the shapes differ from the config's).
+  optimizer, step 0; BundleError when the shapes differ from the config's);
+  config.init.bundle_parts = ('dit',) takes the DiT alone and starts a fresh image encoder.
   """
   distributed.initialize(config.get("distributed"))  # multi-process job (config.distributed)
   check_data_pairing(config)
@@ -477,8 +478,9 @@ def train_and_evaluate(
   if from_bundle and fresh:  # params-only warm restart (checked before anything is written)
     from moca_jax import bundle  # pylint: disable=g-import-not-at-top  (bundle imports this module)
 
+    parts = tuple(config.init.get("bundle_parts", ("encoder", "dit")))
     start_state_fn = train_lib.start_from_params(
-        bundle.params_for_training(from_bundle, "dit", abstract_params(config)))
+        bundle.params_for_training(from_bundle, "dit", abstract_params(config), parts))
   _, init_fn, loss_fn = make_task(config)
   start = checkpointing.latest_checkpoint_step(os.path.join(workdir, "checkpoints"))
   result = train_lib.run_training(

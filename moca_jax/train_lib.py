@@ -246,17 +246,22 @@ def create_train_state(
 
 def start_from_params(params: PyTree) -> Callable[["TrainState", StateSetup], "TrainState"]:
   """`run_training`'s start_state_fn for a params-only warm restart: a fresh run starts from
-  `params` (a tree shaped like the state's params, e.g. a bundle's weights,
+  `params` (a dict shaped like the state's params, e.g. a bundle's weights,
   `moca_jax.bundle.params_for_training`) as both its params and its EMA params, cast to the
-  state's dtypes and placed like them; step 0 and the freshly initialised optimizer state."""
+  state's dtypes and placed like them; step 0 and the freshly initialised optimizer state.
+  `params` may hold only some top-level entries (e.g. {'dit': ...}): the others keep their
+  fresh initialisation."""
 
   def fn(state: TrainState, setup: StateSetup) -> TrainState:
-    def place(tree):
-      # jnp.array copies: params and EMA params must be distinct buffers (both are donated)
-      return jax.tree.map(lambda x, ref, sh: jax.device_put(jnp.array(x, ref.dtype), sh),
-                          tree, state.params, setup.shardings.params)
+    def place(fresh):
+      out = dict(fresh)
+      for key, tree in params.items():
+        # jnp.array copies: params and EMA params must be distinct buffers (both are donated)
+        out[key] = jax.tree.map(lambda x, ref, sh: jax.device_put(jnp.array(x, ref.dtype), sh),
+                                tree, fresh[key], setup.shardings.params[key])
+      return type(fresh)(out) if not isinstance(fresh, dict) else out
 
-    return state.replace(params=place(params), ema_params=place(params))
+    return state.replace(params=place(state.params), ema_params=place(state.ema_params))
 
   return fn
 

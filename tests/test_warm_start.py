@@ -126,3 +126,24 @@ def test_dit_warm_start_from_bundle_and_mismatch(tiny_bundle, tmp_path):
     dit_task.train_and_evaluate(bad, str(tmp_path / "bad"), num_steps=1, mesh=_mesh1(),
                                 show_progress=False, eval_batches=0)
   assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_dit_warm_start_of_the_dit_alone_keeps_a_fresh_encoder(tiny_bundle, tmp_path):
+  c = _dit_config()
+  c.optim.lr = 0.0
+  fresh = dit_task.train_and_evaluate(c, str(tmp_path / "fresh"), num_steps=1, mesh=_mesh1(),
+                                      show_progress=False, eval_batches=0)
+  c.init.from_bundle = tiny_bundle
+  c.init.bundle_parts = ("dit",)
+  res = dit_task.train_and_evaluate(c, str(tmp_path / "w"), num_steps=1, mesh=_mesh1(),
+                                    show_progress=False, eval_batches=0)
+  start = _flat(bundle.params_for_training(tiny_bundle, "dit", dit_task.abstract_params(c),
+                                           ("dit",)))
+  got, init = _flat(res.state.params), _flat(fresh.state.params)
+  assert set(start) == {k for k in got if k.startswith("dit/")}
+  for k in got:
+    want = start[k] if k.startswith("dit/") else init[k]  # the encoder as freshly initialised
+    np.testing.assert_array_equal(got[k], want, err_msg=k)
+  assert any(not np.array_equal(init[k], start[k]) for k in start)  # the test can tell
+  with pytest.raises(ValueError, match="not top-level params"):
+    bundle.params_for_training(tiny_bundle, "dit", dit_task.abstract_params(c), ("nothing",))

@@ -46,7 +46,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.distributed = distributed_config()  # multi-process job: see moca_jax.distributed
   # A fresh run starts from a bundle's DiT + encoder weights (a params-only warm restart:
   # fresh optimizer, step 0; moca_jax.bundle.params_for_training). Not read on resume.
-  c.init = ml_collections.ConfigDict(dict(from_bundle=""))
+  # init.bundle_parts: which of the bundle's top-level params to take ('encoder', 'dit');
+  # ('dit',) starts a fresh image encoder under the bundle's DiT.
+  c.init = ml_collections.ConfigDict(dict(from_bundle="", bundle_parts=("encoder", "dit")))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.checkpoint = ml_collections.ConfigDict(dict(every=every, keep=3, async_save=True))
