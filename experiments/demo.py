@@ -138,7 +138,8 @@ def _card_line(pipe, folder: str) -> str:
 
   card = bundle.read_info(folder).get("card", {})
   dit, enc = pipe.config.model.dit, pipe.config.model.encoder
-  steps = card.get("dit_step") or card.get("dit", {}).get("steps")
+  # every run's steps (warm restarts included), else the exported checkpoint's step
+  steps = card.get("dit", {}).get("steps") or card.get("dit_step")
   return (
       f"{card.get('name', os.path.basename(folder))}: {pipe.config.get('mode', 'object')}-mode "
       f"MoC DiT {dit.width} x {dit.num_blocks}, encoder {enc.width} x {enc.depth} at "
