@@ -396,8 +396,12 @@ def mesh_grid_png(
     else:
       panels.append(None)
     for c, im in enumerate(panels):
-      ax = image_panel(fig, [c / 3, top - (r + 1) * top / n, 1 / 3, top / n], im,
-                       title=headers[c] if r == 0 else None)
+      ax = image_panel(
+          fig,
+          [c / 3, top - (r + 1) * top / n, 1 / 3, top / n],
+          im,
+          title=headers[c] if r == 0 else None,
+      )
       if c == 0 and row.get("label"):
         ax.text(
             0.02,

@@ -52,9 +52,11 @@ def tiny_bundle(tmp_path_factory):
   dit_config, vae_config = _dit_config(), _vae_config()
   s = dit_config.model.encoder.image_size
   d = dit_config.model.dit
-  batch = {"images": np.zeros((1, s, s, 3), np.uint8),
-           "latents": np.zeros((1, 2, d.latent_tokens, d.latent_channels), np.float32),
-           "component_mask": np.ones((1, 2), bool)}
+  batch = {
+      "images": np.zeros((1, s, s, 3), np.uint8),
+      "latents": np.zeros((1, 2, d.latent_tokens, d.latent_channels), np.float32),
+      "component_mask": np.ones((1, 2), bool),
+  }
   unbox = lambda t: jax.tree.map(np.asarray, __import__("flax").linen.meta.unbox(t))
   dit_params = dit_task.make_task(dit_config).init_fn(jax.random.PRNGKey(123), batch)["params"]
   model, _ = vae_task.abstract_params(vae_config)
@@ -111,8 +113,9 @@ def test_dit_warm_start_from_bundle_and_mismatch(tiny_bundle, tmp_path):
   c = _dit_config()
   c.init.from_bundle = tiny_bundle
   c.optim.lr = 0.0  # the params stay where the run started
-  res = dit_task.train_and_evaluate(c, str(tmp_path / "w"), num_steps=1, mesh=_mesh1(),
-                                    show_progress=False, eval_batches=0)
+  res = dit_task.train_and_evaluate(
+      c, str(tmp_path / "w"), num_steps=1, mesh=_mesh1(), show_progress=False, eval_batches=0
+  )
   start = _flat(bundle.params_for_training(tiny_bundle, "dit", dit_task.abstract_params(c)))
   for tree, tol in ((res.state.params, 0.0), (res.state.ema_params, 1e-6)):
     got = _flat(tree)  # the EMA of a constant: equal up to float rounding
@@ -123,22 +126,26 @@ def test_dit_warm_start_from_bundle_and_mismatch(tiny_bundle, tmp_path):
   bad.init.from_bundle = tiny_bundle
   bad.model.dit.num_blocks = 3
   with pytest.raises(bundle.BundleError, match="init.from_bundle=.*missing"):
-    dit_task.train_and_evaluate(bad, str(tmp_path / "bad"), num_steps=1, mesh=_mesh1(),
-                                show_progress=False, eval_batches=0)
+    dit_task.train_and_evaluate(
+        bad, str(tmp_path / "bad"), num_steps=1, mesh=_mesh1(), show_progress=False, eval_batches=0
+    )
   assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
 def test_dit_warm_start_of_the_dit_alone_keeps_a_fresh_encoder(tiny_bundle, tmp_path):
   c = _dit_config()
   c.optim.lr = 0.0
-  fresh = dit_task.train_and_evaluate(c, str(tmp_path / "fresh"), num_steps=1, mesh=_mesh1(),
-                                      show_progress=False, eval_batches=0)
+  fresh = dit_task.train_and_evaluate(
+      c, str(tmp_path / "fresh"), num_steps=1, mesh=_mesh1(), show_progress=False, eval_batches=0
+  )
   c.init.from_bundle = tiny_bundle
   c.init.bundle_parts = ("dit",)
-  res = dit_task.train_and_evaluate(c, str(tmp_path / "w"), num_steps=1, mesh=_mesh1(),
-                                    show_progress=False, eval_batches=0)
-  start = _flat(bundle.params_for_training(tiny_bundle, "dit", dit_task.abstract_params(c),
-                                           ("dit",)))
+  res = dit_task.train_and_evaluate(
+      c, str(tmp_path / "w"), num_steps=1, mesh=_mesh1(), show_progress=False, eval_batches=0
+  )
+  start = _flat(
+      bundle.params_for_training(tiny_bundle, "dit", dit_task.abstract_params(c), ("dit",))
+  )
   got, init = _flat(res.state.params), _flat(fresh.state.params)
   assert set(start) == {k for k in got if k.startswith("dit/")}
   for k in got:
