@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Issue 13's side-by-side run, one device call on one GPU (from the repository root, with
+# the peer copied into an ignored folder and carried: `cp -r ../shared/peer .peer`,
+# carry [".peer"]):
+#   bash experiments/results/peer_comparison.sh
+# 1. PartCrafter's own DiT (../shared/peer/bench_partcrafter.py): eager and torch.compile,
+#    N = 4..64 (about 50 s of compilation per N for the compiled rows);
+# 2. this project's forward and MoC core at the same sizes (experiments/benchmark_attention.py
+#    --jobs core,forward, L = 1024);
+# 3. optionally (E2E=1) image -> GLB at 16 parts (experiments/benchmark_e2e.py, hierarchical
+#    extraction against the two-level one);
+# then experiments/peer_comparison.py joins them (plus an earlier benchmark_train.json, TRAIN=)
+# into $OUT/peer_comparison.{md,json}, the file issue 13 asks for.
+set -u
+OUT=${OUT:-peer_out}
+NS=${NS:-4,8,16,32,64}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --target /tmp/peer_site .peer/wheels/*.whl
+PYTHONPATH=/tmp/peer_site python3 .peer/bench_partcrafter.py --ns "$NS" --compile \
+  --max-num-parts 64 --out "$OUT" > "$OUT/peer.log" 2>&1
+echo "peer rc=$? $(ls "$OUT"/partcrafter_bench_*.json 2>/dev/null | tr '\n' ' ')"
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+python3 experiments/benchmark_attention.py --ns "$NS" --seq_lens 1024 --jobs core,forward \
+  --out "$OUT" --name attention_scaling > "$OUT/ours.log" 2>&1
+echo "ours rc=$?"
+extra=()
+if [ "${E2E:-0}" = 1 ]; then
+  python3 -m experiments.benchmark_e2e --size=paper --components=16 --repeats=2 \
+    --out="$OUT/e2e_latency" > "$OUT/e2e.log" 2>&1
+  echo "e2e rc=$?"
+  extra+=(--e2e="$OUT/e2e_latency.json")
+fi
+[ -n "${TRAIN:-}" ] && extra+=(--train="$TRAIN")
+peer_json=$(ls -t "$OUT"/partcrafter_bench_*.json 2>/dev/null | head -1)
+python3 -m experiments.peer_comparison --ours="$OUT/attention_scaling.json" \
+  --peer="$peer_json" "${extra[@]}" --out="$OUT/peer_comparison"
