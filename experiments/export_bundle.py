@@ -23,7 +23,6 @@ Exit codes: 0 written; 2 a bad argument, a checkpoint that cannot be read or a b
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
@@ -283,17 +282,12 @@ def copy_png_compact(src: str, dst: str) -> None:
   bytes that are not an image are copied as they are."""
   if not os.path.isfile(src):
     return
-  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
-
   try:
-    with Image.open(src) as im:
-      small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
-  except UnidentifiedImageError:
+    image = mio.load_image(src)
+  except ValueError:  # not an image
     _copy_if_present(src, dst)
     return
-  buf = io.BytesIO()
-  small.save(buf, format="PNG", optimize=True)
-  mio.atomic_write_bytes(dst, buf.getvalue())
+  mio.write_png(dst, image, palette=True)
 
 
 def _copy_grids(eval_dirs, out: str) -> None:
