@@ -8,7 +8,9 @@
 # from that bundle (fresh optimizer): the VAE as a decoder-only fine-tune (its encoder frozen,
 # so the latents the bundle's DiT learned stay the same) that decodes posterior means half
 # of the time, the DiT continuing from the bundle's weights.
-#   DIT_SECONDS=420 bash experiments/results/bundle_train.sh dit          # one DiT chunk
+#   DIT_SECONDS=360 bash experiments/results/bundle_train.sh dit          # one DiT chunk (a
+#       2026-12-01 call with 420 s ran past 600 s: ~2 min of start-up and compilation, then
+#       the flow-loss evaluation after training, before the export)
 #   DIT_SECONDS=300 EVAL=1 bash experiments/results/bundle_train.sh dit   # + evaluation
 #   INIT_BUNDLE=assets/moca-small STUDY_SECONDS=240 bash experiments/results/bundle_train.sh study
 #                                     # the section-5 study (repeat the call to continue)
@@ -51,7 +53,7 @@ else
     --config.time_limit_s=${VAE_SECONDS:-330}"
   DIT_CFG=bundle
   DIT_FLAGS="--config.model.dit.dtype=bfloat16 --config.model.encoder.dtype=bfloat16 \
-    --config.data.num_workers=12 --config.time_limit_s=${DIT_SECONDS:-420}"
+    --config.data.num_workers=12 --config.time_limit_s=${DIT_SECONDS:-360}"
   EVAL_FLAGS=""; EVAL_OBJECTS=${EVAL_OBJECTS:-50}; EVAL_SCENES=${EVAL_SCENES:-10}
 fi
 if [ -n "${INIT_BUNDLE:-}" ]; then
