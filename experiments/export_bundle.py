@@ -129,7 +129,11 @@ def lineage_summary(workdir: str, config, key: str) -> dict:
   if not source or not bundle.is_bundle(source):
     return summary
   earlier = bundle.read_info(source).get("card", {}).get(key, {})
-  return with_earlier_runs(summary, earlier, os.path.normpath(source))
+  label = os.path.normpath(source)
+  parts = tuple(config.init.get("bundle_parts", ()) or ())
+  if key == "dit" and parts and set(parts) != {"encoder", "dit"}:
+    label += f" ({', '.join(parts)} only; the rest freshly initialised)"
+  return with_earlier_runs(summary, earlier, label)
 
 
 def _copy_if_present(src: str, dst: str) -> None:
@@ -246,16 +250,22 @@ def export(dit_dir: str, out: str, vae_dir: Optional[str] = None, eval_dirs=(),
     raise bundle.BundleError(f"{out}: the weights take {size / MIB:.2f} MiB > --max_mib "
                              f"{max_mib}; nothing written")
   evaluation = read_evaluations(eval_dirs)
+  if bundle.is_bundle(vae_dir):  # the VAE of an earlier bundle, as it was: its card's record
+    earlier = bundle.read_info(vae_dir).get("card", {})
+    vae_summary, vae_eval = earlier.get("vae", {}), earlier.get("vae_eval")
+  else:
+    vae_summary = lineage_summary(vae_dir, vae_config, "vae")
+    vae_eval = _read_json(os.path.join(vae_dir, "eval.json"))
   card = {"name": name, "dit": lineage_summary(dit_dir, trained, "dit"),
-          "vae": lineage_summary(vae_dir, vae_config, "vae"),
-          "vae_eval": _read_json(os.path.join(vae_dir, "eval.json")), "evaluation": evaluation,
+          "vae": vae_summary, "vae_eval": vae_eval, "evaluation": evaluation,
           "moved": moved, "notes": notes, "dit_step": step,
           "data": f"DiT data: {moved['data.dir'] or '?'}; VAE: its config's data source "
                   f"({vae_config.data.source})."}
   bundle.write_bundle(out, config, params, _vae_inference_config(vae_config), vae_params,
                       card=card, storage_dtype=storage_dtype)
-  for key, wd in (("dit", dit_dir), ("vae", vae_dir)):
-    copy_png_compact(os.path.join(wd, "loss_curve.png"), os.path.join(out, f"loss_{key}.png"))
+  copy_png_compact(os.path.join(dit_dir, "loss_curve.png"), os.path.join(out, "loss_dit.png"))
+  copy_png_compact(os.path.join(vae_dir, "loss_vae.png" if bundle.is_bundle(vae_dir)
+                                else "loss_curve.png"), os.path.join(out, "loss_vae.png"))
   _copy_grids(eval_dirs, out)
   info = bundle.read_info(out)
   mio.atomic_write_text(os.path.join(out, "MODEL_CARD.md"), model_card(info))

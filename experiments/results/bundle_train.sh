@@ -12,6 +12,9 @@
 #       2026-12-01 call with 420 s ran past 600 s: ~2 min of start-up and compilation, then
 #       the flow-loss evaluation after training, before the export)
 #   DIT_SECONDS=300 EVAL=1 bash experiments/results/bundle_train.sh dit   # + evaluation
+#   INIT_BUNDLE=assets/moca-small bash experiments/results/bundle_train.sh data   # the split,
+#                                     # encoded with the bundle's VAE (no VAE training)
+#   DIT_NAME=probe DIT_EXTRA="--config.init.bundle_parts=('dit',)" ... dit   # another run
 #   INIT_BUNDLE=assets/moca-small STUDY_SECONDS=240 bash experiments/results/bundle_train.sh study
 #                                     # the section-5 study (repeat the call to continue)
 # Every call ends with what the next session needs in $OUT (at most 8 files of 16 MiB):
@@ -21,7 +24,7 @@
 # Reassemble with `cat bundle.tar.part-* | tar -x -C assets`.
 # TINY=1 runs the same sequence with the tiny configs and the tiny split (a CPU dry run).
 set -u
-stage=${1:?"stage: data_vae | dit | study"}
+stage=${1:?"stage: data_vae | data | dit | study"}
 OUT=${OUT:-bundle_out}
 W=${W:-/root/bw}
 mkdir -p "$OUT/logs" "$W"
@@ -103,17 +106,29 @@ import json; m = json.load(open('$W/data/manifest.json')); print(m['count'], 'it
   cp "$W"/data/manifest.json "$OUT/logs/data_manifest.json" 2>/dev/null
   cp "$W"/data/previews/*.png "$OUT/logs/" 2>/dev/null
   pack vae "$W/vae"
+elif [ "$stage" = data ]; then
+  # The split built and encoded with the VAE of INIT_BUNDLE (no VAE training); the dit and
+  # study stages then use that VAE (VAE_DIR) for this machine's latents.
+  VAE_DIR=${INIT_BUNDLE:?"the data stage encodes with a bundle's VAE: set INIT_BUNDLE"}
+  JAX_PLATFORMS=cpu python3 -m data_pipeline.build --source=$SRC --out="$W/data" --num_shards=$SHARDS \
+    --workers=$((BUILD_WORKERS + 4)) --n_surface=2048 --n_near=0 --n_volume=0 --image_size=$IMG \
+    --num_views=2 --num_previews=2 --progress=false > "$OUT/logs/build.log" 2>&1
+  note "build rc=$? $(tail -1 "$OUT/logs/build.log")"
+  encode
+  echo "$VAE_DIR" > "$W/latents_vae.txt"
 elif [ "$stage" = dit ]; then
+  VAE_DIR=${VAE_DIR:-$(cat "$W/latents_vae.txt" 2>/dev/null || echo "$W/vae")}
   [ -f "$W/latents/manifest.json" ] || encode  # the data_vae call ran out of time
+  DIT=$W/${DIT_NAME:-dit}  # DIT_NAME / DIT_EXTRA: another run on the same data (a probe)
   python3 -m experiments.train_dit --config=experiments/configs/dit.py:$DIT_CFG \
-    --config.data.dir="$W/latents" --config.vae.workdir="$W/vae" $DIT_FLAGS \
-    --workdir="$W/dit" > "$OUT/logs/train_dit_$(date -u +%H%M).log" 2>&1
+    --config.data.dir="$W/latents" --config.vae.workdir="$VAE_DIR" $DIT_FLAGS ${DIT_EXTRA:-} \
+    --workdir="$DIT" > "$OUT/logs/train_dit_$(date -u +%H%M).log" 2>&1
   note "train_dit rc=$? $(last_line "$(ls -t "$OUT"/logs/train_dit_*.log | head -1)" 'train:')"
   evals=""
   if [ "${EVAL:-0}" = 1 ]; then
     for kind in object scene; do
       n=$EVAL_OBJECTS; [ $kind = scene ] && n=$EVAL_SCENES
-      python3 -m experiments.evaluate --checkpoint_dir="$W/dit" --split=test --kind=$kind \
+      python3 -m experiments.evaluate --checkpoint_dir="$DIT" --split=test --kind=$kind \
         --limit=$n --image_size=$IMG $EVAL_FLAGS --out_dir="$W/eval_${kind}s" \
         > "$OUT/logs/eval_${kind}s.log" 2>&1
       note "evaluate $kind rc=$? $(tail -1 "$OUT/logs/eval_${kind}s.log")"
@@ -123,10 +138,10 @@ elif [ "$stage" = dit ]; then
     done
   fi
   rm -rf "$W/moca-small"
-  python3 -m experiments.export_bundle --dit="$W/dit" --out="$W/moca-small" \
+  python3 -m experiments.export_bundle --dit="$DIT" --out="$W/moca-small" \
     --eval_dirs="${evals#,}" > "$OUT/logs/export.log" 2>&1
   note "export rc=$? $(tail -1 "$OUT/logs/export.log")"
-  cp "$W"/dit/{loss_curve.png,metrics.jsonl,runs.jsonl,eval.json} "$OUT/logs/" 2>/dev/null
+  cp "$DIT"/{loss_curve.png,metrics.jsonl,runs.jsonl,eval.json} "$OUT/logs/" 2>/dev/null
   [ -f "$W/moca-small/bundle.json" ] && pack bundle "$W/moca-small"
 elif [ "$stage" = study ]; then
   # The quality study (issue 17 section 5): full MoC, dense and ablations A-F on the same
@@ -135,7 +150,7 @@ elif [ "$stage" = study ]; then
   # shards, built here in parallel and encoded with the VAE of INIT_BUNDLE (a bundle's
   # frozen encoder: the bundled DiT's latent space). Re-running the same call resumes
   # (variants stopped by STUDY_SECONDS continue from their checkpoints).
-  VAE_DIR=${VAE_DIR:-$W/vae}
+  VAE_DIR=${VAE_DIR:-$(cat "$W/latents_vae.txt" 2>/dev/null || echo "$W/vae")}
   if [ ! -f "$W/latents/manifest.json" ]; then
     VAE_DIR=${INIT_BUNDLE:?"a study on a fresh machine needs INIT_BUNDLE (the VAE to encode with)"}
     n=${STUDY_SHARDS:-16}
