@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Optional
 
 from absl import app, flags, logging
 
 from moca_jax import io as mio
-from moca_jax import bundle, pipeline
+from moca_jax import bundle, extract, pipeline
 
 
 def _mask_for(masks: Optional[str], image_path: str) -> Optional[str]:
@@ -266,6 +267,8 @@ def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint file it reads at INFO
+  # parts without a surface are counted in the last line and listed in summary.json
+  warnings.simplefilter("ignore", extract.EmptyFieldWarning)
   f = flags.FLAGS
   try:
     summary = run(
@@ -288,9 +291,14 @@ def main(argv) -> int:
     print(f"generate: error: {e}", file=sys.stderr)
     return EXIT_NOTHING
   n_ok, n_skip = len(summary["outputs"]), len(summary["skipped"])
+  outs = summary["outputs"].values()
+  n_empty = sum(len(o.get("empty_parts", [])) for o in outs)
+  n_parts = sum(int(o.get("num_components", 0)) for o in outs)
   print(
       f"generated {n_ok} input(s) into {os.path.abspath(f.out)}"
-      + (f"; skipped {n_skip} (see summary.json)" if n_skip else "")
+      + (f"; {n_empty} of {n_parts} parts came out empty" if n_empty else "")
+      + (f"; skipped {n_skip}" if n_skip else "")
+      + (" (see summary.json)" if n_empty or n_skip else "")
   )
   return exit_code(n_ok, n_skip)
 
