@@ -260,7 +260,6 @@ def define_flags() -> None:
       False,
       "Allow more components than the model was trained with (up to what it can represent).",
   )
-  flags.mark_flags_as_required(["image"])
 
 
 def main(argv) -> int:
@@ -270,6 +269,10 @@ def main(argv) -> int:
   # parts without a surface are counted in the last line and listed in summary.json
   warnings.simplefilter("ignore", extract.EmptyFieldWarning)
   f = flags.FLAGS
+  if not f.image:  # checked here, not by absl, so that bad arguments exit 2 with one line
+    print("generate: error: --image is required (an image file or a folder of images)",
+          file=sys.stderr)
+    return EXIT_NOTHING
   try:
     summary = run(
         f.checkpoint,

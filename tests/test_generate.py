@@ -365,6 +365,14 @@ def test_cli_without_bundled_model_exits_2_with_one_line(tmp_path):
       f"generate: error: no --checkpoint given and the bundled model is missing: {missing} "
       "(folder missing); pass --checkpoint=<model bundle or train_dit workdir>"
   ]
+  res = subprocess.run(  # no --image: one line, exit 2 (the exit-code table)
+      [sys.executable, "-m", "experiments.generate"], cwd=repo, env=env, capture_output=True,
+      text=True, timeout=120,
+  )
+  assert res.returncode == 2
+  assert res.stderr.strip().splitlines() == [
+      "generate: error: --image is required (an image file or a folder of images)"
+  ]
   res = subprocess.run(
       [sys.executable, "-m", "experiments.generate", "--help"],
       cwd=repo,
