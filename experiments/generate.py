@@ -270,8 +270,10 @@ def main(argv) -> int:
   warnings.simplefilter("ignore", extract.EmptyFieldWarning)
   f = flags.FLAGS
   if not f.image:  # checked here, not by absl, so that bad arguments exit 2 with one line
-    print("generate: error: --image is required (an image file or a folder of images)",
-          file=sys.stderr)
+    print(
+        "generate: error: --image is required (an image file or a folder of images)",
+        file=sys.stderr,
+    )
     return EXIT_NOTHING
   try:
     summary = run(
