@@ -119,23 +119,16 @@ def scale_one(size: str, n: int, batch_per_device: int, data: int, fsdp: int,
     return dict(size=size, components=n, data=data, fsdp=fsdp, batch=b, compile_s=compile_s,
                 **times)
   dev_batch = sharding.shard_batch(host, mesh)
-  key = jax.random.PRNGKey(1)
-  for _ in range(2):
-    state, metrics = step(state, dev_batch, key)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, metrics = step(state, dev_batch, key)
-    jax.block_until_ready(metrics["loss"])
-    times.append(time.perf_counter() - t)
-  step_s = statistics.median(times)
+  from experiments.benchmark_train import time_steps  # pylint: disable=g-import-not-at-top
+
+  state, metrics, step_times = time_steps(step, state, dev_batch, jax.random.PRNGKey(1), steps)
+  step_s = statistics.median(step_times)
   peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
            for d in mesh.devices.flat]
   return dict(size=size, components=n, data=data, fsdp=fsdp, devices=k, batch=b,
               batch_per_device=batch_per_device, latent_tokens=cfg.model.dit.latent_tokens,
               params=train_lib.count_params(state.params), compile_s=compile_s, **times,
-              step_ms=1e3 * step_s, step_ms_min=1e3 * min(times),
+              step_ms=1e3 * step_s, step_ms_min=1e3 * min(step_times),
               tokens_per_s=b * n * cfg.model.dit.latent_tokens / step_s,
               loss=float(metrics["loss"]), memory_analysis_mib=mem,
               peak_gib_per_device=peaks, device=jax.devices()[0].device_kind)
