@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moca_jax import checkpointing, distributed, flow, image_encoder, prior_init, sharding
+from moca_jax import checkpointing, distributed, flow, image_encoder, latent_norm, prior_init
+from moca_jax import sharding
 from moca_jax import train_lib
 from moca_jax import io as mio
 from moca_jax.dit import CompositionalDiT
@@ -175,11 +176,15 @@ def make_task(config: ml_collections.ConfigDict) -> train_lib.Task:
     latents         f32 [B, N, L, C]   clean component latents (padding rows arbitrary)
     component_mask  bool [B, N]
     images          uint8 [B, H, W, 3] (objects) or [B, N, H, W, 7] (scenes)
-  Config: model.encoder, model.dit, flow.{cfg_dropout, t_mean, t_std, t_shift}.
+  Config: model.encoder, model.dit, model.latent_norm (the loss diffuses
+  `latent_norm.normalize`d latents; statistics filled by `resolve_latent_norm` when
+  missing), flow.{cfg_dropout, t_mean, t_std, t_shift}.
   The loss uses rng streams noise (t, eps), cfg (condition dropout), ids, routing.
   """
+  config = resolve_latent_norm(config)
   model = ImageConditionedDiT(config.model)
   fcfg = config.flow
+  stats = latent_norm.stats_from_config(config.model)
 
   def init_fn(rng, batch):
     images = prepare_images(batch["images"], config.model.encoder)
@@ -214,7 +219,7 @@ def make_task(config: ml_collections.ConfigDict) -> train_lib.Task:
 
     loss, faux = flow.flow_loss(
         velocity_fn,
-        batch["latents"].astype(jnp.float32),
+        latent_norm.normalize(batch["latents"].astype(jnp.float32), stats),
         cond,
         mask,
         noise_rng=noise_rng,
@@ -293,6 +298,25 @@ def check_data_pairing(config) -> None:
       encode_latents.check_latents_pairing(
           _data_dir(config, split), vae_dir, dit.latent_tokens, dit.latent_channels
       )
+
+
+def resolve_latent_norm(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with model.latent_norm's statistics (`latent_norm.with_stats`): from the
+  first parts of config.data.dir ('records') or of the synthetic examples. Unchanged for
+  kind 'none' or statistics already present. ValueError when they are needed and the
+  records folder is not set."""
+  ln = config.model.get("latent_norm")
+  if ln is None or ln.kind == "none" or len(ln.get("mean") or ()):
+    return config
+  if config.data.source == "records" and not config.data.dir:
+    raise ValueError("model.latent_norm.kind='part_mean_residual' needs its statistics: "
+                     "set config.data.dir (latent shards) or give model.latent_norm.mean / "
+                     "between_std / within_std")
+  synthetic = None
+  if config.data.source != "records":
+    examples = (synthetic_example(config, i) for i in range(config.data.synthetic_examples))
+    synthetic = (e["latents"][e["component_mask"]] for e in examples)
+  return latent_norm.with_stats(config, synthetic)
 
 
 def make_synthetic_dataset(config) -> grain.MapDataset:
@@ -468,6 +492,7 @@ def train_and_evaluate(
   """
   distributed.initialize(config.get("distributed"))  # multi-process job (config.distributed)
   check_data_pairing(config)
+  config = resolve_latent_norm(config)  # stored with the checkpoints; the same on resume
   start_state_fn = prior_init.start_state_fn(config)
   fresh = checkpointing.check_resume_config(os.path.join(workdir, "checkpoints"), config) is None
   if start_state_fn is not None and fresh:

@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 import trimesh
 
-from moca_jax import bundle, checkpointing, dit_task, flow
+from moca_jax import bundle, checkpointing, dit_task, flow, latent_norm
 from moca_jax import io as mio
 from moca_jax.dit import DiTSpec
 
@@ -145,7 +145,8 @@ def sample_latents(
       (`flow.sample`: jax.random.normal(rng, [B, N, L, C])). `Pipeline` passes it to pad
       the components (`pad_components`) without changing the real components' noise.
   Returns:
-    (latents [B, N, L, C], routing) where routing is the DiT aux {'importances'
+    (latents [B, N, L, C] in the VAE's space (`latent_norm.denormalize` of the sampled
+    ones under the config's model.latent_norm), routing) where routing is the DiT aux {'importances'
     [B, G, H, N, N], 'selections' [B, G, H, N, k]} of the conditional model on the final
     sample at the last step's time 1 / steps (empty dict when return_routing is False).
   """
@@ -198,7 +199,8 @@ def sample_latents(
         return_routing=True,
         method=dit_task.ImageConditionedDiT.velocity,
     )
-  return z, routing
+  # The DiT samples normalised latents (model.latent_norm); the VAE decodes raw ones.
+  return latent_norm.denormalize(z, latent_norm.stats_from_config(model.config)), routing
 
 
 # ----------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import ml_collections
 from moca_jax.distributed import distributed_config
 from moca_jax.dit import dit_config
 from moca_jax.image_encoder import encoder_config
+from moca_jax.latent_norm import latent_norm_config
 from moca_jax.vae import vae_config
 from moca_jax.train_lib import default_optim_config
 
@@ -25,6 +26,11 @@ _SIZES = {
     "bundle": ("bundle", "bundle", "bundle", 64, 30_000, 16, 3e-4, 500, 2000),
     "paper": ("paper", "large", "triposg-1024", 1024, 40_000, 32, 1e-4, 1000, 1000),
 }
+
+# The vecset VAEs of this project put ~99% of the latent variance in the per-part token mean
+# (moca_jax.latent_norm); the tiny size keeps raw latents (set from the CPU A/B run below).
+_LATENT_NORM = {"tiny": "none", "small": "part_mean_residual", "bundle": "part_mean_residual",
+                "paper": "none"}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -67,6 +73,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # the latents the DiT models are the VAE's: [L, C] of the matching VAE size
   vae = vae_config(vae_size)
   c.model.dit.latent_tokens, c.model.dit.latent_channels = vae.num_latents, vae.latent_channels
+  # The DiT diffuses normalised latents (moca_jax.latent_norm): each part's token mean and the
+  # tokens' deviations from it at unit variance, statistics from the training latents when
+  # training starts. 'none' for the published size (PartCrafter diffuses raw TripoSG latents).
+  c.model.latent_norm = latent_norm_config(_LATENT_NORM[size])
   if size == "paper":
     c.model.encoder.dtype = "bfloat16"
     # XLA attention for the encoder's 257 tokens (cuDNN needs even lengths: the encoder pads
