@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 13's side-by-side run, one device call on one GPU (from the repository root, with
 # the peer copied into an ignored folder and carried: `cp -r ../shared/peer .peer`,
-# carry [".peer"]):
+# carry [".peer", ".whl"]; .whl holds the project's wheels the GPU image lacks, see
+# bundle_train.sh; a 2026-12-01 call without it failed at `import ml_collections`):
 #   bash experiments/results/peer_comparison.sh
 # 1. PartCrafter's own DiT (../shared/peer/bench_partcrafter.py): eager and torch.compile,
 #    N = 4..64 (about 50 s of compilation per N for the compiled rows);
@@ -17,10 +18,15 @@ NS=${NS:-4,8,16,32,64}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --target /tmp/peer_site .peer/wheels/*.whl
+if ! python3 -c "import ml_collections, grain" 2>/dev/null; then  # the project's own wheels
+  [ -d .whl ] || { echo "missing .whl (carry it): ml_collections/grain are not installed" >&2; exit 2; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_project .whl/*.whl
+  PROJECT_SITE=/tmp/site_project
+fi
 PYTHONPATH=/tmp/peer_site python3 .peer/bench_partcrafter.py --ns "$NS" --compile \
   --max-num-parts 64 --out "$OUT" > "$OUT/peer.log" 2>&1
 echo "peer rc=$? $(ls "$OUT"/partcrafter_bench_*.json 2>/dev/null | tr '\n' ' ')"
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
+export PYTHONPATH=$PWD:${PROJECT_SITE:-}:${PYTHONPATH:-}
 python3 experiments/benchmark_attention.py --ns "$NS" --seq_lens 1024 --jobs core,forward \
   --out "$OUT" --name attention_scaling > "$OUT/ours.log" 2>&1
 echo "ours rc=$?"
