@@ -302,11 +302,11 @@ def check_data_pairing(config) -> None:
 
 def resolve_latent_norm(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config` with model.latent_norm's statistics (`latent_norm.with_stats`): from the
-  first parts of config.data.dir ('records') or of the synthetic examples. Unchanged for
-  kind 'none' or statistics already present. ValueError when they are needed and the
-  records folder is not set."""
-  ln = config.model.get("latent_norm")
-  if ln is None or ln.kind == "none" or len(ln.get("mean") or ()):
+  first parts of config.data.dir ('records') or of the synthetic examples; with
+  posterior_noise also the VAE's posterior std (`vae_posterior_std`). Unchanged for kind
+  'none' or statistics already present. ValueError when they are needed and the records
+  folder (or, for posterior_noise, vae.workdir) is not set."""
+  if not latent_norm.needs_stats(config):
     return config
   if config.data.source == "records" and not config.data.dir:
     raise ValueError("model.latent_norm.kind='part_mean_residual' needs its statistics: "
@@ -316,7 +316,28 @@ def resolve_latent_norm(config: ml_collections.ConfigDict) -> ml_collections.Con
   if config.data.source != "records":
     examples = (synthetic_example(config, i) for i in range(config.data.synthetic_examples))
     synthetic = (e["latents"][e["component_mask"]] for e in examples)
-  return latent_norm.with_stats(config, synthetic)
+  return latent_norm.with_stats(config, synthetic, lambda: vae_posterior_std(config))
+
+
+def vae_posterior_std(config, num_shapes: int = 256) -> np.ndarray:
+  """[C] mean posterior std per latent channel of the VAE config.vae.workdir names (a
+  train_vae workdir or a bundle), over `num_shapes` analytic primitives of its own training
+  distribution (`data_pipeline.vae_batches.analytic_batch`, seed 0: deterministic)."""
+  workdir = config.get("vae", {}).get("workdir", "")
+  if not workdir:
+    raise ValueError("model.latent_norm.posterior_noise needs config.vae.workdir (the VAE "
+                     "whose posterior std scales the latents)")
+  from data_pipeline import vae_batches  # pylint: disable=g-import-not-at-top
+  from moca_jax import vae_task  # pylint: disable=g-import-not-at-top
+
+  model, params, vae_cfg = vae_task.load_vae(workdir)
+  spec = vae_batches.analytic_spec(vae_cfg.data)
+  stds = []
+  for index in range(max(1, num_shapes // 64)):
+    batch = vae_batches.analytic_batch(spec, 64, seed=0, index=index)
+    stds.append(vae_task.posterior_noise_std(model, params, batch["surface_points"],
+                                             batch["surface_normals"]))
+  return np.mean(np.asarray(stds, np.float64), axis=0)
 
 
 def make_synthetic_dataset(config) -> grain.MapDataset:

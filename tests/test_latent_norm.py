@@ -175,3 +175,51 @@ def test_sampler_returns_vae_space_latents():
   z_raw, z_normed = sample(raw), sample(normed)
   np.testing.assert_allclose(z_normed, np.asarray(latent_norm.denormalize(z_raw, stats)),
                              rtol=1e-4, atol=1e-4)
+
+
+def test_posterior_noise_adds_the_vae_noise_in_quadrature():
+  """posterior_noise: both scales become sqrt(s_data^2 + s_post^2); the posterior std comes
+  from posterior_std_fn once and is stored with the statistics."""
+  from experiments.configs import dit as dit_configs
+
+  c = dit_configs.get_config("tiny")
+  c.data.source = "synthetic"
+  c.model.latent_norm.kind = "part_mean_residual"
+  c.model.latent_norm.posterior_noise = True
+  channels = c.model.dit.latent_channels
+  parts = _parts(np.random.default_rng(6), c=channels)
+  post = np.linspace(0.05, 2.0, channels)
+  assert latent_norm.needs_stats(c)
+  with pytest.raises(ValueError, match="posterior_std_fn"):
+    latent_norm.with_stats(c, [parts])
+  calls = []
+  filled = latent_norm.with_stats(c, [parts], lambda: calls.append(1) or post)
+  assert calls == [1] and not latent_norm.needs_stats(filled)
+  stats = latent_norm.stats_from_config(filled.model)
+  ref = latent_norm.stats_from_latents(parts)
+  np.testing.assert_allclose(stats.within_std, np.hypot(ref.within_std, post), rtol=1e-5)
+  np.testing.assert_allclose(stats.between_std, np.hypot(ref.between_std, post), rtol=1e-5)
+  z = parts[:3]
+  np.testing.assert_allclose(
+      np.asarray(latent_norm.denormalize(latent_norm.normalize(z, stats), stats)), z, atol=1e-5)
+  filled.model.latent_norm.posterior_std = (0.1,)
+  with pytest.raises(ValueError, match=f"posterior_std of {channels} channels"):
+    latent_norm.stats_from_config(filled.model)
+
+
+def test_vae_posterior_std_of_a_checkpoint(tmp_path, save_untrained_vae):
+  """dit_task.vae_posterior_std: one positive std per channel of the named VAE, the same on
+  a second call (fixed analytic shapes), and a clear error without vae.workdir."""
+  from moca_jax import dit_task
+  from tests.test_train_dit import micro_config
+
+  c = micro_config()
+  with pytest.raises(ValueError, match="vae.workdir"):
+    dit_task.vae_posterior_std(c)
+  vae_dir = str(tmp_path / "vae")
+  save_untrained_vae(vae_dir, num_latents=16)
+  c.vae.workdir = vae_dir
+  a = dit_task.vae_posterior_std(c, num_shapes=64)
+  b = dit_task.vae_posterior_std(c, num_shapes=64)
+  assert a.shape == (c.model.dit.latent_channels,) and np.all(a > 0)
+  np.testing.assert_array_equal(a, b)
