@@ -304,10 +304,16 @@ def resolve_latent_norm(config: ml_collections.ConfigDict) -> ml_collections.Con
   """`config` with model.latent_norm's statistics (`latent_norm.with_stats`): from the
   first parts of config.data.dir ('records') or of the synthetic examples; with
   posterior_noise also the VAE's posterior std (`vae_posterior_std`). Unchanged for kind
-  'none' or statistics already present. ValueError when they are needed and the records
-  folder (or, for posterior_noise, vae.workdir) is not set."""
+  'none' or statistics already present. A warm restart from a bundle
+  (config.init.from_bundle, 'dit' among init.bundle_parts) whose DiT used the same kind
+  and posterior_noise takes that bundle's statistics: the DiT continues in the space it
+  learned. ValueError when they are needed and the records folder (or, for
+  posterior_noise, vae.workdir) is not set."""
   if not latent_norm.needs_stats(config):
     return config
+  inherited = _bundle_latent_norm(config)
+  if inherited is not None:
+    return inherited
   if config.data.source == "records" and not config.data.dir:
     raise ValueError("model.latent_norm.kind='part_mean_residual' needs its statistics: "
                      "set config.data.dir (latent shards) or give model.latent_norm.mean / "
@@ -317,6 +323,27 @@ def resolve_latent_norm(config: ml_collections.ConfigDict) -> ml_collections.Con
     examples = (synthetic_example(config, i) for i in range(config.data.synthetic_examples))
     synthetic = (e["latents"][e["component_mask"]] for e in examples)
   return latent_norm.with_stats(config, synthetic, lambda: vae_posterior_std(config))
+
+
+def _bundle_latent_norm(config) -> Optional[ml_collections.ConfigDict]:
+  """`config` with the latent_norm of its init.from_bundle's DiT, or None (no bundle, the
+  DiT not taken from it, or another kind / posterior_noise setting)."""
+  init = config.get("init", {})
+  if not init.get("from_bundle", "") or "dit" not in tuple(init.get("bundle_parts", ("dit",))):
+    return None
+  from moca_jax import bundle  # pylint: disable=g-import-not-at-top  (bundle imports this module)
+
+  theirs = bundle.read_info(init.from_bundle)["dit_config"]["model"].get("latent_norm") or {}
+  ours = config.model.latent_norm
+  same = (theirs.get("kind", "none") == ours.kind
+          and bool(theirs.get("posterior_noise", False)) == bool(ours.get("posterior_noise", False)))
+  if not same or not theirs.get("mean"):
+    return None
+  out = ml_collections.ConfigDict(config.to_dict())
+  with out.unlocked():
+    for key, value in theirs.items():
+      out.model.latent_norm[key] = tuple(value) if isinstance(value, list) else value
+  return out
 
 
 def vae_posterior_std(config, num_shapes: int = 256) -> np.ndarray:

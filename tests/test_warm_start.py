@@ -154,3 +154,31 @@ def test_dit_warm_start_of_the_dit_alone_keeps_a_fresh_encoder(tiny_bundle, tmp_
   assert any(not np.array_equal(init[k], start[k]) for k in start)  # the test can tell
   with pytest.raises(ValueError, match="not top-level params"):
     bundle.params_for_training(tiny_bundle, "dit", dit_task.abstract_params(c), ("nothing",))
+
+
+def test_dit_warm_start_keeps_the_bundles_latent_norm(tmp_path):
+  """A warm restart of the DiT continues in the latent space it learned: the bundle's
+  latent_norm statistics are taken (not recomputed from the new data) when the kind and
+  posterior_noise agree; another kind recomputes them."""
+  from moca_jax import latent_norm
+
+  c = _dit_config()
+  c.model.latent_norm.kind = "part_mean_residual"
+  c.model.latent_norm.mean = (0.5,) * c.model.dit.latent_channels
+  c.model.latent_norm.between_std = (2.0,) * c.model.dit.latent_channels
+  c.model.latent_norm.within_std = (0.25,) * c.model.dit.latent_channels
+  folder = str(tmp_path / "b")
+  vae_config = _vae_config()
+  model, _ = vae_task.abstract_params(vae_config)
+  vae_params = model.init(*vae_task.init_args(model, jax.random.PRNGKey(0)))["params"]
+  params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), dit_task.abstract_params(c))
+  unbox = lambda t: jax.tree.map(np.asarray, __import__("flax").linen.meta.unbox(t))
+  bundle.write_bundle(folder, c, params, vae_config, unbox(vae_params))
+  new = _dit_config()
+  new.model.latent_norm.kind = "part_mean_residual"
+  new.init.from_bundle = folder
+  got = latent_norm.stats_from_config(dit_task.resolve_latent_norm(new).model)
+  np.testing.assert_array_equal(got.within_std, 0.25)
+  new.init.bundle_parts = ("encoder",)  # the DiT is not taken: its own statistics
+  got = latent_norm.stats_from_config(dit_task.resolve_latent_norm(new).model)
+  assert not np.allclose(got.within_std, 0.25)
