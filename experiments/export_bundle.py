@@ -160,6 +160,17 @@ def _runs_table(summary: dict) -> str:
   return "\n".join(rows)
 
 
+def _latent_norm_line(ln: dict) -> str:
+  if ln.get("kind", "none") == "none":
+    return "The DiT diffuses the VAE's latents as they are."
+  post = (", the VAE's posterior std added in quadrature" if ln.get("posterior_noise")
+          else "")
+  return (f"The DiT diffuses normalised latents (`moca_jax.latent_norm`, kind {ln['kind']}: "
+          "each part's token mean and the tokens' deviations from it at unit variance per "
+          f"channel{post}; statistics of {ln.get('parts', 0):,} training parts, stored in the "
+          "config); generation maps them back before the VAE decodes.")
+
+
 def model_card(info: dict) -> str:
   """MODEL_CARD.md text from the bundle's bundle.json contents."""
   card, dit_cfg, vae_cfg = info["card"], info["dit_config"], info["vae_config"]
@@ -186,6 +197,8 @@ def model_card(info: dict) -> str:
       f"trained from scratch with the DiT | (in the DiT's) |",
       f"| VAE | vecset, L = {v['num_latents']} tokens x C = {v['latent_channels']}, "
       f"decoder {v['dec_width']} x {v['dec_layers']} | {files['vae.npz']['params']:,} |",
+      "",
+      _latent_norm_line(dit_cfg["model"].get("latent_norm") or {}),
       "",
       f"Stored in {info['storage_dtype']}: {total / MIB:.2f} MiB of weights. The config runs "
       "in float32 with XLA attention (portable); training used "
