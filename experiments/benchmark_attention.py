@@ -10,7 +10,8 @@ Measures, for every L in --seq_lens and N in --ns, MoC against dense:
   * one local block, one global block (MoC / dense);
   * the global attention core on projected q/k/v: routing (router scores + top-k), routed
     context (gather + gates + concat), attention on the routed context, MoC total and dense,
-    forward and forward+backward (--gather_variants: every gather method);
+    forward and forward+backward (--gather_variants: every gather method); on a GPU (or with
+    --fused on) also the fused Pallas kernel (moca_jax.kernels.moc_flash, gather='fused');
   * XLA's memory analysis of every whole-model job, and the largest N that fits (a grid of
     compile-only jobs, --largest_grid).
 Whole-model jobs are compiled first in --workers parallel processes into a persistent
@@ -206,8 +207,10 @@ def check_backends(log):
 # ----------------------------------------------------------------------------------------
 
 
-def bench_core(n, seq_len, spec, iters, log, all_gathers=False):
-  """Global attention core on projected q/k/v: routing, context, attention, totals."""
+def bench_core(n, seq_len, spec, iters, log, all_gathers=False, fused=False):
+  """Global attention core on projected q/k/v: routing, context, attention, totals.
+
+  With `fused`, also the fused kernel (`bench_fused`)."""
   nh, hd, m, k = spec.num_heads, spec.width // spec.num_heads, spec.num_compressed, spec.top_k
   ks = jax.random.split(jax.random.key(n), 8)
   mk = lambda i, shape: jax.random.normal(ks[i], shape, jnp.float32).astype(jnp.bfloat16)
@@ -258,7 +261,45 @@ def bench_core(n, seq_len, spec, iters, log, all_gathers=False):
         lambda q, kh, vh: jnp.sum(dense(q, kh, vh).astype(jnp.float32) * ct), argnums=(0, 1, 2)
     )
     res["dense_fwd_bwd_ms"], _, _ = timeit(dgrad, q, kh, vh, iters=iters)
-  log(f"  N={n} core: " + ", ".join(f"{k_}={v:.3f}" for k_, v in res.items()))
+  if fused:
+    res.update(bench_fused((q, kh, vh, kc, vc, anchor, wq, wk), routing, ct, spec, iters, log))
+  log(
+      f"  N={n} core: "
+      + ", ".join(
+          f"{k_}={v:.3f}" if isinstance(v, (int, float)) else f"{k_}={v}" for k_, v in res.items()
+      )
+  )
+  return res
+
+
+def bench_fused(args, routing, ct, spec, iters, log):
+  """The fused MoC kernel (gather='fused': Pallas forward, backward recomputes the gather).
+
+  Times the core forward and forward+backward like the gather path (`moc_total_fused_ms`;
+  `moc_fwd_bwd_fused_ms`: the fused forward, then the gather path's forward and backward)
+  and records its relative difference to the gather path's output (`fused_rel_err`). The
+  kernel's GPU lowering is new and unverified: a failure is recorded
+  (`fused_error`) and the rest of the row goes on.
+  """
+  impl, g = spec.attention_implementation, spec.gather
+
+  def core(gather):
+    return lambda q, kh, vh, kc, vc, anchor, wq, wk: moc.moc_attention(
+        q, kh, vh, kc, vc, *routing(anchor, wq, wk), None, implementation=impl, gather=gather
+    )
+
+  res = {}
+  try:
+    res["moc_total_fused_ms"], _, out = timeit(core("fused"), *args, iters=iters)
+    res["fused_rel_err"] = rel_err(out, jax.jit(core(g))(*args))
+    loss = lambda *a: jnp.sum(core("fused")(*a).astype(jnp.float32) * ct)
+    # value_and_grad: with jax.grad alone XLA drops the fused forward (its output is unused,
+    # the backward recomputes the gather path); a training step uses the loss.
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 6, 7))
+    res["moc_fwd_bwd_fused_ms"], _, _ = timeit(grad, *args, iters=iters)
+  except Exception as e:  # noqa: BLE001 - record and go on
+    res["fused_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    log(f"  fused MoC kernel failed: {res['fused_error']}")
   return res
 
 
@@ -484,7 +525,15 @@ def compile_only_main(spec_json: str) -> None:
     )
     try:
       if job.get("core", True):
-        bench_core(job["n"], job["seq_len"], sp, 1, lambda msg: None, job.get("all_gathers", False))
+        bench_core(
+            job["n"],
+            job["seq_len"],
+            sp,
+            1,
+            lambda msg: None,
+            job.get("all_gathers", False),
+            job.get("fused", False),
+        )
       bench_blocks(job["n"], job["seq_len"], sp, 1, lambda msg: None, job["size"])
       print("RESULT " + json.dumps({"compile_s": time.perf_counter() - t0}), flush=True)
     except Exception as e:  # noqa: BLE001
@@ -684,6 +733,32 @@ def markdown(report) -> str:
           f"{_fmt(fb_m, '.3f')} | {_fmt(fb_d, '.3f')} | "
           f"{(f'{fb_d / fb_m:.2f}x' if fb_m and fb_d else '-')} | {r['context_tokens']} |"
       )
+    fz = [(n, r) for n, r in sub if "moc_total_fused_ms" in r or "fused_error" in r]
+    if fz:
+      lines += [
+          "",
+          f"## L = {seq_len}: fused MoC kernel (ms; Pallas forward, the backward recomputes "
+          "the gather path)",
+          "",
+          f"| N | MoC core ({g}) | MoC core fused | {g} / fused | fwd+bwd ({g}) | fwd+bwd fused | "
+          "rel. diff. to the gather path |",
+          "|---|---|---|---|---|---|---|",
+      ]
+      for n, r in fz:
+        if "fused_error" in r:
+          lines.append(
+              f"| {n} | {_fmt(r.get(f'moc_total_{g}_ms'), '.3f')} | failed: "
+              f"{r['fused_error'][:80]} | - | - | - | - |"
+          )
+          continue
+        mg, mf = r.get(f"moc_total_{g}_ms"), r["moc_total_fused_ms"]
+        ratio = f"{mg / mf:.2f}x" if mg and mf else "-"
+        lines.append(
+            f"| {n} | {_fmt(mg, '.3f')} | {mf:.3f} | {ratio} | "
+            f"{_fmt(r.get(f'moc_fwd_bwd_{g}_ms'), '.3f')} | "
+            f"{_fmt(r.get('moc_fwd_bwd_fused_ms'), '.3f')} | "
+            f"{_fmt(r.get('fused_rel_err'), '.1e')} |"
+        )
     fb = [(n, r) for n, r in sub if "block_local_fwd_bwd_ms" in r]
     if fb:
       lines += [
@@ -766,6 +841,13 @@ def main(argv=None):
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--gather", default="hybrid", choices=moc.GATHER_METHODS)
   parser.add_argument("--gather_variants", action="store_true", help="time every gather method")
+  parser.add_argument(
+      "--fused",
+      default="auto",
+      choices=("auto", "on", "off"),
+      help="also time the fused MoC kernel in the core job (auto: on a GPU; on: also on a CPU, "
+      "in Pallas interpret mode, slow)",
+  )
   parser.add_argument("--remat", default="dots", help="train-step remat (paper config: dots)")
   parser.add_argument("--checks", action="store_true", help="cudnn vs xla checks first")
   parser.add_argument("--jobs", default="core,blocks,forward,train")
@@ -808,6 +890,7 @@ def main(argv=None):
   if dev.platform != "gpu":
     log("warning: not a GPU; cudnn is unavailable, using xla (numbers are not the benchmark)")
   impl = "cudnn" if dev.platform == "gpu" else "xla"
+  fused = args.fused == "on" or (args.fused == "auto" and dev.platform == "gpu")
   spec = spec_for(args.size, attention_implementation=impl, gather=args.gather, dtype="bfloat16")
   stats = (dev.memory_stats() or {}) if hasattr(dev, "memory_stats") else {}
   report = {"rows": {}, "largest_n": {}}
@@ -822,6 +905,7 @@ def main(argv=None):
           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
           "iters": args.iters,
           "gather": args.gather,
+          "fused": fused,
           "implementation": impl,
           "size": args.size,
           "top_k": spec.top_k,
@@ -916,6 +1000,7 @@ def main(argv=None):
                 impl=impl,
                 gather=args.gather,
                 all_gathers=args.gather_variants,
+                fused=fused,
                 core="core" in jobs
                 and "routing_ms" not in report["rows"].get(f"L{seq_len}/N{n}", {}),
             ),
@@ -951,7 +1036,7 @@ def main(argv=None):
       )
       try:
         if "core" in jobs and "routing_ms" not in row:
-          row.update(bench_core(n, seq_len, sp, args.iters, log, args.gather_variants))
+          row.update(bench_core(n, seq_len, sp, args.iters, log, args.gather_variants, fused))
         if "blocks" in jobs and "block_local_fwd_bwd_ms" not in row:
           row.update(bench_blocks(n, seq_len, sp, args.iters, log, args.size))
       except Exception as e:  # noqa: BLE001 - record and go on

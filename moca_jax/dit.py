@@ -60,7 +60,7 @@ import ml_collections
 
 from moca_jax import layers
 from moca_jax import moc as moc_lib
-from moca_jax.moc import GATHER_METHODS, GlobalAttention
+from moca_jax.moc import MOC_GATHERS, GlobalAttention
 
 Array = jax.Array
 
@@ -100,7 +100,7 @@ def _defaults(size: str) -> dict:
       router_activation="sigmoid",   # 'sigmoid' | 'softmax'      ablation D
       train_routing="gumbel",        # 'gumbel' | 'deterministic' ablation E
       shared_routing_across_heads=False,  #                       ablation F
-      gather="hybrid",               # 'onehot' | 'take' | 'hybrid'
+      gather="hybrid",               # 'onehot' | 'take' | 'hybrid' | 'fused' (Pallas, GPU)
       moc_component_chunk=0,         # >0: MoC attention over chunks of query components
                                      # (bounds its memory at large N; must divide N)
       attention_implementation="xla",  # 'xla' | 'cudnn' | None
@@ -194,7 +194,7 @@ class DiTSpec:
         ("gate_on", self.gate_on, ("keys", "values")),
         ("router_activation", self.router_activation, ("sigmoid", "softmax")),
         ("train_routing", self.train_routing, ("gumbel", "deterministic")),
-        ("gather", self.gather, GATHER_METHODS),
+        ("gather", self.gather, MOC_GATHERS),
         ("attention_implementation", self.attention_implementation, ("xla", "cudnn", None)),
         ("dtype", self.dtype, tuple(_DTYPES)),
         ("remat", self.remat, ("none", "full", "dots")),

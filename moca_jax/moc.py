@@ -32,7 +32,10 @@ from moca_jax import layers
 Array = jax.Array
 
 _PAD_SCORE = -1e30  # padding components: below every real score, above -inf (self)
-GATHER_METHODS = ("onehot", "take", "hybrid")
+GATHER_METHODS = ("onehot", "take", "hybrid")  # ways to build the routed context
+# `moc_attention(gather=...)` also takes 'fused': the Pallas kernel of
+# moca_jax.kernels.moc_flash (no routed context; the gather path is its reference).
+MOC_GATHERS = GATHER_METHODS + ("fused",)
 
 
 # ----------------------------------------------------------------------------------------
@@ -279,6 +282,8 @@ def routed_context(kh: Array, vh: Array, kc: Optional[Array], vc: Optional[Array
   b, _, seq_len, nh, hd = kh.shape
   if gate_on not in ("keys", "values"):
     raise ValueError(f"gate_on must be 'keys' or 'values', got {gate_on!r}")
+  if gather == "fused":
+    raise ValueError("gather='fused' builds no routed context: call moc_attention")
   use_compressed = kc is not None
   own_k, own_v = own if own is not None else (kh, vh)
   n = own_k.shape[1]
@@ -327,12 +332,22 @@ def moc_attention(q: Array, kh: Array, vh: Array, kc: Optional[Array], vc: Optio
     component_mask: [B, N] bool or None (all real).
     gate_on: 'keys' (paper) or 'values' (ablation C).
     implementation: attention backend ('xla' | 'cudnn' | None).
-    gather: see `gather_components`.
+    gather: see `gather_components`, or 'fused' (MOC_GATHERS): the fused Pallas kernel
+      `moca_jax.kernels.moc_flash.moc_attention_fused` (forward fused, never materialising
+      the routed context; GPU compilation unverified; interpret mode on CPU). Its backward
+      recomputes this gather path ('hybrid' with `implementation` and `component_chunk`).
     component_chunk: query components per chunk (0: all at once).
   Returns:
     [B, N, L, H, d].
   """
   b, n, seq_len, nh, hd = q.shape
+  if gather == "fused":
+    from moca_jax.kernels import moc_flash  # imported on use: Pallas only when asked for
+
+    return moc_flash.moc_attention_fused(q, kh, vh, kc, vc, importance, selected, unselected,
+                                         component_mask, gate_on=gate_on,
+                                         bwd_implementation=implementation,
+                                         bwd_component_chunk=component_chunk)
   if component_chunk and component_chunk < n:
     return _moc_attention_chunked(q, kh, vh, kc, vc, importance, selected, unselected,
                                   component_mask, gate_on=gate_on,
@@ -418,7 +433,7 @@ class GlobalAttention(layers.MultiHeadAttention):
     train_routing: 'gumbel' | 'deterministic' (ablation E).
     shared_routing: one routing for all heads (ablation F).
     router_head_dim: d_r.
-    gather: 'onehot' | 'take' | 'hybrid'.
+    gather: 'onehot' | 'take' | 'hybrid' | 'fused' (MOC_GATHERS; see `moc_attention`).
     component_chunk: query components per chunk of the MoC attention (0: all at once).
     router_bias: a learned per-head bias on the router logits (`Router.use_bias`).
   """
