@@ -335,7 +335,8 @@ def moc_attention(q: Array, kh: Array, vh: Array, kc: Optional[Array], vc: Optio
     gather: see `gather_components`, or 'fused' (MOC_GATHERS): the fused Pallas kernel
       `moca_jax.kernels.moc_flash.moc_attention_fused` (forward fused, never materialising
       the routed context; GPU compilation unverified; interpret mode on CPU). Its backward
-      recomputes this gather path ('hybrid' with `implementation` and `component_chunk`).
+      is fused too (dq and dk/dv Pallas kernels with inverse routing tables; the kernel's
+      bwd='recompute' re-runs this gather path instead).
     component_chunk: query components per chunk (0: all at once).
   Returns:
     [B, N, L, H, d].
