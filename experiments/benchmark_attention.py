@@ -273,10 +273,11 @@ def bench_core(n, seq_len, spec, iters, log, all_gathers=False, fused=False):
 
 
 def bench_fused(args, routing, ct, spec, iters, log):
-  """The fused MoC kernel (gather='fused': Pallas forward, backward recomputes the gather).
+  """The fused MoC kernel (gather='fused': Pallas forward and backward, moc_flash's default
+  bwd='pallas').
 
-  Times the core forward and forward+backward like the gather path (`moc_total_fused_ms`;
-  `moc_fwd_bwd_fused_ms`: the fused forward, then the gather path's forward and backward)
+  Times the core forward and forward+backward like the gather path (`moc_total_fused_ms`,
+  `moc_fwd_bwd_fused_ms`)
   and records its relative difference to the gather path's output (`fused_rel_err`). The
   kernel's GPU lowering is new and unverified: a failure is recorded
   (`fused_error`) and the rest of the row goes on.
@@ -293,8 +294,8 @@ def bench_fused(args, routing, ct, spec, iters, log):
     res["moc_total_fused_ms"], _, out = timeit(core("fused"), *args, iters=iters)
     res["fused_rel_err"] = rel_err(out, jax.jit(core(g))(*args))
     loss = lambda *a: jnp.sum(core("fused")(*a).astype(jnp.float32) * ct)
-    # value_and_grad: with jax.grad alone XLA drops the fused forward (its output is unused,
-    # the backward recomputes the gather path); a training step uses the loss.
+    # value_and_grad: a training step uses the loss too (with jax.grad alone XLA could drop
+    # an unused forward output).
     grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 6, 7))
     res["moc_fwd_bwd_fused_ms"], _, _ = timeit(grad, *args, iters=iters)
   except Exception as e:  # noqa: BLE001 - record and go on
@@ -737,8 +738,7 @@ def markdown(report) -> str:
     if fz:
       lines += [
           "",
-          f"## L = {seq_len}: fused MoC kernel (ms; Pallas forward, the backward recomputes "
-          "the gather path)",
+          f"## L = {seq_len}: fused MoC kernel (ms; Pallas forward and backward)",
           "",
           f"| N | MoC core ({g}) | MoC core fused | {g} / fused | fwd+bwd ({g}) | fwd+bwd fused | "
           "rel. diff. to the gather path |",
