@@ -88,12 +88,19 @@ def deviation_probes(parts: np.ndarray, noise_std: float, seed: int = 0) -> dict
       "mean only": np.broadcast_to(means, parts.shape).astype(np.float32),
       "deviations x0.5": (means + 0.5 * (parts - means)).astype(np.float32),
       f"deviations + noise {noise_std:g}": (
-          parts + noise_std * rng.normal(size=parts.shape)).astype(np.float32),
+          parts + noise_std * rng.normal(size=parts.shape)
+      ).astype(np.float32),
   }
 
 
-def loss_by_time(velocity: Callable, z: jax.Array, cond: jax.Array, mask: jax.Array,
-                 times: Sequence[float], key: jax.Array) -> np.ndarray:
+def loss_by_time(
+    velocity: Callable,
+    z: jax.Array,
+    cond: jax.Array,
+    mask: jax.Array,
+    times: Sequence[float],
+    key: jax.Array,
+) -> np.ndarray:
   """[len(times), 3] masked flow MSE at each t for the conditions (own, rolled, null).
 
   velocity(x_t, t [B], cond) -> v; z [B, N, L, C] in the DiT's space; cond [B, ...]."""
@@ -107,8 +114,9 @@ def loss_by_time(velocity: Callable, z: jax.Array, cond: jax.Array, mask: jax.Ar
   return np.asarray(out)
 
 
-def denoise_from(velocity: Callable, z: jax.Array, cond, t0: float, steps: int,
-                 cfg_scale: float, key: jax.Array) -> jax.Array:
+def denoise_from(
+    velocity: Callable, z: jax.Array, cond, t0: float, steps: int, cfg_scale: float, key: jax.Array
+) -> jax.Array:
   """z [B, N, L, C] noised to t0 with N(0, I), then `steps` Euler steps of the (guided)
   velocity from t0 to 0; returns the result in z's space."""
   eps = jax.random.normal(key, z.shape)
@@ -133,10 +141,20 @@ def _batches(config, data_dir: str, batch_size: int, n_max: int, count: int):
   return [dit_task.model_batch(next(it)) for _ in range(count)]
 
 
-def run(checkpoint: str, data_dir: str, *, batches: int = 4, batch_size: int = 8,
-        max_components: int = 16, times=(0.1, 0.5, 0.9), denoise_t0=(0.3, 1.0),
-        denoise_steps: int = 25, cfg: float = 7.0, grid: int = 40,
-        noise_probe: float = 0.05) -> dict:
+def run(
+    checkpoint: str,
+    data_dir: str,
+    *,
+    batches: int = 4,
+    batch_size: int = 8,
+    max_components: int = 16,
+    times=(0.1, 0.5, 0.9),
+    denoise_t0=(0.3, 1.0),
+    denoise_steps: int = 25,
+    cfg: float = 7.0,
+    grid: int = 40,
+    noise_probe: float = 0.05,
+) -> dict:
   """The three measurements (module docstring) as a JSON-ready dict."""
   from moca_jax import pipeline  # pylint: disable=g-import-not-at-top
 
@@ -147,29 +165,46 @@ def run(checkpoint: str, data_dir: str, *, batches: int = 4, batch_size: int = 8
   params = {"params": pipe.params}
   vae, vae_params = pipe.vae_model, pipe.vae_params
   axis = np.linspace(-1.0, 1.0, grid, dtype=np.float32)
-  queries = jnp.asarray(np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1)
-                        .reshape(1, -1, 3))
-  decode = jax.jit(lambda z: vae.apply(vae_params, z, jnp.repeat(queries, z.shape[0], 0),
-                                       method=type(vae).decode) < 0)
+  queries = jnp.asarray(
+      np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(1, -1, 3)
+  )
+  decode = jax.jit(
+      lambda z: vae.apply(
+          vae_params, z, jnp.repeat(queries, z.shape[0], 0), method=type(vae).decode
+      )
+      < 0
+  )
   occupancy = lambda z: np.asarray(decode(jnp.asarray(z, jnp.float32)))
 
   data = _batches(config, data_dir, batch_size, max_components, batches)
   parts = np.concatenate([b["latents"][b["component_mask"]] for b in data])
   gt_occ = occupancy(parts)
   result = {
-      "checkpoint": os.path.abspath(checkpoint), "data_dir": os.path.abspath(data_dir),
-      "items": batches * batch_size, "parts": int(len(parts)),
+      "checkpoint": os.path.abspath(checkpoint),
+      "data_dir": os.path.abspath(data_dir),
+      "items": batches * batch_size,
+      "parts": int(len(parts)),
       "latent_norm": config.model.get("latent_norm", {}).get("kind", "none"),
       "mean_variance_share": mean_variance_share(parts),
-      "deviation_probe_iou": {k: occupancy_iou(occupancy(v), gt_occ)
-                              for k, v in deviation_probes(parts, noise_probe).items()},
+      "deviation_probe_iou": {
+          k: occupancy_iou(occupancy(v), gt_occ)
+          for k, v in deviation_probes(parts, noise_probe).items()
+      },
   }
 
   def velocity_for(mask):
     def velocity(x, t, c):
       reps = x.shape[0] // mask.shape[0]
-      return model.apply(params, x, t, c, jnp.tile(mask, (reps, 1)), train=False,
-                         method=dit_task.ImageConditionedDiT.velocity)
+      return model.apply(
+          params,
+          x,
+          t,
+          c,
+          jnp.tile(mask, (reps, 1)),
+          train=False,
+          method=dit_task.ImageConditionedDiT.velocity,
+      )
+
     return velocity
 
   losses = []
@@ -191,44 +226,78 @@ def run(checkpoint: str, data_dir: str, *, batches: int = 4, batch_size: int = 8
         denoise[f"{t0:g}"][f"cfg {scale:g}"].append(occupancy_iou(occupancy(zd), gt))
   mean_losses = np.mean(losses, axis=0)
   result["loss_by_t"] = [
-      {"t": float(t), "own": float(own), "wrong": float(wrong), "null": float(null),
-       "relative_gain": float((wrong - own) / own)}
-      for t, (own, wrong, null) in zip(times, mean_losses)]
-  result["denoise_iou"] = {t0: {k: float(np.mean(v)) for k, v in d.items()}
-                           for t0, d in denoise.items()}
-  result["settings"] = dict(batches=batches, batch_size=batch_size,
-                            max_components=max_components, denoise_steps=denoise_steps,
-                            cfg=cfg, grid=grid, noise_probe=noise_probe)
+      {
+          "t": float(t),
+          "own": float(own),
+          "wrong": float(wrong),
+          "null": float(null),
+          "relative_gain": float((wrong - own) / own),
+      }
+      for t, (own, wrong, null) in zip(times, mean_losses)
+  ]
+  result["denoise_iou"] = {
+      t0: {k: float(np.mean(v)) for k, v in d.items()} for t0, d in denoise.items()
+  }
+  result["settings"] = dict(
+      batches=batches,
+      batch_size=batch_size,
+      max_components=max_components,
+      denoise_steps=denoise_steps,
+      cfg=cfg,
+      grid=grid,
+      noise_probe=noise_probe,
+  )
   return result
 
 
 def markdown(r: dict) -> str:
   """The report as markdown."""
   lines = [
-      f"# DiT diagnostics: {r['checkpoint']}", "",
+      f"# DiT diagnostics: {r['checkpoint']}",
+      "",
       f"{r['items']} items ({r['parts']} parts) of {r['data_dir']}; latent_norm "
-      f"{r['latent_norm']}.", "",
-      "## 1. Latent statistics (VAE space)", "",
+      f"{r['latent_norm']}.",
+      "",
+      "## 1. Latent statistics (VAE space)",
+      "",
       f"Share of the latent variance in the per-part token means: "
-      f"{r['mean_variance_share']:.3f}.", "",
-      "| deviations changed | decoded IoU vs unchanged |", "|---|---|",
+      f"{r['mean_variance_share']:.3f}.",
+      "",
+      "| deviations changed | decoded IoU vs unchanged |",
+      "|---|---|",
   ]
   lines += [f"| {k} | {v:.3f} |" for k, v in r["deviation_probe_iou"].items()]
-  lines += ["", "## 2. Flow loss by time (own / another item's / null image)", "",
-            "| t | own | wrong | null | (wrong - own) / own |", "|---|---|---|---|---|"]
-  lines += [f"| {x['t']:g} | {x['own']:.4f} | {x['wrong']:.4f} | {x['null']:.4f} | "
-            f"{x['relative_gain']:+.2%} |" for x in r["loss_by_t"]]
+  lines += [
+      "",
+      "## 2. Flow loss by time (own / another item's / null image)",
+      "",
+      "| t | own | wrong | null | (wrong - own) / own |",
+      "|---|---|---|---|---|",
+  ]
+  lines += [
+      f"| {x['t']:g} | {x['own']:.4f} | {x['wrong']:.4f} | {x['null']:.4f} | "
+      f"{x['relative_gain']:+.2%} |"
+      for x in r["loss_by_t"]
+  ]
   keys = list(next(iter(r["denoise_iou"].values())))
-  lines += ["", "## 3. Partial denoising: IoU of the decoded parts vs the ground truth's", "",
-            "| t0 | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-  lines += [f"| {t0} | " + " | ".join(f"{d[k]:.3f}" for k in keys) + " |"
-            for t0, d in r["denoise_iou"].items()]
+  lines += [
+      "",
+      "## 3. Partial denoising: IoU of the decoded parts vs the ground truth's",
+      "",
+      "| t0 | " + " | ".join(keys) + " |",
+      "|---|" + "---|" * len(keys),
+  ]
+  lines += [
+      f"| {t0} | " + " | ".join(f"{d[k]:.3f}" for k in keys) + " |"
+      for t0, d in r["denoise_iou"].items()
+  ]
   return "\n".join(lines) + "\n"
 
 
 def plot_loss_by_t(r: dict, path: str) -> str:
   """PNG of part 2: loss against t for the three conditions."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
@@ -246,18 +315,29 @@ def plot_loss_by_t(r: dict, path: str) -> str:
 def main(argv) -> int:
   del argv
   if not FLAGS.data_dir:
-    print("diagnose_dit: --data_dir is required (latent shards of the checkpoint's VAE)",
-          file=sys.stderr)
+    print(
+        "diagnose_dit: --data_dir is required (latent shards of the checkpoint's VAE)",
+        file=sys.stderr,
+    )
     return 2
   try:
     times = [float(x) for x in FLAGS.times]
     t0s = [float(x) for x in FLAGS.denoise_from]
     if not all(0.0 < t <= 1.0 for t in times + t0s):
       raise ValueError("--times and --denoise_from must lie in (0, 1]")
-    r = run(FLAGS.checkpoint, FLAGS.data_dir, batches=FLAGS.batches,
-            batch_size=FLAGS.batch_size, max_components=FLAGS.max_components, times=times,
-            denoise_t0=t0s, denoise_steps=FLAGS.denoise_steps, cfg=FLAGS.cfg,
-            grid=FLAGS.grid, noise_probe=FLAGS.noise_probe)
+    r = run(
+        FLAGS.checkpoint,
+        FLAGS.data_dir,
+        batches=FLAGS.batches,
+        batch_size=FLAGS.batch_size,
+        max_components=FLAGS.max_components,
+        times=times,
+        denoise_t0=t0s,
+        denoise_steps=FLAGS.denoise_steps,
+        cfg=FLAGS.cfg,
+        grid=FLAGS.grid,
+        noise_probe=FLAGS.noise_probe,
+    )
   except (OSError, ValueError) as e:
     print(f"diagnose_dit: {e}", file=sys.stderr)
     return 2

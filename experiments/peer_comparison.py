@@ -70,57 +70,113 @@ def forward_table(ours: dict, peer: dict) -> List[dict]:
     r = mine.get(n, {})
     moc = (r.get("forward_moc") or {}).get("ms")
     dense = (r.get("forward_dense") or {}).get("ms")
-    table.append({"N": n, "moc_ms": moc, "dense_ms": dense, "peer_compiled_ms": comp.get(n),
-                  "peer_eager_ms": eager.get(n),
-                  "peer_over_moc": (comp[n] / moc) if moc and n in comp else None})
+    table.append(
+        {
+            "N": n,
+            "moc_ms": moc,
+            "dense_ms": dense,
+            "peer_compiled_ms": comp.get(n),
+            "peer_eager_ms": eager.get(n),
+            "peer_over_moc": (comp[n] / moc) if moc and n in comp else None,
+        }
+    )
   return table
 
 
-def _target(name: str, value: Optional[float], threshold: float, higher_is_better: bool,
-            unit: str = "", missing: str = "") -> dict:
+def _target(
+    name: str,
+    value: Optional[float],
+    threshold: float,
+    higher_is_better: bool,
+    unit: str = "",
+    missing: str = "",
+) -> dict:
   """One target row: met / missed by how much, or not measured (with `missing` as reason)."""
   if value is None:
-    return {"target": name, "value": None, "threshold": threshold, "met": None,
-            "note": f"not measured ({missing})" if missing else "not measured"}
+    return {
+        "target": name,
+        "value": None,
+        "threshold": threshold,
+        "met": None,
+        "note": f"not measured ({missing})" if missing else "not measured",
+    }
   met = value >= threshold if higher_is_better else value <= threshold
   gap = abs(value - threshold)
   note = "met" if met else f"missed by {gap:.3g}{unit}"
   return {"target": name, "value": value, "threshold": threshold, "met": bool(met), "note": note}
 
 
-def targets(ours: dict, peer: dict, e2e: Optional[dict] = None,
-            train: Optional[dict] = None) -> List[dict]:
+def targets(
+    ours: dict, peer: dict, e2e: Optional[dict] = None, train: Optional[dict] = None
+) -> List[dict]:
   """Issue 13's targets, each measured or marked 'not measured'."""
   table = {r["N"]: r for r in forward_table(ours, peer)}
   out = []
   for n in NS:
     r = table.get(n, {})
     ratio = r.get("peer_over_moc")
-    out.append(_target(f"N = {n}: PartCrafter compiled / MoC forward >= 1 (never slower)",
-                       ratio, 1.0, True, "x", "no MoC or compiled-peer time at this N"))
+    out.append(
+        _target(
+            f"N = {n}: PartCrafter compiled / MoC forward >= 1 (never slower)",
+            ratio,
+            1.0,
+            True,
+            "x",
+            "no MoC or compiled-peer time at this N",
+        )
+    )
   for n, want in ((32, 2.0), (64, 3.0)):
     ratio = table.get(n, {}).get("peer_over_moc")
-    out.append(_target(f"N = {n}: MoC forward at most 1/{want:g} of PartCrafter compiled "
-                       f"(ratio >= {want:g})", ratio, want, True, "x",
-                       "no MoC or compiled-peer time at this N"))
+    out.append(
+        _target(
+            f"N = {n}: MoC forward at most 1/{want:g} of PartCrafter compiled "
+            f"(ratio >= {want:g})",
+            ratio,
+            want,
+            True,
+            "x",
+            "no MoC or compiled-peer time at this N",
+        )
+    )
   rows = our_rows(ours)
   for n, want in ((32, 5.0), (64, 9.0)):
     r = rows.get(n, {})
     core, path, share = best_core(r)
     dense = r.get("dense_attention_ms")
     for t in (
-        _target(f"N = {n}: MoC core (routing + context + attention) >= {want:g}x dense "
-                "global attention", (dense / core) if core and dense else None, want,
-                True, "x", "benchmark_attention --jobs core not run at this N"),
-        _target(f"N = {n}: routing + gather <= 10% of the MoC core", share, 0.10,
-                False, "", "benchmark_attention --jobs core not run at this N")):
+        _target(
+            f"N = {n}: MoC core (routing + context + attention) >= {want:g}x dense "
+            "global attention",
+            (dense / core) if core and dense else None,
+            want,
+            True,
+            "x",
+            "benchmark_attention --jobs core not run at this N",
+        ),
+        _target(
+            f"N = {n}: routing + gather <= 10% of the MoC core",
+            share,
+            0.10,
+            False,
+            "",
+            "benchmark_attention --jobs core not run at this N",
+        ),
+    ):
       if t["value"] is not None:
         t["note"] += f" ({path})"
       out.append(t)
   out += train_targets(train)
   e2e_s = None if not e2e else e2e.get("image_to_glb_median_s")
-  out.append(_target("image to GLB, 16 parts, 50 Euler steps + CFG, 256^3 with the 512^3 band "
-                     "<= 10 s", e2e_s, 10.0, False, " s", "benchmark_e2e not run"))
+  out.append(
+      _target(
+          "image to GLB, 16 parts, 50 Euler steps + CFG, 256^3 with the 512^3 band " "<= 10 s",
+          e2e_s,
+          10.0,
+          False,
+          " s",
+          "benchmark_e2e not run",
+      )
+  )
   return out
 
 
@@ -147,20 +203,43 @@ def train_targets(train: Optional[dict]) -> List[dict]:
   missing = "benchmark_train not run"
   mfu = speedup = None
   if train:
-    runs = [r for r in train.get("runs", []) if r.get("size") == "paper"
-            and int(r.get("components", 0)) == 32 and r.get("step_ms")]
+    runs = [
+        r
+        for r in train.get("runs", [])
+        if r.get("size") == "paper" and int(r.get("components", 0)) == 32 and r.get("step_ms")
+    ]
     moc = next((r for r in runs if r.get("attention") == "moc"), None)
-    dense = next((r for r in runs if r.get("attention") == "dense"
-                  and moc and r.get("batch") == moc.get("batch")), None)
+    dense = next(
+        (
+            r
+            for r in runs
+            if r.get("attention") == "dense" and moc and r.get("batch") == moc.get("batch")
+        ),
+        None,
+    )
     peak = train.get("matmul_peak_tflops")
     if moc and peak and moc.get("model_flops"):
       mfu = moc["model_flops"] / (moc["step_ms"] / 1e3) / (peak * 1e12)
     if moc and dense:
       speedup = dense["step_ms"] / moc["step_ms"]
-  return [_target("training step, paper size, N = 32: MFU >= 55% of the measured bf16 matmul "
-                  "peak", mfu, 0.55, True, "", missing),
-          _target("training step, paper size, N = 32: MoC >= 2.2x the dense step", speedup,
-                  2.2, True, "x", missing)]
+  return [
+      _target(
+          "training step, paper size, N = 32: MFU >= 55% of the measured bf16 matmul " "peak",
+          mfu,
+          0.55,
+          True,
+          "",
+          missing,
+      ),
+      _target(
+          "training step, paper size, N = 32: MoC >= 2.2x the dense step",
+          speedup,
+          2.2,
+          True,
+          "x",
+          missing,
+      ),
+  ]
 
 
 def _fmt(v: Any, digits: int = 1) -> str:
@@ -172,44 +251,62 @@ def _fmt(v: Any, digits: int = 1) -> str:
 def machines(ours: dict, peer: dict, e2e: Optional[dict], train: Optional[dict]) -> List[str]:
   """One line per input: what ran it and when."""
   info = peer.get("info", {})
-  lines = [f"this project (benchmark_attention): {ours.get('device', '?')}, jax "
-           f"{ours.get('jax', '?')}, {ours.get('date', '?')}",
-           f"PartCrafter (bench_partcrafter): {info.get('gpu', '?')}, torch "
-           f"{info.get('torch', '?')}, {peer.get('date', info.get('date', 'date not recorded'))}"]
+  lines = [
+      f"this project (benchmark_attention): {ours.get('device', '?')}, jax "
+      f"{ours.get('jax', '?')}, {ours.get('date', '?')}",
+      f"PartCrafter (bench_partcrafter): {info.get('gpu', '?')}, torch "
+      f"{info.get('torch', '?')}, {peer.get('date', info.get('date', 'date not recorded'))}",
+  ]
   if e2e:
     lines.append(f"end to end (benchmark_e2e): {e2e.get('device', '?')}, {e2e.get('date', '?')}")
   if train:
-    lines.append(f"training step (benchmark_train): {train.get('device', '?')}, "
-                 f"{train.get('date', '?')}")
+    lines.append(
+        f"training step (benchmark_train): {train.get('device', '?')}, " f"{train.get('date', '?')}"
+    )
   return lines
 
 
 def markdown(ours: dict, peer: dict, e2e: Optional[dict], train: Optional[dict]) -> str:
   table = forward_table(ours, peer)
-  lines = ["# This project against PartCrafter (issue 13)", "",
-           "Machines (a ratio is only meaningful when both sides ran on the same GPU, in one "
-           "device call):", ""]
+  lines = [
+      "# This project against PartCrafter (issue 13)",
+      "",
+      "Machines (a ratio is only meaningful when both sides ran on the same GPU, in one "
+      "device call):",
+      "",
+  ]
   lines += [f"- {m}" for m in machines(ours, peer, e2e, train)]
-  lines += ["", "Paper-size DiT, L = 1024, one object, no CFG batch, bf16, forward ms "
-            "(medians):", "",
-            "| N | MoC (ours) | dense (ours) | PartCrafter compiled | PartCrafter eager | "
-            "PartCrafter compiled / MoC |", "|---|---|---|---|---|---|"]
+  lines += [
+      "",
+      "Paper-size DiT, L = 1024, one object, no CFG batch, bf16, forward ms " "(medians):",
+      "",
+      "| N | MoC (ours) | dense (ours) | PartCrafter compiled | PartCrafter eager | "
+      "PartCrafter compiled / MoC |",
+      "|---|---|---|---|---|---|",
+  ]
   for r in table:
-    lines.append(f"| {r['N']} | {_fmt(r['moc_ms'])} | {_fmt(r['dense_ms'])} | "
-                 f"{_fmt(r['peer_compiled_ms'])} | {_fmt(r['peer_eager_ms'])} | "
-                 f"{_fmt(r['peer_over_moc'], 2)} |")
+    lines.append(
+        f"| {r['N']} | {_fmt(r['moc_ms'])} | {_fmt(r['dense_ms'])} | "
+        f"{_fmt(r['peer_compiled_ms'])} | {_fmt(r['peer_eager_ms'])} | "
+        f"{_fmt(r['peer_over_moc'], 2)} |"
+    )
   lines += ["", "## Targets", "", "| target | measured | threshold | result |", "|---|---|---|---|"]
   for t in targets(ours, peer, e2e, train):
-    lines.append(f"| {t['target']} | {_fmt(t['value'], 3)} | {t['threshold']:g} | "
-                 f"{t['note']} |")
+    lines.append(
+        f"| {t['target']} | {_fmt(t['value'], 3)} | {t['threshold']:g} | " f"{t['note']} |"
+    )
   return "\n".join(lines) + "\n"
 
 
-def write(out: str, ours: dict, peer: dict, e2e: Optional[dict] = None,
-          train: Optional[dict] = None) -> dict:
+def write(
+    out: str, ours: dict, peer: dict, e2e: Optional[dict] = None, train: Optional[dict] = None
+) -> dict:
   """Writes <out>.md and <out>.json; returns the JSON document."""
-  doc = {"machines": machines(ours, peer, e2e, train), "forward": forward_table(ours, peer),
-         "targets": targets(ours, peer, e2e, train)}
+  doc = {
+      "machines": machines(ours, peer, e2e, train),
+      "forward": forward_table(ours, peer),
+      "targets": targets(ours, peer, e2e, train),
+  }
   mio.atomic_write_text(out + ".md", markdown(ours, peer, e2e, train))
   mio.write_json(out + ".json", doc, indent=1)
   return doc

@@ -56,13 +56,23 @@ def latent_norm_config(kind: str = "none") -> ml_collections.ConfigDict:
   if kind not in KINDS:
     raise ValueError(f"latent_norm kind {kind!r}: expected one of {KINDS}")
   return ml_collections.ConfigDict(
-      dict(kind=kind, mean=(), between_std=(), within_std=(), parts=0, max_parts=8192,
-           posterior_noise=False, posterior_std=()))
+      dict(
+          kind=kind,
+          mean=(),
+          between_std=(),
+          within_std=(),
+          parts=0,
+          max_parts=8192,
+          posterior_noise=False,
+          posterior_std=(),
+      )
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class LatentStats:
   """Per-channel statistics [C] float32 of the 'part_mean_residual' transform."""
+
   mean: np.ndarray
   between_std: np.ndarray
   within_std: np.ndarray
@@ -123,7 +133,8 @@ def stats_from_latents(parts: Iterable[np.ndarray]) -> LatentStats:
       mean=m.mean(axis=0).astype(np.float32),
       between_std=np.maximum(m.std(axis=0), MIN_STD).astype(np.float32),
       within_std=np.maximum(np.sqrt(sq_within / n_tokens), MIN_STD).astype(np.float32),
-      parts=int(m.shape[0]))
+      parts=int(m.shape[0]),
+  )
 
 
 def stats_from_records(data_dir: str, max_parts: int = 8192) -> LatentStats:
@@ -138,8 +149,7 @@ def stats_from_records(data_dir: str, max_parts: int = 8192) -> LatentStats:
       for raw in records.read_shard(path):
         lat = records.decode_record(raw).get("latents")
         if lat is None:
-          raise ValueError(f"{path}: records without 'latents' (not an encode_latents "
-                           "output)")
+          raise ValueError(f"{path}: records without 'latents' (not an encode_latents " "output)")
         yield lat[:left]
         left -= len(lat[:left])
         if left <= 0:
@@ -163,18 +173,21 @@ def stats_from_config(model_config: Any) -> Optional[LatentStats]:
     return None
   if ln.kind not in KINDS:
     raise ValueError(f"model.latent_norm.kind {ln.kind!r}: expected one of {KINDS}")
-  arrays = [np.asarray(ln.get(k) or (), np.float32) for k in ("mean", "between_std",
-                                                                "within_std")]
+  arrays = [np.asarray(ln.get(k) or (), np.float32) for k in ("mean", "between_std", "within_std")]
   if not len(arrays[0]) or len({len(a) for a in arrays}) != 1:
-    raise ValueError("model.latent_norm: kind 'part_mean_residual' needs mean, between_std "
-                     "and within_std of one length (computed by latent_norm.with_stats "
-                     f"when training starts), got lengths {[len(a) for a in arrays]}")
+    raise ValueError(
+        "model.latent_norm: kind 'part_mean_residual' needs mean, between_std "
+        "and within_std of one length (computed by latent_norm.with_stats "
+        f"when training starts), got lengths {[len(a) for a in arrays]}"
+    )
   mean, between, within = arrays
   if ln.get("posterior_noise", False):
     post = np.asarray(ln.get("posterior_std") or (), np.float32)
     if post.shape != mean.shape:
-      raise ValueError("model.latent_norm.posterior_noise needs posterior_std of "
-                       f"{len(mean)} channels, got {len(post)}")
+      raise ValueError(
+          "model.latent_norm.posterior_noise needs posterior_std of "
+          f"{len(mean)} channels, got {len(post)}"
+      )
     between, within = np.hypot(between, post), np.hypot(within, post)
   return LatentStats(mean, between, within, parts=int(ln.get("parts", 0)))
 
@@ -188,8 +201,9 @@ def needs_stats(config: ml_collections.ConfigDict) -> bool:
   return not len(ln.get("mean") or ()) or bool(missing_post)
 
 
-def with_stats(config: ml_collections.ConfigDict, synthetic_parts=None,
-               posterior_std_fn=None) -> ml_collections.ConfigDict:
+def with_stats(
+    config: ml_collections.ConfigDict, synthetic_parts=None, posterior_std_fn=None
+) -> ml_collections.ConfigDict:
   """The DiT training config with model.latent_norm's statistics filled in (unchanged when
   `needs_stats` is False).
 

@@ -26,8 +26,7 @@ def test_iou_and_variance_share_match_definitions():
   assert 0.99 < share < 1.0
   probes = D.deviation_probes(parts.astype(np.float32), 0.05)
   np.testing.assert_allclose(probes["mean only"].std(axis=1), 0.0, atol=1e-6)
-  np.testing.assert_allclose(probes["deviations x0.5"].mean(axis=1), parts.mean(axis=1),
-                             atol=1e-5)
+  np.testing.assert_allclose(probes["deviations x0.5"].mean(axis=1), parts.mean(axis=1), atol=1e-5)
 
 
 def test_loss_by_time_and_denoising_of_an_exact_velocity():
@@ -64,27 +63,43 @@ def test_run_end_to_end(tmp_path, save_untrained_vae):
   spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   state, _ = train_lib.create_train_state(
-      init_fn, train_lib.make_optimizer(cfg.optim), spec, jax.random.PRNGKey(0), mesh)
+      init_fn, train_lib.make_optimizer(cfg.optim), spec, jax.random.PRNGKey(0), mesh
+  )
   dit_dir = str(tmp_path / "dit")
   ckpt = checkpointing.Checkpointer(os.path.join(dit_dir, "checkpoints"))
   ckpt.save(1, state, None, cfg, force=True)
   ckpt.close()
   rng = np.random.default_rng(2)
   size = cfg.model.encoder.image_size
-  recs = [records.encode_record(
-      {"latents": rng.normal(size=(n, 16, cfg.model.dit.latent_channels)).astype(np.float32),
-       "images": rng.integers(0, 255, (1, size, size, 3), dtype=np.uint8),
-       "masks": np.zeros((1, size, size), np.uint8),
-       "part_bounds": np.zeros((n, 2, 3), np.float32)},
-      {"kind": "latents", "key": f"r{i}", "num_parts": n, "type": "object"})
-      for i, n in enumerate((2, 3, 2, 3))]
+  recs = [
+      records.encode_record(
+          {
+              "latents": rng.normal(size=(n, 16, cfg.model.dit.latent_channels)).astype(np.float32),
+              "images": rng.integers(0, 255, (1, size, size, 3), dtype=np.uint8),
+              "masks": np.zeros((1, size, size), np.uint8),
+              "part_bounds": np.zeros((n, 2, 3), np.float32),
+          },
+          {"kind": "latents", "key": f"r{i}", "num_parts": n, "type": "object"},
+      )
+      for i, n in enumerate((2, 3, 2, 3))
+  ]
   data = tmp_path / "lat"
   data.mkdir()
   base = data / records.shard_name(0, 1)
   records.write_shard(str(base) + ".array_record", recs)
   records.atomic_write_json(str(base) + ".json", {"count": len(recs)})
-  r = D.run(dit_dir, str(data), batches=2, batch_size=2, max_components=3, times=(0.5, 1.0),
-            denoise_t0=(0.5,), denoise_steps=2, cfg=2.0, grid=8)
+  r = D.run(
+      dit_dir,
+      str(data),
+      batches=2,
+      batch_size=2,
+      max_components=3,
+      times=(0.5, 1.0),
+      denoise_t0=(0.5,),
+      denoise_steps=2,
+      cfg=2.0,
+      grid=8,
+  )
   assert r["parts"] == 10 and r["latent_norm"] == "part_mean_residual"
   assert [x["t"] for x in r["loss_by_t"]] == [0.5, 1.0]
   assert set(r["denoise_iou"]["0.5"]) == {"cfg 1", "cfg 2"}

@@ -24,8 +24,9 @@ def _naive_normalize(z, stats):
     part = z[idx].astype(np.float64)
     for ch in range(z.shape[-1]):
       m = part[:, ch].mean()
-      out[idx][:, ch] = ((m - stats.mean[ch]) / stats.between_std[ch]
-                         + (part[:, ch] - m) / stats.within_std[ch])
+      out[idx][:, ch] = (m - stats.mean[ch]) / stats.between_std[ch] + (
+          part[:, ch] - m
+      ) / stats.within_std[ch]
   return out
 
 
@@ -57,7 +58,8 @@ def test_normalize_matches_naive_reference_and_inverts_exactly():
   np.testing.assert_allclose(np.asarray(latent_norm.denormalize(u, stats)), z, atol=1e-5)
   w = rng.normal(size=z.shape).astype(np.float32)
   np.testing.assert_allclose(
-      np.asarray(latent_norm.normalize(latent_norm.denormalize(w, stats), stats)), w, atol=1e-4)
+      np.asarray(latent_norm.normalize(latent_norm.denormalize(w, stats), stats)), w, atol=1e-4
+  )
   # 'none' is the identity
   assert latent_norm.normalize(z, None) is z and latent_norm.denormalize(z, None) is z
 
@@ -70,10 +72,10 @@ def test_token_order_and_part_independence():
   stats = latent_norm.stats_from_latents(_parts(rng))
   perm = rng.permutation(z.shape[1])
   u = np.asarray(latent_norm.normalize(z, stats))
-  np.testing.assert_allclose(np.asarray(latent_norm.normalize(z[:, perm], stats)), u[:, perm],
-                             atol=3e-5)
-  np.testing.assert_allclose(np.asarray(latent_norm.normalize(z[2:3], stats)), u[2:3],
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(latent_norm.normalize(z[:, perm], stats)), u[:, perm], atol=3e-5
+  )
+  np.testing.assert_allclose(np.asarray(latent_norm.normalize(z[2:3], stats)), u[2:3], atol=1e-6)
 
 
 def test_stats_from_records_reads_in_order_and_stops_at_max_parts(tmp_path):
@@ -81,9 +83,12 @@ def test_stats_from_records_reads_in_order_and_stops_at_max_parts(tmp_path):
 
   rng = np.random.default_rng(3)
   lat = [_parts(rng, p=n) for n in (3, 4, 5)]
-  recs = [records.encode_record({"latents": a}, {"kind": "latents", "key": f"r{i}",
-                                                 "num_parts": len(a)})
-          for i, a in enumerate(lat)]
+  recs = [
+      records.encode_record(
+          {"latents": a}, {"kind": "latents", "key": f"r{i}", "num_parts": len(a)}
+      )
+      for i, a in enumerate(lat)
+  ]
   for s, chunk in enumerate((recs[:2], recs[2:])):
     base = tmp_path / records.shard_name(s, 2)
     records.write_shard(str(base) + ".array_record", chunk)
@@ -94,8 +99,10 @@ def test_stats_from_records_reads_in_order_and_stops_at_max_parts(tmp_path):
   assert full.parts == 12
   first = latent_norm.stats_from_records(str(tmp_path), max_parts=5)
   np.testing.assert_allclose(
-      first.between_std, latent_norm.stats_from_latents(np.concatenate(lat)[:5]).between_std,
-      rtol=1e-6)
+      first.between_std,
+      latent_norm.stats_from_latents(np.concatenate(lat)[:5]).between_std,
+      rtol=1e-6,
+  )
   assert first.parts == 5
   with pytest.raises(FileNotFoundError, match="nothing"):
     latent_norm.stats_from_records(str(tmp_path / "nothing"))
@@ -167,14 +174,22 @@ def test_sampler_returns_vae_space_latents():
 
   def sample(cfg):
     model = dit_task.ImageConditionedDiT(ml_collections.FrozenConfigDict(cfg.model))
-    z, _ = pipeline.sample_latents(model, params, images, jax.random.PRNGKey(1),
-                                   num_components=2, steps=2, cfg_scale=2.0,
-                                   return_routing=False)
+    z, _ = pipeline.sample_latents(
+        model,
+        params,
+        images,
+        jax.random.PRNGKey(1),
+        num_components=2,
+        steps=2,
+        cfg_scale=2.0,
+        return_routing=False,
+    )
     return np.asarray(z)
 
   z_raw, z_normed = sample(raw), sample(normed)
-  np.testing.assert_allclose(z_normed, np.asarray(latent_norm.denormalize(z_raw, stats)),
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+      z_normed, np.asarray(latent_norm.denormalize(z_raw, stats)), rtol=1e-4, atol=1e-4
+  )
 
 
 def test_posterior_noise_adds_the_vae_noise_in_quadrature():
@@ -201,7 +216,8 @@ def test_posterior_noise_adds_the_vae_noise_in_quadrature():
   np.testing.assert_allclose(stats.between_std, np.hypot(ref.between_std, post), rtol=1e-5)
   z = parts[:3]
   np.testing.assert_allclose(
-      np.asarray(latent_norm.denormalize(latent_norm.normalize(z, stats), stats)), z, atol=1e-5)
+      np.asarray(latent_norm.denormalize(latent_norm.normalize(z, stats), stats)), z, atol=1e-5
+  )
   filled.model.latent_norm.posterior_std = (0.1,)
   with pytest.raises(ValueError, match=f"posterior_std of {channels} channels"):
     latent_norm.stats_from_config(filled.model)

@@ -1,4 +1,5 @@
 """Issue 13's results file: joining our and the peer's benchmark JSONs into targets."""
+
 import json
 
 import pytest
@@ -12,8 +13,12 @@ def _ours(moc, dense, core=None):
     r = {"forward_moc": {"ms": moc[n]}, "forward_dense": {"ms": dense[n]}}
     if core and n in core:
       routing, context, attention, dense_attn = core[n]
-      r.update(routing_ms=routing, context_hybrid_ms=context,
-               moc_total_hybrid_ms=routing + context + attention, dense_attention_ms=dense_attn)
+      r.update(
+          routing_ms=routing,
+          context_hybrid_ms=context,
+          moc_total_hybrid_ms=routing + context + attention,
+          dense_attention_ms=dense_attn,
+      )
     rows[f"L1024/N{n}"] = r
   rows["L2048/N4"] = {"forward_moc": {"ms": 1.0}}  # another latent length: ignored
   return {"device": "NVIDIA H200 (gpu)", "jax": "0.11.2", "date": "d", "rows": rows}
@@ -21,8 +26,9 @@ def _ours(moc, dense, core=None):
 
 def _peer(compiled, eager=None):
   res = [{"label": "compile", "N": n, "batch": 1, "median_ms": ms} for n, ms in compiled.items()]
-  res += [{"label": "eager", "N": n, "batch": 1, "median_ms": ms}
-          for n, ms in (eager or {}).items()]
+  res += [
+      {"label": "eager", "N": n, "batch": 1, "median_ms": ms} for n, ms in (eager or {}).items()
+  ]
   res.append({"label": "compile", "N": 4, "batch": 2, "median_ms": 1.0})  # CFG batch: ignored
   return {"info": {"gpu": "NVIDIA H200", "torch": "2.11"}, "results": res}
 
@@ -48,12 +54,25 @@ def test_forward_ratios_and_never_slower_targets():
 
 
 def test_core_train_and_e2e_targets():
-  ours = _ours({32: 200.0, 64: 400.0}, {32: 340.0, 64: 990.0},
-               core={32: (0.1, 1.0, 2.9, 14.7), 64: (0.1, 0.1, 2.8, 40.0)})
-  train = {"matmul_peak_tflops": 650.0, "runs": [
-      {"size": "paper", "components": 32, "attention": "moc", "batch": 1, "step_ms": 1000.0,
-       "model_flops": 3.9e14},
-      {"size": "paper", "components": 32, "attention": "dense", "batch": 1, "step_ms": 2000.0}]}
+  ours = _ours(
+      {32: 200.0, 64: 400.0},
+      {32: 340.0, 64: 990.0},
+      core={32: (0.1, 1.0, 2.9, 14.7), 64: (0.1, 0.1, 2.8, 40.0)},
+  )
+  train = {
+      "matmul_peak_tflops": 650.0,
+      "runs": [
+          {
+              "size": "paper",
+              "components": 32,
+              "attention": "moc",
+              "batch": 1,
+              "step_ms": 1000.0,
+              "model_flops": 3.9e14,
+          },
+          {"size": "paper", "components": 32, "attention": "dense", "batch": 1, "step_ms": 2000.0},
+      ],
+  }
   t = _by_name(pc.targets(ours, _peer({}), e2e={"image_to_glb_median_s": 31.3}, train=train))
   core32 = t["N = 32: MoC core (routing + context + attention) >= 5x dense global attention"]
   assert core32["value"] == pytest.approx(14.7 / 4.0) and core32["met"] is False
@@ -82,7 +101,8 @@ def test_the_faster_core_counts_fused_or_gather():
   assert share["value"] == pytest.approx(0.05) and share["met"] is True
   ours["rows"]["L1024/N32"]["moc_total_fused_ms"] = 9.0  # slower: the gather path counts
   core32 = _by_name(pc.targets(ours, _peer({})))[
-      "N = 32: MoC core (routing + context + attention) >= 5x dense global attention"]
+      "N = 32: MoC core (routing + context + attention) >= 5x dense global attention"
+  ]
   assert core32["value"] == pytest.approx(14.7 / 4.0)
 
 
