@@ -12,8 +12,8 @@ means):
     hold the shape: decoding the token mean alone keeps IoU 0.10 of the part, deviations
     halved 0.48, noise of std 0.05 added to them 0.78.
 A rectified flow on raw latents spends its loss on the part means, and at t ~ 0.5 the
-deviations lie 10x under the unit noise: the bundled DiT of round 2 generated placed blobs
-and ignored its image.
+deviations lie 10x under the unit noise (the bundle's round-2 DiT, trained so, generated
+primitive-like blobs; experiments/results/dit_diagnostics.md compares it with round 3).
 
 The transform ('part_mean_residual'), per part, z [..., L, C], m = mean over L of z [C]:
   u = (m - mu) / s_between + (z - m) / s_within
