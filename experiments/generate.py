@@ -177,7 +177,8 @@ def run(
       )
       loaded.append((f, img, mask))
     except (ValueError, FileNotFoundError) as e:
-      skip(f, str(e).removeprefix("images[0]: "))
+      # the reason without a leading "<path>: " (skip names the file)
+      skip(f, str(e).removeprefix("images[0]: ").removeprefix(f"{f}: "))
   for start in tqdm(range(0, len(loaded), batch_size), desc="generate", disable=len(loaded) < 2):
     chunk = loaded[start : start + batch_size]
     result = pipe(

@@ -273,7 +273,9 @@ def load_image(path: str, *, keep_alpha: bool = False,
   except ImageTooLargeError:
     raise
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-    raise ValueError(f"{path}: not an image ({type(e).__name__}: {e})") from e
+    detail = str(e).replace(f"'{path}'", "").replace(str(path), "").strip(" :")
+    raise ValueError(f"{path}: not an image ({type(e).__name__}"
+                     f"{': ' + detail if detail else ''})") from e
   if keep_alpha:
     return rgba
   alpha = rgba[..., 3:].astype(np.float32) / 255.0
