@@ -44,6 +44,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from typing import Iterator, Optional
 
 from absl import app, flags, logging
@@ -205,7 +206,9 @@ def run_bundle_demo(
         out, res.meshes[0], res.latents[0], first, item.image, pipe.global_blocks
     )
     samples[item.name] = out
-    print(f"  {item.name}: {len(res.meshes[0])} components -> {out}", flush=True)
+    empty = sum(1 for m in res.meshes[0] if len(m.vertices) == 0)
+    note = f" ({empty} came out empty)" if empty else ""
+    print(f"  {item.name}: {len(res.meshes[0])} components{note} -> {out}", flush=True)
 
   predict = evaluation.pipeline_predict_fn(
       None,
@@ -545,6 +548,10 @@ def main(argv) -> int:
         f.eval_samples,
     )
     return 0
+  from moca_jax import extract  # pylint: disable=g-import-not-at-top
+
+  # parts without a surface are counted per item in the progress lines instead
+  warnings.simplefilter("ignore", extract.EmptyFieldWarning)
   try:
     run_bundle_demo(
         f.workdir or "outputs/demo",
