@@ -839,7 +839,13 @@ def main(argv=None):
   parser.add_argument("--train_seq_lens", default="1024", help="L values with a train-step job")
   parser.add_argument("--size", default="paper", help="'tiny' for a CPU dry run")
   parser.add_argument("--iters", type=int, default=10)
-  parser.add_argument("--gather", default="hybrid", choices=moc.GATHER_METHODS)
+  parser.add_argument(
+      "--gather",
+      default="hybrid",
+      choices=moc.MOC_GATHERS,
+      help="the MoC context path of the whole-model jobs ('fused': the Pallas kernel; the core "
+      "job times it with --fused)",
+  )
   parser.add_argument("--gather_variants", action="store_true", help="time every gather method")
   parser.add_argument(
       "--fused",
@@ -874,6 +880,9 @@ def main(argv=None):
   parser.add_argument("--compile_only", default="", help=argparse.SUPPRESS)
   parser.add_argument("--render", default="", help="rewrite the markdown of this JSON and exit")
   args = parser.parse_args(argv)
+  if args.gather == "fused" and {"core", "blocks"} & set(args.jobs.split(",")):
+    parser.error("--gather=fused is for the whole-model jobs; the core job times the fused "
+                 "kernel with --fused=on beside a gather path")
   if args.compile_only:
     return compile_only_main(args.compile_only)
   if args.render:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from absl import app, flags
 
@@ -61,19 +61,53 @@ def our_rows(ours: dict, seq_len: int = 1024) -> Dict[int, dict]:
   return rows
 
 
+def merge_runs(ours: dict, extra: Sequence[dict]) -> dict:
+  """`ours` with the fused-kernel results of other benchmark_attention runs of the same call
+  merged into its rows (a copy): the keys naming 'fused' (`moc_total_fused_ms`,
+  `moc_fwd_bwd_fused_ms`, `fused_rel_err`, `fused_error`), and the MoC forward of a run with
+  `--gather fused` as `forward_moc_fused`. peer_comparison.sh times the fused kernel in
+  processes of its own, so that a fault of the new GPU kernel cannot take the gather path's
+  rows with it."""
+  merged = json.loads(json.dumps(ours))
+  rows = merged.setdefault("rows", {})
+  for doc in extra:
+    fused_forward = doc.get("gather") == "fused"
+    for key, r in (doc.get("rows") or {}).items():
+      row = rows.setdefault(key, {})
+      row.update({k: v for k, v in r.items() if "fused" in k})
+      if fused_forward and r.get("forward_moc"):
+        row["forward_moc_fused"] = r["forward_moc"]
+  return merged
+
+
+def best_forward(r: dict) -> tuple:
+  """(ms, path) of the faster MoC forward of a row: the gather path (`forward_moc`) or the DiT
+  with gather='fused' (`forward_moc_fused`); (None, '') when neither was timed."""
+  cands = [
+      ((r.get(k) or {}).get("ms"), name)
+      for k, name in (("forward_moc", "gather path"), ("forward_moc_fused", "fused kernel"))
+  ]
+  cands = [(ms, name) for ms, name in cands if ms is not None]
+  return min(cands) if cands else (None, "")
+
+
 def forward_table(ours: dict, peer: dict) -> List[dict]:
-  """Per N: MoC and dense forward ms (ours), PartCrafter compiled and eager ms, and
-  peer_compiled / moc (> 1: we are faster)."""
+  """Per N: MoC forward ms (the faster of the gather path and the fused kernel, both kept)
+  and dense forward ms (ours), PartCrafter compiled and eager ms, and peer_compiled / moc
+  (> 1: we are faster)."""
   mine, comp, eager = our_rows(ours), peer_times(peer, "compile"), peer_times(peer, "eager")
   table = []
   for n in sorted(set(mine) | set(comp) | set(eager)):
     r = mine.get(n, {})
-    moc = (r.get("forward_moc") or {}).get("ms")
+    moc, path = best_forward(r)
     dense = (r.get("forward_dense") or {}).get("ms")
     table.append(
         {
             "N": n,
             "moc_ms": moc,
+            "moc_path": path,
+            "moc_gather_ms": (r.get("forward_moc") or {}).get("ms"),
+            "moc_fused_ms": (r.get("forward_moc_fused") or {}).get("ms"),
             "dense_ms": dense,
             "peer_compiled_ms": comp.get(n),
             "peer_eager_ms": eager.get(n),
@@ -112,32 +146,22 @@ def targets(
   """Issue 13's targets, each measured or marked 'not measured'."""
   table = {r["N"]: r for r in forward_table(ours, peer)}
   out = []
-  for n in NS:
+  def forward_target(name: str, n: int, want: float) -> dict:
     r = table.get(n, {})
-    ratio = r.get("peer_over_moc")
-    out.append(
-        _target(
-            f"N = {n}: PartCrafter compiled / MoC forward >= 1 (never slower)",
-            ratio,
-            1.0,
-            True,
-            "x",
-            "no MoC or compiled-peer time at this N",
-        )
-    )
+    t = _target(name, r.get("peer_over_moc"), want, True, "x",
+                "no MoC or compiled-peer time at this N")
+    if t["value"] is not None and r.get("moc_path"):
+      t["note"] += f" ({r['moc_path']})"
+    return t
+
+  for n in NS:
+    out.append(forward_target(f"N = {n}: PartCrafter compiled / MoC forward >= 1 (never slower)",
+                              n, 1.0))
   for n, want in ((32, 2.0), (64, 3.0)):
-    ratio = table.get(n, {}).get("peer_over_moc")
     out.append(
-        _target(
+        forward_target(
             f"N = {n}: MoC forward at most 1/{want:g} of PartCrafter compiled "
-            f"(ratio >= {want:g})",
-            ratio,
-            want,
-            True,
-            "x",
-            "no MoC or compiled-peer time at this N",
-        )
-    )
+            f"(ratio >= {want:g})", n, want))
   rows = our_rows(ours)
   for n, want in ((32, 5.0), (64, 9.0)):
     r = rows.get(n, {})
@@ -280,22 +304,57 @@ def markdown(ours: dict, peer: dict, e2e: Optional[dict], train: Optional[dict])
       "",
       "Paper-size DiT, L = 1024, one object, no CFG batch, bf16, forward ms " "(medians):",
       "",
-      "| N | MoC (ours) | dense (ours) | PartCrafter compiled | PartCrafter eager | "
-      "PartCrafter compiled / MoC |",
-      "|---|---|---|---|---|---|",
+      "| N | MoC, gather path (ours) | MoC, fused kernel (ours) | dense (ours) | "
+      "PartCrafter compiled | PartCrafter eager | PartCrafter compiled / MoC (faster path) |",
+      "|---|---|---|---|---|---|---|",
   ]
   for r in table:
     lines.append(
-        f"| {r['N']} | {_fmt(r['moc_ms'])} | {_fmt(r['dense_ms'])} | "
-        f"{_fmt(r['peer_compiled_ms'])} | {_fmt(r['peer_eager_ms'])} | "
+        f"| {r['N']} | {_fmt(r['moc_gather_ms'])} | {_fmt(r['moc_fused_ms'])} | "
+        f"{_fmt(r['dense_ms'])} | {_fmt(r['peer_compiled_ms'])} | {_fmt(r['peer_eager_ms'])} | "
         f"{_fmt(r['peer_over_moc'], 2)} |"
     )
+  lines += core_markdown(ours)
   lines += ["", "## Targets", "", "| target | measured | threshold | result |", "|---|---|---|---|"]
   for t in targets(ours, peer, e2e, train):
     lines.append(
         f"| {t['target']} | {_fmt(t['value'], 3)} | {t['threshold']:g} | " f"{t['note']} |"
     )
   return "\n".join(lines) + "\n"
+
+
+def core_markdown(ours: dict) -> List[str]:
+  """The global-attention core table (ms, L = 1024): dense attention, the MoC core by the
+  gather path and by the fused kernel, forward and forward+backward, and the fused kernel's
+  relative difference to the gather path (or its error)."""
+  rows = our_rows(ours)
+  if not any("routing_ms" in r for r in rows.values()):
+    return []
+  lines = [
+      "",
+      "Global-attention core on projected q/k/v (ms; MoC = routing + context + attention, "
+      "the fused kernel = routing + one Pallas kernel):",
+      "",
+      "| N | dense | MoC gather path | MoC fused | dense / best MoC | routing + gather share "
+      "| fwd+bwd dense | fwd+bwd gather path | fwd+bwd fused | fused vs gather (rel. diff.) |",
+      "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for n, r in sorted(rows.items()):
+    if "routing_ms" not in r:
+      continue
+    best, path, share = best_core(r)
+    dense = r.get("dense_attention_ms")
+    err = r.get("fused_rel_err")
+    fused_note = r.get("fused_error", "")[:60] or (f"{err:.1e}" if err is not None else "-")
+    lines.append(
+        f"| {n} | {_fmt(dense, 3)} | {_fmt(r.get('moc_total_hybrid_ms'), 3)} | "
+        f"{_fmt(r.get('moc_total_fused_ms'), 3)} | "
+        f"{_fmt(dense / best if dense and best else None, 2)} ({path or '-'}) | "
+        f"{_fmt(100 * share if share is not None else None, 0)}% | "
+        f"{_fmt(r.get('dense_fwd_bwd_ms'), 3)} | {_fmt(r.get('moc_fwd_bwd_hybrid_ms'), 3)} | "
+        f"{_fmt(r.get('moc_fwd_bwd_fused_ms'), 3)} | {fused_note} |"
+    )
+  return lines
 
 
 def write(
@@ -318,6 +377,9 @@ def define_flags() -> None:
   flags.DEFINE_string("e2e", None, "experiments/benchmark_e2e.py JSON (optional).")
   flags.DEFINE_string("train", None, "experiments/benchmark_train.py JSON (optional).")
   flags.DEFINE_string("out", "experiments/results/peer_comparison", "Output path stem.")
+  flags.DEFINE_list(
+      "extra", [], "More benchmark_attention JSONs of the same call whose fused-kernel "
+      "results are merged into --ours (`merge_runs`).")
 
 
 def main(argv) -> None:
@@ -332,6 +394,12 @@ def main(argv) -> None:
   except ValueError as e:
     print(f"peer_comparison: error: {e}", file=sys.stderr)
     sys.exit(2)
+  try:
+    extra = [_load(p) for p in f.extra]
+  except ValueError as e:
+    print(f"peer_comparison: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  inputs[0] = merge_runs(inputs[0], extra)
   os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
   doc = write(f.out, *inputs)
   met = sum(t["met"] is True for t in doc["targets"])

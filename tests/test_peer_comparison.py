@@ -45,7 +45,7 @@ def test_forward_ratios_and_never_slower_targets():
   assert table[32]["peer_over_moc"] == pytest.approx(2.1) and table[32]["peer_eager_ms"] is None
   t = _by_name(pc.targets(ours, peer))
   n4 = t["N = 4: PartCrafter compiled / MoC forward >= 1 (never slower)"]
-  assert n4["met"] is False and n4["note"] == "missed by 0.1x"
+  assert n4["met"] is False and n4["note"] == "missed by 0.1x (gather path)"
   assert t["N = 32: PartCrafter compiled / MoC forward >= 1 (never slower)"]["met"] is True
   half = t["N = 32: MoC forward at most 1/2 of PartCrafter compiled (ratio >= 2)"]
   assert half["met"] is True
@@ -106,12 +106,41 @@ def test_the_faster_core_counts_fused_or_gather():
   assert core32["value"] == pytest.approx(14.7 / 4.0)
 
 
+def test_fused_runs_merge_and_the_faster_forward_counts(tmp_path):
+  """peer_comparison.sh times the fused kernel in processes of its own: their fused keys and
+  a gather='fused' forward join the main run's rows; the faster MoC forward is scored and
+  named; the core table shows both paths or the kernel's error."""
+  ours = _ours({4: 30.0, 32: 200.0}, {4: 29.0, 32: 340.0}, core={32: (0.1, 1.0, 2.9, 14.7)})
+  core_run = {"gather": "hybrid", "rows": {
+      "L1024/N32": {"moc_total_fused_ms": 2.0, "fused_rel_err": 3e-3, "routing_ms": 9.9,
+                    "moc_total_hybrid_ms": 99.0},
+      "L1024/N4": {"fused_error": "XlaRuntimeError: bad"}}}
+  forward_run = {"gather": "fused", "rows": {"L1024/N4": {"forward_moc": {"ms": 25.0}},
+                                             "L1024/N32": {"forward_moc": {"ms": 210.0}}}}
+  merged = pc.merge_runs(ours, [core_run, forward_run])
+  assert "forward_moc_fused" not in ours["rows"]["L1024/N4"]  # a copy
+  r32 = merged["rows"]["L1024/N32"]
+  assert r32["moc_total_fused_ms"] == 2.0 and r32["routing_ms"] == 0.1  # only fused keys
+  assert r32["moc_total_hybrid_ms"] == pytest.approx(4.0)
+  table = {r["N"]: r for r in pc.forward_table(merged, _peer({4: 27.0, 32: 420.0}))}
+  assert table[4]["moc_ms"] == 25.0 and table[4]["moc_path"] == "fused kernel"
+  assert table[32]["moc_ms"] == 200.0 and table[32]["moc_path"] == "gather path"
+  t = _by_name(pc.targets(merged, _peer({4: 27.0, 32: 420.0})))
+  assert t["N = 4: PartCrafter compiled / MoC forward >= 1 (never slower)"]["note"] == (
+      "met (fused kernel)")
+  pc.write(str(tmp_path / "cmp"), merged, _peer({4: 27.0}))
+  md = (tmp_path / "cmp.md").read_text()
+  assert "| 4 | 30.0 | 25.0 | 29.0 | 27.0 | - | 1.08 |" in md
+  assert "| 32 | 14.700 | 4.000 | 2.000 | 7.35 (fused kernel) | 5% |" in md
+  assert "3.0e-03 |" in md
+
+
 def test_write_and_cli_errors(tmp_path):
   ours = _ours({4: 30.0}, {4: 29.0})
   peer = _peer({4: 27.0})
   doc = pc.write(str(tmp_path / "cmp"), ours, peer)
   md = (tmp_path / "cmp.md").read_text()
-  assert "| 4 | 30.0 | 29.0 | 27.0 | - | 0.90 |" in md
+  assert "| 4 | 30.0 | - | 29.0 | 27.0 | - | 0.90 |" in md
   assert "NVIDIA H200" in md and "not measured" in md
   assert json.loads((tmp_path / "cmp.json").read_text())["forward"] == doc["forward"]
   bad = tmp_path / "bad.json"
