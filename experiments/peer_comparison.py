@@ -29,6 +29,8 @@ from absl import app, flags
 from moca_jax import io as mio
 
 NS = (4, 8, 16, 32, 64)
+# bench_partcrafter.py labels its torch.compile rows 'compiled' (an older copy: 'compile').
+PEER_LABELS = {"compile": "compiled"}
 
 
 def _load(path: Optional[str]) -> Optional[dict]:
@@ -42,11 +44,12 @@ def _load(path: Optional[str]) -> Optional[dict]:
 
 
 def peer_times(peer: dict, label: str) -> Dict[int, float]:
-  """{N: median forward ms} of PartCrafter's runs with `label` ('compile' or 'eager'), one
-  object and no CFG batch (batch 1)."""
+  """{N: median forward ms} of PartCrafter's runs with `label` ('compile', also read as
+  'compiled', or 'eager'), one object and no CFG batch (batch 1)."""
+  labels = {label, PEER_LABELS.get(label, label)}
   out = {}
   for r in peer.get("results", []):
-    if r.get("label") == label and int(r.get("batch", 1)) == 1 and r.get("finite", True):
+    if r.get("label") in labels and int(r.get("batch", 1)) == 1 and r.get("finite", True):
       out[int(r["N"])] = float(r["median_ms"])
   return out
 
@@ -358,15 +361,24 @@ def core_markdown(ours: dict) -> List[str]:
 
 
 def write(
-    out: str, ours: dict, peer: dict, e2e: Optional[dict] = None, train: Optional[dict] = None
+    out: str,
+    ours: dict,
+    peer: dict,
+    e2e: Optional[dict] = None,
+    train: Optional[dict] = None,
+    notes: str = "",
 ) -> dict:
-  """Writes <out>.md and <out>.json; returns the JSON document."""
+  """Writes <out>.md (with `notes` appended under '## Notes') and <out>.json; returns the
+  JSON document."""
   doc = {
       "machines": machines(ours, peer, e2e, train),
       "forward": forward_table(ours, peer),
       "targets": targets(ours, peer, e2e, train),
   }
-  mio.atomic_write_text(out + ".md", markdown(ours, peer, e2e, train))
+  text = markdown(ours, peer, e2e, train)
+  if notes.strip():
+    text += "\n## Notes\n\n" + notes.strip() + "\n"
+  mio.atomic_write_text(out + ".md", text)
   mio.write_json(out + ".json", doc, indent=1)
   return doc
 
@@ -377,6 +389,9 @@ def define_flags() -> None:
   flags.DEFINE_string("e2e", None, "experiments/benchmark_e2e.py JSON (optional).")
   flags.DEFINE_string("train", None, "experiments/benchmark_train.py JSON (optional).")
   flags.DEFINE_string("out", "experiments/results/peer_comparison", "Output path stem.")
+  flags.DEFINE_string(
+      "notes", None, "A markdown file appended to <out>.md under '## Notes' (what the "
+      "numbers mean, what would close the missed targets).")
   flags.DEFINE_list(
       "extra", [], "More benchmark_attention JSONs of the same call whose fused-kernel "
       "results are merged into --ours (`merge_runs`).")
@@ -401,7 +416,15 @@ def main(argv) -> None:
     sys.exit(2)
   inputs[0] = merge_runs(inputs[0], extra)
   os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
-  doc = write(f.out, *inputs)
+  notes = ""
+  if f.notes:
+    try:
+      with open(f.notes) as fh:
+        notes = fh.read()
+    except OSError as e:
+      print(f"peer_comparison: error: {f.notes}: unreadable notes ({e})", file=sys.stderr)
+      sys.exit(2)
+  doc = write(f.out, *inputs, notes=notes)
   met = sum(t["met"] is True for t in doc["targets"])
   print(f"wrote {f.out}.md/.json: {met} of {len(doc['targets'])} targets met")
 

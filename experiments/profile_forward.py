@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -66,6 +67,23 @@ def kernel_category(name: str, hlo_op: str = "") -> str:
   return "other"
 
 
+_HLO_INSTRUCTION = re.compile(
+    r'^\s*(?:ROOT\s+)?%([\w.\-]+) = [^\n]*?metadata=\{[^}]*?op_name="([^"]*)"', re.M)
+
+
+def kernel_key(name: str) -> str:
+  """A kernel's or HLO instruction's name as the GPU profiler spells kernels: XLA names a
+  fusion's kernel after the instruction, with '.' and '-' as '_'."""
+  return name.replace(".", "_").replace("-", "_")
+
+
+def op_names(hlo_text: str) -> Dict[str, str]:
+  """{kernel_key(instruction): op_name} from a compiled module's text (`compiled.as_text()`):
+  the JAX-level operation (its named scopes: the Flax module path, then the primitive) each
+  fusion or library call came from, so a kernel in the profile points at the code."""
+  return {kernel_key(m.group(1)): m.group(2) for m in _HLO_INSTRUCTION.finditer(hlo_text)}
+
+
 def union_ms(intervals: Iterable[Tuple[float, float]]) -> float:
   """Total length in ms of the union of (start_ns, end_ns) intervals."""
   total, end = 0.0, None
@@ -80,9 +98,10 @@ def union_ms(intervals: Iterable[Tuple[float, float]]) -> float:
 
 
 def summarize(events: Sequence[dict], calls: int, top: int = 15) -> dict:
-  """Per-call statistics of kernel events [{name, hlo_op, start_ns, dur_ns}] recorded over
-  `calls` forward calls: busy ms (interval union), kernel ms by category, kernel count, and
-  the `top` kernels by total time (name, category, ms per call, launches per call)."""
+  """Per-call statistics of kernel events [{name, hlo_op, start_ns, dur_ns, op}] recorded
+  over `calls` forward calls: busy ms (interval union), kernel ms by category, kernel count,
+  and the `top` kernels by total time (name, category, ms per call, launches per call, and
+  up to 4 of the JAX ops (`op_names`) its launches came from)."""
   if calls < 1:
     raise ValueError(f"calls must be >= 1, got {calls}")
   by_cat = {c: 0.0 for c in CATEGORIES}
@@ -91,9 +110,11 @@ def summarize(events: Sequence[dict], calls: int, top: int = 15) -> dict:
     cat = kernel_category(ev["name"], ev.get("hlo_op", ""))
     ms = ev["dur_ns"] / 1e6
     by_cat[cat] += ms
-    entry = by_name.setdefault(ev["name"], [cat, 0.0, 0])
+    entry = by_name.setdefault(ev["name"], [cat, 0.0, 0, set()])
     entry[1] += ms
     entry[2] += 1
+    if ev.get("op"):
+      entry[3].add(ev["op"])
   kernel_ms = sum(by_cat.values())
   ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
   return {
@@ -103,8 +124,9 @@ def summarize(events: Sequence[dict], calls: int, top: int = 15) -> dict:
       "kernels_per_call": len(events) / calls,
       "by_category_ms": {c: v / calls for c, v in by_cat.items()},
       "top": [
-          {"name": name, "category": cat, "ms": ms / calls, "launches": count / calls}
-          for name, (cat, ms, count) in ranked
+          {"name": name, "category": cat, "ms": ms / calls, "launches": count / calls,
+           "ops": sorted(ops)[:4]}
+          for name, (cat, ms, count, ops) in ranked
       ],
   }
 
@@ -167,12 +189,22 @@ def profile_forward(n: int, mode: str, *, size: str, seq_len: int, impl: str, ga
     if not paths:
       raise RuntimeError(f"the profiler wrote no .xplane.pb under {tmp}")
     events, source = trace_events(ProfileData.from_file(paths[0]))
+  ops = op_names(compiled.as_text() or "")
+  for ev in events:
+    ev["op"] = ops.get(kernel_key(ev["hlo_op"])) or ops.get(kernel_key(ev["name"]), "")
   res = summarize(events, iters, top)
   res.update(N=n, mode=mode, seq_len=seq_len, size=size, gather=gather, implementation=impl,
              compile_s=compile_s, wall_ms=statistics.median(walls), traced_calls=iters,
              source=source, memory_gib=mem)
   res["idle_ms"] = max(0.0, res["wall_ms"] - res["busy_ms"])
   return res
+
+
+def _short(text: str, width: int) -> str:
+  """`text` for a table cell: pipes escaped, cut to `width` characters, keeping the end (a JAX
+  op's innermost scopes and primitive are at its end)."""
+  text = text.replace("|", "/")
+  return text if len(text) <= width else "..." + text[-(width - 3):]
 
 
 def _f(v: Optional[float], digits: int = 2) -> str:
@@ -211,11 +243,11 @@ def markdown(report: dict) -> str:
     if "error" in r:
       continue
     lines += ["", f"## N = {r['N']}, {r['mode']}: top kernels ({r['source']})", "",
-              "| ms per call | launches per call | category | kernel |", "|---|---|---|---|"]
+              "| ms per call | launches per call | category | kernel | JAX op (`op_names`) |",
+              "|---|---|---|---|---|"]
     for k in r["top"]:
-      name = k["name"].replace("|", "/")
-      name = name if len(name) <= 110 else name[:107] + "..."
-      lines.append(f"| {k['ms']:.3f} | {k['launches']:.0f} | {k['category']} | `{name}` |")
+      lines.append(f"| {k['ms']:.3f} | {k['launches']:.0f} | {k['category']} | "
+                   f"`{_short(k['name'], 90)}` | {_short('; '.join(k.get('ops', [])), 120)} |")
   return "\n".join(lines) + "\n"
 
 

@@ -40,6 +40,7 @@ def _by_name(ts):
 def test_forward_ratios_and_never_slower_targets():
   ours = _ours({4: 30.0, 32: 200.0}, {4: 29.0, 32: 340.0})
   peer = _peer({4: 27.0, 32: 420.0}, {4: 50.0})
+  peer["results"][1]["label"] = "compiled"  # bench_partcrafter.py's own label
   table = {r["N"]: r for r in pc.forward_table(ours, peer)}
   assert table[4]["peer_over_moc"] == pytest.approx(0.9)
   assert table[32]["peer_over_moc"] == pytest.approx(2.1) and table[32]["peer_eager_ms"] is None
@@ -128,8 +129,9 @@ def test_fused_runs_merge_and_the_faster_forward_counts(tmp_path):
   t = _by_name(pc.targets(merged, _peer({4: 27.0, 32: 420.0})))
   assert t["N = 4: PartCrafter compiled / MoC forward >= 1 (never slower)"]["note"] == (
       "met (fused kernel)")
-  pc.write(str(tmp_path / "cmp"), merged, _peer({4: 27.0}))
+  pc.write(str(tmp_path / "cmp"), merged, _peer({4: 27.0}), notes="Why: *because*.")
   md = (tmp_path / "cmp.md").read_text()
+  assert md.endswith("## Notes\n\nWhy: *because*.\n")
   assert "| 4 | 30.0 | 25.0 | 29.0 | 27.0 | - | 1.08 |" in md
   assert "| 32 | 14.700 | 4.000 | 2.000 | 7.35 (fused kernel) | 5% |" in md
   assert "3.0e-03 |" in md

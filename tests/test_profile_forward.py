@@ -41,7 +41,8 @@ def test_busy_time_is_the_union_of_overlapping_kernels():
   assert r["by_category_ms"]["matmul"] == pytest.approx(2.0)
   assert r["by_category_ms"]["elementwise fusion"] == pytest.approx(0.65)
   assert r["kernels_per_call"] == 2 and r["top"] == [
-      {"name": "gemm_a", "category": "matmul", "ms": pytest.approx(2.0), "launches": 1.0}
+      {"name": "gemm_a", "category": "matmul", "ms": pytest.approx(2.0), "launches": 1.0,
+       "ops": []}
   ]
   with pytest.raises(ValueError, match="calls"):
     pf.summarize(events, calls=0)
@@ -69,9 +70,27 @@ def test_cli_profiles_a_tiny_forward_on_cpu(tmp_path):
   assert sum(run["by_category_ms"].values()) == pytest.approx(run["kernel_ms"])
   md = out.with_suffix(".md").read_text()
   assert "| 2 | moc |" in md and "top kernels" in md
+  assert any(k["ops"] for k in run["top"]), run["top"]  # kernels point at JAX ops
 
 
 def test_cli_rejects_bad_flags(tmp_path):
   res = _run_cli("--modes=sparse", f"--out={tmp_path / 'x'}")
   assert res.returncode == 2 and "--modes" in res.stderr
   assert not (tmp_path / "x.json").exists()
+
+
+def test_op_names_map_kernels_to_jax_ops():
+  import jax
+  import jax.numpy as jnp
+
+  def f(a, b):
+    return (jnp.concatenate([jnp.tanh(a), b], axis=0) @ a.T).sum()
+
+  text = jax.jit(f).lower(jnp.ones((8, 8)), jnp.ones((8, 8))).compile().as_text()
+  ops = pf.op_names(text)
+  assert ops and all(k == pf.kernel_key(k) for k in ops)
+  assert any(v.endswith("concatenate") for v in ops.values()), ops
+  assert pf.kernel_key("input_concatenate_fusion.35") == "input_concatenate_fusion_35"
+  line = '  ROOT %loop_add_fusion.2 = f32[4]{0} fusion(%p), kind=kLoop, metadata={op_name="jit(g)/blk/add" x=1}'
+  assert pf.op_names(line) == {"loop_add_fusion_2": "jit(g)/blk/add"}
+  assert pf._short("a" * 10, 6) == "...aaa"
