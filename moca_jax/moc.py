@@ -334,7 +334,8 @@ def moc_attention(q: Array, kh: Array, vh: Array, kc: Optional[Array], vc: Optio
     implementation: attention backend ('xla' | 'cudnn' | None).
     gather: see `gather_components`, or 'fused' (MOC_GATHERS): the fused Pallas kernel
       `moca_jax.kernels.moc_flash.moc_attention_fused` (forward fused, never materialising
-      the routed context; GPU compilation unverified; interpret mode on CPU). Its backward
+      the routed context; interpret mode on CPU; on an H200 it agrees with the gather path
+      to 3e-3 in bf16 but is 1.05-1.58x slower, experiments/results/peer_comparison.md). Its backward
       is fused too (dq and dk/dv Pallas kernels with inverse routing tables; the kernel's
       bwd='recompute' re-runs this gather path instead).
     component_chunk: query components per chunk (0: all at once).
