@@ -19,7 +19,8 @@ into --workdir:
 A variant that fails is reported in the table ("failed: reason") and the others go on.
 Re-running skips variants whose <variant>/ablation_result.json exists (delete it to redo);
 a variant whose training finished (<variant>/train_result.json) but whose evaluation failed
-is only re-evaluated; one stopped by --config.time_limit_s resumes from its checkpoint.
+is only re-evaluated; one stopped by --config.time_limit_s or --config.stop_at_unix resumes
+from its checkpoint.
 At tiny size on CPU, generation costs about a minute per item (2 cores): use --eval_limit,
 or --eval_split='' for the flow-loss comparison alone.
 
@@ -54,8 +55,10 @@ GPU 100% busy, about what one run alone does (~22 steps/s, assets/moca-small's c
 concurrency saves compilation and evaluation wall time, not training time: 8 x 2000 steps
 at batch 64 is ~12 min of training, more than one 10-minute call. Either lower
 --config.num_steps, or train in chunks: add --config.time_limit_s=S (each variant stops
-after S s of training, saves, and is reported as incomplete) and re-run the same command on
-the same machine (while it is still warm): variants resume from their checkpoints and
+after S s of training, saves, and is reported as incomplete) or --config.stop_at_unix=T (the
+same at the wall-clock time T, compilation included: what a device call with a hard limit
+needs; experiments/results/bundle_train.sh's study stage sets it) and re-run the same command
+on the same machine (while it is still warm): variants resume from their checkpoints and
 their programs come from the compilation cache. Evaluation time on the GPU is not measured
 yet (8 processes each load the pipeline and compile the sampler).
 """
@@ -243,8 +246,9 @@ def summarize_training(result, workdir: str) -> Dict[str, float]:
 
 
 class TrainingIncomplete(RuntimeError):
-  """Training stopped at its time limit (config.time_limit_s) before config.num_steps; the
-  variant is neither timed nor evaluated, and a re-run resumes it from its checkpoint."""
+  """Training stopped at its time limit (config.time_limit_s or config.stop_at_unix) before
+  config.num_steps; the variant is neither timed nor evaluated, and a re-run resumes it from
+  its checkpoint."""
 
 
 class FileBarrier:

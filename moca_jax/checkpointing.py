@@ -18,6 +18,7 @@ differing field; `workdir/config.json` is written only after the check passed. F
 may change on resume:
   num_steps, optim.total_steps   train longer (the schedule follows total_steps)
   time_limit_s                   the length of a training chunk (train_lib.run_training)
+  stop_at_unix                   a chunk's wall-clock deadline (train_lib.run_training)
   init.from_bundle, init.bundle_parts
                                  a fresh run's warm start (only read when there is no checkpoint)
   log_every, checkpoint.*        logging and checkpoint cadence
@@ -242,6 +243,7 @@ RESUMABLE_FIELDS = (
     "num_steps",
     "optim.total_steps",
     "time_limit_s",
+    "stop_at_unix",
     "log_every",
     "checkpoint",
     "eval",

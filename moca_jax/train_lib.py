@@ -427,13 +427,15 @@ def run_training(
   """The generic training loop (DiT and VAE).
 
   Config fields read: seed, batch_size, num_steps, optim (see `default_optim_config`),
-  mesh.{data, fsdp}, checkpoint.{every, keep, async_save}, log_every, time_limit_s.
+  mesh.{data, fsdp}, checkpoint.{every, keep, async_save}, log_every, time_limit_s,
+  stop_at_unix.
 
   Chunked training: with time_limit_s > 0 the loop stops at the first log step (a multiple
   of log_every) after that many seconds of training (compilation excluded), saves a
   checkpoint there and returns (`LoopResult.stopped_early`); the next call resumes from it
-  exactly, the schedule still following num_steps. All processes stop at the same step
-  (process 0's clock decides).
+  exactly, the schedule still following num_steps. stop_at_unix > 0 does the same at a
+  wall-clock deadline (time.time() seconds; start-up and compilation count), for machines
+  lent for a fixed time. All processes stop at the same step (process 0's clock decides).
 
   Before anything is written, the config is compared with the one stored in the latest
   checkpoint (`checkpointing.prepare_workdir`: ConfigMismatchError naming the fields), then
@@ -545,6 +547,7 @@ def run_training(
     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
   time_limit = float(config.get("time_limit_s", 0) or 0)
+  stop_at = float(config.get("stop_at_unix", 0) or 0)
   t_loop = time.monotonic()
   t_loop_start = time.perf_counter()
   stopped_early = False
@@ -560,7 +563,8 @@ def run_training(
       pending = (step_i, bid, metrics)
       bar.update(1)
       done = step_i + 1
-      stopped_early = done < num_steps and _out_of_time(done, log_every, t_loop, time_limit)
+      stopped_early = done < num_steps and _out_of_time(done, log_every, t_loop, time_limit,
+                                                             stop_at)
       if done % config.checkpoint.every == 0 or done == num_steps or stopped_early:
         # Nothing non-finite is ever saved: this step's loss is checked first (it raises
         # naming the step and the batch), then the params themselves.
@@ -574,8 +578,10 @@ def run_training(
         ckpt.save(done, state, _iterator_state(iterator), config,
                   force=done == num_steps or stopped_early)
         if stopped_early:
-          log.info("time limit (%.0f s) reached: stopped and saved at step %d of %d",
-                   time_limit, done, num_steps)
+          log.info("time limit (%.0f s of training, deadline %s) reached: stopped and saved "
+                   "at step %d of %d", time_limit,
+                   time.strftime("%H:%M:%S", time.localtime(stop_at)) if stop_at else "none",
+                   done, num_steps)
           break
     if pending is not None:
       finish(pending)
@@ -634,12 +640,16 @@ def write_metrics_jsonl(
   io.atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def _out_of_time(done: int, log_every: int, t_loop: float, time_limit: float) -> bool:
-  """Whether a time-limited loop stops after step `done`: checked at log steps only, and
-  decided by process 0 in a multi-process job (so every process stops at the same step)."""
-  if time_limit <= 0 or done % max(int(log_every), 1):
+def _out_of_time(done: int, log_every: int, t_loop: float, time_limit: float,
+                 stop_at: float = 0.0) -> bool:
+  """Whether a time-limited loop stops after step `done`: `time_limit` seconds since the
+  monotonic time `t_loop`, or the wall-clock deadline `stop_at` (time.time(); 0: none).
+  Checked at log steps only, and decided by process 0 in a multi-process job (so every
+  process stops at the same step)."""
+  if (time_limit <= 0 and stop_at <= 0) or done % max(int(log_every), 1):
     return False
-  late = time.monotonic() - t_loop > time_limit
+  late = ((time_limit > 0 and time.monotonic() - t_loop > time_limit)
+          or (stop_at > 0 and time.time() > stop_at))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     late = bool(multihost_utils.broadcast_one_to_all(np.bool_(late)))

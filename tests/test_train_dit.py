@@ -106,12 +106,13 @@ def _check_resume_is_exact(tmp_path):
   stored, step = checkpointing.read_checkpoint_config(os.path.join(b_dir, "checkpoints"))
   assert step == 2 * K and stored["model"]["dit"]["num_blocks"] == 2
 
-  # Chunked training: a run whose time limit has passed stops at its first log step (1),
-  # saves there although checkpoint.every is 1000, and the next chunk resumes exactly.
+  # Chunked training: a run whose wall-clock deadline has passed stops at its first log step
+  # (1), saves there although checkpoint.every is 1000, and the next chunk (no deadline: a
+  # chunk field, not a config mismatch) resumes exactly.
   c_dir = str(tmp_path / "c")
   rare_saves = micro_config()
   rare_saves.checkpoint.every = 1000
-  limited = micro_config(time_limit_s=1e-9)
+  limited = micro_config(stop_at_unix=1.0)
   limited.checkpoint.every = 1000
   chunk = dit_task.train_and_evaluate(
       limited, c_dir, num_steps=2 * K, mesh=_mesh1(), show_progress=False, eval_batches=0)
@@ -374,3 +375,18 @@ def test_scene_mode_loss_traces_with_per_component_conditions():
   assert params["encoder"]["patch_embed"]["kernel"].shape[2] == 7
   loss, metrics = jax.eval_shape(loss_fn, params, batch, jax.random.PRNGKey(1))
   assert loss.shape == () and metrics["router/selection_freq"].shape == (3,)
+
+
+def test_out_of_time_by_training_seconds_or_wall_clock_deadline(monkeypatch):
+  """`_out_of_time`: checked at log steps only; either limit stops the loop."""
+  now = {"mono": 100.0, "wall": 5000.0}
+  monkeypatch.setattr(train_lib.time, "monotonic", lambda: now["mono"])
+  monkeypatch.setattr(train_lib.time, "time", lambda: now["wall"])
+  stop = train_lib._out_of_time
+  assert not stop(10, 10, t_loop=0.0, time_limit=0.0)  # no limit
+  assert stop(10, 10, t_loop=0.0, time_limit=50.0)  # 100 s of training > 50
+  assert not stop(11, 10, t_loop=0.0, time_limit=50.0)  # not a log step
+  assert not stop(10, 10, t_loop=0.0, time_limit=500.0)
+  assert stop(10, 10, t_loop=0.0, time_limit=0.0, stop_at=4999.0)  # deadline passed
+  assert not stop(10, 10, t_loop=0.0, time_limit=0.0, stop_at=5001.0)
+  assert stop(10, 10, t_loop=0.0, time_limit=500.0, stop_at=4000.0)  # either one

@@ -49,6 +49,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.log_every = 10
   # > 0: stop (and save) after this many seconds of training; resume continues exactly
   c.time_limit_s = 0.0
+  # > 0: a wall-clock deadline (seconds since the epoch, compilation included): stop and save
+  # at the first log step after it (for device calls with a hard wall-clock limit)
+  c.stop_at_unix = 0.0
   c.distributed = distributed_config()  # multi-process job: see moca_jax.distributed
   # A fresh run starts from a bundle's DiT + encoder weights (a params-only warm restart:
   # fresh optimizer, step 0; moca_jax.bundle.params_for_training). Not read on resume.

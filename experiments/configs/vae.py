@@ -79,6 +79,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.log_every = {"tiny": 10, "small": 50, "bundle": 50, "triposg": 100}[size]
   # > 0: stop (and save) after this many seconds of training; resume continues exactly
   c.time_limit_s = 0.0
+  # > 0: a wall-clock deadline (seconds since the epoch, compilation included): stop and save
+  # at the first log step after it (for device calls with a hard wall-clock limit)
+  c.stop_at_unix = 0.0
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.distributed = distributed_config()  # multi-process job: see moca_jax.distributed
   every = {"tiny": 100, "small": 500, "bundle": 2000, "triposg": 5000}[size]

@@ -16,8 +16,10 @@
 #   INIT_BUNDLE=assets/moca-small bash experiments/results/bundle_train.sh data   # the split,
 #                                     # encoded with the bundle's VAE (no VAE training)
 #   DIT_NAME=probe DIT_EXTRA="--config.init.bundle_parts=('dit',)" ... dit   # another run
-#   INIT_BUNDLE=assets/moca-small STUDY_SECONDS=240 bash experiments/results/bundle_train.sh study
-#                                     # the section-5 study (repeat the call to continue)
+#   INIT_BUNDLE=assets/moca-small bash experiments/results/bundle_train.sh study
+#                                     # the section-5 study: training stops at STUDY_TRAIN_S
+#                                     # (400) s into the call, everything at STUDY_CALL_S
+#                                     # (560); repeat the call on the warm machine to continue
 # Every call ends with what the next session needs in $OUT (at most 8 files of 16 MiB):
 #   logs.tar.gz             logs, metrics.jsonl, runs.jsonl, eval.json, loss curves, tables
 #   vae.tar.part-*          the VAE workdir (orbax checkpoint, optimizer state included)
@@ -27,6 +29,7 @@
 # Reassemble with `cat bundle.tar.part-* | tar -x -C assets`.
 # TINY=1 runs the same sequence with the tiny configs and the tiny split (a CPU dry run).
 set -u
+CALL_START=${CALL_START:-$(date +%s)}  # the device call's start (the study's deadlines)
 stage=${1:?"stage: data_vae | data | dit | study"}
 OUT=${OUT:-bundle_out}
 W=${W:-/root/bw}
@@ -178,19 +181,28 @@ elif [ "$stage" = study ]; then
   if [ "${TINY:-0}" = 1 ]; then
     STUDY_FLAGS="--config.num_steps=${STUDY_STEPS:-3} --config.batch_size=4 --variants=G,dense \
       --jobs=2 --eval_split=test_tiny --eval_limit=1 --eval_steps=2 --eval_num_samples=2000 \
+      --config.stop_at_unix=$((CALL_START + ${STUDY_TRAIN_S:-400})) \
       --eval_voxel_resolution=16 --time_steps=2"
   else
+    # Training stops (and saves) at a wall-clock deadline STUDY_TRAIN_S seconds after this
+    # call began (compilation included), leaving the rest of the call for the step timing,
+    # the evaluation and packing; the whole run is cut at STUDY_CALL_S (a re-run resumes
+    # unfinished training and re-evaluates what was not evaluated).
     STUDY_FLAGS="--config.model.dit.dtype=bfloat16 --config.model.encoder.dtype=bfloat16 \
       --config.num_steps=${STUDY_STEPS:-1000} --config.checkpoint.every=${STUDY_STEPS:-1000} \
-      --config.data.num_workers=1 --config.time_limit_s=${STUDY_SECONDS:-0} --jobs=8 \
+      --config.data.num_workers=1 --config.time_limit_s=${STUDY_SECONDS:-0} \
+      --config.stop_at_unix=$((CALL_START + ${STUDY_TRAIN_S:-400})) --jobs=8 \
       --eval_split=test --eval_limit=${STUDY_EVAL:-16} --eval_image_size=$IMG --eval_steps=25 \
       --eval_num_samples=20000"
   fi
-  python3 -m experiments.ablations --config=experiments/configs/dit.py:$DIT_CFG \
+  left=$(( CALL_START + ${STUDY_CALL_S:-560} - $(date +%s) ))
+  timeout --kill-after=10 $(( left > 30 ? left : 30 )) \
+    python3 -m experiments.ablations --config=experiments/configs/dit.py:$DIT_CFG \
     --config.data.dir="$W/latents" --config.vae.workdir="$VAE_DIR" $STUDY_FLAGS \
     --workdir="$W/study" --results_dir="$OUT/logs/study" --results_name=quality_study \
     > "$OUT/logs/study.log" 2>&1
   note "study rc=$? $(tail -1 "$OUT/logs/study.log")"
+  pkill -f "experiments.ablations" 2>/dev/null  # children of a parent cut by the timeout
   cp "$W/study/table3.md" "$W/study/ablations.json" "$OUT/logs/study/" 2>/dev/null
   for v in "$W"/study/*/; do cp "$v/log.txt" "$OUT/logs/study/$(basename "$v").log" 2>/dev/null; done
   [ -f "$OUT/logs/study/quality_study_grid.png" ] && cp "$OUT/logs/study/quality_study_grid.png" "$OUT/"
