@@ -18,7 +18,8 @@ for, would dominate the component budget, and MIDI-style scene models generate f
 Splits (`split_items(name)`): named, with disjoint seeds. The seed of item k of kind
 ('object' | 'scene') in split s is `SeedSequence([base_seed, crc32(s), kind_id, k])`, so two
 splits never share a stream. `tiny` builds in seconds (tests, `make demo`); `small` is the
-bundled-model set; `test` and `test_tiny` are held out.
+bundled-model set; `test` and `test_tiny` are held out; `val` is held out too, for choosing
+settings (the sampler's CFG scale) so that `test` stays untouched by such choices.
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ SPLITS: Dict[str, dict] = {
     # the bundled model's training set: scenes up to its 16 components
     "small": dict(objects=10000, scenes=600, scene_instances=(4, 16)),
     "test": dict(objects=260, scenes=50, scene_instances=(4, 32)),
+    # held out like `test`, for choosing settings (sampler, CFG scale) without touching test
+    "val": dict(objects=130, scenes=25, scene_instances=(4, 32)),
 }
 
 
