@@ -285,7 +285,8 @@ def machines(ours: dict, peer: dict, e2e: Optional[dict], train: Optional[dict])
       f"{info.get('torch', '?')}, {peer.get('date', info.get('date', 'date not recorded'))}",
   ]
   if e2e:
-    lines.append(f"end to end (benchmark_e2e): {e2e.get('device', '?')}, {e2e.get('date', '?')}")
+    lines.append(f"end to end (benchmark_e2e): {e2e.get('device', '?')}, "
+                 f"{e2e.get('date', 'date not recorded (an earlier call)')}")
   if train:
     lines.append(
         f"training step (benchmark_train): {train.get('device', '?')}, " f"{train.get('date', '?')}"
