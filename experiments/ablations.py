@@ -317,13 +317,15 @@ def make_train_fn(
     mesh=None,
     time_steps: int = 0,
     barrier: Optional[FileBarrier] = None,
+    concurrent_jobs: int = 1,
 ) -> Callable:
   """train_fn(config, workdir) -> scalars, via moca_jax.dit_task.train_and_evaluate.
 
   mesh: a jax.sharding.Mesh for training (default: dit_task's, from config.mesh).
   time_steps > 0: after training, time that many steps of the compiled train step alone
   (`time_trained_step`; 'step_ms_alone' in the scalars); with a `barrier` (--jobs), only
-  when the parent gives this process the device. Also adds 'params' (parameter count).
+  when the parent gives this process the device. Also adds 'params' (parameter count) and
+  'concurrent_jobs' (how many variants shared the device while training).
   """
 
   def train_fn(config, workdir):
@@ -339,6 +341,7 @@ def make_train_fn(
       )
     out = summarize_training(res, workdir)
     out["params"] = float(train_lib.count_params(res.state.params))
+    out["concurrent_jobs"] = float(concurrent_jobs)
     if time_steps > 0:
       alone = True
       if barrier is not None:
@@ -427,7 +430,9 @@ def make_generation_eval_fn(
   """eval_fn(config, workdir) -> mean metrics: generate from workdir's checkpoint on a split.
 
   Every variant sees the same items (the split's first `limit`, rendered at `image_size`
-  px, 0: the config's encoder size), seeds and settings. Writes workdir/eval/ (metrics.json
+  px, 0: the config's encoder size), seeds and settings. The weights are the variant's
+  exported bundle (workdir/bundle, `export_variant_bundle`: EMA weights in bf16 storage)
+  when there is one, else its checkpoint's. Writes workdir/eval/ (metrics.json
   with per-item rows, table.md, grid.png) and the first `grid_rows` predictions as
   workdir/eval/preds/NN.npz (`save_grid_rows`) for the study's picture.
   extract_resolution > 0: marching-cubes grid of the pipeline (default: the pipeline's).
@@ -440,12 +445,13 @@ def make_generation_eval_fn(
     size = image_size or config.model.encoder.image_size
     items = E.items_from_split(split, kind, limit, size)
     extract = {"resolution": extract_resolution} if extract_resolution else None
-    pipe = pipeline.load_pipeline(workdir, extract_kwargs=extract)
-    predict = E.pipeline_predict_fn(workdir, steps=steps, cfg=cfg_scale, seed=seed, pipe=pipe)
+    weights = exported_bundle(workdir) or workdir
+    pipe = pipeline.load_pipeline(weights, extract_kwargs=extract)
+    predict = E.pipeline_predict_fn(weights, steps=steps, cfg=cfg_scale, seed=seed, pipe=pipe)
     settings = E.MetricSettings(
         num_samples=num_samples, seed=seed, voxel_resolution=voxel_resolution
     )
-    res = E.evaluate_items(items, predict, settings, grid_rows=grid_rows)
+    res = E.evaluate_items(items, predict, settings, grid_rows=grid_rows, total=limit)
     out_dir = os.path.join(workdir, "eval")
     E.write_report(
         out_dir,
@@ -460,6 +466,39 @@ def make_generation_eval_fn(
     return res["mean"]
 
   return eval_fn
+
+
+# ----------------------------------------------------------------------------------------
+# A variant's weights as a model bundle: evaluated later, on another machine
+# ----------------------------------------------------------------------------------------
+
+BUNDLE_DIR = "bundle"  # <variant>/bundle: the exported EMA weights
+
+
+def exported_bundle(vdir: str) -> Optional[str]:
+  """vdir/bundle when it is a complete model bundle (moca_jax.bundle), else None."""
+  from moca_jax import bundle  # pylint: disable=g-import-not-at-top
+
+  path = os.path.join(vdir, BUNDLE_DIR)
+  return path if bundle.is_bundle(path) else None
+
+
+def export_variant_bundle(config, vdir: str, max_mib: float = 64.0) -> str:
+  """Exports a trained variant's EMA weights (DiT + image encoder, and the VAE of
+  config.vae.workdir) as the model bundle vdir/bundle (experiments.export_bundle, bf16
+  storage; loading restores the compute dtype), so the variant can be evaluated where its
+  checkpoint is not: a GPU call trains, its bundles come back (a few MiB each), the CPU
+  evaluates. Returns the folder. Raises what export_bundle raises (no checkpoint, over
+  max_mib); nothing is half-written (bundle.json is written last)."""
+  from experiments import export_bundle  # pylint: disable=g-import-not-at-top
+
+  out = os.path.join(vdir, BUNDLE_DIR)
+  export_bundle.export(
+      vdir, out, vae_dir=config.vae.get("workdir") or None, max_mib=max_mib,
+      name=f"study-{os.path.basename(os.path.normpath(vdir))}",
+      notes="A quality-study variant (experiments.ablations), exported for evaluation.",
+  )
+  return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -502,10 +541,15 @@ def _new_result(name: str) -> dict:
   }
 
 
-def run_variant(base_config, workdir: str, v: str, train_fn: Callable, eval_fn) -> dict:
-  """Trains and evaluates one variant in workdir/<v>; never raises for the variant's own
-  failures (they are in 'error' / 'eval_error'). Writes <v>/variant_result.json always
-  and <v>/ablation_result.json (the 'done' marker, reused on re-runs) on success."""
+def run_variant(
+    base_config, workdir: str, v: str, train_fn: Callable, eval_fn, export_fn=None
+) -> dict:
+  """Trains, exports (export_fn(config, vdir), e.g. `export_variant_bundle`, unless
+  <v>/bundle exists) and evaluates one variant in workdir/<v>; never raises for the
+  variant's own failures (they are in 'error' / 'export_error' / 'eval_error'). Writes
+  <v>/variant_result.json always and <v>/ablation_result.json (the 'done' marker, reused
+  on re-runs) on success. Without an eval_fn the variant is done once trained (and
+  exported): a later run with one evaluates it (`reuse_result`)."""
   vdir = os.path.join(workdir, v)
   cfg = variant_config(base_config, v)
   print(f"[ablations] {v}: {VARIANTS[v]['label']}  overrides {VARIANTS[v]['dit']}", flush=True)
@@ -524,6 +568,14 @@ def run_variant(base_config, workdir: str, v: str, train_fn: Callable, eval_fn) 
   except Exception as e:  # pylint: disable=broad-except
     r["error"] = f"{type(e).__name__}: {e}"
     traceback.print_exc(file=sys.stderr)
+  r["export_error"] = None
+  if r["error"] is None and export_fn is not None and exported_bundle(vdir) is None:
+    try:
+      export_fn(cfg, vdir)
+    except Exception as e:  # pylint: disable=broad-except  (training stays; re-run exports)
+      r["export_error"] = f"{type(e).__name__}: {e}"
+      traceback.print_exc(file=sys.stderr)
+  r["bundle"] = exported_bundle(vdir)
   if r["error"] is None and eval_fn is not None:
     t1 = time.time()
     try:
@@ -536,20 +588,29 @@ def run_variant(base_config, workdir: str, v: str, train_fn: Callable, eval_fn) 
   r["seconds_total"] = time.time() - t0
   r["run"] = read_run_stats(vdir)
   mio.atomic_write_text(os.path.join(vdir, "variant_result.json"), json.dumps(r, indent=1) + "\n")
-  if r["error"] is None and r["eval_error"] is None:
+  if r["error"] is None and r["eval_error"] is None and r["export_error"] is None:
     mio.atomic_write_text(
         os.path.join(vdir, "ablation_result.json"), json.dumps(r, indent=1) + "\n"
     )
   return r
 
 
-def reuse_result(workdir: str, v: str) -> Optional[dict]:
-  """workdir/<v>/ablation_result.json (a finished variant) or None."""
+def reuse_result(
+    workdir: str, v: str, need_eval: bool = False, need_bundle: bool = False
+) -> Optional[dict]:
+  """workdir/<v>/ablation_result.json (a finished variant) or None; also None when
+  need_eval and it was not evaluated (trained without an eval_fn: evaluate it now) or
+  need_bundle and workdir/<v>/bundle is missing (export it now)."""
   done = os.path.join(workdir, v, "ablation_result.json")
   if not os.path.exists(done):
     return None
   with open(done) as f:
-    return json.load(f)
+    r = json.load(f)
+  if need_eval and r.get("eval") is None:
+    return None
+  if need_bundle and exported_bundle(os.path.join(workdir, v)) is None:
+    return None
+  return r
 
 
 def write_summary(
@@ -584,13 +645,15 @@ def run_ablations(
     eval_fn: Optional[Callable] = None,
     train_keys: Optional[Sequence[str]] = None,
     summary: bool = True,
+    export_fn: Optional[Callable] = None,
 ) -> dict:
   """Trains and evaluates every variant, one after another; writes table3.md and
   ablations.json in workdir (unless summary=False: a --jobs child).
 
   train_fn(config, workdir) -> dict of scalars (default `make_train_fn()`: dit_task);
   eval_fn(config, workdir) -> mean metrics dict or None (default: none, keep the training
-  helper's own evaluation). train_keys: see `write_summary`.
+  helper's own evaluation). export_fn(config, vdir): after training, e.g.
+  `export_variant_bundle` (default: none). train_keys: see `write_summary`.
   Returns {'results': {variant: {...}}, 'table': markdown}.
   """
   train_fn = train_fn or make_train_fn()
@@ -599,14 +662,14 @@ def run_ablations(
   os.makedirs(workdir, exist_ok=True)
   results = {}
   for v in variants:
-    old = reuse_result(workdir, v)
+    old = reuse_result(workdir, v, eval_fn is not None, export_fn is not None)
     if old is not None:
       results[v] = old
       print(
           f"[ablations] {v}: reusing {os.path.join(workdir, v, 'ablation_result.json')}", flush=True
       )
       continue
-    results[v] = run_variant(base_config, workdir, v, train_fn, eval_fn)
+    results[v] = run_variant(base_config, workdir, v, train_fn, eval_fn, export_fn)
   table = write_summary(results, base_config, workdir, train_keys) if summary else ""
   return {"results": results, "table": table}
 
@@ -649,9 +712,12 @@ def variant_phase(log_path: str, mark: Callable[[str, str], str], v: str) -> str
   return prog or "compiling / starting"
 
 
-def child_command(argv: Sequence[str], variant: str, sync_dir: str) -> List[str]:
+def child_command(
+    argv: Sequence[str], variant: str, sync_dir: str, concurrent_jobs: int = 1
+) -> List[str]:
   """The command of one --jobs child: this module with the parent's flags, then (absl: the
-  last value of a flag wins) one variant, --jobs=1, the barrier folder and no study files."""
+  last value of a flag wins) one variant, --jobs=1, the barrier folder, no study files and
+  how many children share the device (recorded with its training result)."""
   return [
       sys.executable,
       "-m",
@@ -661,6 +727,7 @@ def child_command(argv: Sequence[str], variant: str, sync_dir: str) -> List[str]
       "--jobs=1",
       f"--sync_dir={sync_dir}",
       "--results_name=",
+      f"--concurrent_jobs={concurrent_jobs}",
   ]
 
 
@@ -739,11 +806,14 @@ def run_jobs(
     poll_s: float = 0.5,
     cwd: Optional[str] = None,
     cache_dir: str = "",
+    need_eval: bool = False,
+    need_bundle: bool = False,
 ) -> Dict[str, dict]:
   """Runs the variants as `jobs` concurrent child processes (`child_command`), each logging
   to workdir/<v>/log.txt, and returns {variant: result} (`collect_result`).
 
-  Finished variants (ablation_result.json) are reused without a process. While children
+  Finished variants (ablation_result.json; with need_eval / need_bundle only those
+  evaluated / exported, `reuse_result`) are reused without a process. While children
   run, prints one status line per variant every status_every_s and one when it ends.
   Step timing: whenever every running child has finished training and waits (`FileBarrier`),
   the children's compiled steps are timed one at a time, then all go on to evaluate, so
@@ -759,7 +829,7 @@ def run_jobs(
   results: Dict[str, dict] = {}
   pending = []
   for v in variants:
-    old = reuse_result(workdir, v)
+    old = reuse_result(workdir, v, need_eval, need_bundle)
     if old is not None:
       results[v] = old
       print(f"[jobs] {v}: reusing {os.path.join(workdir, v, 'ablation_result.json')}", flush=True)
@@ -807,7 +877,11 @@ def run_jobs(
         os.remove(stale)
       log = open(os.path.join(vdir, "log.txt"), "a")
       p = subprocess.Popen(
-          child_command(argv, v, sync_dir), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT
+          child_command(argv, v, sync_dir, max(1, jobs)),
+          cwd=cwd,
+          env=env,
+          stdout=log,
+          stderr=subprocess.STDOUT,
       )
       running[v] = (p, time.time(), log)
       print(f"[jobs] {v}: started (pid {p.pid}), log {os.path.join(vdir, 'log.txt')}", flush=True)
@@ -1150,6 +1224,8 @@ def write_quality_study(
   """
   os.makedirs(results_dir, exist_ok=True)
   variants = list(results)
+  trained_jobs = [int((r.get("train") or {}).get("concurrent_jobs", 0)) for r in results.values()]
+  jobs = max(trained_jobs + [jobs])  # as trained (an evaluation-only re-run has jobs 1)
   device = device_line(results)
   setting = config_summary(base_config)
   per_item = per_item_metrics(workdir, variants)
@@ -1252,6 +1328,14 @@ def define_flags() -> None:
       "eval_extract_resolution", 0, "Marching-cubes grid at evaluation (0: the pipeline's)."
   )
   flags.DEFINE_integer("grid_rows", 4, "Held-out inputs kept per variant for the picture.")
+  flags.DEFINE_bool(
+      "export_bundles",
+      False,
+      "After training, export each variant's EMA weights as the model bundle <variant>/bundle "
+      "(evaluation then reads it): train on a GPU with --eval_split='', bring the bundles "
+      "back, evaluate elsewhere with the same --workdir layout.",
+  )
+  flags.DEFINE_float("bundle_max_mib", 64.0, "--export_bundles: refuse a larger bundle (MiB).")
   flags.DEFINE_integer("eval_batches", 2, "Batches of the training helper's flow-loss eval.")
   flags.DEFINE_integer(
       "time_steps", 20, "Timed train steps per variant alone on the device (0: no timing)."
@@ -1275,6 +1359,9 @@ def define_flags() -> None:
   )
   flags.DEFINE_string("results_dir", "experiments/results", "Folder of --results_name's files.")
   flags.DEFINE_string("sync_dir", "", "Internal: set by --jobs for its child processes.")
+  flags.DEFINE_integer(
+      "concurrent_jobs", 0, "Internal: set by --jobs for its children (0: --jobs)."
+  )
 
 
 def eval_settings_from_flags(f) -> dict:
@@ -1290,7 +1377,18 @@ def eval_settings_from_flags(f) -> dict:
       "voxel_resolution": f.eval_voxel_resolution,
       "extract_resolution": f.eval_extract_resolution or "pipeline default",
       "seed": int(f.config.seed),
+      "evaluated_on": evaluation_machine(),
   }
+
+
+def evaluation_machine() -> str:
+  """'1 x NVIDIA H200' / 'cpu (2 cores)': where this process evaluates (jax's devices)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  dev = jax.devices()
+  if dev[0].platform == "cpu":
+    return f"cpu ({len(os.sched_getaffinity(0))} cores)"
+  return f"{len(dev)} x {dev[0].device_kind}"
 
 
 def main(argv) -> None:
@@ -1332,13 +1430,29 @@ def main(argv) -> None:
         auto_mem_fraction(f.mem_fraction, f.jobs),
         f.status_every,
         cache_dir="" if cache == "none" else cache,
+        need_eval=eval_fn is not None,
+        need_bundle=f.export_bundles,
     )
     table = write_summary(results, f.config, f.workdir)
   else:
     barrier = FileBarrier(f.sync_dir, variants[0]) if f.sync_dir and len(variants) == 1 else None
-    train_fn = make_train_fn(eval_batches=f.eval_batches, time_steps=f.time_steps, barrier=barrier)
+    train_fn = make_train_fn(
+        eval_batches=f.eval_batches,
+        time_steps=f.time_steps,
+        barrier=barrier,
+        concurrent_jobs=f.concurrent_jobs or max(1, f.jobs),
+    )
+    export_fn = None
+    if f.export_bundles:
+      export_fn = lambda cfg, vdir: export_variant_bundle(cfg, vdir, f.bundle_max_mib)  # noqa: E731
     out = run_ablations(
-        f.config, f.workdir, variants, train_fn=train_fn, eval_fn=eval_fn, summary=not f.sync_dir
+        f.config,
+        f.workdir,
+        variants,
+        train_fn=train_fn,
+        eval_fn=eval_fn,
+        summary=not f.sync_dir,
+        export_fn=export_fn,
     )
     results, table = out["results"], out["table"]
   if f.results_name and not f.sync_dir:

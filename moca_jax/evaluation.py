@@ -315,8 +315,12 @@ def evaluate_items(
     grid_rows: int = 4,
     skipped: Optional[list] = None,
     progress: bool = True,
+    total: Optional[int] = None,
 ) -> dict:
   """Predicts and scores every item; failing items are skipped and reported.
+
+  total: the number of items for the progress bar when `items` has no len() (a
+  generator such as `items_from_split`'s; an upper bound is fine).
 
   Returns {'rows': [{'name', ...metrics, 'seconds_predict', 'seconds_score'}], 'mean': {...},
   'skipped':
@@ -326,7 +330,7 @@ def evaluate_items(
 
   rows, grid, routing = [], [], None
   skipped = [] if skipped is None else skipped
-  it = tqdm(items, desc="evaluate", unit="item", disable=not progress)
+  it = tqdm(items, desc="evaluate", unit="item", disable=not progress, total=total)
   for item in it:
     try:
       t0 = time.perf_counter()

@@ -64,8 +64,10 @@ def test_helpers_progress_command_failure(tmp_path):
   assert A.log_progress(log) == "train 1200/2000"
   assert A.log_progress("evaluate:  10%|#  | 2/20 [01:00<") == "evaluate 2/20"
   assert A.log_progress("nothing yet") == ""
-  cmd = A.child_command(["--jobs=8", "--variants=G,A"], "A", "/w/_sync")
-  assert cmd[-4:] == ["--variants=A", "--jobs=1", "--sync_dir=/w/_sync", "--results_name="]
+  cmd = A.child_command(["--jobs=8", "--variants=G,A"], "A", "/w/_sync", 8)
+  assert cmd[-5:] == [
+      "--variants=A", "--jobs=1", "--sync_dir=/w/_sync", "--results_name=", "--concurrent_jobs=8"
+  ]
   env = A.child_env(0.1, base={})
   assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
   assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.100"
@@ -115,7 +117,9 @@ def test_helpers_progress_command_failure(tmp_path):
 @pytest.mark.slow
 def test_jobs_two_variants_write_the_study(tmp_path, save_untrained_vae):
   """--jobs=2: two variants as concurrent processes (real tiny training, 2 steps, step timed
-  alone, generation on one held-out item); the parent writes table3.md and the study."""
+  alone, each exported as a bundle, no evaluation: the GPU call); then one process
+  evaluates both from their bundles (generation on one held-out item: the CPU run after)
+  and writes table3.md and the study."""
   vae, work, res = tmp_path / "vae", tmp_path / "w", tmp_path / "results"
   save_untrained_vae(str(vae), num_latents=16)
   cmd = [
@@ -154,10 +158,19 @@ def test_jobs_two_variants_write_the_study(tmp_path, save_untrained_vae):
   ]
   # one CPU device per process (not the suite's 8 simulated ones); cheap compilation
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
-  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+  train_only = [a for a in cmd if not a.startswith("--eval_split")]
+  train_only += ["--eval_split=", "--export_bundles"]
+  out = subprocess.run(train_only, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   assert "[jobs] G: step timed alone" in out.stdout and "[jobs] dense: exited 0" in out.stdout
+  for v in ("G", "dense"):
+    assert A.exported_bundle(str(work / v)) and not (work / v / "eval").exists()
+  evaluate_only = [a for a in cmd if a != "--jobs=2"] + ["--jobs=1"]
+  out = subprocess.run(evaluate_only, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert "train:" not in out.stdout + out.stderr  # nothing trained again
   doc = json.load(open(res / "quality_study.json"))
+  assert doc["jobs"] == 2 and doc["eval_settings"]["evaluated_on"].startswith("cpu")
   assert list(doc["variants"]) == ["G", "dense"]
   for v in ("G", "dense"):
     r = doc["variants"][v]
@@ -180,3 +193,4 @@ def test_jobs_two_variants_write_the_study(tmp_path, save_untrained_vae):
   # A re-run reuses both finished variants without starting a process.
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
   assert out.returncode == 0 and out.stdout.count("reusing") == 2 and "started" not in out.stdout
+  assert "2 variants, 2 at a time" in md

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -313,6 +314,49 @@ def test_run_ablations_table_failures_and_resume(tmp_path):
   assert out["results"]["G"]["eval_error"] and "eval failed" in out["table"]
   A.run_ablations(base, str(tmp_path / "b"), ["G"], train_fn, eval_fn)
   assert calls == ["G"]  # trained once
+
+
+def test_train_and_export_now_evaluate_later(tmp_path):
+  """The study split over two machines: a run without an eval_fn trains and exports each
+  variant (done once exported); a later run with one only evaluates, from the bundle."""
+  base = _dit_train_config()
+  trained, exported, evaluated = [], [], []
+
+  def train_fn(cfg, workdir):
+    trained.append(os.path.basename(workdir))
+    return {"loss": 1.0}
+
+  def export_fn(cfg, vdir):
+    exported.append(os.path.basename(vdir))
+    if cfg.model.dit.gate_on == "values":
+      raise OSError("disk full")
+    os.makedirs(os.path.join(vdir, A.BUNDLE_DIR))
+    open(os.path.join(vdir, A.BUNDLE_DIR, "bundle.json"), "w").write("{}")
+
+  def eval_fn(cfg, workdir):
+    evaluated.append((os.path.basename(workdir), A.exported_bundle(workdir)))
+    return {"cd": 0.1, "fscore@0.1": 0.9, "fscore@0.05": 0.7, "self_iou": 0.01}
+
+  out = A.run_ablations(base, str(tmp_path), ["G", "C"], train_fn, None, export_fn=export_fn)
+  assert trained == exported == ["G", "C"] and not evaluated
+  g, c = out["results"]["G"], out["results"]["C"]
+  assert g["eval"] is None and g["bundle"] == str(tmp_path / "G" / "bundle")
+  assert c["export_error"] == "OSError: disk full" and c["bundle"] is None
+  assert (tmp_path / "G" / "ablation_result.json").exists()
+  assert not (tmp_path / "C" / "ablation_result.json").exists()  # retried next time
+  assert A.reuse_result(str(tmp_path), "G") is not None
+  assert A.reuse_result(str(tmp_path), "G", need_eval=True) is None
+  # Without an eval_fn a re-run reuses G and only retries C's export (no training).
+  trained.clear(), exported.clear()
+  A.run_ablations(base, str(tmp_path), ["G", "C"], train_fn, None, export_fn=export_fn)
+  assert trained == [] and exported == ["C"]
+  # Evaluation later (another machine): nothing is trained; G reads its bundle.
+  out = A.run_ablations(base, str(tmp_path), ["G"], train_fn, eval_fn)
+  assert trained == [] and evaluated == [("G", str(tmp_path / "G" / "bundle"))]
+  assert out["results"]["G"]["eval"]["cd"] == 0.1
+  assert A.reuse_result(str(tmp_path), "G", need_eval=True, need_bundle=True) is not None
+  shutil.rmtree(tmp_path / "G" / "bundle")
+  assert A.reuse_result(str(tmp_path), "G", need_bundle=True) is None
 
 
 @pytest.mark.slow

@@ -177,6 +177,7 @@ elif [ "$stage" = study ]; then
     wait
     note "built $n of $SHARDS shards: $(ls "$W"/data/shard-*.json | wc -l) finished"
     encode
+    echo "$VAE_DIR" > "$W/latents_vae.txt"  # a re-run (the next call) encodes nothing
   fi
   if [ "${TINY:-0}" = 1 ]; then
     STUDY_FLAGS="--config.num_steps=${STUDY_STEPS:-3} --config.batch_size=4 --variants=G,dense \
@@ -190,6 +191,7 @@ elif [ "$stage" = study ]; then
     # unfinished training and re-evaluates what was not evaluated).
     STUDY_FLAGS="--config.model.dit.dtype=bfloat16 --config.model.encoder.dtype=bfloat16 \
       --config.num_steps=${STUDY_STEPS:-1000} --config.checkpoint.every=${STUDY_STEPS:-1000} \
+      --config.batch_size=${STUDY_BATCH:-32} \
       --config.data.num_workers=1 --config.time_limit_s=${STUDY_SECONDS:-0} \
       --config.stop_at_unix=$((CALL_START + ${STUDY_TRAIN_S:-400})) --jobs=8 \
       --eval_split=test --eval_limit=${STUDY_EVAL:-16} --eval_image_size=$IMG --eval_steps=25 \
