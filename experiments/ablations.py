@@ -59,8 +59,17 @@ after S s of training, saves, and is reported as incomplete) or --config.stop_at
 same at the wall-clock time T, compilation included: what a device call with a hard limit
 needs; experiments/results/bundle_train.sh's study stage sets it) and re-run the same command
 on the same machine (while it is still warm): variants resume from their checkpoints and
-their programs come from the compilation cache. Evaluation time on the GPU is not measured
-yet (8 processes each load the pipeline and compile the sampler).
+their programs come from the compilation cache.
+Seen on the H200 with real latents (2026-12-01, 8 processes capped at 1/8 each): at batch 64
+every process ran out of its share at the first step (13.2-13.8 GB of temporaries, plus
+the rest); at batch 32 the eight trained at 4.1-5.2 steps/s each after 223 s of concurrent
+compilation; evaluation then spent over 6 minutes loading and compiling samplers (one per
+component-count bucket, 8 processes on 16 cores) without finishing one item, and the call
+ended with nothing evaluated and the checkpoints lost with the machine. Hence
+--export_bundles with --eval_split='': the GPU trains, times and exports each variant's
+EMA weights as <variant>/bundle (~20 MiB at bundle size), the bundles come back, and a
+re-run with an --eval_split evaluates them elsewhere (the CPU) without training
+(experiments/results/bundle_train.sh, stages study and study_eval).
 """
 
 from __future__ import annotations

@@ -19,18 +19,28 @@
 #   INIT_BUNDLE=assets/moca-small bash experiments/results/bundle_train.sh study
 #                                     # the section-5 study: training stops at STUDY_TRAIN_S
 #                                     # (400) s into the call, everything at STUDY_CALL_S
-#                                     # (560); repeat the call on the warm machine to continue
+#                                     # (560); repeat the call on the warm machine until
+#                                     # every variant's bundle came back (8 x ~20 MiB: two
+#                                     # calls after training). Seen on an H200 (2026-12-01,
+#                                     # 8 variants, batch 32): build + encode 114 s, eight
+#                                     # concurrent train-step compilations 223 s, then
+#                                     # 4.1-5.2 steps/s per variant; 1000 steps took 2 calls
+#   INIT_BUNDLE=assets/moca-small STUDY_FROM="/work/.device/1 /work/.device/2" \
+#     W=/tmp/study OUT=/tmp/study_out bash experiments/results/bundle_train.sh study_eval
+#                                     # here, on the CPU: evaluates the shipped bundles and
+#                                     # writes experiments/results/quality_study.*
 # Every call ends with what the next session needs in $OUT (at most 8 files of 16 MiB):
 #   logs.tar.gz             logs, metrics.jsonl, runs.jsonl, eval.json, loss curves, tables
 #   vae.tar.part-*          the VAE workdir (orbax checkpoint, optimizer state included)
 #   bundle.tar.part-*       (dit) the exported bundle (experiments.export_bundle), split
 #   jax_cache.tar.gz        (dit) the compilation cache when it fits in 15 MiB: unpack it
 #                           into .jax_cache (git-ignored) and carry it next time
+#   study_bundles.tar.part-* (study) exported variant bundles without their VAE (study_eval)
 # Reassemble with `cat bundle.tar.part-* | tar -x -C assets`.
 # TINY=1 runs the same sequence with the tiny configs and the tiny split (a CPU dry run).
 set -u
 CALL_START=${CALL_START:-$(date +%s)}  # the device call's start (the study's deadlines)
-stage=${1:?"stage: data_vae | data | dit | study"}
+stage=${1:?"stage: data_vae | data | dit | study | study_eval"}
 OUT=${OUT:-bundle_out}
 W=${W:-/root/bw}
 mkdir -p "$OUT/logs" "$W"
@@ -80,6 +90,40 @@ fi
 pack() {  # name dir: dir as name.tar.part-* (15 MiB pieces) in $OUT
   rm -f "$OUT/$1".tar.part-*
   tar -C "$(dirname "$2")" -cf - "$(basename "$2")" | split -b 15M - "$OUT/$1.tar.part-"
+}
+
+study_flags() {  # STUDY_COMMON: the config every variant shares; STUDY_EVAL_FLAGS: evaluation
+  if [ "${TINY:-0}" = 1 ]; then
+    STUDY_COMMON="--config.num_steps=${STUDY_STEPS:-3} --config.batch_size=4 --time_steps=2 \
+      --variants=${STUDY_VARIANTS:-G,dense}"
+    STUDY_EVAL_FLAGS="--eval_split=test_tiny --eval_limit=1 --eval_steps=2 \
+      --eval_num_samples=2000 --eval_voxel_resolution=16"
+  else
+    STUDY_COMMON="--config.model.dit.dtype=bfloat16 --config.model.encoder.dtype=bfloat16 \
+      --config.num_steps=${STUDY_STEPS:-2000} --config.checkpoint.every=${STUDY_STEPS:-2000} \
+      --config.batch_size=${STUDY_BATCH:-32} --variants=${STUDY_VARIANTS:-A,B,C,D,E,F,G,dense}"
+    STUDY_EVAL_FLAGS="--eval_split=test --eval_limit=${STUDY_EVAL:-16} --eval_image_size=$IMG \
+      --eval_steps=25 --eval_num_samples=20000"
+  fi
+}
+
+ship_bundles() {  # the exported variant bundles not shipped by an earlier call, as many as
+  # fit in 7 pieces of 15 MiB (logs.tar.gz is the 8th file), without vae.npz (the same
+  # VAE for all: study_eval copies it back); $W/study_shipped.txt lists what went
+  local limit=$((7 * 15 * 1048576)) total=0 size v b list=() left=()
+  touch "$W/study_shipped.txt"
+  for b in "$W"/study/*/bundle; do
+    [ -f "$b/bundle.json" ] || continue
+    v=$(basename "$(dirname "$b")")
+    grep -qx "$v" "$W/study_shipped.txt" && continue
+    size=$(find "$b" -type f ! -name vae.npz -printf '%s\n' | awk '{s += $1 + 1024} END {print s}')
+    if [ $((total + size)) -le $limit ]; then list+=("$v/bundle"); total=$((total + size))
+    else left+=("$v"); fi
+  done
+  [ ${#list[@]} -gt 0 ] || { note "no new bundle to ship"; return 0; }
+  tar -C "$W/study" --exclude=vae.npz -cf - "${list[@]}" | split -b 15M - "$OUT/study_bundles.tar.part-"
+  printf '%s\n' "${list[@]%/bundle}" >> "$W/study_shipped.txt"
+  note "shipped bundles ${list[*]%/bundle} ($((total / 1048576)) MiB); next call: ${left[*]:-none}"
 }
 
 encode() {  # the built shards through the frozen VAE encoder (finished shards are kept):
@@ -163,7 +207,12 @@ elif [ "$stage" = study ]; then
   # machine's $W/latents (a data_vae call before), else the first STUDY_SHARDS of the split's
   # shards, built here in parallel and encoded with the VAE of INIT_BUNDLE (a bundle's
   # frozen encoder: the bundled DiT's latent space). Re-running the same call resumes
-  # (variants stopped by STUDY_SECONDS continue from their checkpoints).
+  # (variants stopped by the deadline continue from their checkpoints).
+  # STUDY_EVAL_ON=cpu (default): the GPU trains, times each step alone and exports every
+  # variant's EMA weights as a bundle (--export_bundles, no evaluation here: 2026-12-01, 8
+  # processes evaluating on the GPU were still compiling their samplers after 6 minutes);
+  # the bundles come back over as many calls as they need (ship_bundles) and the stage
+  # study_eval below evaluates them on the CPU. STUDY_EVAL_ON=gpu evaluates here instead.
   VAE_DIR=${VAE_DIR:-$(cat "$W/latents_vae.txt" 2>/dev/null || echo "$W/vae")}
   if [ ! -f "$W/latents/manifest.json" ]; then
     VAE_DIR=${INIT_BUNDLE:?"a study on a fresh machine needs INIT_BUNDLE (the VAE to encode with)"}
@@ -179,35 +228,64 @@ elif [ "$stage" = study ]; then
     encode
     echo "$VAE_DIR" > "$W/latents_vae.txt"  # a re-run (the next call) encodes nothing
   fi
-  if [ "${TINY:-0}" = 1 ]; then
-    STUDY_FLAGS="--config.num_steps=${STUDY_STEPS:-3} --config.batch_size=4 --variants=G,dense \
-      --jobs=2 --eval_split=test_tiny --eval_limit=1 --eval_steps=2 --eval_num_samples=2000 \
-      --config.stop_at_unix=$((CALL_START + ${STUDY_TRAIN_S:-400})) \
-      --eval_voxel_resolution=16 --time_steps=2"
-  else
-    # Training stops (and saves) at a wall-clock deadline STUDY_TRAIN_S seconds after this
-    # call began (compilation included), leaving the rest of the call for the step timing,
-    # the evaluation and packing; the whole run is cut at STUDY_CALL_S (a re-run resumes
-    # unfinished training and re-evaluates what was not evaluated).
-    STUDY_FLAGS="--config.model.dit.dtype=bfloat16 --config.model.encoder.dtype=bfloat16 \
-      --config.num_steps=${STUDY_STEPS:-1000} --config.checkpoint.every=${STUDY_STEPS:-1000} \
-      --config.batch_size=${STUDY_BATCH:-32} \
-      --config.data.num_workers=1 --config.time_limit_s=${STUDY_SECONDS:-0} \
-      --config.stop_at_unix=$((CALL_START + ${STUDY_TRAIN_S:-400})) --jobs=8 \
-      --eval_split=test --eval_limit=${STUDY_EVAL:-16} --eval_image_size=$IMG --eval_steps=25 \
-      --eval_num_samples=20000"
-  fi
+  study_flags
+  if [ "${STUDY_EVAL_ON:-cpu}" = gpu ]; then WHERE=$STUDY_EVAL_FLAGS; else
+    WHERE="--eval_split= --export_bundles"; fi
+  # Training stops (and saves) at a wall-clock deadline STUDY_TRAIN_S seconds after this
+  # call began (compilation included), leaving the rest of the call for the step timing,
+  # the export and packing; the whole run is cut at STUDY_CALL_S (a re-run resumes
+  # unfinished training and exports what was not exported).
   left=$(( CALL_START + ${STUDY_CALL_S:-560} - $(date +%s) ))
   timeout --kill-after=10 $(( left > 30 ? left : 30 )) \
     python3 -m experiments.ablations --config=experiments/configs/dit.py:$DIT_CFG \
-    --config.data.dir="$W/latents" --config.vae.workdir="$VAE_DIR" $STUDY_FLAGS \
+    --config.data.dir="$W/latents" --config.vae.workdir="$VAE_DIR" $STUDY_COMMON $WHERE \
+    --config.data.num_workers=1 --config.time_limit_s=${STUDY_SECONDS:-0} \
+    --config.stop_at_unix=$((CALL_START + ${STUDY_TRAIN_S:-400})) --jobs=${STUDY_JOBS:-8} \
     --workdir="$W/study" --results_dir="$OUT/logs/study" --results_name=quality_study \
     > "$OUT/logs/study.log" 2>&1
   note "study rc=$? $(tail -1 "$OUT/logs/study.log")"
   pkill -f "experiments.ablations" 2>/dev/null  # children of a parent cut by the timeout
+  mkdir -p "$OUT/logs/study"
+  echo "$STUDY_COMMON" > "$OUT/logs/study/flags.txt"  # study_eval uses the same config
   cp "$W/study/table3.md" "$W/study/ablations.json" "$OUT/logs/study/" 2>/dev/null
-  for v in "$W"/study/*/; do cp "$v/log.txt" "$OUT/logs/study/$(basename "$v").log" 2>/dev/null; done
+  for v in "$W"/study/*/; do  # each variant's records (small), as laid out in $W/study
+    v=$(basename "$v"); [ -f "$W/study/$v/config.json" ] || continue
+    mkdir -p "$OUT/logs/study/$v"
+    for f in train_result.json variant_result.json ablation_result.json runs.jsonl \
+      metrics.jsonl eval.json loss_curve.png config.json; do
+      cp "$W/study/$v/$f" "$OUT/logs/study/$v/" 2>/dev/null
+    done
+    tail -c 300000 "$W/study/$v/log.txt" > "$OUT/logs/study/$v/log.txt" 2>/dev/null
+  done
+  ship_bundles
   [ -f "$OUT/logs/study/quality_study_grid.png" ] && cp "$OUT/logs/study/quality_study_grid.png" "$OUT/"
+elif [ "$stage" = study_eval ]; then
+  # Here, on the CPU: the study calls' files (STUDY_FROM="folder ...", each holding a
+  # call's logs.tar.gz and study_bundles.tar.part-*, in call order) laid out again as
+  # $W/study had them on the GPU, the VAE (left out of the shipped bundles) copied from
+  # INIT_BUNDLE (bundle.json's sha256 checks it is the same), then every variant evaluated
+  # from its bundle on the same held-out items; the study goes to STUDY_RESULTS
+  # (default experiments/results/quality_study.{md,json} + _grid.png).
+  VAE_DIR=${INIT_BUNDLE:?"study_eval needs INIT_BUNDLE (the study's VAE)"}
+  mkdir -p "$W/study"
+  for d in ${STUDY_FROM:?"STUDY_FROM: the folders the study calls brought back"}; do
+    tmp=$(mktemp -d)
+    tar -xzf "$d/logs.tar.gz" -C "$tmp"
+    cp -r "$tmp"/logs/study/. "$W/study/"
+    rm -rf "$tmp"
+    if ls "$d"/study_bundles.tar.part-* > /dev/null 2>&1; then
+      cat "$d"/study_bundles.tar.part-* | tar -x -C "$W/study"
+    fi
+  done
+  for b in "$W"/study/*/bundle; do [ -f "$b/vae.npz" ] || cp "$VAE_DIR/vae.npz" "$b/"; done
+  note "bundles: $(ls -d "$W"/study/*/bundle 2>/dev/null | wc -l)"
+  study_flags
+  STUDY_COMMON=$(cat "$W/study/flags.txt" 2>/dev/null || echo "$STUDY_COMMON")
+  JAX_PLATFORMS=cpu python3 -m experiments.ablations --config=experiments/configs/dit.py:$DIT_CFG \
+    --config.vae.workdir="$VAE_DIR" $STUDY_COMMON $STUDY_EVAL_FLAGS --jobs=1 \
+    --workdir="$W/study" --results_dir="${STUDY_RESULTS:-experiments/results}" \
+    --results_name=quality_study 2>&1 | tee "$OUT/logs/study_eval.log" | grep -a "^\["
+  note "study_eval rc=${PIPESTATUS[0]}"
 else
   echo "unknown stage $stage" >&2; exit 2
 fi
