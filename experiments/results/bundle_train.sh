@@ -18,8 +18,8 @@
 #   DIT_NAME=probe DIT_EXTRA="--config.init.bundle_parts=('dit',)" ... dit   # another run
 #   INIT_BUNDLE=assets/moca-small bash experiments/results/bundle_train.sh study
 #                                     # the section-5 study: training stops at STUDY_TRAIN_S
-#                                     # (400) s into the call, everything at STUDY_CALL_S
-#                                     # (560); repeat the call on the warm machine until
+#                                     # (440) s into the call, everything at STUDY_CALL_S
+#                                     # (570); repeat the call on the warm machine until
 #                                     # every variant's bundle came back (8 x ~20 MiB: two
 #                                     # calls after training). Seen on an H200 (2026-12-01,
 #                                     # 8 variants, batch 32): build + encode 114 s, eight
@@ -235,12 +235,12 @@ elif [ "$stage" = study ]; then
   # call began (compilation included), leaving the rest of the call for the step timing,
   # the export and packing; the whole run is cut at STUDY_CALL_S (a re-run resumes
   # unfinished training and exports what was not exported).
-  left=$(( CALL_START + ${STUDY_CALL_S:-560} - $(date +%s) ))
+  left=$(( CALL_START + ${STUDY_CALL_S:-570} - $(date +%s) ))
   timeout --kill-after=10 $(( left > 30 ? left : 30 )) \
     python3 -m experiments.ablations --config=experiments/configs/dit.py:$DIT_CFG \
     --config.data.dir="$W/latents" --config.vae.workdir="$VAE_DIR" $STUDY_COMMON $WHERE \
     --config.data.num_workers=1 --config.time_limit_s=${STUDY_SECONDS:-0} \
-    --config.stop_at_unix=$((CALL_START + ${STUDY_TRAIN_S:-400})) --jobs=${STUDY_JOBS:-8} \
+    --config.stop_at_unix=$((CALL_START + ${STUDY_TRAIN_S:-440})) --jobs=${STUDY_JOBS:-8} \
     --workdir="$W/study" --results_dir="$OUT/logs/study" --results_name=quality_study \
     > "$OUT/logs/study.log" 2>&1
   note "study rc=$? $(tail -1 "$OUT/logs/study.log")"
@@ -258,6 +258,12 @@ elif [ "$stage" = study ]; then
     tail -c 300000 "$W/study/$v/log.txt" > "$OUT/logs/study/$v/log.txt" 2>/dev/null
   done
   ship_bundles
+  if ! ls "$OUT"/study_bundles.tar.part-* > /dev/null 2>&1 && [ -d "$W/jax_cache" ]; then
+    # no bundles this call: the compilation cache (the 8 train steps, 223 s of compiling on
+    # a fresh machine) comes back instead when it fits; carry it as .jax_cache next time
+    tar -C "$W" -czf "$OUT/jax_cache.tar.gz" jax_cache
+    [ "$(stat -c %s "$OUT/jax_cache.tar.gz")" -le 15728640 ] || rm -f "$OUT/jax_cache.tar.gz"
+  fi
   [ -f "$OUT/logs/study/quality_study_grid.png" ] && cp "$OUT/logs/study/quality_study_grid.png" "$OUT/"
 elif [ "$stage" = study_eval ]; then
   # Here, on the CPU: the study calls' files (STUDY_FROM="folder ...", each holding a
