@@ -62,7 +62,7 @@ on the same machine (while it is still warm): variants resume from their checkpo
 their programs come from the compilation cache.
 Seen on the H200 with real latents (2026-12-01, 8 processes capped at 1/8 each): at batch 64
 every process ran out of its share at the first step (13.2-13.8 GB of temporaries, plus
-the rest); at batch 32 the eight trained at 4.1-5.2 steps/s each after 223 s of concurrent
+the rest); at batch 32 the eight trained at 4.1-5.2 steps/s each after 293 s of concurrent
 compilation; evaluation then spent over 6 minutes loading and compiling samplers (one per
 component-count bucket, 8 processes on 16 cores) without finishing one item, and the call
 ended with nothing evaluated and the checkpoints lost with the machine. Hence

@@ -23,7 +23,7 @@
 #                                     # every variant's bundle came back (8 x ~20 MiB: two
 #                                     # calls after training). Seen on an H200 (2026-12-01,
 #                                     # 8 variants, batch 32): build + encode 114 s, eight
-#                                     # concurrent train-step compilations 223 s, then
+#                                     # concurrent train-step compilations 293 s, then
 #                                     # 4.1-5.2 steps/s per variant; 1000 steps took 2 calls
 #   INIT_BUNDLE=assets/moca-small STUDY_FROM="/work/.device/1 /work/.device/2" \
 #     W=/tmp/study OUT=/tmp/study_out bash experiments/results/bundle_train.sh study_eval
@@ -259,7 +259,7 @@ elif [ "$stage" = study ]; then
   done
   ship_bundles
   if ! ls "$OUT"/study_bundles.tar.part-* > /dev/null 2>&1 && [ -d "$W/jax_cache" ]; then
-    # no bundles this call: the compilation cache (the 8 train steps, 223 s of compiling on
+    # no bundles this call: the compilation cache (the 8 train steps, 293 s of compiling on
     # a fresh machine) comes back instead when it fits; carry it as .jax_cache next time
     tar -C "$W" -czf "$OUT/jax_cache.tar.gz" jax_cache
     [ "$(stat -c %s "$OUT/jax_cache.tar.gz")" -le 15728640 ] || rm -f "$OUT/jax_cache.tar.gz"
