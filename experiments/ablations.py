@@ -63,9 +63,10 @@ their programs come from the compilation cache.
 Seen on the H200 with real latents (2026-12-01, 8 processes capped at 1/8 each): at batch 64
 every process ran out of its share at the first step (13.2-13.8 GB of temporaries, plus
 the rest); at batch 32 the eight trained at 4.1-5.2 steps/s each after 293 s of concurrent
-compilation; evaluation then spent over 6 minutes loading and compiling samplers (one per
-component-count bucket, 8 processes on 16 cores) without finishing one item, and the call
-ended with nothing evaluated and the checkpoints lost with the machine. Hence
+compilation; their evaluation (16 objects each: a sampler compiled per component-count
+bucket, 8 processes on 16 cores) had not finished after 6 minutes (how many items were done
+was not visible: the progress bar had no total, now it has) when the call ended, and the
+checkpoints were lost with the machine. Hence
 --export_bundles with --eval_split='': the GPU trains, times and exports each variant's
 EMA weights as <variant>/bundle (~20 MiB at bundle size), the bundles come back, and a
 re-run with an --eval_split evaluates them elsewhere (the CPU) without training

@@ -210,7 +210,7 @@ elif [ "$stage" = study ]; then
   # (variants stopped by the deadline continue from their checkpoints).
   # STUDY_EVAL_ON=cpu (default): the GPU trains, times each step alone and exports every
   # variant's EMA weights as a bundle (--export_bundles, no evaluation here: 2026-12-01, 8
-  # processes evaluating on the GPU were still compiling their samplers after 6 minutes);
+  # processes evaluating on the GPU had not finished after 6 minutes when the call ended);
   # the bundles come back over as many calls as they need (ship_bundles) and the stage
   # study_eval below evaluates them on the CPU. STUDY_EVAL_ON=gpu evaluates here instead.
   VAE_DIR=${VAE_DIR:-$(cat "$W/latents_vae.txt" 2>/dev/null || echo "$W/vae")}
