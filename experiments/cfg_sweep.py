@@ -11,12 +11,13 @@ settings, `val`, so that `test` stays untouched by the choice), for example:
       --reference_cfg=7 --out=experiments/results/cfg_sweep_val
 
 Reads each run's metrics.json (moca_jax.evaluation.write_report) and writes <out>.md,
-<out>.json and <out>.png: per setting the mean CD, F-score@0.1/0.05 and self-IoU, the empty
-parts per item (requested minus non-empty generated parts), and each metric's mean paired
-difference to the reference setting over the same items with its standard error, so a reader
-sees whether a difference is larger than the item-to-item noise. Nothing is measured here.
-Exit 2 on a missing or unreadable run, runs over different items, or a reference CFG scale
-that no run has.
+<out>.json and <out>.png: per setting the mean CD, F-score@0.1/0.05 and self-IoU (for
+scenes Table 2's: scene CD / F-score, per-instance CD / F-score, self-IoU), the empty parts
+per item (requested minus non-empty generated parts or instances), and each metric's mean
+paired difference to the reference setting over the same items with its standard error, so
+a reader sees whether a difference is larger than the item-to-item noise. Nothing is
+measured here. Exit 2 on a missing or unreadable run, runs over different items or kinds,
+or a reference CFG scale that no run has.
 """
 
 from __future__ import annotations
@@ -31,9 +32,23 @@ from absl import app, flags
 
 from moca_jax import io as mio
 
-METRICS = ("cd", "fscore@0.1", "fscore@0.05", "self_iou")
+# The metrics summarised per kind of item (moca_jax.evaluation.score: Table 1 keys for
+# objects, Table 2 keys for scenes), and the ones plotted.
+METRICS = {
+    "object": ("cd", "fscore@0.1", "fscore@0.05", "self_iou"),
+    "scene": ("cd_scene", "fscore_scene@0.1", "fscore_scene@0.05", "cd_obj", "fscore_obj@0.1",
+              "self_iou"),
+}
+PLOTTED = {"object": ("cd", "fscore@0.1", "empty_parts"),
+           "scene": ("cd_scene", "cd_obj", "empty_parts")}
 LOWER_IS_BETTER = {"cd": True, "fscore@0.1": False, "fscore@0.05": False, "self_iou": True,
-                   "empty_parts": True}
+                   "empty_parts": True, "cd_scene": True, "fscore_scene@0.1": False,
+                   "fscore_scene@0.05": False, "cd_obj": True, "fscore_obj@0.1": False}
+
+
+def metric_keys(kind: str) -> tuple:
+  """The summarised metrics of `kind` ('object' or 'scene'; anything else: objects')."""
+  return METRICS.get(kind, METRICS["object"])
 
 
 def load_run(path: str) -> dict:
@@ -55,10 +70,14 @@ def load_run(path: str) -> dict:
           "kind": doc.get("kind"), "rows": rows}
 
 
-def item_values(row: dict) -> Dict[str, float]:
-  """The metrics of one item plus its empty parts (requested minus generated non-empty)."""
-  out = {k: float(row[k]) for k in METRICS if k in row}
-  out["empty_parts"] = float(row["num_parts_gt"]) - float(row["num_parts_pred"])
+def item_values(row: dict, kind: str = "object") -> Dict[str, float]:
+  """The metrics of one item plus its empty parts (requested minus generated non-empty
+  parts or instances; NaN for a run scored before scenes recorded their counts)."""
+  out = {k: float(row[k]) for k in metric_keys(kind) if k in row}
+  if "num_parts_gt" in row and "num_parts_pred" in row:
+    out["empty_parts"] = float(row["num_parts_gt"]) - float(row["num_parts_pred"])
+  else:
+    out["empty_parts"] = float("nan")
   return out
 
 
@@ -83,11 +102,15 @@ def summarize(runs: List[dict], reference_cfg: float) -> dict:
   if not ref:
     raise ValueError(f"no run has the reference CFG scale {reference_cfg:g} (have "
                      f"{sorted(r['cfg'] for r in runs)})")
-  ref_vals = [item_values(row) for row in ref[0]["rows"]]
-  keys = list(METRICS) + ["empty_parts"]
+  kinds = {run["kind"] for run in runs}
+  if len(kinds) != 1:
+    raise ValueError(f"the runs scored different kinds of items ({sorted(map(str, kinds))})")
+  kind = kinds.pop()
+  ref_vals = [item_values(row, kind) for row in ref[0]["rows"]]
+  keys = list(metric_keys(kind)) + ["empty_parts"]
   settings = []
   for run in sorted(runs, key=lambda r: r["cfg"]):
-    vals = [item_values(row) for row in run["rows"]]
+    vals = [item_values(row, kind) for row in run["rows"]]
     entry = {"cfg": run["cfg"], "steps": run["steps"], "items": len(vals),
              "run": os.path.basename(os.path.dirname(run["path"])), "date_utc": run["date"]}
     for k in keys:
@@ -100,6 +123,8 @@ def summarize(runs: List[dict], reference_cfg: float) -> dict:
 
 
 def _cell(entry: dict, k: str, ref: float) -> str:
+  if math.isnan(entry[k]):
+    return "-"
   value = f"{entry[k]:.4f}" if k != "empty_parts" else f"{entry[k]:.2f}"
   if entry["cfg"] == ref:
     return value
@@ -108,15 +133,15 @@ def _cell(entry: dict, k: str, ref: float) -> str:
 
 def markdown(doc: dict) -> str:
   ref = doc["reference_cfg"]
-  keys = list(METRICS) + ["empty_parts"]
+  keys = list(metric_keys(doc["kind"])) + ["empty_parts"]
   lines = [
       f"# CFG scale sweep ({doc['kind']}s, {doc['source']}, {doc['items']} items)",
       "",
       f"`experiments/cfg_sweep.py` over `experiments.evaluate` runs on the same items "
       f"({doc['machine']}). In brackets: the mean paired difference to CFG {ref:g} over "
       "the same items ± its standard error; a difference within about two standard errors "
-      "is item-to-item noise. Empty parts: requested minus non-empty generated parts, per "
-      "item.",
+      "is item-to-item noise. Empty parts: requested minus non-empty generated parts "
+      "(instances for scenes), per item.",
       "",
       "| CFG | steps | " + " | ".join(
           f"{k} {'↓' if LOWER_IS_BETTER[k] else '↑'}" for k in keys) + " |",
@@ -135,7 +160,7 @@ def plot(doc: dict, path: str) -> str:
   from moca_jax import viz  # pylint: disable=g-import-not-at-top
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  keys = ("cd", "fscore@0.1", "empty_parts")
+  keys = PLOTTED.get(doc["kind"], PLOTTED["object"])
   fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
   cfgs = [e["cfg"] for e in doc["settings"]]
   for ax, k in zip(axes, keys):

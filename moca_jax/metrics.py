@@ -420,7 +420,8 @@ def scene_metrics(
 ) -> Dict[str, float]:
   """Paper Table 2 row for one scene.
 
-  Returns {'self_iou', 'cd_scene', 'fscore_scene@tau'..., 'cd_obj', 'fscore_obj@tau'...}.
+  Returns {'self_iou', 'cd_scene', 'fscore_scene@tau'..., 'cd_obj', 'fscore_obj@tau'...,
+  'num_instances', 'num_parts_pred', 'num_parts_gt'} (the last two: non-empty instances).
   Instances are matched by index; a missing instance counts as empty (see module doc).
   object_frame: 'instance' (each pair normalised by its own boxes) or 'scene' (both kept in
   their scene-normalised frames).
@@ -455,6 +456,8 @@ def scene_metrics(
     for t in taus:
       out["fscore_obj@" + f"{t:g}"] = float(np.mean([r[fscore_key(t)] for r in rows]))
   out["num_instances"] = float(n)
+  out["num_parts_pred"] = float(sum(not is_empty(p) for p in pred))
+  out["num_parts_gt"] = float(sum(not is_empty(g) for g in gt))
   return out
 
 

@@ -1,6 +1,7 @@
 """experiments/cfg_sweep.py: paired differences over the same items, errors."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -64,3 +65,41 @@ def test_cli_writes_md_json_png_and_rejects_bad_runs(tmp_path):
   res = subprocess.run([sys.executable, "-c", code, f"--runs={tmp_path / 'nope'}", f"--out={out}2"],
                        cwd=repo, capture_output=True, text=True, timeout=300)
   assert res.returncode == 2 and "cfg_sweep: error:" in res.stderr
+
+
+def test_scene_runs_use_table2_keys_and_count_empty_instances(tmp_path):
+  def scene_run(cfg, cds, preds, prefix="scene"):
+    rows = [{"name": f"{prefix}{i}", "cd_scene": cd, "fscore_scene@0.1": 1 - cd,
+             "fscore_scene@0.05": 0.5, "cd_obj": 2 * cd, "fscore_obj@0.1": 0.3,
+             "self_iou": 0.001, "num_instances": 5.0, "num_parts_gt": 5.0,
+             "num_parts_pred": p} for i, (cd, p) in enumerate(zip(cds, preds))]
+    d = tmp_path / f"scene_cfg{cfg:g}"
+    d.mkdir()
+    (d / "metrics.json").write_text(json.dumps({
+        "kind": "scene", "rows": rows,
+        "meta": {"cfg": cfg, "steps": 50, "source": "split val", "machine": "m"}}))
+    return cs.load_run(str(d))
+
+  doc = cs.summarize([scene_run(7.0, [0.4, 0.6], [2, 3]), scene_run(3.0, [0.5, 0.5], [4, 5])],
+                     7.0)
+  low, ref = doc["settings"]
+  assert doc["kind"] == "scene" and "cd" not in low
+  assert low["cd_scene"] == pytest.approx(0.5) and low["cd_obj_diff"] == pytest.approx(0.0)
+  assert ref["empty_parts"] == 2.5 and low["empty_parts_diff"] == pytest.approx(-2.0)
+  md = cs.markdown(doc)
+  assert "cd_scene ↓" in md and "fscore_obj@0.1 ↑" in md and "| 7 | 50 | 0.5000 |" in md
+  assert os.path.exists(cs.plot(doc, str(tmp_path / "scene.png")))
+  obj = cs.load_run(_run(tmp_path, 7.0, [0.2, 0.4]))
+  with pytest.raises(ValueError, match="different kinds"):
+    cs.summarize([obj, scene_run(10.0, [0.1, 0.2], [1, 1], prefix="item")], 7.0)
+
+
+def test_a_run_without_counts_shows_no_empty_parts(tmp_path):
+  path = _run(tmp_path, 7.0, [0.2, 0.4])
+  doc = json.load(open(os.path.join(path, "metrics.json")))
+  for row in doc["rows"]:
+    del row["num_parts_pred"]
+  json.dump(doc, open(os.path.join(path, "metrics.json"), "w"))
+  out = cs.summarize([cs.load_run(path)], 7.0)
+  assert math.isnan(out["settings"][0]["empty_parts"])
+  assert cs.markdown(out).splitlines()[6].endswith("| - |")

@@ -229,6 +229,9 @@ def test_scene_missing_instance_counts_as_empty():
   out = M.scene_metrics(gt[:2], gt, num_samples=2000)
   np.testing.assert_allclose(out["cd_obj"], M.EMPTY_CHAMFER / 3, rtol=1e-9)
   assert out["num_instances"] == 3.0
+  assert out["num_parts_pred"] == 2.0 and out["num_parts_gt"] == 3.0
+  out = M.scene_metrics([gt[0], trimesh.Trimesh(), gt[2]], gt, num_samples=2000)
+  assert out["num_parts_pred"] == 2.0  # an empty mesh is an empty instance
 
 
 def test_mean_metrics_skips_nan():
