@@ -185,14 +185,20 @@ def run_bundle_demo(
     settings = pipeline.check_sample_settings(
         pipe.sample_settings(steps=sample_steps, cfg_scale=cfg)
     )
+    scene_cfg = pipeline.check_sample_settings(
+        pipe.sample_settings("scene", steps=sample_steps, cfg_scale=cfg)
+    )["cfg_scale"]
   except ValueError as e:
     raise DemoError(str(e)) from e
+  settings["scene_cfg_scale"] = scene_cfg
   size = image_size or pipe.image_size
   method = bundle.read_info(folder).get("card", {}).get("name") or os.path.basename(folder)
   print(f"model    {folder}\n         {_card_line(pipe, folder)}")
   print(
       f"settings {objects} object(s) + {scenes} scene(s) with <= {pipe.max_components} parts, "
-      f"{settings['steps']} {settings['method']} steps, CFG {settings['cfg_scale']:g}, "
+      f"{settings['steps']} {settings['method']} steps, CFG {settings['cfg_scale']:g}"
+      + (f" (scenes {scene_cfg:g})" if scenes and scene_cfg != settings["cfg_scale"] else "")
+      + ", "
       f"marching cubes {resolution}^3, renders {size} px, {eval_samples} surface samples "
       "per shape for the metrics"
   )
@@ -210,10 +216,10 @@ def run_bundle_demo(
     note = f" ({empty} came out empty)" if empty else ""
     print(f"  {item.name}: {len(res.meshes[0])} components{note} -> {out}", flush=True)
 
-  predict = evaluation.pipeline_predict_fn(
+  predict = evaluation.pipeline_predict_fn(  # each item at its kind's CFG scale
       None,
       steps=settings["steps"],
-      cfg=settings["cfg_scale"],
+      cfg=cfg,
       seed=seed,
       pipe=pipe,
       on_result=write_sample,
@@ -236,7 +242,7 @@ def run_bundle_demo(
         "bundle": folder,
         "split": split,
         "steps": settings["steps"],
-        "cfg": settings["cfg_scale"],
+        "cfg": scene_cfg if kind == "scene" else settings["cfg_scale"],
         "resolution": resolution,
         "num_samples": eval_samples,
         "seed": seed,

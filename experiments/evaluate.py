@@ -56,7 +56,10 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_components", None, "Parts to generate (default: GT count).")
   flags.DEFINE_integer("steps", None, "Flow ODE steps (default: the checkpoint config).")
   flags.DEFINE_float(
-      "cfg", None, "Classifier-free guidance scale (default: the checkpoint config)."
+      "cfg",
+      None,
+      "Classifier-free guidance scale (default: the checkpoint config's, for scenes its "
+      "scene_cfg_scale where set).",
   )
   flags.DEFINE_list(
       "component_buckets",
@@ -117,7 +120,9 @@ def run(f) -> dict:
     pipe = pipeline.load_pipeline(f.checkpoint_dir)
     if f.component_buckets is not None:
       pipe.component_buckets = tuple(int(k) for k in f.component_buckets)
-    resolved = pipeline.check_sample_settings(pipe.sample_settings(steps=f.steps, cfg_scale=f.cfg))
+    resolved = pipeline.check_sample_settings(
+        pipe.sample_settings(f.kind, steps=f.steps, cfg_scale=f.cfg)
+    )
     if f.num_components is not None:
       guidance = None if resolved["cfg_scale"] == 1.0 else resolved["cfg_scale"]
       pipe.check_num_components(f.num_components, guidance)

@@ -104,8 +104,13 @@ def run(
     batch_size: int = 4,
     allow_empty: bool = False,
     force_components: bool = False,
+    kind: Optional[str] = None,
 ) -> dict:
   """The CLI as a function: one image file or a folder of images. Returns the summary.
+
+  kind: 'object' or 'scene' (None: 'scene' when masks are given): what the images show; it
+  picks the default CFG scale (the checkpoint's config.sample.scene_cfg_scale for scenes,
+  where set; `Pipeline.sample_settings`).
 
   checkpoint: a model bundle folder or a train_dit workdir; None (or '') = the bundled
   model, pipeline.DEFAULT_BUNDLE (FileNotFoundError naming it when it is missing).
@@ -140,8 +145,9 @@ def run(
   pipe = pipeline.load_pipeline(
       checkpoint, vae_workdir=vae, extract_kwargs={"resolution": resolution}
   )
+  kind = kind or ("scene" if masks else "object")
   settings = pipeline.check_sample_settings(
-      pipe.sample_settings(steps=steps, cfg_scale=cfg, method=method)
+      pipe.sample_settings(kind, steps=steps, cfg_scale=cfg, method=method)
   )
   pipe.check_num_components(
       num_components,
@@ -154,6 +160,7 @@ def run(
       "num_components": num_components,
       "steps": settings["steps"],
       "cfg": settings["cfg_scale"],
+      "kind": kind,
       "method": settings["method"],
       "seed": seed,
       "outputs": {},
@@ -236,7 +243,16 @@ def define_flags() -> None:
   flags.DEFINE_float(
       "cfg",
       None,
-      "Classifier-free guidance scale, 1 = no guidance (default: the checkpoint's config).",
+      "Classifier-free guidance scale, 1 = no guidance (default: the checkpoint's config, "
+      "for --kind=scene its scene_cfg_scale where set).",
+  )
+  flags.DEFINE_enum(
+      "kind",
+      None,
+      ["object", "scene"],
+      "What the image shows (default: scene with --masks, else object); picks the default "
+      "CFG scale. The bundled model generates a scene from its image alone, one component "
+      "per instance.",
   )
   flags.DEFINE_integer(
       "seed",
@@ -292,6 +308,7 @@ def main(argv) -> int:
         batch_size=f.batch_size,
         allow_empty=f.allow_empty,
         force_components=f.force_components,
+        kind=f.kind,
     )
   except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
     print(f"generate: error: {e}", file=sys.stderr)

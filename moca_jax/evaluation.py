@@ -217,7 +217,7 @@ def pipeline_predict_fn(
   is generated anyway, `Pipeline.check_num_components` with force). Scenes pass the instance masks as an id image
   [1, H, W]; the pipeline rejects a mask where an instance is not visible at all (the
   item is then skipped and reported). steps / cfg default to the checkpoint's
-  config.sample. `pipe`: an already loaded pipeline (tests, the demo). `on_result(item,
+  config.sample (a scene: its scene_cfg_scale where set). `pipe`: an already loaded pipeline (tests, the demo). `on_result(item,
   output)` is called with every PipelineOutput (the demo writes files with it). The
   routing maps of the last call are kept in predict_fn.last_routing.
   """
@@ -247,6 +247,7 @@ def pipeline_predict_fn(
         cfg_scale=cfg,
         seed=seed,
         force=num_components is None,
+        kind=item.kind,
     )
     if on_result is not None:
       on_result(item, res)

@@ -23,7 +23,9 @@ model that ships in the repository (DEFAULT_BUNDLE, assets/moca-small). Steps in
      by level from 16^3, `default_extract_kwargs`), one mesh per component, the batch
      padded to a bucket as well
 Sampling defaults (steps, cfg_scale, method, time_shift) are the checkpoint's config.sample;
-arguments of `__call__` override them. `write_outputs` writes one result as files (GLB with
+arguments of `__call__` override them. config.sample.scene_cfg_scale, when set, is the default
+scale for scene inputs (`kind='scene'`; the bundled model's value was chosen on the `val`
+scenes, experiments/results/cfg_sweep_val_scenes.md). `write_outputs` writes one result as files (GLB with
 one node per part, preview, router maps, latents). experiments/generate.py, evaluate.py,
 demo.py and ablations.py are front-ends of this module.
 
@@ -496,11 +498,17 @@ class Pipeline:
     spec = DiTSpec.from_config(self.config.model.dit)
     return list(spec.global_block_ids()) if spec.global_attention == "moc" else []
 
-  def sample_settings(self, **overrides: Any) -> dict:
+  def sample_settings(self, kind: Optional[str] = None, **overrides: Any) -> dict:
     """steps, cfg_scale, method, time_shift: overrides (those not None), else the
-    checkpoint's config.sample, else SAMPLE_DEFAULTS."""
+    checkpoint's config.sample, else SAMPLE_DEFAULTS. kind 'scene': the default CFG scale is
+    config.sample.scene_cfg_scale where the checkpoint has one; None or 'object': the
+    object default. ValueError for another kind."""
+    if kind not in (None, "object", "scene"):
+      raise ValueError(f"kind={kind!r}: expected 'object' or 'scene'")
     stored = self.config.get("sample", None) or {}
     out = {k: stored.get(k, v) for k, v in SAMPLE_DEFAULTS.items()}
+    if kind == "scene" and stored.get("scene_cfg_scale") is not None:
+      out["cfg_scale"] = stored["scene_cfg_scale"]
     out.update({k: v for k, v in overrides.items() if v is not None})
     return out
 
@@ -587,6 +595,7 @@ class Pipeline:
       seed: int = 0,
       allow_empty: bool = False,
       force: bool = False,
+      kind: Optional[str] = None,
   ) -> tuple[np.ndarray, dict]:
     """Images -> (latents [B, N, L, C], routing) as numpy (see `sample_latents`).
 
@@ -599,9 +608,13 @@ class Pipeline:
     out of the DiT and the real components start from the noise an unpadded call draws, so
     the result is the unpadded one up to float rounding (bundled model, 10 steps: |dz| <
     2e-4 on latents of magnitude ~7; the meshes and metrics move in the 5th digit).
+    kind ('object' / 'scene'; None: 'scene' when masks are given) picks the default CFG
+    scale (`sample_settings`).
     """
+    if kind is None:
+      kind = "object" if masks is None else "scene"
     s = check_sample_settings(
-        self.sample_settings(steps=steps, cfg_scale=cfg_scale, method=method)
+        self.sample_settings(kind, steps=steps, cfg_scale=cfg_scale, method=method)
     )
     guidance = None if s["cfg_scale"] == 1.0 else s["cfg_scale"]
     self.check_num_components(num_components, guidance, force)
@@ -682,14 +695,16 @@ class Pipeline:
       allow_empty: bool = False,
       force: bool = False,
       strict: bool = True,
+      kind: Optional[str] = None,
   ) -> PipelineOutput:
     """Image(s) -> PipelineOutput(latents [B, N, L, C], meshes [B][N], routing, errors).
 
     images: a path, uint8 [H, W, 3|4], [B, H, W, 3|4] or a sequence of paths / arrays (any
     sizes); masks (scene models): instance-id images [H, W] (0 background, 1..N), one per
     image, as arrays or paths. steps / cfg_scale / method default to the checkpoint's
-    config.sample; `seed` fixes the starting noise. allow_empty: generate from an image with
-    no foreground; force: more components than the model was trained with.
+    config.sample (for kind 'scene', or masks given, its scene_cfg_scale where set); `seed`
+    fixes the starting noise. allow_empty: generate from an image with no foreground; force:
+    more components than the model was trained with.
 
     Raises ValueError (bad arguments or images, see `sample_latents`). Sampled latents that
     are not finite: with `strict` a `NonFiniteLatentsError` naming the images; otherwise
@@ -705,6 +720,7 @@ class Pipeline:
         seed=seed,
         allow_empty=allow_empty,
         force=force,
+        kind=kind,
     )
     finite = np.isfinite(z).reshape(z.shape[0], -1).all(axis=1)
     errors = {

@@ -44,11 +44,13 @@ def _tiny_models():
 
 
 def write_tiny_bundle(folder: str) -> str:
-  """An untrained tiny object-mode bundle (N <= 4, config.sample: 2 steps, CFG 2) in
-  `folder`; returns the folder. Also used by test_generate."""
+  """An untrained tiny object-mode bundle (N <= 4, config.sample: 2 steps, CFG 2, scenes
+  CFG 1.5) in `folder`; returns the folder. Also used by test_generate."""
   dit_config, dit_params, vae_config, vae_params = _tiny_models()
   dit_config = dit_config.copy_and_resolve_references()
   dit_config.sample.steps, dit_config.sample.cfg_scale = STEPS, 2.0
+  with dit_config.unlocked():
+    dit_config.sample.scene_cfg_scale = 1.5
   bundle.write_bundle(
       folder, dit_config, dit_params, vae_config, vae_params, card={"name": "tiny-test"}
   )
@@ -72,6 +74,7 @@ def test_bundle_demo_writes_what_it_promises(tiny_bundle, tmp_path, capsys):
   assert summary["objects"]["passed_over"] == [f"procedural/test/object/{i:06d}" for i in range(7)]
   assert summary["scenes"]["items"] == ["procedural/test/scene/000004"]
   assert (summary["settings"]["steps"], summary["settings"]["cfg_scale"]) == (STEPS, 2.0)
+  assert summary["settings"]["scene_cfg_scale"] == 1.5  # the bundle's scene default
   assert summary["settings"]["resolution"] == RES
   # per item: GLB with one named node per part, preview, router maps, latents
   for name, n in (("procedural/test/object/000007", 3), ("procedural/test/scene/000004", 4)):
@@ -89,6 +92,7 @@ def test_bundle_demo_writes_what_it_promises(tiny_bundle, tmp_path, capsys):
       assert os.path.getsize(os.path.join(d, f)) > 0, (kind, f)
     metrics = json.load(open(os.path.join(d, "metrics.json")))
     assert metrics["kind"] == kind[:-1]
+    assert metrics["meta"]["cfg"] == (2.0 if kind == "objects" else 1.5)
     assert [r["name"] for r in metrics["rows"]] == summary[kind]["items"]
     assert metrics["mean"]["count"] == 1.0
     assert column in open(os.path.join(d, "table.md")).read()

@@ -116,6 +116,20 @@ def _check_pipeline_is_seeded_and_takes_any_image_form(checkpoints):
       "method": "euler",
       "time_shift": 1.0,
   }
+  # A scene default (config.sample.scene_cfg_scale) applies to kind='scene' only; an
+  # explicit scale still wins, and a checkpoint without one keeps its scale for scenes.
+  assert pipe.sample_settings("scene")["cfg_scale"] == 2.0
+  scene_cfg = pipe.config.copy_and_resolve_references()
+  with scene_cfg.unlocked():
+    scene_cfg.sample.scene_cfg_scale = 5.0
+  scenes = pipeline.Pipeline(scene_cfg, pipe.params, pipe.vae_model, pipe.vae_params)
+  assert scenes.sample_settings("scene")["cfg_scale"] == 5.0
+  assert scenes.sample_settings("object")["cfg_scale"] == 2.0
+  assert scenes.sample_settings("scene", cfg_scale=3.0)["cfg_scale"] == 3.0
+  np.testing.assert_array_equal(scenes.sample_latents(images, N, seed=1, kind="scene")[0], d)
+  np.testing.assert_array_equal(scenes.sample_latents(images, N, seed=1)[0], a)
+  with pytest.raises(ValueError, match="kind='room'"):
+    scenes.sample_settings("room")
   # A checkpoint written before the layout switches existed (its stored DiT config lacks
   # them) samples the same latents: the defaults fill the missing fields.
   old_cfg = pipe.config.copy_and_resolve_references()
