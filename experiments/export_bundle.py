@@ -24,6 +24,7 @@ Exit codes: 0 written; 2 a bad argument, a checkpoint that cannot be read or a b
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from typing import Optional
@@ -46,6 +47,8 @@ def define_flags() -> None:
   flags.DEFINE_string("notes", "", "Free text for the card's training section.")
   flags.DEFINE_string("update", None, "An existing bundle folder: attach --eval_dirs (and "
                       "--notes) to its card and rewrite MODEL_CARD.md; weights untouched.")
+  flags.DEFINE_float("scene_cfg_scale", None, "--update: set the default CFG scale for scene "
+                     "inputs (config.sample.scene_cfg_scale).")
 
 
 def inference_config(config) -> tuple:
@@ -171,6 +174,15 @@ def _latent_norm_line(ln: dict) -> str:
           "config); generation maps them back before the VAE decodes.")
 
 
+def _sampling_line(sample: dict) -> str:
+  """The sampling defaults of config.sample, as a sentence for the card."""
+  line = (f"Sampling defaults: {sample.get('steps', '?')} {sample.get('method', 'euler')} "
+          f"steps, CFG {sample.get('cfg_scale', '?')}")
+  if sample.get("scene_cfg_scale") is not None:
+    line += f" (scene inputs: CFG {sample['scene_cfg_scale']})"
+  return line + "."
+
+
 def model_card(info: dict) -> str:
   """MODEL_CARD.md text from the bundle's bundle.json contents."""
   card, dit_cfg, vae_cfg = info["card"], info["dit_config"], info["vae_config"]
@@ -203,6 +215,8 @@ def model_card(info: dict) -> str:
       f"Stored in {info['storage_dtype']}: {total / MIB:.2f} MiB of weights. The config runs "
       "in float32 with XLA attention (portable); training used "
       f"{card.get('moved', {}).get('trained_dtype', '?')} compute.",
+      "",
+      _sampling_line(dit_cfg.get("sample") or {}),
       "",
       "## Training",
       "",
@@ -319,12 +333,19 @@ def _copy_grids(eval_dirs, out: str) -> None:
     copy_png_compact(os.path.join(d, "grid.png"), os.path.join(out, f"{key}.png"))
 
 
-def update_card(folder: str, eval_dirs=(), notes: Optional[str] = None) -> dict:
+def update_card(folder: str, eval_dirs=(), notes: Optional[str] = None,
+                scene_cfg_scale: Optional[float] = None) -> dict:
   """Attaches evaluations made elsewhere (e.g. on a CPU after the GPU trained the model) and
   optionally new notes to an existing bundle: its card in bundle.json (the weights and their
-  checksums are untouched), the grids and MODEL_CARD.md. Returns the new bundle.json contents.
-  Raises FileNotFoundError / bundle.BundleError."""
+  checksums are untouched), the grids and MODEL_CARD.md. scene_cfg_scale: also sets the
+  sampling default for scene inputs (config.sample.scene_cfg_scale, `Pipeline.sample_settings`;
+  finite and >= 0). Returns the new bundle.json contents.
+  Raises FileNotFoundError / bundle.BundleError / ValueError (a bad scale)."""
   info = bundle.read_info(folder)
+  if scene_cfg_scale is not None:
+    if not math.isfinite(scene_cfg_scale) or scene_cfg_scale < 0:
+      raise ValueError(f"scene_cfg_scale={scene_cfg_scale!r}: must be a finite number >= 0")
+    info["dit_config"].setdefault("sample", {})["scene_cfg_scale"] = float(scene_cfg_scale)
   card = dict(info.get("card") or {})
   card["evaluation"] = {**(card.get("evaluation") or {}), **read_evaluations(eval_dirs)}
   if notes is not None:
@@ -343,7 +364,7 @@ def main(argv) -> None:
   f = flags.FLAGS
   if f.update:
     try:
-      update_card(f.update, f.eval_dirs, f.notes or None)
+      update_card(f.update, f.eval_dirs, f.notes or None, f.scene_cfg_scale)
     except (FileNotFoundError, ValueError) as e:
       print(f"export_bundle: error: {e}", file=sys.stderr)
       sys.exit(2)

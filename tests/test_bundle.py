@@ -178,3 +178,9 @@ def test_update_card_attaches_evaluations_and_keeps_weights(models, tmp_path):
   bundle.read_bundle(out)  # checksums still hold
   with pytest.raises(FileNotFoundError, match="no metrics.json"):
     export_bundle.update_card(out, [str(tmp_path)])
+  # A scene sampling default: in the stored config and on the card, the weights unchanged.
+  export_bundle.update_card(out, scene_cfg_scale=3.0)
+  assert bundle.read_bundle(out).dit_config.sample.scene_cfg_scale == 3.0
+  assert "(scene inputs: CFG 3.0)" in open(os.path.join(out, "MODEL_CARD.md")).read()
+  with pytest.raises(ValueError, match="scene_cfg_scale=-1"):
+    export_bundle.update_card(out, scene_cfg_scale=-1.0)
