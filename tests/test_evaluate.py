@@ -81,6 +81,7 @@ class _FakePipeline:
       method=None,
       seed=0,
       force=False,
+      kind=None,
   ):
     import types
 
@@ -93,6 +94,7 @@ class _FakePipeline:
             cfg=cfg_scale,
             seed=seed,
             force=force,
+            kind=kind,
         )
     )
     b, g, h, n = 1, 1, 2, num_components
@@ -125,6 +127,7 @@ def test_pipeline_predict_fn_calls_the_pipeline(kind):
   assert call["images"].shape == (1, 32, 32, 3) and call["images"].dtype == np.uint8
   assert (call["n"], call["steps"], call["cfg"], call["seed"]) == (3, 7, 2.0, 5)
   assert call["force"]  # the protocol's ground-truth count, even above the trained maximum
+  assert call["kind"] == kind  # picks the default CFG scale of its kind when cfg is None
   if kind == "scene":
     ids = call["masks"][0]
     assert call["masks"].shape == (1, 32, 32) and set(np.unique(ids)) == {0, 1, 2, 3}
