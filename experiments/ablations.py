@@ -1108,7 +1108,7 @@ def quality_table_markdown(results: Dict[str, dict], base_config) -> str:
       "eval loss (EMA)",
       "condition gain",
       "steps",
-      "train min (shared GPU)",
+      "train min (shared device)",
       "compile min",
       "step ms (shared)",
       "step ms alone",
@@ -1254,7 +1254,9 @@ def write_quality_study(
   lines = [
       f"# Quality study: MoC attention ablations and dense global attention ({setting['size']})",
       "",
-      f"Device: {device}; {len(variants)} variants, {jobs} at a time on the same device "
+      f"Training device: {device}; evaluated on "
+      f"{ev.get('evaluated_on', 'the training device')}; {len(variants)} variants, {jobs} "
+      "at a time on the same device "
       "(concurrent runs share it: 'train min' and 'step ms (shared)' are inflated by the "
       "sharing; 'step ms alone' is the compiled train step timed with the device otherwise "
       "idle, median of the timed steps after warm-up, same batch as training).",

@@ -94,6 +94,15 @@ def paired(a: Sequence[float], b: Sequence[float]) -> tuple:
 def summarize(runs: List[dict], reference_cfg: float) -> dict:
   """Per setting (sorted by CFG scale): means and paired differences to the reference run.
   Raises ValueError when the runs scored different items or no run has `reference_cfg`."""
+  paths = [run["path"] for run in runs]
+  twice = sorted({p for p in paths if paths.count(p) > 1})
+  if twice:
+    raise ValueError(f"a run is given more than once: {', '.join(twice)}")
+  kinds = {run["kind"] for run in runs}
+  if len(kinds) != 1:
+    raise ValueError("the runs scored different kinds of items: " + ", ".join(
+        f"{run['path']} ({run['kind']})" for run in runs))
+  kind = kinds.pop()
   names = [tuple(r["name"] for r in run["rows"]) for run in runs]
   if len(set(names)) != 1:
     raise ValueError("the runs scored different items; evaluate every setting on the same "
@@ -102,10 +111,6 @@ def summarize(runs: List[dict], reference_cfg: float) -> dict:
   if not ref:
     raise ValueError(f"no run has the reference CFG scale {reference_cfg:g} (have "
                      f"{sorted(r['cfg'] for r in runs)})")
-  kinds = {run["kind"] for run in runs}
-  if len(kinds) != 1:
-    raise ValueError(f"the runs scored different kinds of items ({sorted(map(str, kinds))})")
-  kind = kinds.pop()
   ref_vals = [item_values(row, kind) for row in ref[0]["rows"]]
   keys = list(metric_keys(kind)) + ["empty_parts"]
   settings = []

@@ -368,7 +368,9 @@ def main(argv) -> None:
     except (FileNotFoundError, ValueError) as e:
       print(f"export_bundle: error: {e}", file=sys.stderr)
       sys.exit(2)
-    print(f"updated the card of {f.update}")
+    extra = (f"; scene inputs now default to CFG {f.scene_cfg_scale:g}"
+             if f.scene_cfg_scale is not None else "")
+    print(f"updated the card of {f.update}{extra}")
     return
   if not f.dit or not f.out:
     print("export_bundle: error: --dit and --out are required (or --update)", file=sys.stderr)

@@ -171,6 +171,7 @@ def test_jobs_two_variants_write_the_study(tmp_path, save_untrained_vae):
   assert "train:" not in out.stdout + out.stderr  # nothing trained again
   doc = json.load(open(res / "quality_study.json"))
   assert doc["jobs"] == 2 and doc["eval_settings"]["evaluated_on"].startswith("cpu")
+  assert "evaluated on cpu" in (res / "quality_study.md").read_text()
   assert list(doc["variants"]) == ["G", "dense"]
   for v in ("G", "dense"):
     r = doc["variants"][v]
@@ -181,7 +182,7 @@ def test_jobs_two_variants_write_the_study(tmp_path, save_untrained_vae):
     assert os.path.exists(work / v / "log.txt") and os.listdir(work / v / "eval" / "preds")
   assert doc["setting"]["steps"] == 2 and doc["eval_settings"]["image_size"] == 56
   md = (res / "quality_study.md").read_text()
-  assert "step ms alone" in md and "train min (shared GPU)" in md and "## Ordering" in md
+  assert "step ms alone" in md and "train min (shared device)" in md and "## Ordering" in md
   assert "Dense global attention" in md and doc["ordering"] in md
   rows = [l for l in md.splitlines() if l.startswith("| ")]
   assert len(rows) == 3

@@ -90,8 +90,10 @@ def test_scene_runs_use_table2_keys_and_count_empty_instances(tmp_path):
   assert "cd_scene ↓" in md and "fscore_obj@0.1 ↑" in md and "| 7 | 50 | 0.5000 |" in md
   assert os.path.exists(cs.plot(doc, str(tmp_path / "scene.png")))
   obj = cs.load_run(_run(tmp_path, 7.0, [0.2, 0.4]))
-  with pytest.raises(ValueError, match="different kinds"):
-    cs.summarize([obj, scene_run(10.0, [0.1, 0.2], [1, 1], prefix="item")], 7.0)
+  with pytest.raises(ValueError, match=r"different kinds of items: .*cfg7.* \(object\)"):
+    cs.summarize([obj, scene_run(10.0, [0.1, 0.2], [1, 1])], 7.0)
+  with pytest.raises(ValueError, match="more than once"):
+    cs.summarize([obj, obj], 7.0)
 
 
 def test_a_run_without_counts_shows_no_empty_parts(tmp_path):

@@ -61,7 +61,8 @@ if [ -d .jax_cache ] && [ ! -d "$W/jax_cache" ]; then cp -r .jax_cache "$W/jax_c
 summary=$OUT/logs/summary_$stage.txt
 note() { echo "$(date -u +%T) [${SECONDS}s] $*" | tee -a "$summary"; }
 last_line() { tr '\r' '\n' < "$1" | grep -a "$2" | tail -1; }
-note "stage $stage on $(nvidia-smi -L 2>/dev/null | head -1) $(nproc) cores"
+gpu=$(nvidia-smi -L 2>/dev/null | head -1)
+note "stage $stage on ${gpu:-no GPU}, $(nproc) cores"
 
 if [ "${TINY:-0}" = 1 ]; then
   SRC=procedural:tiny; VAE_CFG=tiny; IMG=56; SHARDS=${SHARDS:-2}; BUILD_WORKERS=0
