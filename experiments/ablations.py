@@ -1051,6 +1051,40 @@ def ordering_paragraph(
   return " ".join(out)
 
 
+def loss_ordering_line(
+    results: Dict[str, dict], reference: str = "G", dense: str = "dense"
+) -> str:
+  """One sentence ordering the variants by held-out flow loss (the training helper's
+  'eval_loss_ema': EMA weights, the same held-out batches, noise and times for every
+  variant; lower is better), with the reference's and dense's gaps to the lowest in
+  absolute and relative terms. Variants without the number are left out; '' when fewer
+  than two have it."""
+  losses = {
+      v: float(r["train"]["eval_loss_ema"])
+      for v, r in results.items()
+      if not r.get("error")
+      and isinstance((r.get("train") or {}).get("eval_loss_ema"), (int, float))
+      and math.isfinite(r["train"]["eval_loss_ema"])
+  }
+  if len(losses) < 2:
+    return ""
+  order = sorted(losses, key=losses.get)
+  best = order[0]
+  text = (
+      "Held-out flow loss (EMA weights, the same batches, noise and times for every variant; "
+      "lower is better): " + " < ".join(f"{v} {losses[v]:.4f}" for v in order) + "."
+  )
+  for v in (reference, dense):
+    if v in losses and v != best:
+      gap = losses[v] - losses[best]
+      text += (
+          f" {v} is {gap:.4f} ({100 * gap / losses[best]:.1f}%) above the lowest, {best}."
+      )
+    elif v == best:
+      text += f" {v} is the lowest."
+  return text
+
+
 def per_item_metrics(workdir: str, variants: Sequence[str]) -> Dict[str, dict]:
   """{variant: {metric: {item name: value}}} from workdir/<v>/eval/metrics.json rows."""
   out = {}
@@ -1224,13 +1258,16 @@ def write_quality_study(
     eval_settings: Optional[dict] = None,
     jobs: int = 1,
     grid_rows: int = 4,
+    notes: str = "",
 ) -> Dict[str, str]:
   """Writes results_dir/<name>.md, <name>.json and <name>_grid.png (issue 17 §5).
 
   The markdown: setting (device, config summary, evaluation settings), the Table 3-shaped
   table (`quality_table_markdown`), the paper's Table 3 for scale, the automatic ordering
   paragraph (`ordering_paragraph`, with paired standard errors over the shared items) and
-  the picture. Returns {kind: path}.
+  the held-out flow-loss order (`loss_ordering_line`), the optional `notes` (markdown, the
+  study's reading by whoever ran it, under "## Reading the result") and the picture.
+  Returns {kind: path}.
   """
   os.makedirs(results_dir, exist_ok=True)
   variants = list(results)
@@ -1281,6 +1318,11 @@ def write_quality_study(
       ordering,
       "",
   ]
+  loss_line = loss_ordering_line(results)
+  if loss_line:
+    lines += [loss_line, ""]
+  if notes.strip():
+    lines += ["## Reading the result", "", notes.strip(), ""]
   if png:
     lines += [
         "## The same inputs across variants",
@@ -1299,6 +1341,8 @@ def write_quality_study(
           k: dict(zip(("cd", "fscore@0.1", "fscore@0.05"), x)) for k, x in PAPER_TABLE3.items()
       },
       "ordering": ordering,
+      "loss_ordering": loss_line,
+      "notes": notes.strip(),
       "variants": {
           v: {**r, "switches": switches(variant_config(base_config, v).model.dit)}
           for v, r in results.items()
@@ -1370,6 +1414,10 @@ def define_flags() -> None:
       "results_name", "", "Also write <results_dir>/<name>.md/.json/_grid.png (the quality study)."
   )
   flags.DEFINE_string("results_dir", "experiments/results", "Folder of --results_name's files.")
+  flags.DEFINE_string(
+      "study_notes", "", "A markdown file: the study's reading, written into --results_name's "
+      "files under 'Reading the result'."
+  )
   flags.DEFINE_string("sync_dir", "", "Internal: set by --jobs for its child processes.")
   flags.DEFINE_integer(
       "concurrent_jobs", 0, "Internal: set by --jobs for its children (0: --jobs)."
@@ -1410,6 +1458,13 @@ def main(argv) -> None:
   variants = [v.strip() for v in f.variants.split(",") if v.strip()]
   for v in variants:
     variant_config(f.config, v)  # unknown names fail here, before any process starts
+  notes = ""
+  if f.study_notes:  # read before any training, so a wrong path costs nothing
+    try:
+      with open(f.study_notes) as fh:
+        notes = fh.read()
+    except OSError as e:
+      raise app.UsageError(f"--study_notes={f.study_notes}: cannot read it ({e})")
   eval_fn = None
   if f.eval_split:
     if not f.config.vae.get("workdir"):
@@ -1477,6 +1532,7 @@ def main(argv) -> None:
         eval_settings_from_flags(f) if f.eval_split else None,
         jobs=max(1, f.jobs),
         grid_rows=f.grid_rows,
+        notes=notes,
     )
     print("[ablations] wrote " + ", ".join(written.values()), flush=True)
   print(table)

@@ -121,6 +121,8 @@ def test_jobs_two_variants_write_the_study(tmp_path, save_untrained_vae):
   evaluates both from their bundles (generation on one held-out item: the CPU run after)
   and writes table3.md and the study."""
   vae, work, res = tmp_path / "vae", tmp_path / "w", tmp_path / "results"
+  notes = tmp_path / "notes.md"
+  notes.write_text("Why the order is what it is.\n")
   save_untrained_vae(str(vae), num_latents=16)
   cmd = [
       sys.executable,
@@ -155,6 +157,7 @@ def test_jobs_two_variants_write_the_study(tmp_path, save_untrained_vae):
       f"--results_dir={res}",
       "--results_name=quality_study",
       "--status_every=0",
+      f"--study_notes={notes}",
   ]
   # one CPU device per process (not the suite's 8 simulated ones); cheap compilation
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
@@ -184,6 +187,8 @@ def test_jobs_two_variants_write_the_study(tmp_path, save_untrained_vae):
   md = (res / "quality_study.md").read_text()
   assert "step ms alone" in md and "train min (shared device)" in md and "## Ordering" in md
   assert "Dense global attention" in md and doc["ordering"] in md
+  assert "## Reading the result\n\nWhy the order is what it is." in md
+  assert doc["notes"] == "Why the order is what it is."
   rows = [l for l in md.splitlines() if l.startswith("| ")]
   assert len(rows) == 3
   from PIL import Image
@@ -195,3 +200,30 @@ def test_jobs_two_variants_write_the_study(tmp_path, save_untrained_vae):
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
   assert out.returncode == 0 and out.stdout.count("reusing") == 2 and "started" not in out.stdout
   assert "2 variants, 2 at a time" in md
+
+
+def test_loss_ordering_line_orders_by_held_out_flow_loss():
+  def r(loss, **kw):
+    return {"error": None, "train": {"eval_loss_ema": loss}, **kw}
+
+  text = A.loss_ordering_line({"G": r(0.52), "A": r(0.53), "dense": r(0.5315)})
+  assert "G 0.5200 < A 0.5300 < dense 0.5315." in text
+  assert "G is the lowest." in text
+  assert "dense is 0.0115 (2.2%) above the lowest, G." in text
+  text = A.loss_ordering_line({"G": r(0.55), "dense": r(0.50), "B": r(float("nan"))})
+  assert "dense 0.5000 < G 0.5500." in text and "B" not in text
+  assert "G is 0.0500 (10.0%) above the lowest, dense." in text
+  # a failed variant or one without the number is left out; fewer than two: nothing
+  assert A.loss_ordering_line({"G": r(0.5), "A": {"error": "boom", "train": {}}}) == ""
+
+
+def test_unreadable_study_notes_fail_before_training(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.ablations", "--variants=G",
+       f"--workdir={tmp_path / 'w'}", "--eval_split=", "--results_name=q",
+       f"--study_notes={tmp_path / 'missing.md'}"],
+      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      timeout=200,
+  )
+  assert out.returncode != 0 and "--study_notes=" in out.stderr and "cannot read it" in out.stderr
+  assert not (tmp_path / "w" / "G").exists()  # nothing trained

@@ -281,13 +281,18 @@ elif [ "$stage" = study_eval ]; then
   # $W/study had them on the GPU, the VAE (left out of the shipped bundles) copied from
   # INIT_BUNDLE (bundle.json's sha256 checks it is the same), then every variant evaluated
   # from its bundle on the same held-out items; the study goes to STUDY_RESULTS
-  # (default experiments/results/quality_study.{md,json} + _grid.png).
+  # (default experiments/results/quality_study.{md,json} + _grid.png). STUDY_NOTES=file adds
+  # the study's reading (markdown); a re-run with evaluated variants only rewrites the study.
   VAE_DIR=${INIT_BUNDLE:?"study_eval needs INIT_BUNDLE (the study's VAE)"}
   mkdir -p "$W/study"
   for d in ${STUDY_FROM:?"STUDY_FROM: the folders the study calls brought back"}; do
     tmp=$(mktemp -d)
     tar -xzf "$d/logs.tar.gz" -C "$tmp"
-    cp -r "$tmp"/logs/study/. "$W/study/"
+    cp "$tmp"/logs/study/flags.txt "$W/study/" 2>/dev/null
+    for v in "$tmp"/logs/study/*/; do  # a variant evaluated by an earlier study_eval is kept
+      v=$(basename "$v")
+      [ -f "$W/study/$v/eval/metrics.json" ] || cp -r "$tmp/logs/study/$v" "$W/study/"
+    done
     rm -rf "$tmp"
     if ls "$d"/study_bundles.tar.part-* > /dev/null 2>&1; then
       cat "$d"/study_bundles.tar.part-* | tar -x -C "$W/study"
@@ -300,7 +305,8 @@ elif [ "$stage" = study_eval ]; then
   JAX_PLATFORMS=cpu python3 -m experiments.ablations --config=experiments/configs/dit.py:$DIT_CFG \
     --config.vae.workdir="$VAE_DIR" $STUDY_COMMON $STUDY_EVAL_FLAGS --jobs=1 \
     --workdir="$W/study" --results_dir="${STUDY_RESULTS:-experiments/results}" \
-    --results_name=quality_study 2>&1 | tee "$OUT/logs/study_eval.log" | grep -a "^\["
+    --results_name=quality_study ${STUDY_NOTES:+--study_notes=$STUDY_NOTES} 2>&1 \
+    | tee "$OUT/logs/study_eval.log" | grep -a "^\["
   note "study_eval rc=${PIPESTATUS[0]}"
 else
   echo "unknown stage $stage" >&2; exit 2
