@@ -138,7 +138,9 @@ def run(f) -> dict:
       nn_backend=f.nn_backend,
       object_frame=f.object_frame,
   )
-  result = E.evaluate_items(items, predict, settings, grid_rows=f.grid_rows, skipped=skipped)
+  result = E.evaluate_items(
+      items, predict, settings, grid_rows=f.grid_rows, skipped=skipped, total=f.limit
+  )
   out_dir = f.out_dir or os.path.join(
       "experiments/results",
       f"eval_{(f.split or os.path.basename(f.glb_dir.rstrip('/')))}_{f.kind}",

@@ -21,11 +21,12 @@
 #                                     # the section-5 study: training stops at STUDY_TRAIN_S
 #                                     # (440) s into the call, everything at STUDY_CALL_S
 #                                     # (570); repeat the call on the warm machine until
-#                                     # every variant's bundle came back (8 x ~20 MiB: two
-#                                     # calls after training). Seen on an H200 (2026-12-01,
-#                                     # 8 variants, batch 32): build + encode 114 s, eight
-#                                     # concurrent train-step compilations 293 s, then
-#                                     # 4.1-5.2 steps/s per variant; 1000 steps took 2 calls
+#                                     # every variant's bundle came back (8 x ~19 MiB, 3 a
+#                                     # call). Seen on an H200 (2026-12-01, 8 variants,
+#                                     # batch 32): build + encode 127 s, eight concurrent
+#                                     # train-step compilations 254-293 s, then 4.1-5.2
+#                                     # steps/s per variant; 2000 steps took 2 calls
+#                                     # (STUDY_TRAIN_S=520 in the first)
 #   INIT_BUNDLE=assets/moca-small STUDY_FROM="/work/.device/1 /work/.device/2" \
 #     W=/tmp/study OUT=/tmp/study_out bash experiments/results/bundle_train.sh study_eval
 #                                     # here, on the CPU: evaluates the shipped bundles and
@@ -110,9 +111,12 @@ study_flags() {  # STUDY_COMMON: the config every variant shares; STUDY_EVAL_FLA
 }
 
 ship_bundles() {  # the exported variant bundles not shipped by an earlier call, as many as
-  # fit in 7 pieces of 15 MiB (logs.tar.gz is the 8th file), without vae.npz (the same
-  # VAE for all: study_eval copies it back); $W/study_shipped.txt lists what went
-  local limit=$((7 * 15 * 1048576)) total=0 size v b list=() left=()
+  # fit in SHIP_MIB (58) MiB: what comes back from a call is at most 8 files of 16 MiB and
+  # 64 MiB together (2026-12-01: 5 bundles, 94 MiB, were packed and the pieces past 64 MiB
+  # did not come back), logs.tar.gz included; without vae.npz (the same VAE for all:
+  # study_eval copies it back); $W/study_shipped.txt lists what went (about 19 MiB a
+  # variant at the bundle size: 3 per call)
+  local limit=$(( ${SHIP_MIB:-58} * 1048576 )) total=0 size v b list=() left=()
   touch "$W/study_shipped.txt"
   for b in "$W"/study/*/bundle; do
     [ -f "$b/bundle.json" ] || continue
