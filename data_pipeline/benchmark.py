@@ -25,6 +25,7 @@ import trimesh
 from absl import app, flags
 
 from data_pipeline import loader, make, procedural
+from moca_jax import cli
 from moca_jax import io as mio
 from moca_jax.machine import describe_host
 
@@ -188,4 +189,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

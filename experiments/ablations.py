@@ -91,6 +91,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from moca_jax import cli
 from moca_jax import io as mio
 
 # Variant name -> (overrides of config.model.dit, Table 3 switches). Switch columns follow
@@ -1540,4 +1541,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

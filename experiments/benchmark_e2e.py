@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moca_jax import cli
 from moca_jax import io as mio
 
 FLAGS = flags.FLAGS
@@ -544,4 +545,4 @@ def main(argv: list[str]) -> Optional[int]:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moca_jax import cli
 from moca_jax import extract
 from moca_jax import io as mio
 from moca_jax.fps import farthest_point_sampling
@@ -262,4 +263,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

@@ -30,6 +30,7 @@ from typing import Dict, List, Sequence
 
 from absl import app, flags
 
+from moca_jax import cli
 from moca_jax import io as mio
 
 # The metrics summarised per kind of item (moca_jax.evaluation.score: Table 1 keys for
@@ -205,4 +206,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

@@ -49,6 +49,7 @@ from typing import Iterator, Optional
 
 from absl import app, flags, logging
 
+from moca_jax import cli
 from moca_jax import io as mio
 
 # `make demo`'s defaults (bundle mode): held-out items per kind and the marching-cubes grid
@@ -579,4 +580,4 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moca_jax import dit_task, flow, latent_norm
+from moca_jax import cli, dit_task, flow, latent_norm
 from moca_jax import io as mio
 
 FLAGS = flags.FLAGS
@@ -369,4 +369,4 @@ def main(argv) -> int:
 if __name__ == "__main__":
   logging.getLogger("jax").setLevel(logging.ERROR)  # no backend probing lines before errors
   define_flags()
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags_or_exit)

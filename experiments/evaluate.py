@@ -37,6 +37,7 @@ import sys
 
 from absl import app, flags
 
+from moca_jax import cli
 from moca_jax import evaluation as E
 from moca_jax import metrics as M
 from moca_jax import pipeline
@@ -179,4 +180,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

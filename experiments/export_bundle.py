@@ -31,6 +31,7 @@ from typing import Optional
 
 from absl import app, flags
 
+from moca_jax import cli
 from moca_jax import bundle, checkpointing, dit_task, train_lib
 from moca_jax import io as mio
 
@@ -386,4 +387,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

@@ -42,6 +42,7 @@ from typing import Optional
 
 from absl import app, flags, logging
 
+from moca_jax import cli
 from moca_jax import io as mio
 from moca_jax import bundle, extract, pipeline
 
@@ -339,4 +340,4 @@ def exit_code(generated: int, skipped: int) -> int:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

@@ -21,6 +21,8 @@ import sys
 from typing import Optional
 
 from absl import app, flags, logging
+
+from moca_jax import cli
 import ml_collections
 from tqdm import tqdm
 
@@ -103,4 +105,4 @@ def _define_flags():
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

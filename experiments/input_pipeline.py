@@ -40,6 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moca_jax import cli
 from moca_jax import io as mio
 from moca_jax import sharding, train_lib
 from moca_jax.machine import describe_host
@@ -345,4 +346,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

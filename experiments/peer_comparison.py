@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from absl import app, flags
 
+from moca_jax import cli
 from moca_jax import io as mio
 
 NS = (4, 8, 16, 32, 64)
@@ -432,4 +433,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

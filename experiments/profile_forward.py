@@ -30,6 +30,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from absl import app, flags
 
+from moca_jax import cli
 from moca_jax import io as mio
 
 CATEGORIES = (
@@ -309,4 +310,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

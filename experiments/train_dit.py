@@ -25,7 +25,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from data_pipeline import encode_latents
-from moca_jax import checkpointing, dit_task, prior_init
+from moca_jax import checkpointing, cli, dit_task, prior_init
 
 
 def define_flags() -> None:
@@ -52,8 +52,9 @@ def main(argv) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, except that a config file that cannot read its prior
-  (experiments/configs/dit_finetune.py:PRIOR) is one line and exit code 2."""
+  """`cli.parse_flags_or_exit` (a flag that cannot be parsed: one line, exit code 2), except
+  that a config file that cannot read its prior (experiments/configs/dit_finetune.py:PRIOR)
+  is named by the prior's own error."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -63,7 +64,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     if isinstance(cause, prior_init.PriorInitError):
       print(f"train_dit: error: {cause}", file=sys.stderr)
       sys.exit(2)
-    return app.parse_flags_with_usage(argv)  # absl's message and exit code
+    return cli.parse_flags_or_exit(argv)  # one line, exit code 2
 
 
 if __name__ == "__main__":
