@@ -1464,8 +1464,10 @@ def main(argv) -> None:
     try:
       with open(f.study_notes) as fh:
         notes = fh.read()
-    except OSError as e:
-      raise app.UsageError(f"--study_notes={f.study_notes}: cannot read it ({e})")
+    except OSError as e:  # one line and the project's exit code for bad arguments
+      print(f"ablations: error: --study_notes={f.study_notes}: cannot read it ({e})",
+            file=sys.stderr)
+      sys.exit(cli.BAD_ARGUMENTS)
   eval_fn = None
   if f.eval_split:
     if not f.config.vae.get("workdir"):

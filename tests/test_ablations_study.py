@@ -225,5 +225,8 @@ def test_unreadable_study_notes_fail_before_training(tmp_path):
       cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
       timeout=200,
   )
-  assert out.returncode != 0 and "--study_notes=" in out.stderr and "cannot read it" in out.stderr
+  assert out.returncode == 2, out.stderr
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("ablations: error: --study_notes=")
+  assert "cannot read it" in lines[0]
   assert not (tmp_path / "w" / "G").exists()  # nothing trained
