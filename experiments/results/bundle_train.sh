@@ -10,8 +10,12 @@
 # of the time, the DiT continuing from the bundle's weights.
 #   DIT_SECONDS=300 bash experiments/results/bundle_train.sh dit          # one DiT chunk (a
 #       2026-12-01 call with 360 s ran past 600 s on a cold machine: 44 s start-up, 44 s init
-#       and 70 s train-step compilation, then 75 s of evaluation; train_dit now runs under a
-#       timeout of DIT_SECONDS + DIT_SLACK (170 s) so the export always runs)
+#       and 70 s train-step compilation, then 75 s of evaluation). Training also stops and
+#       saves at a wall-clock deadline, DIT_RESERVE_S (150 s) before the call's end
+#       (CALL_START + DIT_CALL_S, 570 s), compilation included, so the evaluation and the
+#       export fit; the hard timeout at the call's end is only a backstop. (Round 5, same
+#       day: with the old timeout of DIT_SECONDS + 170 s alone, a slow start-up got the run
+#       killed mid-training, in an unfinished checkpoint save, twice losing steps.)
 #   DIT_SECONDS=300 EVAL=1 bash experiments/results/bundle_train.sh dit   # + evaluation
 #   INIT_BUNDLE=assets/moca-small bash experiments/results/bundle_train.sh data   # the split,
 #                                     # encoded with the bundle's VAE (no VAE training);
@@ -196,13 +200,17 @@ elif [ "$stage" = dit ]; then
   VAE_DIR=${VAE_DIR:-$(cat "$W/latents_vae.txt" 2>/dev/null || echo "$W/vae")}
   [ -f "$W/latents/manifest.json" ] || encode  # the data_vae call ran out of time
   DIT=$W/${DIT_NAME:-dit}  # DIT_NAME / DIT_EXTRA: another run on the same data (a probe)
-  # The checkpoint is saved when the time limit hits; the flow-loss evaluation after it can
-  # take 70 s (2026-12-01: three fresh compilations), so a hard timeout keeps the export
-  # below inside the call (on a cold compile cache start-up + compilation took 160 s).
-  timeout $(( ${DIT_SECONDS:-360} + ${DIT_SLACK:-170} )) \
+  # The checkpoint is saved when the time limit or the deadline hits, whichever is first;
+  # the flow-loss evaluation after it can take 70 s (2026-12-01: three fresh compilations)
+  # and the export 15 s, hence the deadline DIT_RESERVE_S before the call's end. The hard
+  # timeout (the call's end less 20 s for the export) is a backstop that should not fire.
+  deadline=$(( CALL_START + ${DIT_CALL_S:-570} - ${DIT_RESERVE_S:-150} ))
+  left=$(( CALL_START + ${DIT_CALL_S:-570} - 20 - $(date +%s) ))
+  timeout --kill-after=10 $(( left > 30 ? left : 30 )) \
     python3 -m experiments.train_dit --config=experiments/configs/dit.py:$DIT_CFG \
     --config.data.dir="$W/latents" --config.vae.workdir="$VAE_DIR" $DIT_FLAGS ${DIT_EXTRA:-} \
-    --workdir="$DIT" > "$OUT/logs/train_dit_$(date -u +%H%M).log" 2>&1
+    --config.stop_at_unix=$deadline --workdir="$DIT" \
+    > "$OUT/logs/train_dit_$(date -u +%H%M).log" 2>&1
   note "train_dit rc=$? $(last_line "$(ls -t "$OUT"/logs/train_dit_*.log | head -1)" 'train:')"
   evals=""
   if [ "${EVAL:-0}" = 1 ]; then
