@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 import trimesh
-from absl import app, flags
+from absl import flags
 
 from data_pipeline import loader, make, procedural
 from moca_jax import cli
@@ -189,4 +189,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=cli.parse_flags_or_exit)
+  cli.run(main)

@@ -27,7 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -263,4 +263,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=cli.parse_flags_or_exit)
+  cli.run(main)

@@ -167,9 +167,7 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=import-outside-toplevel
-
   from moca_jax import cli  # pylint: disable=import-outside-toplevel
 
   _define_flags()
-  app.run(main, flags_parser=cli.parse_flags_or_exit)
+  cli.run(main)

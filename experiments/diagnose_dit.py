@@ -36,7 +36,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -369,4 +369,4 @@ def main(argv) -> int:
 if __name__ == "__main__":
   logging.getLogger("jax").setLevel(logging.ERROR)  # no backend probing lines before errors
   define_flags()
-  app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags_or_exit)
+  cli.run(lambda argv: sys.exit(main(argv)))

@@ -340,4 +340,4 @@ def exit_code(generated: int, skipped: int) -> int:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=cli.parse_flags_or_exit)
+  cli.run(main)

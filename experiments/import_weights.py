@@ -20,7 +20,7 @@ import os
 import sys
 from typing import Optional
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from moca_jax import cli
 import ml_collections
@@ -105,4 +105,4 @@ def _define_flags():
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main, flags_parser=cli.parse_flags_or_exit)
+  cli.run(main)

@@ -69,4 +69,4 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main, flags_parser=parse_flags)
