@@ -53,7 +53,7 @@ def metric_keys(kind: str) -> tuple:
 
 
 def load_run(path: str) -> dict:
-  """One evaluate run: {'cfg', 'steps', 'source', 'machine', 'rows'} from <path>/metrics.json
+  """One evaluate run: {'cfg', 'steps', 'source', 'machine', 'rows', 'meta'} from <path>/metrics.json
   (or a metrics.json path). Raises ValueError naming the path when it is missing, unreadable
   or has no rows."""
   file = path if path.endswith(".json") else os.path.join(path, "metrics.json")
@@ -68,7 +68,7 @@ def load_run(path: str) -> dict:
     raise ValueError(f"{file}: no scored items or no CFG scale recorded")
   return {"cfg": float(meta["cfg"]), "steps": meta.get("steps"), "source": meta.get("source"),
           "machine": meta.get("machine"), "date": meta.get("date_utc"), "path": file,
-          "kind": doc.get("kind"), "rows": rows}
+          "kind": doc.get("kind"), "rows": rows, "meta": meta}
 
 
 def item_values(row: dict, kind: str = "object") -> Dict[str, float]:

@@ -1,0 +1,159 @@
+r"""Two or more models on the same held-out items, paired: which checkpoint is better, and by
+more than the item-to-item noise? (issue 17: a new training round ships only when it beats
+the bundled one on `val`).
+
+  python -m experiments.evaluate --checkpoint_dir=assets/moca-small --split=val \
+      --kind=object --limit=20 --image_size=112 --out_dir=outputs/val_old
+  python -m experiments.evaluate --checkpoint_dir=NEW_BUNDLE --split=val \
+      --kind=object --limit=20 --image_size=112 --out_dir=outputs/val_new
+  python -m experiments.compare_runs --runs=outputs/val_old,outputs/val_new \
+      --labels="round 4,round 5" --out=experiments/results/round5_val
+
+Reads each run's metrics.json (`moca_jax.evaluation.write_report`) and writes <out>.md and
+<out>.json: per run its checkpoint, the mean and median of each metric (Table 1's for
+objects, Table 2's for scenes; `experiments.cfg_sweep.METRICS`), the empty parts per item,
+and the mean paired difference to the reference run (the first, or --reference) over the
+same items with its standard error. Where `experiments.cfg_sweep` compares sampler settings
+of one checkpoint, this compares checkpoints under one sampler setting, so the runs must
+agree on the items, their kind and every sampling setting (CFG scale, steps, surface
+samples, seed, self-IoU grid). Nothing is measured here.
+Exit codes: 0 written; 2 a missing or unreadable run, fewer than two runs, labels that do not
+match the runs, or runs that differ in items, kind or sampling settings (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+from typing import List, Sequence
+
+from absl import app, flags
+
+from experiments import cfg_sweep
+from moca_jax import cli
+from moca_jax import io as mio
+
+# The evaluate settings that must agree for a comparison of checkpoints to be fair.
+SAMPLING_KEYS = ("cfg", "steps", "num_samples", "seed", "voxel_resolution", "object_frame")
+
+
+def check_comparable(runs: Sequence[dict]) -> str:
+  """The kind the runs share. Raises ValueError naming what differs: the kind, the items
+  (names, in order) or a `SAMPLING_KEYS` setting."""
+  if len(runs) < 2:
+    raise ValueError(f"compare needs at least two runs, got {len(runs)}")
+  kinds = {run["kind"] for run in runs}
+  if len(kinds) != 1:
+    raise ValueError("the runs scored different kinds of items: " + ", ".join(
+        f"{run['path']} ({run['kind']})" for run in runs))
+  first = [r["name"] for r in runs[0]["rows"]]
+  for run in runs[1:]:
+    if [r["name"] for r in run["rows"]] != first:
+      raise ValueError(f"{run['path']} scored other items than {runs[0]['path']}; evaluate "
+                       "every checkpoint on the same split, kind and --limit")
+  for key in SAMPLING_KEYS:
+    values = {repr(run["meta"].get(key)) for run in runs}
+    if len(values) > 1:
+      raise ValueError(f"the runs differ in the sampling setting {key!r} ("
+                       + ", ".join(f"{run['path']}: {run['meta'].get(key)!r}" for run in runs)
+                       + "); compare checkpoints under one setting")
+  return kinds.pop()
+
+
+def compare(runs: Sequence[dict], labels: Sequence[str], reference: str) -> dict:
+  """Per run (in the given order): means, medians and paired differences to the run
+  labelled `reference`. Raises ValueError (`check_comparable`, or labels that do not match
+  the runs one to one)."""
+  kind = check_comparable(runs)
+  if len(labels) != len(runs) or len(set(labels)) != len(labels):
+    raise ValueError(f"--labels must name each of the {len(runs)} runs once, got "
+                     f"{list(labels)}")
+  if reference not in labels:
+    raise ValueError(f"--reference {reference!r} is not one of the labels {list(labels)}")
+  keys = list(cfg_sweep.metric_keys(kind)) + ["empty_parts"]
+  values = [[cfg_sweep.item_values(row, kind) for row in run["rows"]] for run in runs]
+  ref_vals = values[labels.index(reference)]
+  out = []
+  for label, run, vals in zip(labels, runs, values):
+    entry = {"label": label, "checkpoint": run["meta"].get("checkpoint"),
+             "date_utc": run["date"], "run": run["path"]}
+    for k in keys:
+      column = [v[k] for v in vals]
+      entry[k] = sum(column) / len(column)
+      entry[f"{k}_median"] = statistics.median(column)
+      entry[f"{k}_diff"], entry[f"{k}_diff_se"] = cfg_sweep.paired(
+          column, [v[k] for v in ref_vals])
+    out.append(entry)
+  meta = runs[0]["meta"]
+  return {"kind": kind, "items": len(runs[0]["rows"]), "source": runs[0]["source"],
+          "machine": runs[0]["machine"], "reference": reference,
+          "sampling": {k: meta.get(k) for k in SAMPLING_KEYS}, "runs": out}
+
+
+def _cell(entry: dict, k: str, is_reference: bool) -> str:
+  digits = 2 if k == "empty_parts" else 4
+  value = f"{entry[k]:.{digits}f}"
+  if is_reference:
+    return value
+  return f"{value} ({entry[f'{k}_diff']:+.{digits}f} ± {entry[f'{k}_diff_se']:.{digits}f})"
+
+
+def markdown(doc: dict) -> str:
+  keys = list(cfg_sweep.metric_keys(doc["kind"])) + ["empty_parts"]
+  s = doc["sampling"]
+  lines = [
+      f"# Checkpoints compared ({doc['kind']}s, {doc['source']}, {doc['items']} items)",
+      "",
+      f"`experiments/compare_runs.py` over `experiments.evaluate` runs on the same items with "
+      f"the same sampler ({s['steps']} Euler steps, CFG {s['cfg']:g}, {s['num_samples']} "
+      f"surface samples, seed {s['seed']}; {doc['machine']}). In brackets: the mean paired "
+      f"difference to {doc['reference']} over the same items ± its standard error; a "
+      "difference within about two standard errors is item-to-item noise. Empty parts: "
+      "requested minus non-empty generated parts (instances for scenes), per item.",
+      "",
+      "| run | " + " | ".join(
+          f"{k} {'↓' if cfg_sweep.LOWER_IS_BETTER[k] else '↑'}" for k in keys) + " |",
+      "|---|" + "---|" * len(keys),
+  ]
+  for e in doc["runs"]:
+    lines.append(f"| {e['label']} | " + " | ".join(
+        _cell(e, k, e["label"] == doc["reference"]) for k in keys) + " |")
+  lines += ["", "Medians: " + "; ".join(
+      f"{e['label']} " + ", ".join(f"{k} {e[k + '_median']:.3f}" for k in keys[:2])
+      for e in doc["runs"]), "", "Checkpoints: " + "; ".join(
+          f"{e['label']} `{e['checkpoint']}`" for e in doc["runs"])]
+  return "\n".join(lines) + "\n"
+
+
+def define_flags() -> None:
+  flags.DEFINE_list("runs", None, "experiments.evaluate output folders (or metrics.json).")
+  flags.DEFINE_list("labels", None, "A name per run (default: the folder names).")
+  flags.DEFINE_string("reference", None, "The label the others are compared with "
+                      "(default: the first run's).")
+  flags.DEFINE_string("out", "outputs/compare_runs", "Output path stem (.md, .json).")
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+  f = flags.FLAGS
+  try:
+    if not f.runs:
+      raise ValueError("--runs is required (two or more evaluate output folders)")
+    runs = [cfg_sweep.load_run(p) for p in f.runs]
+    labels: List[str] = list(f.labels) if f.labels else [
+        os.path.basename(os.path.dirname(run["path"])) for run in runs]
+    doc = compare(runs, labels, f.reference or labels[0])
+  except ValueError as e:
+    print(f"compare_runs: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
+  mio.write_json(f.out + ".json", doc, indent=1)
+  mio.atomic_write_text(f.out + ".md", markdown(doc))
+  print(f"wrote {f.out}.md/.json")
+
+
+if __name__ == "__main__":
+  define_flags()
+  cli.run(main)

@@ -1,0 +1,88 @@
+"""experiments.compare_runs: checkpoints compared pairwise on the same held-out items; runs
+that are not comparable are refused with one line and exit 2."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import cfg_sweep, compare_runs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+META = {"cfg": 7.0, "steps": 50, "num_samples": 1000, "seed": 0, "voxel_resolution": 64,
+        "object_frame": "instance", "source": "split val", "machine": "test"}
+
+
+def _write_run(folder, cds, names=None, checkpoint="ckpt", **meta):
+  os.makedirs(folder, exist_ok=True)
+  names = names or [f"item{i}" for i in range(len(cds))]
+  rows = [{"name": n, "kind": "object", "cd": cd, "fscore@0.1": 1.0 - cd,
+           "fscore@0.05": 0.5 - cd / 2, "self_iou": 0.01, "num_parts_gt": 4.0,
+           "num_parts_pred": 3.0} for n, cd in zip(names, cds)]
+  doc = {"kind": "object", "rows": rows, "mean": {},
+         "meta": dict(META, checkpoint=checkpoint, **meta)}
+  with open(os.path.join(folder, "metrics.json"), "w") as f:
+    json.dump(doc, f)
+  return str(folder)
+
+
+def test_paired_differences_match_numpy(tmp_path):
+  old = np.array([0.30, 0.25, 0.40, 0.35])
+  new = np.array([0.28, 0.20, 0.41, 0.30])
+  runs = [cfg_sweep.load_run(_write_run(tmp_path / "a", old, checkpoint="old")),
+          cfg_sweep.load_run(_write_run(tmp_path / "b", new, checkpoint="new"))]
+  doc = compare_runs.compare(runs, ["old", "new"], "old")
+  ref, cand = doc["runs"]
+  d = new - old
+  assert cand["cd"] == pytest.approx(new.mean())
+  assert cand["cd_diff"] == pytest.approx(d.mean())
+  assert cand["cd_diff_se"] == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)))
+  assert cand["cd_median"] == pytest.approx(np.median(new))
+  assert cand["fscore@0.1_diff"] == pytest.approx(-d.mean())
+  assert ref["cd_diff"] == 0.0 and ref["checkpoint"] == "old" and cand["checkpoint"] == "new"
+  assert cand["empty_parts"] == pytest.approx(1.0)
+  text = compare_runs.markdown(doc)
+  assert f"{d.mean():+.4f} ± {d.std(ddof=1) / 2:.4f}" in text and "`new`" in text
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(names=["x0", "x1", "x2", "x3"]), "other items"),
+    (dict(cfg=3.0), "sampling setting 'cfg'"),
+    (dict(steps=25), "sampling setting 'steps'"),
+])
+def test_runs_that_differ_are_refused(tmp_path, change, reason):
+  names = change.pop("names", None)
+  a = cfg_sweep.load_run(_write_run(tmp_path / "a", [0.1] * 4))
+  b = cfg_sweep.load_run(_write_run(tmp_path / "b", [0.2] * 4, names=names, **change))
+  with pytest.raises(ValueError, match=reason):
+    compare_runs.compare([a, b], ["a", "b"], "a")
+
+
+def test_labels_must_match_the_runs(tmp_path):
+  a = cfg_sweep.load_run(_write_run(tmp_path / "a", [0.1] * 3))
+  b = cfg_sweep.load_run(_write_run(tmp_path / "b", [0.2] * 3))
+  for labels, ref in ((["a"], "a"), (["a", "a"], "a"), (["a", "b"], "c")):
+    with pytest.raises(ValueError):
+      compare_runs.compare([a, b], labels, ref)
+  with pytest.raises(ValueError, match="at least two runs"):
+    compare_runs.compare([a], ["a"], "a")
+
+
+def test_command_writes_the_table_and_refuses_a_missing_run(tmp_path):
+  a = _write_run(tmp_path / "a", [0.3, 0.2, 0.4])
+  b = _write_run(tmp_path / "b", [0.2, 0.2, 0.3])
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-m", "experiments.compare_runs", f"--runs={a},{b}",
+                        "--labels=old,new", f"--out={tmp_path / 'cmp'}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  doc = json.loads((tmp_path / "cmp.json").read_text())
+  assert [r["label"] for r in doc["runs"]] == ["old", "new"]
+  assert "| new | 0.2333 (-0.0667 ±" in (tmp_path / "cmp.md").read_text()
+  bad = subprocess.run([sys.executable, "-m", "experiments.compare_runs",
+                        f"--runs={a},{tmp_path / 'nope'}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nope" in bad.stderr
