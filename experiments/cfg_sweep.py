@@ -17,7 +17,8 @@ per item (requested minus non-empty generated parts or instances), and each metr
 paired difference to the reference setting over the same items with its standard error, so
 a reader sees whether a difference is larger than the item-to-item noise. Nothing is
 measured here. Exit 2 on a missing or unreadable run, runs over different items or kinds,
-or a reference CFG scale that no run has.
+runs of different model weights (the bundle fingerprint `experiments.evaluate` records), or
+a reference CFG scale that no run has.
 """
 
 from __future__ import annotations
@@ -94,7 +95,9 @@ def paired(a: Sequence[float], b: Sequence[float]) -> tuple:
 
 def summarize(runs: List[dict], reference_cfg: float) -> dict:
   """Per setting (sorted by CFG scale): means and paired differences to the reference run.
-  Raises ValueError when the runs scored different items or no run has `reference_cfg`."""
+  Raises ValueError when the runs scored different items, come from different bundles (their
+  meta.weights_sha256, `moca_jax.bundle.weights_sha256`, where every run records one) or no
+  run has `reference_cfg`."""
   paths = [run["path"] for run in runs]
   twice = sorted({p for p in paths if paths.count(p) > 1})
   if twice:
@@ -108,6 +111,11 @@ def summarize(runs: List[dict], reference_cfg: float) -> dict:
   if len(set(names)) != 1:
     raise ValueError("the runs scored different items; evaluate every setting on the same "
                      "split, kind and --limit")
+  prints = {run["meta"].get("weights_sha256") for run in runs}
+  if None not in prints and len(prints) > 1:  # runs older than the fingerprint are not checked
+    raise ValueError("the runs come from different model weights (bundle fingerprints: " + ", ".join(
+        f"{run['path']} {run['meta']['weights_sha256'][:12]}" for run in runs)
+        + "); a CFG sweep compares settings of one model (experiments.compare_runs compares models)")
   ref = [r for r in runs if r["cfg"] == reference_cfg]
   if not ref:
     raise ValueError(f"no run has the reference CFG scale {reference_cfg:g} (have "

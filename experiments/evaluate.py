@@ -37,7 +37,7 @@ import sys
 
 from absl import app, flags
 
-from moca_jax import cli
+from moca_jax import bundle, cli
 from moca_jax import evaluation as E
 from moca_jax import metrics as M
 from moca_jax import pipeline
@@ -149,6 +149,9 @@ def run(f) -> dict:
   meta = {
       "source": source,
       "checkpoint": f.checkpoint_dir,
+      # the same model under another path: cfg_sweep refuses runs whose fingerprints differ
+      "weights_sha256": (bundle.weights_sha256(f.checkpoint_dir)
+                         if f.checkpoint_dir and bundle.is_bundle(f.checkpoint_dir) else None),
       **sample,
       "seed": f.seed,
       "num_samples": f.num_samples,

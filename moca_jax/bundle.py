@@ -219,6 +219,16 @@ def _read_weights(folder: str, name: str, info: dict) -> bytes:
   return data
 
 
+def weights_sha256(folder: str) -> str:
+  """One fingerprint of a bundle's weights: the sha256 over its weight files' recorded
+  sha256s (name-sorted), the same for a copy of the bundle wherever it lies. Lets a report
+  tell whether two runs used the same model when their paths differ. Raises like
+  `read_info`."""
+  files = read_info(folder)["files"]
+  joined = "".join(f"{name}:{files[name]['sha256']};" for name in sorted(files))
+  return _sha256(joined.encode())
+
+
 def read_bundle(folder: str) -> Bundle:
   """Loads a bundle folder: configs and float32 params, checked against each other.
 

@@ -11,17 +11,17 @@ import pytest
 from experiments import cfg_sweep as cs
 
 
-def _run(tmp_path, cfg, cds, names=None):
+def _run(tmp_path, cfg, cds, names=None, weights=None, folder=None):
   names = names or [f"item{i}" for i in range(len(cds))]
   rows = [{"name": n, "cd": cd, "fscore@0.1": 1 - cd, "fscore@0.05": 0.5 - cd / 2,
            "self_iou": 0.01, "num_parts_gt": 4, "num_parts_pred": 4 - (cd > 0.5)}
           for n, cd in zip(names, cds)]
-  d = tmp_path / f"cfg{cfg:g}"
+  d = tmp_path / (folder or f"cfg{cfg:g}")
   d.mkdir()
   (d / "metrics.json").write_text(json.dumps({
       "kind": "object", "rows": rows,
       "meta": {"cfg": cfg, "steps": 50, "source": "split val", "machine": "m",
-               "date_utc": "d"}}))
+               "date_utc": "d", "weights_sha256": weights}}))
   return str(d)
 
 
@@ -105,3 +105,14 @@ def test_a_run_without_counts_shows_no_empty_parts(tmp_path):
   out = cs.summarize([cs.load_run(path)], 7.0)
   assert math.isnan(out["settings"][0]["empty_parts"])
   assert cs.markdown(out).splitlines()[6].endswith("| - |")
+
+
+def test_runs_of_different_weights_are_refused(tmp_path):
+  a = cs.load_run(_run(tmp_path, 7.0, [0.2, 0.4], weights="aaa"))
+  same = cs.load_run(_run(tmp_path, 3.0, [0.3, 0.4], weights="aaa"))
+  other = cs.load_run(_run(tmp_path, 5.0, [0.3, 0.4], weights="bbb"))
+  unknown = cs.load_run(_run(tmp_path, 10.0, [0.3, 0.4]))  # a run older than the fingerprint
+  assert len(cs.summarize([a, same], 7.0)["settings"]) == 2
+  assert len(cs.summarize([a, other, unknown], 7.0)["settings"]) == 3
+  with pytest.raises(ValueError, match="different model weights"):
+    cs.summarize([a, same, other], 7.0)
