@@ -35,7 +35,8 @@ from moca_jax import cli
 from moca_jax import io as mio
 
 # The evaluate settings that must agree for a comparison of checkpoints to be fair.
-SAMPLING_KEYS = ("cfg", "steps", "num_samples", "seed", "voxel_resolution", "object_frame")
+SAMPLING_KEYS = ("cfg", "cfg_interval", "steps", "num_samples", "seed", "voxel_resolution",
+                 "object_frame")
 
 
 def check_comparable(runs: Sequence[dict]) -> str:

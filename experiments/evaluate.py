@@ -63,6 +63,12 @@ def define_flags() -> None:
       "scene_cfg_scale where set).",
   )
   flags.DEFINE_list(
+      "cfg_interval",
+      None,
+      "lo,hi: guidance only at flow times lo <= t <= hi (t = 1 is noise), the conditional "
+      "pass alone elsewhere (default: the checkpoint config's, else every step).",
+  )
+  flags.DEFINE_list(
       "component_buckets",
       None,
       "Component counts padded up to the next of these for sampling and decoding (padding "
@@ -122,14 +128,18 @@ def run(f) -> dict:
     if f.component_buckets is not None:
       pipe.component_buckets = tuple(int(k) for k in f.component_buckets)
     resolved = pipeline.check_sample_settings(
-        pipe.sample_settings(f.kind, steps=f.steps, cfg_scale=f.cfg)
+        pipe.sample_settings(f.kind, steps=f.steps, cfg_scale=f.cfg,
+                             cfg_interval=f.cfg_interval or None)
     )
     if f.num_components is not None:
       guidance = None if resolved["cfg_scale"] == 1.0 else resolved["cfg_scale"]
       pipe.check_num_components(f.num_components, guidance)
     sample = {"steps": resolved["steps"], "cfg": resolved["cfg_scale"]}
+    if resolved["cfg_interval"] is not None:
+      sample["cfg_interval"] = list(resolved["cfg_interval"])
     predict = E.pipeline_predict_fn(
-        f.checkpoint_dir, f.steps, f.cfg, f.seed, f.num_components, pipe=pipe
+        f.checkpoint_dir, f.steps, f.cfg, f.seed, f.num_components, pipe=pipe,
+        cfg_interval=resolved["cfg_interval"],
     )
     method = f.method
   settings = E.MetricSettings(

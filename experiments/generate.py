@@ -106,6 +106,7 @@ def run(
     allow_empty: bool = False,
     force_components: bool = False,
     kind: Optional[str] = None,
+    cfg_interval: Optional[tuple] = None,
 ) -> dict:
   """The CLI as a function: one image file or a folder of images. Returns the summary.
 
@@ -125,7 +126,7 @@ def run(
     raise ValueError(f"batch_size={batch_size}: must be >= 1")
   if resolution < 8:
     raise ValueError(f"resolution={resolution}: must be >= 8")
-  given = {"steps": steps, "cfg_scale": cfg, "method": method}
+  given = {"steps": steps, "cfg_scale": cfg, "method": method, "cfg_interval": cfg_interval}
   pipeline.check_sample_settings(  # the flags given, before the checkpoint is read
       {**pipeline.SAMPLE_DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
   )
@@ -148,7 +149,8 @@ def run(
   )
   kind = kind or ("scene" if masks else "object")
   settings = pipeline.check_sample_settings(
-      pipe.sample_settings(kind, steps=steps, cfg_scale=cfg, method=method)
+      pipe.sample_settings(kind, steps=steps, cfg_scale=cfg, method=method,
+                           cfg_interval=cfg_interval)
   )
   pipe.check_num_components(
       num_components,
@@ -161,6 +163,7 @@ def run(
       "num_components": num_components,
       "steps": settings["steps"],
       "cfg": settings["cfg_scale"],
+      "cfg_interval": settings["cfg_interval"],
       "kind": kind,
       "method": settings["method"],
       "seed": seed,
@@ -196,6 +199,7 @@ def run(
         steps=settings["steps"],
         cfg_scale=settings["cfg_scale"],
         method=settings["method"],
+        cfg_interval=settings["cfg_interval"],
         seed=seed + start,
         allow_empty=allow_empty,
         force=force_components,
@@ -266,6 +270,13 @@ def define_flags() -> None:
   flags.DEFINE_string(
       "method", None, "ODE solver, euler or heun (default: the checkpoint's config)."
   )
+  flags.DEFINE_list(
+      "cfg_interval",
+      None,
+      "lo,hi: guidance only at flow times lo <= t <= hi (t = 1 is noise), the conditional "
+      "pass alone elsewhere, which is cheaper (default: the checkpoint's config, else every "
+      "step).",
+  )
   flags.DEFINE_string("vae", None, "VAE workdir (default: the one in the checkpoint config).")
   flags.DEFINE_integer("resolution", 128, "Marching-cubes grid resolution per axis.")
   flags.DEFINE_integer("batch_size", 4, "Images per sampling batch in folder mode.")
@@ -310,6 +321,7 @@ def main(argv) -> int:
         allow_empty=f.allow_empty,
         force_components=f.force_components,
         kind=f.kind,
+        cfg_interval=f.cfg_interval or None,
     )
   except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
     print(f"generate: error: {e}", file=sys.stderr)

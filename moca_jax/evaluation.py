@@ -207,6 +207,7 @@ def pipeline_predict_fn(
     num_components: Optional[int] = None,
     pipe=None,
     on_result: Optional[Callable] = None,
+    cfg_interval: Optional[tuple] = None,
 ) -> PredictFn:
   """Wraps `moca_jax.pipeline.Pipeline` as predict_fn(item) -> predicted parts.
 
@@ -217,7 +218,8 @@ def pipeline_predict_fn(
   is generated anyway, `Pipeline.check_num_components` with force). Scenes pass the instance masks as an id image
   [1, H, W]; the pipeline rejects a mask where an instance is not visible at all (the
   item is then skipped and reported). steps / cfg default to the checkpoint's
-  config.sample (a scene: its scene_cfg_scale where set). `pipe`: an already loaded pipeline (tests, the demo). `on_result(item,
+  config.sample (a scene: its scene_cfg_scale where set); cfg_interval (guidance only at
+  flow times lo <= t <= hi, `moca_jax.flow.sample_ode`) too. `pipe`: an already loaded pipeline (tests, the demo). `on_result(item,
   output)` is called with every PipelineOutput (the demo writes files with it). The
   routing maps of the last call are kept in predict_fn.last_routing.
   """
@@ -248,6 +250,7 @@ def pipeline_predict_fn(
         seed=seed,
         force=num_components is None,
         kind=item.kind,
+        cfg_interval=cfg_interval,
     )
     if on_result is not None:
       on_result(item, res)

@@ -62,7 +62,8 @@ DEFAULT_BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
                               "assets", "moca-small")
 
 # Sampling settings used when neither the call nor the checkpoint's config.sample gives one.
-SAMPLE_DEFAULTS = {"steps": 50, "cfg_scale": 7.0, "method": "euler", "time_shift": 1.0}
+SAMPLE_DEFAULTS = {"steps": 50, "cfg_scale": 7.0, "method": "euler", "time_shift": 1.0,
+                   "cfg_interval": None}
 
 
 # ----------------------------------------------------------------------------------------
@@ -98,7 +99,9 @@ def check_sample_settings(settings: dict) -> dict:
   """Validates resolved sampling settings before any work; returns them typed.
 
   steps: integer >= 1; cfg_scale: finite and >= 0 (1 = conditional only, 0 = unconditional);
-  method: 'euler' or 'heun'; time_shift: finite and > 0. Raises ValueError naming the field.
+  method: 'euler' or 'heun'; time_shift: finite and > 0; cfg_interval: None or (lo, hi)
+  with 0 <= lo <= hi <= 1 (`flow.check_cfg_interval`; guidance only at those flow times).
+  Raises ValueError naming the field.
   """
   steps, cfg, method, shift = (
       settings["steps"],
@@ -114,7 +117,9 @@ def check_sample_settings(settings: dict) -> dict:
     raise ValueError(f"method={method!r}: must be 'euler' or 'heun'")
   if not np.isfinite(float(shift)) or float(shift) <= 0:
     raise ValueError(f"time_shift={shift!r}: must be a finite number > 0")
-  return {"steps": int(steps), "cfg_scale": float(cfg), "method": method, "time_shift": float(shift)}
+  interval = flow.check_cfg_interval(settings.get("cfg_interval"))
+  return {"steps": int(steps), "cfg_scale": float(cfg), "method": method,
+          "time_shift": float(shift), "cfg_interval": interval}
 
 
 def sample_latents(
@@ -131,6 +136,7 @@ def sample_latents(
     time_shift: float = 1.0,
     return_routing: bool = True,
     noise: Optional[Array] = None,
+    cfg_interval: Optional[tuple] = None,
 ) -> tuple[Array, dict]:
   """Generates component latents for preprocessed images.
 
@@ -187,6 +193,7 @@ def sample_latents(
       method=method,
       cfg_scale=cfg_scale,
       time_shift=time_shift,
+      cfg_interval=cfg_interval,
   )
   routing = {}
   if return_routing:
@@ -428,7 +435,8 @@ class Pipeline:
     self.component_buckets = tuple(component_buckets)
     self._sample = jax.jit(
         functools.partial(sample_latents, self.model),
-        static_argnames=("num_components", "steps", "method", "time_shift", "return_routing"),
+        static_argnames=("num_components", "steps", "method", "time_shift", "return_routing",
+                         "cfg_interval"),
     )
 
   # --- properties of the checkpoint ---------------------------------------------------
@@ -596,6 +604,7 @@ class Pipeline:
       allow_empty: bool = False,
       force: bool = False,
       kind: Optional[str] = None,
+      cfg_interval: Optional[tuple] = None,
   ) -> tuple[np.ndarray, dict]:
     """Images -> (latents [B, N, L, C], routing) as numpy (see `sample_latents`).
 
@@ -614,7 +623,8 @@ class Pipeline:
     if kind is None:
       kind = "object" if masks is None else "scene"
     s = check_sample_settings(
-        self.sample_settings(kind, steps=steps, cfg_scale=cfg_scale, method=method)
+        self.sample_settings(kind, steps=steps, cfg_scale=cfg_scale, method=method,
+                             cfg_interval=cfg_interval)
     )
     guidance = None if s["cfg_scale"] == 1.0 else s["cfg_scale"]
     self.check_num_components(num_components, guidance, force)
@@ -642,6 +652,7 @@ class Pipeline:
               cfg_scale=None if guidance is None else jnp.float32(guidance),
               method=s["method"],
               time_shift=s["time_shift"],
+              cfg_interval=s["cfg_interval"],
               return_routing=True,
               noise=jnp.asarray(pad_components(self.initial_noise(key, b, n), n_pad)),
           )
@@ -696,6 +707,7 @@ class Pipeline:
       force: bool = False,
       strict: bool = True,
       kind: Optional[str] = None,
+      cfg_interval: Optional[tuple] = None,
   ) -> PipelineOutput:
     """Image(s) -> PipelineOutput(latents [B, N, L, C], meshes [B][N], routing, errors).
 
@@ -721,6 +733,7 @@ class Pipeline:
         allow_empty=allow_empty,
         force=force,
         kind=kind,
+        cfg_interval=cfg_interval,
     )
     finite = np.isfinite(z).reshape(z.shape[0], -1).all(axis=1)
     errors = {

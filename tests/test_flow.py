@@ -210,3 +210,37 @@ def test_trajectory_ends_at_the_sample(method):
       t = jnp.full((4,), grid[i])
       np.testing.assert_allclose(traj[i], prev[i] + (grid[i + 1] - grid[i]) * vel(prev[i], t, None),
                                  atol=1e-6)
+
+
+def _interval_reference(x1, cond, steps, scale, lo, hi):
+  """Euler from t = 1 to 0 in numpy: guided velocity where lo <= t <= hi, else conditional."""
+  grid = np.asarray(flow.rectified_flow_sigmas(steps))
+  x, cond = np.asarray(x1, np.float64), np.asarray(cond, np.float64)
+  for t, t_next in zip(grid[:-1], grid[1:]):
+    v_c = 0.3 * x * t + cond[:, None, :]
+    v_u = 0.3 * x * t  # the null condition is zeros
+    v = v_u + scale * (v_c - v_u) if lo <= t <= hi else v_c
+    x = x + (t_next - t) * v
+  return x
+
+
+@pytest.mark.parametrize("lo, hi", [(0.0, 1.0), (0.8, 1.0), (0.0, 0.5), (0.3, 0.6), (1.0, 1.0)])
+def test_cfg_interval_guides_only_inside_it(lo, hi):
+  x1 = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 2))
+  cond = jax.random.normal(jax.random.PRNGKey(1), (2, 2))
+  got = jax.jit(lambda x, s: flow.sample_ode(_cond_velocity, x, cond, steps=10, cfg_scale=s,
+                                             cfg_interval=(lo, hi)))(x1, 5.0)
+  np.testing.assert_allclose(got, _interval_reference(x1, cond, 10, 5.0, lo, hi), atol=1e-4)
+  if (lo, hi) == (0.0, 1.0):  # the whole range is plain CFG
+    plain = flow.sample_ode(_cond_velocity, x1, cond, steps=10, cfg_scale=5.0)
+    np.testing.assert_allclose(got, plain, atol=1e-6)
+  else:  # and a real interval changes the result
+    assert not np.allclose(got, _interval_reference(x1, cond, 10, 5.0, 0.0, 1.0), atol=1e-3)
+
+
+@pytest.mark.parametrize("bad", [(0.5, 0.2), (-0.1, 0.5), (0.2, 1.5), (0.1,), "a,b",
+                                 (float("nan"), 1.0)])
+def test_bad_cfg_interval_raises(bad):
+  with pytest.raises(ValueError, match="cfg_interval"):
+    flow.sample_ode(_cond_velocity, jnp.zeros((1, 1, 2)), jnp.zeros((1, 2)), steps=2,
+                    cfg_scale=3.0, cfg_interval=bad)
