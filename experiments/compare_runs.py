@@ -1,6 +1,6 @@
-r"""Two or more models on the same held-out items, paired: which checkpoint is better, and by
-more than the item-to-item noise? (issue 17: a new training round ships only when it beats
-the bundled one on `val`).
+r"""Two or more evaluate runs on the same held-out items, paired: which checkpoint or sampler
+setting is better, and by more than the item-to-item noise? (issue 17: a new training round
+ships only when it beats the bundled one on `val`; a sampler setting is chosen there too).
 
   python -m experiments.evaluate --checkpoint_dir=assets/moca-small --split=val \
       --kind=object --limit=20 --image_size=112 --out_dir=outputs/val_old
@@ -13,12 +13,14 @@ Reads each run's metrics.json (`moca_jax.evaluation.write_report`) and writes <o
 <out>.json: per run its checkpoint, the mean and median of each metric (Table 1's for
 objects, Table 2's for scenes; `experiments.cfg_sweep.METRICS`), the empty parts per item,
 and the mean paired difference to the reference run (the first, or --reference) over the
-same items with its standard error. Where `experiments.cfg_sweep` compares sampler settings
-of one checkpoint, this compares checkpoints under one sampler setting, so the runs must
-agree on the items, their kind and every sampling setting (CFG scale, steps, surface
-samples, seed, self-IoU grid). Nothing is measured here.
+same items with its standard error. The runs must agree on the items and their kind; the
+sampling settings in which they differ (`SAMPLING_KEYS`: CFG scale and interval, steps,
+surface samples, seed, self-IoU grid) and their model weights (the bundle fingerprint
+`experiments.evaluate` records) are listed per run, so a table never hides what changed.
+(`experiments.cfg_sweep` is the special case of one model across CFG scales.) Nothing is
+measured here.
 Exit codes: 0 written; 2 a missing or unreadable run, fewer than two runs, labels that do not
-match the runs, or runs that differ in items, kind or sampling settings (one line on stderr).
+match the runs, or runs that differ in items or kind (one line on stderr).
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ SAMPLING_KEYS = ("cfg", "cfg_interval", "steps", "num_samples", "seed", "voxel_r
 
 
 def check_comparable(runs: Sequence[dict]) -> str:
-  """The kind the runs share. Raises ValueError naming what differs: the kind, the items
-  (names, in order) or a `SAMPLING_KEYS` setting."""
+  """The kind the runs share. Raises ValueError naming what differs: the kind or the items
+  (names, in order)."""
   if len(runs) < 2:
     raise ValueError(f"compare needs at least two runs, got {len(runs)}")
   kinds = {run["kind"] for run in runs}
@@ -53,13 +55,13 @@ def check_comparable(runs: Sequence[dict]) -> str:
     if [r["name"] for r in run["rows"]] != first:
       raise ValueError(f"{run['path']} scored other items than {runs[0]['path']}; evaluate "
                        "every checkpoint on the same split, kind and --limit")
-  for key in SAMPLING_KEYS:
-    values = {repr(run["meta"].get(key)) for run in runs}
-    if len(values) > 1:
-      raise ValueError(f"the runs differ in the sampling setting {key!r} ("
-                       + ", ".join(f"{run['path']}: {run['meta'].get(key)!r}" for run in runs)
-                       + "); compare checkpoints under one setting")
   return kinds.pop()
+
+
+def differing_settings(runs: Sequence[dict]) -> List[str]:
+  """The `SAMPLING_KEYS` (and 'weights_sha256') whose values are not the same in all runs."""
+  return [k for k in SAMPLING_KEYS + ("weights_sha256",)
+          if len({repr(run["meta"].get(k)) for run in runs}) > 1]
 
 
 def compare(runs: Sequence[dict], labels: Sequence[str], reference: str) -> dict:
@@ -75,10 +77,12 @@ def compare(runs: Sequence[dict], labels: Sequence[str], reference: str) -> dict
   keys = list(cfg_sweep.metric_keys(kind)) + ["empty_parts"]
   values = [[cfg_sweep.item_values(row, kind) for row in run["rows"]] for run in runs]
   ref_vals = values[labels.index(reference)]
+  differ = differing_settings(runs)
   out = []
   for label, run, vals in zip(labels, runs, values):
     entry = {"label": label, "checkpoint": run["meta"].get("checkpoint"),
-             "date_utc": run["date"], "run": run["path"]}
+             "date_utc": run["date"], "run": run["path"],
+             "differs": {k: run["meta"].get(k) for k in differ}}
     for k in keys:
       column = [v[k] for v in vals]
       entry[k] = sum(column) / len(column)
@@ -88,8 +92,8 @@ def compare(runs: Sequence[dict], labels: Sequence[str], reference: str) -> dict
     out.append(entry)
   meta = runs[0]["meta"]
   return {"kind": kind, "items": len(runs[0]["rows"]), "source": runs[0]["source"],
-          "machine": runs[0]["machine"], "reference": reference,
-          "sampling": {k: meta.get(k) for k in SAMPLING_KEYS}, "runs": out}
+          "machine": runs[0]["machine"], "reference": reference, "differs": differ,
+          "sampling": {k: meta.get(k) for k in SAMPLING_KEYS if k not in differ}, "runs": out}
 
 
 def _cell(entry: dict, k: str, is_reference: bool) -> str:
@@ -100,25 +104,40 @@ def _cell(entry: dict, k: str, is_reference: bool) -> str:
   return f"{value} ({entry[f'{k}_diff']:+.{digits}f} ± {entry[f'{k}_diff_se']:.{digits}f})"
 
 
+def _setting_line(settings: dict) -> str:
+  names = {"steps": "Euler steps", "cfg": "CFG", "cfg_interval": "CFG interval",
+           "num_samples": "surface samples", "seed": "seed", "voxel_resolution": "self-IoU grid",
+           "object_frame": "object frame", "weights_sha256": "weights"}
+  def value(k, v):
+    if k == "cfg_interval" and v is None:
+      return "every step"
+    if k == "weights_sha256" and v:
+      return str(v)[:12]
+    return f"{v:g}" if isinstance(v, float) else str(v)
+  return ", ".join(f"{names.get(k, k)} {value(k, v)}" for k, v in settings.items())
+
+
 def markdown(doc: dict) -> str:
   keys = list(cfg_sweep.metric_keys(doc["kind"])) + ["empty_parts"]
-  s = doc["sampling"]
+  differ = doc["differs"]
   lines = [
-      f"# Checkpoints compared ({doc['kind']}s, {doc['source']}, {doc['items']} items)",
+      f"# Evaluate runs compared ({doc['kind']}s, {doc['source']}, {doc['items']} items)",
       "",
-      f"`experiments/compare_runs.py` over `experiments.evaluate` runs on the same items with "
-      f"the same sampler ({s['steps']} Euler steps, CFG {s['cfg']:g}, {s['num_samples']} "
-      f"surface samples, seed {s['seed']}; {doc['machine']}). In brackets: the mean paired "
-      f"difference to {doc['reference']} over the same items ± its standard error; a "
-      "difference within about two standard errors is item-to-item noise. Empty parts: "
-      "requested minus non-empty generated parts (instances for scenes), per item.",
+      f"`experiments/compare_runs.py` over `experiments.evaluate` runs on the same items "
+      f"({doc['machine']}). Shared settings: {_setting_line(doc['sampling'])}. In brackets: "
+      f"the mean paired difference to {doc['reference']} over the same items ± its standard "
+      "error; a difference within about two standard errors is item-to-item noise. Empty "
+      "parts: requested minus non-empty generated parts (instances for scenes), per item.",
       "",
-      "| run | " + " | ".join(
+      "| run | " + "".join(f"{k} | " for k in differ) + " | ".join(
           f"{k} {'↓' if cfg_sweep.LOWER_IS_BETTER[k] else '↑'}" for k in keys) + " |",
-      "|---|" + "---|" * len(keys),
+      "|---|" + "---|" * (len(differ) + len(keys)),
   ]
   for e in doc["runs"]:
-    lines.append(f"| {e['label']} | " + " | ".join(
+    shown = [_setting_line({k: e["differs"][k]}).split(" ", 1)[-1] if k != "cfg_interval"
+             else ("every step" if e["differs"][k] is None else str(e["differs"][k]))
+             for k in differ]
+    lines.append(f"| {e['label']} | " + "".join(f"{v} | " for v in shown) + " | ".join(
         _cell(e, k, e["label"] == doc["reference"]) for k in keys) + " |")
   lines += ["", "Medians: " + "; ".join(
       f"{e['label']} " + ", ".join(f"{k} {e[k + '_median']:.3f}" for k in keys[:2])
