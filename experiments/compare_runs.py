@@ -111,8 +111,8 @@ def _setting_line(settings: dict) -> str:
   def value(k, v):
     if k == "cfg_interval" and v is None:
       return "every step"
-    if k == "weights_sha256" and v:
-      return str(v)[:12]
+    if k == "weights_sha256":
+      return str(v)[:12] if v else "not recorded"
     return f"{v:g}" if isinstance(v, float) else str(v)
   return ", ".join(f"{names.get(k, k)} {value(k, v)}" for k, v in settings.items())
 
