@@ -115,6 +115,7 @@ def _check_pipeline_is_seeded_and_takes_any_image_form(checkpoints):
       "cfg_scale": 2.0,
       "method": "euler",
       "time_shift": 1.0,
+      "cfg_interval": None,
   }
   # A scene default (config.sample.scene_cfg_scale) applies to kind='scene' only; an
   # explicit scale still wins, and a checkpoint without one keeps its scale for scenes.
@@ -437,7 +438,7 @@ def test_component_padding_changes_nothing(checkpoints):
   unmasked, _ = padded._sample(  # the compiled sampler above, the mask all True
       padded.params, prepared, key, num_components=4, component_mask=jnp.ones((1, 4), bool),
       steps=STEPS, cfg_scale=jnp.float32(2.0), method="euler", time_shift=1.0,
-      return_routing=True, noise=jnp.asarray(noise))
+      cfg_interval=None, return_routing=True, noise=jnp.asarray(noise))
   assert padded._sample._cache_size() == 1
   assert not np.allclose(np.asarray(unmasked)[:, :N], z1, atol=1e-3)
   # Decoding: a padded batch (zero latents, not meshed) gives the same meshes.
