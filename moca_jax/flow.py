@@ -256,7 +256,7 @@ def sample_ode(velocity_fn: VelocityFn, x1: Array, cond: Any, *, steps: int = 50
   """
   if method not in ("euler", "heun"):
     raise ValueError(f"sample_ode: method must be 'euler' or 'heun', got {method!r}")
-  check_cfg_interval(cfg_interval)
+  interval = check_cfg_interval(cfg_interval)
   fn = velocity_fn if cfg_scale is None else cfg_velocity(velocity_fn, cfg_scale)
   grid = time_grid(steps, time_shift)
   batch = x1.shape[0]
@@ -266,9 +266,9 @@ def sample_ode(velocity_fn: VelocityFn, x1: Array, cond: Any, *, steps: int = 50
 
   def vel(x, t):
     v = lambda x, t: fn(x, jnp.full((batch,), t, jnp.float32), cond).astype(jnp.float32)
-    if cfg_scale is None or cfg_interval is None:
+    if cfg_scale is None or interval is None:
       return v(x, t)
-    lo, hi = cfg_interval
+    lo, hi = interval
     return jax.lax.cond((t >= lo) & (t <= hi), v, plain, x, t)
 
   def step(x, ts):
