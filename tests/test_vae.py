@@ -1,4 +1,6 @@
 """Vecset VAE: shapes, order invariance, chunked decoding, losses, overfitting two shapes."""
+import functools
+
 import chex
 import flax
 import jax
@@ -189,7 +191,7 @@ def test_tiny_vae_overfits_a_box_and_a_sphere():
   c = get_config("tiny")
   c.num_steps, c.learning_rate, c.warmup_steps = 800, 3e-3, 100
   c.model.sample_posterior = False  # memorise two shapes: no posterior noise ...
-  c.model.train_random_fps = False  # ... and no FPS noise (IoU >= 0.95 seen with 2 seeds)
+  c.model.train_random_fps = False  # ... and no FPS noise (IoU >= 0.94 with 3 seeds)
   rot = primitives.random_rotation(np.random.default_rng(3))
   shapes = [primitives.Sphere(radius=0.6, translation=(0.05, -0.1, 0.0)),
             primitives.Box(half_extents=(0.55, 0.5, 0.45), rotation=rot)]
@@ -204,8 +206,17 @@ def test_tiny_vae_overfits_a_box_and_a_sphere():
   tx = train_lib.make_optimizer(c.optim)
   spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_batch(256, 128))
   state, setup = train_lib.create_train_state(init_fn, tx, spec, jax.random.PRNGKey(0), mesh)
-  step, _ = train_lib.compile_train_step(loss_fn, tx, train_lib.make_schedule(c.optim),
-                                         c.optim.ema_decay, setup, spec, mesh)
+  # The real step (train_lib.train_step), jitted and compiled ahead of time as
+  # compile_train_step does (1 device: no shardings to give), but with XLA's CPU
+  # optimisations on: the suite turns them off (conftest) because it compiles many small
+  # programs and runs each a few times; this one runs 800 times, and runs 2x faster
+  # optimised (train loop 61 s -> 30 s on 2 cores, for ~4 s more compilation).
+  step = jax.jit(
+      functools.partial(train_lib.train_step, loss_fn=loss_fn, tx=tx,
+                        schedule=train_lib.make_schedule(c.optim), ema_decay=c.optim.ema_decay),
+      donate_argnums=(0,),
+  ).lower(setup.abstract_state, spec, jax.ShapeDtypeStruct((2,), jnp.uint32)).compile(
+      compiler_options={"xla_backend_optimization_level": 2})
   for _ in range(c.num_steps):
     state, metrics = step(state, make_batch(256, 128), jax.random.PRNGKey(1))
   assert float(metrics["near_l1"]) < 0.03
