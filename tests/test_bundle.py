@@ -2,34 +2,19 @@
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
 
-from experiments.configs import dit as dit_configs
-from experiments.configs import vae as vae_configs
-from moca_jax import bundle, dit_task, pipeline, vae_task
-
-
-def _tiny_models():
-  dit_config = dit_configs.get_config("tiny")
-  vae_config = vae_configs.get_config("tiny")
-  s = dit_config.model.encoder.image_size
-  d = dit_config.model.dit
-  batch = {"images": np.zeros((1, s, s, 3), np.uint8),
-           "latents": np.zeros((1, 2, d.latent_tokens, d.latent_channels), np.float32),
-           "component_mask": np.ones((1, 2), bool)}
-  dit_params = dit_task.make_task(dit_config).init_fn(jax.random.PRNGKey(0), batch)["params"]
-  model, _ = vae_task.abstract_params(vae_config)
-  vae_params = model.init(*vae_task.init_args(model, jax.random.PRNGKey(1)))["params"]
-  unbox = lambda t: jax.tree.map(np.asarray, __import__("flax").linen.meta.unbox(t))
-  return dit_config, unbox(dit_params), vae_config, unbox(vae_params)
+from moca_jax import bundle, pipeline, vae_task
+from test_demo import _tiny_models
 
 
 @pytest.fixture(scope="module")
 def models():
+  """Untrained tiny DiT and VAE params: test_demo's (jitted inits, made once per process;
+  the eager inits took 30-60 s of this module's setup on 2 cores)."""
   return _tiny_models()
 
 
