@@ -58,9 +58,12 @@ def tiny_bundle(tmp_path_factory):
       "component_mask": np.ones((1, 2), bool),
   }
   unbox = lambda t: jax.tree.map(np.asarray, __import__("flax").linen.meta.unbox(t))
-  dit_params = dit_task.make_task(dit_config).init_fn(jax.random.PRNGKey(123), batch)["params"]
+  # inits jitted (eager Flax is slow on CPU: this fixture took ~30 s on 2 cores)
+  dit_params = jax.jit(dit_task.make_task(dit_config).init_fn)(jax.random.PRNGKey(123), batch)[
+      "params"
+  ]
   model, _ = vae_task.abstract_params(vae_config)
-  vae_params = model.init(*vae_task.init_args(model, jax.random.PRNGKey(321)))["params"]
+  vae_params = jax.jit(model.init)(*vae_task.init_args(model, jax.random.PRNGKey(321)))["params"]
   folder = str(tmp_path_factory.mktemp("bundle"))
   bundle.write_bundle(folder, dit_config, unbox(dit_params), vae_config, unbox(vae_params))
   return folder
@@ -170,7 +173,7 @@ def test_dit_warm_start_keeps_the_bundles_latent_norm(tmp_path):
   folder = str(tmp_path / "b")
   vae_config = _vae_config()
   model, _ = vae_task.abstract_params(vae_config)
-  vae_params = model.init(*vae_task.init_args(model, jax.random.PRNGKey(0)))["params"]
+  vae_params = jax.jit(model.init)(*vae_task.init_args(model, jax.random.PRNGKey(0)))["params"]
   params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), dit_task.abstract_params(c))
   unbox = lambda t: jax.tree.map(np.asarray, __import__("flax").linen.meta.unbox(t))
   bundle.write_bundle(folder, c, params, vae_config, unbox(vae_params))
