@@ -148,7 +148,9 @@ def test_dit_loss_diffuses_normalised_latents():
   batch = dit_task.model_batch(next(dit_task.make_iterator_fn(raw)()))
   _, init_fn, loss_raw = dit_task.make_task(raw)
   _, _, loss_normed = dit_task.make_task(normed)
-  params = init_fn(jax.random.PRNGKey(0), batch)["params"]
+  # jitted (eager Flax is slow on CPU); loss_raw: one program for both batches
+  params = jax.jit(init_fn)(jax.random.PRNGKey(0), batch)["params"]
+  loss_raw, loss_normed = jax.jit(loss_raw), jax.jit(loss_normed)
   rng = jax.random.PRNGKey(5)
   moved = dict(batch, latents=np.asarray(latent_norm.normalize(batch["latents"], stats)))
   a = float(loss_normed(params, batch, rng)[0])
@@ -169,7 +171,7 @@ def test_sampler_returns_vae_space_latents():
   normed = dit_task.resolve_latent_norm(normed)
   stats = latent_norm.stats_from_config(normed.model)
   batch = dit_task.model_batch(next(dit_task.make_iterator_fn(raw)()))
-  params = dit_task.make_task(raw).init_fn(jax.random.PRNGKey(0), batch)["params"]
+  params = jax.jit(dit_task.make_task(raw).init_fn)(jax.random.PRNGKey(0), batch)["params"]
   images = dit_task.prepare_images(jnp.asarray(batch["images"][:1]), raw.model.encoder)
 
   def sample(cfg):
