@@ -82,6 +82,7 @@ class _FakePipeline:
       seed=0,
       force=False,
       kind=None,
+      cfg_interval=None,
   ):
     import types
 
@@ -95,6 +96,7 @@ class _FakePipeline:
             seed=seed,
             force=force,
             kind=kind,
+            cfg_interval=cfg_interval,
         )
     )
     b, g, h, n = 1, 1, 2, num_components
@@ -121,11 +123,13 @@ def test_pipeline_predict_fn_calls_the_pipeline(kind):
       seed=5,
       pipe=fake,
       on_result=lambda it, res: seen.append((it.name, res)),
+      cfg_interval=(0.8, 1.0),
   )
   r = E.evaluate_items([item], predict, FAST, progress=False)
   (call,) = fake.calls
   assert call["images"].shape == (1, 32, 32, 3) and call["images"].dtype == np.uint8
   assert (call["n"], call["steps"], call["cfg"], call["seed"]) == (3, 7, 2.0, 5)
+  assert call["cfg_interval"] == (0.8, 1.0)  # passed through to the pipeline
   assert call["force"]  # the protocol's ground-truth count, even above the trained maximum
   assert call["kind"] == kind  # picks the default CFG scale of its kind when cfg is None
   if kind == "scene":
@@ -364,7 +368,8 @@ def test_train_and_export_now_evaluate_later(tmp_path):
 
 @pytest.mark.slow
 def test_ablations_train_tiny_on_cpu(tmp_path):
-  """Real training (moca_jax.dit_task) of a variant at tiny size, one step.
+  """Real training (moca_jax.dit_task) of a variant at tiny size (2 DiT blocks, one of them
+  global, and a 1-layer encoder: half the compilation), one step.
 
   One variant keeps the test near a minute of CPU; the plumbing of all eight is covered by
   the two tests above, and `python -m experiments.ablations` runs them all.
@@ -374,6 +379,7 @@ def test_ablations_train_tiny_on_cpu(tmp_path):
 
   base = _dit_train_config(steps=1)
   base.batch_size = 2
+  base.model.dit.num_blocks, base.model.encoder.depth = 2, 1
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   out = A.run_ablations(
       base,
