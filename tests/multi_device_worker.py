@@ -1,14 +1,14 @@
 """One process of a CPU training job for tests/test_multi_device.py (run as a subprocess).
 
   python tests/multi_device_worker.py --out=OUT.json --workdir=W --steps=S \
-      [--devices=D] [--data=-1] [--fsdp=1] \
+      [--devices=D] [--data=-1] [--fsdp=1] [--eval_batches=1] \
       [--num_processes=P --process_id=I --port=PORT]
 
 Sets the CPU platform with D simulated devices before JAX starts, trains the micro DiT of
 `micro_config` through `moca_jax.dit_task.train_and_evaluate` (with
 `jax.distributed.initialize` on localhost when P > 1) and writes OUT.json: the per-step
 scalar history, the record ids of this process's batches, the final parameters
-(gathered to the host, as lists) and the eval losses.
+(gathered to the host, as lists) and the eval losses (eval.json; none with --eval_batches=0).
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ def main() -> None:
   ap.add_argument("--num_processes", type=int, default=1)
   ap.add_argument("--process_id", type=int, default=0)
   ap.add_argument("--port", type=int, default=0)
+  ap.add_argument("--eval_batches", type=int, default=1)
   args = ap.parse_args()
 
   os.environ["JAX_PLATFORMS"] = "cpu"
@@ -68,7 +69,7 @@ def main() -> None:
     config.distributed.process_id = args.process_id
     config.distributed.initialization_timeout = 60
   result = dit_task.train_and_evaluate(config, args.workdir, show_progress=False,
-                                        eval_batches=1)
+                                        eval_batches=args.eval_batches)
   params = sharding.to_host(result.state.params)
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   report = {
