@@ -4,8 +4,8 @@ r"""Input-pipeline benchmark: the real training step fed by the pipeline vs from
   python -m experiments.input_pipeline --tasks=vae --vae_size=tiny --vae_batch=4 \
       --seconds=2 --min_steps=3 --inline_seconds=1 --warmup=3 --workers=1 --out=/tmp/ip  # smoke
 
-For each task (the VAE on its analytic source, the DiT on its synthetic source) it builds the
-training step of `moca_jax.train_lib` (AdamW, EMA; the task's loss, config and shardings),
+For each task (the VAE on its analytic source, the DiT on its synthetic source or, with
+--dit_data, on real latent shards) it builds the training step of `moca_jax.train_lib` (AdamW, EMA; the task's loss, config and shardings),
 compiles it ahead of time, and times it in three feeds:
   memory     one batch already on the device, reused every step (the step's own rate)
   pipeline   the task's iterator (`make_iterator_fn`) with --workers (VAE) / --dit_workers
@@ -14,6 +14,8 @@ compiles it ahead of time, and times it in three feeds:
              workers still makes its examples in grain's prefetch threads)
   inline     the same with no worker processes (sampling in the training process: the rate
              before the workers; --inline_seconds)
+  in-memory  (DiT on --dit_data only) the records decoded once into host memory and batched
+             by --dit_read_threads threads of the training process (config.data.in_memory)
 The loop is `run_training`'s: dispatch step i, then fetch step i - 1's metrics, so host work
 for the next batch overlaps the device's step. After --warmup steps (compilation, worker
 start), each feed runs for --seconds; the rate is steps per second over the second half of
@@ -21,8 +23,10 @@ that time, once the workers' prefetch buffers have drained (`timed_steps`). Also
 the host's time to make one batch in the training process (median of 3).
 
 The VAE runs in bf16 with the config's attention ('auto': cuDNN where it applies, XLA for
-the query cross-attention, see moca_jax.vae) when --dtype=auto on a GPU; the DiT config is
-used as it is (data.source='synthetic').
+the query cross-attention, see moca_jax.vae) when --dtype=auto on a GPU; so does the DiT
+with its image encoder (--dit_dtype=auto), as experiments/results/bundle_train.sh trains it.
+With --dit_data the DiT reads those latent shards (data.source='records'; the latent
+statistics of --dit_bundle when given, else of the shards), else its synthetic source.
 Writes <out>.json and <out>.md naming the machine; prints the table. --from_json=a.json,b.json
 writes <out> from earlier reports instead (e.g. runs on one and on all devices).
 """
@@ -54,6 +58,16 @@ def define_flags() -> None:
   flags.DEFINE_integer("vae_batch", 64, "VAE global batch.")
   flags.DEFINE_string("dit_size", "small", "DiT config (experiments/configs/dit.py).")
   flags.DEFINE_integer("dit_batch", 16, "DiT global batch.")
+  flags.DEFINE_string(
+      "dit_data", "", "Latent shards (data_pipeline.encode_latents) for the DiT; empty: synthetic."
+  )
+  flags.DEFINE_string(
+      "dit_bundle", "", "A bundle of --dit_size whose latent statistics the --dit_data row uses."
+  )
+  flags.DEFINE_string("dit_dtype", "auto", "DiT compute dtype: auto (bf16 on GPU), float32, bfloat16.")
+  flags.DEFINE_integer(
+      "dit_read_threads", 8, "Threads of the in-memory feed (--dit_data; 0: grain's 16)."
+  )
   flags.DEFINE_integer(
       "workers", -1, "VAE input worker processes (-1: auto, moca_jax.vae_task.input_workers)."
   )
@@ -107,25 +121,54 @@ def vae_setup(size: str, batch: int, workers: int, dtype: str) -> dict:
   }
 
 
-def dit_setup(size: str, batch: int, workers: int) -> dict:
-  """The DiT task on its synthetic source."""
+def dit_config(size: str, batch: int, workers: int, data_dir: str = "", bundle_dir: str = "",
+               dtype: str = "auto", read_threads: int = 8):
+  """The DiT training config of the benchmark and, for records, its in-memory twin.
+
+  size: experiments/configs/dit.py size; bundle_dir: a bundle of that size whose latent
+  statistics the records run takes (else they come from the shards). data_dir: latent shards
+  (data.source='records'), else the synthetic source. dtype 'auto': bfloat16
+  for the DiT and its image encoder on a GPU, else float32. Returns (config, in-memory
+  config or None).
+  """
   from experiments.configs import dit as dit_configs
   from moca_jax import dit_task, vae_task
 
   config = dit_configs.get_config(size)
+  if bundle_dir:  # its latent statistics (dit_task.resolve_latent_norm); weights not read
+    config.init.from_bundle = bundle_dir
+  if dtype == "auto":
+    dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+  config.model.dit.dtype = config.model.encoder.dtype = dtype
   config.batch_size = batch
-  config.data.source = "synthetic"
-  resolved = vae_task.input_workers(workers)  # the same auto rule as the VAE's
-  config.data.num_workers = resolved
+  config.data.num_workers = vae_task.input_workers(workers)  # the same auto rule as the VAE's
+  if not data_dir:
+    config.data.source = "synthetic"
+    return config, None
+  config.data.source, config.data.dir, config.data.val_dir = "records", data_dir, ""
+  config = dit_task.resolve_latent_norm(config)
+  cached = config.copy_and_resolve_references()
+  cached.data.num_workers, cached.data.in_memory, cached.data.read_threads = 0, True, read_threads
+  return config, cached
+
+
+def dit_setup(size: str, batch: int, workers: int, data_dir: str = "", bundle_dir: str = "",
+              dtype: str = "auto", read_threads: int = 8) -> dict:
+  """The DiT task on its synthetic source or on latent shards (`dit_config`)."""
+  from moca_jax import dit_task
+
+  config, cached = dit_config(size, batch, workers, data_dir, bundle_dir, dtype, read_threads)
+  source = f"latent shards ({data_dir})" if data_dir else "synthetic latents"
   return {
       "config": config,
+      "cached_config": cached,
       "task": dit_task.make_task(config),
       "iterator_fn": dit_task.make_iterator_fn,
       "prepare": dit_task.model_batch,
       "trainable_fn": dit_task.trainable_fn(config),
-      "workers": resolved,
+      "workers": config.data.num_workers,
       "label": f"DiT '{size}' ({config.model.dit.dtype}, attention "
-      f"{config.model.dit.attention_implementation}), synthetic latents",
+      f"{config.model.dit.attention_implementation}), {source}",
   }
 
 
@@ -236,6 +279,20 @@ def measure(
   state, inline_rate, inline_steps = timed(
       state, lambda: sharding.shard_batch(prepare(next(inline_iter)), mesh), 1, inline_seconds
   )
+  extra = {}
+  if setup.get("cached_config") is not None:  # the records decoded once, batched in threads
+    t = time.perf_counter()
+    cached_iter = setup["iterator_fn"](setup["cached_config"])()
+    extra["in_memory_load_s"] = round(time.perf_counter() - t, 1)
+    state, cached_rate, cached_steps = timed(
+        state, lambda: sharding.shard_batch(prepare(next(cached_iter)), mesh), warmup, seconds
+    )
+    extra.update(
+        in_memory_steps=cached_steps,
+        in_memory_steps_per_s=round(cached_rate, 3),
+        in_memory_over_memory=round(cached_rate / memory_rate, 3),
+        read_threads=setup["cached_config"].data.read_threads,
+    )
   return {
       "task": setup["label"],
       "devices": int(mesh.devices.size),
@@ -252,6 +309,7 @@ def measure(
       "inline_steps_per_s": round(inline_rate, 3),
       "host_batch_s": round(statistics.median(host_times), 4),
       "memory_mib": {k: round(v, 1) for k, v in mem.items()},
+      **extra,
   }
 
 
@@ -287,18 +345,25 @@ def markdown(report: dict) -> str:
       "training process). Rates are timed steps / wall time after warm-up steps (compilation "
       "and worker start excluded), over the second half of each timed run (prefetch buffers "
       "drained); host batch: the training process's time to make one batch "
-      "(median of 3). Target: pipeline >= 90% of memory.",
+      "(median of 3). in-memory (DiT on latent shards): the records decoded once into host "
+      "memory and batched by threads of the training process (config.data.in_memory; "
+      "threads in brackets). Target: pipeline >= 90% of memory.",
       "",
       "| task | devices | batch | workers | memory steps/s | pipeline steps/s | "
-      "pipeline / memory | inline steps/s | host batch (s) | compile (s) |",
-      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+      "pipeline / memory | inline steps/s | in-memory steps/s | in-memory / memory | "
+      "host batch (s) | compile (s) |",
+      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
   ]
   for r in report["rows"]:
+    cached = ("| - | - |" if "in_memory_steps_per_s" not in r else
+              f"| {r['in_memory_steps_per_s']:.2f} ({r['read_threads']}) | "
+              f"{100 * r['in_memory_over_memory']:.0f}% |")
     lines.append(
         f"| {r['task']} | {r['devices']} | {r['batch_size']} | {r['workers']} | "
         f"{r['memory_steps_per_s']:.2f} | "
         f"{r['pipeline_steps_per_s']:.2f} | {100 * r['pipeline_over_memory']:.0f}% | "
-        f"{r['inline_steps_per_s']:.2f} | {r['host_batch_s']:.3f} | {r['compile_s']:.0f} |"
+        f"{r['inline_steps_per_s']:.2f} {cached} {r['host_batch_s']:.3f} | "
+        f"{r['compile_s']:.0f} |"
     )
   if report.get("note"):
     lines += ["", report["note"]]
@@ -332,7 +397,8 @@ def main(argv) -> None:
     setup = (
         vae_setup(f.vae_size, f.vae_batch, f.workers, f.dtype)
         if name == "vae"
-        else dit_setup(f.dit_size, f.dit_batch, f.dit_workers)
+        else dit_setup(f.dit_size, f.dit_batch, f.dit_workers, f.dit_data, f.dit_bundle,
+                       f.dit_dtype, f.dit_read_threads)
     )
     row = measure(setup, mesh, f.warmup, f.seconds, f.min_steps, f.inline_seconds)
     print(row, flush=True)

@@ -23,9 +23,9 @@ may change on resume:
                                  a fresh run's warm start (only read when there is no checkpoint)
   log_every, checkpoint.*        logging and checkpoint cadence
   eval.*                         evaluation after training
-  data.num_workers, mesh.*, distributed
+  data.num_workers, data.in_memory, data.read_threads, mesh.*, distributed
                                  how the same computation is spread (restores are
-                                 sharding-agnostic)
+                                 sharding-agnostic; the batches do not change)
   batch_size                     allowed with a warning: the data order and the loss scale
                                  change, so the run no longer equals an uninterrupted one
 Everything else (model shapes, optimizer, data source and folders, seeds, the VAE a DiT
@@ -248,6 +248,8 @@ RESUMABLE_FIELDS = (
     "checkpoint",
     "eval",
     "data.num_workers",
+    "data.in_memory",
+    "data.read_threads",
     "mesh",
     "distributed",
     "init.from_bundle",

@@ -373,11 +373,33 @@ def make_synthetic_dataset(config) -> grain.MapDataset:
   return grain.MapDataset.range(n).map(lambda i: synthetic_example(config, int(i)))
 
 
+def input_feed(data_config) -> tuple:
+  """(in_memory, read_threads) of config.data, checked.
+
+  data.in_memory (default False): decode the latent records once into host memory
+  (`data_pipeline.loader.InMemoryRecords`) and make batches with data.read_threads threads
+  of the training process (0: grain's default of 16); the batches are the same as without.
+  It cannot be combined with data.num_workers > 0 (each worker process would hold its own
+  copy of the records): ValueError.
+  """
+  in_memory = bool(data_config.get("in_memory", False))
+  read_threads = int(data_config.get("read_threads", 0))
+  if read_threads < 0:
+    raise ValueError(f"config.data.read_threads must be >= 0, got {read_threads}")
+  if in_memory and data_config.get("num_workers", 0):
+    raise ValueError(
+        "config.data.in_memory=True makes batches in threads of the training process "
+        f"(data.read_threads); set data.num_workers=0 (got {data_config.num_workers})"
+    )
+  return in_memory, read_threads
+
+
 def make_iterator_fn(config, split: str = "train", shuffle: bool = True) -> Callable[[], Any]:
   """() -> a checkpointable iterator of host batches for this process.
 
   'records': `data_pipeline.loader.latent_dataset` (shuffle -> shard by process -> repeat
-  -> decode -> random component order + padding -> batch) and its `make_iterator`.
+  -> decode -> random component order + padding -> batch) and its `make_iterator`; with
+  data.in_memory the records are decoded once, up front (`input_feed`).
   'synthetic': the same shape of pipeline over `synthetic_example`.
   Either way the iterator has get_state / set_state (checkpointed with the model).
   """
@@ -388,6 +410,7 @@ def make_iterator_fn(config, split: str = "train", shuffle: bool = True) -> Call
   if config.data.source == "records":
     from data_pipeline import loader
 
+    in_memory, read_threads = input_feed(config.data)
     ds = loader.latent_dataset(
         _data_dir(config, split),
         batch_size=local_batch,
@@ -395,8 +418,9 @@ def make_iterator_fn(config, split: str = "train", shuffle: bool = True) -> Call
         seed=config.data.shuffle_seed,
         shuffle=shuffle,
         per_instance_cond=config.mode == "scene",
+        in_memory=in_memory,
     )
-    return lambda: loader.make_iterator(ds, config.data.num_workers)
+    return lambda: loader.make_iterator(ds, config.data.num_workers, read_threads=read_threads)
   if config.data.source != "synthetic":
     raise ValueError(
         f"config.data.source must be 'records' or 'synthetic', got {config.data.source!r}"

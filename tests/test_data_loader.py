@@ -135,3 +135,83 @@ def test_latent_view_padding(tmp_path):
 def test_missing_data_dir_raises(tmp_path):
   with pytest.raises(FileNotFoundError, match="no finished shards"):
     loader.vae_dataset(str(tmp_path), batch_size=1, process_index=0, process_count=1)
+
+
+def _latent_shards(path, sizes_per_shard, seed=0):
+  """Latent records (random latents, images, masks) in shards under `path`; part counts
+  from `sizes_per_shard` (a list per shard)."""
+  rng = np.random.default_rng(seed)
+  k = len(sizes_per_shard)
+  for s, sizes in enumerate(sizes_per_shard):
+    recs = []
+    for n in sizes:
+      arrays = dict(latents=rng.normal(size=(n, 4, 2)).astype(np.float32),
+                    part_bounds=rng.normal(size=(n, 2, 3)).astype(np.float32),
+                    images=rng.integers(0, 256, size=(2, 8, 8, 3)).astype(np.uint8),
+                    masks=rng.integers(0, n + 1, size=(2, 8, 8)).astype(np.uint8))
+      recs.append(records.encode_record(arrays, {"num_parts": n, "type": "object"}))
+    records.write_shard(str(path / f"shard-{s:05d}-of-{k:05d}.array_record"), recs)
+    open(path / f"shard-{s:05d}-of-{k:05d}.json", "w").write("{}")
+  return str(path)
+
+
+def _assert_same_batches(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert sorted(x) == sorted(y)
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_in_memory_records_give_the_same_batches(tmp_path, process_count):
+  d = _latent_shards(tmp_path, [[3, 5, 1, 6], [2, 4, 7]])
+  for seed in (0, 3):
+    for p in range(process_count):
+      kw = dict(batch_size=2, n_max=4, seed=seed, num_epochs=3, process_index=p,
+                process_count=process_count)
+      decoded = list(loader.latent_dataset(d, **kw))
+      cached = list(loader.latent_dataset(d, in_memory=True, **kw))
+      assert len(decoded) >= 3  # epochs of 7 records: reshuffled, cut to n_max = 4 parts
+      _assert_same_batches(decoded, cached)
+
+
+def test_in_memory_records_index_like_the_array_record_source(tmp_path):
+  d = _latent_shards(tmp_path, [[3, 5], [2, 4, 1]])
+  mem = loader.InMemoryRecords(records.shard_paths(d), num_threads=3)
+  stored = [records.decode_record(r) for p in records.shard_paths(d) for r in records.read_shard(p)]
+  assert len(mem) == 5 and "5 records" in repr(mem)
+  for i, rec in enumerate(stored):
+    assert int(mem[i]["index"]) == i and mem[i]["meta"] == rec["meta"]
+    np.testing.assert_array_equal(mem[i]["latents"], rec["latents"])
+
+
+def test_in_memory_outputs_do_not_alias_the_cache(tmp_path):
+  d = _latent_shards(tmp_path, [[3, 2]])
+  ds = loader.latent_dataset(d, batch_size=0, n_max=4, shuffle=False, num_epochs=1,
+                             process_index=0, process_count=1, in_memory=True)
+  first = ds[0]
+  want = {k: np.array(v) for k, v in first.items()}
+  for v in first.values():
+    if isinstance(v, np.ndarray) and v.ndim:
+      v[...] = 0  # a consumer writing into what it was given
+  again = ds[0]
+  for k in want:
+    np.testing.assert_array_equal(again[k], want[k], err_msg=k)
+
+
+def test_threaded_iterator_resumes_in_the_other_feed(tmp_path):
+  """A state saved reading cached records with threads restores into the decoding feed (and
+  the batches are the same), so data.in_memory / read_threads may change on resume."""
+  d = _latent_shards(tmp_path, [[3, 5, 1, 6], [2, 4, 7]])
+  kw = dict(batch_size=2, n_max=4, seed=1, process_index=0, process_count=1)
+  it = loader.make_iterator(loader.latent_dataset(d, in_memory=True, **kw), read_threads=2)
+  for _ in range(4):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(5)]
+  it2 = loader.make_iterator(loader.latent_dataset(d, **kw))
+  it2.set_state(state)
+  _assert_same_batches(expected, [next(it2) for _ in range(5)])
+  with pytest.raises(ValueError, match="read_threads"):
+    loader.make_iterator(loader.latent_dataset(d, **kw), read_threads=-1)

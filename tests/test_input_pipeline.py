@@ -81,4 +81,9 @@ def test_markdown_names_the_machine_and_the_ratio():
   }
   md = input_pipeline.markdown({"machine": machine, "rows": [row]})
   assert "on 2 x NVIDIA H200 (gpu, jax 0.11.2); host: some cpu, 32 cores available" in md
-  assert "| VAE 'small' | 1 | 64 | 14 | 10.00 | 9.50 | 95% | 1.40 | 0.500 | 30 |" in md
+  assert "| VAE 'small' | 1 | 64 | 14 | 10.00 | 9.50 | 95% | 1.40 | - | - | 0.500 | 30 |" in md
+  # a DiT row on latent shards adds its in-memory feed (threads in brackets)
+  dit = dict(row, task="DiT", in_memory_steps_per_s=9.9, in_memory_over_memory=0.99,
+             read_threads=8)
+  md = input_pipeline.markdown({"machine": machine, "rows": [dit]})
+  assert "| DiT | 1 | 64 | 14 | 10.00 | 9.50 | 95% | 1.40 | 9.90 (8) | 99% | 0.500 | 30 |" in md

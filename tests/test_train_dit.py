@@ -357,6 +357,22 @@ def test_records_source_reads_latent_shards(tmp_path):
     it2 = dit_task.make_iterator_fn(cfg)()
     it2.set_state(state)
     np.testing.assert_array_equal(next(it2)["index"], nxt["index"])  # checkpointable order
+    # data.in_memory: the records decoded once, batched in threads: the same batches
+    cached_cfg = cfg.copy_and_resolve_references()
+    cached_cfg.data.in_memory, cached_cfg.data.read_threads = True, 2
+    it3 = dit_task.make_iterator_fn(cached_cfg)()
+    for want in (raw, nxt):
+      got = next(it3)
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  bad = micro_config()
+  bad.data.source, bad.data.dir, bad.data.in_memory, bad.data.num_workers = (
+      "records", str(tmp_path), True, 2)
+  with pytest.raises(ValueError, match="num_workers=0"):
+    dit_task.make_iterator_fn(bad)
+  bad.data.num_workers, bad.data.read_threads = 0, -1
+  with pytest.raises(ValueError, match="read_threads"):
+    dit_task.make_iterator_fn(bad)
 
 
 def test_scene_mode_loss_traces_with_per_component_conditions():

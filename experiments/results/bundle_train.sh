@@ -21,6 +21,9 @@
 #                                     # encoded with the bundle's VAE (no VAE training);
 #                                     # DATA_SHARDS=16: only the first 16 of its 48 shards
 #   DIT_NAME=probe DIT_EXTRA="--config.init.bundle_parts=('dit',)" ... dit   # another run
+#   INIT_BUNDLE=assets/moca-small bash experiments/results/bundle_train.sh bench_input
+#                                     # after data: the DiT's input feeds against the step
+#                                     # fed from memory (experiments/input_pipeline.py)
 #   INIT_BUNDLE=assets/moca-small bash experiments/results/bundle_train.sh study
 #                                     # the section-5 study: training stops at STUDY_TRAIN_S
 #                                     # (440) s into the call, everything at STUDY_CALL_S
@@ -46,7 +49,7 @@
 # TINY=1 runs the same sequence with the tiny configs and the tiny split (a CPU dry run).
 set -u
 CALL_START=${CALL_START:-$(date +%s)}  # the device call's start (the study's deadlines)
-stage=${1:?"stage: data_vae | data | dit | study | study_eval"}
+stage=${1:?"stage: data_vae | data | bench_input | dit | study | study_eval"}
 OUT=${OUT:-bundle_out}
 W=${W:-/root/bw}
 mkdir -p "$OUT/logs" "$W"
@@ -73,7 +76,7 @@ note "stage $stage on ${gpu:-no GPU}, $(nproc) cores"
 if [ "${TINY:-0}" = 1 ]; then
   SRC=procedural:tiny; VAE_CFG=tiny; IMG=56; SHARDS=${SHARDS:-2}; BUILD_WORKERS=0
   VAE_FLAGS="--config.num_steps=20 --config.eval.num_shapes=4"
-  DIT_CFG=tiny
+  DIT_CFG=${DIT_CFG:-tiny}  # DIT_CFG=bundle with INIT_BUNDLE: the bundle-size DiT on the tiny split
   DIT_FLAGS="--config.num_steps=${DIT_STEPS:-20} --config.batch_size=4 --config.checkpoint.every=10"
   EVAL_FLAGS="--steps=2"; EVAL_OBJECTS=2; EVAL_SCENES=1
 else
@@ -231,6 +234,17 @@ elif [ "$stage" = dit ]; then
   note "export rc=$? $(tail -1 "$OUT/logs/export.log")"
   cp "$DIT"/{loss_curve.png,metrics.jsonl,runs.jsonl,eval.json} "$OUT/logs/" 2>/dev/null
   [ -f "$W/moca-small/bundle.json" ] && pack bundle "$W/moca-small"
+elif [ "$stage" = bench_input ]; then
+  # The DiT row of experiments/results/input_pipeline.md: the bundle-size train step (bf16) on
+  # this machine's latents ($W/latents, a data call before), fed from memory, by the grain
+  # worker processes the dit stage used before (BENCH_WORKERS, 12), inline, and from the
+  # records decoded once into memory (data.in_memory, BENCH_THREADS threads)
+  timeout --kill-after=10 ${BENCH_S:-240} python3 -m experiments.input_pipeline --tasks=dit \
+    --dit_size=$DIT_CFG --dit_bundle="${INIT_BUNDLE:-}" --dit_data="$W/latents" \
+    --dit_batch=${BENCH_BATCH:-64} --dit_workers=${BENCH_WORKERS:-12} \
+    --dit_read_threads=${BENCH_THREADS:-8} --seconds=${BENCH_SECONDS:-10} \
+    --inline_seconds=5 --out="$OUT/logs/input_pipeline_dit" > "$OUT/logs/input_pipeline.log" 2>&1
+  note "input_pipeline rc=$? $(grep -a "'in_memory_steps_per_s'" "$OUT/logs/input_pipeline.log" | tail -1)"
 elif [ "$stage" = study ]; then
   # The quality study (issue 17 section 5): full MoC, dense and ablations A-F on the same
   # latents, trained as concurrent processes (experiments.ablations --jobs). Data: this warm
