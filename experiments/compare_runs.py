@@ -38,7 +38,7 @@ from moca_jax import io as mio
 
 # The evaluate settings that must agree for a comparison of checkpoints to be fair.
 SAMPLING_KEYS = ("cfg", "cfg_interval", "steps", "num_samples", "seed", "voxel_resolution",
-                 "object_frame")
+                 "object_frame", "image_size")
 
 
 def check_comparable(runs: Sequence[dict]) -> str:
@@ -107,11 +107,12 @@ def _cell(entry: dict, k: str, is_reference: bool) -> str:
 def _setting_line(settings: dict) -> str:
   names = {"steps": "Euler steps", "cfg": "CFG", "cfg_interval": "CFG interval",
            "num_samples": "surface samples", "seed": "seed", "voxel_resolution": "self-IoU grid",
-           "object_frame": "object frame", "weights_sha256": "weights"}
+           "object_frame": "object frame", "weights_sha256": "weights",
+           "image_size": "input render px"}
   def value(k, v):
     if k == "cfg_interval" and v is None:
       return "every step"
-    if k == "weights_sha256":
+    if k == "weights_sha256" or v is None:
       return str(v)[:12] if v else "not recorded"
     return f"{v:g}" if isinstance(v, float) else str(v)
   return ", ".join(f"{names.get(k, k)} {value(k, v)}" for k, v in settings.items())

@@ -393,3 +393,41 @@ def test_ablations_train_tiny_on_cpu(tmp_path):
     assert np.isfinite(r["train"]["final_train_loss"])
     assert np.isfinite(r["train"]["eval_loss_ema"])
   assert "eval_loss_ema" in (tmp_path / "table3.md").read_text()
+
+
+def test_cli_renders_inputs_at_the_models_size_by_default(monkeypatch):
+  """--image_size=0 (the default): items are rendered at the checkpoint's image-encoder
+  input size (its training renders' size), recorded in the report's meta; an explicit size
+  wins; --perturb (no model) falls back to 224; a negative size is refused."""
+  import types
+
+  from experiments import evaluate as cli_eval
+  from moca_jax import pipeline
+
+  class FakePipe:
+    image_size = 40
+
+    def sample_settings(self, kind, **kw):
+      return {"steps": kw.get("steps") or 3, "cfg_scale": kw.get("cfg_scale") or 2.0,
+              "method": "euler", "time_shift": 1.0, "cfg_interval": None}
+
+  seen = {}
+  monkeypatch.setattr(pipeline, "load_pipeline", lambda path: FakePipe())
+  monkeypatch.setattr(E, "items_from_split", lambda split, kind, limit, size: seen.update(size=size) or [])
+  monkeypatch.setattr(E, "pipeline_predict_fn", lambda *a, **k: None)
+  monkeypatch.setattr(E, "perturbed_gt_predict_fn", lambda *a, **k: None)
+  monkeypatch.setattr(E, "evaluate_items", lambda *a, **k: {"rows": [], "skipped": []})
+  monkeypatch.setattr(E, "write_report", lambda out, result, kind, method, meta: seen.update(meta=meta) or {})
+  flags = dict(benchmark_nn=False, split="val", glb_dir=None, kind="object", limit=1, image_size=0,
+               perturb=None, checkpoint_dir="some/model", component_buckets=None, steps=None,
+               cfg=None, cfg_interval=None, num_components=None, seed=0, method="m",
+               num_samples=100, voxel_resolution=8, nn_backend="kdtree", object_frame="instance",
+               grid_rows=1, out_dir="unused")
+  cli_eval.run(types.SimpleNamespace(**flags))
+  assert seen["size"] == 40 and seen["meta"]["image_size"] == 40
+  cli_eval.run(types.SimpleNamespace(**dict(flags, image_size=56)))
+  assert seen["size"] == 56 and seen["meta"]["image_size"] == 56
+  cli_eval.run(types.SimpleNamespace(**dict(flags, perturb=0.01, checkpoint_dir=None)))
+  assert seen["size"] == 224
+  with pytest.raises(ValueError, match="image_size must be >= 0"):
+    cli_eval.run(types.SimpleNamespace(**dict(flags, image_size=-1)))
