@@ -106,14 +106,17 @@ def with_earlier_runs(summary: dict, earlier: dict, source: str) -> dict:
   """The `run_summary` of a run that warm-started from a bundle (config.init.from_bundle,
   params only, fresh optimizer), preceded by the runs that trained that bundle (its card's
   summary `earlier`): one history whose steps count on from the bundle's (the warm-started
-  runs are marked 'warm_restart_from': source) and whose totals add both."""
+  run, the one that began at its own step 0, is marked 'warm_restart_from': source; the
+  runs resuming it stay resumes) and whose totals add both."""
   if not earlier or not earlier.get("runs"):
     return summary
   offset = int(earlier.get("steps", 0))
   runs = [dict(r) for r in earlier["runs"]]
   for r in summary["runs"]:
-    runs.append(dict(r, start_step=r["start_step"] + offset, end_step=r["end_step"] + offset,
-                     warm_restart_from=source))
+    moved = dict(r, start_step=r["start_step"] + offset, end_step=r["end_step"] + offset)
+    if r["start_step"] == 0:  # the warm restart itself; later runs resumed its checkpoints
+      moved["warm_restart_from"] = source
+    runs.append(moved)
   return {
       "runs": runs,
       "steps": offset + summary["steps"],

@@ -133,9 +133,11 @@ def test_card_history_continues_from_the_warm_start_bundle():
   assert merged["steps"] == 150 and merged["examples"] == 9600
   assert merged["train_minutes"] == 1.6 and merged["compile_minutes"] == 0.3
   assert "warm_restart_from" not in merged["runs"][0]
-  assert all(r["warm_restart_from"] == "assets/old" for r in merged["runs"][1:])
+  assert merged["runs"][1]["warm_restart_from"] == "assets/old"
+  assert "warm_restart_from" not in merged["runs"][2]  # it resumed the warm-started run
   table = export_bundle._runs_table(merged)
-  assert table.count("warm restart from assets/old") == 2 and "| fresh |" in table
+  assert table.count("warm restart from assets/old") == 1 and "| fresh |" in table
+  assert "| resume |" in table
   assert export_bundle.with_earlier_runs(now, {}, "x") is now
 
 
