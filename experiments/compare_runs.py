@@ -104,18 +104,23 @@ def _cell(entry: dict, k: str, is_reference: bool) -> str:
   return f"{value} ({entry[f'{k}_diff']:+.{digits}f} ± {entry[f'{k}_diff_se']:.{digits}f})"
 
 
+SETTING_NAMES = {"steps": "Euler steps", "cfg": "CFG", "cfg_interval": "CFG interval",
+                 "num_samples": "surface samples", "seed": "seed",
+                 "voxel_resolution": "self-IoU grid", "object_frame": "object frame",
+                 "weights_sha256": "weights", "image_size": "input render px"}
+
+
+def _setting_value(key: str, value) -> str:
+  if key == "cfg_interval" and value is None:
+    return "every step"
+  if key == "weights_sha256" or value is None:
+    return str(value)[:12] if value else "not recorded"
+  return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _setting_line(settings: dict) -> str:
-  names = {"steps": "Euler steps", "cfg": "CFG", "cfg_interval": "CFG interval",
-           "num_samples": "surface samples", "seed": "seed", "voxel_resolution": "self-IoU grid",
-           "object_frame": "object frame", "weights_sha256": "weights",
-           "image_size": "input render px"}
-  def value(k, v):
-    if k == "cfg_interval" and v is None:
-      return "every step"
-    if k == "weights_sha256" or v is None:
-      return str(v)[:12] if v else "not recorded"
-    return f"{v:g}" if isinstance(v, float) else str(v)
-  return ", ".join(f"{names.get(k, k)} {value(k, v)}" for k, v in settings.items())
+  return ", ".join(f"{SETTING_NAMES.get(k, k)} {_setting_value(k, v)}"
+                   for k, v in settings.items())
 
 
 def markdown(doc: dict) -> str:
@@ -130,14 +135,12 @@ def markdown(doc: dict) -> str:
       "error; a difference within about two standard errors is item-to-item noise. Empty "
       "parts: requested minus non-empty generated parts (instances for scenes), per item.",
       "",
-      "| run | " + "".join(f"{k} | " for k in differ) + " | ".join(
+      "| run | " + "".join(f"{SETTING_NAMES.get(k, k)} | " for k in differ) + " | ".join(
           f"{k} {'↓' if cfg_sweep.LOWER_IS_BETTER[k] else '↑'}" for k in keys) + " |",
       "|---|" + "---|" * (len(differ) + len(keys)),
   ]
   for e in doc["runs"]:
-    shown = [_setting_line({k: e["differs"][k]}).split(" ", 1)[-1] if k != "cfg_interval"
-             else ("every step" if e["differs"][k] is None else str(e["differs"][k]))
-             for k in differ]
+    shown = [_setting_value(k, e["differs"][k]) for k in differ]
     lines.append(f"| {e['label']} | " + "".join(f"{v} | " for v in shown) + " | ".join(
         _cell(e, k, e["label"] == doc["reference"]) for k in keys) + " |")
   lines += ["", "Medians: " + "; ".join(

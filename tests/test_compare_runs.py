@@ -63,10 +63,16 @@ def test_settings_that_differ_are_shown_per_run(tmp_path):
   assert doc["differs"] == ["cfg_interval"] and "cfg_interval" not in doc["sampling"]
   assert [r["differs"]["cfg_interval"] for r in doc["runs"]] == [None, [0.8, 1.0]]
   text = compare_runs.markdown(doc)
-  assert "| run | cfg_interval | cd" in text
+  assert "| run | CFG interval | cd" in text
   assert "| all steps | every step | 0.1500 |" in text and "| t >= 0.8 | [0.8, 1.0] |" in text
   c = cfg_sweep.load_run(_write_run(tmp_path / "c", [0.3, 0.2], weights_sha256="e" * 64))
   assert compare_runs.compare([a, c], ["a", "c"], "a")["differs"] == ["weights_sha256"]
+  # a setting of several words shows its values whole; one a run did not record says so
+  d = cfg_sweep.load_run(_write_run(tmp_path / "d", [0.3, 0.2], weights_sha256="f" * 64,
+                                    image_size=112))
+  text = compare_runs.markdown(compare_runs.compare([a, d], ["old", "new"], "old"))
+  assert "| run | input render px | cd" in text
+  assert "| old | not recorded | 0.1500 |" in text and "| new | 112 | 0.2500 (" in text
 
 
 def test_labels_must_match_the_runs(tmp_path):

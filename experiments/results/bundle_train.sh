@@ -8,6 +8,16 @@
 # from that bundle (fresh optimizer): the VAE as a decoder-only fine-tune (its encoder frozen,
 # so the latents the bundle's DiT learned stay the same) that decodes posterior means half
 # of the time, the DiT continuing from the bundle's weights.
+# Round 6 (2026-12-02), three chained calls on one warm machine (the data call, then the same
+# dit call twice; the second resumed and finished the schedule):
+#   INIT_BUNDLE=assets/moca-small bash experiments/results/bundle_train.sh data   # 382 s
+#   INIT_BUNDLE=assets/moca-small DIT_NAME=r6 DIT_SECONDS=900 DIT_CALL_S=565 \
+#     DIT_EXTRA="--config.batch_size=64 --config.num_steps=14000 \
+#     --config.optim.total_steps=14000 --config.optim.schedule=cosine --config.optim.lr=3e-4 \
+#     --config.optim.final_lr_fraction=0.05 --config.optim.warmup_steps=100 \
+#     --config.flow.t_shift=3.0 --config.data.num_workers=0 --config.data.in_memory=true \
+#     --config.data.read_threads=8 --config.checkpoint.every=1000" \
+#     bash experiments/results/bundle_train.sh dit
 #   DIT_SECONDS=300 bash experiments/results/bundle_train.sh dit          # one DiT chunk (a
 #       2026-12-01 call with 360 s ran past 600 s on a cold machine: 44 s start-up, 44 s init
 #       and 70 s train-step compilation, then 75 s of evaluation). Training also stops and
