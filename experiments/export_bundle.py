@@ -3,7 +3,8 @@ r"""Packs a trained DiT and its VAE into a model bundle with its model card (moc
   python -m experiments.export_bundle --dit=/root/bw/dit --out=assets/moca-small \
       [--vae=/root/bw/vae] [--eval_dirs=eval_objects,eval_scenes] [--max_mib=24] \
       [--notes="what the card should say about how it was trained"]
-  # attach evaluations made elsewhere (and notes) to an existing bundle's card:
+  # attach evaluations made elsewhere (and notes) to an existing bundle's card, optionally
+  # setting its sampling defaults (--scene_cfg_scale, --cfg_interval=lo,hi or none):
   python -m experiments.export_bundle --update=assets/moca-small --eval_dirs=eval_objects
 
 What is written into --out:
@@ -50,6 +51,9 @@ def define_flags() -> None:
                       "--notes) to its card and rewrite MODEL_CARD.md; weights untouched.")
   flags.DEFINE_float("scene_cfg_scale", None, "--update: set the default CFG scale for scene "
                      "inputs (config.sample.scene_cfg_scale).")
+  flags.DEFINE_list("cfg_interval", None, "--update: set the default guidance interval lo,hi "
+                    "(config.sample.cfg_interval: guidance only at flow times lo <= t <= hi, "
+                    "t = 1 is noise), or 'none' for guidance at every step.")
 
 
 def inference_config(config) -> tuple:
@@ -182,6 +186,9 @@ def _sampling_line(sample: dict) -> str:
   """The sampling defaults of config.sample, as a sentence for the card."""
   line = (f"Sampling defaults: {sample.get('steps', '?')} {sample.get('method', 'euler')} "
           f"steps, CFG {sample.get('cfg_scale', '?')}")
+  if sample.get("cfg_interval"):
+    lo, hi = sample["cfg_interval"]
+    line += f" applied only at flow times {lo:g} <= t <= {hi:g} (t = 1 is noise)"
   if sample.get("scene_cfg_scale") is not None:
     line += f" (scene inputs: CFG {sample['scene_cfg_scale']})"
   return line + "."
@@ -337,15 +344,36 @@ def _copy_grids(eval_dirs, out: str) -> None:
     copy_png_compact(os.path.join(d, "grid.png"), os.path.join(out, f"{key}.png"))
 
 
+def parse_cfg_interval(values) -> Optional[list]:
+  """--cfg_interval's values -> [lo, hi] (checked by `flow.check_cfg_interval`), or None for
+  ['none'] (guidance at every step). ValueError names a bad value."""
+  from moca_jax import flow  # pylint: disable=g-import-not-at-top
+
+  if [str(v).strip().lower() for v in values] == ["none"]:
+    return None
+  return list(flow.check_cfg_interval(values))
+
+
+_KEEP = object()
+
+
 def update_card(folder: str, eval_dirs=(), notes: Optional[str] = None,
-                scene_cfg_scale: Optional[float] = None) -> dict:
+                scene_cfg_scale: Optional[float] = None, cfg_interval=_KEEP) -> dict:
   """Attaches evaluations made elsewhere (e.g. on a CPU after the GPU trained the model) and
   optionally new notes to an existing bundle: its card in bundle.json (the weights and their
   checksums are untouched), the grids and MODEL_CARD.md. scene_cfg_scale: also sets the
   sampling default for scene inputs (config.sample.scene_cfg_scale, `Pipeline.sample_settings`;
-  finite and >= 0). Returns the new bundle.json contents.
-  Raises FileNotFoundError / bundle.BundleError / ValueError (a bad scale)."""
+  finite and >= 0). cfg_interval: also sets the default guidance interval
+  (config.sample.cfg_interval, [lo, hi] or None for every step; `parse_cfg_interval`).
+  Returns the new bundle.json contents.
+  Raises FileNotFoundError / bundle.BundleError / ValueError (a bad scale or interval)."""
   info = bundle.read_info(folder)
+  if cfg_interval is not _KEEP:
+    from moca_jax import flow  # pylint: disable=g-import-not-at-top
+
+    checked = flow.check_cfg_interval(cfg_interval)
+    info["dit_config"].setdefault("sample", {})["cfg_interval"] = (
+        None if checked is None else list(checked))
   if scene_cfg_scale is not None:
     if not math.isfinite(scene_cfg_scale) or scene_cfg_scale < 0:
       raise ValueError(f"scene_cfg_scale={scene_cfg_scale!r}: must be a finite number >= 0")
@@ -368,12 +396,16 @@ def main(argv) -> None:
   f = flags.FLAGS
   if f.update:
     try:
-      update_card(f.update, f.eval_dirs, f.notes or None, f.scene_cfg_scale)
+      interval = _KEEP if f.cfg_interval is None else parse_cfg_interval(f.cfg_interval)
+      update_card(f.update, f.eval_dirs, f.notes or None, f.scene_cfg_scale, interval)
     except (FileNotFoundError, ValueError) as e:
       print(f"export_bundle: error: {e}", file=sys.stderr)
       sys.exit(2)
     extra = (f"; scene inputs now default to CFG {f.scene_cfg_scale:g}"
              if f.scene_cfg_scale is not None else "")
+    if f.cfg_interval is not None:
+      extra += ("; guidance now at every step" if interval is None else
+                f"; guidance now only at flow times {interval[0]:g} <= t <= {interval[1]:g}")
     print(f"updated the card of {f.update}{extra}")
     return
   if not f.dit or not f.out:

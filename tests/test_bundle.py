@@ -1,6 +1,7 @@
 """Model bundles: compact round trips, checks that name the folder, the pipeline loads one."""
 import json
 import os
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -171,3 +172,19 @@ def test_update_card_attaches_evaluations_and_keeps_weights(models, tmp_path):
   assert "(scene inputs: CFG 3.0)" in open(os.path.join(out, "MODEL_CARD.md")).read()
   with pytest.raises(ValueError, match="scene_cfg_scale=-1"):
     export_bundle.update_card(out, scene_cfg_scale=-1.0)
+  # A guidance interval: stored, read back by the pipeline's defaults, on the card; 'none'
+  # clears it; a bad one is refused before anything is written.
+  export_bundle.update_card(out, cfg_interval=export_bundle.parse_cfg_interval(["0.8", "1"]))
+  loaded = bundle.read_bundle(out)
+  assert list(loaded.dit_config.sample.cfg_interval) == [0.8, 1.0]
+  settings = pipeline.check_sample_settings(
+      pipeline.Pipeline.sample_settings(types.SimpleNamespace(config=loaded.dit_config), "object"))
+  assert settings["cfg_interval"] == (0.8, 1.0)
+  assert "applied only at flow times 0.8 <= t <= 1" in open(os.path.join(out, "MODEL_CARD.md")).read()
+  assert export_bundle.parse_cfg_interval(["none"]) is None
+  export_bundle.update_card(out, cfg_interval=None)
+  assert bundle.read_bundle(out).dit_config.sample.cfg_interval is None
+  with pytest.raises(ValueError, match="cfg_interval"):
+    export_bundle.parse_cfg_interval(["0.9", "0.1"])
+  for n, data in before.items():
+    assert open(os.path.join(out, n), "rb").read() == data
