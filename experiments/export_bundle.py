@@ -253,10 +253,13 @@ def model_card(info: dict) -> str:
     lines.append("")
   for name, ev in (card.get("evaluation") or {}).items():
     meta = ev.get("meta", {})
+    interval = meta.get("cfg_interval")
+    guidance = f"CFG {meta.get('cfg', '?')}" + (
+        f" at flow times {interval[0]:g} <= t <= {interval[1]:g}" if interval else "")
+    size = f", inputs rendered at {meta['image_size']} px" if meta.get("image_size") else ""
     lines += [f"## Evaluation: {name}", "", f"{ev.get('items', '?')} held-out items "
-              f"({meta.get('source', '?')}, {meta.get('steps', '?')} Euler steps, CFG "
-              f"{meta.get('cfg', '?')}; {meta.get('machine', '')}), {ev.get('skipped', 0)} "
-              "skipped.", "",
+              f"({meta.get('source', '?')}, {meta.get('steps', '?')} Euler steps, {guidance}"
+              f"{size}; {meta.get('machine', '')}), {ev.get('skipped', 0)} skipped.", "",
               "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(val)} |" for k, val in ev.get("mean", {}).items()]
     lines += ["", f"![{name}]({name}.png)", ""]

@@ -155,6 +155,14 @@ def test_update_card_attaches_evaluations_and_keeps_weights(models, tmp_path):
       {"mean": {"cd": 0.25}, "rows": [{}, {}], "skipped": [], "meta": {"steps": 5}}))
   (ev / "grid.png").write_bytes(b"png")
   export_bundle.update_card(out, [str(ev)], notes="evaluated on a CPU")
+  interval_ev = tmp_path / "eval_interval"
+  interval_ev.mkdir()
+  (interval_ev / "metrics.json").write_text(json.dumps(
+      {"mean": {"cd": 0.2}, "rows": [{}], "skipped": [],
+       "meta": {"steps": 5, "cfg": 7.0, "cfg_interval": [0.8, 1.0], "image_size": 112}}))
+  export_bundle.update_card(out, [str(interval_ev)])
+  assert "CFG 7.0 at flow times 0.8 <= t <= 1, inputs rendered at 112 px" in open(
+      os.path.join(out, "MODEL_CARD.md")).read()
   info = bundle.read_info(out)
   assert info["card"]["evaluation"]["eval_objects"]["items"] == 2
   assert info["card"]["notes"] == "evaluated on a CPU" and info["card"]["name"] == "t"
