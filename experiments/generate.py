@@ -336,7 +336,18 @@ def main(argv) -> int:
       + (f"; skipped {n_skip}" if n_skip else "")
       + (" (see summary.json)" if n_empty or n_skip else "")
   )
+  print(sampling_line(summary))
   return exit_code(n_ok, n_skip)
+
+
+def sampling_line(summary: dict) -> str:
+  """The sampling settings a run used (its summary.json fields), as one console line."""
+  interval = summary.get("cfg_interval")
+  guidance = f"CFG {summary['cfg']:g}"
+  if interval is not None and summary["cfg"] != 1.0:
+    guidance += f" at flow times {interval[0]:g} <= t <= {interval[1]:g}"
+  return (f"sampling: {summary['steps']} {summary['method']} steps, {guidance}, "
+          f"seed {summary['seed']}")
 
 
 EXIT_OK, EXIT_PARTIAL, EXIT_NOTHING = 0, 1, 2

@@ -291,6 +291,15 @@ def test_output_names_and_exit_codes():
   assert [generate.exit_code(*a) for a in ((2, 0), (1, 1), (0, 3), (0, 0))] == [0, 1, 2, 2]
 
 
+def test_console_names_the_sampling_settings():
+  run = {"steps": 50, "method": "euler", "cfg": 7.0, "cfg_interval": [0.8, 1.0], "seed": 3}
+  assert generate.sampling_line(run) == (
+      "sampling: 50 euler steps, CFG 7 at flow times 0.8 <= t <= 1, seed 3")
+  assert generate.sampling_line(dict(run, cfg_interval=None)) == (
+      "sampling: 50 euler steps, CFG 7, seed 3")
+  assert generate.sampling_line(dict(run, cfg=1.0)) == "sampling: 50 euler steps, CFG 1, seed 3"
+
+
 def test_scene_conditions_layout():
   img = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(1, 4, 4, 3)
   mask = np.array([[[1, 1, 2, 2]] * 4], np.uint8)
