@@ -5,8 +5,9 @@ r"""Input-pipeline benchmark: the real training step fed by the pipeline vs from
       --seconds=2 --min_steps=3 --inline_seconds=1 --warmup=3 --workers=1 --out=/tmp/ip  # smoke
 
 For each task (the VAE on its analytic source, the DiT on its synthetic source or, with
---dit_data, on real latent shards) it builds the training step of `moca_jax.train_lib` (AdamW, EMA; the task's loss, config and shardings),
-compiles it ahead of time, and times it in three feeds:
+--dit_data, on real latent shards) it builds the training step of `moca_jax.train_lib`
+(AdamW, EMA; the task's loss, config and shardings), compiles it ahead of time, and times it
+in three feeds (four for the DiT on latent shards):
   memory     one batch already on the device, reused every step (the step's own rate)
   pipeline   the task's iterator (`make_iterator_fn`) with --workers (VAE) / --dit_workers
              input worker processes, `model_batch`, `sharding.shard_batch`: what
@@ -64,7 +65,9 @@ def define_flags() -> None:
   flags.DEFINE_string(
       "dit_bundle", "", "A bundle of --dit_size whose latent statistics the --dit_data row uses."
   )
-  flags.DEFINE_string("dit_dtype", "auto", "DiT compute dtype: auto (bf16 on GPU), float32, bfloat16.")
+  flags.DEFINE_string(
+      "dit_dtype", "auto", "DiT compute dtype: auto (bf16 on GPU), float32, bfloat16."
+  )
   flags.DEFINE_integer(
       "dit_read_threads", 8, "Threads of the in-memory feed (--dit_data; 0: grain's 16)."
   )

@@ -188,7 +188,8 @@ def test_update_card_attaches_evaluations_and_keeps_weights(models, tmp_path):
   settings = pipeline.check_sample_settings(
       pipeline.Pipeline.sample_settings(types.SimpleNamespace(config=loaded.dit_config), "object"))
   assert settings["cfg_interval"] == (0.8, 1.0)
-  assert "applied only at flow times 0.8 <= t <= 1" in open(os.path.join(out, "MODEL_CARD.md")).read()
+  card = open(os.path.join(out, "MODEL_CARD.md")).read()
+  assert "applied only at flow times 0.8 <= t <= 1" in card
   assert export_bundle.parse_cfg_interval(["none"]) is None
   export_bundle.update_card(out, cfg_interval=None)
   assert bundle.read_bundle(out).dit_config.sample.cfg_interval is None

@@ -413,11 +413,13 @@ def test_cli_renders_inputs_at_the_models_size_by_default(monkeypatch):
 
   seen = {}
   monkeypatch.setattr(pipeline, "load_pipeline", lambda path: FakePipe())
-  monkeypatch.setattr(E, "items_from_split", lambda split, kind, limit, size: seen.update(size=size) or [])
+  monkeypatch.setattr(E, "items_from_split",
+                      lambda split, kind, limit, size: seen.update(size=size) or [])
   monkeypatch.setattr(E, "pipeline_predict_fn", lambda *a, **k: None)
   monkeypatch.setattr(E, "perturbed_gt_predict_fn", lambda *a, **k: None)
   monkeypatch.setattr(E, "evaluate_items", lambda *a, **k: {"rows": [], "skipped": []})
-  monkeypatch.setattr(E, "write_report", lambda out, result, kind, method, meta: seen.update(meta=meta) or {})
+  monkeypatch.setattr(E, "write_report",
+                      lambda out, result, kind, method, meta: seen.update(meta=meta) or {})
   flags = dict(benchmark_nn=False, split="val", glb_dir=None, kind="object", limit=1, image_size=0,
                perturb=None, checkpoint_dir="some/model", component_buckets=None, steps=None,
                cfg=None, cfg_interval=None, num_components=None, seed=0, method="m",
