@@ -15,7 +15,7 @@ objects, Table 2's for scenes; `experiments.cfg_sweep.METRICS`), the empty parts
 and the mean paired difference to the reference run (the first, or --reference) over the
 same items with its standard error. The runs must agree on the items and their kind; the
 sampling settings in which they differ (`SAMPLING_KEYS`: CFG scale and interval, steps,
-surface samples, seed, self-IoU grid) and their model weights (the bundle fingerprint
+surface samples, seed, self-IoU grid, render size, sampler time shift) and their model weights (the bundle fingerprint
 `experiments.evaluate` records) are listed per run, so a table never hides what changed.
 (`experiments.cfg_sweep` is the special case of one model across CFG scales.) Nothing is
 measured here.
@@ -38,7 +38,7 @@ from moca_jax import io as mio
 
 # The evaluate settings that must agree for a comparison of checkpoints to be fair.
 SAMPLING_KEYS = ("cfg", "cfg_interval", "steps", "num_samples", "seed", "voxel_resolution",
-                 "object_frame", "image_size")
+                 "object_frame", "image_size", "time_shift")
 
 
 def check_comparable(runs: Sequence[dict]) -> str:
@@ -107,12 +107,15 @@ def _cell(entry: dict, k: str, is_reference: bool) -> str:
 SETTING_NAMES = {"steps": "Euler steps", "cfg": "CFG", "cfg_interval": "CFG interval",
                  "num_samples": "surface samples", "seed": "seed",
                  "voxel_resolution": "self-IoU grid", "object_frame": "object frame",
-                 "weights_sha256": "weights", "image_size": "input render px"}
+                 "weights_sha256": "weights", "image_size": "input render px",
+                 "time_shift": "sampler time shift"}
 
 
 def _setting_value(key: str, value) -> str:
   if key == "cfg_interval" and value is None:
     return "every step"
+  if key == "time_shift" and value is None:  # recorded only when not 1
+    return "1"
   if key == "weights_sha256" or value is None:
     return str(value)[:12] if value else "not recorded"
   return f"{value:g}" if isinstance(value, float) else str(value)

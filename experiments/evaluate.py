@@ -68,6 +68,12 @@ def define_flags() -> None:
       "lo,hi: guidance only at flow times lo <= t <= hi (t = 1 is noise), the conditional "
       "pass alone elsewhere (default: the checkpoint config's, else every step).",
   )
+  flags.DEFINE_float(
+      "time_shift",
+      None,
+      "Sampler time shift s > 0: the uniform Euler grid warped as t' = s t / (1 + (s - 1) t), "
+      "s > 1 putting more steps at high noise (default: the checkpoint config's, else 1).",
+  )
   flags.DEFINE_list(
       "component_buckets",
       None,
@@ -142,7 +148,7 @@ def run(f) -> dict:
       pipe.component_buckets = tuple(int(k) for k in f.component_buckets)
     resolved = pipeline.check_sample_settings(
         pipe.sample_settings(f.kind, steps=f.steps, cfg_scale=f.cfg,
-                             cfg_interval=f.cfg_interval or None)
+                             cfg_interval=f.cfg_interval or None, time_shift=f.time_shift)
     )
     if f.num_components is not None:
       guidance = None if resolved["cfg_scale"] == 1.0 else resolved["cfg_scale"]
@@ -150,9 +156,11 @@ def run(f) -> dict:
     sample = {"steps": resolved["steps"], "cfg": resolved["cfg_scale"]}
     if resolved["cfg_interval"] is not None:
       sample["cfg_interval"] = list(resolved["cfg_interval"])
+    if resolved["time_shift"] != 1.0:
+      sample["time_shift"] = resolved["time_shift"]
     predict = E.pipeline_predict_fn(
         f.checkpoint_dir, f.steps, f.cfg, f.seed, f.num_components, pipe=pipe,
-        cfg_interval=resolved["cfg_interval"],
+        cfg_interval=resolved["cfg_interval"], time_shift=resolved["time_shift"],
     )
     method = f.method
   settings = E.MetricSettings(

@@ -208,6 +208,7 @@ def pipeline_predict_fn(
     pipe=None,
     on_result: Optional[Callable] = None,
     cfg_interval: Optional[tuple] = None,
+    time_shift: Optional[float] = None,
 ) -> PredictFn:
   """Wraps `moca_jax.pipeline.Pipeline` as predict_fn(item) -> predicted parts.
 
@@ -219,7 +220,8 @@ def pipeline_predict_fn(
   [1, H, W]; the pipeline rejects a mask where an instance is not visible at all (the
   item is then skipped and reported). steps / cfg default to the checkpoint's
   config.sample (a scene: its scene_cfg_scale where set); cfg_interval (guidance only at
-  flow times lo <= t <= hi, `moca_jax.flow.sample_ode`) too. `pipe`: an already loaded pipeline (tests, the demo). `on_result(item,
+  flow times lo <= t <= hi, `moca_jax.flow.sample_ode`) and time_shift (the sampler's
+  time grid, `moca_jax.flow.time_grid`) too. `pipe`: an already loaded pipeline (tests, the demo). `on_result(item,
   output)` is called with every PipelineOutput (the demo writes files with it). The
   routing maps of the last call are kept in predict_fn.last_routing.
   """
@@ -251,6 +253,7 @@ def pipeline_predict_fn(
         force=num_components is None,
         kind=item.kind,
         cfg_interval=cfg_interval,
+        time_shift=time_shift,
     )
     if on_result is not None:
       on_result(item, res)

@@ -605,6 +605,7 @@ class Pipeline:
       force: bool = False,
       kind: Optional[str] = None,
       cfg_interval: Optional[tuple] = None,
+      time_shift: Optional[float] = None,
   ) -> tuple[np.ndarray, dict]:
     """Images -> (latents [B, N, L, C], routing) as numpy (see `sample_latents`).
 
@@ -618,13 +619,14 @@ class Pipeline:
     the result is the unpadded one up to float rounding (bundled model, 10 steps: |dz| <
     2e-4 on latents of magnitude ~7; the meshes and metrics move in the 5th digit).
     kind ('object' / 'scene'; None: 'scene' when masks are given) picks the default CFG
-    scale (`sample_settings`).
+    scale (`sample_settings`). time_shift (> 0; default config.sample's, else 1) warps the
+    uniform Euler grid toward high noise, t' = s t / (1 + (s - 1) t) (`flow.time_grid`).
     """
     if kind is None:
       kind = "object" if masks is None else "scene"
     s = check_sample_settings(
         self.sample_settings(kind, steps=steps, cfg_scale=cfg_scale, method=method,
-                             cfg_interval=cfg_interval)
+                             cfg_interval=cfg_interval, time_shift=time_shift)
     )
     guidance = None if s["cfg_scale"] == 1.0 else s["cfg_scale"]
     self.check_num_components(num_components, guidance, force)
@@ -708,6 +710,7 @@ class Pipeline:
       strict: bool = True,
       kind: Optional[str] = None,
       cfg_interval: Optional[tuple] = None,
+      time_shift: Optional[float] = None,
   ) -> PipelineOutput:
     """Image(s) -> PipelineOutput(latents [B, N, L, C], meshes [B][N], routing, errors).
 
@@ -734,6 +737,7 @@ class Pipeline:
         force=force,
         kind=kind,
         cfg_interval=cfg_interval,
+        time_shift=time_shift,
     )
     finite = np.isfinite(z).reshape(z.shape[0], -1).all(axis=1)
     errors = {
