@@ -253,6 +253,8 @@ def measure(
     batches.append(next(inline_iter))
     host_times.append(time.perf_counter() - t)
   first = batches[0]
+  if hasattr(inline_iter, "close"):  # nothing of it may run while the other feeds are timed
+    inline_iter.close()
   batch_spec = sharding.global_batch_spec(prepare(first))
   tx = optimizer(config, init_fn, setup["trainable_fn"], batch_spec)
   schedule = train_lib.make_schedule(config.optim)
@@ -279,9 +281,12 @@ def measure(
   if hasattr(it, "close"):
     it.close()  # stop the workers before the inline run
 
+  inline_iter = setup["iterator_fn"](inline_config)()
   state, inline_rate, inline_steps = timed(
       state, lambda: sharding.shard_batch(prepare(next(inline_iter)), mesh), 1, inline_seconds
   )
+  if hasattr(inline_iter, "close"):
+    inline_iter.close()
   extra = {}
   if setup.get("cached_config") is not None:  # the records decoded once, batched in threads
     t = time.perf_counter()

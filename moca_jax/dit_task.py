@@ -378,7 +378,7 @@ def input_feed(data_config) -> tuple:
 
   data.in_memory (default False): decode the latent records once into host memory
   (`data_pipeline.loader.InMemoryRecords`) and make batches with data.read_threads threads
-  of the training process (0: grain's default of 16); the batches are the same as without.
+  of the training process (0: `data_pipeline.loader.DEFAULT_READ_THREADS`); the batches are the same as without.
   It cannot be combined with data.num_workers > 0 (each worker process would hold its own
   copy of the records): ValueError.
   """
@@ -433,10 +433,7 @@ def make_iterator_fn(config, split: str = "train", shuffle: bool = True) -> Call
 
   ds = loader.process_blocks(ds, local_batch, jax.process_index(), nproc)
   ds = ds.batch(local_batch, drop_remainder=True)
-  iter_ds = ds.to_iter_dataset()
-  if config.data.num_workers > 0:
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
-  return lambda: iter(iter_ds)
+  return lambda: loader.make_iterator(ds, config.data.num_workers)
 
 
 def model_batch(batch: dict) -> dict:

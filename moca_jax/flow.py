@@ -313,11 +313,14 @@ def check_cfg_interval(cfg_interval) -> Optional[Tuple[float, float]]:
   Raises ValueError naming the value."""
   if cfg_interval is None:
     return None
+  # a flag's list of strings reads back as the user typed it (0.9,0.1), anything else as repr
+  shown = (",".join(cfg_interval) if isinstance(cfg_interval, (list, tuple)) and
+           all(isinstance(v, str) for v in cfg_interval) else repr(cfg_interval))
   try:
     lo, hi = (float(v) for v in cfg_interval)
   except (TypeError, ValueError) as e:
-    raise ValueError(f"cfg_interval={cfg_interval!r}: expected two numbers lo,hi") from e
+    raise ValueError(f"cfg_interval={shown}: expected two numbers lo,hi") from e
   if not (np.isfinite(lo) and np.isfinite(hi) and 0.0 <= lo <= hi <= 1.0):
-    raise ValueError(f"cfg_interval={cfg_interval!r}: needs 0 <= lo <= hi <= 1 (flow times, "
+    raise ValueError(f"cfg_interval={shown}: needs 0 <= lo <= hi <= 1 (flow times, "
                      "t = 1 is noise)")
   return (lo, hi)

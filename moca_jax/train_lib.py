@@ -471,9 +471,13 @@ def run_training(
   mesh = mesh or sharding.make_mesh(config.mesh.get("data", -1), config.mesh.get("fsdp", 1))
   sharding.check_batch_divisible(config.batch_size, mesh)
   prepare_fn = prepare_fn or (lambda b: b)
-  first = prepare_fn(next(iter(make_iterator())))  # a throwaway iterator gives the shapes
-  batch_spec = sharding.global_batch_spec(first)  # local rows x process count
+  throwaway = iter(make_iterator())  # gives the shapes, then is closed: its read-ahead
+  first = prepare_fn(next(throwaway))  # (and worker processes) must not compete with the
+  batch_spec = sharding.global_batch_spec(first)  # real iterator's; local rows x processes
   del first
+  if hasattr(throwaway, "close"):
+    throwaway.close()
+  del throwaway
   iterator = make_iterator()
 
   rng = jax.random.PRNGKey(config.seed)

@@ -83,6 +83,7 @@ class _FakePipeline:
       force=False,
       kind=None,
       cfg_interval=None,
+      time_shift=None,
   ):
     import types
 
@@ -97,6 +98,7 @@ class _FakePipeline:
             force=force,
             kind=kind,
             cfg_interval=cfg_interval,
+            time_shift=time_shift,
         )
     )
     b, g, h, n = 1, 1, 2, num_components
@@ -124,12 +126,14 @@ def test_pipeline_predict_fn_calls_the_pipeline(kind):
       pipe=fake,
       on_result=lambda it, res: seen.append((it.name, res)),
       cfg_interval=(0.8, 1.0),
+      time_shift=3.0,
   )
   r = E.evaluate_items([item], predict, FAST, progress=False)
   (call,) = fake.calls
   assert call["images"].shape == (1, 32, 32, 3) and call["images"].dtype == np.uint8
   assert (call["n"], call["steps"], call["cfg"], call["seed"]) == (3, 7, 2.0, 5)
   assert call["cfg_interval"] == (0.8, 1.0)  # passed through to the pipeline
+  assert call["time_shift"] == 3.0
   assert call["force"]  # the protocol's ground-truth count, even above the trained maximum
   assert call["kind"] == kind  # picks the default CFG scale of its kind when cfg is None
   if kind == "scene":
@@ -409,7 +413,8 @@ def test_cli_renders_inputs_at_the_models_size_by_default(monkeypatch):
 
     def sample_settings(self, kind, **kw):
       return {"steps": kw.get("steps") or 3, "cfg_scale": kw.get("cfg_scale") or 2.0,
-              "method": "euler", "time_shift": 1.0, "cfg_interval": None}
+              "method": "euler", "time_shift": kw.get("time_shift") or 1.0,
+              "cfg_interval": None}
 
   seen = {}
   monkeypatch.setattr(pipeline, "load_pipeline", lambda path: FakePipe())
@@ -422,11 +427,15 @@ def test_cli_renders_inputs_at_the_models_size_by_default(monkeypatch):
                       lambda out, result, kind, method, meta: seen.update(meta=meta) or {})
   flags = dict(benchmark_nn=False, split="val", glb_dir=None, kind="object", limit=1, image_size=0,
                perturb=None, checkpoint_dir="some/model", component_buckets=None, steps=None,
-               cfg=None, cfg_interval=None, num_components=None, seed=0, method="m",
+               cfg=None, cfg_interval=None, time_shift=None, num_components=None, seed=0,
+               method="m",
                num_samples=100, voxel_resolution=8, nn_backend="kdtree", object_frame="instance",
                grid_rows=1, out_dir="unused")
   cli_eval.run(types.SimpleNamespace(**flags))
   assert seen["size"] == 40 and seen["meta"]["image_size"] == 40
+  assert "time_shift" not in seen["meta"]  # the uniform grid: not recorded (old runs lack it)
+  cli_eval.run(types.SimpleNamespace(**dict(flags, time_shift=3.0)))
+  assert seen["meta"]["time_shift"] == 3.0
   cli_eval.run(types.SimpleNamespace(**dict(flags, image_size=56)))
   assert seen["size"] == 56 and seen["meta"]["image_size"] == 56
   cli_eval.run(types.SimpleNamespace(**dict(flags, perturb=0.01, checkpoint_dir=None)))
