@@ -215,3 +215,27 @@ def test_threaded_iterator_resumes_in_the_other_feed(tmp_path):
   _assert_same_batches(expected, [next(it2) for _ in range(5)])
   with pytest.raises(ValueError, match="read_threads"):
     loader.make_iterator(loader.latent_dataset(d, **kw), read_threads=-1)
+
+
+@pytest.mark.parametrize("read_threads", [0, 3])
+def test_iterator_reads_a_bounded_number_of_elements_ahead(read_threads):
+  """The elements are whole batches, so the iterator may make only a few ahead (grain's own
+  default makes 500 in background threads, decoding for minutes and holding gigabytes)."""
+  import threading
+  import time
+
+  import grain
+
+  made, lock = [], threading.Lock()
+
+  def make(i):
+    with lock:
+      made.append(int(i))
+    return np.full((2,), i)
+
+  it = loader.make_iterator(grain.MapDataset.range(1000).map(make), read_threads=read_threads)
+  first = [int(next(it)[0]) for _ in range(3)]
+  time.sleep(0.5)  # let the read-ahead run as far as it is allowed to
+  threads = read_threads or loader.DEFAULT_READ_THREADS
+  assert first == [0, 1, 2]
+  assert 3 < len(made) <= 3 + 2 * threads + threads  # buffer + one element in flight per thread
