@@ -54,6 +54,8 @@ def define_flags() -> None:
   flags.DEFINE_list("cfg_interval", None, "--update: set the default guidance interval lo,hi "
                     "(config.sample.cfg_interval: guidance only at flow times lo <= t <= hi, "
                     "t = 1 is noise), or 'none' for guidance at every step.")
+  flags.DEFINE_float("time_shift", None, "--update: set the sampler's default time shift "
+                     "(config.sample.time_shift, > 0; 1 = the uniform Euler grid).")
 
 
 def inference_config(config) -> tuple:
@@ -191,6 +193,10 @@ def _sampling_line(sample: dict) -> str:
     line += f" applied only at flow times {lo:g} <= t <= {hi:g} (t = 1 is noise)"
   if sample.get("scene_cfg_scale") is not None:
     line += f" (scene inputs: CFG {sample['scene_cfg_scale']})"
+  if sample.get("time_shift", 1.0) != 1.0:
+    s = sample["time_shift"]
+    line += (f"; the Euler grid is shifted toward noise by {s:g} (t' = {s:g}t / (1 + "
+             f"{s - 1:g}t) on the uniform grid)")
   return line + "."
 
 
@@ -361,15 +367,18 @@ _KEEP = object()
 
 
 def update_card(folder: str, eval_dirs=(), notes: Optional[str] = None,
-                scene_cfg_scale: Optional[float] = None, cfg_interval=_KEEP) -> dict:
+                scene_cfg_scale: Optional[float] = None, cfg_interval=_KEEP,
+                time_shift: Optional[float] = None) -> dict:
   """Attaches evaluations made elsewhere (e.g. on a CPU after the GPU trained the model) and
   optionally new notes to an existing bundle: its card in bundle.json (the weights and their
   checksums are untouched), the grids and MODEL_CARD.md. scene_cfg_scale: also sets the
   sampling default for scene inputs (config.sample.scene_cfg_scale, `Pipeline.sample_settings`;
   finite and >= 0). cfg_interval: also sets the default guidance interval
   (config.sample.cfg_interval, [lo, hi] or None for every step; `parse_cfg_interval`).
-  Returns the new bundle.json contents.
-  Raises FileNotFoundError / bundle.BundleError / ValueError (a bad scale or interval)."""
+  time_shift: also sets the sampler's time shift (config.sample.time_shift, finite and > 0;
+  `moca_jax.flow.time_grid`). Returns the new bundle.json contents.
+  Raises FileNotFoundError / bundle.BundleError / ValueError (a bad scale, interval or
+  shift)."""
   info = bundle.read_info(folder)
   if cfg_interval is not _KEEP:
     from moca_jax import flow  # pylint: disable=g-import-not-at-top
@@ -381,6 +390,10 @@ def update_card(folder: str, eval_dirs=(), notes: Optional[str] = None,
     if not math.isfinite(scene_cfg_scale) or scene_cfg_scale < 0:
       raise ValueError(f"scene_cfg_scale={scene_cfg_scale!r}: must be a finite number >= 0")
     info["dit_config"].setdefault("sample", {})["scene_cfg_scale"] = float(scene_cfg_scale)
+  if time_shift is not None:
+    if not math.isfinite(time_shift) or time_shift <= 0:
+      raise ValueError(f"time_shift={time_shift!r}: must be a finite number > 0")
+    info["dit_config"].setdefault("sample", {})["time_shift"] = float(time_shift)
   card = dict(info.get("card") or {})
   card["evaluation"] = {**(card.get("evaluation") or {}), **read_evaluations(eval_dirs)}
   if notes is not None:
@@ -400,7 +413,8 @@ def main(argv) -> None:
   if f.update:
     try:
       interval = _KEEP if f.cfg_interval is None else parse_cfg_interval(f.cfg_interval)
-      update_card(f.update, f.eval_dirs, f.notes or None, f.scene_cfg_scale, interval)
+      update_card(f.update, f.eval_dirs, f.notes or None, f.scene_cfg_scale, interval,
+                  f.time_shift)
     except (FileNotFoundError, ValueError) as e:
       print(f"export_bundle: error: {e}", file=sys.stderr)
       sys.exit(2)
@@ -409,6 +423,8 @@ def main(argv) -> None:
     if f.cfg_interval is not None:
       extra += ("; guidance now at every step" if interval is None else
                 f"; guidance now only at flow times {interval[0]:g} <= t <= {interval[1]:g}")
+    if f.time_shift is not None:
+      extra += f"; sampler time shift now {f.time_shift:g}"
     print(f"updated the card of {f.update}{extra}")
     return
   if not f.dit or not f.out:

@@ -107,6 +107,7 @@ def run(
     force_components: bool = False,
     kind: Optional[str] = None,
     cfg_interval: Optional[tuple] = None,
+    time_shift: Optional[float] = None,
 ) -> dict:
   """The CLI as a function: one image file or a folder of images. Returns the summary.
 
@@ -126,7 +127,8 @@ def run(
     raise ValueError(f"batch_size={batch_size}: must be >= 1")
   if resolution < 8:
     raise ValueError(f"resolution={resolution}: must be >= 8")
-  given = {"steps": steps, "cfg_scale": cfg, "method": method, "cfg_interval": cfg_interval}
+  given = {"steps": steps, "cfg_scale": cfg, "method": method, "cfg_interval": cfg_interval,
+           "time_shift": time_shift}
   pipeline.check_sample_settings(  # the flags given, before the checkpoint is read
       {**pipeline.SAMPLE_DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
   )
@@ -150,7 +152,7 @@ def run(
   kind = kind or ("scene" if masks else "object")
   settings = pipeline.check_sample_settings(
       pipe.sample_settings(kind, steps=steps, cfg_scale=cfg, method=method,
-                           cfg_interval=cfg_interval)
+                           cfg_interval=cfg_interval, time_shift=time_shift)
   )
   pipe.check_num_components(
       num_components,
@@ -164,6 +166,7 @@ def run(
       "steps": settings["steps"],
       "cfg": settings["cfg_scale"],
       "cfg_interval": settings["cfg_interval"],
+      "time_shift": settings["time_shift"],
       "kind": kind,
       "method": settings["method"],
       "seed": seed,
@@ -200,6 +203,7 @@ def run(
         cfg_scale=settings["cfg_scale"],
         method=settings["method"],
         cfg_interval=settings["cfg_interval"],
+        time_shift=settings["time_shift"],
         seed=seed + start,
         allow_empty=allow_empty,
         force=force_components,
@@ -277,6 +281,12 @@ def define_flags() -> None:
       "pass alone elsewhere, which is cheaper (default: the checkpoint's config, else every "
       "step).",
   )
+  flags.DEFINE_float(
+      "time_shift",
+      None,
+      "Sampler time shift s > 0: the uniform Euler grid warped as t' = s t / (1 + (s - 1) t), "
+      "s > 1 putting more steps at high noise (default: the checkpoint's config, else 1).",
+  )
   flags.DEFINE_string("vae", None, "VAE workdir (default: the one in the checkpoint config).")
   flags.DEFINE_integer("resolution", 128, "Marching-cubes grid resolution per axis.")
   flags.DEFINE_integer("batch_size", 4, "Images per sampling batch in folder mode.")
@@ -322,6 +332,7 @@ def main(argv) -> int:
         force_components=f.force_components,
         kind=f.kind,
         cfg_interval=f.cfg_interval or None,
+        time_shift=f.time_shift,
     )
   except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
     print(f"generate: error: {e}", file=sys.stderr)
@@ -346,7 +357,9 @@ def sampling_line(summary: dict) -> str:
   guidance = f"CFG {summary['cfg']:g}"
   if interval is not None and summary["cfg"] != 1.0:
     guidance += f" at flow times {interval[0]:g} <= t <= {interval[1]:g}"
-  return (f"sampling: {summary['steps']} {summary['method']} steps, {guidance}, "
+  shift = summary.get("time_shift", 1.0)
+  grid = f" (time shift {shift:g})" if shift != 1.0 else ""
+  return (f"sampling: {summary['steps']} {summary['method']} steps{grid}, {guidance}, "
           f"seed {summary['seed']}")
 
 

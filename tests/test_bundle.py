@@ -191,6 +191,11 @@ def test_update_card_attaches_evaluations_and_keeps_weights(models, tmp_path):
   card = open(os.path.join(out, "MODEL_CARD.md")).read()
   assert "applied only at flow times 0.8 <= t <= 1" in card
   assert export_bundle.parse_cfg_interval(["none"]) is None
+  export_bundle.update_card(out, time_shift=3.0)
+  assert bundle.read_bundle(out).dit_config.sample.time_shift == 3.0
+  assert "shifted toward noise by 3" in open(os.path.join(out, "MODEL_CARD.md")).read()
+  with pytest.raises(ValueError, match="time_shift"):
+    export_bundle.update_card(out, time_shift=0.0)
   export_bundle.update_card(out, cfg_interval=None)
   assert bundle.read_bundle(out).dit_config.sample.cfg_interval is None
   with pytest.raises(ValueError, match=r"cfg_interval=0\.9,0\.1: needs 0 <= lo <= hi"):

@@ -298,6 +298,8 @@ def test_console_names_the_sampling_settings():
   assert generate.sampling_line(dict(run, cfg_interval=None)) == (
       "sampling: 50 euler steps, CFG 7, seed 3")
   assert generate.sampling_line(dict(run, cfg=1.0)) == "sampling: 50 euler steps, CFG 1, seed 3"
+  assert generate.sampling_line(dict(run, cfg=1.0, time_shift=3.0)) == (
+      "sampling: 50 euler steps (time shift 3), CFG 1, seed 3")
 
 
 def test_scene_conditions_layout():
