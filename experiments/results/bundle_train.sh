@@ -18,6 +18,19 @@
 #     --config.flow.t_shift=3.0 --config.data.num_workers=0 --config.data.in_memory=true \
 #     --config.data.read_threads=8 --config.checkpoint.every=1000" \
 #     bash experiments/results/bundle_train.sh dit
+# Round 7 (2026-12-02), the same warm machine, three chained calls (data 310 s; dit 492 s;
+# bench_input then the same dit call resumed, 354 s): a params-only warm restart from round 6
+#   INIT_BUNDLE=assets/moca-small bash experiments/results/bundle_train.sh data
+#   CALL_START=$(date +%s) INIT_BUNDLE=assets/moca-small DIT_NAME=r7 DIT_CALL_S=575 \
+#     DIT_EXTRA="--config.batch_size=64 --config.num_steps=9000 \
+#     --config.optim.total_steps=9000 --config.optim.schedule=cosine --config.optim.lr=2e-4 \
+#     --config.optim.final_lr_fraction=0.05 --config.optim.warmup_steps=100 \
+#     --config.flow.t_shift=3.0 --config.data.num_workers=0 --config.data.in_memory=true \
+#     --config.data.read_threads=8 --config.checkpoint.every=1000" \
+#     bash experiments/results/bundle_train.sh dit
+# An exported bundle carries its training config's sampling defaults, not the warm-start
+# bundle's: set them again before shipping (export_bundle --update --scene_cfg_scale=1
+# --cfg_interval=0.8,1 ...).
 #   DIT_SECONDS=300 bash experiments/results/bundle_train.sh dit          # one DiT chunk (a
 #       2026-12-01 call with 360 s ran past 600 s on a cold machine: 44 s start-up, 44 s init
 #       and 70 s train-step compilation, then 75 s of evaluation). Training also stops and
