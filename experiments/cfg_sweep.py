@@ -96,8 +96,8 @@ def paired(a: Sequence[float], b: Sequence[float]) -> tuple:
 def summarize(runs: List[dict], reference_cfg: float) -> dict:
   """Per setting (sorted by CFG scale): means and paired differences to the reference run.
   Raises ValueError when the runs scored different items, come from different bundles (their
-  meta.weights_sha256, `moca_jax.bundle.weights_sha256`, where every run records one) or no
-  run has `reference_cfg`."""
+  meta.weights_sha256, `moca_jax.bundle.weights_sha256`, where every run records one), differ
+  in their guidance interval or sampler time shift, or no run has `reference_cfg`."""
   paths = [run["path"] for run in runs]
   twice = sorted({p for p in paths if paths.count(p) > 1})
   if twice:
@@ -116,6 +116,14 @@ def summarize(runs: List[dict], reference_cfg: float) -> dict:
     raise ValueError("the runs come from different model weights (bundle fingerprints: " + ", ".join(
         f"{run['path']} {run['meta']['weights_sha256'][:12]}" for run in runs)
         + "); a CFG sweep compares settings of one model (experiments.compare_runs compares models)")
+  for key in ("cfg_interval", "time_shift"):  # a CFG sweep varies the scale alone
+    values = {repr(run["meta"].get(key)) for run in runs}
+    if key == "time_shift" and "None" in values:  # runs older than its record: not checked
+      continue
+    if len(values) > 1:
+      raise ValueError(f"the runs differ in {key} (" + ", ".join(
+          f"{run['path']} {run['meta'].get(key)}" for run in runs)
+          + "); a CFG sweep varies the scale alone (experiments.compare_runs compares settings)")
   ref = [r for r in runs if r["cfg"] == reference_cfg]
   if not ref:
     raise ValueError(f"no run has the reference CFG scale {reference_cfg:g} (have "

@@ -114,8 +114,6 @@ SETTING_NAMES = {"steps": "Euler steps", "cfg": "CFG", "cfg_interval": "CFG inte
 def _setting_value(key: str, value) -> str:
   if key == "cfg_interval" and value is None:
     return "every step"
-  if key == "time_shift" and value is None:  # recorded only when not 1
-    return "1"
   if key == "weights_sha256" or value is None:
     return str(value)[:12] if value else "not recorded"
   return f"{value:g}" if isinstance(value, float) else str(value)

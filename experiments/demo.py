@@ -197,7 +197,11 @@ def run_bundle_demo(
   print(f"model    {folder}\n         {_card_line(pipe, folder)}")
   print(
       f"settings {objects} object(s) + {scenes} scene(s) with <= {pipe.max_components} parts, "
-      f"{settings['steps']} {settings['method']} steps, CFG {settings['cfg_scale']:g}"
+      f"{settings['steps']} {settings['method']} steps"
+      + (f" (time shift {settings['time_shift']:g})" if settings["time_shift"] != 1.0 else "")
+      + f", CFG {settings['cfg_scale']:g}"
+      + (" at flow times {:g} <= t <= {:g}".format(*settings["cfg_interval"])
+         if settings["cfg_interval"] is not None else "")
       + (f" (scenes {scene_cfg:g})" if scenes and scene_cfg != settings["cfg_scale"] else "")
       + ", "
       f"marching cubes {resolution}^3, renders {size} px, {eval_samples} surface samples "
@@ -244,6 +248,9 @@ def run_bundle_demo(
         "split": split,
         "steps": settings["steps"],
         "cfg": scene_cfg if kind == "scene" else settings["cfg_scale"],
+        "cfg_interval": (None if settings["cfg_interval"] is None
+                         else list(settings["cfg_interval"])),
+        "time_shift": settings["time_shift"],
         "resolution": resolution,
         "num_samples": eval_samples,
         "seed": seed,

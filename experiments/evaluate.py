@@ -156,8 +156,7 @@ def run(f) -> dict:
     sample = {"steps": resolved["steps"], "cfg": resolved["cfg_scale"]}
     if resolved["cfg_interval"] is not None:
       sample["cfg_interval"] = list(resolved["cfg_interval"])
-    if resolved["time_shift"] != 1.0:
-      sample["time_shift"] = resolved["time_shift"]
+    sample["time_shift"] = resolved["time_shift"]
     predict = E.pipeline_predict_fn(
         f.checkpoint_dir, f.steps, f.cfg, f.seed, f.num_components, pipe=pipe,
         cfg_interval=resolved["cfg_interval"], time_shift=resolved["time_shift"],

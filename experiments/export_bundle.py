@@ -195,8 +195,9 @@ def _sampling_line(sample: dict) -> str:
     line += f" (scene inputs: CFG {sample['scene_cfg_scale']})"
   if sample.get("time_shift", 1.0) != 1.0:
     s = sample["time_shift"]
-    line += (f"; the Euler grid is shifted toward noise by {s:g} (t' = {s:g}t / (1 + "
-             f"{s - 1:g}t) on the uniform grid)")
+    toward = "noise" if s > 1 else "the data"
+    line += (f"; the Euler grid is shifted toward {toward} by {s:g} (t' = {s:g}t / (1 + "
+             f"({s - 1:g})t) on the uniform grid)")
   return line + "."
 
 

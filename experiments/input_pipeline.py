@@ -69,7 +69,7 @@ def define_flags() -> None:
       "dit_dtype", "auto", "DiT compute dtype: auto (bf16 on GPU), float32, bfloat16."
   )
   flags.DEFINE_integer(
-      "dit_read_threads", 8, "Threads of the in-memory feed (--dit_data; 0: grain's 16)."
+      "dit_read_threads", 8, "Threads of the in-memory feed (--dit_data; 0: loader.DEFAULT_READ_THREADS)."
   )
   flags.DEFINE_integer(
       "workers", -1, "VAE input worker processes (-1: auto, moca_jax.vae_task.input_workers)."

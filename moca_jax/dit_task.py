@@ -378,7 +378,8 @@ def input_feed(data_config) -> tuple:
 
   data.in_memory (default False): decode the latent records once into host memory
   (`data_pipeline.loader.InMemoryRecords`) and make batches with data.read_threads threads
-  of the training process (0: `data_pipeline.loader.DEFAULT_READ_THREADS`); the batches are the same as without.
+  of the training process (0: `data_pipeline.loader.DEFAULT_READ_THREADS`); the
+  batches are the same as without.
   It cannot be combined with data.num_workers > 0 (each worker process would hold its own
   copy of the records): ValueError.
   """
@@ -433,7 +434,8 @@ def make_iterator_fn(config, split: str = "train", shuffle: bool = True) -> Call
 
   ds = loader.process_blocks(ds, local_batch, jax.process_index(), nproc)
   ds = ds.batch(local_batch, drop_remainder=True)
-  return lambda: loader.make_iterator(ds, config.data.num_workers)
+  return lambda: loader.make_iterator(ds, config.data.num_workers,
+                                      read_threads=int(config.data.get("read_threads", 0)))
 
 
 def model_batch(batch: dict) -> dict:

@@ -314,8 +314,8 @@ def check_cfg_interval(cfg_interval) -> Optional[Tuple[float, float]]:
   if cfg_interval is None:
     return None
   # a flag's list of strings reads back as the user typed it (0.9,0.1), anything else as repr
-  shown = (",".join(cfg_interval) if isinstance(cfg_interval, (list, tuple)) and
-           all(isinstance(v, str) for v in cfg_interval) else repr(cfg_interval))
+  shown = (",".join(cfg_interval) if isinstance(cfg_interval, (list, tuple)) and cfg_interval
+           and all(isinstance(v, str) for v in cfg_interval) else repr(cfg_interval))
   try:
     lo, hi = (float(v) for v in cfg_interval)
   except (TypeError, ValueError) as e:

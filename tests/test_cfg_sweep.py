@@ -11,7 +11,7 @@ import pytest
 from experiments import cfg_sweep as cs
 
 
-def _run(tmp_path, cfg, cds, names=None, weights=None, folder=None):
+def _run(tmp_path, cfg, cds, names=None, weights=None, folder=None, **sampling):
   names = names or [f"item{i}" for i in range(len(cds))]
   rows = [{"name": n, "cd": cd, "fscore@0.1": 1 - cd, "fscore@0.05": 0.5 - cd / 2,
            "self_iou": 0.01, "num_parts_gt": 4, "num_parts_pred": 4 - (cd > 0.5)}
@@ -21,7 +21,7 @@ def _run(tmp_path, cfg, cds, names=None, weights=None, folder=None):
   (d / "metrics.json").write_text(json.dumps({
       "kind": "object", "rows": rows,
       "meta": {"cfg": cfg, "steps": 50, "source": "split val", "machine": "m",
-               "date_utc": "d", "weights_sha256": weights}}))
+               "date_utc": "d", "weights_sha256": weights, **sampling}}))
   return str(d)
 
 
@@ -116,3 +116,19 @@ def test_runs_of_different_weights_are_refused(tmp_path):
   assert len(cs.summarize([a, other, unknown], 7.0)["settings"]) == 3
   with pytest.raises(ValueError, match="different model weights"):
     cs.summarize([a, same, other], 7.0)
+
+
+def test_runs_of_other_samplers_are_refused(tmp_path):
+  """A CFG sweep varies the scale alone: runs under another guidance interval or time shift
+  are refused (a run from before the time shift was recorded is not checked for it)."""
+  a = cs.load_run(_run(tmp_path, 7.0, [0.2, 0.4], cfg_interval=[0.8, 1.0], time_shift=1.0))
+  b = cs.load_run(_run(tmp_path, 3.0, [0.3, 0.4], cfg_interval=[0.8, 1.0], time_shift=1.0))
+  every_step = cs.load_run(_run(tmp_path, 5.0, [0.3, 0.4], time_shift=1.0))
+  shifted = cs.load_run(_run(tmp_path, 10.0, [0.3, 0.4], cfg_interval=[0.8, 1.0],
+                             time_shift=3.0))
+  old = cs.load_run(_run(tmp_path, 14.0, [0.3, 0.4], cfg_interval=[0.8, 1.0]))
+  assert len(cs.summarize([a, b, old], 7.0)["settings"]) == 3
+  with pytest.raises(ValueError, match="differ in cfg_interval"):
+    cs.summarize([a, every_step], 7.0)
+  with pytest.raises(ValueError, match="differ in time_shift"):
+    cs.summarize([a, shifted], 7.0)

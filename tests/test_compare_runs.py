@@ -73,12 +73,12 @@ def test_settings_that_differ_are_shown_per_run(tmp_path):
   text = compare_runs.markdown(compare_runs.compare([a, d], ["old", "new"], "old"))
   assert "| run | input render px | cd" in text
   assert "| old | not recorded | 0.1500 |" in text and "| new | 112 | 0.2500 (" in text
-  # the sampler time shift is recorded only when not 1: a run without it sampled uniformly
+  # the sampler time shift: a run from before evaluate recorded it says so
   e = cfg_sweep.load_run(_write_run(tmp_path / "e", [0.3, 0.2], weights_sha256="f" * 64,
                                     time_shift=3.0))
   text = compare_runs.markdown(compare_runs.compare([a, e], ["uniform", "shifted"], "uniform"))
   assert "| run | sampler time shift | cd" in text
-  assert "| uniform | 1 | 0.1500 |" in text and "| shifted | 3 | 0.2500 (" in text
+  assert "| uniform | not recorded | 0.1500 |" in text and "| shifted | 3 | 0.2500 (" in text
 
 
 def test_labels_must_match_the_runs(tmp_path):

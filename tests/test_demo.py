@@ -93,6 +93,7 @@ def test_bundle_demo_writes_what_it_promises(tiny_bundle, tmp_path, capsys):
     metrics = json.load(open(os.path.join(d, "metrics.json")))
     assert metrics["kind"] == kind[:-1]
     assert metrics["meta"]["cfg"] == (2.0 if kind == "objects" else 1.5)
+    assert metrics["meta"]["cfg_interval"] is None and metrics["meta"]["time_shift"] == 1.0
     assert [r["name"] for r in metrics["rows"]] == summary[kind]["items"]
     assert metrics["mean"]["count"] == 1.0
     assert column in open(os.path.join(d, "table.md")).read()

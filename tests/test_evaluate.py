@@ -433,7 +433,7 @@ def test_cli_renders_inputs_at_the_models_size_by_default(monkeypatch):
                grid_rows=1, out_dir="unused")
   cli_eval.run(types.SimpleNamespace(**flags))
   assert seen["size"] == 40 and seen["meta"]["image_size"] == 40
-  assert "time_shift" not in seen["meta"]  # the uniform grid: not recorded (old runs lack it)
+  assert seen["meta"]["time_shift"] == 1.0  # the checkpoint's (here the uniform grid)
   cli_eval.run(types.SimpleNamespace(**dict(flags, time_shift=3.0)))
   assert seen["meta"]["time_shift"] == 3.0
   cli_eval.run(types.SimpleNamespace(**dict(flags, image_size=56)))

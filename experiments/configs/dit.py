@@ -100,7 +100,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
           shuffle_seed=0,
           num_workers=0,
           # decode the latent records once into host memory and batch them in
-          # read_threads threads (0: grain's 16) instead of decoding every read
+          # read_threads threads (0: loader.DEFAULT_READ_THREADS) instead of decoding every read
           # (data_pipeline.loader.InMemoryRecords; needs num_workers=0)
           in_memory=False,
           read_threads=0,
