@@ -540,7 +540,8 @@ def write_loss_outputs(workdir: str, history: list, start: int, config, num_step
   png = os.path.join(workdir, "loss_curve.png")
   if rows:
     viz.loss_curves_png({"loss": [(r["step"], r["loss"]) for r in rows]}, png, log_y=True,
-                        title="DiT training (rectified flow loss)")
+                        title="DiT training (rectified flow loss)",
+                        smooth=max(1, len(rows) // 40))
   return png
 
 

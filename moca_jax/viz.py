@@ -191,6 +191,15 @@ def read_tensorboard_scalars(logdir: str) -> Dict[str, List[Tuple[int, float]]]:
   return out
 
 
+def trailing_mean(values: np.ndarray, window: int) -> np.ndarray:
+  """[T] -> [T]: the mean of the last `window` values at each point (fewer at the start)."""
+  values = np.asarray(values, np.float64)
+  sums = np.cumsum(np.concatenate([[0.0], values]))
+  idx = np.arange(1, len(values) + 1)
+  lo = np.maximum(idx - window, 0)
+  return (sums[idx] - sums[lo]) / (idx - lo)
+
+
 def loss_curves_png(
     curves: Union[str, Sequence[Tuple[int, float]], Mapping[str, Sequence[Tuple[int, float]]]],
     path: str,
@@ -199,11 +208,13 @@ def loss_curves_png(
     title: Optional[str] = None,
     width_px: int = 640,
     height_px: int = 400,
+    smooth: int = 0,
 ) -> str:
   """Line plot of one or more (step, value) series; width_px x height_px PNG.
 
   curves: {name: [(step, value), ...]}, one [(step, value), ...] list (named 'loss'), or a
-  TensorBoard log dir. tags: keep only these names (default: all).
+  TensorBoard log dir. tags: keep only these names (default: all). smooth > 1: each series is
+  drawn faint and its trailing mean over `smooth` points on top (`trailing_mean`).
   """
   if isinstance(curves, (str, os.PathLike)):
     series = read_tensorboard_scalars(os.fspath(curves))
@@ -225,7 +236,12 @@ def loss_curves_png(
     if not pts:
       continue
     arr = np.asarray(pts, np.float64).reshape(-1, 2)
-    ax.plot(arr[:, 0], arr[:, 1], label=name, linewidth=1.2)
+    if smooth > 1 and len(arr) > smooth:
+      raw = ax.plot(arr[:, 0], arr[:, 1], linewidth=0.6, alpha=0.3)[0]
+      ax.plot(arr[:, 0], trailing_mean(arr[:, 1], smooth), color=raw.get_color(),
+              label=f"{name} (mean of {smooth})", linewidth=1.6)
+    else:
+      ax.plot(arr[:, 0], arr[:, 1], label=name, linewidth=1.2)
   if log_y:
     ax.set_yscale("log")
   ax.set_xlabel("step")

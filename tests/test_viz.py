@@ -84,6 +84,19 @@ def test_loss_curves_from_lists_and_tensorboard(tmp_path):
     viz.read_tensorboard_scalars(str(tmp_path / "nope"))
 
 
+def test_trailing_mean_against_a_loop_and_the_smoothed_plot(tmp_path):
+  rng = np.random.default_rng(0)
+  v = rng.normal(size=37)
+  want = [v[max(0, i + 1 - 5) : i + 1].mean() for i in range(len(v))]
+  np.testing.assert_allclose(viz.trailing_mean(v, 5), want, rtol=1e-12)
+  np.testing.assert_allclose(viz.trailing_mean(v, 1), v)
+  curve = [(i, 1.0 + float(x)) for i, x in enumerate(np.abs(v) + 0.1)]
+  raw = _png(viz.loss_curves_png(curve, tmp_path / "raw.png", width_px=300, height_px=200))
+  smooth = _png(viz.loss_curves_png(curve, tmp_path / "s.png", width_px=300, height_px=200,
+                                    smooth=5))
+  assert smooth.shape == raw.shape and np.any(smooth != raw)
+
+
 def test_render_parts_colours_and_empty():
   box = trimesh.creation.box()
   sphere = trimesh.creation.icosphere(radius=0.5).apply_translation((1, 0, 0))
