@@ -20,8 +20,9 @@ Usage:
 Outputs in --out_dir: metrics.json (per item rows + mean), table.md (paper-shaped table),
 grid.png (input | generated parts | ground truth, first --grid_rows items), tb/ (TensorBoard
 scalars of the means). Items that fail (unreadable file, generation error) are skipped and
-listed under "skipped" in metrics.json and table.md. --steps and --cfg default to the
-checkpoint's config.sample; they and --num_components are checked before any work.
+listed under "skipped" in metrics.json and table.md. --checkpoint_dir defaults to the
+bundled model (assets/moca-small). --steps, --cfg, --cfg_interval and --time_shift default
+to the checkpoint's config.sample; they and --num_components are checked before any work.
 Cost per item: the sampler and the decoder compile once per component bucket
 (--component_buckets), not per part count; set JAX_COMPILATION_CACHE_DIR to keep the
 compiled programs between runs. Rows of metrics.json carry seconds_predict (generation) and
@@ -35,7 +36,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from moca_jax import bundle, cli
 from moca_jax import evaluation as E
@@ -48,7 +49,8 @@ from moca_jax import pipeline
 
 
 def define_flags() -> None:
-  flags.DEFINE_string("checkpoint_dir", None, "Generator checkpoint (experiments/generate).")
+  flags.DEFINE_string("checkpoint_dir", None, "Generator checkpoint: a model bundle or a "
+                      "train_dit workdir (default: the bundled model, assets/moca-small).")
   flags.DEFINE_string("split", None, "Procedural split (e.g. test, test_tiny).")
   flags.DEFINE_string("glb_dir", None, "Folder of user meshes (see module docstring).")
   flags.DEFINE_enum("kind", "object", ["object", "scene"], "Objects (Table 1) or scenes (Table 2).")
@@ -123,11 +125,10 @@ def run(f) -> dict:
     raise ValueError("give exactly one of --split or --glb_dir")
   if f.image_size < 0:
     raise ValueError(f"--image_size must be >= 0 (0: the model's), got {f.image_size}")
-  pipe = None
+  pipe, checkpoint = None, f.checkpoint_dir
   if f.perturb is None:
-    if f.checkpoint_dir is None:
-      raise ValueError("--checkpoint_dir is required (or --perturb for a model-free check)")
-    pipe = pipeline.load_pipeline(f.checkpoint_dir)
+    checkpoint = pipeline.checkpoint_or_bundled(f.checkpoint_dir, "--checkpoint_dir")
+    pipe = pipeline.load_pipeline(checkpoint)
   # a render at another size than the training renders' is resampled by the encoder's
   # preprocessing and is not what the model was trained on (round 4 on 20 val objects:
   # CD 0.259 from 112 px renders, 0.248 from 224 px ones, on the first item alone)
@@ -158,7 +159,7 @@ def run(f) -> dict:
       sample["cfg_interval"] = list(resolved["cfg_interval"])
     sample["time_shift"] = resolved["time_shift"]
     predict = E.pipeline_predict_fn(
-        f.checkpoint_dir, f.steps, f.cfg, f.seed, f.num_components, pipe=pipe,
+        checkpoint, f.steps, f.cfg, f.seed, f.num_components, pipe=pipe,
         cfg_interval=resolved["cfg_interval"], time_shift=resolved["time_shift"],
     )
     method = f.method
@@ -178,10 +179,10 @@ def run(f) -> dict:
   )
   meta = {
       "source": source,
-      "checkpoint": f.checkpoint_dir,
+      "checkpoint": checkpoint,
       # the same model under another path: cfg_sweep refuses runs whose fingerprints differ
-      "weights_sha256": (bundle.weights_sha256(f.checkpoint_dir)
-                         if f.checkpoint_dir and bundle.is_bundle(f.checkpoint_dir) else None),
+      "weights_sha256": (bundle.weights_sha256(checkpoint)
+                         if checkpoint and bundle.is_bundle(checkpoint) else None),
       **sample,
       "seed": f.seed,
       "image_size": image_size,
@@ -197,6 +198,7 @@ def run(f) -> dict:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  logging.set_verbosity(logging.WARNING)  # JAX's backend probing and orbax log at INFO
   try:
     written = run(flags.FLAGS)
   except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback

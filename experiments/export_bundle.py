@@ -196,8 +196,9 @@ def _sampling_line(sample: dict) -> str:
   if sample.get("time_shift", 1.0) != 1.0:
     s = sample["time_shift"]
     toward = "noise" if s > 1 else "the data"
-    line += (f"; the Euler grid is shifted toward {toward} by {s:g} (t' = {s:g}t / (1 + "
-             f"({s - 1:g})t) on the uniform grid)")
+    slope = f"+ {s - 1:g}" if s > 1 else f"- {1 - s:g}"
+    line += (f"; the Euler grid is shifted toward {toward} by {s:g} (t' = {s:g}t / (1 {slope}t) "
+             "on the uniform grid)")
   return line + "."
 
 

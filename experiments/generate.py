@@ -44,7 +44,7 @@ from absl import app, flags, logging
 
 from moca_jax import cli
 from moca_jax import io as mio
-from moca_jax import bundle, extract, pipeline
+from moca_jax import extract, pipeline
 
 
 def _mask_for(masks: Optional[str], image_path: str) -> Optional[str]:
@@ -78,16 +78,7 @@ def resolve_checkpoint(checkpoint: Optional[str]) -> str:
 
   Raises FileNotFoundError (one line naming the folder) when the bundled model is missing.
   """
-  if checkpoint:
-    return checkpoint
-  folder = pipeline.DEFAULT_BUNDLE
-  if not bundle.is_bundle(folder):
-    why = "no bundle.json in it" if os.path.isdir(folder) else "folder missing"
-    raise FileNotFoundError(
-        f"no --checkpoint given and the bundled model is missing: {folder} ({why}); pass "
-        "--checkpoint=<model bundle or train_dit workdir>"
-    )
-  return folder
+  return pipeline.checkpoint_or_bundled(checkpoint, "--checkpoint")
 
 
 def run(

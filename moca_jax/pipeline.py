@@ -783,6 +783,23 @@ class Pipeline:
     return cls(b.dit_config, b.dit_params, vae_model, {"params": b.vae_params}, extract_kwargs)
 
 
+def checkpoint_or_bundled(checkpoint: Optional[str], flag: str = "--checkpoint") -> str:
+  """`checkpoint`, or the bundled model (DEFAULT_BUNDLE) when none is given.
+
+  Raises FileNotFoundError (one line naming the folder and `flag`) when the bundled model is
+  missing."""
+  if checkpoint:
+    return checkpoint
+  folder = DEFAULT_BUNDLE
+  if not bundle.is_bundle(folder):
+    why = "no bundle.json in it" if os.path.isdir(folder) else "folder missing"
+    raise FileNotFoundError(
+        f"no {flag} given and the bundled model is missing: {folder} ({why}); pass "
+        f"{flag}=<model bundle or train_dit workdir>"
+    )
+  return folder
+
+
 def resolve_checkpoint_dir(path: str) -> str:
   """A train_dit workdir or its checkpoints/ folder -> the orbax checkpoints folder."""
   path = os.path.abspath(path)

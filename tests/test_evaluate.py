@@ -399,10 +399,11 @@ def test_ablations_train_tiny_on_cpu(tmp_path):
   assert "eval_loss_ema" in (tmp_path / "table3.md").read_text()
 
 
-def test_cli_renders_inputs_at_the_models_size_by_default(monkeypatch):
+def test_cli_renders_inputs_at_the_models_size_by_default(monkeypatch, tmp_path):
   """--image_size=0 (the default): items are rendered at the checkpoint's image-encoder
   input size (its training renders' size), recorded in the report's meta; an explicit size
-  wins; --perturb (no model) falls back to 224; a negative size is refused."""
+  wins; --perturb (no model) falls back to 224; a negative size is refused. With no
+  --checkpoint_dir the bundled model is used."""
   import types
 
   from experiments import evaluate as cli_eval
@@ -438,6 +439,17 @@ def test_cli_renders_inputs_at_the_models_size_by_default(monkeypatch):
   assert seen["meta"]["time_shift"] == 3.0
   cli_eval.run(types.SimpleNamespace(**dict(flags, image_size=56)))
   assert seen["size"] == 56 and seen["meta"]["image_size"] == 56
+  # no --checkpoint_dir: the bundled model (here a stand-in folder), recorded in the meta
+  stand_in = tmp_path / "bundled"
+  stand_in.mkdir()
+  (stand_in / "bundle.json").write_text("{}")
+  monkeypatch.setattr(pipeline, "DEFAULT_BUNDLE", str(stand_in))
+  monkeypatch.setattr(cli_eval.bundle, "weights_sha256", lambda path: "f" * 64)
+  cli_eval.run(types.SimpleNamespace(**dict(flags, checkpoint_dir=None)))
+  assert seen["meta"]["checkpoint"] == str(stand_in)
+  monkeypatch.setattr(pipeline, "DEFAULT_BUNDLE", str(tmp_path / "missing"))
+  with pytest.raises(FileNotFoundError, match="no --checkpoint_dir given and the bundled"):
+    cli_eval.run(types.SimpleNamespace(**dict(flags, checkpoint_dir=None)))
   cli_eval.run(types.SimpleNamespace(**dict(flags, perturb=0.01, checkpoint_dir=None)))
   assert seen["size"] == 224
   with pytest.raises(ValueError, match="image_size must be >= 0"):
