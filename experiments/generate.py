@@ -73,14 +73,6 @@ def output_names(files: list[str]) -> dict[str, str]:
   return names
 
 
-def resolve_checkpoint(checkpoint: Optional[str]) -> str:
-  """--checkpoint, or the bundled model (pipeline.DEFAULT_BUNDLE) when none is given.
-
-  Raises FileNotFoundError (one line naming the folder) when the bundled model is missing.
-  """
-  return pipeline.checkpoint_or_bundled(checkpoint, "--checkpoint")
-
-
 def run(
     checkpoint: Optional[str],
     image: str,
@@ -136,7 +128,7 @@ def run(
     if not os.path.isfile(image):
       raise FileNotFoundError(f"{image}: no such image file or folder")
     files = [image]
-  checkpoint = resolve_checkpoint(checkpoint)
+  checkpoint = pipeline.checkpoint_or_bundled(checkpoint, "--checkpoint")
   pipe = pipeline.load_pipeline(
       checkpoint, vae_workdir=vae, extract_kwargs={"resolution": resolution}
   )

@@ -471,10 +471,10 @@ def run_training(
   mesh = mesh or sharding.make_mesh(config.mesh.get("data", -1), config.mesh.get("fsdp", 1))
   sharding.check_batch_divisible(config.batch_size, mesh)
   prepare_fn = prepare_fn or (lambda b: b)
-  throwaway = iter(make_iterator())  # gives the shapes, then is closed: its read-ahead
-  first = prepare_fn(next(throwaway))  # (and worker processes) must not compete with the
-  batch_spec = sharding.global_batch_spec(first)  # real iterator's; local rows x processes
-  del first
+  # A throwaway iterator gives the shapes; it is closed so that its read-ahead (and worker
+  # processes) do not compete with the real iterator's.
+  throwaway = iter(make_iterator())
+  batch_spec = sharding.global_batch_spec(prepare_fn(next(throwaway)))  # local rows x procs
   if hasattr(throwaway, "close"):
     throwaway.close()
   del throwaway
