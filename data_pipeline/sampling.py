@@ -75,8 +75,13 @@ def sample_edges(segments: np.ndarray, n: int, rng: np.random.Generator):
   return segments[idx, 0] + t * (segments[idx, 1] - segments[idx, 0]), idx
 
 
-def _surface_with_edges(shape, n: int, rng, cfg: SampleConfig):
-  """Area-uniform + sharp-edge surface samples of a Part or a Trimesh (float32)."""
+def surface_with_edges(shape, n: int, rng, cfg: SampleConfig):
+  """Area-uniform + sharp-edge surface samples of a Part or a Trimesh.
+
+  Returns (points [n,3], unit normals [n,3]), float32: n - round(n * cfg.sharp_fraction)
+  area-uniform samples, the rest on edges sharper than cfg.sharp_angle_deg (all area
+  samples when the part has none); the VAE's encoder input (`sample_part`).
+  """
   is_part = isinstance(shape, P.Part)
   mesh = shape.to_mesh(cfg.mesh_segments) if is_part else shape
   seg, seg_n = sharp_edges(mesh, cfg.sharp_angle_deg)
@@ -227,7 +232,7 @@ def sample_part(shape: Union[P.Part, trimesh.Trimesh], rng: np.random.Generator,
   Returns dict(surface_points [Ns,3] f32, surface_normals [Ns,3] f32,
   sdf_points [Nq,3] f32, sdf_values [Nq] f32).
   """
-  pts, nrm = _surface_with_edges(shape, cfg.n_surface, rng, cfg)
+  pts, nrm = surface_with_edges(shape, cfg.n_surface, rng, cfg)
   sdf_fn = shape.sdf if isinstance(shape, P.Part) else (lambda q: mesh_sdf(shape, q))
   q, d = P.sample_sdf_points(sdf_fn, pts, rng, cfg.n_near, cfg.n_volume, cfg.scales)
   return dict(surface_points=pts, surface_normals=nrm, sdf_points=q, sdf_values=d)

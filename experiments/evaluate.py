@@ -14,6 +14,9 @@ Usage:
   # No model: score the ground truth with jittered vertices (checks the pipeline and shows
   # the scale of the numbers):
   python -m experiments.evaluate --split=test_tiny --perturb=0.01
+  # No DiT: the checkpoint's VAE on the ground truth (every part encoded and decoded), the
+  # ceiling of what generation with that VAE can score:
+  python -m experiments.evaluate --split=test --kind=object --limit=50 --reconstruct
   # Nearest-neighbour backends (scipy cKDTree vs chunked JAX) on this machine's CPU:
   python -m experiments.evaluate --benchmark_nn
 
@@ -107,6 +110,13 @@ def define_flags() -> None:
       "No model: score the ground truth jittered by this "
       "vertex noise (a sanity check of the pipeline).",
   )
+  flags.DEFINE_bool(
+      "reconstruct",
+      False,
+      "No DiT: score the checkpoint's VAE on the ground truth (each part encoded to its "
+      "posterior mean and decoded as generated latents are), the ceiling of any generation "
+      "with this VAE.",
+  )
   flags.DEFINE_bool("benchmark_nn", False, "Run the nearest-neighbour benchmark and exit.")
   flags.DEFINE_string("nn_sizes", "10000,30000,100000", "Benchmark sizes (comma list).")
   flags.DEFINE_integer("nn_repeats", 3, "Benchmark repeats.")
@@ -125,6 +135,8 @@ def run(f) -> dict:
     raise ValueError("give exactly one of --split or --glb_dir")
   if f.image_size < 0:
     raise ValueError(f"--image_size must be >= 0 (0: the model's), got {f.image_size}")
+  if f.reconstruct and f.perturb is not None:
+    raise ValueError("give at most one of --reconstruct or --perturb")
   pipe, checkpoint = None, f.checkpoint_dir
   if f.perturb is None:
     checkpoint = pipeline.checkpoint_or_bundled(f.checkpoint_dir, "--checkpoint_dir")
@@ -144,6 +156,12 @@ def run(f) -> dict:
   if f.perturb is not None:
     predict = E.perturbed_gt_predict_fn(f.perturb, seed=f.seed)
     method = f"ground truth + noise {f.perturb:g}"
+  elif f.reconstruct:
+    if f.component_buckets is not None:
+      pipe.component_buckets = tuple(int(k) for k in f.component_buckets)
+    predict = E.vae_reconstruction_predict_fn(pipe, seed=f.seed)
+    sample = {"reconstruct": True}
+    method = "VAE reconstruction (no DiT)"
   else:
     if f.component_buckets is not None:
       pipe.component_buckets = tuple(int(k) for k in f.component_buckets)

@@ -251,6 +251,49 @@ def test_cli_perturbed_run(tmp_path):
   assert (out / "grid.png").exists() and (out / "table.md").exists()
 
 
+def test_vae_reconstruction_decodes_each_parts_posterior_mean(monkeypatch):
+  """--reconstruct: one mesh per ground-truth part in its order, an empty part left empty;
+  the latents decoded are the encoder's posterior means of each part's surface samples
+  (what data_pipeline.encode_latents makes for training), the same with bucket padding."""
+  import types
+
+  import jax
+  from flax.linen import meta
+
+  from data_pipeline import encode_latents, sampling
+  from moca_jax import vae
+
+  model = vae.VecSetVAE(vae.vae_config("tiny"))
+  params = meta.unbox(vae.init_vae(model, jax.random.PRNGKey(0)))
+  item = _item(n=3)
+  item.gt_parts.insert(1, trimesh.Trimesh())
+  samples, decoded = [], []
+  real_sampler = sampling.surface_with_edges
+
+  def recording_sampler(*args, **kwargs):
+    samples.append(real_sampler(*args, **kwargs))
+    return samples[-1]
+
+  def decode(latents):
+    decoded.append(np.asarray(latents))
+    return [[trimesh.creation.icosphere(subdivisions=1) for _ in range(latents.shape[1])]]
+
+  monkeypatch.setattr(sampling, "surface_with_edges", recording_sampler)
+  for buckets in ((), (8,)):
+    pipe = types.SimpleNamespace(vae_model=model, vae_params=params,
+                                 component_buckets=buckets, decode=decode)
+    meshes = E.vae_reconstruction_predict_fn(pipe, seed=3)(item)
+    assert len(meshes) == 4 and M.is_empty(meshes[1])
+    assert not any(M.is_empty(meshes[i]) for i in (0, 2, 3))
+  c = model.config
+  assert decoded[0].shape == (1, 3, c.num_latents, c.latent_channels)
+  assert all(s[0].shape == (c.num_points, 3) for s in samples)
+  np.testing.assert_allclose(decoded[1], decoded[0], atol=1e-5)  # padding changes nothing
+  encode = encode_latents.vae_encode_fn(model, params)
+  reference = encode(np.stack([s[0] for s in samples[:3]]), np.stack([s[1] for s in samples[:3]]))
+  np.testing.assert_allclose(decoded[0][0], reference, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- Ablations
 
 from experiments import ablations as A  # noqa: E402
@@ -427,7 +470,8 @@ def test_cli_renders_inputs_at_the_models_size_by_default(monkeypatch, tmp_path)
   monkeypatch.setattr(E, "write_report",
                       lambda out, result, kind, method, meta: seen.update(meta=meta) or {})
   flags = dict(benchmark_nn=False, split="val", glb_dir=None, kind="object", limit=1, image_size=0,
-               perturb=None, checkpoint_dir="some/model", component_buckets=None, steps=None,
+               perturb=None, reconstruct=False, checkpoint_dir="some/model",
+               component_buckets=None, steps=None,
                cfg=None, cfg_interval=None, time_shift=None, num_components=None, seed=0,
                method="m",
                num_samples=100, voxel_resolution=8, nn_backend="kdtree", object_frame="instance",
@@ -454,3 +498,9 @@ def test_cli_renders_inputs_at_the_models_size_by_default(monkeypatch, tmp_path)
   assert seen["size"] == 224
   with pytest.raises(ValueError, match="image_size must be >= 0"):
     cli_eval.run(types.SimpleNamespace(**dict(flags, image_size=-1)))
+  # --reconstruct: the checkpoint's VAE alone, at the model's size, recorded in the meta
+  monkeypatch.setattr(E, "vae_reconstruction_predict_fn", lambda *a, **k: None)
+  cli_eval.run(types.SimpleNamespace(**dict(flags, reconstruct=True)))
+  assert seen["size"] == 40 and seen["meta"]["reconstruct"] is True
+  with pytest.raises(ValueError, match="at most one of --reconstruct or --perturb"):
+    cli_eval.run(types.SimpleNamespace(**dict(flags, reconstruct=True, perturb=0.01)))
