@@ -6,6 +6,9 @@ r"""Packs a trained DiT and its VAE into a model bundle with its model card (moc
   # attach evaluations made elsewhere (and notes) to an existing bundle's card, optionally
   # setting its sampling defaults (--scene_cfg_scale, --cfg_interval=lo,hi or none):
   python -m experiments.export_bundle --update=assets/moca-small --eval_dirs=eval_objects
+  # swap in a decoder-only fine-tune of the bundle's VAE (train_vae with
+  # --config.init.from_bundle=assets/moca-small --config.train_encoder=false), DiT kept:
+  python -m experiments.export_bundle --update=assets/moca-small --vae=/root/bw/vae_ft
 
 What is written into --out:
   bundle.json, dit.npz, vae.npz   the EMA weights (bf16 by default) and both configs
@@ -30,6 +33,7 @@ import os
 import sys
 from typing import Optional
 
+import numpy as np
 from absl import app, flags
 
 from moca_jax import cli
@@ -41,7 +45,9 @@ MIB = 2**20
 
 def define_flags() -> None:
   flags.DEFINE_string("dit", None, "train_dit workdir.")
-  flags.DEFINE_string("vae", None, "train_vae workdir (default: the one the DiT config names).")
+  flags.DEFINE_string("vae", None, "train_vae workdir (default: the one the DiT config names); "
+                      "with --update: a decoder-only fine-tune of that bundle's VAE, swapped "
+                      "in (`replace_vae`).")
   flags.DEFINE_string("out", None, "Bundle folder to write.")
   flags.DEFINE_list("eval_dirs", [], "experiments.evaluate --out_dir folders to report.")
   flags.DEFINE_enum("storage_dtype", "bfloat16", list(bundle.STORAGE_DTYPES), "Weights dtype.")
@@ -408,6 +414,94 @@ def update_card(folder: str, eval_dirs=(), notes: Optional[str] = None,
   return info
 
 
+# The VAE config fields that decide what its encoder makes of a part: a replacement VAE must
+# agree on them (`replace_vae`), or the bundle's DiT would see latents of another space.
+ENCODER_CONFIG_KEYS = ("num_points", "num_latents", "latent_channels", "enc_width", "enc_heads",
+                       "enc_cross_layers", "enc_self_layers", "num_freqs", "include_pi",
+                       "subset_factor", "qk_norm", "norm_eps", "gelu_exact", "mlp_ratio")
+
+
+def _replace_folder(folder: str, write) -> None:
+  """Runs write(copy) on a copy of `folder` beside it, then renames the copy over it: an
+  interrupted update leaves the old folder (or, renamed to FOLDER.old, the old and the
+  finished new one), never a folder with some files new and some old."""
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  folder = os.path.abspath(folder)
+  staging, old = folder + ".updating", folder + ".old"
+  for leftover in (staging, old):
+    shutil.rmtree(leftover, ignore_errors=True)
+  shutil.copytree(folder, staging)
+  write(staging)
+  os.replace(folder, old)
+  os.replace(staging, folder)
+  shutil.rmtree(old)
+
+
+def replace_vae(folder: str, vae_dir: str) -> dict:
+  """Swaps a bundle's VAE for a decoder-only fine-tune of it, keeping its DiT.
+
+  vae_dir: a train_vae workdir (its EMA weights) that started from this bundle with its
+  encoder frozen (`--config.init.from_bundle=FOLDER --config.train_encoder=false`), e.g. on
+  the data pipeline's real parts. The bundle's DiT was trained on latents of the bundle's
+  encoder, so the new VAE must have the same architecture, the same encoder config
+  (ENCODER_CONFIG_KEYS) and the same encoder weights as stored (equal after the cast to the
+  bundle's storage dtype); its decoder, its config and the card's VAE record (runs with the
+  earlier ones in front, loss curve, held-out reconstruction by part size) replace the old.
+  The folder is rewritten through a copy (`_replace_folder`). Returns the new bundle.json.
+  Raises FileNotFoundError / bundle.BundleError naming what differs.
+  """
+  from moca_jax import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  from moca_jax.vae_task import load_vae  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+
+  current = bundle.read_bundle(folder)
+  _, vae_params, vae_config = load_vae(vae_dir)
+  old_model, new_model = current.vae_config.model, vae_config.model
+  changed = [k for k in ENCODER_CONFIG_KEYS if old_model.get(k) != new_model.get(k)]
+  if changed:
+    raise bundle.BundleError(
+        f"{vae_dir}: its encoder config differs from the bundle's in {', '.join(changed)} "
+        f"(e.g. {changed[0]}: {new_model.get(changed[0])!r}, bundle "
+        f"{old_model.get(changed[0])!r}); only a decoder fine-tune of {folder} can replace "
+        "its VAE")
+  dtype = current.info["storage_dtype"]
+  encoded = bundle.encode_params(vae_params["params"], dtype)
+  stored = bundle.decode_params(encoded, dtype, current.vae_params, f"{vae_dir} (EMA weights)")
+  old_flat = traverse_util.flatten_dict(current.vae_params, sep="/")
+  new_flat = traverse_util.flatten_dict(stored, sep="/")
+  differ = [k for k in old_flat if vae_lib.is_encoder_param(k.split("/")[0])
+            and not np.array_equal(np.asarray(old_flat[k]), np.asarray(new_flat[k]))]
+  if differ:
+    worst = max(float(np.max(np.abs(np.asarray(old_flat[k]) - np.asarray(new_flat[k]))))
+                for k in differ)
+    raise bundle.BundleError(
+        f"{vae_dir}: {len(differ)} encoder parameters differ from the bundle's (e.g. "
+        f"{differ[0]}; largest |difference| {worst:.3g}): the bundle's DiT was trained on its "
+        "encoder's latents, so only a decoder fine-tune (--config.train_encoder=false) can "
+        "replace its VAE")
+  card = dict(current.info.get("card") or {})
+  # its runs after the bundle's (it started from this bundle: the encoders are equal)
+  card["vae"] = with_earlier_runs(run_summary(vae_dir), card.get("vae") or {},
+                                  os.path.normpath(folder))
+  card["vae_eval"] = _read_json(os.path.join(vae_dir, "eval.json"))
+  card["data"] = (f"{card.get('data', '')} The VAE's decoder was then fine-tuned with its "
+                  f"encoder frozen ({vae_config.data.source} data"
+                  f"{': ' + vae_config.data.dir if vae_config.data.get('dir') else ''}).")
+  inference = _vae_inference_config(vae_config)
+
+  def write(staging: str) -> None:
+    bundle.write_bundle(staging, current.info["dit_config"], current.dit_params, inference,
+                        vae_params, card=card, storage_dtype=dtype)
+    _copy_if_present(os.path.join(vae_dir, "loss_curve.png"),
+                     os.path.join(staging, "loss_vae.png"))
+    mio.atomic_write_text(os.path.join(staging, "MODEL_CARD.md"),
+                          model_card(bundle.read_info(staging)))
+
+  _replace_folder(folder, write)
+  return bundle.read_info(folder)
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
@@ -415,6 +509,9 @@ def main(argv) -> None:
   if f.update:
     try:
       interval = _KEEP if f.cfg_interval is None else parse_cfg_interval(f.cfg_interval)
+      if f.vae:
+        replace_vae(f.update, f.vae)
+        print(f"replaced the VAE of {f.update} by the decoder fine-tune in {f.vae}")
       update_card(f.update, f.eval_dirs, f.notes or None, f.scene_cfg_scale, interval,
                   f.time_shift)
     except (FileNotFoundError, ValueError) as e:

@@ -110,6 +110,30 @@ def test_vae_decoder_finetune_from_bundle(tiny_bundle, tmp_path):
     changed = {k for k in trained if not np.allclose(trained[k], start[k], **tol)}
     assert not {k for k in changed if vae.is_encoder_param(k.split("/")[0])}, use_ema
     assert {k for k in changed if k.startswith("dec_")}, use_ema
+  # The fine-tune swapped into (a copy of) the bundle: its DiT and encoder as they were, the
+  # new decoder, the runs after the bundle's; a VAE whose encoder trained too is refused.
+  import shutil
+
+  from experiments import export_bundle
+
+  target = str(tmp_path / "swapped")
+  shutil.copytree(tiny_bundle, target)
+  dit_bytes = open(f"{target}/dit.npz", "rb").read()
+  info = export_bundle.replace_vae(target, str(tmp_path / "w"))
+  assert open(f"{target}/dit.npz", "rb").read() == dit_bytes
+  swapped = _flat(bundle.read_bundle(target).vae_params)
+  ema = _flat(vae_task.load_vae(tmp_path / "w")[1]["params"])
+  for k in swapped:
+    np.testing.assert_array_equal(swapped[k], np.asarray(ema[k], jnp.bfloat16).astype(np.float32))
+  assert info["card"]["vae"]["steps"] == 2 and len(info["card"]["vae"]["runs"]) == 1
+  assert "decoder was then fine-tuned with its encoder frozen" in info["card"]["data"]
+  assert not any(p.name.endswith((".old", ".updating")) for p in tmp_path.iterdir())
+  c.train_encoder = True
+  vae_task.train_and_evaluate(c, str(tmp_path / "all"), mesh=_mesh1(), show_progress=False)
+  before = open(f"{target}/vae.npz", "rb").read()
+  with pytest.raises(bundle.BundleError, match="encoder parameters differ from the bundle's"):
+    export_bundle.replace_vae(target, str(tmp_path / "all"))
+  assert open(f"{target}/vae.npz", "rb").read() == before
 
 
 def test_dit_warm_start_from_bundle_and_mismatch(tiny_bundle, tmp_path):
