@@ -53,10 +53,11 @@ def metric_keys(kind: str) -> tuple:
   return METRICS.get(kind, METRICS["object"])
 
 
-def load_run(path: str) -> dict:
+def load_run(path: str, need_cfg: bool = True) -> dict:
   """One evaluate run: {'cfg', 'steps', 'source', 'machine', 'rows', 'meta'} from <path>/metrics.json
-  (or a metrics.json path). Raises ValueError naming the path when it is missing, unreadable
-  or has no rows."""
+  (or a metrics.json path). Raises ValueError naming the path when it is missing, unreadable,
+  has no rows or, with need_cfg, records no CFG scale (a run without a model, such as
+  `evaluate --reconstruct`, has none: its 'cfg' is None)."""
   file = path if path.endswith(".json") else os.path.join(path, "metrics.json")
   try:
     with open(file) as f:
@@ -65,9 +66,9 @@ def load_run(path: str) -> dict:
     raise ValueError(f"{file}: not a readable evaluate metrics.json ({e})") from e
   rows = doc.get("rows") or []
   meta = doc.get("meta") or {}
-  if not rows or meta.get("cfg") is None:
+  if not rows or (need_cfg and meta.get("cfg") is None):
     raise ValueError(f"{file}: no scored items or no CFG scale recorded")
-  return {"cfg": float(meta["cfg"]), "steps": meta.get("steps"), "source": meta.get("source"),
+  return {"cfg": None if meta.get("cfg") is None else float(meta["cfg"]), "steps": meta.get("steps"), "source": meta.get("source"),
           "machine": meta.get("machine"), "date": meta.get("date_utc"), "path": file,
           "kind": doc.get("kind"), "rows": rows, "meta": meta}
 

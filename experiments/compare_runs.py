@@ -15,7 +15,8 @@ objects, Table 2's for scenes; `experiments.cfg_sweep.METRICS`), the empty parts
 and the mean paired difference to the reference run (the first, or --reference) over the
 same items with its standard error. The runs must agree on the items and their kind; the
 sampling settings in which they differ (`SAMPLING_KEYS`: CFG scale and interval, steps,
-surface samples, seed, self-IoU grid, render size, sampler time shift) and their model weights (the bundle fingerprint
+surface samples, seed, self-IoU grid, render size, sampler time shift, a VAE reconstruction
+without the DiT, `evaluate --reconstruct`) and their model weights (the bundle fingerprint
 `experiments.evaluate` records) are listed per run, so a table never hides what changed.
 (`experiments.cfg_sweep` is the special case of one model across CFG scales.) Nothing is
 measured here.
@@ -38,7 +39,10 @@ from moca_jax import io as mio
 
 # The evaluate settings that must agree for a comparison of checkpoints to be fair.
 SAMPLING_KEYS = ("cfg", "cfg_interval", "steps", "num_samples", "seed", "voxel_resolution",
-                 "object_frame", "image_size", "time_shift")
+                 "object_frame", "image_size", "time_shift", "reconstruct")
+
+# The settings of the DiT's sampler: they do not apply to a run without one (--reconstruct).
+DIT_SAMPLING_KEYS = ("cfg", "cfg_interval", "steps", "time_shift")
 
 
 def check_comparable(runs: Sequence[dict]) -> str:
@@ -82,7 +86,8 @@ def compare(runs: Sequence[dict], labels: Sequence[str], reference: str) -> dict
   for label, run, vals in zip(labels, runs, values):
     entry = {"label": label, "checkpoint": run["meta"].get("checkpoint"),
              "date_utc": run["date"], "run": run["path"],
-             "differs": {k: run["meta"].get(k) for k in differ}}
+             "differs": {k: run["meta"].get(k) for k in differ},
+             "reconstruct": bool(run["meta"].get("reconstruct"))}
     for k in keys:
       column = [v[k] for v in vals]
       entry[k] = sum(column) / len(column)
@@ -108,10 +113,12 @@ SETTING_NAMES = {"steps": "Euler steps", "cfg": "CFG", "cfg_interval": "CFG inte
                  "num_samples": "surface samples", "seed": "seed",
                  "voxel_resolution": "self-IoU grid", "object_frame": "object frame",
                  "weights_sha256": "weights", "image_size": "input render px",
-                 "time_shift": "sampler time shift"}
+                 "time_shift": "sampler time shift", "reconstruct": "VAE reconstruction"}
 
 
 def _setting_value(key: str, value) -> str:
+  if key == "reconstruct":  # evaluate --reconstruct: no DiT, the VAE on the ground truth
+    return "yes" if value else "no"
   if key == "cfg_interval" and value is None:
     return "every step"
   if key == "weights_sha256" or value is None:
@@ -141,7 +148,8 @@ def markdown(doc: dict) -> str:
       "|---|" + "---|" * (len(differ) + len(keys)),
   ]
   for e in doc["runs"]:
-    shown = [_setting_value(k, e["differs"][k]) for k in differ]
+    shown = [("-" if e.get("reconstruct") and k in DIT_SAMPLING_KEYS  # no sampler ran
+              else _setting_value(k, e["differs"][k])) for k in differ]
     lines.append(f"| {e['label']} | " + "".join(f"{v} | " for v in shown) + " | ".join(
         _cell(e, k, e["label"] == doc["reference"]) for k in keys) + " |")
   lines += ["", "Medians: " + "; ".join(
@@ -166,7 +174,7 @@ def main(argv) -> None:
   try:
     if not f.runs:
       raise ValueError("--runs is required (two or more evaluate output folders)")
-    runs = [cfg_sweep.load_run(p) for p in f.runs]
+    runs = [cfg_sweep.load_run(p, need_cfg=False) for p in f.runs]
     labels: List[str] = list(f.labels) if f.labels else [
         os.path.basename(os.path.dirname(run["path"])) for run in runs]
     doc = compare(runs, labels, f.reference or labels[0])

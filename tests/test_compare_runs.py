@@ -81,6 +81,27 @@ def test_settings_that_differ_are_shown_per_run(tmp_path):
   assert "| uniform | not recorded | 0.1500 |" in text and "| shifted | 3 | 0.2500 (" in text
 
 
+def test_a_vae_reconstruction_run_compares_with_a_generation_run(tmp_path):
+  """evaluate --reconstruct records no CFG: compare_runs reads it (cfg_sweep still refuses
+  it) and shows '-' for the sampler settings that did not run."""
+  gen = _write_run(tmp_path / "gen", [0.3, 0.2], cfg_interval=[0.8, 1.0])
+  folder = _write_run(tmp_path / "rec", [0.1, 0.1], reconstruct=True)
+  path = os.path.join(folder, "metrics.json")
+  doc = json.load(open(path))
+  for key in ("cfg", "steps"):
+    del doc["meta"][key]
+  json.dump(doc, open(path, "w"))
+  with pytest.raises(ValueError, match="no CFG scale recorded"):
+    cfg_sweep.load_run(folder)
+  runs = [cfg_sweep.load_run(gen), cfg_sweep.load_run(folder, need_cfg=False)]
+  assert runs[1]["cfg"] is None
+  doc = compare_runs.compare(runs, ["generation", "VAE alone"], "generation")
+  assert doc["differs"] == ["cfg", "cfg_interval", "steps", "reconstruct"]
+  text = compare_runs.markdown(doc)
+  assert "| generation | 7 | [0.8, 1.0] | 50 | no | 0.2500 |" in text
+  assert "| VAE alone | - | - | - | yes | 0.1000 (-0.1500 ± 0.0500) |" in text
+
+
 def test_labels_must_match_the_runs(tmp_path):
   a = cfg_sweep.load_run(_write_run(tmp_path / "a", [0.1] * 3))
   b = cfg_sweep.load_run(_write_run(tmp_path / "b", [0.2] * 3))

@@ -72,7 +72,7 @@
 # TINY=1 runs the same sequence with the tiny configs and the tiny split (a CPU dry run).
 set -u
 CALL_START=${CALL_START:-$(date +%s)}  # the device call's start (the study's deadlines)
-stage=${1:?"stage: data_vae | data | bench_input | dit | study | study_eval"}
+stage=${1:?"stage: data_vae | data | vae_parts | bench_input | dit | study | study_eval"}
 OUT=${OUT:-bundle_out}
 W=${W:-/root/bw}
 mkdir -p "$OUT/logs" "$W"
@@ -97,7 +97,7 @@ gpu=$(nvidia-smi -L 2>/dev/null | head -1)
 note "stage $stage on ${gpu:-no GPU}, $(nproc) cores"
 
 if [ "${TINY:-0}" = 1 ]; then
-  SRC=procedural:tiny; VAE_CFG=tiny; IMG=56; SHARDS=${SHARDS:-2}; BUILD_WORKERS=0
+  SRC=procedural:tiny; VAE_CFG=${VAE_CFG:-tiny}; IMG=56; SHARDS=${SHARDS:-2}; BUILD_WORKERS=0
   VAE_FLAGS="--config.num_steps=20 --config.eval.num_shapes=4"
   DIT_CFG=${DIT_CFG:-tiny}  # DIT_CFG=bundle with INIT_BUNDLE: the bundle-size DiT on the tiny split
   DIT_FLAGS="--config.num_steps=${DIT_STEPS:-20} --config.batch_size=4 --config.checkpoint.every=10"
@@ -162,16 +162,18 @@ ship_bundles() {  # the exported variant bundles not shipped by an earlier call,
   note "shipped bundles ${list[*]%/bundle} ($((total / 1048576)) MiB); next call: ${left[*]:-none}"
 }
 
-build_first_shards() {  # n: the split's first n shards, one process per shard (all at once)
-  local n=$1 i
+build_first_shards() {  # n [dir] [n_near] [n_volume]: the split's first n shards into dir
+  # ($W/data), one process per shard (all at once); SDF samples per part only where asked
+  # (the DiT's shards need surface points alone, a VAE's training needs both)
+  local n=$1 dir=${2:-$W/data} near=${3:-0} volume=${4:-0} i
   for i in $(seq 0 $((n - 1))); do
-    JAX_PLATFORMS=cpu python3 -m data_pipeline.build --source=$SRC --out="$W/data" \
-      --num_shards=$SHARDS --shard_index=$i --n_surface=2048 --n_near=0 --n_volume=0 \
+    JAX_PLATFORMS=cpu python3 -m data_pipeline.build --source=$SRC --out="$dir" \
+      --num_shards=$SHARDS --shard_index=$i --n_surface=2048 --n_near=$near --n_volume=$volume \
       --image_size=$IMG --num_views=2 --num_previews=0 --progress=false \
-      > "$OUT/logs/build_$i.log" 2>&1 &
+      > "$OUT/logs/build_$(basename "$dir")_$i.log" 2>&1 &
   done
   wait
-  note "built $n of $SHARDS shards: $(ls "$W"/data/shard-*.json | wc -l) finished"
+  note "built $n of $SHARDS shards into $dir: $(ls "$dir"/shard-*.json | wc -l) finished"
 }
 
 encode() {  # the built shards through the frozen VAE encoder (finished shards are kept):
@@ -222,6 +224,37 @@ elif [ "$stage" = data ]; then
   fi
   encode
   echo "$VAE_DIR" > "$W/latents_vae.txt"
+elif [ "$stage" = vae_parts ]; then
+  # A decoder-only fine-tune of INIT_BUNDLE's VAE on the split's real parts (its encoder
+  # frozen, so the bundle's DiT keeps its latents): the first VAE_SHARDS (16) shards built
+  # here with SDF samples (2048 near-surface + 1024 uniform points per part), train_vae on
+  # them (data.source=records) until VAE_STEPS or the deadline VAE_RESERVE_S (90 s) before
+  # the call's end (CALL_START + VAE_CALL_S, 570 s), then swapped into a copy of the bundle
+  # (export_bundle --update --vae) and packed. Why: `evaluate --reconstruct` (2026-12-02)
+  # found the bundle's VAE, trained on analytic primitives only, the ceiling of generation
+  # (thin panels come back as rings), while a latent fitted to a panel's SDF through the
+  # same decoder reconstructs it. Re-running the call resumes the fine-tune.
+  : ${INIT_BUNDLE:?"the vae_parts stage fine-tunes the VAE of a bundle: set INIT_BUNDLE"}
+  build_first_shards "${VAE_SHARDS:-16}" "$W/vae_data" 2048 1024  # finished shards: skipped
+  # one more pass over shard 0 (finished: skipped) merges the manifest after every process
+  # is done (the concurrent ones each merged what was finished when they ended)
+  JAX_PLATFORMS=cpu python3 -m data_pipeline.build --source=$SRC --out="$W/vae_data" \
+    --num_shards=$SHARDS --shard_index=0 --n_surface=2048 --n_near=2048 --n_volume=1024 \
+    --image_size=$IMG --num_views=2 --num_previews=0 --progress=false > /dev/null 2>&1
+  left=$(( CALL_START + ${VAE_CALL_S:-570} - 30 - $(date +%s) ))
+  timeout --kill-after=10 $(( left > 30 ? left : 30 )) \
+    python3 -m experiments.train_vae --config=experiments/configs/vae.py:$VAE_CFG $VAE_FLAGS \
+    --config.data.source=records --config.data.dir="$W/vae_data" --config.time_limit_s=0 \
+    --config.stop_at_unix=$(( CALL_START + ${VAE_CALL_S:-570} - ${VAE_RESERVE_S:-90} )) \
+    --config.data.num_workers=${VAE_WORKERS:-12} --config.data.parts_per_element=4 \
+    ${VAE_EXTRA:-} --workdir="$W/vae_parts" > "$OUT/logs/train_vae_parts_$(date -u +%H%M).log" 2>&1
+  note "train_vae rc=$? $(last_line "$(ls -t "$OUT"/logs/train_vae_parts_*.log | head -1)" 'train:')"
+  rm -rf "$W/moca-small" && cp -r "$INIT_BUNDLE" "$W/moca-small"
+  python3 -m experiments.export_bundle --update="$W/moca-small" --vae="$W/vae_parts" \
+    > "$OUT/logs/export.log" 2>&1
+  note "export rc=$? $(tail -1 "$OUT/logs/export.log")"
+  cp "$W"/vae_parts/{eval.json,loss_curve.png,metrics.jsonl,runs.jsonl} "$OUT/logs/" 2>/dev/null
+  [ -f "$W/moca-small/bundle.json" ] && pack bundle "$W/moca-small"
 elif [ "$stage" = dit ]; then
   VAE_DIR=${VAE_DIR:-$(cat "$W/latents_vae.txt" 2>/dev/null || echo "$W/vae")}
   [ -f "$W/latents/manifest.json" ] || encode  # the data_vae call ran out of time
