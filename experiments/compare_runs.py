@@ -98,7 +98,34 @@ def compare(runs: Sequence[dict], labels: Sequence[str], reference: str) -> dict
   meta = runs[0]["meta"]
   return {"kind": kind, "items": len(runs[0]["rows"]), "source": runs[0]["source"],
           "machine": runs[0]["machine"], "reference": reference, "differs": differ,
-          "sampling": {k: meta.get(k) for k in SAMPLING_KEYS if k not in differ}, "runs": out}
+          "sampling": {k: meta.get(k) for k in SAMPLING_KEYS if k not in differ}, "runs": out,
+          "by_category": by_category(runs, labels, keys[:2])}
+
+
+def by_category(runs: Sequence[dict], labels: Sequence[str], keys: Sequence[str]) -> list:
+  """Per item category (procedural items record one: `EvalItem.category`; taken from any run
+  that has it, the runs scoring the same items): the item count and each run's mean of
+  `keys`, sorted by category. [] when no run recorded categories."""
+  category = {}
+  for run in runs:
+    for row in run["rows"]:
+      if row.get("category"):
+        category.setdefault(row["name"], row["category"])
+  if not category:
+    return []
+  kind = runs[0]["kind"]
+  groups: dict = {}
+  for i, row in enumerate(runs[0]["rows"]):
+    groups.setdefault(category.get(row["name"], "unknown"), []).append(i)
+  table = []
+  for name in sorted(groups):
+    entry = {"category": name, "items": len(groups[name])}
+    for label, run in zip(labels, runs):
+      vals = [cfg_sweep.item_values(run["rows"][i], kind) for i in groups[name]]
+      for k in keys:
+        entry[f"{label}: {k}"] = sum(v[k] for v in vals) / len(vals)
+    table.append(entry)
+  return table
 
 
 def _cell(entry: dict, k: str, is_reference: bool) -> str:
@@ -152,6 +179,13 @@ def markdown(doc: dict) -> str:
               else _setting_value(k, e["differs"][k])) for k in differ]
     lines.append(f"| {e['label']} | " + "".join(f"{v} | " for v in shown) + " | ".join(
         _cell(e, k, e["label"] == doc["reference"]) for k in keys) + " |")
+  if doc.get("by_category"):
+    cols = [c for c in doc["by_category"][0] if c not in ("category", "items")]
+    lines += ["", "By category (means over the items of each):", "",
+              "| category | items | " + " | ".join(cols) + " |",
+              "|---|---|" + "---|" * len(cols)]
+    lines += [f"| {e['category']} | {e['items']} | " + " | ".join(
+        f"{e[c]:.4f}" for c in cols) + " |" for e in doc["by_category"]]
   lines += ["", "Medians: " + "; ".join(
       f"{e['label']} " + ", ".join(f"{k} {e[k + '_median']:.3f}" for k in keys[:2])
       for e in doc["runs"]), "", "Checkpoints: " + "; ".join(

@@ -59,6 +59,8 @@ def define_flags() -> None:
   flags.DEFINE_enum("kind", "object", ["object", "scene"], "Objects (Table 1) or scenes (Table 2).")
   flags.DEFINE_string("out_dir", None, "Output folder (default experiments/results/eval_*).")
   flags.DEFINE_integer("limit", None, "Evaluate at most this many items.")
+  flags.DEFINE_list("items", None, "--split only: evaluate these item positions (0-based "
+                    "among the split's items of --kind, e.g. 37,11,45), in this order.")
   flags.DEFINE_integer("num_components", None, "Parts to generate (default: GT count).")
   flags.DEFINE_integer("steps", None, "Flow ODE steps (default: the checkpoint config).")
   flags.DEFINE_float(
@@ -146,8 +148,19 @@ def run(f) -> dict:
   # CD 0.259 from 112 px renders, 0.248 from 224 px ones, on the first item alone)
   image_size = f.image_size or (pipe.image_size if pipe is not None else 224)
   skipped: list = []
+  indices = None
+  if f.items:
+    if f.split is None:
+      raise ValueError("--items selects items of a --split")
+    try:
+      indices = [int(i) for i in f.items]
+    except ValueError as e:
+      raise ValueError(f"--items={','.join(f.items)}: expected item positions (integers)") from e
   if f.split is not None:
-    items = E.items_from_split(f.split, f.kind, f.limit, image_size)
+    if indices is None:
+      items = E.items_from_split(f.split, f.kind, f.limit, image_size)
+    else:
+      items = E.items_from_split(f.split, f.kind, f.limit, image_size, indices=indices)
     source = f"split {f.split}"
   else:
     items = E.items_from_glb_dir(f.glb_dir, f.kind, f.limit, image_size, skipped)

@@ -64,6 +64,7 @@ class EvalItem:
   image: np.ndarray
   masks: Optional[np.ndarray] = None
   view: Optional[Tuple[float, float]] = None  # (azimuth, elevation) deg of the render
+  category: Optional[str] = None  # procedural items: the generator's category (e.g. 'table')
 
 
 def _render_condition(
@@ -114,18 +115,32 @@ def items_from_split(
     limit: Optional[int] = None,
     image_size: int = 224,
     base_seed: int = 0,
+    indices: Optional[Sequence[int]] = None,
 ) -> Iterator[EvalItem]:
   """Items of a procedural split (data_pipeline.procedural.split_items) of one kind.
 
   The ground-truth component meshes are the parts' tessellations; the conditioning image is
-  one view rendered with data_pipeline.render (seeded by the item index).
+  one view rendered with data_pipeline.render (seeded by the item index). indices: only these
+  positions among the split's items of `kind` (0-based, in the given order; `limit` then
+  applies to them); ValueError names one past the end.
   """
   from data_pipeline import procedural  # pylint: disable=g-import-not-at-top
 
   if kind not in ("object", "scene"):
     raise ValueError(f"kind: expected 'object' or 'scene', got {kind!r}")
   items = procedural.split_items(split, base_seed=base_seed, kinds=(kind,))
-  for it in items[:limit]:
+  if indices is not None:
+    outside = [i for i in indices if not 0 <= int(i) < len(items)]
+    if outside:
+      raise ValueError(f"item index {outside[0]} is outside split {split!r}, which has "
+                       f"{len(items)} {kind}s (0-{len(items) - 1})")
+    items = [items[int(i)] for i in indices]
+  return _rendered_items(items[:limit], kind, image_size)
+
+
+def _rendered_items(items, kind: str, image_size: int) -> Iterator[EvalItem]:
+  """`items_from_split`'s items, generated and rendered one at a time."""
+  for it in items:
     sample = it.generate()
     parts = [p.to_mesh() for p in sample.parts]
     rgb, masks, view = _render_condition(
@@ -136,7 +151,8 @@ def items_from_split(
         colors=sample.colors,
         background=sample.background,
     )
-    yield EvalItem(name=it.key, kind=kind, gt_parts=parts, image=rgb, masks=masks, view=view)
+    yield EvalItem(name=it.key, kind=kind, gt_parts=parts, image=rgb, masks=masks, view=view,
+                   category=getattr(sample, "category", None))
 
 
 def _companion(path: str, suffixes: Sequence[str]) -> Optional[str]:
@@ -394,6 +410,8 @@ def evaluate_items(
       traceback.print_exc(file=sys.stderr)
       continue
     row = {"name": item.name, "kind": item.kind}
+    if item.category is not None:
+      row["category"] = item.category
     t0 = time.perf_counter()
     row.update(score(pred, item, settings))
     row["seconds_predict"] = dt

@@ -100,6 +100,24 @@ def test_a_vae_reconstruction_run_compares_with_a_generation_run(tmp_path):
   text = compare_runs.markdown(doc)
   assert "| generation | 7 | [0.8, 1.0] | 50 | no | 0.2500 |" in text
   assert "| VAE alone | - | - | - | yes | 0.1000 (-0.1500 ± 0.0500) |" in text
+  assert doc["by_category"] == []  # no run recorded categories
+
+
+def test_by_category_groups_the_items_of_any_run_that_names_them(tmp_path):
+  old = _write_run(tmp_path / "old", [0.3, 0.1, 0.5])  # before categories were recorded
+  new = _write_run(tmp_path / "new", [0.2, 0.1, 0.1])
+  path = os.path.join(new, "metrics.json")
+  doc = json.load(open(path))
+  for row, category in zip(doc["rows"], ("table", "mug", "table")):
+    row["category"] = category
+  json.dump(doc, open(path, "w"))
+  runs = [cfg_sweep.load_run(old), cfg_sweep.load_run(new)]
+  doc = compare_runs.compare(runs, ["old", "new"], "old")
+  mug, table = doc["by_category"]
+  assert (mug["category"], mug["items"], table["items"]) == ("mug", 1, 2)
+  assert table["old: cd"] == pytest.approx(0.4) and table["new: cd"] == pytest.approx(0.15)
+  assert table["new: fscore@0.1"] == pytest.approx(0.85)
+  assert "| table | 2 | 0.4000 | 0.6000 | 0.1500 | 0.8500 |" in compare_runs.markdown(doc)
 
 
 def test_labels_must_match_the_runs(tmp_path):

@@ -214,6 +214,14 @@ def test_procedural_split_items():
   assert it.masks.shape == (len(it.gt_parts), 48, 48) and it.masks.any()
   az, el = it.view  # scene cameras are isometric: elevation atan(1/sqrt(2))
   assert abs(el - 35.264) < 0.01 and abs((az - 45.0) % 90.0) < 1e-6
+  # --items: chosen positions in the given order, each with its category; a position past
+  # the end is refused before anything is generated
+  first_two = list(E.items_from_split("test_tiny", "object", limit=2, image_size=32))
+  picked = list(E.items_from_split("test_tiny", "object", image_size=32, indices=[1, 0]))
+  assert [i.name for i in picked] == [first_two[1].name, first_two[0].name]
+  assert all(isinstance(i.category, str) and i.category for i in picked)
+  with pytest.raises(ValueError, match="item index 999 is outside split 'test_tiny'"):
+    E.items_from_split("test_tiny", "object", indices=[0, 999])
 
 
 def test_benchmark_nn_rows_agree():
@@ -470,7 +478,7 @@ def test_cli_renders_inputs_at_the_models_size_by_default(monkeypatch, tmp_path)
   monkeypatch.setattr(E, "write_report",
                       lambda out, result, kind, method, meta: seen.update(meta=meta) or {})
   flags = dict(benchmark_nn=False, split="val", glb_dir=None, kind="object", limit=1, image_size=0,
-               perturb=None, reconstruct=False, checkpoint_dir="some/model",
+               perturb=None, reconstruct=False, items=None, checkpoint_dir="some/model",
                component_buckets=None, steps=None,
                cfg=None, cfg_interval=None, time_shift=None, num_components=None, seed=0,
                method="m",
