@@ -98,7 +98,9 @@ def compare(runs: Sequence[dict], labels: Sequence[str], reference: str) -> dict
   meta = runs[0]["meta"]
   return {"kind": kind, "items": len(runs[0]["rows"]), "source": runs[0]["source"],
           "machine": runs[0]["machine"], "reference": reference, "differs": differ,
-          "sampling": {k: meta.get(k) for k in SAMPLING_KEYS if k not in differ}, "runs": out,
+          "sampling": {k: meta.get(k) for k in SAMPLING_KEYS if k not in differ
+                       and not (k in DIT_SAMPLING_KEYS and any(e["reconstruct"] for e in out))},
+          "runs": out,
           "by_category": by_category(runs, labels, keys[:2])}
 
 

@@ -28,9 +28,24 @@
 #     --config.flow.t_shift=3.0 --config.data.num_workers=0 --config.data.in_memory=true \
 #     --config.data.read_threads=8 --config.checkpoint.every=1000" \
 #     bash experiments/results/bundle_train.sh dit
+# Round 8 (2026-12-02, not shipped: experiments/results/round8_val.md), a fresh machine,
+# three chained calls (data then bench_input in one call, 483 s; dit 512 s; the same dit
+# call resumed, 256 s): round 7's recipe from round 7 with the flow times shifted by 5
+#   CALL_START=$(date +%s) INIT_BUNDLE=assets/moca-small OUT=$OUT/data \
+#     bash experiments/results/bundle_train.sh data
+#   INIT_BUNDLE=assets/moca-small OUT=$OUT/bench bash experiments/results/bundle_train.sh bench_input
+#   CALL_START=$(date +%s) INIT_BUNDLE=assets/moca-small DIT_NAME=r8 DIT_CALL_S=575 \
+#     DIT_EXTRA="<round 7's, with --config.num_steps=11000 --config.optim.total_steps=11000 \
+#     --config.flow.t_shift=5.0>" bash experiments/results/bundle_train.sh dit
+#   (the second dit call: the same with DIT_CALL_S=540)
 # An exported bundle carries its training config's sampling defaults, not the warm-start
 # bundle's: set them again before shipping (export_bundle --update --scene_cfg_scale=1
 # --cfg_interval=0.8,1 ...).
+#   INIT_BUNDLE=assets/moca-small bash experiments/results/bundle_train.sh vae_parts
+#                                     # a decoder-only fine-tune of the bundle's VAE on the
+#                                     # split's real parts (VAE_SHARDS=16 built with SDF
+#                                     # samples), swapped into a copy of the bundle; then
+#                                     # `evaluate --reconstruct` on the CPU (not run yet)
 #   DIT_SECONDS=300 bash experiments/results/bundle_train.sh dit          # one DiT chunk (a
 #       2026-12-01 call with 360 s ran past 600 s on a cold machine: 44 s start-up, 44 s init
 #       and 70 s train-step compilation, then 75 s of evaluation). Training also stops and
