@@ -485,7 +485,7 @@ def replace_vae(folder: str, vae_dir: str) -> dict:
   card["vae"] = with_earlier_runs(run_summary(vae_dir), card.get("vae") or {},
                                   os.path.normpath(folder))
   card["vae_eval"] = _read_json(os.path.join(vae_dir, "eval.json"))
-  card["data"] = (f"{card.get('data', '')} The VAE's decoder was then fine-tuned with its "
+  card["data"] = (f"{card.get('data', '')} Later the VAE's decoder was fine-tuned with its "
                   f"encoder frozen ({vae_config.data.source} data"
                   f"{': ' + vae_config.data.dir if vae_config.data.get('dir') else ''}).")
   inference = _vae_inference_config(vae_config)

@@ -126,7 +126,7 @@ def test_vae_decoder_finetune_from_bundle(tiny_bundle, tmp_path):
   for k in swapped:
     np.testing.assert_array_equal(swapped[k], np.asarray(ema[k], jnp.bfloat16).astype(np.float32))
   assert info["card"]["vae"]["steps"] == 2 and len(info["card"]["vae"]["runs"]) == 1
-  assert "decoder was then fine-tuned with its encoder frozen" in info["card"]["data"]
+  assert "decoder was fine-tuned with its encoder frozen" in info["card"]["data"]
   assert not any(p.name.endswith((".old", ".updating")) for p in tmp_path.iterdir())
   c.train_encoder = True
   vae_task.train_and_evaluate(c, str(tmp_path / "all"), mesh=_mesh1(), show_progress=False)
