@@ -570,7 +570,10 @@ def write_report(
     written["grid"] = viz.mesh_grid_png(
         result["grid"],
         os.path.join(out_dir, "grid.png"),
-        title=f"{method}: input | generated | ground truth",
+        # evaluate --reconstruct: the middle column is the VAE's, nothing was generated
+        title=(f"{method}: input | reconstructed | ground truth" if meta.get("reconstruct")
+               else f"{method}: input | generated | ground truth"),
+        pred_header="reconstructed parts" if meta.get("reconstruct") else "generated parts",
     )
   routing = result.get("routing")
   if isinstance(routing, dict) and np.asarray(routing.get("importances", [])).size == 0:

@@ -375,8 +375,10 @@ def mesh_grid_png(
     panel_px: int = 256,
     render_px: Optional[int] = None,
     title: Optional[str] = None,
+    pred_header: str = "generated parts",
 ) -> str:
-  """Grid PNG: one row per sample, columns input image | generated parts | ground truth.
+  """Grid PNG: one row per sample, columns input image | generated parts | ground truth
+  (`pred_header` names the middle column, e.g. 'reconstructed parts').
 
   rows: dicts with optional keys 'image' (uint8 [H,W,C]; scenes: first 3 channels shown),
     'pred' (list of trimesh parts, one colour each), 'gt' (list of trimesh parts, grey
@@ -394,7 +396,7 @@ def mesh_grid_png(
   height = n * panel_px + header
   fig = plt.figure(figsize=(3 * panel_px / DPI, height / DPI), dpi=DPI)
   top = 1 - header / height
-  headers = ("input", "generated parts", "ground truth")
+  headers = ("input", pred_header, "ground truth")
   for r, row in enumerate(rows):
     panels = []
     image = row.get("image")
