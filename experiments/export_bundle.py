@@ -34,7 +34,7 @@ import sys
 from typing import Optional
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from moca_jax import cli
 from moca_jax import bundle, checkpointing, dit_task, train_lib
@@ -505,6 +505,7 @@ def replace_vae(folder: str, vae_dir: str) -> dict:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint read at INFO
   f = flags.FLAGS
   if f.update:
     try:
