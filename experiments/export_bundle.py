@@ -421,23 +421,6 @@ ENCODER_CONFIG_KEYS = ("num_points", "num_latents", "latent_channels", "enc_widt
                        "subset_factor", "qk_norm", "norm_eps", "gelu_exact", "mlp_ratio")
 
 
-def _replace_folder(folder: str, write) -> None:
-  """Runs write(copy) on a copy of `folder` beside it, then renames the copy over it: an
-  interrupted update leaves the old folder (or, renamed to FOLDER.old, the old and the
-  finished new one), never a folder with some files new and some old."""
-  import shutil  # pylint: disable=g-import-not-at-top
-
-  folder = os.path.abspath(folder)
-  staging, old = folder + ".updating", folder + ".old"
-  for leftover in (staging, old):
-    shutil.rmtree(leftover, ignore_errors=True)
-  shutil.copytree(folder, staging)
-  write(staging)
-  os.replace(folder, old)
-  os.replace(staging, folder)
-  shutil.rmtree(old)
-
-
 def replace_vae(folder: str, vae_dir: str) -> dict:
   """Swaps a bundle's VAE for a decoder-only fine-tune of it, keeping its DiT.
 
@@ -448,7 +431,7 @@ def replace_vae(folder: str, vae_dir: str) -> dict:
   (ENCODER_CONFIG_KEYS) and the same encoder weights as stored (equal after the cast to the
   bundle's storage dtype); its decoder, its config and the card's VAE record (runs with the
   earlier ones in front, loss curve, held-out reconstruction by part size) replace the old.
-  The folder is rewritten through a copy (`_replace_folder`). Returns the new bundle.json.
+  The folder is rewritten through a copy (`moca_jax.io.replace_folder`). Returns the new bundle.json.
   Raises FileNotFoundError / bundle.BundleError naming what differs.
   """
   from moca_jax import vae as vae_lib  # pylint: disable=g-import-not-at-top
@@ -498,7 +481,7 @@ def replace_vae(folder: str, vae_dir: str) -> dict:
     mio.atomic_write_text(os.path.join(staging, "MODEL_CARD.md"),
                           model_card(bundle.read_info(staging)))
 
-  _replace_folder(folder, write)
+  mio.replace_folder(folder, write)
   return bundle.read_info(folder)
 
 

@@ -66,6 +66,28 @@ def atomic_write_bytes(path: str, data: bytes) -> str:
   return os.fspath(path)
 
 
+def replace_folder(folder: str, write) -> None:
+  """Rewrites a folder as a whole: write(staging) on a copy of `folder` beside it, then the
+  copy renamed over it. An interrupted update leaves the old folder (or, renamed to
+  FOLDER.old, the old and the finished new one), never a folder with some files new and
+  some old; a failing `write` removes the copy and re-raises."""
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  folder = os.path.abspath(folder)
+  staging, old = folder + ".updating", folder + ".old"
+  for leftover in (staging, old):
+    shutil.rmtree(leftover, ignore_errors=True)
+  shutil.copytree(folder, staging)
+  try:
+    write(staging)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  os.replace(folder, old)
+  os.replace(staging, folder)
+  shutil.rmtree(old)
+
+
 def atomic_write_text(path: str, text: str) -> str:
   """Writes UTF-8 `text` to `path` atomically; returns `path`."""
   return atomic_write_bytes(path, text.encode("utf-8"))

@@ -250,7 +250,8 @@ elif [ "$stage" = vae_parts ]; then
   # (thin panels come back as rings), while a latent fitted to a panel's SDF through the
   # same decoder reconstructs it. Re-running the call resumes the fine-tune.
   : ${INIT_BUNDLE:?"the vae_parts stage fine-tunes the VAE of a bundle: set INIT_BUNDLE"}
-  build_first_shards "${VAE_SHARDS:-16}" "$W/vae_data" 2048 1024  # finished shards: skipped
+  n=${VAE_SHARDS:-16}; [ "$n" -le "$SHARDS" ] || n=$SHARDS
+  build_first_shards "$n" "$W/vae_data" 2048 1024  # finished shards: skipped
   # one more pass over shard 0 (finished: skipped) merges the manifest after every process
   # is done (the concurrent ones each merged what was finished when they ended)
   JAX_PLATFORMS=cpu python3 -m data_pipeline.build --source=$SRC --out="$W/vae_data" \
@@ -264,12 +265,18 @@ elif [ "$stage" = vae_parts ]; then
     --config.data.num_workers=${VAE_WORKERS:-12} --config.data.parts_per_element=4 \
     ${VAE_EXTRA:-} --workdir="$W/vae_parts" > "$OUT/logs/train_vae_parts_$(date -u +%H%M).log" 2>&1
   note "train_vae rc=$? $(last_line "$(ls -t "$OUT"/logs/train_vae_parts_*.log | head -1)" 'train:')"
+  if [ "$(realpath "$INIT_BUNDLE")" = "$(realpath -m "$W/moca-small")" ]; then
+    note "INIT_BUNDLE is $W/moca-small, the copy this stage writes: give another folder"; exit 2
+  fi
   rm -rf "$W/moca-small" && cp -r "$INIT_BUNDLE" "$W/moca-small"
   python3 -m experiments.export_bundle --update="$W/moca-small" --vae="$W/vae_parts" \
     > "$OUT/logs/export.log" 2>&1
-  note "export rc=$? $(tail -1 "$OUT/logs/export.log")"
+  swapped=$?
+  note "export rc=$swapped $(tail -1 "$OUT/logs/export.log")"
   cp "$W"/vae_parts/{eval.json,loss_curve.png,metrics.jsonl,runs.jsonl} "$OUT/logs/" 2>/dev/null
-  [ -f "$W/moca-small/bundle.json" ] && pack bundle "$W/moca-small"
+  # packed only when the swap succeeded: an unchanged copy of INIT_BUNDLE must not come back
+  # looking like a fine-tuned bundle
+  [ "$swapped" = 0 ] && pack bundle "$W/moca-small"
 elif [ "$stage" = dit ]; then
   VAE_DIR=${VAE_DIR:-$(cat "$W/latents_vae.txt" 2>/dev/null || echo "$W/vae")}
   [ -f "$W/latents/manifest.json" ] || encode  # the data_vae call ran out of time
