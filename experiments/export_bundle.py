@@ -464,9 +464,11 @@ def replace_vae(folder: str, vae_dir: str) -> dict:
         "encoder's latents, so only a decoder fine-tune (--config.train_encoder=false) can "
         "replace its VAE")
   card = dict(current.info.get("card") or {})
-  # its runs after the bundle's (it started from this bundle: the encoders are equal)
-  card["vae"] = with_earlier_runs(run_summary(vae_dir), card.get("vae") or {},
-                                  os.path.normpath(folder))
+  # its runs after the bundle's (it started from this bundle's weights: the encoders are
+  # equal), labelled with the folder the fine-tune warm-started from (often a copy's source)
+  init = vae_config.get("init") or {}
+  source = os.path.normpath(init.get("from_bundle") or folder)
+  card["vae"] = with_earlier_runs(run_summary(vae_dir), card.get("vae") or {}, source)
   card["vae_eval"] = _read_json(os.path.join(vae_dir, "eval.json"))
   card["data"] = (f"{card.get('data', '')} Later the VAE's decoder was fine-tuned with its "
                   f"encoder frozen ({vae_config.data.source} data"
