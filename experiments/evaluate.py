@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Optional
 
 from absl import app, flags, logging
 
@@ -125,6 +126,24 @@ def define_flags() -> None:
   flags.DEFINE_integer("nn_jax_max_size", 100_000, "Largest size timed with the JAX backend.")
 
 
+def sampler_flags(f) -> dict:
+  """The flags that only the DiT's sampler reads, by their command-line names."""
+  return {"--steps": f.steps, "--cfg": f.cfg, "--cfg_interval": f.cfg_interval,
+          "--time_shift": f.time_shift, "--num_components": f.num_components}
+
+
+def item_positions(items, split) -> Optional[list]:
+  """--items as a list of ints (None when not given). ValueError: no --split, or not integers."""
+  if not items:
+    return None
+  if split is None:
+    raise ValueError("--items selects items of a --split")
+  try:
+    return [int(i) for i in items]
+  except ValueError as e:
+    raise ValueError(f"--items={','.join(items)}: expected item positions (integers)") from e
+
+
 def run(f) -> dict:
   """The CLI as a function of the parsed flags; returns what `write_report` wrote."""
   if f.benchmark_nn:
@@ -139,6 +158,11 @@ def run(f) -> dict:
     raise ValueError(f"--image_size must be >= 0 (0: the model's), got {f.image_size}")
   if f.reconstruct and f.perturb is not None:
     raise ValueError("give at most one of --reconstruct or --perturb")
+  no_dit = "--reconstruct" if f.reconstruct else "--perturb" if f.perturb is not None else None
+  ignored = [name for name, value in sampler_flags(f).items() if value is not None]
+  if no_dit and ignored:
+    raise ValueError(f"{no_dit} runs no DiT: {', '.join(ignored)} would be ignored")
+  indices = item_positions(f.items, f.split)  # checked before the model loads
   pipe, checkpoint = None, f.checkpoint_dir
   if f.perturb is None:
     checkpoint = pipeline.checkpoint_or_bundled(f.checkpoint_dir, "--checkpoint_dir")
@@ -148,14 +172,6 @@ def run(f) -> dict:
   # CD 0.259 from 112 px renders, 0.248 from 224 px ones, on the first item alone)
   image_size = f.image_size or (pipe.image_size if pipe is not None else 224)
   skipped: list = []
-  indices = None
-  if f.items:
-    if f.split is None:
-      raise ValueError("--items selects items of a --split")
-    try:
-      indices = [int(i) for i in f.items]
-    except ValueError as e:
-      raise ValueError(f"--items={','.join(f.items)}: expected item positions (integers)") from e
   if f.split is not None:
     if indices is None:
       items = E.items_from_split(f.split, f.kind, f.limit, image_size)

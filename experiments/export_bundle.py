@@ -103,7 +103,11 @@ def _read_json(path: str) -> Optional[dict]:
 
 def run_summary(workdir: str) -> dict:
   """What the training calls of a workdir did, from its runs.jsonl (train_lib)."""
-  runs = train_lib.read_run_records(workdir)
+  return summary_of_runs(train_lib.read_run_records(workdir))
+
+
+def summary_of_runs(runs: list) -> dict:
+  """`run_summary`'s totals over a list of run records."""
   return {
       "runs": runs,
       "steps": max((r["end_step"] for r in runs), default=0),
@@ -112,6 +116,18 @@ def run_summary(workdir: str) -> dict:
       "compile_minutes": round(sum(r["compile_seconds"] for r in runs) / 60.0, 2),
       "devices": sorted({f"{r['devices']} x {r['device_kind']}" for r in runs}),
   }
+
+
+def runs_before(earlier: dict, summary: dict) -> dict:
+  """`earlier` (a card's run summary) cut before the first of its runs that `summary` (a
+  workdir's) also holds, matched by finish time: swapping the same, or a resumed, fine-tune
+  into a bundle again replaces its runs instead of listing them twice."""
+  finished = {r.get("finished_utc") for r in summary.get("runs", [])} - {None}
+  runs = earlier.get("runs") or []
+  for i, r in enumerate(runs):
+    if r.get("finished_utc") in finished:
+      return summary_of_runs(runs[:i]) if i else {}
+  return earlier
 
 
 def with_earlier_runs(summary: dict, earlier: dict, source: str) -> dict:
@@ -468,7 +484,8 @@ def replace_vae(folder: str, vae_dir: str) -> dict:
   # equal), labelled with the folder the fine-tune warm-started from (often a copy's source)
   init = vae_config.get("init") or {}
   source = os.path.normpath(init.get("from_bundle") or folder)
-  card["vae"] = with_earlier_runs(run_summary(vae_dir), card.get("vae") or {}, source)
+  summary = run_summary(vae_dir)
+  card["vae"] = with_earlier_runs(summary, runs_before(card.get("vae") or {}, summary), source)
   card["vae_eval"] = _read_json(os.path.join(vae_dir, "eval.json"))
   card["data"] = (f"{card.get('data', '')} Later the VAE's decoder was fine-tuned with its "
                   f"encoder frozen ({vae_config.data.source} data"

@@ -512,3 +512,14 @@ def test_cli_renders_inputs_at_the_models_size_by_default(monkeypatch, tmp_path)
   assert seen["size"] == 40 and seen["meta"]["reconstruct"] is True
   with pytest.raises(ValueError, match="at most one of --reconstruct or --perturb"):
     cli_eval.run(types.SimpleNamespace(**dict(flags, reconstruct=True, perturb=0.01)))
+  # sampler flags where no DiT runs are refused, not silently ignored
+  with pytest.raises(ValueError, match="--reconstruct runs no DiT: --cfg, --time_shift would"):
+    cli_eval.run(types.SimpleNamespace(**dict(flags, reconstruct=True, cfg=3.0, time_shift=2.0)))
+  with pytest.raises(ValueError, match="--perturb runs no DiT: --steps would be ignored"):
+    cli_eval.run(types.SimpleNamespace(**dict(flags, perturb=0.01, steps=5)))
+  # a bad --items is refused before the model loads
+  monkeypatch.setattr(pipeline, "load_pipeline", lambda path: pytest.fail("model loaded"))
+  with pytest.raises(ValueError, match="expected item positions"):
+    cli_eval.run(types.SimpleNamespace(**dict(flags, items=["a"])))
+  with pytest.raises(ValueError, match="selects items of a --split"):
+    cli_eval.run(types.SimpleNamespace(**dict(flags, split=None, glb_dir="g", items=["1"])))

@@ -128,6 +128,9 @@ def test_vae_decoder_finetune_from_bundle(tiny_bundle, tmp_path):
   assert info["card"]["vae"]["steps"] == 2 and len(info["card"]["vae"]["runs"]) == 1
   assert "decoder was fine-tuned with its encoder frozen" in info["card"]["data"]
   assert not any(p.name.endswith((".old", ".updating")) for p in tmp_path.iterdir())
+  # swapping the same fine-tune in again replaces its runs rather than listing them twice
+  again = export_bundle.replace_vae(target, str(tmp_path / "w"))
+  assert again["card"]["vae"]["runs"] == info["card"]["vae"]["runs"]
   c.train_encoder = True
   vae_task.train_and_evaluate(c, str(tmp_path / "all"), mesh=_mesh1(), show_progress=False)
   before = open(f"{target}/vae.npz", "rb").read()
@@ -209,3 +212,27 @@ def test_dit_warm_start_keeps_the_bundles_latent_norm(tmp_path):
   new.init.bundle_parts = ("encoder",)  # the DiT is not taken: its own statistics
   got = latent_norm.stats_from_config(dit_task.resolve_latent_norm(new).model)
   assert not np.allclose(got.within_std, 0.25)
+
+
+def test_swapped_vae_runs_follow_the_bundles_and_replace_an_earlier_swap():
+  """A decoder fine-tune's runs count on from the bundle's, its first marked with the bundle
+  it warm-started from; a later swap of the same (or resumed) workdir cuts the card's
+  history before the runs it already holds."""
+  from experiments import export_bundle as eb
+
+  def run(start, end, finished):
+    return dict(start_step=start, end_step=end, examples=10 * (end - start), train_seconds=60.0,
+                compile_seconds=6.0, devices=1, device_kind="gpu", finished_utc=finished)
+
+  bundle_runs = eb.summary_of_runs([run(0, 100, "t1"), run(100, 300, "t2")])
+  first = eb.summary_of_runs([run(0, 50, "f1")])
+  card = eb.with_earlier_runs(first, eb.runs_before(bundle_runs, first), "assets/b")
+  assert [(r["start_step"], r["end_step"]) for r in card["runs"]] == [(0, 100), (100, 300),
+                                                                      (300, 350)]
+  assert card["runs"][2]["warm_restart_from"] == "assets/b" and card["examples"] == 3500
+  resumed = eb.summary_of_runs([run(0, 50, "f1"), run(50, 80, "f2")])
+  again = eb.with_earlier_runs(resumed, eb.runs_before(card, resumed), "assets/b")
+  assert [(r["start_step"], r["end_step"]) for r in again["runs"]] == [
+      (0, 100), (100, 300), (300, 350), (350, 380)]
+  assert again["steps"] == 380 and again["examples"] == 3800
+  assert "warm_restart_from" not in again["runs"][3] and again["train_minutes"] == 4.0
