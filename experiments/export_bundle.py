@@ -53,6 +53,8 @@ def define_flags() -> None:
   flags.DEFINE_enum("storage_dtype", "bfloat16", list(bundle.STORAGE_DTYPES), "Weights dtype.")
   flags.DEFINE_float("max_mib", 24.0, "Refuse a bundle larger than this (MiB, all files).")
   flags.DEFINE_string("notes", "", "Free text for the card's training section.")
+  flags.DEFINE_string("card_data", "", "--update: replace the card's text on what the models "
+                      "trained on (the first paragraph of its training section).")
   flags.DEFINE_string("update", None, "An existing bundle folder: attach --eval_dirs (and "
                       "--notes) to its card and rewrite MODEL_CARD.md; weights untouched.")
   flags.DEFINE_float("scene_cfg_scale", None, "--update: set the default CFG scale for scene "
@@ -275,7 +277,12 @@ def model_card(info: dict) -> str:
     lines += [card["notes"], ""]
   vae_eval = card.get("vae_eval") or {}
   if vae_eval.get("by_size"):
-    lines += ["## VAE: held-out reconstruction by part size", "",
+    lines += ["## VAE: held-out analytic primitives by part size", "",
+              f"The VAE's own evaluation (`vae_task.evaluate_reconstruction`): "
+              f"{sum(int(m.get('count', 0)) for m in vae_eval['by_size'].values())} random "
+              "primitives, encoded from area-uniform surface samples, decoded on a "
+              f"{vae_eval.get('resolution', '?')}^3 grid; IoU of the occupancy, Chamfer of the "
+              "extracted mesh.", "",
               "| size | count | IoU | Chamfer |", "|---|---|---|---|"]
     for size, m in vae_eval["by_size"].items():
       lines.append(f"| {size} | {_fmt(m.get('count'))} | {_fmt(m.get('iou_mean'))} | "
@@ -287,9 +294,12 @@ def model_card(info: dict) -> str:
     guidance = f"CFG {meta.get('cfg', '?')}" + (
         f" at flow times {interval[0]:g} <= t <= {interval[1]:g}" if interval else "")
     size = f", inputs rendered at {meta['image_size']} px" if meta.get("image_size") else ""
+    how = ("no DiT: the ground truth's parts encoded to their posterior means and decoded "
+           "by the VAE (`evaluate --reconstruct`)" if meta.get("reconstruct") else
+           f"{meta.get('steps', '?')} Euler steps, {guidance}{size}")
     lines += [f"## Evaluation: {name}", "", f"{ev.get('items', '?')} held-out items "
-              f"({meta.get('source', '?')}, {meta.get('steps', '?')} Euler steps, {guidance}"
-              f"{size}; {meta.get('machine', '')}), {ev.get('skipped', 0)} skipped.", "",
+              f"({meta.get('source', '?')}, {how}; {meta.get('machine', '')}), "
+              f"{ev.get('skipped', 0)} skipped.", "",
               "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(val)} |" for k, val in ev.get("mean", {}).items()]
     lines += ["", f"![{name}]({name}.png)", ""]
@@ -392,9 +402,10 @@ _KEEP = object()
 
 def update_card(folder: str, eval_dirs=(), notes: Optional[str] = None,
                 scene_cfg_scale: Optional[float] = None, cfg_interval=_KEEP,
-                time_shift: Optional[float] = None) -> dict:
+                time_shift: Optional[float] = None, data: Optional[str] = None) -> dict:
   """Attaches evaluations made elsewhere (e.g. on a CPU after the GPU trained the model) and
-  optionally new notes to an existing bundle: its card in bundle.json (the weights and their
+  optionally new notes (and a new `data` text: what the models trained on) to an existing
+  bundle: its card in bundle.json (the weights and their
   checksums are untouched), the grids and MODEL_CARD.md. scene_cfg_scale: also sets the
   sampling default for scene inputs (config.sample.scene_cfg_scale, `Pipeline.sample_settings`;
   finite and >= 0). cfg_interval: also sets the default guidance interval
@@ -422,6 +433,8 @@ def update_card(folder: str, eval_dirs=(), notes: Optional[str] = None,
   card["evaluation"] = {**(card.get("evaluation") or {}), **read_evaluations(eval_dirs)}
   if notes is not None:
     card["notes"] = notes
+  if data is not None:
+    card["data"] = data
   info["card"] = card
   mio.write_json(os.path.join(folder, bundle.INFO_FILE), info, indent=1)
   _copy_grids(eval_dirs, folder)
@@ -512,11 +525,12 @@ def main(argv) -> None:
   if f.update:
     try:
       interval = _KEEP if f.cfg_interval is None else parse_cfg_interval(f.cfg_interval)
+      read_evaluations(f.eval_dirs)  # a bad folder is refused before anything changes
       if f.vae:
         replace_vae(f.update, f.vae)
         print(f"replaced the VAE of {f.update} by the decoder fine-tune in {f.vae}")
       update_card(f.update, f.eval_dirs, f.notes or None, f.scene_cfg_scale, interval,
-                  f.time_shift)
+                  f.time_shift, f.card_data or None)
     except (FileNotFoundError, ValueError) as e:
       print(f"export_bundle: error: {e}", file=sys.stderr)
       sys.exit(2)

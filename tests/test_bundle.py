@@ -163,6 +163,19 @@ def test_update_card_attaches_evaluations_and_keeps_weights(models, tmp_path):
   export_bundle.update_card(out, [str(interval_ev)])
   assert "CFG 7.0 at flow times 0.8 <= t <= 1, inputs rendered at 112 px" in open(
       os.path.join(out, "MODEL_CARD.md")).read()
+  # a VAE-alone run (evaluate --reconstruct) is described as one, without sampler settings
+  rec_ev = tmp_path / "eval_reconstructed"
+  rec_ev.mkdir()
+  (rec_ev / "metrics.json").write_text(json.dumps(
+      {"mean": {"cd": 0.03}, "rows": [{}], "skipped": [],
+       "meta": {"reconstruct": True, "source": "split test"}}))
+  export_bundle.update_card(out, [str(rec_ev)], data="trained on real parts")
+  text = open(os.path.join(out, "MODEL_CARD.md")).read()
+  section = text.split("## Evaluation: eval_reconstructed")[1]
+  assert "(split test, no DiT: the ground truth's parts encoded" in section
+  assert "Euler" not in section.split("## ")[0]
+  assert bundle.read_info(out)["card"]["data"] == "trained on real parts"
+  assert "trained on real parts" in text
   info = bundle.read_info(out)
   assert info["card"]["evaluation"]["eval_objects"]["items"] == 2
   assert info["card"]["notes"] == "evaluated on a CPU" and info["card"]["name"] == "t"
