@@ -45,7 +45,14 @@
 #                                     # a decoder-only fine-tune of the bundle's VAE on the
 #                                     # split's real parts (VAE_SHARDS=16 built with SDF
 #                                     # samples), swapped into a copy of the bundle; then
-#                                     # `evaluate --reconstruct` on the CPU (not run yet)
+#                                     # `evaluate --reconstruct` on the CPU
+# Round 9 (2026-12-02, shipped: experiments/results/round9_vae_parts.md), a fresh machine,
+# three chained calls, each a fresh fine-tune from the bundle (the previous one's workdir
+# moved aside), at 62-63 steps/s: 16 shards / 8,000 steps (324 s), 32 / 20,000 (476 s),
+# 48 / 24,000 (543 s, stopped by the deadline at 23,800; this one shipped)
+#   mv /root/bw/vae_parts /root/bw/vae_parts_20k; CALL_START=$(date +%s) \
+#     INIT_BUNDLE=assets/moca-small OUT=$OUT/vp3 VAE_CALL_S=575 VAE_SHARDS=48 \
+#     VAE_STEPS=24000 bash experiments/results/bundle_train.sh vae_parts
 #   DIT_SECONDS=300 bash experiments/results/bundle_train.sh dit          # one DiT chunk (a
 #       2026-12-01 call with 360 s ran past 600 s on a cold machine: 44 s start-up, 44 s init
 #       and 70 s train-step compilation, then 75 s of evaluation). Training also stops and
