@@ -139,9 +139,12 @@ def item_positions(items, split) -> Optional[list]:
   if split is None:
     raise ValueError("--items selects items of a --split")
   try:
-    return [int(i) for i in items]
+    positions = [int(i) for i in items]
   except ValueError as e:
     raise ValueError(f"--items={','.join(items)}: expected item positions (integers)") from e
+  if min(positions) < 0:
+    raise ValueError(f"--items={','.join(items)}: positions start at 0")
+  return positions
 
 
 def run(f) -> dict:

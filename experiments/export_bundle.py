@@ -3,8 +3,9 @@ r"""Packs a trained DiT and its VAE into a model bundle with its model card (moc
   python -m experiments.export_bundle --dit=/root/bw/dit --out=assets/moca-small \
       [--vae=/root/bw/vae] [--eval_dirs=eval_objects,eval_scenes] [--max_mib=24] \
       [--notes="what the card should say about how it was trained"]
-  # attach evaluations made elsewhere (and notes) to an existing bundle's card, optionally
-  # setting its sampling defaults (--scene_cfg_scale, --cfg_interval=lo,hi or none):
+  # attach evaluations made elsewhere (and --notes, --card_data) to an existing bundle's
+  # card, optionally setting its sampling defaults (--scene_cfg_scale, --cfg_interval=lo,hi
+  # or none, --time_shift):
   python -m experiments.export_bundle --update=assets/moca-small --eval_dirs=eval_objects
   # swap in a decoder-only fine-tune of the bundle's VAE (train_vae with
   # --config.init.from_bundle=assets/moca-small --config.train_encoder=false), DiT kept:
@@ -138,10 +139,9 @@ def with_earlier_runs(summary: dict, earlier: dict, source: str) -> dict:
   summary `earlier`): one history whose steps count on from the bundle's (the warm-started
   run, the one that began at its own step 0, is marked 'warm_restart_from': source; the
   runs resuming it stay resumes) and whose totals add both."""
-  if not earlier or not earlier.get("runs"):
-    return summary
+  earlier = earlier if earlier and earlier.get("runs") else {}
   offset = int(earlier.get("steps", 0))
-  runs = [dict(r) for r in earlier["runs"]]
+  runs = [dict(r) for r in earlier.get("runs", [])]
   for r in summary["runs"]:
     moved = dict(r, start_step=r["start_step"] + offset, end_step=r["end_step"] + offset)
     if r["start_step"] == 0:  # the warm restart itself; later runs resumed its checkpoints
@@ -290,7 +290,8 @@ def model_card(info: dict) -> str:
     lines.append("")
   for name, ev in (card.get("evaluation") or {}).items():
     meta = ev.get("meta", {})
-    interval = meta.get("cfg_interval")
+    # at CFG 1 no unconditional pass is made, so an interval has no effect
+    interval = meta.get("cfg_interval") if meta.get("cfg") != 1.0 else None
     guidance = f"CFG {meta.get('cfg', '?')}" + (
         f" at flow times {interval[0]:g} <= t <= {interval[1]:g}" if interval else "")
     size = f", inputs rendered at {meta['image_size']} px" if meta.get("image_size") else ""
@@ -400,6 +401,16 @@ def parse_cfg_interval(values) -> Optional[list]:
 _KEEP = object()
 
 
+def check_sample_updates(scene_cfg_scale: Optional[float], time_shift: Optional[float]) -> None:
+  """ValueError unless scene_cfg_scale (when given) is finite and >= 0 and time_shift (when
+  given) is finite and > 0: `update_card`'s checks, also run before a VAE swap."""
+  if scene_cfg_scale is not None and not (math.isfinite(scene_cfg_scale)
+                                          and scene_cfg_scale >= 0):
+    raise ValueError(f"scene_cfg_scale={scene_cfg_scale!r}: must be a finite number >= 0")
+  if time_shift is not None and not (math.isfinite(time_shift) and time_shift > 0):
+    raise ValueError(f"time_shift={time_shift!r}: must be a finite number > 0")
+
+
 def update_card(folder: str, eval_dirs=(), notes: Optional[str] = None,
                 scene_cfg_scale: Optional[float] = None, cfg_interval=_KEEP,
                 time_shift: Optional[float] = None, data: Optional[str] = None) -> dict:
@@ -421,13 +432,10 @@ def update_card(folder: str, eval_dirs=(), notes: Optional[str] = None,
     checked = flow.check_cfg_interval(cfg_interval)
     info["dit_config"].setdefault("sample", {})["cfg_interval"] = (
         None if checked is None else list(checked))
+  check_sample_updates(scene_cfg_scale, time_shift)
   if scene_cfg_scale is not None:
-    if not math.isfinite(scene_cfg_scale) or scene_cfg_scale < 0:
-      raise ValueError(f"scene_cfg_scale={scene_cfg_scale!r}: must be a finite number >= 0")
     info["dit_config"].setdefault("sample", {})["scene_cfg_scale"] = float(scene_cfg_scale)
   if time_shift is not None:
-    if not math.isfinite(time_shift) or time_shift <= 0:
-      raise ValueError(f"time_shift={time_shift!r}: must be a finite number > 0")
     info["dit_config"].setdefault("sample", {})["time_shift"] = float(time_shift)
   card = dict(info.get("card") or {})
   card["evaluation"] = {**(card.get("evaluation") or {}), **read_evaluations(eval_dirs)}
@@ -508,7 +516,7 @@ def replace_vae(folder: str, vae_dir: str) -> dict:
   def write(staging: str) -> None:
     bundle.write_bundle(staging, current.info["dit_config"], current.dit_params, inference,
                         vae_params, card=card, storage_dtype=dtype)
-    _copy_if_present(os.path.join(vae_dir, "loss_curve.png"),
+    copy_png_compact(os.path.join(vae_dir, "loss_curve.png"),  # the fine-tune's own curve
                      os.path.join(staging, "loss_vae.png"))
     mio.atomic_write_text(os.path.join(staging, "MODEL_CARD.md"),
                           model_card(bundle.read_info(staging)))
@@ -525,7 +533,9 @@ def main(argv) -> None:
   if f.update:
     try:
       interval = _KEEP if f.cfg_interval is None else parse_cfg_interval(f.cfg_interval)
-      read_evaluations(f.eval_dirs)  # a bad folder is refused before anything changes
+      # bad folders or settings are refused before anything changes
+      read_evaluations(f.eval_dirs)
+      check_sample_updates(f.scene_cfg_scale, f.time_shift)
       if f.vae:
         replace_vae(f.update, f.vae)
         print(f"replaced the VAE of {f.update} by the decoder fine-tune in {f.vae}")

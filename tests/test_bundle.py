@@ -139,7 +139,11 @@ def test_card_history_continues_from_the_warm_start_bundle():
   table = export_bundle._runs_table(merged)
   assert table.count("warm restart from assets/old") == 1 and "| fresh |" in table
   assert "| resume |" in table
-  assert export_bundle.with_earlier_runs(now, {}, "x") is now
+  # a bundle without a history: the runs as they were, the warm restart still marked
+  alone = export_bundle.with_earlier_runs(now, {}, "x")
+  assert [(r["start_step"], r["end_step"]) for r in alone["runs"]] == [(0, 40), (40, 50)]
+  assert alone["runs"][0]["warm_restart_from"] == "x" and alone["steps"] == 50
+  assert "warm_restart_from" not in alone["runs"][1] and alone["examples"] == 3200
 
 
 def test_update_card_attaches_evaluations_and_keeps_weights(models, tmp_path):

@@ -521,5 +521,7 @@ def test_cli_renders_inputs_at_the_models_size_by_default(monkeypatch, tmp_path)
   monkeypatch.setattr(pipeline, "load_pipeline", lambda path: pytest.fail("model loaded"))
   with pytest.raises(ValueError, match="expected item positions"):
     cli_eval.run(types.SimpleNamespace(**dict(flags, items=["a"])))
+  with pytest.raises(ValueError, match="positions start at 0"):
+    cli_eval.run(types.SimpleNamespace(**dict(flags, items=["3", "-1"])))
   with pytest.raises(ValueError, match="selects items of a --split"):
     cli_eval.run(types.SimpleNamespace(**dict(flags, split=None, glb_dir="g", items=["1"])))

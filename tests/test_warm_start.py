@@ -1,6 +1,8 @@
 """Params-only warm restarts from a bundle (config.init.from_bundle) and the VAE's
 decoder-only fine-tune on posterior means (train_encoder=False, decode_mean_fraction)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,6 +128,8 @@ def test_vae_decoder_finetune_from_bundle(tiny_bundle, tmp_path):
   for k in swapped:
     np.testing.assert_array_equal(swapped[k], np.asarray(ema[k], jnp.bfloat16).astype(np.float32))
   assert info["card"]["vae"]["steps"] == 2 and len(info["card"]["vae"]["runs"]) == 1
+  # labelled with the bundle the fine-tune started from, not the copy it was swapped into
+  assert info["card"]["vae"]["runs"][0]["warm_restart_from"] == os.path.normpath(tiny_bundle)
   assert "decoder was fine-tuned with its encoder frozen" in info["card"]["data"]
   assert not any(p.name.endswith((".old", ".updating")) for p in tmp_path.iterdir())
   # swapping the same fine-tune in again replaces its runs rather than listing them twice
