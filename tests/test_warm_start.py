@@ -135,6 +135,7 @@ def test_vae_decoder_finetune_from_bundle(tiny_bundle, tmp_path):
   # swapping the same fine-tune in again replaces its runs rather than listing them twice
   again = export_bundle.replace_vae(target, str(tmp_path / "w"))
   assert again["card"]["vae"]["runs"] == info["card"]["vae"]["runs"]
+  assert again["card"]["data"] == info["card"]["data"]
   c.train_encoder = True
   vae_task.train_and_evaluate(c, str(tmp_path / "all"), mesh=_mesh1(), show_progress=False)
   before = open(f"{target}/vae.npz", "rb").read()
