@@ -508,9 +508,11 @@ def replace_vae(folder: str, vae_dir: str) -> dict:
   summary = run_summary(vae_dir)
   card["vae"] = with_earlier_runs(summary, runs_before(card.get("vae") or {}, summary), source)
   card["vae_eval"] = _read_json(os.path.join(vae_dir, "eval.json"))
+  data = vae_config.data
+  share = (f", {data.analytic_fraction:.0%} of each batch analytic primitives"
+           if data.source == "mixed" else "")
   later = (f"Later the VAE's decoder was fine-tuned with its encoder frozen "
-           f"({vae_config.data.source} data"
-           f"{': ' + vae_config.data.dir if vae_config.data.get('dir') else ''}).")
+           f"({data.source} data{': ' + data.dir if data.get('dir') else ''}{share}).")
   if later not in card.get("data", ""):  # a second swap of the same fine-tune says it once
     card["data"] = f"{card.get('data', '')} {later}"
   inference = _vae_inference_config(vae_config)

@@ -80,6 +80,42 @@ def test_records_resume_equals_straight_and_load_vae(data_dir, tmp_path):
   assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(early), jax.tree.leaves(raw)))
 
 
+def test_mixed_resume_equals_straight_and_batches_hold_both_sources(data_dir, tmp_path):
+  c = _few_step_config("mixed", data_dir)
+  c.batch_size = 4
+  c.data.analytic_fraction = 0.5
+  c.num_steps = 4
+  c.checkpoint.every = 4
+  batch = next(vae_task.make_iterator_fn(c)())
+  assert batch["surface_points"].shape == (4, 64, 3)
+  assert batch["index"].tolist()[2:] == [0, 0]  # the last two rows: analytic batch 0
+  straight = vae_task.train_and_evaluate(c, str(tmp_path / "a"), mesh=_mesh1(), show_progress=False)
+  vae_task.train_and_evaluate(
+      c, str(tmp_path / "b"), num_steps=2, mesh=_mesh1(), show_progress=False
+  )
+  resumed = vae_task.train_and_evaluate(c, str(tmp_path / "b"), mesh=_mesh1(), show_progress=False)
+  assert resumed["step"] == straight["step"] == 4
+  assert resumed["metrics"] == straight["metrics"]  # both sources' positions were restored
+  _assert_trees_equal(
+      vae_task.load_vae(tmp_path / "a", use_ema=False)[1],
+      vae_task.load_vae(tmp_path / "b", use_ema=False)[1],
+  )
+  c.data.analytic_fraction = 1.0
+  with pytest.raises(ValueError, match="analytic_fraction must be in"):
+    vae_task.make_iterator_fn(c)
+  c.data.source = "meshes"
+  with pytest.raises(ValueError, match="'analytic', 'records' or 'mixed', got 'meshes'"):
+    vae_task.make_iterator_fn(c)
+
+
+@pytest.mark.parametrize(
+    "workers, fraction, want",
+    [(0, 0.5, (0, 0)), (1, 0.5, (1, 0)), (2, 0.5, (1, 1)), (14, 0.5, (12, 2)), (30, 0.9, (21, 9))],
+)
+def test_mixed_workers_give_each_source_its_share(workers, fraction, want):
+  assert vae_task.mixed_workers(workers, fraction) == want
+
+
 def test_hand_driven_step_checkpoint_and_load_vae_round_trip(tmp_path):
   c = _few_step_config()
   c.optim.ema_decay = 0.5

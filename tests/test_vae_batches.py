@@ -252,3 +252,70 @@ def test_analytic_workers_give_the_in_process_batches_and_resume_exactly():
   resumed = vae_batches.AnalyticShapeSource(d, 2, 3)  # and across worker counts
   resumed.set_state({"position": 4})
   _assert_same_batch(next(resumed), want[4])
+
+
+# ----------------------------------------------------------------------------------------
+# Mixed source: records rows then analytic rows, both states resumed
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "batch, fraction, ppe, want",
+    [(64, 0.5, 4, (32, 32)), (64, 0.25, 4, (48, 16)), (10, 0.3, 1, (7, 3)), (8, 0.5, 3, (3, 5)),
+     (4, 0.01, 1, (3, 1)), (4, 0.99, 1, (1, 3))],
+)
+def test_mixed_split_rounds_to_whole_examples_and_records_multiples(batch, fraction, ppe, want):
+  assert vae_batches.mixed_split(batch, fraction, ppe) == want
+  records, analytic = want
+  assert records % ppe == 0 and records > 0 and analytic > 0
+
+
+def test_mixed_split_refuses_single_source_fractions_and_impossible_batches():
+  for fraction in (0.0, 1.0, -0.1, 1.5):
+    with pytest.raises(ValueError, match="analytic_fraction must be in \\(0, 1\\)"):
+      vae_batches.mixed_split(8, fraction)
+  with pytest.raises(ValueError, match="cannot hold both sources"):
+    vae_batches.mixed_split(4, 0.5, parts_per_element=4)
+
+
+def test_mixed_source_concatenates_both_sources_and_resumes_exactly(data_dir):
+  d = _analytic_data_config()
+
+  def records_ds():
+    return vae_batches.vae_records_dataset(
+        data_dir,
+        batch_size=2,
+        num_points=64,
+        num_near=32,
+        num_volume=16,
+        n_max=4,
+        seed=0,
+        process_index=0,
+        process_count=1,
+    )
+
+  def source():
+    return vae_batches.MixedSource(
+        loader.make_iterator(records_ds()), vae_batches.AnalyticShapeSource(d, 3, 7)
+    )
+
+  want_records = [records_ds()[i] for i in range(4)]
+  want_analytic = [vae_batches.analytic_batch(vae_batches.analytic_spec(d), 3, 7, i) for i in range(4)]
+  mixed = source()
+  batches = [next(mixed) for _ in range(2)]
+  state = mixed.get_state()
+  batches += [next(mixed) for _ in range(2)]
+  for b, r, a in zip(batches, want_records, want_analytic):
+    assert sorted(b) == sorted(vae_batches.EXAMPLE_KEYS + ("index",))
+    for key in b:
+      assert b[key].shape[0] == 5
+      np.testing.assert_array_equal(b[key][:2], r[key], err_msg=key)  # records rows first
+      np.testing.assert_array_equal(b[key][2:], a[key], err_msg=key)  # then analytic rows
+  assert state["analytic"] == {"position": 2}
+  resumed = source()
+  resumed.set_state(state)
+  for b in batches[2:]:
+    _assert_same_batch(next(resumed), b)
+  resumed.close()
+  with pytest.raises(ValueError, match="mixed data state.*another config.data.source"):
+    resumed.set_state({"position": 3})  # an 'analytic' run's state

@@ -4,8 +4,9 @@ Usage: --config=experiments/configs/vae.py:tiny  (or :small, :bundle, :triposg, 
 Fields:
   model                the architecture and loss weights (moca_jax.vae.vae_config)
   data                 source 'analytic' (random primitives sampled on the fly,
-                       data_pipeline.primitives) or 'records' (the data pipeline's 'samples'
-                       ArrayRecord shards in data.dir, data_pipeline.vae_batches)
+                       data_pipeline.primitives), 'records' (the data pipeline's 'samples'
+                       ArrayRecord shards in data.dir, data_pipeline.vae_batches) or 'mixed'
+                       (both in every batch, data.analytic_fraction of it analytic)
   optim                moca_jax.train_lib optimizer: AdamW, linear warmup then cosine decay,
                        global-norm clipping, EMA (ema_decay; 0 turns it off)
                        optim.total_steps follows num_steps; optim.lr and optim.warmup_steps
@@ -41,7 +42,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
   # --- data -----------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
-  c.data.source = "analytic"  # 'analytic' | 'records'
+  c.data.source = "analytic"  # 'analytic' | 'records' | 'mixed'
+  # mixed: the share of each batch's examples that are analytic primitives (the rest are
+  # records parts; vae_batches.mixed_split rounds it to whole examples)
+  c.data.analytic_fraction = 0.5
   c.data.num_points = c.model.num_points
   c.data.num_near = {"tiny": 512, "small": 2048, "bundle": 2048, "triposg": 8192}[size]
   c.data.num_volume = {"tiny": 256, "small": 1024, "bundle": 1024, "triposg": 4096}[size]

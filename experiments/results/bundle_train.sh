@@ -53,6 +53,9 @@
 #   mv /root/bw/vae_parts /root/bw/vae_parts_20k; CALL_START=$(date +%s) \
 #     INIT_BUNDLE=assets/moca-small OUT=$OUT/vp3 VAE_CALL_S=575 VAE_SHARDS=48 \
 #     VAE_STEPS=24000 bash experiments/results/bundle_train.sh vae_parts
+# VAE_SOURCE=mixed (with VAE_EXTRA="--config.data.analytic_fraction=0.5") mixes random
+# primitives into every batch of the fine-tune, so the decoder keeps the shapes the split
+# lacks; VAE_RUN names the fine-tune's folder under $W (default vae_parts).
 #   DIT_SECONDS=300 bash experiments/results/bundle_train.sh dit          # one DiT chunk (a
 #       2026-12-01 call with 360 s ran past 600 s on a cold machine: 44 s start-up, 44 s init
 #       and 70 s train-step compilation, then 75 s of evaluation). Training also stops and
@@ -258,6 +261,7 @@ elif [ "$stage" = vae_parts ]; then
   # same decoder reconstructs it. Re-running the call resumes the fine-tune.
   : ${INIT_BUNDLE:?"the vae_parts stage fine-tunes the VAE of a bundle: set INIT_BUNDLE"}
   n=${VAE_SHARDS:-16}; [ "$n" -le "$SHARDS" ] || n=$SHARDS
+  vae_run=$W/${VAE_RUN:-vae_parts}  # VAE_RUN: another fine-tune on the same shards
   build_first_shards "$n" "$W/vae_data" 2048 1024  # finished shards: skipped
   # one more pass over shard 0 (finished: skipped) merges the manifest after every process
   # is done (the concurrent ones each merged what was finished when they ended)
@@ -267,20 +271,21 @@ elif [ "$stage" = vae_parts ]; then
   left=$(( CALL_START + ${VAE_CALL_S:-570} - 30 - $(date +%s) ))
   timeout --kill-after=10 $(( left > 30 ? left : 30 )) \
     python3 -m experiments.train_vae --config=experiments/configs/vae.py:$VAE_CFG $VAE_FLAGS \
-    --config.data.source=records --config.data.dir="$W/vae_data" --config.time_limit_s=0 \
+    --config.data.source=${VAE_SOURCE:-records} --config.data.dir="$W/vae_data" \
+    --config.time_limit_s=0 \
     --config.stop_at_unix=$(( CALL_START + ${VAE_CALL_S:-570} - ${VAE_RESERVE_S:-90} )) \
     --config.data.num_workers=${VAE_WORKERS:-12} --config.data.parts_per_element=4 \
-    ${VAE_EXTRA:-} --workdir="$W/vae_parts" > "$OUT/logs/train_vae_parts_$(date -u +%H%M).log" 2>&1
+    ${VAE_EXTRA:-} --workdir="$vae_run" > "$OUT/logs/train_vae_parts_$(date -u +%H%M).log" 2>&1
   note "train_vae rc=$? $(last_line "$(ls -t "$OUT"/logs/train_vae_parts_*.log | head -1)" 'train:')"
   if [ "$(realpath "$INIT_BUNDLE")" = "$(realpath -m "$W/moca-small")" ]; then
     note "INIT_BUNDLE is $W/moca-small, the copy this stage writes: give another folder"; exit 2
   fi
   rm -rf "$W/moca-small" && cp -r "$INIT_BUNDLE" "$W/moca-small"
-  python3 -m experiments.export_bundle --update="$W/moca-small" --vae="$W/vae_parts" \
+  python3 -m experiments.export_bundle --update="$W/moca-small" --vae="$vae_run" \
     > "$OUT/logs/export.log" 2>&1
   swapped=$?
   note "export rc=$swapped $(tail -1 "$OUT/logs/export.log")"
-  cp "$W"/vae_parts/{eval.json,loss_curve.png,metrics.jsonl,runs.jsonl} "$OUT/logs/" 2>/dev/null
+  cp "$vae_run"/{eval.json,loss_curve.png,metrics.jsonl,runs.jsonl} "$OUT/logs/" 2>/dev/null
   # packed only when the swap succeeded: an unchanged copy of INIT_BUNDLE must not come back
   # looking like a fine-tuned bundle
   [ "$swapped" = 0 ] && pack bundle "$W/moca-small"
