@@ -315,17 +315,22 @@ def read_options(read_threads: int = 0) -> grain.ReadOptions:
 
 
 def make_iterator(ds: grain.MapDataset, prefetch_workers: int = 0,
-                  prefetch_buffer: int = 2, read_threads: int = 0):
+                  prefetch_buffer: int = 2, read_threads: int = 0) -> "PositionIterator":
   """Iterator over `ds`; prefetch_workers > 0 adds grain mp_prefetch worker processes.
 
   The elements (here batches) are made by read_threads threads of the iterating process
   (each worker process when there are workers; 0: DEFAULT_READ_THREADS), at most
-  2 x read_threads ahead (`read_options`). The returned `grain.DatasetIterator` supports
+  2 x read_threads ahead (`read_options`). The returned `PositionIterator` supports
   get_state() / set_state(state) (a small JSON-able dict) to resume exactly where it was
-  (checkpoint it with the model); the state does not depend on read_threads.
+  (checkpoint it with the model); the state depends neither on read_threads nor on
+  prefetch_workers, so a run may resume on a machine with another number of cores.
   """
-  options = read_options(read_threads)
-  it_ds = ds.to_iter_dataset(options)
+  return PositionIterator(ds, prefetch_workers, prefetch_buffer, read_threads)
+
+
+def _grain_iterator(ds: grain.MapDataset, prefetch_workers: int, prefetch_buffer: int,
+                    read_threads: int):
+  it_ds = ds.to_iter_dataset(read_options(read_threads))
   if prefetch_workers > 0:
     from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults are fine)
@@ -333,3 +338,69 @@ def make_iterator(ds: grain.MapDataset, prefetch_workers: int = 0,
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=prefetch_workers, per_worker_buffer_size=prefetch_buffer))
   return iter(it_ds)
+
+
+def position_from_state(state) -> int:
+  """The index of the next element in a data state: this module's {'position': i}, or the
+  state of a grain iterator written by checkpoints of earlier versions ({'next_index': i}
+  without workers; with mp_prefetch workers, one state per worker, each counting the
+  elements that worker gave: their sum). ValueError naming the state otherwise."""
+  if isinstance(state, dict):
+    if "position" in state:
+      return int(state["position"])
+    if "next_index" in state:
+      return int(state["next_index"])
+    per_worker = state.get("iterators_in_use_states")
+    if isinstance(per_worker, list) and all(
+        isinstance(w, dict) and "next_index" in w for w in per_worker):
+      return sum(int(w["next_index"]) for w in per_worker)
+  raise ValueError(f"not a data-iterator state this loader can resume from: {state!r:.200}")
+
+
+class PositionIterator:
+  """Iterator over a grain MapDataset whose state is the index of the next element.
+
+  grain's own iterator state with mp_prefetch workers is one state per worker and resumes
+  only with the same worker count (2026-12-02: a VAE run resumed with 13 workers instead of
+  12 failed inside grain with an IndexError). Here the state is {'position': i} and a resume
+  iterates `ds[i:]` afresh, with any number of workers or threads: element j of the slice is
+  element i + j of `ds` (a MapDataset's shuffle and per-element randomness are functions of
+  the index), so the batches are those a straight run sees.
+  """
+
+  def __init__(self, ds: grain.MapDataset, prefetch_workers: int = 0,
+               prefetch_buffer: int = 2, read_threads: int = 0):
+    read_options(read_threads)  # validates read_threads now, not at the first batch
+    self.ds = ds
+    self.prefetch_workers = prefetch_workers
+    self.prefetch_buffer = prefetch_buffer
+    self.read_threads = read_threads
+    self.position = 0
+    self._it = None
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._it is None:
+      self._it = _grain_iterator(self.ds[self.position:], self.prefetch_workers,
+                                 self.prefetch_buffer, self.read_threads)
+    element = next(self._it)
+    self.position += 1
+    return element
+
+  def close(self) -> None:
+    """Stops the read-ahead threads and worker processes, if any (the next element starts
+    them again at the current position)."""
+    if self._it is not None:
+      if hasattr(self._it, "close"):
+        self._it.close()
+      self._it = None
+
+  def get_state(self) -> dict:
+    return {"position": self.position}
+
+  def set_state(self, state) -> None:
+    position = position_from_state(state)
+    self.close()
+    self.position = position

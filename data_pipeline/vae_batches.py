@@ -159,6 +159,16 @@ def vae_records_dataset(
     raise ValueError(
         f"batch_size={batch_size} must be a multiple of parts_per_element={parts_per_element}"
     )
+  manifest = records.load_manifest(data_dir)
+  if not manifest.get("count", 1):
+    skipped = manifest.get("skipped") or []
+    example = ""
+    if skipped and isinstance(skipped[0], dict):
+      example = f", e.g. {skipped[0].get('input')}: {skipped[0].get('reason')}"
+    raise ValueError(
+        f"{data_dir}: the shard set holds no records ({len(skipped)} items skipped by its "
+        f"build{example}): nothing to train on"
+    )
   if stored_near is None:
     stored_near = stored_near_count(data_dir)
   ds = loader.vae_dataset(

@@ -474,7 +474,14 @@ def run_training(
   # A throwaway iterator gives the shapes; it is closed so that its read-ahead (and worker
   # processes) do not compete with the real iterator's.
   throwaway = iter(make_iterator())
-  batch_spec = sharding.global_batch_spec(prepare_fn(next(throwaway)))  # local rows x procs
+  try:
+    first = next(throwaway)
+  except StopIteration:
+    raise ValueError(
+        "the training data gave no batch: the dataset is empty or smaller than one batch "
+        f"of {config.batch_size} (was every item skipped by the data build? see its log)"
+    ) from None
+  batch_spec = sharding.global_batch_spec(prepare_fn(first))  # local rows x procs
   if hasattr(throwaway, "close"):
     throwaway.close()
   del throwaway

@@ -35,7 +35,7 @@ def _config(**over):
   return c
 
 
-def _run(config, workdir, nan_at=None):
+def _run(config, workdir, nan_at=None, num_examples=100):
   """run_training of a small stand-in model on batches 0, 1, 2, ...; batch `nan_at` is NaN."""
   model = StandIn()
 
@@ -50,7 +50,7 @@ def _run(config, workdir, nan_at=None):
     value = np.nan if i == nan_at else float(i)
     return {"x": np.full((3, 5), value, np.float32), "index": np.int64(i)}
 
-  ds = grain.MapDataset.range(100).map(example)
+  ds = grain.MapDataset.range(num_examples).map(example)
   make = lambda: iter(ds.batch(1).to_iter_dataset())
   return train_lib.run_training(
       config=config,
@@ -63,6 +63,11 @@ def _run(config, workdir, nan_at=None):
       prepare_fn=lambda b: {"x": b["x"]},
       show_progress=False,
   )
+
+
+def test_empty_training_data_is_one_clear_error(tmp_path):
+  with pytest.raises(ValueError, match="training data gave no batch: the dataset is empty"):
+    _run(_config(batch_size=1), tmp_path, num_examples=0)
 
 
 def test_nan_batch_at_step_1_is_never_saved(tmp_path):

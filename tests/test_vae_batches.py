@@ -319,3 +319,18 @@ def test_mixed_source_concatenates_both_sources_and_resumes_exactly(data_dir):
   resumed.close()
   with pytest.raises(ValueError, match="mixed data state.*another config.data.source"):
     resumed.set_state({"position": 3})  # an 'analytic' run's state
+
+
+def test_records_dataset_refuses_a_shard_set_whose_items_were_all_skipped(tmp_path):
+  """2026-12-02: a GPU build without the 'rtree' module skipped every item; training then
+  died on a bare StopIteration. Now the error names the folder and a skipped item's reason."""
+  manifest = {
+      "kind": "samples", "count": 0, "num_shards": 1, "shards": [], "complete": True,
+      "config": {"sample": {"n_near": 48}},
+      "skipped": [{"input": "procedural/small/object/000001", "reason": "ModuleNotFoundError"}],
+  }
+  (tmp_path / "manifest.json").write_text(__import__("json").dumps(manifest))
+  with pytest.raises(ValueError, match="holds no records \\(1 items skipped.*000001: Module"):
+    vae_batches.vae_records_dataset(
+        str(tmp_path), batch_size=2, num_points=8, num_near=4, num_volume=4
+    )
