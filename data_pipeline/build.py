@@ -112,6 +112,9 @@ def main(argv: List[str]) -> int:
   except (ValueError, FileNotFoundError) as e:  # bad source, sharding or a conflicting --out
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except ImportError as e:  # a module the build needs is not installed (make.build_safe)
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   print_summary(m)
   return 0
 

@@ -220,11 +220,18 @@ def build_record_with_info(w: WorkItem, cfg: BuildConfig) -> Tuple[str, bytes, d
 
 
 def build_safe(w: WorkItem, cfg: BuildConfig) -> dict:
-  """Builds one item and never raises: {'key', 'data', 'info'} or, for a bad input (the
-  dead letter), {'key', 'bad': {'input', 'reason'}}."""
+  """Builds one item and never raises for a bad input: {'key', 'data', 'info'} or, for a
+  bad input (the dead letter), {'key', 'bad': {'input', 'reason'}}. A missing Python module
+  (ImportError; 2026-12-02, a GPU machine without 'rtree' skipped all 10,598 items) is the
+  environment's fault, not the input's: it is raised, naming the item and the module."""
   try:
     key, data, info = build_record_with_info(w, cfg)
     return dict(key=key, data=data, info=info)
+  except ImportError as e:  # the machine, not the input: every item would be skipped
+    raise ImportError(
+        f"{w.path or w.key}: the build needs a Python module this environment lacks ({e}); "
+        "install it and build again (no item was skipped)"
+    ) from e
   except Exception as e:  # pylint: disable=broad-except  (a batch build never crashes)
     name = w.path or w.key
     reason = str(e)

@@ -139,3 +139,23 @@ def test_build_from_directory_skips_and_reports(user_dir, tmp_path):
   np.testing.assert_allclose(s, 1.9 / 1.15, rtol=2e-3)  # longest side (y) ~1.15 -> 1.9
   box = P.Box(half_extents=(0.5 * s, 0.1 * s, 0.4 * s), translation=-obj.center * s)
   np.testing.assert_allclose(d, box.sdf(pts), atol=2e-5)
+
+
+def test_a_missing_module_stops_the_build_instead_of_skipping_every_item(
+    user_dir, tmp_path, monkeypatch, capsys):
+  """A module the build needs but the machine lacks is not a bad input: one error naming
+  the item and the module, exit code 1, and nothing recorded as skipped."""
+  from data_pipeline import build
+
+  def no_rtree(w, cfg):
+    raise ModuleNotFoundError("No module named 'rtree'")
+
+  monkeypatch.setattr(make, "build_record_with_info", no_rtree)
+  work = make.WorkItem(key="user/chair.glb", path=os.path.join(user_dir, "chair.glb"))
+  with pytest.raises(ImportError, match="chair.glb: the build needs a Python module.*'rtree'"):
+    make.build_safe(work, SMALL)
+  out = str(tmp_path / "out")
+  assert build.main(["build", f"--source={user_dir}", f"--out={out}", "--num_shards=1",
+                     "--progress=false"]) == 1
+  err = capsys.readouterr().err
+  assert "error:" in err and "'rtree'" in err and "no item was skipped" in err

@@ -110,6 +110,16 @@ if [ -d .whl ] && ! python3 -c "import grain, trimesh" 2>/dev/null; then
   export PYTHONPATH=/tmp/site_bundle:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
+# The modules the GPU image lacks, carried as wheels (.whl, carry=[".whl"]), made here with
+#   ../shared/tools/device-wheels.sh grain==0.2.18 array-record==0.8.6 trimesh==4.12.2 \
+#     ml-collections==1.1.0 tensorboardX==2.6.5 portpicker pymeshfix==0.18.1 \
+#     embreex==2.17.7.post7 rtree
+# (24 MiB; the working tree with the bundle is 38 MiB of the 64 sent). Without embreex and
+# rtree the renders' ray casts fail and the data build stops (2026-12-02).
+if ! python3 -c "import grain, array_record, trimesh, ml_collections, tensorboardX, embreex, rtree" 2>/dev/null; then
+  echo "missing Python modules on this machine: $(python3 -c "import grain, array_record, trimesh, ml_collections, tensorboardX, embreex, rtree" 2>&1 | tail -1)" >&2
+  [ "${TINY:-0}" = 1 ] || exit 3
+fi
 export JAX_COMPILATION_CACHE_DIR=$W/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
 # A compilation cache brought back by an earlier call (jax_cache.tar.gz, unpacked into the
 # ignored folder .jax_cache and carried) spares a fresh machine the DiT's init and train-step
