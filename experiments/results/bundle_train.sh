@@ -53,6 +53,18 @@
 #   mv /root/bw/vae_parts /root/bw/vae_parts_20k; CALL_START=$(date +%s) \
 #     INIT_BUNDLE=assets/moca-small OUT=$OUT/vp3 VAE_CALL_S=575 VAE_SHARDS=48 \
 #     VAE_STEPS=24000 bash experiments/results/bundle_train.sh vae_parts
+# Round 10 (2026-12-02, experiments/results/round10_vae_mixed.md), a fresh machine: round 9's
+# call with half of every batch random primitives (VAE_SOURCE=mixed), a fresh fine-tune from
+# the round-9 bundle. The first call (557 s: the 48 shards took 145 s to build) was stopped
+# by its deadline at step 11,100 and its evaluation cut by the timeout; the second resumed
+# it with VAE_WORKERS=16 and failed at once (grain's worker-count-bound state, since
+# replaced by a position); the third, with 14 workers again, resumed and finished (346 s).
+# 36-42 steps/s against round 9's 62: 2 of the 14 workers sampled the primitives, too few
+# (`vae_task.mixed_workers` now gives them 5):
+#   CALL_START=$(date +%s) INIT_BUNDLE=assets/moca-small OUT=$OUT/mix50 VAE_CALL_S=575 \
+#     VAE_SHARDS=48 VAE_STEPS=20000 VAE_SOURCE=mixed VAE_RUN=vae_mix50 VAE_WORKERS=14 \
+#     VAE_EXTRA="--config.data.analytic_fraction=0.5" bash experiments/results/bundle_train.sh vae_parts
+#   (then the same with OUT=$OUT/mix50c VAE_CALL_S=430)
 # VAE_SOURCE=mixed (with VAE_EXTRA="--config.data.analytic_fraction=0.5") mixes random
 # primitives into every batch of the fine-tune, so the decoder keeps the shapes the split
 # lacks; VAE_RUN names the fine-tune's folder under $W (default vae_parts).
