@@ -229,6 +229,7 @@ def _sampling_line(sample: dict) -> str:
 def model_card(info: dict) -> str:
   """MODEL_CARD.md text from the bundle's bundle.json contents."""
   card, dit_cfg, vae_cfg = info["card"], info["dit_config"], info["vae_config"]
+  fingerprint = bundle.fingerprint_of_info(info)
   d, e, v = dit_cfg["model"]["dit"], dit_cfg["model"]["encoder"], vae_cfg["model"]
   files = info["files"]
   total = sum(f["bytes"] for f in files.values())
@@ -300,8 +301,13 @@ def model_card(info: dict) -> str:
            f"{meta.get('steps', '?')} Euler steps, {guidance}{size}")
     lines += [f"## Evaluation: {name}", "", f"{ev.get('items', '?')} held-out items "
               f"({meta.get('source', '?')}, {how}; {meta.get('machine', '')}), "
-              f"{ev.get('skipped', 0)} skipped.", "",
-              "| metric | value |", "|---|---|"]
+              f"{ev.get('skipped', 0)} skipped.", ""]
+    evaluated = meta.get("weights_sha256")
+    if evaluated and evaluated != fingerprint:  # e.g. attached before a VAE swap
+      lines += [f"**Not this bundle's weights:** evaluated with weights {evaluated[:12]}, "
+                f"this bundle's are {fingerprint[:12]} (an earlier model). Evaluate again "
+                "and attach it with `export_bundle --update --eval_dirs`.", ""]
+    lines += ["| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(val)} |" for k, val in ev.get("mean", {}).items()]
     lines += ["", f"![{name}]({name}.png)", ""]
   return "\n".join(lines) + "\n"

@@ -224,7 +224,12 @@ def weights_sha256(folder: str) -> str:
   sha256s (name-sorted), the same for a copy of the bundle wherever it lies. Lets a report
   tell whether two runs used the same model when their paths differ. Raises like
   `read_info`."""
-  files = read_info(folder)["files"]
+  return fingerprint_of_info(read_info(folder))
+
+
+def fingerprint_of_info(info: dict) -> str:
+  """`weights_sha256` of a bundle from its bundle.json contents (its 'files' records)."""
+  files = info["files"]
   joined = "".join(f"{name}:{files[name]['sha256']};" for name in sorted(files))
   return _sha256(joined.encode())
 

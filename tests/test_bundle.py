@@ -178,6 +178,24 @@ def test_update_card_attaches_evaluations_and_keeps_weights(models, tmp_path):
   section = text.split("## Evaluation: eval_reconstructed")[1]
   assert "(split test, no DiT: the ground truth's parts encoded" in section
   assert "Euler" not in section.split("## ")[0]
+  # evaluations stay attached after the weights change (a VAE swap): the card says whose
+  # they were; those of this bundle's weights are not flagged
+  assert "Not this bundle's weights" not in text
+  stale_ev = tmp_path / "eval_earlier"
+  stale_ev.mkdir()
+  (stale_ev / "metrics.json").write_text(json.dumps(
+      {"mean": {"cd": 0.3}, "rows": [{}], "skipped": [],
+       "meta": {"weights_sha256": "be8ef66a8430" + "0" * 52}}))
+  current_ev = tmp_path / "eval_current"
+  current_ev.mkdir()
+  (current_ev / "metrics.json").write_text(json.dumps(
+      {"mean": {"cd": 0.3}, "rows": [{}], "skipped": [],
+       "meta": {"weights_sha256": bundle.weights_sha256(out)}}))
+  export_bundle.update_card(out, [str(stale_ev), str(current_ev)])
+  text = open(os.path.join(out, "MODEL_CARD.md")).read()
+  assert text.count("Not this bundle's weights") == 1
+  stale = text.split("## Evaluation: eval_earlier")[1].split("## ")[0]
+  assert f"evaluated with weights be8ef66a8430, this bundle's are {bundle.weights_sha256(out)[:12]}" in stale
   assert bundle.read_info(out)["card"]["data"] == "trained on real parts"
   assert "trained on real parts" in text
   info = bundle.read_info(out)
