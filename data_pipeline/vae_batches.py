@@ -407,7 +407,7 @@ class AnalyticShapeSource:
 
 
 def mixed_split(batch_size: int, analytic_fraction: float, parts_per_element: int = 1):
-  """(records examples, analytic examples) of one batch for `analytic_fraction` in [0, 1].
+  """(records examples, analytic examples) of one batch for `analytic_fraction` in (0, 1).
 
   The analytic count is the rounded fraction of batch_size, moved to the nearest count that
   leaves the records share a multiple of parts_per_element (the records pipeline draws that
