@@ -314,6 +314,11 @@ def read_options(read_threads: int = 0) -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
 
 
+class EmptyDataError(ValueError):
+  """Training data that give no batch: a shard set whose items were all skipped, or a dataset
+  smaller than one batch. Front-ends report it in one line (exit code 2)."""
+
+
 def make_iterator(ds: grain.MapDataset, prefetch_workers: int = 0,
                   prefetch_buffer: int = 2, read_threads: int = 0) -> "PositionIterator":
   """Iterator over `ds`; prefetch_workers > 0 adds grain mp_prefetch worker processes.

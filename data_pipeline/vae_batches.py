@@ -165,7 +165,7 @@ def vae_records_dataset(
     example = ""
     if skipped and isinstance(skipped[0], dict):
       example = f", e.g. {skipped[0].get('input')}: {skipped[0].get('reason')}"
-    raise ValueError(
+    raise loader.EmptyDataError(
         f"{data_dir}: the shard set holds no records ({len(skipped)} items skipped by its "
         f"build{example}): nothing to train on"
     )

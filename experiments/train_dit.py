@@ -24,7 +24,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from data_pipeline import encode_latents
+from data_pipeline import encode_latents, loader
 from moca_jax import checkpointing, cli, dit_task, prior_init
 
 
@@ -44,9 +44,9 @@ def main(argv) -> None:
   try:
     dit_task.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   except (checkpointing.ConfigMismatchError, encode_latents.LatentsMismatchError,
-          prior_init.PriorInitError) as e:
-    # a resume with another config, latents of another VAE or a prior that cannot start the
-    # model: one line, nothing written
+          prior_init.PriorInitError, loader.EmptyDataError) as e:
+    # a resume with another config, latents of another VAE, a prior that cannot start the
+    # model or training data that give no batch: one line, no checkpoint written
     print(f"train_dit: error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -18,6 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from moca_jax import cli
+from data_pipeline import loader
 from moca_jax import checkpointing, vae_task
 
 
@@ -40,7 +41,8 @@ def main(argv) -> None:
   f = flags.FLAGS
   try:
     result = vae_task.train_and_evaluate(f.config, f.workdir)
-  except checkpointing.ConfigMismatchError as e:  # a resume with another config: one line
+  except (checkpointing.ConfigMismatchError, loader.EmptyDataError) as e:
+    # a resume with another config, or training data that give no batch: one line
     print(f"train_vae: error: {e}", file=sys.stderr)
     sys.exit(2)
   if f.report:

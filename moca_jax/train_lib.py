@@ -477,7 +477,9 @@ def run_training(
   try:
     first = next(throwaway)
   except StopIteration:
-    raise ValueError(
+    from data_pipeline.loader import EmptyDataError  # pylint: disable=g-import-not-at-top
+
+    raise EmptyDataError(
         "the training data gave no batch: the dataset is empty or smaller than one batch "
         f"of {config.batch_size} (was every item skipped by the data build? see its log)"
     ) from None

@@ -207,7 +207,7 @@ def test_analytic_learns_a_fixed_shape_writes_outputs_and_stops_on_nan(tmp_path,
 
 def test_bad_data_source_is_named():
   c = _few_step_config("nowhere")
-  with pytest.raises(ValueError, match="'analytic' or 'records'"):
+  with pytest.raises(ValueError, match="'analytic', 'records' or 'mixed', got 'nowhere'"):
     vae_task.make_iterator_fn(c)
   with pytest.raises(ValueError, match="data.dir is empty"):
     vae_task.make_iterator_fn(_few_step_config("records"))
