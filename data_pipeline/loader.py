@@ -315,8 +315,8 @@ def read_options(read_threads: int = 0) -> grain.ReadOptions:
 
 
 class EmptyDataError(ValueError):
-  """Training data that give no batch: a shard set whose items were all skipped, or a dataset
-  smaller than one batch. Front-ends report it in one line (exit code 2)."""
+  """Training data that give no batch: a shard set whose items were all skipped, or an empty
+  dataset. Front-ends report it in one line (exit code 2)."""
 
 
 def make_iterator(ds: grain.MapDataset, prefetch_workers: int = 0,
@@ -407,5 +407,10 @@ class PositionIterator:
 
   def set_state(self, state) -> None:
     position = position_from_state(state)
+    if not 0 <= position <= len(self.ds):
+      raise ValueError(
+          f"data state position {position} is outside this dataset of {len(self.ds)} "
+          "elements (a checkpoint of another dataset?)"
+      )
     self.close()
     self.position = position

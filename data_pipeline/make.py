@@ -396,6 +396,12 @@ def build(source: str, out: str, num_shards: int = 1, shard_index: int = -1,
     for s in plan.todo:
       build_shard(plan.shards[s], plan.base(s) + ".array_record", cfg, pool, progress,
                   desc=f"shard {s + 1}/{num_shards}")
+  except BaseException:
+    if pool is not None:  # the queued items are not waited for (e.g. a missing module)
+      pool.terminate()
+      pool.join()
+      pool = None
+    raise
   finally:
     if pool is not None:
       pool.close()

@@ -153,14 +153,16 @@ def vae_records_dataset(
   """MapDataset of VAE batches (batch_size examples = batch_size / parts_per_element
   elements) from 'samples' shards; keys EXAMPLE_KEYS + 'index', leading axis batch_size.
 
-  stored_near defaults to the shard set's manifest (`stored_near_count`).
+  stored_near defaults to the shard set's manifest (`stored_near_count`). The manifest is
+  read either way: a complete shard set without records (every item skipped by its build)
+  raises loader.EmptyDataError naming the folder and a skipped item's reason.
   """
   if batch_size % parts_per_element:
     raise ValueError(
         f"batch_size={batch_size} must be a multiple of parts_per_element={parts_per_element}"
     )
   manifest = records.load_manifest(data_dir)
-  if not manifest.get("count", 1):
+  if manifest.get("complete") and not manifest.get("count", 1):
     skipped = manifest.get("skipped") or []
     example = ""
     if skipped and isinstance(skipped[0], dict):
@@ -437,7 +439,7 @@ class MixedSource:
   analytic batch along the leading axis (keys EXAMPLE_KEYS + 'index'; 'index' is the record
   index for the first rows and the analytic batch index for the last ones).
 
-  records: an iterator with get_state() / set_state() (a grain DatasetIterator over
+  records: an iterator with get_state() / set_state() (`loader.make_iterator` over
   `vae_records_dataset`); analytic: an `AnalyticShapeSource`. The state is both states,
   {'records': ..., 'analytic': {'position': i}} (JSON), so a resumed run sees the batches a
   straight one would. Why mix: a decoder fine-tuned on one split's parts alone forgets

@@ -7,8 +7,8 @@ one or more model bundles, on the same held-out shapes (drawn from the first bun
 training config: its primitive kinds, size range and seed), so that a fine-tuned decoder
 can be checked for what it forgot. It writes
   <out>.md / <out>.json   IoU and Chamfer by part size and IoU by primitive kind, per bundle
-  <out>.png               one primitive of each kind: the exact shape, then each bundle's
-                          reconstruction
+  <out>.png               the largest primitive of each kind: the exact shape, then each
+                          bundle's reconstruction
 
   python -m experiments.vae_primitives --bundles=assets/moca-small,/tmp/other \
       --labels=shipped,other [--num_shapes=96] [--resolution=128]
@@ -75,12 +75,14 @@ def reconstruction_mesh(model, params, shape, config, rng, resolution: int):
 
 
 def picture(shapes, models, labels, config, resolution: int, path: str) -> str:
-  """A row per primitive kind (its first held-out shape): exact, then each model's mesh."""
+  """A row per primitive kind (its largest held-out shape, the clearest to see): exact, then
+  each model's mesh."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   firsts = {}
   for s in shapes:
-    firsts.setdefault(s.kind, s)
+    if s.kind not in firsts or s.bounding_radius() > firsts[s.kind].bounding_radius():
+      firsts[s.kind] = s
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for kind, shape in sorted(firsts.items()):

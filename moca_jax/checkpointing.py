@@ -258,6 +258,13 @@ RESUMABLE_FIELDS = (
 # May differ, with a warning.
 WARN_FIELDS = ("batch_size",)
 
+# Config fields added after checkpoints were already written, with the value that reproduces
+# what those runs did: a stored config without the field resumes when the new config holds
+# that value (any other value is a difference like any other).
+FIELDS_ADDED_LATER = {
+    "data.analytic_fraction": 0.5,  # 2026-12-02, read only by data.source='mixed'
+}
+
 
 class ConfigMismatchError(ValueError):
   """The config of a resumed run differs from the stored one in a field that must not."""
@@ -274,8 +281,12 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_differences(stored: dict, new: dict) -> list[tuple[str, Any, Any]]:
   """(dotted key, stored value, new value) for every leaf that differs, sorted by key; a
-  leaf missing on one side has the value None there."""
+  leaf missing on one side has the value None there, except a FIELDS_ADDED_LATER field
+  missing from the stored config, which counts as its listed value."""
   a, b = _flatten(stored), _flatten(new)
+  for key, value in FIELDS_ADDED_LATER.items():
+    if key not in a and b.get(key) == value:
+      a[key] = value
   return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

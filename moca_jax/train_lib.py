@@ -479,9 +479,11 @@ def run_training(
   except StopIteration:
     from data_pipeline.loader import EmptyDataError  # pylint: disable=g-import-not-at-top
 
+    if hasattr(throwaway, "close"):
+      throwaway.close()
     raise EmptyDataError(
-        "the training data gave no batch: the dataset is empty or smaller than one batch "
-        f"of {config.batch_size} (was every item skipped by the data build? see its log)"
+        "the training data gave no batch: the dataset is empty (was every item skipped by "
+        "the data build? see its log)"
     ) from None
   batch_spec = sharding.global_batch_spec(prepare_fn(first))  # local rows x procs
   if hasattr(throwaway, "close"):

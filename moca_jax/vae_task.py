@@ -165,7 +165,9 @@ def mixed_workers(workers: int, analytic_fraction: float) -> tuple[int, int]:
   Measured on an H200 host's cores (2026-12-02, 'bundle' VAE examples): a records part
   takes about 3 ms of one worker (12 workers fed 62 steps/s of 64 parts), an analytic
   primitive about 1.5 ms (2 workers fed 42 steps/s of 32). So the analytic share of the
-  workers is f / (f + 2 (1 - f)) for an analytic fraction f, at least one each.
+  workers is f / (f + 2 (1 - f)) for an analytic fraction f, at least one each when there
+  are two or more (with one, it reads the records and the primitives are sampled in the
+  calling process).
   """
   if workers <= 0:
     return 0, 0

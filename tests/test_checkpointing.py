@@ -102,6 +102,21 @@ def test_config_differences_flatten_and_sort():
   assert checkpointing.config_differences(stored, stored) == []
 
 
+def test_a_field_added_later_resumes_at_the_value_older_runs_had():
+  """A VAE workdir checkpointed before data.analytic_fraction existed resumes with the new
+  default (0.5: what those runs did, the field being read by 'mixed' runs only); another
+  value is a difference like any other."""
+  stored = {"data": {"source": "records", "dir": "/d"}}
+  new = {"data": {"source": "records", "dir": "/d", "analytic_fraction": 0.5}}
+  assert checkpointing.FIELDS_ADDED_LATER["data.analytic_fraction"] == 0.5
+  assert checkpointing.config_differences(stored, new) == []
+  new["data"]["analytic_fraction"] = 0.25
+  assert checkpointing.config_differences(stored, new) == [("data.analytic_fraction", None, 0.25)]
+  from experiments.configs.vae import get_config
+
+  assert get_config("tiny").data.analytic_fraction == 0.5  # the default is that value
+
+
 def test_resume_with_another_model_is_refused_before_anything_is_written(tmp_path, caplog):
   c = _config()
   _run(c, tmp_path)

@@ -120,6 +120,9 @@ def test_resume_with_another_worker_count_and_from_grain_states(data_dir):
     _assert_same(next(resumed), straight[3])
   with pytest.raises(ValueError, match="not a data-iterator state"):
     loader.make_iterator(ds).set_state({"cursor": 3})
+  finite = _ds(data_dir, n_surface=16, n_query=8, num_epochs=1)
+  with pytest.raises(ValueError, match=f"position {len(finite) + 1} is outside this dataset"):
+    loader.make_iterator(finite).set_state({"position": len(finite) + 1})
 
 
 def test_iterator_state_round_trip(data_dir):

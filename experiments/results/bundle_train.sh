@@ -114,24 +114,29 @@ OUT=${OUT:-bundle_out}
 W=${W:-/root/bw}
 mkdir -p "$OUT/logs" "$W"
 export PYTHONUNBUFFERED=1
-if [ -d .whl ] && ! python3 -c "import grain, trimesh" 2>/dev/null; then
-  if [ ! -d /tmp/site_bundle ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site_bundle .whl/*.whl
-  fi
-  export PYTHONPATH=/tmp/site_bundle:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
 # The modules the GPU image lacks, carried as wheels (.whl, carry=[".whl"]), made here with
 #   ../shared/tools/device-wheels.sh grain==0.2.18 array-record==0.8.6 trimesh==4.12.2 \
 #     ml-collections==1.1.0 tensorboardX==2.6.5 portpicker pymeshfix==0.18.1 \
 #     embreex==2.17.7.post7 rtree
 # (24 MiB; the working tree with the bundle is 38 MiB of the 64 sent). Without embreex and
-# rtree the renders' ray casts fail and the data build stops (2026-12-02).
-if ! python3 -c "import grain, array_record, trimesh, ml_collections, tensorboardX, embreex, rtree" 2>/dev/null; then
-  echo "missing Python modules on this machine: $(python3 -c "import grain, array_record, trimesh, ml_collections, tensorboardX, embreex, rtree" 2>&1 | tail -1)" >&2
-  [ "${TINY:-0}" = 1 ] || exit 3
+# rtree the renders' ray casts fail and the data build stops (2026-12-02). They go into
+# /tmp/site_bundle, installed again whenever something there is missing (a warm machine may
+# hold an older set).
+modules="grain, array_record, trimesh, ml_collections, tensorboardX, embreex, rtree"
+[ -d /tmp/site_bundle ] && export PYTHONPATH=/tmp/site_bundle:${PYTHONPATH:-}
+if [ -d .whl ] && ! python3 -c "import $modules" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site_bundle .whl/*.whl
+  export PYTHONPATH=/tmp/site_bundle:${PYTHONPATH:-}
 fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+case "$stage" in  # the stages that build or render here need them all; study_eval does not
+  data_vae|data|vae_parts|study)
+    if ! missing=$(python3 -c "import $modules" 2>&1); then
+      echo "bundle_train.sh $stage: missing Python modules: $(echo "$missing" | tail -1)" >&2
+      [ "${TINY:-0}" = 1 ] || exit 3
+    fi;;
+esac
 export JAX_COMPILATION_CACHE_DIR=$W/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
 # A compilation cache brought back by an earlier call (jax_cache.tar.gz, unpacked into the
 # ignored folder .jax_cache and carried) spares a fresh machine the DiT's init and train-step
