@@ -77,8 +77,6 @@ def reconstruction_mesh(model, params, shape, config, rng, resolution: int):
 def picture(shapes, models, labels, config, resolution: int, path: str) -> str:
   """A row per primitive kind (its largest held-out shape, the clearest to see): exact, then
   each model's mesh."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
   firsts = {}
   for s in shapes:
     if s.kind not in firsts or s.bounding_radius() > firsts[s.kind].bounding_radius():
@@ -93,15 +91,12 @@ def picture(shapes, models, labels, config, resolution: int, path: str) -> str:
         titles.append(label)
       row = os.path.join(tmp, f"{kind}.png")
       viz.meshes_png(meshes, titles, row)
-      rows.append(Image.open(row).convert("RGB"))
-    width = max(r.width for r in rows)
-    sheet = Image.new("RGB", (width, sum(r.height for r in rows)), "white")
-    y = 0
-    for r in rows:
-      sheet.paste(r, (0, y))
-      y += r.height
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    sheet.save(path)
+      rows.append(mio.load_image(row))
+  width = max(r.shape[1] for r in rows)
+  sheet = np.concatenate(
+      [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+  )
+  mio.write_png(path, sheet, palette=True)  # a figure shipped with the results: compact
   return path
 
 
