@@ -175,7 +175,7 @@ def mixed_workers(workers: int, analytic_fraction: float) -> tuple[int, int]:
   if workers == 1:
     return 1, 0
   f = analytic_fraction
-  share = f / (f + ANALYTIC_TO_RECORDS_COST_RATIO ** -1 * (1.0 - f))
+  share = f / (f + (1.0 - f) / ANALYTIC_TO_RECORDS_COST_RATIO)
   analytic = min(workers - 1, max(1, round(workers * share)))
   return workers - analytic, analytic
 

@@ -129,19 +129,17 @@ def test_records_dataset_on_real_shards(data_dir):
           assert j.size and lo <= j[0] < hi and part_v[j[0]] == d
 
 
+def _records_ds(data_dir, **overrides):
+  """A small `vae_records_dataset` of one process (2 examples per batch)."""
+  args = dict(batch_size=2, num_points=16, num_near=8, num_volume=4, n_max=4, seed=0,
+              process_index=0, process_count=1)
+  args.update(overrides)
+  return vae_batches.vae_records_dataset(data_dir, **args)
+
+
 def test_records_iterator_state_round_trip(data_dir):
   def ds():
-    return vae_batches.vae_records_dataset(
-        data_dir,
-        batch_size=2,
-        num_points=16,
-        num_near=8,
-        num_volume=4,
-        n_max=4,
-        seed=0,
-        process_index=0,
-        process_count=1,
-    )
+    return _records_ds(data_dir)
 
   it = loader.make_iterator(ds())
   next(it)
@@ -282,17 +280,7 @@ def test_mixed_source_concatenates_both_sources_and_resumes_exactly(data_dir):
   d = _analytic_data_config()
 
   def records_ds():
-    return vae_batches.vae_records_dataset(
-        data_dir,
-        batch_size=2,
-        num_points=64,
-        num_near=32,
-        num_volume=16,
-        n_max=4,
-        seed=0,
-        process_index=0,
-        process_count=1,
-    )
+    return _records_ds(data_dir, num_points=64, num_near=32, num_volume=16)
 
   def source():
     return vae_batches.MixedSource(
