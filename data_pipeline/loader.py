@@ -55,8 +55,8 @@ SAMPLE_KEYS = records.SAMPLE_KEYS
 
 
 def _paths(data_dir_or_paths) -> list:
-  if isinstance(data_dir_or_paths, str):
-    return records.shard_paths(data_dir_or_paths)
+  if isinstance(data_dir_or_paths, str):  # one folder or several, comma-separated
+    return records.dataset_shard_paths(data_dir_or_paths)
   paths = list(data_dir_or_paths)
   for p in paths:
     if not os.path.exists(p):

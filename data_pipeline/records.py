@@ -190,6 +190,22 @@ def shard_paths(directory: str) -> List[str]:
   return out
 
 
+def dataset_dirs(spec: str) -> List[str]:
+  """The folders of a dataset spec: one folder, or several joined by commas ("a,b"), so that
+  one training run reads datasets built separately (for example the same split built with
+  two generator seeds). ValueError for an empty spec."""
+  dirs = [d.strip() for d in str(spec).split(",") if d.strip()]
+  if not dirs:
+    raise ValueError(f"{spec!r}: no dataset folder given")
+  return dirs
+
+
+def dataset_shard_paths(spec: str) -> List[str]:
+  """`shard_paths` of every folder of `spec` (see `dataset_dirs`), concatenated in the order
+  given: records are numbered across the folders in that order."""
+  return [p for d in dataset_dirs(spec) for p in shard_paths(d)]
+
+
 def load_manifest(directory: str) -> dict:
   path = os.path.join(directory, "manifest.json")
   if not os.path.exists(path):

@@ -291,13 +291,16 @@ def check_data_pairing(config) -> None:
     return
   from data_pipeline import encode_latents  # pylint: disable=g-import-not-at-top
 
+  from data_pipeline import records  # pylint: disable=g-import-not-at-top
+
   vae_dir = config.get("vae", {}).get("workdir", "") or None
   dit = config.model.dit
   for split in ("train", "val"):
     if split == "train" or config.data.get("val_dir"):
-      encode_latents.check_latents_pairing(
-          _data_dir(config, split), vae_dir, dit.latent_tokens, dit.latent_channels
-      )
+      for folder in records.dataset_dirs(_data_dir(config, split)):
+        encode_latents.check_latents_pairing(
+            folder, vae_dir, dit.latent_tokens, dit.latent_channels
+        )
 
 
 def resolve_latent_norm(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -138,14 +138,14 @@ def stats_from_latents(parts: Iterable[np.ndarray]) -> LatentStats:
 
 
 def stats_from_records(data_dir: str, max_parts: int = 8192) -> LatentStats:
-  """Statistics of the first `max_parts` part latents of an `encode_latents` folder, read in
-  shard order (the same values on every machine and every resume). ValueError when the
-  folder holds no latents."""
+  """Statistics of the first `max_parts` part latents of an `encode_latents` folder (or of
+  several, comma-separated: `records.dataset_dirs`), read in shard order (the same values on
+  every machine and every resume). ValueError when the folder holds no latents."""
   from data_pipeline import records  # pylint: disable=g-import-not-at-top
 
   def parts():
     left = max_parts
-    for path in records.shard_paths(data_dir):
+    for path in records.dataset_shard_paths(data_dir):
       for raw in records.read_shard(path):
         lat = records.decode_record(raw).get("latents")
         if lat is None:

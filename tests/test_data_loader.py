@@ -195,6 +195,30 @@ def _latent_shards(path, sizes_per_shard, seed=0):
   return str(path)
 
 
+def test_comma_separated_folders_read_as_one_dataset(tmp_path):
+  """data.dir "a,b": the records of a then b, numbered across both (two builds of a split
+  with different generator seeds trained on together)."""
+  (tmp_path / "a").mkdir()
+  (tmp_path / "b").mkdir()
+  a = _latent_shards(tmp_path / "a", [[3, 5], [2]])
+  b = _latent_shards(tmp_path / "b", [[4, 1]], seed=1)
+  assert records.dataset_shard_paths(f"{a}, {b}") == records.shard_paths(a) + records.shard_paths(b)
+  kw = dict(batch_size=0, n_max=8, shuffle=False, num_epochs=1, process_index=0, process_count=1)
+  both = list(loader.latent_dataset(f"{a},{b}", **kw))
+  stored = [records.decode_record(r) for p in records.dataset_shard_paths(f"{a},{b}")
+            for r in records.read_shard(p)]
+  assert [int(x["num_components"]) for x in both] == [3, 5, 2, 4, 1]
+  assert [int(x["index"]) for x in both] == [0, 1, 2, 3, 4]
+  for x, rec in zip(both, stored):  # the same parts, in the loader's random order
+    got = x["latents"][x["component_mask"]].reshape(len(rec["latents"]), -1)
+    want = rec["latents"].reshape(len(rec["latents"]), -1)
+    np.testing.assert_array_equal(got[np.lexsort(got.T)], want[np.lexsort(want.T)])
+  with pytest.raises(FileNotFoundError, match="missing"):
+    loader.latent_dataset(f"{a},{tmp_path / 'missing'}", **kw)
+  with pytest.raises(ValueError, match="no dataset folder"):
+    records.dataset_dirs(" , ")
+
+
 def _assert_same_batches(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b):

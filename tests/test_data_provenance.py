@@ -171,3 +171,22 @@ def test_latents_pairing_with_the_dit_config(tmp_path):
       f"encoded by the VAE {vae_dir}, but the config's vae.workdir is {tmp_path / 'other'}")
   (tmp_path / "manifest.json").write_text(json.dumps({"kind": "samples"}))
   check_latents_pairing(str(tmp_path), str(tmp_path / "other"), 32, 8)  # not latents: no record
+
+
+def test_every_folder_of_a_comma_separated_data_dir_is_checked(tmp_path):
+  """data.dir "a,b" trains on both folders, so each must come from the config's VAE."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from moca_jax import dit_task  # pylint: disable=g-import-not-at-top
+
+  vae_dir = str(tmp_path / "vae")
+  for name, made_by in (("a", vae_dir), ("b", str(tmp_path / "another_vae"))):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "manifest.json").write_text(json.dumps(
+        {"vae": {"checkpoint": made_by, "num_latents": 16, "latent_channels": 8}}))
+  config = ml_collections.ConfigDict(dict(
+      data=dict(source="records", dir=f"{tmp_path / 'a'},{tmp_path / 'b'}", val_dir=""),
+      vae=dict(workdir=vae_dir), model=dict(dit=dict(latent_tokens=16, latent_channels=8))))
+  with pytest.raises(ValueError, match=f"^{tmp_path / 'b'}: latents do not match"):
+    dit_task.check_data_pairing(config)
+  config.data.dir = str(tmp_path / "a")
+  dit_task.check_data_pairing(config)  # the matching folder alone: no error

@@ -88,7 +88,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.encoder.remat = True
     c.model.dit.remat = "dots"
 
-  # Data: 'records' reads the latent ArrayRecord shards of the data pipeline (data.dir);
+  # Data: 'records' reads the latent ArrayRecord shards of the data pipeline (data.dir: one
+  # encode_latents folder, or several joined by commas, read as one dataset in that order);
   # 'synthetic' makes deterministic random latents and images in memory (benchmarks, tests).
   c.data = ml_collections.ConfigDict(
       dict(

@@ -112,6 +112,13 @@ CALL_START=${CALL_START:-$(date +%s)}  # the device call's start (the study's de
 stage=${1:?"stage: data_vae | data | vae_parts | bench_input | dit | study | study_eval"}
 OUT=${OUT:-bundle_out}
 W=${W:-/root/bw}
+# DATA_SEED=k (data): the split built with generator seed k (data_pipeline.build
+# --base_seed: other objects and scenes than seed 0's, none shared with val or test) into
+# $W/data_seed$k and $W/latents_seed$k; seed 0 keeps $W/data and $W/latents. DIT_DATA (dit):
+# the latent folders the DiT trains on, comma-separated (default $W/latents).
+DATA_SEED=${DATA_SEED:-0}
+if [ "$DATA_SEED" = 0 ]; then DATA=$W/data LATENTS=$W/latents
+else DATA=$W/data_seed$DATA_SEED LATENTS=$W/latents_seed$DATA_SEED; fi
 mkdir -p "$OUT/logs" "$W"
 export PYTHONUNBUFFERED=1
 # The modules the GPU image lacks, carried as wheels (.whl, carry=[".whl"]), made here with
@@ -215,12 +222,12 @@ ship_bundles() {  # the exported variant bundles not shipped by an earlier call,
 }
 
 build_first_shards() {  # n [dir] [n_near] [n_volume]: the split's first n shards into dir
-  # ($W/data), one process per shard (all at once); SDF samples per part only where asked
+  # ($DATA), one process per shard (all at once); SDF samples per part only where asked
   # (the DiT's shards need surface points alone, a VAE's training needs both)
-  local n=$1 dir=${2:-$W/data} near=${3:-0} volume=${4:-0} i
+  local n=$1 dir=${2:-$DATA} near=${3:-0} volume=${4:-0} i
   for i in $(seq 0 $((n - 1))); do
     JAX_PLATFORMS=cpu python3 -m data_pipeline.build --source=$SRC --out="$dir" \
-      --num_shards=$SHARDS --shard_index=$i --n_surface=2048 --n_near=$near --n_volume=$volume \
+      --num_shards=$SHARDS --shard_index=$i --base_seed=$DATA_SEED --n_surface=2048 --n_near=$near --n_volume=$volume \
       --image_size=$IMG --num_views=2 --num_previews=0 --progress=false \
       > "$OUT/logs/build_$(basename "$dir")_$i.log" 2>&1 &
   done
@@ -231,7 +238,7 @@ build_first_shards() {  # n [dir] [n_near] [n_volume]: the split's first n shard
 encode() {  # the built shards through the frozen VAE encoder (finished shards are kept):
   # ENCODE_GROUPS processes on the CPU cores encode disjoint shards (the per-record work is
   # host-bound), then one run checks every shard and writes the manifest
-  local args=(--vae_checkpoint="${VAE_DIR:-$W/vae}" --input="$W/data" --output="$W/latents"
+  local args=(--vae_checkpoint="${VAE_DIR:-$W/vae}" --input="$DATA" --output="$LATENTS"
               --progress=false)
   local k=${ENCODE_GROUPS:-1}
   if [ "$k" -gt 1 ]; then
@@ -269,8 +276,8 @@ elif [ "$stage" = data ]; then
   # built in 60 s and encoded in 67 s on an H200 host's 16 cores, 2026-12-01).
   VAE_DIR=${INIT_BUNDLE:?"the data stage encodes with a bundle's VAE: set INIT_BUNDLE"}
   if [ -n "${DATA_SHARDS:-}" ]; then build_first_shards "$DATA_SHARDS"; else
-    JAX_PLATFORMS=cpu python3 -m data_pipeline.build --source=$SRC --out="$W/data" --num_shards=$SHARDS \
-      --workers=$((BUILD_WORKERS + 4)) --n_surface=2048 --n_near=0 --n_volume=0 --image_size=$IMG \
+    JAX_PLATFORMS=cpu python3 -m data_pipeline.build --source=$SRC --out="$DATA" --num_shards=$SHARDS \
+      --base_seed=$DATA_SEED --workers=$((BUILD_WORKERS + 4)) --n_surface=2048 --n_near=0 --n_volume=0 --image_size=$IMG \
       --num_views=2 --num_previews=2 --progress=false > "$OUT/logs/build.log" 2>&1
     note "build rc=$? $(tail -1 "$OUT/logs/build.log")"
   fi
@@ -318,7 +325,7 @@ elif [ "$stage" = vae_parts ]; then
   [ "$swapped" = 0 ] && pack bundle "$W/moca-small"
 elif [ "$stage" = dit ]; then
   VAE_DIR=${VAE_DIR:-$(cat "$W/latents_vae.txt" 2>/dev/null || echo "$W/vae")}
-  [ -f "$W/latents/manifest.json" ] || encode  # the data_vae call ran out of time
+  [ -f "$W/latents/manifest.json" ] || [ -n "${DIT_DATA:-}" ] || encode  # data_vae ran out of time
   DIT=$W/${DIT_NAME:-dit}  # DIT_NAME / DIT_EXTRA: another run on the same data (a probe)
   # The checkpoint is saved when the time limit or the deadline hits, whichever is first;
   # the flow-loss evaluation after it can take 70 s (2026-12-01: three fresh compilations)
@@ -328,7 +335,7 @@ elif [ "$stage" = dit ]; then
   left=$(( CALL_START + ${DIT_CALL_S:-570} - 20 - $(date +%s) ))
   timeout --kill-after=10 $(( left > 30 ? left : 30 )) \
     python3 -m experiments.train_dit --config=experiments/configs/dit.py:$DIT_CFG \
-    --config.data.dir="$W/latents" --config.vae.workdir="$VAE_DIR" $DIT_FLAGS ${DIT_EXTRA:-} \
+    --config.data.dir="${DIT_DATA:-$W/latents}" --config.vae.workdir="$VAE_DIR" $DIT_FLAGS ${DIT_EXTRA:-} \
     --config.stop_at_unix=$deadline --workdir="$DIT" \
     > "$OUT/logs/train_dit_$(date -u +%H%M).log" 2>&1
   note "train_dit rc=$? $(last_line "$(ls -t "$OUT"/logs/train_dit_*.log | head -1)" 'train:')"
