@@ -234,8 +234,9 @@ def table3_markdown(
 
 def summarize_training(result, workdir: str) -> Dict[str, float]:
   """Scalars of a training run: final_train_loss (mean 'loss' over the last 10% of the
-  logged steps), steps, and workdir/eval.json's scalars (the training helper's held-out
-  flow loss, eval_loss_ema / eval_loss_params)."""
+  logged steps), steps, and workdir/eval.json's scalars (the training helper's flow loss on
+  fixed batches, eval_loss_ema / eval_loss_params, with eval_held_out 1.0 when those were
+  data.val_dir's held-out batches and 0.0 when they were the first training batches)."""
   out = _scalar_items(result) if isinstance(result, dict) else {}
   hist = list(getattr(result, "history", None) or [])
   losses = [float(h["loss"]) for h in hist if "loss" in h]
@@ -247,7 +248,10 @@ def summarize_training(result, workdir: str) -> Dict[str, float]:
   path = os.path.join(workdir, "eval.json")
   if os.path.exists(path):
     with open(path) as f:
-      out.update(_scalar_items(json.load(f)))
+      ev = json.load(f)
+    out.update(_scalar_items(ev))
+    if "eval_split" in ev:
+      out["eval_held_out"] = float(ev["eval_split"] == "val")
   return out
 
 
@@ -1055,9 +1059,9 @@ def ordering_paragraph(
 def loss_ordering_line(
     results: Dict[str, dict], reference: str = "G", dense: str = "dense"
 ) -> str:
-  """One sentence ordering the variants by held-out flow loss (the training helper's
-  'eval_loss_ema': EMA weights, the same held-out batches, noise and times for every
-  variant; lower is better), with the reference's and dense's gaps to the lowest in
+  """One sentence ordering the variants by flow loss (the training helper's
+  'eval_loss_ema': EMA weights, the same batches, noise and times for every variant; lower
+  is better; called held-out only when every variant's batches were, 'eval_held_out'), with the reference's and dense's gaps to the lowest in
   absolute and relative terms. Variants without the number are left out; '' when fewer
   than two have it."""
   losses = {
@@ -1071,8 +1075,11 @@ def loss_ordering_line(
     return ""
   order = sorted(losses, key=losses.get)
   best = order[0]
+  held_out = all(
+      float(results[v]["train"].get("eval_held_out", 0.0)) == 1.0 for v in losses)
+  what = "Held-out flow loss" if held_out else "Flow loss on the first training batches"
   text = (
-      "Held-out flow loss (EMA weights, the same batches, noise and times for every variant; "
+      f"{what} (EMA weights, the same batches, noise and times for every variant; "
       "lower is better): " + " < ".join(f"{v} {losses[v]:.4f}" for v in order) + "."
   )
   for v in (reference, dense):

@@ -16,7 +16,9 @@ Data (config.data.source): 'records' reads the latent shards of
 deterministic random latents and images in memory (benchmarks, tests).
 
 Writes under workdir (besides run_training's checkpoints/, tb/, config.json):
-  eval.json   flow loss of the EMA and the raw params on held-out batches (fixed noise)
+  eval.json   flow loss of the EMA and the raw params on fixed batches (fixed noise): held
+              out (config.data.val_dir) when given, else the first training batches;
+              'eval_split' says which
 """
 
 from __future__ import annotations
@@ -489,8 +491,12 @@ def evaluate(config, state, loss_fn, num_batches: int = 2) -> dict:
   the EMA params with each example conditioned on ANOTHER example's image (the batch's
   images rolled by one; same latents, times, noise and CFG drops).
 
-  Returns {'eval_loss_ema', 'eval_loss_params', 'eval_loss_ema_wrong_image',
-  'condition_gain', 'condition_spread'}: condition_gain = wrong-image loss - EMA loss, about
+  The batches are config.data.val_dir's (held out) when it is set for records data, else
+  the training data's first batches in stored order: examples the model trained on, so
+  then the loss is a training loss, not a held-out one.
+
+  Returns {'eval_split' ('val' | 'train'), 'eval_loss_ema', 'eval_loss_params',
+  'eval_loss_ema_wrong_image', 'condition_gain', 'condition_spread'}: condition_gain = wrong-image loss - EMA loss, about
   0 for a model that ignores its image (it learned the unconditional distribution) and > 0
   once the image informs the prediction; condition_spread = `image_encoder.token_spread` of
   the EMA encoder's tokens over the batch (near 0: the encoder output no longer depends on
@@ -501,6 +507,7 @@ def evaluate(config, state, loss_fn, num_batches: int = 2) -> dict:
     it = make_iterator_fn(config, split, shuffle=False)()
   except Exception as e:  # a dataset without a validation split
     log.warning("evaluation on the train split (%s)", e)
+    split = "train"
     it = make_iterator_fn(config, "train", shuffle=False)()
   jit_loss = jax.jit(lambda p, b, r: loss_fn(p, b, r)[0])
   jit_wrong = jax.jit(lambda p, b, r: loss_fn(
@@ -522,6 +529,7 @@ def evaluate(config, state, loss_fn, num_batches: int = 2) -> dict:
       losses["ema_wrong_image"].append(float(jit_wrong(state.ema_params, batch, rng)))
       spreads.append(float(jit_spread(state.ema_params, batch["images"])))
   out = {f"eval_loss_{k}": float(np.mean(v)) for k, v in losses.items() if v}
+  out["eval_split"] = split
   if "eval_loss_ema_wrong_image" in out:
     out["condition_gain"] = out["eval_loss_ema_wrong_image"] - out["eval_loss_ema"]
     out["condition_spread"] = float(np.mean(spreads))

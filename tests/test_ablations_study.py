@@ -202,17 +202,21 @@ def test_jobs_two_variants_write_the_study(tmp_path, save_untrained_vae):
   assert "2 variants, 2 at a time" in md
 
 
-def test_loss_ordering_line_orders_by_held_out_flow_loss():
-  def r(loss, **kw):
-    return {"error": None, "train": {"eval_loss_ema": loss}, **kw}
+def test_loss_ordering_line_orders_by_flow_loss_and_says_which_batches():
+  def r(loss, held_out=1.0, **kw):
+    return {"error": None, "train": {"eval_loss_ema": loss, "eval_held_out": held_out}, **kw}
 
   text = A.loss_ordering_line({"G": r(0.52), "A": r(0.53), "dense": r(0.5315)})
+  assert text.startswith("Held-out flow loss (")
   assert "G 0.5200 < A 0.5300 < dense 0.5315." in text
   assert "G is the lowest." in text
   assert "dense is 0.0115 (2.2%) above the lowest, G." in text
   text = A.loss_ordering_line({"G": r(0.55), "dense": r(0.50), "B": r(float("nan"))})
   assert "dense 0.5000 < G 0.5500." in text and "B" not in text
   assert "G is 0.0500 (10.0%) above the lowest, dense." in text
+  # batches the variants trained on (no data.val_dir) are not called held out
+  text = A.loss_ordering_line({"G": r(0.52, held_out=0.0), "dense": r(0.53)})
+  assert text.startswith("Flow loss on the first training batches (")
   # a failed variant or one without the number is left out; fewer than two: nothing
   assert A.loss_ordering_line({"G": r(0.5), "A": {"error": "boom", "train": {}}}) == ""
 

@@ -103,6 +103,7 @@ def _check_resume_is_exact(tmp_path):
                                                - ev["eval_loss_ema"])
   assert ev["eval_loss_ema_wrong_image"] != ev["eval_loss_ema"]
   assert 0.0 < ev["condition_spread"] < 1.0
+  assert ev["eval_split"] == "train"  # no data.val_dir: the first training batches
   stored, step = checkpointing.read_checkpoint_config(os.path.join(b_dir, "checkpoints"))
   assert step == 2 * K and stored["model"]["dit"]["num_blocks"] == 2
 

@@ -65,6 +65,23 @@
 #     VAE_SHARDS=48 VAE_STEPS=20000 VAE_SOURCE=mixed VAE_RUN=vae_mix50 VAE_WORKERS=14 \
 #     VAE_EXTRA="--config.data.analytic_fraction=0.5" bash experiments/results/bundle_train.sh vae_parts
 #   (then the same with OUT=$OUT/mix50c VAE_CALL_S=430)
+# Round 11 (2026-12-02, experiments/results/round11_fresh_data.md), a fresh machine: the DiT
+# on new objects, the `small` split built again with generator seed 1 (10,598 other items)
+# plus seed 0's first 16 shards, a params-only warm restart from round 10's bundle with
+# round 7's recipe. The data call took 398 s (seed 1: build 151 s, encode 128 s; seed 0's 16
+# shards: 108 s); the first dit call trained 6,580 of the planned 14,000 steps (22 steps/s);
+# the machine was given back before the second (an idle gap over 30 s), so the data and
+# the checkpoint were lost and round 11 is that first call's export:
+#   CALL_START=$(date +%s) INIT_BUNDLE=assets/moca-small OUT=$OUT/s1 DATA_SEED=1 \
+#     bash experiments/results/bundle_train.sh data
+#   INIT_BUNDLE=assets/moca-small OUT=$OUT/s0 DATA_SHARDS=16 bash experiments/results/bundle_train.sh data
+#   CALL_START=$(date +%s) INIT_BUNDLE=assets/moca-small DIT_NAME=r11 DIT_CALL_S=575 \
+#     DIT_DATA=/root/bw/latents_seed1,/root/bw/latents DIT_EXTRA="<round 7's, with \
+#     --config.num_steps=14000 --config.optim.total_steps=14000>" \
+#     bash experiments/results/bundle_train.sh dit
+# The data stage now also encodes the `val` split into $W/latents_val (encode_val), and the
+# dit stage evaluates its flow loss there (eval.json's eval_split 'val'); before, with no
+# data.val_dir, it was the loss on the first training batches.
 # VAE_SOURCE=mixed (with VAE_EXTRA="--config.data.analytic_fraction=0.5") mixes random
 # primitives into every batch of the fine-tune, so the decoder keeps the shapes the split
 # lacks; VAE_RUN names the fine-tune's folder under $W (default vae_parts).
@@ -156,13 +173,13 @@ gpu=$(nvidia-smi -L 2>/dev/null | head -1)
 note "stage $stage on ${gpu:-no GPU}, $(nproc) cores"
 
 if [ "${TINY:-0}" = 1 ]; then
-  SRC=procedural:tiny; VAE_CFG=${VAE_CFG:-tiny}; IMG=56; SHARDS=${SHARDS:-2}; BUILD_WORKERS=0
+  SRC=procedural:tiny; VAL_SRC=procedural:test_tiny; VAE_CFG=${VAE_CFG:-tiny}; IMG=56; SHARDS=${SHARDS:-2}; BUILD_WORKERS=0
   VAE_FLAGS="--config.num_steps=20 --config.eval.num_shapes=4"
   DIT_CFG=${DIT_CFG:-tiny}  # DIT_CFG=bundle with INIT_BUNDLE: the bundle-size DiT on the tiny split
   DIT_FLAGS="--config.num_steps=${DIT_STEPS:-20} --config.batch_size=4 --config.checkpoint.every=10"
   EVAL_FLAGS="--steps=2"; EVAL_OBJECTS=2; EVAL_SCENES=1
 else
-  SRC=procedural:small; VAE_CFG=bundle; IMG=112; SHARDS=48; BUILD_WORKERS=11
+  SRC=procedural:small; VAL_SRC=procedural:val; VAE_CFG=bundle; IMG=112; SHARDS=48; BUILD_WORKERS=11
   ENCODE_GROUPS=${ENCODE_GROUPS:-14}
   VAE_FLAGS="--config.model.dtype=bfloat16 --config.data.num_workers=4 \
     --config.time_limit_s=${VAE_SECONDS:-330}"
@@ -253,6 +270,18 @@ encode() {  # the built shards through the frozen VAE encoder (finished shards a
   note "encode_latents rc=$? ($k groups) $(tail -1 "$OUT/logs/encode.log")"
 }
 
+encode_val() {  # the held-out split ($VAL_SRC: val, or test_tiny for TINY) through the same
+  # encoder into $W/latents_val, once per machine: the dit stage's eval.json is then the flow
+  # loss on held-out items (config.data.val_dir) instead of on the first training batches
+  [ -f "$W/latents_val/manifest.json" ] && return 0
+  JAX_PLATFORMS=cpu python3 -m data_pipeline.build --source=$VAL_SRC --out="$W/data_val" \
+    --num_shards=2 --workers=$BUILD_WORKERS --n_surface=2048 --n_near=0 --n_volume=0 \
+    --image_size=$IMG --num_views=2 --num_previews=0 --progress=false > "$OUT/logs/build_val.log" 2>&1
+  JAX_PLATFORMS=cpu python3 -m data_pipeline.encode_latents --vae_checkpoint="${VAE_DIR:-$W/vae}" \
+    --input="$W/data_val" --output="$W/latents_val" --progress=false > "$OUT/logs/encode_val.log" 2>&1
+  note "val latents rc=$? $(tail -1 "$OUT/logs/encode_val.log")"
+}
+
 if [ "$stage" = data_vae ]; then
   JAX_PLATFORMS=cpu python3 -m data_pipeline.build --source=$SRC --out="$W/data" --num_shards=$SHARDS \
     --workers=$BUILD_WORKERS --n_surface=2048 --n_near=0 --n_volume=0 --image_size=$IMG \
@@ -265,6 +294,7 @@ if [ "$stage" = data_vae ]; then
   note "build rc=$? $(grep -c . "$W/data/manifest.json" >/dev/null 2>&1 && python3 -c "
 import json; m = json.load(open('$W/data/manifest.json')); print(m['count'], 'items', len(m['skipped']), 'skipped')")"
   encode
+  encode_val
   cp "$W"/vae/{eval.json,loss_curve.png,metrics.jsonl,runs.jsonl} "$OUT/logs/" 2>/dev/null
   cp "$W"/data/manifest.json "$OUT/logs/data_manifest.json" 2>/dev/null
   cp "$W"/data/previews/*.png "$OUT/logs/" 2>/dev/null
@@ -282,6 +312,7 @@ elif [ "$stage" = data ]; then
     note "build rc=$? $(tail -1 "$OUT/logs/build.log")"
   fi
   encode
+  encode_val
   echo "$VAE_DIR" > "$W/latents_vae.txt"
 elif [ "$stage" = vae_parts ]; then
   # A decoder-only fine-tune of INIT_BUNDLE's VAE on the split's real parts (its encoder
@@ -336,6 +367,7 @@ elif [ "$stage" = dit ]; then
   timeout --kill-after=10 $(( left > 30 ? left : 30 )) \
     python3 -m experiments.train_dit --config=experiments/configs/dit.py:$DIT_CFG \
     --config.data.dir="${DIT_DATA:-$W/latents}" --config.vae.workdir="$VAE_DIR" $DIT_FLAGS ${DIT_EXTRA:-} \
+    $([ -f "$W/latents_val/manifest.json" ] && echo "--config.data.val_dir=$W/latents_val") \
     --config.stop_at_unix=$deadline --workdir="$DIT" \
     > "$OUT/logs/train_dit_$(date -u +%H%M).log" 2>&1
   note "train_dit rc=$? $(last_line "$(ls -t "$OUT"/logs/train_dit_*.log | head -1)" 'train:')"
