@@ -168,7 +168,8 @@ def mixed_workers(workers: int, analytic_fraction: float) -> tuple[int, int]:
   primitive about 1.5 ms (2 workers fed 42 steps/s of 32). So the analytic share of the
   workers is f / (f + 2 (1 - f)) for an analytic fraction f, at least one each when there
   are two or more (with one, it reads the records and the primitives are sampled in the
-  calling process).
+  calling process). With this split (14 workers: 9 records, 5 analytic at f = 0.5) the same
+  host fed 73 steps/s of 32 + 32, against 36-42 with 12 + 2.
   """
   if workers <= 0:
     return 0, 0
