@@ -295,7 +295,10 @@ def train_step(
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   decay = ema_decay_at(state.step, ema_decay)
-  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  # e + (1 - d)(p - e), not d e + (1 - d) p: the same average, but exact where the params
+  # stay put (a frozen encoder's EMA is its weights, bit for bit, so that a float32-stored
+  # bundle's exact encoder check in export_bundle.replace_vae holds)
+  ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state.ema_params, params)
   metrics = {
       "loss": loss,
       "grad_norm": optax.global_norm(grads),

@@ -106,10 +106,9 @@ def test_vae_decoder_finetune_from_bundle(tiny_bundle, tmp_path):
   start = _flat(bundle.params_for_training(tiny_bundle, "vae", abstract))
   for use_ema in (False, True):
     trained = _flat(vae_task.load_vae(tmp_path / "w", use_ema=use_ema)[1]["params"])
-    # the encoder is the bundle's, untouched (the EMA of a constant up to float rounding);
+    # the encoder is the bundle's, bit for bit (the EMA of a constant is that constant);
     # the decoder trained away from the bundle's
-    tol = dict(rtol=1e-6, atol=1e-7) if use_ema else dict(rtol=0, atol=0)
-    changed = {k for k in trained if not np.allclose(trained[k], start[k], **tol)}
+    changed = {k for k in trained if not np.array_equal(trained[k], start[k])}
     assert not {k for k in changed if vae.is_encoder_param(k.split("/")[0])}, use_ema
     assert {k for k in changed if k.startswith("dec_")}, use_ema
   # The fine-tune swapped into (a copy of) the bundle: its DiT and encoder as they were, the
@@ -144,6 +143,27 @@ def test_vae_decoder_finetune_from_bundle(tiny_bundle, tmp_path):
   assert open(f"{target}/vae.npz", "rb").read() == before
 
 
+def test_decoder_finetune_swaps_into_a_float32_stored_bundle(tiny_bundle, tmp_path):
+  """float32 storage keeps every bit of the weights, so the frozen encoder's EMA must equal
+  the stored encoder exactly for export_bundle.replace_vae to accept the fine-tune."""
+  from experiments import export_bundle  # pylint: disable=g-import-not-at-top
+
+  src = bundle.read_bundle(tiny_bundle)
+  folder = str(tmp_path / "f32")
+  bundle.write_bundle(folder, src.dit_config, src.dit_params, src.vae_config, src.vae_params,
+                      storage_dtype="float32")
+  c = _vae_config()
+  c.init.from_bundle = folder
+  c.train_encoder = False
+  vae_task.train_and_evaluate(c, str(tmp_path / "w"), mesh=_mesh1(), show_progress=False)
+  info = export_bundle.replace_vae(folder, str(tmp_path / "w"))
+  assert info["storage_dtype"] == "float32"
+  swapped = _flat(bundle.read_bundle(folder).vae_params)
+  ema = _flat(vae_task.load_vae(tmp_path / "w")[1]["params"])
+  for k in swapped:
+    np.testing.assert_array_equal(swapped[k], np.asarray(ema[k], np.float32), err_msg=k)
+
+
 def test_dit_warm_start_from_bundle_and_mismatch(tiny_bundle, tmp_path):
   c = _dit_config()
   c.init.from_bundle = tiny_bundle
@@ -152,11 +172,11 @@ def test_dit_warm_start_from_bundle_and_mismatch(tiny_bundle, tmp_path):
       c, str(tmp_path / "w"), num_steps=1, mesh=_mesh1(), show_progress=False, eval_batches=0
   )
   start = _flat(bundle.params_for_training(tiny_bundle, "dit", dit_task.abstract_params(c)))
-  for tree, tol in ((res.state.params, 0.0), (res.state.ema_params, 1e-6)):
-    got = _flat(tree)  # the EMA of a constant: equal up to float rounding
+  for tree in (res.state.params, res.state.ema_params):
+    got = _flat(tree)  # the EMA of a constant is that constant, exactly
     assert set(got) == set(start)
     for k in start:
-      np.testing.assert_allclose(got[k], start[k], rtol=tol, atol=tol / 10, err_msg=k)
+      np.testing.assert_array_equal(got[k], start[k], err_msg=k)
   bad = _dit_config()
   bad.init.from_bundle = tiny_bundle
   bad.model.dit.num_blocks = 3
