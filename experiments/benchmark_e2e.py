@@ -214,7 +214,8 @@ def synthetic_image(pixels: int) -> np.ndarray:
 
 
 def image_to_glb(pipe, image_path: str, out_dir: str, args: dict, seed: int) -> dict:
-  """One image -> GLB run, each stage timed (seconds); also times `write_outputs`."""
+  """One image -> GLB run, each stage timed (seconds); also times `write_outputs`, whose
+  folder is out_dir/result (written whole, so not out_dir itself, which holds the input)."""
   from moca_jax import dit_task, pipeline  # pylint: disable=g-import-not-at-top
 
   n, steps, cfg_scale = args["components"], args["steps"], args["cfg_scale"]
@@ -232,7 +233,8 @@ def image_to_glb(pipe, image_path: str, out_dir: str, args: dict, seed: int) -> 
   mio.atomic_write_bytes(os.path.join(out_dir, "parts.glb"), scene.export(file_type="glb"))
   t4 = time.perf_counter()
   routing0 = {k: v[0] for k, v in routing.items()}
-  pipeline.write_outputs(out_dir, meshes, z[0], routing0, global_blocks=pipe.global_blocks)
+  pipeline.write_outputs(os.path.join(out_dir, "result"), meshes, z[0], routing0,
+                         global_blocks=pipe.global_blocks)
   t5 = time.perf_counter()
   baseline = None
   if pipe.extract_kwargs.get("coarse_levels"):

@@ -18,7 +18,9 @@ count the picture needs, up to the model's trained maximum (config.data.max_comp
 for the bundled model).
 Images: RGBA (the alpha is composited on white) or RGB on a plain background, any size.
 Per image, under --out/<image stem>/ (`pipeline.write_outputs`): parts.glb (one node per
-part), preview.png, router.png, router.json, latents.npy. A folder given as --image is
+part), preview.png, router.png, router.json, latents.npy; each such folder is written whole,
+so a run into the same --out replaces an image's earlier result (the last line counts them)
+and never leaves a file of it beside the new ones. A folder given as --image is
 processed in batches; files that fail are skipped and listed in --out/summary.json.
 Arguments are checked before any work (--steps >= 1, a finite --cfg >= 0, --num_components
 up to the trained maximum unless --force_components). Images go through moca_jax.io.load_image
@@ -324,8 +326,10 @@ def main(argv) -> int:
   outs = summary["outputs"].values()
   n_empty = sum(len(o.get("empty_parts", [])) for o in outs)
   n_parts = sum(int(o.get("num_components", 0)) for o in outs)
+  n_replaced = sum(bool(o.get("replaced")) for o in outs)
   print(
       f"generated {n_ok} input(s) into {os.path.abspath(f.out)}"
+      + (f" (replacing the earlier results of {n_replaced})" if n_replaced else "")
       + (f"; {n_empty} of {n_parts} parts came out empty" if n_empty else "")
       + (f"; skipped {n_skip}" if n_skip else "")
       + (" (see summary.json)" if n_empty or n_skip else "")

@@ -88,6 +88,34 @@ def replace_folder(folder: str, write) -> None:
   shutil.rmtree(old)
 
 
+def write_folder(folder: str, write) -> bool:
+  """Writes a folder whole: write(staging) into an empty FOLDER.writing beside it, then that
+  renamed to `folder`, replacing an earlier one. So a folder written before never keeps a
+  file the new write did not make (an earlier result's parts.glb beside a new preview), and
+  an interrupted write leaves the earlier folder (or, renamed to FOLDER.old, the earlier and
+  the finished new one). A failing `write` removes the staging folder and re-raises.
+  Returns True when an earlier folder was replaced."""
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  folder = os.path.abspath(folder)
+  staging, old = folder + ".writing", folder + ".old"
+  for leftover in (staging, old):
+    shutil.rmtree(leftover, ignore_errors=True)
+  os.makedirs(staging)
+  try:
+    write(staging)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  replaced = os.path.exists(folder)
+  if replaced:
+    os.replace(folder, old)
+  os.replace(staging, folder)
+  if replaced:
+    shutil.rmtree(old)
+  return replaced
+
+
 def atomic_write_text(path: str, text: str) -> str:
   """Writes UTF-8 `text` to `path` atomically; returns `path`."""
   return atomic_write_bytes(path, text.encode("utf-8"))

@@ -926,14 +926,27 @@ def write_outputs(
     image: Optional[np.ndarray] = None,
     global_blocks: Optional[Sequence[int]] = None,
 ) -> dict:
-  """Writes one result into out_dir (each file atomically, moca_jax.io):
+  """Writes one result into out_dir, the folder written whole (`moca_jax.io.write_folder`:
+  an earlier result there is replaced, none of its files kept):
     parts.glb      one node per non-empty component, named part_00.., each its own colour
     preview.png    ray-cast render of the coloured parts (input image on the left if given)
     router.png     router importances (per head) of the last MoC block, selections outlined
     router.json    importances [G, H, N, N] and selections [G, H, N, k] of all MoC blocks
     latents.npy    the sampled latents [N, L, C]
-  Returns a summary {'num_components', 'empty_parts', 'files'}.
+  Returns a summary {'num_components', 'empty_parts', 'files', 'replaced'} ('replaced': an
+  earlier result was in out_dir).
   """
+  summary = {}
+
+  def write(folder: str) -> None:
+    summary.update(_write_result_files(folder, meshes, latents, routing, image, global_blocks))
+
+  summary["replaced"] = mio.write_folder(out_dir, write)
+  return summary
+
+
+def _write_result_files(out_dir, meshes, latents, routing, image, global_blocks) -> dict:
+  """The files of `write_outputs` into the (new, empty) folder out_dir; their summary."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from moca_jax import viz  # pylint: disable=g-import-not-at-top
 

@@ -472,3 +472,22 @@ def test_padding_helpers():
   assert pipeline.coarse_levels_for(64) == (16, 32) and pipeline.coarse_levels_for(24) == ()
   assert pipeline.coarse_levels_for(128) == (16, 32, 64)
   assert pipeline.default_extract_kwargs({"coarse_levels": ()})["coarse_levels"] == ()
+
+
+def test_a_result_folder_is_written_whole(tmp_path):
+  """A second result in the same folder replaces the first: no earlier parts.glb stays
+  beside a new preview when every new part came out empty."""
+  out = str(tmp_path / "chair")
+  routing = {"importances": np.zeros((0, 1, 2, 2), np.float32),
+             "selections": np.zeros((0, 1, 2, 1), np.int32)}
+  first = pipeline.write_outputs(out, [trimesh.creation.box(), trimesh.creation.icosphere()],
+                                 np.zeros((2, 4, 3), np.float32), routing)
+  assert not first["replaced"] and os.path.exists(os.path.join(out, "parts.glb"))
+  open(os.path.join(out, "notes.txt"), "w").write("an earlier file")
+  second = pipeline.write_outputs(out, [trimesh.Trimesh(), trimesh.Trimesh()],
+                                  np.ones((2, 4, 3), np.float32), routing)
+  assert second["replaced"] and second["empty_parts"] == [0, 1]
+  assert sorted(os.listdir(out)) == sorted(second["files"]) == [
+      "latents.npy", "preview.png", "router.json"]
+  np.testing.assert_array_equal(np.load(os.path.join(out, "latents.npy")), 1.0)
+  assert sorted(os.listdir(tmp_path)) == ["chair"]  # no staging or .old folder left
