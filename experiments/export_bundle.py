@@ -21,7 +21,9 @@ What is written into --out:
                                   named after the folder
 The bundle's config is the trained one with a portable inference setting: float32 compute
 and XLA attention (the model may have trained in bf16 with cuDNN), no rematerialisation, and
-the training machine's paths (VAE workdir, data folders) moved into the card.
+the training machine's paths (VAE workdir, data folders) moved into the card. A DiT that
+warm-started from a bundle (config.init.from_bundle, found here) keeps that bundle's
+sampling defaults (`warm_start_sampling`); --update changes them.
 Exit codes: 0 written; 2 a bad argument, a checkpoint that cannot be read or a bundle over
 --max_mib (one line on stderr, nothing written).
 """
@@ -86,6 +88,27 @@ def inference_config(config) -> tuple:
   config.model.encoder.attention_implementation = "xla"
   config.model.encoder.remat = False
   return config, moved
+
+
+def warm_start_sampling(config, from_bundle: str):
+  """`config` (an inference DiT config) with the sampling defaults (config.sample) of the
+  bundle its training warm-started from, and that bundle's folder; or `config` unchanged
+  and None when there is no such bundle (none named, or not found here).
+
+  A bundle's sampling defaults were chosen for its model on `val` (CFG interval, scene CFG
+  scale, time shift) or set with `--update`, while a training config carries
+  experiments/configs/dit.py's generic ones; a warm restart continues the bundle's model,
+  so its export keeps the bundle's (change them with --update). Without this, round 11's
+  export silently sampled with guidance at every step instead of the shipped t >= 0.8."""
+  if not from_bundle or not bundle.is_bundle(from_bundle):
+    return config, None
+  sample = bundle.read_info(from_bundle)["dit_config"].get("sample")
+  if not sample:
+    return config, None
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.sample = type(config)(dict(sample))
+  return config, os.path.normpath(from_bundle)
 
 
 def _vae_inference_config(config):
@@ -331,6 +354,10 @@ def export(dit_dir: str, out: str, vae_dir: Optional[str] = None, eval_dirs=(),
   vae_dir = vae_dir or trained.vae.workdir
   _, vae_params, vae_config = load_vae(vae_dir)
   config, moved = inference_config(trained)
+  config, sample_from = warm_start_sampling(config, moved.get("init.from_bundle", ""))
+  if sample_from:
+    moved["sample_from"] = sample_from
+    print(f"export_bundle: sampling defaults of {sample_from} kept: {dict(config.sample)}")
   encoded = {n: bundle.encode_params(p, storage_dtype)
              for n, p in (("dit.npz", params), ("vae.npz", vae_params["params"]))}
   size = sum(len(b) for b in encoded.values())

@@ -237,3 +237,27 @@ def test_update_card_attaches_evaluations_and_keeps_weights(models, tmp_path):
     export_bundle.parse_cfg_interval(["0.9", "0.1"])
   for n, data in before.items():
     assert open(os.path.join(out, n), "rb").read() == data
+
+
+def test_a_warm_restart_keeps_the_bundles_sampling_defaults(models, tmp_path):
+  """Round 11 (2026-12-02) was exported with the training config's guidance at every step
+  instead of its warm-start bundle's t >= 0.8: the export now keeps the bundle's."""
+  from experiments import export_bundle
+
+  dit_config, dit_params, vae_config, vae_params = models
+  shipped = dit_config.copy_and_resolve_references()
+  shipped.sample.cfg_interval = [0.8, 1.0]
+  shipped.sample.scene_cfg_scale = 1.0
+  shipped.sample.time_shift = 3.0
+  src = str(tmp_path / "shipped")
+  bundle.write_bundle(src, shipped, dit_params, vae_config, vae_params)
+  trained = dit_config.copy_and_resolve_references()  # the generic training defaults
+  assert "cfg_interval" not in trained.sample
+  got, source = export_bundle.warm_start_sampling(trained, src)
+  assert source == src and dict(got.sample) == dict(
+      bundle.read_info(src)["dit_config"]["sample"])
+  assert got.sample.cfg_interval == [0.8, 1.0] and got.sample.time_shift == 3.0
+  assert "cfg_interval" not in trained.sample  # the argument is not changed
+  for missing in ("", str(tmp_path / "gone")):  # no warm start, or the bundle is not here
+    same, source = export_bundle.warm_start_sampling(trained, missing)
+    assert source is None and dict(same.sample) == dict(trained.sample)
