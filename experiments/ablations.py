@@ -1061,8 +1061,8 @@ def loss_ordering_line(
 ) -> str:
   """One sentence ordering the variants by flow loss (the training helper's
   'eval_loss_ema': EMA weights, the same batches, noise and times for every variant; lower
-  is better; called held-out only when every variant's batches were, 'eval_held_out'), with the reference's and dense's gaps to the lowest in
-  absolute and relative terms. Variants without the number are left out; '' when fewer
+  is better; called held-out only when every variant's batches were, 'eval_held_out'),
+  with the reference's and dense's gaps to the lowest in absolute and relative terms. Variants without the number are left out; '' when fewer
   than two have it."""
   losses = {
       v: float(r["train"]["eval_loss_ema"])

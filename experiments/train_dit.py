@@ -44,9 +44,10 @@ def main(argv) -> None:
   try:
     dit_task.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   except (checkpointing.ConfigMismatchError, encode_latents.LatentsMismatchError,
-          prior_init.PriorInitError, loader.EmptyDataError) as e:
+          prior_init.PriorInitError, loader.EmptyDataError, FileNotFoundError) as e:
     # a resume with another config, latents of another VAE, a prior that cannot start the
-    # model or training data that give no batch: one line, no checkpoint written
+    # model, training data that give no batch or a data folder (one of data.dir's) that is
+    # not there: one line, no checkpoint written
     print(f"train_dit: error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -291,9 +291,7 @@ def check_data_pairing(config) -> None:
   (`data_pipeline.encode_latents.check_latents_pairing`; ValueError naming the fields)."""
   if config.data.source != "records":
     return
-  from data_pipeline import encode_latents  # pylint: disable=g-import-not-at-top
-
-  from data_pipeline import records  # pylint: disable=g-import-not-at-top
+  from data_pipeline import encode_latents, records  # pylint: disable=g-import-not-at-top
 
   vae_dir = config.get("vae", {}).get("workdir", "") or None
   dit = config.model.dit
@@ -496,8 +494,8 @@ def evaluate(config, state, loss_fn, num_batches: int = 2) -> dict:
   then the loss is a training loss, not a held-out one.
 
   Returns {'eval_split' ('val' | 'train'), 'eval_loss_ema', 'eval_loss_params',
-  'eval_loss_ema_wrong_image', 'condition_gain', 'condition_spread'}: condition_gain = wrong-image loss - EMA loss, about
-  0 for a model that ignores its image (it learned the unconditional distribution) and > 0
+  'eval_loss_ema_wrong_image', 'condition_gain', 'condition_spread'}: condition_gain =
+  wrong-image loss - EMA loss, about 0 for a model that ignores its image (it learned the unconditional distribution) and > 0
   once the image informs the prediction; condition_spread = `image_encoder.token_spread` of
   the EMA encoder's tokens over the batch (near 0: the encoder output no longer depends on
   the image). Needs batches of at least 2 examples (else neither is reported).

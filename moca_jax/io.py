@@ -71,21 +71,7 @@ def replace_folder(folder: str, write) -> None:
   copy renamed over it. An interrupted update leaves the old folder (or, renamed to
   FOLDER.old, the old and the finished new one), never a folder with some files new and
   some old; a failing `write` removes the copy and re-raises."""
-  import shutil  # pylint: disable=g-import-not-at-top
-
-  folder = os.path.abspath(folder)
-  staging, old = folder + ".updating", folder + ".old"
-  for leftover in (staging, old):
-    shutil.rmtree(leftover, ignore_errors=True)
-  shutil.copytree(folder, staging)
-  try:
-    write(staging)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-  os.replace(folder, old)
-  os.replace(staging, folder)
-  shutil.rmtree(old)
+  _write_beside(folder, write, ".updating", start_from_old=True)
 
 
 def write_folder(folder: str, write) -> bool:
@@ -95,25 +81,34 @@ def write_folder(folder: str, write) -> bool:
   an interrupted write leaves the earlier folder (or, renamed to FOLDER.old, the earlier and
   the finished new one). A failing `write` removes the staging folder and re-raises.
   Returns True when an earlier folder was replaced."""
+  return _write_beside(folder, write, ".writing", start_from_old=False)
+
+
+def _write_beside(folder: str, write, suffix: str, start_from_old: bool) -> bool:
+  """write(FOLDER + suffix), started as a copy of `folder` or empty, then renamed over
+  `folder` (through FOLDER.old); True when `folder` existed."""
   import shutil  # pylint: disable=g-import-not-at-top
 
   folder = os.path.abspath(folder)
-  staging, old = folder + ".writing", folder + ".old"
+  staging, old = folder + suffix, folder + ".old"
   for leftover in (staging, old):
     shutil.rmtree(leftover, ignore_errors=True)
-  os.makedirs(staging)
+  if start_from_old:
+    shutil.copytree(folder, staging)
+  else:
+    os.makedirs(staging)
   try:
     write(staging)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
-  replaced = os.path.exists(folder)
-  if replaced:
+  existed = os.path.exists(folder)
+  if existed:
     os.replace(folder, old)
   os.replace(staging, folder)
-  if replaced:
+  if existed:
     shutil.rmtree(old)
-  return replaced
+  return existed
 
 
 def atomic_write_text(path: str, text: str) -> str:

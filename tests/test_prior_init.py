@@ -328,3 +328,22 @@ def test_cli_refuses_a_missing_prior_in_one_line(tmp_path):
   assert result.stderr.strip() == (
       f"train_dit: error: init.from_checkpoint={tmp_path / 'nowhere'}: no such folder")
   assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_a_missing_data_folder_in_one_line(tmp_path):
+  """data.dir "a,b" with b missing: one line naming it, exit 2, nothing written."""
+  from test_data_loader import _latent_shards  # pylint: disable=g-import-not-at-top
+
+  (tmp_path / "a").mkdir()
+  a = _latent_shards(tmp_path / "a", [[2, 3]])
+  (tmp_path / "a" / "manifest.json").write_text("{}")  # no VAE record: not checked
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.train_dit", "--config=experiments/configs/dit.py:tiny",
+       "--config.model.latent_norm.kind=none", f"--config.data.dir={a},{tmp_path / 'b'}",
+       f"--workdir={tmp_path / 'run'}"],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+      text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      f"train_dit: error: {tmp_path / 'b'}")
+  assert not (tmp_path / "run" / "checkpoints").exists()
